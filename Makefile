@@ -1,0 +1,138 @@
+# kvsim: the only build file.
+#   make            build build/kvsim (and the CUDA backend when nvcc exists)
+#   make test       run every Check suite (CPU backend)
+#   make demo       capture, replay and analyze on the default model into out/demo/
+#   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
+#   make bench-capture | bench-replay | bench-gpu   benchmarks (figures printed, not asserted)
+#   make lint       cppcheck and clang-format --dry-run
+# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA.
+
+.DEFAULT_GOAL := all
+BUILD ?= build
+Q := $(if $(V),,@)
+NO_CONFIG_GOALS := clean help
+
+# ---- configuration: Debian packages and compiler flags, resolved once into $(BUILD)/config.mk
+PKGS := hdf5 libzstd cairo openblas libcrypto check
+ifeq ($(filter $(NO_CONFIG_GOALS),$(MAKECMDGOALS)),)
+include $(BUILD)/config.mk
+endif
+$(BUILD)/config.mk: scripts/install-deps.sh Makefile
+	$(Q)scripts/install-deps.sh
+	$(Q)mkdir -p $(BUILD)
+	$(Q){ echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))"; \
+	     echo "PKG_LIBS := $$(pkg-config --libs hdf5 libzstd cairo openblas libcrypto)"; \
+	     echo "CHECK_LIBS := $$(pkg-config --libs check)"; \
+	     nv=$$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; }); \
+	     echo "NVCC_FOUND := $$nv"; } > $@
+	$(Q)echo "kvsim: configured ($(BUILD)/config.mk)"
+
+NVCC ?= $(NVCC_FOUND)
+CUDA_ARCH ?= sm_90
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+GIT_REV := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+CC ?= gcc
+OPT ?= -O2
+CFLAGS ?= $(OPT) -g
+ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-format-truncation -fopenmp -I. $(PKG_CFLAGS) $(CFLAGS) \
+              -DKV_GIT_REV=\"$(GIT_REV)\" -MMD -MP
+LIBS := $(PKG_LIBS) -lm -fopenmp
+
+# ---- sources: every .c under the module folders goes into libkvsim.a
+LIB_SRC := $(wildcard sim/common/*.c sim/*.c sim/policies/*.c kernels/*.c kernels/cpu/*.c \
+             traces/*.c traces/capture/*.c analyze/*.c plots/*.c)
+LIB_SRC := $(filter-out traces/zstd_plugin.c,$(LIB_SRC))
+ifneq ($(NVCC),)
+LIB_SRC := $(filter-out kernels/cuda_stub.c,$(LIB_SRC))
+CU_SRC := $(wildcard kernels/cuda/*.cu)
+LIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -ldl -lrt -lpthread
+endif
+CLI_SRC := $(wildcard sim/cli/*.c)
+TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/check_main.c
+BENCH_SRC := $(wildcard bench/*.c)
+
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/obj/%.o)
+LIBKV := $(BUILD)/libkvsim.a
+KVSIM := $(BUILD)/kvsim
+TESTS := $(BUILD)/kvsim_tests
+PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
+
+.PHONY: all test demo test-gpu bench-capture bench-replay bench-gpu lint clean help goldens
+all: $(KVSIM) $(PLUGIN)
+
+$(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	@$(if $(V),,echo "  CC    $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.cu.o: %.cu $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	@$(if $(V),,echo "  NVCC  $<")
+	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -I. $(filter -I%,$(PKG_CFLAGS)) -Xcompiler -fPIC,-Wall,-Wno-format-truncation \
+	    -DKV_GIT_REV=\"$(GIT_REV)\" -MMD -MP -c $< -o $@
+
+$(LIBKV): $(LIB_OBJ)
+	@$(if $(V),,echo "  AR    $@")
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(KVSIM): $(CLI_OBJ) $(LIBKV)
+	@$(if $(V),,echo "  LD    $@")
+	$(Q)$(CC) $(CLI_OBJ) $(LIBKV) $(LIBS) -o $@
+
+# Check suites: every `Suite *suite_xxx(void)` in tests/test_*.c is collected into suites.h.
+$(BUILD)/suites.h: $(wildcard tests/test_*.c)
+	@mkdir -p $(dir $@)
+	$(Q)grep -ho '^Suite \*suite_[a-z0-9_]*(void)' $^ | sed 's/^Suite \*\(suite_[a-z0-9_]*\)(void)/X(\1)/' | sort > $@.tmp
+	$(Q)cmp -s $@.tmp $@ || mv $@.tmp $@; rm -f $@.tmp
+$(BUILD)/obj/tests/check_main.o: $(BUILD)/suites.h
+$(BUILD)/obj/tests/%.o: ALL_CFLAGS += -I$(BUILD)
+
+$(TESTS): $(TEST_OBJ) $(LIBKV)
+	@$(if $(V),,echo "  LD    $@")
+	$(Q)$(CC) $(TEST_OBJ) $(LIBKV) $(LIBS) $(CHECK_LIBS) -o $@
+
+$(PLUGIN): traces/zstd_plugin.c traces/kv_zstd_filter.c sim/common/kv_common.c $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	@$(if $(V),,echo "  SO    $@")
+	$(Q)$(CC) -shared -fPIC $(ALL_CFLAGS) -MF $(BUILD)/plugin.d traces/zstd_plugin.c traces/kv_zstd_filter.c \
+	    sim/common/kv_common.c $(PKG_LIBS) -o $@
+
+test: $(TESTS) $(KVSIM) $(PLUGIN)
+	$(Q)rm -rf $(BUILD)/test-tmp
+	$(Q)KVSIM_BIN=$(abspath $(KVSIM)) KVSIM_PLUGIN_DIR=$(abspath $(dir $(PLUGIN))) $(TESTS)
+
+demo: $(KVSIM)
+	$(Q)$(KVSIM) demo -o out/demo
+
+$(BUILD)/bench_%: bench/%.c $(LIBKV)
+	@$(if $(V),,echo "  LD    $@")
+	$(Q)$(CC) $(ALL_CFLAGS) $< $(LIBKV) $(LIBS) -o $@
+
+bench-capture: $(BUILD)/bench_capture
+	$(Q)$(BUILD)/bench_capture
+bench-replay: $(BUILD)/bench_replay $(KVSIM)
+	$(Q)$(BUILD)/bench_replay
+bench-gpu: $(BUILD)/bench_gpu
+	$(Q)$(BUILD)/bench_gpu
+
+$(BUILD)/gpu_parity: tests/gpu_parity.c $(LIBKV)
+	@$(if $(V),,echo "  LD    $@")
+	$(Q)$(CC) $(ALL_CFLAGS) $< $(LIBKV) $(LIBS) -o $@
+test-gpu: $(BUILD)/gpu_parity
+	$(Q)$(BUILD)/gpu_parity
+
+lint:
+	cppcheck --quiet --enable=warning,performance,portability --std=c11 -I. --suppress=missingIncludeSystem \
+	    --inline-suppr sim kernels traces analyze plots tests
+	clang-format --dry-run --Werror $(LIB_SRC) $(CLI_SRC) $(TEST_SRC)
+
+clean:
+	rm -rf $(BUILD)
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# //'
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

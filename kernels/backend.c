@@ -1,0 +1,63 @@
+/* backend.c: choosing a backend by name, with the CPU as the fallback for "auto". */
+#include "kernels/kv_backend.h"
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+
+#include <string.h>
+
+int kv_backend_open(const char *name, int n_threads, kv_backend_t **out)
+{
+    *out = NULL;
+    if (!name || !strcmp(name, "auto")) {
+        if (kv_backend_cuda_open(out) == KV_OK) {
+            const char *missing = kv_backend_missing_op(*out);
+            if (!missing)
+                return KV_OK;
+            kv_info("backend: using the CPU (the CUDA backend has no '%s' op yet)", missing);
+            kv_backend_close(*out);
+            *out = NULL;
+        } else {
+            kv_info("backend: using the CPU (CUDA unavailable: %s)", kv_cuda_unavailable_reason());
+        }
+        return kv_backend_cpu_open(n_threads, out);
+    }
+    if (!strcmp(name, "cpu"))
+        return kv_backend_cpu_open(n_threads, out);
+    if (!strcmp(name, "cuda")) {
+        int rc = kv_backend_cuda_open(out);
+        if (rc != KV_OK)
+            return kv_error(rc, "backend cuda: unavailable: %s", kv_cuda_unavailable_reason());
+        return KV_OK;
+    }
+    return kv_error(KV_EINVAL, "unknown backend '%s' (valid: cpu, cuda, auto)", name);
+}
+
+const char *kv_backend_missing_op(const kv_backend_t *be)
+{
+    const kv_backend_ops_t *o = be->ops;
+    const struct {
+        const void *fn;
+        const char *name;
+    } ops[] = {
+        {(const void *)o->matmul, "matmul"},       {(const void *)o->rmsnorm, "rmsnorm"},
+        {(const void *)o->rope, "rope"},           {(const void *)o->swiglu, "swiglu"},
+        {(const void *)o->add, "add"},             {(const void *)o->attention, "attention"},
+        {(const void *)o->attn_stats, "attn_stats"}, {(const void *)o->attn_probs, "attn_probs"},
+        {(const void *)o->attn_colstats, "attn_colstats"},
+    };
+    for (size_t i = 0; i < KV_ARRAY_LEN(ops); i++)
+        if (!ops[i].fn)
+            return ops[i].name;
+    return NULL;
+}
+
+void kv_backend_close(kv_backend_t *be)
+{
+    if (!be)
+        return;
+    if (be->ctx && !strcmp(be->name, "cuda")) {
+        extern void kv_backend_cuda_destroy(kv_backend_t * be);
+        kv_backend_cuda_destroy(be);
+    }
+    kv_free(be);
+}

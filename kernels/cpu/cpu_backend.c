@@ -1,0 +1,396 @@
+/*
+ * cpu_backend.c: the reference backend. Matrix products go through OpenBLAS; our own loops are
+ * parallelised over heads (or rows) with OpenMP, with each thread owning its outputs, so results
+ * are bit-identical whatever the thread count. Inside our parallel regions OpenBLAS runs on one
+ * thread (its own pool would oversubscribe the cores).
+ *
+ * Attention is computed in blocks of ATT_QB queries: S = scale * Q_blk K^T (one sgemm), a causal
+ * softmax per row (max-subtracted, sums in double), then O_blk = P V (one sgemm). Memory per
+ * thread is ATT_QB x n_keys floats; the T x T matrix is never materialised.
+ */
+#include "kernels/kv_backend.h"
+#include "sim/common/kv_common.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ATT_QB 64
+
+int kv_blas_set_threads(int n)
+{
+    int old = openblas_get_num_threads();
+    openblas_set_num_threads(n);
+    return old;
+}
+
+static void *cpu_alloc(kv_backend_t *be, size_t bytes)
+{
+    (void)be;
+    return kv_malloc_aligned(bytes, "cpu backend buffer");
+}
+static void cpu_free(kv_backend_t *be, void *p)
+{
+    (void)be;
+    kv_free_aligned(p);
+}
+static int cpu_copy(kv_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    (void)be;
+    if (bytes)
+        memcpy(dst, src, bytes);
+    return KV_OK;
+}
+static int cpu_sync(kv_backend_t *be)
+{
+    (void)be;
+    return KV_OK;
+}
+
+static int cpu_matmul(kv_backend_t *be, float *y, const float *x, const float *w, int M, int N, int K)
+{
+    (void)be;
+    if (M <= 0 || N <= 0 || K <= 0)
+        return kv_error(KV_EINVAL, "matmul: bad shape M=%d N=%d K=%d", M, N, K);
+    if (M == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, w, K, x, 1, 0.0f, y, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, w, K, 0.0f, y, N);
+    return KV_OK;
+}
+
+static int cpu_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps)
+{
+    (void)be;
+#pragma omp parallel for schedule(static) if (T > 16)
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float *yt = y + (size_t)t * dim;
+        double ss = 0;
+        for (int i = 0; i < dim; i++)
+            ss += (double)xt[i] * xt[i];
+        float r = (float)(1.0 / sqrt(ss / dim + eps));
+        for (int i = 0; i < dim; i++)
+            yt[i] = xt[i] * r * w[i];
+    }
+    return KV_OK;
+}
+
+static int cpu_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta)
+{
+    (void)be;
+    if (head_dim % 2)
+        return kv_error(KV_EINVAL, "rope: head_dim %d is odd", head_dim);
+#pragma omp parallel for schedule(static) if (T > 16)
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < head_dim; i += 2) {
+            double freq = pow((double)theta, -(double)i / head_dim);
+            double ang = (double)pos[t] * freq;
+            float c = (float)cos(ang), s = (float)sin(ang);
+            for (int h = 0; h < n_heads; h++) {
+                float *p = x + ((size_t)t * n_heads + h) * head_dim + i;
+                float a = p[0], b = p[1];
+                p[0] = a * c - b * s;
+                p[1] = a * s + b * c;
+            }
+        }
+    }
+    return KV_OK;
+}
+
+static int cpu_swiglu(kv_backend_t *be, float *h, const float *g, size_t n)
+{
+    (void)be;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        float v = h[i];
+        h[i] = v / (1.0f + expf(-v)) * g[i];
+    }
+    return KV_OK;
+}
+
+static int cpu_add(kv_backend_t *be, float *x, const float *y, size_t n)
+{
+    (void)be;
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+    return KV_OK;
+}
+
+/* Softmax of row s[0..n) in place over the first `vis` entries; the rest become 0. Returns lse. */
+static float softmax_row(float *s, int n, int vis)
+{
+    float m = -INFINITY;
+    for (int j = 0; j < vis; j++)
+        m = s[j] > m ? s[j] : m;
+    double sum = 0;
+    for (int j = 0; j < vis; j++) {
+        float e = expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (int j = 0; j < vis; j++)
+        s[j] *= inv;
+    for (int j = vis; j < n; j++)
+        s[j] = 0.0f;
+    return m + (float)log(sum);
+}
+
+static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
+{
+    (void)be;
+    const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int nk_all = a->q_pos0 + a->n_q;
+    int rc = KV_OK;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel
+    {
+        float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk_all, "attention scores");
+        if (!S) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int h = 0; h < H; h++)
+            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
+                if (!S)
+                    continue;
+                const int g = h / G;
+                const int nb = KV_MIN(ATT_QB, a->n_q - i0);
+                const int nk = a->q_pos0 + i0 + nb; /* keys seen by the last query of the block */
+                const float *Q = a->q + (size_t)i0 * H * d + (size_t)h * d;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
+                            a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
+                for (int r = 0; r < nb; r++) {
+                    float l = softmax_row(S + (size_t)r * nk, nk, a->q_pos0 + i0 + r + 1);
+                    if (a->lse)
+                        a->lse[(size_t)h * a->n_q + i0 + r] = l;
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, d, nk, 1.0f, S, nk,
+                            a->v + (size_t)g * d, (int)a->kv_stride, 0.0f,
+                            a->out + (size_t)i0 * H * d + (size_t)h * d, H * d);
+            }
+        kv_free_aligned(S);
+    }
+    kv_blas_set_threads(old);
+    if (rc != KV_OK)
+        return kv_error(rc, "attention: out of memory for %d keys", nk_all);
+    return KV_OK;
+}
+
+static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
+{
+    (void)be;
+    const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int nk_all = a->q_pos0 + a->n_q;
+    if (a->pooled && (a->pool <= 0 || a->pool > a->pool_T || nk_all > a->pool_T))
+        return kv_error(KV_EINVAL, "attn_stats: pool %d does not fit %d tokens", a->pool, a->pool_T);
+    int rc = KV_OK;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel
+    {
+        float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk_all, "attention scores");
+        if (!S) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+        /* Parallel over heads only: acc and pooled rows of a head are written by one thread. */
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < H; h++) {
+            if (!S)
+                continue;
+            const int g = h / G;
+            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
+                const int nb = KV_MIN(ATT_QB, a->n_q - i0);
+                const int nk = a->q_pos0 + i0 + nb;
+                const float *Q = a->q + (size_t)i0 * H * d + (size_t)h * d;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
+                            a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
+                for (int r = 0; r < nb; r++) {
+                    const int i = i0 + r, vis = a->q_pos0 + i + 1;
+                    const float lse = a->lse[(size_t)h * a->n_q + i];
+                    float *s = S + (size_t)r * nk;
+                    double ent = 0;
+                    float *acc = a->acc ? a->acc + (size_t)h * a->acc_stride : NULL;
+                    float *prow = NULL;
+                    if (a->pooled) {
+                        int rb = (int)((int64_t)(a->q_pos0 + i) * a->pool / a->pool_T);
+                        prow = a->pooled + ((size_t)h * a->pool + rb) * a->pool;
+                    }
+                    for (int j = 0; j < vis; j++) {
+                        float lp = s[j] - lse;
+                        float p = expf(lp);
+                        if (p > 0)
+                            ent -= (double)p * lp;
+                        if (acc)
+                            acc[j] += p;
+                        if (prow) {
+                            int cb = (int)((int64_t)j * a->pool / a->pool_T);
+                            if (p > prow[cb])
+                                prow[cb] = p;
+                        }
+                    }
+                    if (a->entropy)
+                        a->entropy[(size_t)h * a->n_q + i] = (float)ent;
+                }
+            }
+        }
+        kv_free_aligned(S);
+    }
+    kv_blas_set_threads(old);
+    if (rc != KV_OK)
+        return kv_error(rc, "attn_stats: out of memory for %d keys", nk_all);
+    return KV_OK;
+}
+
+static int check_qk(const kv_qk_args_t *a, const char *op)
+{
+    if (a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads || a->head_dim <= 0 || a->n_q < 0 ||
+        a->n_k < 0 || a->q_pos0 < 0)
+        return kv_error(KV_EINVAL, "%s: bad shape (heads %d/%d, head_dim %d, n_q %d, n_k %d, q_pos0 %d)", op,
+                        a->n_heads, a->n_kv_heads, a->head_dim, a->n_q, a->n_k, a->q_pos0);
+    return KV_OK;
+}
+
+static inline int visible(const kv_qk_args_t *a, int i)
+{
+    if (!a->causal)
+        return a->n_k;
+    int v = a->q_pos0 + i + 1;
+    return v < a->n_k ? v : a->n_k;
+}
+
+static int cpu_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs, float *lse)
+{
+    (void)be;
+    int rc = check_qk(a, "attn_probs");
+    if (rc)
+        return rc;
+    if (a->n_q == 0 || a->n_k == 0)
+        return KV_OK;
+    const int G = a->n_heads / a->n_kv_heads, d = a->head_dim;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int h = 0; h < a->n_heads; h++) {
+        float *P = probs + (size_t)h * a->n_q * a->n_k;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->n_q, a->n_k, d, a->scale,
+                    a->q + (size_t)h * a->q_head_stride, d, a->k + (size_t)(h / G) * a->k_head_stride, d, 0.0f, P,
+                    a->n_k);
+        for (int i = 0; i < a->n_q; i++) {
+            int vis = visible(a, i);
+            float l = vis > 0 ? softmax_row(P + (size_t)i * a->n_k, a->n_k, vis) : -INFINITY;
+            if (lse)
+                lse[(size_t)h * a->n_q + i] = l;
+        }
+    }
+    kv_blas_set_threads(old);
+    return KV_OK;
+}
+
+static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_colstats_out_t *o)
+{
+    (void)be;
+    int rc = check_qk(a, "attn_colstats");
+    if (rc)
+        return rc;
+    const int G = a->n_heads / a->n_kv_heads, d = a->head_dim, nk = a->n_k;
+    for (int h = 0; h < a->n_heads; h++) {
+        if (o->sum)
+            memset(o->sum + (size_t)h * nk, 0, sizeof(float) * nk);
+        if (o->sumsq)
+            memset(o->sumsq + (size_t)h * nk, 0, sizeof(float) * nk);
+        if (o->max)
+            memset(o->max + (size_t)h * nk, 0, sizeof(float) * nk);
+    }
+    if (a->n_q == 0 || nk == 0)
+        return KV_OK;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel
+    {
+        float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk, "colstats scores");
+        if (!S) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < a->n_heads; h++) {
+            if (!S)
+                continue;
+            float *sum = o->sum ? o->sum + (size_t)h * nk : NULL;
+            float *sq = o->sumsq ? o->sumsq + (size_t)h * nk : NULL;
+            float *mx = o->max ? o->max + (size_t)h * nk : NULL;
+            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
+                const int nb = KV_MIN(ATT_QB, a->n_q - i0);
+                const int ncols = a->causal ? KV_MIN(nk, a->q_pos0 + i0 + nb) : nk;
+                if (ncols <= 0)
+                    continue;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, ncols, d, a->scale,
+                            a->q + (size_t)h * a->q_head_stride + (size_t)i0 * d, d,
+                            a->k + (size_t)(h / G) * a->k_head_stride, d, 0.0f, S, ncols);
+                for (int r = 0; r < nb; r++) {
+                    int vis = visible(a, i0 + r);
+                    if (vis <= 0)
+                        continue;
+                    float *p = S + (size_t)r * ncols;
+                    softmax_row(p, ncols, vis);
+                    for (int j = 0; j < vis; j++) {
+                        if (sum)
+                            sum[j] += p[j];
+                        if (sq)
+                            sq[j] += p[j] * p[j];
+                        if (mx && p[j] > mx[j])
+                            mx[j] = p[j];
+                    }
+                }
+            }
+        }
+        kv_free_aligned(S);
+    }
+    kv_blas_set_threads(old);
+    if (rc != KV_OK)
+        return kv_error(rc, "attn_colstats: out of memory for %d keys", nk);
+    return KV_OK;
+}
+
+static const kv_backend_ops_t cpu_ops = {
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .sync = cpu_sync,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .swiglu = cpu_swiglu,
+    .add = cpu_add,
+    .attention = cpu_attention,
+    .attn_stats = cpu_attn_stats,
+    .attn_probs = cpu_attn_probs,
+    .attn_colstats = cpu_attn_colstats,
+};
+
+int kv_backend_cpu_open(int n_threads, kv_backend_t **out)
+{
+    *out = NULL;
+    kv_backend_t *be = kv_calloc(1, sizeof *be, "backend");
+    if (!be)
+        return KV_ENOMEM;
+    if (n_threads <= 0) {
+        const char *env = getenv("KV_THREADS");
+        n_threads = env ? atoi(env) : 0;
+    }
+    if (n_threads <= 0)
+        n_threads = omp_get_num_procs();
+    omp_set_num_threads(n_threads);
+    openblas_set_num_threads(n_threads);
+    be->name = "cpu";
+    be->ops = &cpu_ops;
+    be->n_threads = n_threads;
+    snprintf(be->device, sizeof be->device, "%d CPU thread%s, OpenBLAS %s", n_threads, n_threads == 1 ? "" : "s",
+             openblas_get_config());
+    *out = be;
+    return KV_OK;
+}

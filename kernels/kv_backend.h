@@ -1,0 +1,150 @@
+/*
+ * kv_backend.h: the one seam between kvsim's algorithms and the hardware that runs them.
+ *
+ * A backend is a table of operations on float32 tensors that live in the backend's memory (host
+ * memory for "cpu", device memory for "cuda"). The forward pass of capture and the dense parts of
+ * replay (attention probabilities, accumulated attention) call these ops and nothing else, so the
+ * same code runs on every machine and only the op bodies differ. The CPU backend implements every
+ * op and is the reference; the CUDA backend implements the same contracts, checked against the CPU
+ * by the GPU parity runner (tests/gpu_parity.c).
+ *
+ * Conventions for every op:
+ *   - return KV_OK or a negative KV_E* status with a message (kv_last_error); KV_ENOTIMPL when a
+ *     backend lacks the op;
+ *   - shapes are given in the comment next to each pointer, row-major, innermost last;
+ *   - accumulation is float32 (the CPU reference accumulates dot products in float32 through BLAS,
+ *     softmax sums in double);
+ *   - results are deterministic: the same inputs give the same bits whatever the thread count.
+ */
+#ifndef KV_BACKEND_H
+#define KV_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kv_backend kv_backend_t;
+
+/* Causal grouped-query attention over a token-major KV cache (the forward pass layout).
+ * Query i sits at key index q_pos0 + i and sees keys [0, q_pos0 + i]. Query head h reads KV head
+ * h / (n_heads / n_kv_heads). */
+typedef struct {
+    float *out;       /* (n_q, n_heads, head_dim) attention output */
+    float *lse;       /* (n_heads, n_q) natural log-sum-exp of the scaled scores; NULL to skip */
+    const float *q;   /* (n_q, n_heads, head_dim) post-RoPE queries */
+    const float *k;   /* key j of KV head g at k + j*kv_stride + g*head_dim (post-RoPE) */
+    const float *v;   /* value j of KV head g at v + j*kv_stride + g*head_dim */
+    size_t kv_stride; /* floats between consecutive tokens of k and v (n_kv_heads*head_dim if packed) */
+    int n_q, q_pos0;
+    int n_heads, n_kv_heads, head_dim;
+    float scale; /* 1/sqrt(head_dim) for Llama */
+} kv_attn_args_t;
+
+/* Second pass over the same attention, given the lse of the first: per-query entropy, accumulated
+ * attention per key and a max-pooled map of the probabilities. Any output may be NULL. */
+typedef struct {
+    const float *q, *k; /* as kv_attn_args_t */
+    const float *lse;   /* (n_heads, n_q) from the attention op */
+    size_t kv_stride;
+    int n_q, q_pos0;
+    int n_heads, n_kv_heads, head_dim;
+    float scale;
+    float *entropy;  /* (n_heads, n_q) -sum_j p_ij log p_ij, nats */
+    float *acc;      /* (n_heads, acc_stride): acc[h, j] += sum_i p_ij for j <= q_pos0 + n_q - 1 */
+    size_t acc_stride;
+    float *pooled;   /* (n_heads, pool, pool): cell (r, c) = max(cell, p_ij) over i, j with
+                        r = (q_pos0 + i) * pool / pool_T, c = j * pool / pool_T */
+    int pool, pool_T; /* pool <= pool_T; pool_T = total number of tokens the map spans */
+} kv_attn_stats_args_t;
+
+/* Scaled scores of a head-major query block against head-major keys (the trace layout, used by
+ * replay). Query i of head h at q + h*q_head_stride + i*head_dim sits at key index q_pos0 + i and
+ * sees keys j in [0, min(n_k, q_pos0 + i + 1)); with causal = 0 it sees all n_k keys. */
+typedef struct {
+    const float *q;
+    size_t q_head_stride;
+    const float *k;
+    size_t k_head_stride; /* key j of KV head g at k + g*k_head_stride + j*head_dim */
+    int n_heads, n_kv_heads, head_dim;
+    int n_q, q_pos0, n_k;
+    int causal;
+    float scale;
+} kv_qk_args_t;
+
+/* Column statistics of softmax(scale Q K^T) over a block of queries (never materialising n_q x n_k):
+ * any output may be NULL. Used for H2O's accumulated attention (sum), KV-Compress (sum of squares)
+ * and the threshold policy (max). */
+typedef struct {
+    float *sum;   /* (n_heads, n_k) sum_i p_ij */
+    float *sumsq; /* (n_heads, n_k) sum_i p_ij^2 */
+    float *max;   /* (n_heads, n_k) max_i p_ij */
+} kv_colstats_out_t;
+
+typedef struct kv_backend_ops {
+    /* memory */
+    void *(*alloc)(kv_backend_t *be, size_t bytes); /* NULL + message on failure */
+    void (*free)(kv_backend_t *be, void *p);        /* accepts NULL */
+    int (*upload)(kv_backend_t *be, void *dst, const void *src_host, size_t bytes);
+    int (*download)(kv_backend_t *be, void *dst_host, const void *src, size_t bytes);
+    int (*sync)(kv_backend_t *be);
+
+    /* model ops */
+    /* y (M, N) = x (M, K) . w (N, K)^T ; w is a weight matrix stored W[out][in] */
+    int (*matmul)(kv_backend_t *be, float *y, const float *x, const float *w, int M, int N, int K);
+    /* y (T, dim) = x / sqrt(mean(x^2) + eps) * w (dim) */
+    int (*rmsnorm)(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps);
+    /* in place on x (T, n_heads, head_dim): rotate pairs (2i, 2i+1) of each head by
+     * pos[t] * theta^(-2i/head_dim) (llama2.c / Meta layout) */
+    int (*rope)(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta);
+    /* h (n) = silu(h) * g */
+    int (*swiglu)(kv_backend_t *be, float *h, const float *g, size_t n);
+    /* x (n) += y */
+    int (*add)(kv_backend_t *be, float *x, const float *y, size_t n);
+    int (*attention)(kv_backend_t *be, const kv_attn_args_t *a);
+    int (*attn_stats)(kv_backend_t *be, const kv_attn_stats_args_t *a);
+
+    /* replay ops */
+    /* probs (n_heads, n_q, n_k) = softmax rows (masked entries 0); lse (n_heads, n_q) may be NULL */
+    int (*attn_probs)(kv_backend_t *be, const kv_qk_args_t *a, float *probs, float *lse);
+    int (*attn_colstats)(kv_backend_t *be, const kv_qk_args_t *a, const kv_colstats_out_t *out);
+} kv_backend_ops_t;
+
+struct kv_backend {
+    const char *name; /* "cpu" or "cuda" */
+    const kv_backend_ops_t *ops;
+    int n_threads;     /* CPU worker threads */
+    char device[128];  /* human description ("2 CPU threads, OpenBLAS", "NVIDIA H100 ...") */
+    void *ctx;         /* backend private state */
+};
+
+/* Open "cpu", "cuda" or "auto". "cuda" fails with KV_EUNAVAIL and the reason when no usable device
+ * exists (no GPU, no driver, built without nvcc); "auto" then falls back to the CPU and logs one line
+ * that says why. n_threads <= 0 means all available cores (or $KV_THREADS). */
+int kv_backend_open(const char *name, int n_threads, kv_backend_t **out);
+void kv_backend_close(kv_backend_t *be);
+
+/* The CPU backend is always present. */
+int kv_backend_cpu_open(int n_threads, kv_backend_t **out);
+/* CUDA backend: KV_EUNAVAIL with the reason when there is no usable device or no CUDA build. */
+int kv_backend_cuda_open(kv_backend_t **out);
+/* Why CUDA is unavailable ("" when it is available); probes once. */
+const char *kv_cuda_unavailable_reason(void);
+
+/* Name of the first op this backend lacks (NULL when complete). Callers that meet a NULL op report
+ * it by this name instead of calling it. */
+const char *kv_backend_missing_op(const kv_backend_t *be);
+
+/* Helpers on top of the ops (host code). */
+static inline void *kv_be_alloc(kv_backend_t *be, size_t bytes) { return be->ops->alloc(be, bytes); }
+static inline void kv_be_free(kv_backend_t *be, void *p) { be->ops->free(be, p); }
+
+/* Run OpenBLAS single-threaded while our own threads parallelise (returns the previous count). */
+int kv_blas_set_threads(int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

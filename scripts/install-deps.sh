@@ -1,0 +1,21 @@
+#!/bin/sh
+# install-deps.sh: make sure the Debian packages kvsim builds against are present.
+# Installs what is missing when it may (root with apt-get); otherwise prints the exact command to
+# run and fails. Called by the Makefile before the first build, and by .ci/run.
+set -u
+PKGS="pkg-config libhdf5-dev libzstd-dev libcairo2-dev check libsubunit-dev libopenblas-dev libssl-dev"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "kvsim: installing missing Debian packages:$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends $missing >&2 && exit 0
+    echo "kvsim: apt-get failed; install by hand: apt-get install -y$missing" >&2
+    exit 1
+fi
+echo "kvsim: missing Debian packages:$missing" >&2
+echo "kvsim: run:  sudo apt-get install -y$missing" >&2
+exit 1

@@ -1,0 +1,84 @@
+/* cmd_info.c: `kvsim info TRACE`: shapes, dtype, sizes raw and stored, compression, provenance. */
+#include "sim/cli/cli.h"
+#include "sim/common/kv_common.h"
+#include "traces/kv_trace.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+static void help(void)
+{
+    printf("usage: kvsim info TRACE.h5 [TRACE.h5 ...]\n\n"
+           "Print a trace's shapes, storage dtype, sizes (raw and stored), compression ratio,\n"
+           "segments and provenance (model, checksum, tool version, date).\n");
+}
+
+static int info_one(const char *path)
+{
+    kv_trace_t *t;
+    if (kv_trace_open(path, &t) != KV_OK)
+        return kv_cli_fail("info");
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    uint64_t raw = 0, stored = 0;
+    kv_trace_storage(t, &raw, &stored);
+    char a[32], b[32];
+    printf("%s\n", path);
+    printf("  shape        %d layers, %d heads, %d KV heads (group %d), head_dim %d\n", m->n_layers, m->n_heads,
+           m->n_kv_heads, m->n_heads / m->n_kv_heads, m->head_dim);
+    printf("  tokens       %d (prompt %d, decode %d)\n", m->n_tokens, m->n_prompt, m->n_tokens - m->n_prompt);
+    if (m->n_segments > 0) {
+        printf("  segments     %d, starting at", m->n_segments);
+        for (int s = 0; s < m->n_segments && s < 16; s++)
+            printf(" %d", m->segments[s]);
+        printf("%s\n", m->n_segments > 16 ? " ..." : "");
+    } else {
+        printf("  segments     none\n");
+    }
+    printf("  storage      %s, zstd level %d", m->dtype == KV_DTYPE_F16 ? "f16" : "f32", m->zstd_level);
+    if (m->dtype == KV_DTYPE_F16)
+        printf(", %ld values beyond the f16 range", m->f16_overflow);
+    printf("\n  size         %s raw, %s stored, ratio %.2f\n", kv_fmt_bytes((double)raw, a, sizeof a),
+           kv_fmt_bytes((double)stored, b, sizeof b), stored ? (double)raw / (double)stored : 0.0);
+    printf("  summaries    %s", m->has_summaries ? "lse, entropy, accumulated attention" : "none");
+    if (m->has_summaries)
+        printf(", pooled map %dx%d", m->pool, m->pool);
+    printf("\n  W_O          %s\n", m->has_wo ? "present" : "absent");
+    printf("  source       %s%s%s\n", m->source, m->generator[0] ? ": " : "", m->generator);
+    if (m->model[0])
+        printf("  model        %s (dim %d, hidden %d, vocab %d, seq_len %d, rope theta %g)\n  sha256       %s\n",
+               m->model, m->model_dim, m->hidden_dim, m->vocab_size, m->seq_len, m->rope_theta, m->model_sha256);
+    if (m->tokenizer[0])
+        printf("  tokenizer    %s\n", m->tokenizer);
+    printf("  written by   kvsim %s (git %s), %s, backend %s\n", m->tool_version, m->git_revision, m->created,
+           m->backend[0] ? m->backend : "?");
+    if (m->prompt[0]) {
+        char p[81];
+        snprintf(p, sizeof p, "%s", m->prompt);
+        for (char *c = p; *c; c++)
+            if (*c == '\n')
+                *c = ' ';
+        printf("  prompt       \"%s%s\"\n", p, strlen(m->prompt) > 80 ? "..." : "");
+    }
+    kv_trace_close(t);
+    return 0;
+}
+
+int kv_cmd_info(int argc, char **argv)
+{
+    static const struct option opts[] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == 'h') {
+            help();
+            return 0;
+        }
+        return kv_cli_usage_error("info", "unknown option");
+    }
+    if (optind >= argc)
+        return kv_cli_usage_error("info", "expected a trace file");
+    int rc = 0;
+    for (int i = optind; i < argc; i++)
+        rc |= info_one(argv[i]);
+    return rc;
+}

@@ -1,0 +1,23 @@
+/* cmd_pending.c: commands whose implementation has not landed yet (removed as each lands). */
+#include "sim/cli/cli.h"
+#include "sim/common/kv_common.h"
+
+#include <stdio.h>
+
+#define PENDING(fn, name)                                                                                 \
+    int fn(int argc, char **argv)                                                                         \
+    {                                                                                                     \
+        (void)argc;                                                                                       \
+        (void)argv;                                                                                       \
+        fprintf(stderr, "kvsim %s: not implemented yet\n", name);                                         \
+        return 1;                                                                                         \
+    }
+
+PENDING(kv_cmd_capture, "capture")
+PENDING(kv_cmd_generate, "generate")
+PENDING(kv_cmd_nll, "nll")
+PENDING(kv_cmd_synth, "synth")
+PENDING(kv_cmd_replay, "replay")
+PENDING(kv_cmd_policies, "policies")
+PENDING(kv_cmd_analyze, "analyze")
+PENDING(kv_cmd_demo, "demo")

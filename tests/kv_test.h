@@ -1,0 +1,30 @@
+/*
+ * kv_test.h: helpers shared by the Check suites.
+ *
+ * Real model data is found, in order, through $KVSIM_SHARED, ../shared (beside the checkout) and
+ * ./models; a suite that needs it and finds none says so on stderr and does not register the test
+ * (Check has no "skipped").
+ */
+#ifndef KV_TEST_H
+#define KV_TEST_H
+
+#include <check.h>
+#include <stddef.h>
+
+/* Path of a file under the shared data folder (e.g. "models/stories260K/stories260K.bin") into buf,
+ * or NULL when it is nowhere to be found. */
+const char *kv_test_shared(const char *rel, char *buf, size_t len);
+/* A fresh path under build/test-tmp/ for a test file named `name` (unique per process). */
+const char *kv_test_tmp(const char *name, char *buf, size_t len);
+/* Note on stderr that a test was not registered, and why. */
+void kv_test_skip(const char *test, const char *why);
+
+/* Assert |a - b| <= atol + rtol*|b| with a message naming the quantity. */
+#define kv_assert_close(a, b, atol, rtol, what)                                                         \
+    do {                                                                                                \
+        double a_ = (a), b_ = (b);                                                                      \
+        ck_assert_msg(fabs(a_ - b_) <= (atol) + (rtol)*fabs(b_), "%s: %.9g vs %.9g (atol %g, rtol %g)", \
+                      (what), a_, b_, (double)(atol), (double)(rtol));                                  \
+    } while (0)
+
+#endif

@@ -1,0 +1,162 @@
+/*
+ * kv_trace.h: attention traces, the data every kvsim stage shares.
+ *
+ * A trace holds, for every layer, the post-RoPE queries, keys and values of one model run (a prompt
+ * followed by greedily decoded tokens), attention summaries computed at capture time and optionally
+ * the output projection W_O. Two backends implement the same reader interface:
+ *   - HDF5 files (traces/FORMAT.md; zstd-compressed, f16 or f32 on disk), written atomically by the
+ *     streaming writer below, one layer at a time;
+ *   - in-memory traces, built by tests and by code that synthesises data on the fly.
+ * Whatever the storage dtype, readers always return float32.
+ *
+ * Tensor layouts (per layer), all head-major:
+ *   Q        (n_heads,    n_tokens, head_dim)
+ *   K, V     (n_kv_heads, n_tokens, head_dim)
+ *   LSE      (n_heads, n_tokens)   natural log-sum-exp of query t's scaled scores over keys [0, t]
+ *   ENTROPY  (n_heads, n_tokens)   attention entropy of query t in nats
+ *   ACC      (n_heads, n_tokens)   sum over prompt queries i of p_ij (H2O's accumulated attention)
+ *   POOLED   (n_heads, pool, pool) max-pooled causal attention probabilities (for figures)
+ *   WO       (model_dim, n_heads * head_dim) output projection, W[out][in]
+ */
+#ifndef KV_TRACE_H
+#define KV_TRACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KV_TRACE_FORMAT "kvsim-trace"
+#define KV_TRACE_FORMAT_VERSION 1
+#define KV_TRACE_DEFAULT_POOL 256
+
+typedef enum { KV_DTYPE_F32 = 0, KV_DTYPE_F16 = 1 } kv_dtype_t;
+
+typedef enum {
+    KV_T_Q = 0,
+    KV_T_K,
+    KV_T_V,
+    KV_T_LSE,
+    KV_T_ENTROPY,
+    KV_T_ACC,
+    KV_T_POOLED,
+    KV_T_WO,
+    KV_T_COUNT
+} kv_tensor_t;
+
+typedef struct {
+    /* shape */
+    int n_layers, n_heads, n_kv_heads, head_dim;
+    int n_tokens; /* T = prompt + decode */
+    int n_prompt; /* decode tokens are [n_prompt, n_tokens) */
+    int32_t *tokens;    /* (n_tokens) token ids, -1 where unknown (synthetic traces) */
+    int32_t *positions; /* (n_tokens) RoPE positions */
+    int n_segments;     /* 0 when the trace has no segments */
+    int32_t *segments;  /* (n_segments) start of each segment, ascending from 0; segment s spans
+                           [segments[s], segments[s+1]) and the last one ends at n_prompt */
+    /* what else is stored */
+    int has_summaries; /* LSE, ENTROPY, ACC, POOLED present */
+    int pool;          /* POOLED side (0 when absent) */
+    int has_wo;        /* WO present */
+    /* model configuration (0 where unknown) */
+    int model_dim, hidden_dim, vocab_size, seq_len;
+    float rope_theta, norm_eps;
+    /* storage */
+    kv_dtype_t dtype;   /* on-disk dtype of Q, K, V */
+    long f16_overflow;  /* values beyond the f16 range stored as +-inf */
+    int zstd_level;
+    /* provenance */
+    char source[32];        /* "capture", "synth" or "memory" */
+    char model[256];        /* model file */
+    char model_sha256[65];  /* of the model file */
+    char tokenizer[256];
+    char tool_version[32];
+    char git_revision[48];
+    char created[32];       /* ISO 8601 UTC */
+    char backend[64];       /* backend that computed the trace */
+    char generator[512];    /* synth: the generator's parameters; capture: the command options */
+    char prompt[1024];      /* prompt text (truncated), for reports */
+} kv_trace_meta_t;
+
+/* Meta owns its arrays. */
+void kv_trace_meta_free(kv_trace_meta_t *m);
+int kv_trace_meta_copy(kv_trace_meta_t *dst, const kv_trace_meta_t *src);
+/* Check shapes and arrays for consistency; `where` names the file for messages. */
+int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where);
+/* Number of floats in one layer's tensor and its dims (up to 3; returns the rank). */
+size_t kv_tensor_numel(const kv_trace_meta_t *m, kv_tensor_t which);
+int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3]);
+const char *kv_tensor_name(kv_tensor_t which); /* "q", "k", ... (the HDF5 dataset name) */
+/* 1 for Q, K, V, LSE, ENTROPY, ACC: tensors indexed by token on their second axis. */
+int kv_tensor_per_token(kv_tensor_t which);
+/* Segment index of token t (0 when the trace has no segments). */
+int kv_trace_segment_of(const kv_trace_meta_t *m, int t);
+
+/* ---- reading (both backends) ---- */
+typedef struct kv_trace kv_trace_t;
+
+int kv_trace_open(const char *path, kv_trace_t **out);
+void kv_trace_close(kv_trace_t *t);
+const kv_trace_meta_t *kv_trace_meta(const kv_trace_t *t);
+const char *kv_trace_path(const kv_trace_t *t); /* "(memory)" for in-memory traces */
+int kv_trace_has(const kv_trace_t *t, kv_tensor_t which);
+/* Tokens [t0, t0+nt) of a per-token tensor for every head into dst (heads, nt[, head_dim]). */
+int kv_trace_read_rows(kv_trace_t *t, int layer, kv_tensor_t which, int t0, int nt, float *dst);
+/* A whole tensor of one layer into dst (kv_tensor_numel floats). */
+int kv_trace_read(kv_trace_t *t, int layer, kv_tensor_t which, float *dst);
+/* Bytes of Q/K/V (and everything) as float32 and as stored (for `kvsim info`). */
+int kv_trace_storage(kv_trace_t *t, uint64_t *raw_bytes, uint64_t *stored_bytes);
+
+/* One layer's Q, K and V, with buffers reused from call to call. */
+typedef struct {
+    float *q; /* (n_heads, n_tokens, head_dim) */
+    float *k; /* (n_kv_heads, n_tokens, head_dim) */
+    float *v; /* (n_kv_heads, n_tokens, head_dim) */
+    size_t cap_q, cap_kv;
+} kv_layer_t;
+int kv_trace_read_layer(kv_trace_t *t, int layer, kv_layer_t *L);
+void kv_layer_free(kv_layer_t *L);
+
+/* ---- in-memory traces ---- */
+/* A trace whose tensors live in memory, zero-filled; the meta is copied. */
+int kv_trace_mem_create(const kv_trace_meta_t *meta, kv_trace_t **out);
+/* Writable pointer to one layer's tensor (allocated on first use); NULL for a non-memory trace. */
+float *kv_trace_mem_tensor(kv_trace_t *t, int layer, kv_tensor_t which);
+/* Mutable meta of an in-memory trace (to mark summaries present, ...). */
+kv_trace_meta_t *kv_trace_mem_meta(kv_trace_t *t);
+
+/* ---- writing HDF5 ---- */
+typedef struct {
+    kv_dtype_t dtype;  /* Q, K, V storage (summaries and W_O are always f32) */
+    int zstd_level;    /* 1..22, 0 = default (3) */
+    int chunk_tokens;  /* tokens per chunk along T, 0 = automatic */
+} kv_write_opts_t;
+
+typedef struct kv_trace_writer kv_trace_writer_t;
+
+/* Create `path` via a temporary file beside it; tensors are created with their full shape.
+ * meta->has_summaries / has_wo decide which datasets exist. */
+int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_write_opts_t *opts,
+                    kv_trace_writer_t **out);
+/* The writer's copy of the meta: tokens, positions, segments and provenance may be updated before
+ * commit (capture learns the decoded tokens at the end). Shapes must not change. */
+kv_trace_meta_t *kv_trace_writer_meta(kv_trace_writer_t *w);
+/* Write tokens [t0, t0+nt) of a per-token tensor: src (heads, nt[, head_dim]). */
+int kv_trace_write_rows(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0, int nt, const float *src);
+/* Write a whole tensor of one layer. */
+int kv_trace_write(kv_trace_writer_t *w, int layer, kv_tensor_t which, const float *src);
+/* Write the metadata, close and rename to the final name. Frees w (also on failure, after
+ * removing the temporary file). */
+int kv_trace_commit(kv_trace_writer_t *w);
+/* Close and delete the temporary file; frees w. Accepts NULL. */
+void kv_trace_abort(kv_trace_writer_t *w);
+
+/* Initialise HDF5 for kvsim: silence its error printing and register the zstd filter. */
+int kv_trace_init(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
