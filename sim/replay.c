@@ -39,6 +39,8 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 
 typedef struct {
     kv_backend_t *be;
+    const float *hq, *hk; /* host Q and K of the layer */
+    void *dq, *dk;        /* backend views of them (the host arrays on the CPU) */
     float *colsum, *colsq, *colmax; /* (H, n_ctx) */
     int have_col;
     struct {
@@ -50,6 +52,10 @@ typedef struct {
 
 static void engine_reset(engine_t *e)
 {
+    kv_be_unview(e->be, e->hq, e->dq);
+    kv_be_unview(e->be, e->hk, e->dk);
+    e->hq = e->hk = NULL;
+    e->dq = e->dk = NULL;
     kv_free(e->colsum);
     kv_free(e->colsq);
     kv_free(e->colmax);
@@ -60,12 +66,26 @@ static void engine_reset(engine_t *e)
     e->n_win = 0;
 }
 
+/* Backend views of the layer's Q and K (uploaded once per layer on device backends). */
+static int engine_views(engine_t *e, const kv_layer_ctx_t *c)
+{
+    if (e->dq)
+        return KV_OK;
+    int rc = kv_be_view(e->be, c->q, sizeof(float) * (size_t)c->H * c->T * c->d, &e->dq);
+    if (rc == KV_OK)
+        rc = kv_be_view(e->be, c->k, sizeof(float) * (size_t)c->Hkv * c->T * c->d, &e->dk);
+    e->hq = c->q;
+    e->hk = c->k;
+    return rc;
+}
+
 static kv_qk_args_t qk_args(const kv_layer_ctx_t *c, int q0, int nq, int nk)
 {
+    const engine_t *e = c->engine;
     kv_qk_args_t a = {0};
-    a.q = c->q + (size_t)q0 * c->d;
+    a.q = (const float *)e->dq + (size_t)q0 * c->d;
     a.q_head_stride = (size_t)c->T * c->d;
-    a.k = c->k;
+    a.k = (const float *)e->dk;
     a.k_head_stride = (size_t)c->T * c->d;
     a.n_heads = c->H;
     a.n_kv_heads = c->Hkv;
@@ -88,10 +108,21 @@ int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, c
         e->colmax = kv_malloc(n * sizeof(float), "max attention");
         if (!e->colsum || !e->colsq || !e->colmax)
             return KV_ENOMEM;
-        kv_qk_args_t a = qk_args(c, 0, c->n_ctx, c->n_ctx);
-        kv_colstats_out_t o = {e->colsum, e->colsq, e->colmax};
-        int rc = e->be->ops->attn_colstats(e->be, &a, &o);
+        int rc = engine_views(e, c);
         if (rc)
+            return rc;
+        kv_qk_args_t a = qk_args(c, 0, c->n_ctx, c->n_ctx);
+        kv_colstats_out_t o = {0};
+        size_t bytes = n * sizeof(float);
+        if ((rc = kv_be_out(e->be, e->colsum, bytes, (void **)&o.sum)) ||
+            (rc = kv_be_out(e->be, e->colsq, bytes, (void **)&o.sumsq)) ||
+            (rc = kv_be_out(e->be, e->colmax, bytes, (void **)&o.max)))
+            return rc;
+        rc = e->be->ops->attn_colstats(e->be, &a, &o);
+        int rc2 = kv_be_fetch(e->be, e->colsum, o.sum, bytes);
+        int rc3 = kv_be_fetch(e->be, e->colsq, o.sumsq, bytes);
+        int rc4 = kv_be_fetch(e->be, e->colmax, o.max, bytes);
+        if (rc || (rc = rc2) || (rc = rc3) || (rc = rc4))
             return rc;
         e->have_col = 1;
     }
@@ -116,11 +147,20 @@ int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
         }
     if (e->n_win == MAX_WINDOWS)
         return kv_error(KV_EINTERNAL, "more than %d observation windows in one layer", MAX_WINDOWS);
-    float *p = kv_malloc(sizeof(float) * (size_t)c->H * w * c->n_ctx, "window attention");
+    size_t bytes = sizeof(float) * (size_t)c->H * w * c->n_ctx;
+    float *p = kv_malloc(bytes, "window attention");
     if (!p)
         return KV_ENOMEM;
-    kv_qk_args_t a = qk_args(c, c->n_ctx - w, w, c->n_ctx);
-    int rc = e->be->ops->attn_probs(e->be, &a, p, NULL);
+    void *dp = NULL;
+    int rc = engine_views(e, c);
+    if (rc == KV_OK)
+        rc = kv_be_out(e->be, p, bytes, &dp);
+    if (rc == KV_OK) {
+        kv_qk_args_t a = qk_args(c, c->n_ctx - w, w, c->n_ctx);
+        rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
+        int rc2 = kv_be_fetch(e->be, p, dp, bytes);
+        rc = rc ? rc : rc2;
+    }
     if (rc) {
         kv_free(p);
         return rc;
@@ -130,6 +170,23 @@ int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
     e->n_win++;
     *probs = p;
     return KV_OK;
+}
+
+/* p_eval (H, n_eval, T): every evaluation query's softmax over its keys, through the backend. */
+static int eval_probs(kv_layer_ctx_t *c, float *p_eval)
+{
+    engine_t *e = c->engine;
+    size_t bytes = sizeof(float) * (size_t)c->H * c->n_eval * c->T;
+    void *dp = NULL;
+    int rc = engine_views(e, c);
+    if (rc == KV_OK)
+        rc = kv_be_out(e->be, p_eval, bytes, &dp);
+    if (rc)
+        return rc;
+    kv_qk_args_t a = qk_args(c, c->n_ctx, c->n_eval, c->T);
+    rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
+    int rc2 = kv_be_fetch(e->be, p_eval, dp, bytes);
+    return rc ? rc : rc2;
 }
 
 /* ---------------------------------------------------------------- per (policy, budget) state */
@@ -581,8 +638,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             break;
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
-        kv_qk_args_t a = qk_args(&c, n_ctx, E, T);
-        if ((rc = be->ops->attn_probs(be, &a, p_eval, NULL)))
+        if ((rc = eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
         kv_metrics_layer_free(&ml);
@@ -682,8 +738,7 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
             break;
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
-        kv_qk_args_t a = qk_args(&c, n_ctx, E, m->n_tokens);
-        if ((rc = be->ops->attn_probs(be, &a, p_eval, NULL)))
+        if ((rc = eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
         kv_metrics_layer_free(&ml);
