@@ -22,6 +22,10 @@
  *   --cpu-vs-cpu      compare the CPU backend with a second, single-threaded CPU backend instead of
  *                     CUDA: a self-check of this runner on machines without a GPU (it checks the
  *                     runner and the CPU's thread-count determinism, nothing about CUDA)
+ *   --emulated        (build/gpu_parity_emu only, `make test-cuda-emu`) compare with the CUDA kernels'
+ *                     own code run by the host emulator of tests/cuda_emu/: checks their logic
+ *                     without a GPU, not the device, its compiler or its math library
+ *   --max-work N      skip cases above about N multiply-adds (default 3e7 with --emulated, else none)
  */
 #include "kernels/kv_backend.h"
 #include "kernels/kv_cuda.h"
@@ -32,6 +36,9 @@
 #include "sim/replay.h"
 #include "sim/result.h"
 #include "traces/kv_trace.h"
+#ifdef KV_PARITY_EMU
+#include "tests/cuda_emu/kv_cuda_emu.h"
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -118,10 +125,11 @@ static const tol_t TOL_CAPTURE = {1e-4, 1e-4, 1e-8, 1};
 
 typedef struct {
     kv_backend_t *ref, *dev;
-    int self_test, verbose;
+    int self_test, emulated, verbose;
     const char *only;
     uint64_t seed;
-    int cases, failed, not_run;
+    double max_work; /* 0: no limit */
+    int cases, failed, not_run, skipped;
     kv_rng_t rng;
 } ctx_t;
 
@@ -140,6 +148,15 @@ static int want(const ctx_t *c, const char *op)
         s = e + 1;
     }
     return 0;
+}
+
+/* 1 (and counted) when a case is above the work limit. */
+static int too_big(ctx_t *c, double work)
+{
+    if (c->max_work <= 0 || work <= c->max_work)
+        return 0;
+    c->skipped++;
+    return 1;
 }
 
 static float *hnew(size_t n)
@@ -296,7 +313,7 @@ static void case_matmul(ctx_t *c, int M, int N, int K, const char *mode)
                      : !strcmp(mode, "bf16") ? &TOL_MM_BF16
                      : !strcmp(mode, "fp16") ? &TOL_MM_FP16
                                              : &TOL_MM_FP32;
-    if (strcmp(mode, "fp32") && c->self_test)
+    if (strcmp(mode, "fp32") && strcmp(c->dev->name, "cuda"))
         return; /* reduced precision exists on CUDA only */
     float *x = hnew((size_t)M * K), *w = hnew((size_t)N * K), *y = hnew((size_t)M * N), *g = hnew((size_t)M * N),
           *g2 = hnew((size_t)M * N);
@@ -334,6 +351,8 @@ static void case_rmsnorm(ctx_t *c, int T, int dim)
     char shape[128];
     snprintf(shape, sizeof shape, "T=%d dim=%d", T, dim);
     size_t n = (size_t)T * dim;
+    if (too_big(c, (double)n))
+        return;
     float *x = hnew(n), *w = hnew(dim), *y = hnew(n), *g = hnew(n), *g2 = hnew(n);
     fill_normal(c, x, n, 3.0);
     fill_uniform(c, w, dim, 0.5, 1.5);
@@ -364,6 +383,8 @@ static void case_rope(ctx_t *c, int T, int H, int d, float theta, int pos0, int 
     snprintf(shape, sizeof shape, "T=%d H=%d d=%d theta=%g pos%s%d", T, H, d, theta, random_pos ? "<" : "0=",
              pos0);
     size_t n = (size_t)T * H * d;
+    if (too_big(c, (double)n))
+        return;
     float *x = hnew(n), *y = hnew(n), *g = hnew(n);
     int32_t *pos = kv_malloc(sizeof(int32_t) * (size_t)T, "positions");
     fill_normal(c, x, n, 1.0);
@@ -402,6 +423,8 @@ static void case_pointwise(ctx_t *c, const char *op, size_t n, int off)
 {
     char shape[128];
     snprintf(shape, sizeof shape, "n=%zu offset=%d", n, off);
+    if (too_big(c, (double)n))
+        return;
     float *h = hnew(n + off), *gt = hnew(n + off), *y = hnew(n + off), *got = hnew(n + off), *got2 = hnew(n + off);
     fill_normal(c, h, n + off, 4.0);
     fill_normal(c, gt, n + off, 1.0);
@@ -471,6 +494,8 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
     char shape[160];
     att_shape_str(s, shape, sizeof shape);
     const int H = s->H, d = s->d, nk = s->q_pos0 + s->n_q;
+    if (too_big(c, 2.0 * s->n_q * nk * H * d))
+        return;
     const size_t stride = (size_t)s->Hkv * d + s->pad, nq = (size_t)s->n_q * H * d, nkv = (size_t)nk * stride;
     float *q = hnew(nq), *k = hnew(nkv), *v = hnew(nkv), *out = hnew(nq), *lse = hnew((size_t)H * s->n_q);
     float *g = hnew(nq), *gl = hnew((size_t)H * s->n_q), *g2 = hnew(nq);
@@ -522,6 +547,8 @@ static void case_attn_stats(ctx_t *c, const att_shape_t *s, int pool, int extra_
     snprintf(shape, sizeof shape, "%s pool=%d/%d out=%s%s%s", sh, pool, s->q_pos0 + s->n_q + extra_T,
              which & 1 ? "E" : "", which & 2 ? "A" : "", which & 4 ? "P" : "");
     const int H = s->H, d = s->d, nk = s->q_pos0 + s->n_q, pool_T = nk + extra_T;
+    if (too_big(c, 2.0 * s->n_q * nk * H * d))
+        return;
     const size_t stride = (size_t)s->Hkv * d + s->pad, nq = (size_t)s->n_q * H * d, nkv = (size_t)nk * stride;
     const size_t acc_stride = (size_t)pool_T + 3, nacc = (size_t)H * acc_stride, npool = (size_t)H * pool * pool;
     const size_t nrow = (size_t)H * s->n_q;
@@ -605,6 +632,8 @@ static void case_qk(ctx_t *c, const qk_shape_t *s, int colstats)
     char shape[160];
     qk_shape_str(s, shape, sizeof shape);
     const int H = s->H, d = s->d, row0 = s->q_rows - s->n_q; /* the block sits at the end of its heads */
+    if (too_big(c, 2.0 * s->n_q * s->n_k * H * d))
+        return;
     const size_t nqa = (size_t)H * s->q_rows * d, nka = (size_t)s->Hkv * s->k_rows * d;
     const size_t nprob = (size_t)H * s->n_q * s->n_k, nrow = (size_t)H * s->n_q, ncol = (size_t)H * s->n_k;
     float *q = hnew(nqa), *k = hnew(nka);
@@ -878,6 +907,8 @@ static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n
     char shape[160];
     snprintf(shape, sizeof shape, "L=%d H=%d Hkv=%d d=%d T=%d prompt=%d tail=%d", L, H, Hkv, d, T, n_prompt,
              eval_tail);
+    if (too_big(c, (double)L * H * (T - n_prompt + eval_tail) * T * d))
+        return;
     kv_trace_t *t = random_trace(L, H, Hkv, d, T, n_prompt, 4, c->seed + 77);
     kv_policy_t **pols = NULL;
     int n_pol = 0, nb = 0;
@@ -950,7 +981,7 @@ static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n
         uint8_t *ma = kv_malloc((size_t)S * T, "mask"), *mb = kv_malloc((size_t)S * T, "mask");
         for (int b = 0; b < nb && ma && mb; b++)
             for (int l = 0; l < L; l++)
-                for (int e = 0; e < E; e += (E > 1 ? E - 1 : 1)) {
+                for (int e = 0; e < E; e += (E > 1 && !c->emulated ? E - 1 : E)) { /* first, last query */
                     if (kv_replay_probe(t, l, pols[p], &bud[b], e, &o, c->ref, ma) ||
                         kv_replay_probe(t, l, pols[p], &bud[b], e, &o, c->dev, mb)) {
                         printf("      probe %s failed: %s\n", pols[p]->label, kv_last_error());
@@ -1159,7 +1190,7 @@ static void run_capture(ctx_t *c)
 
 static void usage(void)
 {
-    printf("usage: gpu_parity [--only op,op,...] [--seed N] [--verbose] [--cpu-vs-cpu]\n"
+    printf("usage: gpu_parity [--only op,op,...] [--seed N] [--verbose] [--cpu-vs-cpu] [--emulated] [--max-work N]\n"
            "CPU vs CUDA parity of every backend op, of replay and of capture; exits 1 on any mismatch and 0\n"
            "without running anything when no CUDA device is usable.\n");
 }
@@ -1178,6 +1209,12 @@ int main(int argc, char **argv)
             c.verbose = 1;
         else if (!strcmp(argv[i], "--cpu-vs-cpu"))
             c.self_test = 1;
+        else if (!strcmp(argv[i], "--max-work") && i + 1 < argc)
+            c.max_work = atof(argv[++i]);
+#ifdef KV_PARITY_EMU
+        else if (!strcmp(argv[i], "--emulated"))
+            c.emulated = 1;
+#endif
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage();
             return 0;
@@ -1188,7 +1225,16 @@ int main(int argc, char **argv)
     }
     kv_log_set_level(KV_LOG_QUIET);
     kv_trace_init();
-    if (!c.self_test) {
+    if (c.emulated) {
+#ifdef KV_PARITY_EMU
+        if (kv_backend_cuda_emu_open(&c.dev) != KV_OK) {
+            fprintf(stderr, "gpu_parity: %s\n", kv_last_error());
+            return 2;
+        }
+        if (c.max_work <= 0)
+            c.max_work = 3e7;
+#endif
+    } else if (!c.self_test) {
         const char *why = kv_cuda_unavailable_reason();
         if (why[0]) {
             printf("CUDA unavailable: %s\n", why);
@@ -1211,7 +1257,9 @@ int main(int argc, char **argv)
     kv_rng_seed(&c.rng, c.seed);
     printf("gpu_parity: reference %s [%s]\n", c.ref->name, c.ref->device);
     printf("gpu_parity: device    %s [%s]%s\n", c.dev->name, c.dev->device,
-           c.self_test ? "  (SELF-TEST: a second CPU backend, not a GPU)" : "");
+           c.self_test  ? "  (SELF-TEST: a second CPU backend, not a GPU)"
+           : c.emulated ? "  (EMULATION: the CUDA kernel code on the CPU, not a GPU)"
+                        : "");
     kv_cuda_info_t info;
     if (!c.self_test && kv_cuda_info(c.dev, &info) == KV_OK)
         printf("gpu_parity: %s, compute %d.%d, %d SMs, runtime %d, driver %d, git %s\n", info.name, info.cc_major,
@@ -1226,10 +1274,25 @@ int main(int argc, char **argv)
     run_replay(&c);
     printf("capture:\n");
     run_capture(&c);
-    printf("gpu_parity: %d cases, %d failed, %d not run, %.1f s%s\n", c.cases, c.failed, c.not_run, kv_now() - t0,
-           c.self_test ? " (self-test against the CPU: says nothing about CUDA)" : "");
+    printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
+           c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
+           c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"
+           : c.emulated ? " (emulated kernels: says nothing about the device, its compiler or its math library)"
+                        : "");
+#ifdef KV_PARITY_EMU
+    if (c.emulated) {
+        long nl, nb, ns;
+        kv_cuda_emu_counts(&nl, &nb, &ns);
+        printf("gpu_parity: emulated %ld launches, %ld blocks, %ld fiber switches\n", nl, nb, ns);
+    }
+#endif
     printf("gpu_parity: %s\n", c.failed ? "FAIL" : "PASS");
-    kv_backend_close(c.dev);
+#ifdef KV_PARITY_EMU
+    if (c.emulated)
+        kv_backend_cuda_emu_close(c.dev);
+    else
+#endif
+        kv_backend_close(c.dev);
     kv_backend_close(c.ref);
     return c.failed ? 1 : 0;
 }

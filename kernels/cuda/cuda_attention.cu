@@ -180,7 +180,7 @@ struct FwdOut {
 
 template <int D, bool WITH_V> __global__ void __launch_bounds__(NT) k_fwd(QK p, FwdOut o)
 {
-    extern __shared__ float4 smem4[];
+    KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4, EPL = D / 32;
     float *Qs = reinterpret_cast<float *>(smem4); /* (BR, D) */
     float *Ks = Qs + BR * D;                      /* (BL, LDK) */
@@ -334,7 +334,7 @@ template <int D>
 __global__ void __launch_bounds__(NT) k_probs(QK p, const float *__restrict__ rm, const float *__restrict__ rinv,
                                               float *__restrict__ probs)
 {
-    extern __shared__ float4 smem4[];
+    KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
     float *Qs = reinterpret_cast<float *>(smem4);
     float *Ks = Qs + BR * D;
@@ -393,7 +393,7 @@ template <int D>
 __global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ lse, float *__restrict__ entropy,
                                                Pool pl)
 {
-    extern __shared__ float4 smem4[];
+    KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
     float *Qs = reinterpret_cast<float *>(smem4);
     float *Ks = Qs + BR * D;
@@ -501,7 +501,7 @@ template <int D>
 __global__ void __launch_bounds__(NT) k_cols(QK p, const float *__restrict__ rm, const float *__restrict__ rinv,
                                              ColOut o)
 {
-    extern __shared__ float4 smem4[];
+    KV_DYN_SMEM(float4, smem4);
     constexpr int LDQ = D + 4;
     float *Ks = reinterpret_cast<float *>(smem4); /* (BR, D): the block's keys, as rows */
     float *Qs = Ks + BR * D;                      /* (BL, LDQ): a tile of queries, as columns */
@@ -637,10 +637,10 @@ template <int D> int row_stats(kv_backend_t *be, const QK &p, float *m, float *i
     int rc = set_smem(k_fwd<D, false>, smem, "row statistics");
     if (rc)
         return rc;
-    k_fwd<D, false><<<dim3(qtiles, p.H, ns), NT, smem, c->stream>>>(p, o);
+    KV_LAUNCH(dim3(qtiles, p.H, ns), NT, smem, c->stream, k_fwd<D, false>)(p, o);
     if ((rc = kv_cuda_check_launch("row statistics")))
         return rc;
-    k_merge_stats<<<(rows + 255) / 256, 256, 0, c->stream>>>(pm, pl, rows, ns, m, inv, lse);
+    KV_LAUNCH((rows + 255) / 256, 256, 0, c->stream, k_merge_stats)(pm, pl, rows, ns, m, inv, lse);
     return kv_cuda_check_launch("merge statistics");
 }
 
@@ -707,11 +707,11 @@ template <int D> int run_attention(kv_backend_t *be, const kv_attn_args_t *a)
     int rc = set_smem(k_fwd<D, true>, smem, "attention");
     if (rc)
         return rc;
-    k_fwd<D, true><<<dim3(qtiles, H, ns), NT, smem, c->stream>>>(p, o);
+    KV_LAUNCH(dim3(qtiles, H, ns), NT, smem, c->stream, k_fwd<D, true>)(p, o);
     if ((rc = kv_cuda_check_launch("attention")))
         return rc;
     if (ns > 1) {
-        k_merge_out<D><<<(unsigned)((rows + 7) / 8), 256, 0, c->stream>>>(o, (int)rows, p.n_q, d, a->out, o.o_hs,
+        KV_LAUNCH((unsigned)((rows + 7) / 8), 256, 0, c->stream, k_merge_out<D>)(o, (int)rows, p.n_q, d, a->out, o.o_hs,
                                                                           o.o_rs, a->lse);
         rc = kv_cuda_check_launch("attention merge");
     }
@@ -742,7 +742,7 @@ template <int D> int run_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t
         const size_t smem = smem_qk(D) + (a->pooled ? sizeof(int) * POOL_SMEM : 0);
         if ((rc = set_smem(k_rowent<D>, smem, "attn_stats rows")))
             return rc;
-        k_rowent<D><<<dim3((p.n_q + BR - 1) / BR, H), NT, smem, c->stream>>>(p, a->lse, a->entropy, pl);
+        KV_LAUNCH(dim3((p.n_q + BR - 1) / BR, H), NT, smem, c->stream, k_rowent<D>)(p, a->lse, a->entropy, pl);
         if ((rc = kv_cuda_check_launch("attn_stats rows")))
             return rc;
     }
@@ -751,7 +751,7 @@ template <int D> int run_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t
         const size_t smem = smem_qk(D);
         if ((rc = set_smem(k_cols<D>, smem, "attn_stats columns")))
             return rc;
-        k_cols<D><<<dim3((p.n_k + BR - 1) / BR, H), NT, smem, c->stream>>>(p, a->lse, NULL, o);
+        KV_LAUNCH(dim3((p.n_k + BR - 1) / BR, H), NT, smem, c->stream, k_cols<D>)(p, a->lse, nullptr, o);
         rc = kv_cuda_check_launch("attn_stats columns");
     }
     return rc;
@@ -788,7 +788,7 @@ template <int D> int run_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, flo
     if ((rc = set_smem(k_probs<D>, smem, "attn_probs")))
         return rc;
     const unsigned chunks = (unsigned)((p.n_k + PROBS_CHUNK * BL - 1) / (PROBS_CHUNK * BL));
-    k_probs<D><<<dim3((p.n_q + BR - 1) / BR, p.H, chunks), NT, smem, c->stream>>>(p, s.m, s.inv, probs);
+    KV_LAUNCH(dim3((p.n_q + BR - 1) / BR, p.H, chunks), NT, smem, c->stream, k_probs<D>)(p, s.m, s.inv, probs);
     return kv_cuda_check_launch("attn_probs");
 }
 
@@ -804,7 +804,7 @@ template <int D> int run_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, 
     const size_t smem = smem_qk(D);
     if ((rc = set_smem(k_cols<D>, smem, "attn_colstats")))
         return rc;
-    k_cols<D><<<dim3((p.n_k + BR - 1) / BR, p.H), NT, smem, c->stream>>>(p, s.m, s.inv, o);
+    KV_LAUNCH(dim3((p.n_k + BR - 1) / BR, p.H), NT, smem, c->stream, k_cols<D>)(p, s.m, s.inv, o);
     return kv_cuda_check_launch("attn_colstats");
 }
 

@@ -146,7 +146,7 @@ int kv_cuda_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *w, 
         return KV_OK;
     cuda_ctx_t *c = kv_cuda_ctx(be);
     int threads = dim >= RMS_THREADS ? RMS_THREADS : ((dim + 31) / 32) * 32;
-    k_rmsnorm<<<T, threads, 0, c->stream>>>(y, x, w, dim, eps);
+    KV_LAUNCH(T, threads, 0, c->stream, k_rmsnorm)(y, x, w, dim, eps);
     return kv_cuda_check_launch("rmsnorm");
 }
 
@@ -160,7 +160,7 @@ int kv_cuda_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_he
     if (T == 0)
         return KV_OK;
     cuda_ctx_t *c = kv_cuda_ctx(be);
-    k_rope<<<T, ROPE_THREADS, 0, c->stream>>>(x, pos, n_heads, head_dim, theta);
+    KV_LAUNCH(T, ROPE_THREADS, 0, c->stream, k_rope)(x, pos, n_heads, head_dim, theta);
     return kv_cuda_check_launch("rope");
 }
 
@@ -171,9 +171,9 @@ int kv_cuda_swiglu(kv_backend_t *be, float *h, const float *g, size_t n)
     cuda_ctx_t *c = kv_cuda_ctx(be);
     size_t n4 = aligned16(h) && aligned16(g) ? n / 4 : 0;
     if (n4)
-        k_swiglu4<<<blocks_for(n4, 256, c->sm_count), 256, 0, c->stream>>>((float4 *)h, (const float4 *)g, n4);
+        KV_LAUNCH(blocks_for(n4, 256, c->sm_count), 256, 0, c->stream, k_swiglu4)((float4 *)h, (const float4 *)g, n4);
     if (n > 4 * n4)
-        k_swiglu1<<<blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream>>>(h + 4 * n4, g + 4 * n4,
+        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_swiglu1)(h + 4 * n4, g + 4 * n4,
                                                                                    n - 4 * n4);
     return kv_cuda_check_launch("swiglu");
 }
@@ -185,8 +185,8 @@ int kv_cuda_add(kv_backend_t *be, float *x, const float *y, size_t n)
     cuda_ctx_t *c = kv_cuda_ctx(be);
     size_t n4 = aligned16(x) && aligned16(y) ? n / 4 : 0;
     if (n4)
-        k_add4<<<blocks_for(n4, 256, c->sm_count), 256, 0, c->stream>>>((float4 *)x, (const float4 *)y, n4);
+        KV_LAUNCH(blocks_for(n4, 256, c->sm_count), 256, 0, c->stream, k_add4)((float4 *)x, (const float4 *)y, n4);
     if (n > 4 * n4)
-        k_add1<<<blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream>>>(x + 4 * n4, y + 4 * n4, n - 4 * n4);
+        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_add1)(x + 4 * n4, y + 4 * n4, n - 4 * n4);
     return kv_cuda_check_launch("add");
 }

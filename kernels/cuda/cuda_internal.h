@@ -16,8 +16,32 @@
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 
+#ifdef KV_CUDA_EMULATE
+/* Host emulation of the kernels (tests/cuda_emu/): g++ compiles cuda_elementwise.cu and
+ * cuda_attention.cu with tests/cuda_emu/cuda_emu.h force-included, so the very kernel code runs on
+ * the CPU, one simulated thread per fiber, and the parity runner checks its logic on machines
+ * without a GPU. The entry points are renamed so that both builds can live in one program. */
+typedef void *cublasHandle_t;
+#define kv_cuda_rmsnorm kv_cuda_emu_rmsnorm
+#define kv_cuda_rope kv_cuda_emu_rope
+#define kv_cuda_swiglu kv_cuda_emu_swiglu
+#define kv_cuda_add kv_cuda_emu_add
+#define kv_cuda_attention kv_cuda_emu_attention
+#define kv_cuda_attn_stats kv_cuda_emu_attn_stats
+#define kv_cuda_attn_probs kv_cuda_emu_attn_probs
+#define kv_cuda_attn_colstats kv_cuda_emu_attn_colstats
+#define kv_cuda_scratch kv_cuda_emu_scratch
+#define kv_cuda_check_launch kv_cuda_emu_check_launch
+#define KV_LAUNCH(grid, block, smem, stream, ...) kvemu::launch(grid, block, smem, __VA_ARGS__)
+#define KV_DYN_SMEM(type, name) type *name = reinterpret_cast<type *>(kvemu::dyn_smem())
+#else
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+/* KV_LAUNCH(grid, block, shared bytes, stream, kernel)(args...): a kernel launch (the kernel comes
+ * last so that template arguments may hold commas). KV_DYN_SMEM: the dynamic shared memory. */
+#define KV_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define KV_DYN_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 /* Matrix product precision (KV_CUDA_MATMUL or kv_cuda_set_matmul). */
 typedef enum { KV_MM_FP32 = 0, KV_MM_TF32, KV_MM_BF16, KV_MM_FP16 } kv_mm_mode_t;
