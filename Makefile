@@ -60,7 +60,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: all test demo test-gpu bench-capture bench-replay bench-gpu lint clean help goldens
+.PHONY: all test demo test-gpu test-cuda-emu bench-capture bench-replay bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 $(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
@@ -124,6 +124,22 @@ $(BUILD)/gpu_parity: tests/gpu_parity.c $(LIBKV)
 test-gpu: $(BUILD)/gpu_parity
 	$(Q)$(BUILD)/gpu_parity
 
+# Host emulation of the CUDA kernels (tests/cuda_emu/): the kernel files compiled by g++ and run by a
+# fiber emulator behind the parity runner, to check their logic on machines without a GPU.
+EMU_CXXFLAGS := -x c++ -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-variable -DKV_CUDA_EMULATE \
+                -I. $(filter -I%,$(PKG_CFLAGS)) -include tests/cuda_emu/cuda_emu.h -MMD -MP
+EMU_SRC := kernels/cuda/cuda_elementwise.cu kernels/cuda/cuda_attention.cu tests/cuda_emu/emu_backend.cpp
+EMU_OBJ := $(EMU_SRC:%=$(BUILD)/emu/%.o)
+$(BUILD)/emu/%.o: % tests/cuda_emu/cuda_emu.h $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	@$(if $(V),,echo "  EMU   $<")
+	$(Q)$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(BUILD)/gpu_parity_emu: tests/gpu_parity.c $(EMU_OBJ) $(LIBKV)
+	@$(if $(V),,echo "  LD    $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -DKV_PARITY_EMU $< $(EMU_OBJ) $(LIBKV) $(LIBS) -lstdc++ -o $@
+test-cuda-emu: $(BUILD)/gpu_parity_emu
+	$(Q)$(BUILD)/gpu_parity_emu --emulated
+
 lint:
 	cppcheck --quiet --enable=warning,performance,portability --std=c11 -I. --suppress=missingIncludeSystem \
 	    --inline-suppr sim kernels traces analyze plots tests
@@ -135,4 +151,4 @@ clean:
 help:
 	@sed -n '2,9p' Makefile | sed 's/^# //'
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)
