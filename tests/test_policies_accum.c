@@ -157,6 +157,14 @@ START_TEST(h2o_decode_eviction_order)
     /* recent_ratio=1: a pure sliding window of 8 */
     probe(t, "h2o(mode=decode,recent_ratio=1)", 8, 3, mask);
     EXPECT(mask, 16, "h2o decode sliding", 8, 9, 10, 11, 12, 13, 14, 15);
+    /* key 10 weighing 8 instead of 64 takes 8/15 of each decode query: before query 14, by sum
+     * 10 has 0.174 + 16/15 = 1.241 < token 3's 1.270 + 2/15 = 1.403 and goes; by mean (norm=mean)
+     * 1.241/4 = 0.310 beats 3's 1.403/11 = 0.128 (and 2's 0.145, 1's 0.172, 0's 0.231): 3 goes */
+    kw(t, 0, 0, 10, 0, 8);
+    probe(t, "h2o(mode=decode)", 8, 2, mask);
+    EXPECT(mask, 16, "h2o decode sum, key 10 at 8", 0, 1, 2, 3, 11, 12, 13, 14);
+    probe(t, "h2o(mode=decode,norm=mean)", 8, 2, mask);
+    EXPECT(mask, 16, "h2o decode mean, key 10 at 8", 0, 1, 2, 10, 11, 12, 13, 14);
     kv_trace_close(t);
 
     kv_policy_t *p;
@@ -177,10 +185,13 @@ START_TEST(tova_one_token_per_step)
      * 7: (1/23 + 8/20)/2 = 0.222, 2: (8/23 + 1/20)/2 = 0.199, 5: 0.112, 4: 0.072, 9: 0.069, the
      * rest 0.047 (tie: the later token, 11, wins). End of prefill: {2,4,5,7,9,11}; the first decode
      * step drops the lowest of these (11) and appends 12 (TOVA's cache_size = B - 1).
-     * Decode queries (both heads) follow axes 2, 3, 4 where one key weighs 1/4 (others 1): 9 for
-     * query 12, 12 for query 13, 2 for query 14; each step drops exactly that token:
-     *   query 12 reads {2,4,5,7,9,12}, 13 reads {2,4,5,7,12,13}, 14 reads {2,4,5,7,13,14},
-     *   15 reads {4,5,7,13,14,15}.
+     * Query 12: head 0 follows axis 2 (key 9 weighs 1/8, key 4 1/2, others 1: total 4.625 over
+     * {2,4,5,7,9,12}), head 1 axis 5 (key 4 weighs 1/8: total 5.125). Head 0 alone would drop 9,
+     * but the mean over heads gives 9 (0.125/4.625 + 1/5.125)/2 = 0.111 and 4
+     * (0.5/4.625 + 0.125/5.125)/2 = 0.066 (others 0.206): 4 goes. Queries 13 and 14 (both heads)
+     * follow axes 3 and 4 where key 12, then key 2, weighs 1/4 (others 1): each goes in turn.
+     *   query 12 reads {2,4,5,7,9,12}, 13 reads {2,5,7,9,12,13}, 14 reads {2,5,7,9,13,14},
+     *   15 reads {5,7,9,13,14,15}: one token in, one out per step.
      * Both KV heads keep the same indices (GQA-agnostic), although per head they would differ. */
     kv_trace_t *t = wtrace(1, 2, 2, 16, 12, NULL, 0);
     qa(t, 0, 0, 11, 0);
@@ -191,13 +202,18 @@ START_TEST(tova_one_token_per_step)
         kw(t, 0, g, 9, 0, 2);
         kw(t, 0, g, 7, 1, 8);
         kw(t, 0, g, 4, 1, 2);
-        kw(t, 0, g, 9, 2, 0.25);
+        kw(t, 0, g, 9, 2, 0.125);
+        kw(t, 0, g, 4, 2, 0.5);
+        kw(t, 0, g, 4, 5, 0.125);
         kw(t, 0, g, 12, 3, 0.25);
         kw(t, 0, g, 2, 4, 0.25);
     }
-    for (int h = 0; h < 2; h++)
-        for (int x = 2; x <= 4; x++)
-            qa(t, 0, h, 12 + (x - 2), x);
+    qa(t, 0, 0, 12, 2);
+    qa(t, 0, 1, 12, 5);
+    for (int h = 0; h < 2; h++) {
+        qa(t, 0, h, 13, 3);
+        qa(t, 0, h, 14, 4);
+    }
     uint8_t mask[2 * 16];
     const char *specs[] = {"tova", "tova(gran=query)"};
     for (int k = 0; k < 2; k++) {
@@ -206,13 +222,13 @@ START_TEST(tova_one_token_per_step)
             EXPECT(mask + s * 16, 16, "tova query 12", 2, 4, 5, 7, 9, 12);
         probe(t, specs[k], 6, 1, mask);
         for (int s = 0; s < 2; s++)
-            EXPECT(mask + s * 16, 16, "tova query 13", 2, 4, 5, 7, 12, 13);
+            EXPECT(mask + s * 16, 16, "tova query 13", 2, 5, 7, 9, 12, 13);
         probe(t, specs[k], 6, 2, mask);
         for (int s = 0; s < 2; s++)
-            EXPECT(mask + s * 16, 16, "tova query 14", 2, 4, 5, 7, 13, 14);
+            EXPECT(mask + s * 16, 16, "tova query 14", 2, 5, 7, 9, 13, 14);
         probe(t, specs[k], 6, 3, mask);
         for (int s = 0; s < 2; s++)
-            EXPECT(mask + s * 16, 16, "tova query 15", 4, 5, 7, 13, 14, 15);
+            EXPECT(mask + s * 16, 16, "tova query 15", 5, 7, 9, 13, 14, 15);
     }
     kv_trace_close(t);
 }
@@ -362,6 +378,8 @@ START_TEST(kvcompress_blocks_across_layers)
      * L1H0's three 0.0051 blocks. Kept per head: layer 0: 4, 4 (protected only); layer 1: 16, 8.
      * B = 10: room for 6 blocks, the 2 extra from layer 0 at a tie (0.0025): earlier layer, lower
      * head, higher block first: L0H0 {12..15} and {8..11}. Kept: 12, 4, 16, 8.
+     * seq:30 (a total that is not a whole number of blocks): room 14, three blocks fit (L1H1's and
+     * two of L1H0's), the fourth would overshoot: kept 4, 4, 12, 8.
      * pool=max, kernel=3 (neighbours +-1), B = 8: L1H1's 0.0156 spreads to token 4, L1H0's 0.0051 to
      * token 12; ascending L1H1: 5..15 then 0..4, blocks {5..8} {9..12} {13,14,15,0} {1..4}, the last
      * two keyed 0.0156; L1H0: 13,14,15 then 0..12, blocks {13,14,15,0} {1..4} {5..8} {9..12} all
@@ -394,7 +412,7 @@ START_TEST(kvcompress_blocks_across_layers)
         ck_assert_int_eq(kv_policy_create(specs[k], &p), KV_OK);
         kv_budget_t *b;
         int nb;
-        ck_assert_int_eq(kv_budget_parse_list("8,10", &b, &nb), KV_OK);
+        ck_assert_int_eq(kv_budget_parse_list("8,10,seq:30", &b, &nb), KV_OK);
         kv_results_t *r;
         ck_assert_msg(kv_replay(t, &p, 1, b, nb, be, &o, &r) == KV_OK, "%s", kv_last_error());
         const int prot[] = {16, 17, 18, 19};
@@ -409,6 +427,11 @@ START_TEST(kvcompress_blocks_across_layers)
                 ck_assert_msg(row(r, 1, x / 2, x % 2)->kept == kept10[x], "B=10 layer %d head %d keeps %g",
                               x / 2, x % 2, row(r, 1, x / 2, x % 2)->kept);
             }
+            /* seq:30: room 14 holds 3 blocks (L1H1 {0..3}, two of L1H0); the fourth does not fit */
+            const double kept30[4] = {4, 4, 12, 8};
+            for (int x = 0; x < 4; x++)
+                ck_assert_msg(row(r, 2, x / 2, x % 2)->kept == kept30[x], "seq:30 layer %d head %d keeps %g", x / 2,
+                              x % 2, row(r, 2, x / 2, x % 2)->kept);
             /* recall: float softmax and sums of 22 terms, 1e-5 relative */
             kv_assert_close(row(r, 0, 0, 0)->recall_mean, recall_of(prot, 4), 1e-6, 1e-5, "B=8 L0H0");
             kv_assert_close(row(r, 0, 0, 1)->recall_mean, recall_of(prot, 4), 1e-6, 1e-5, "B=8 L0H1");
@@ -433,6 +456,39 @@ START_TEST(kvcompress_blocks_across_layers)
         kv_free(b);
         kv_policy_free(p);
     }
+    kv_trace_close(t);
+
+    /* The metric squares before summing. One layer, one head, window=2 (queries 18 and 19),
+     * protect=2, block=1, B=3: one token besides 18, 19. Query 18 follows axis 0 (key 3 weighs 16,
+     * key 5 8, the 17 others 1: p = 16/41, 8/41), query 19 axis 1 (key 5 weighs 8, the 19 others
+     * 1: p = 8/27, key 3 1/27). Summed, key 5 leads (0.195 + 0.296 = 0.491 vs 0.390 + 0.037 =
+     * 0.427); squared, key 3 leads (0.1523 + 0.0014 = 0.1537 vs 0.0381 + 0.0878 = 0.1259). */
+    t = wtrace(1, 1, 1, 22, 20, NULL, 0);
+    qa(t, 0, 0, 18, 0);
+    qa(t, 0, 0, 19, 1);
+    kw(t, 0, 0, 3, 0, 16);
+    kw(t, 0, 0, 5, 0, 8);
+    kw(t, 0, 0, 5, 1, 8);
+    for (int i = 20; i < 22; i++)
+        qa(t, 0, 0, i, 2);
+    for (int j = 0; j < 22; j++)
+        kw(t, 0, 0, j, 2, j + 1);
+    {
+        kv_policy_t *p;
+        ck_assert_int_eq(kv_policy_create("kvcompress(window=2,pool=none,block=1,protect=2)", &p), KV_OK);
+        kv_budget_t *b;
+        int nb;
+        ck_assert_int_eq(kv_budget_parse_list("3", &b, &nb), KV_OK);
+        kv_results_t *r;
+        ck_assert_msg(kv_replay(t, &p, 1, b, nb, be, &o, &r) == KV_OK, "%s", kv_last_error());
+        const int want[] = {3, 18, 19};
+        ck_assert(row(r, 0, 0, 0)->kept == 3);
+        kv_assert_close(row(r, 0, 0, 0)->recall_mean, recall_of(want, 3), 1e-6, 1e-5, "squared metric keeps 3");
+        kv_results_free(r);
+        kv_free(b);
+        kv_policy_free(p);
+    }
+
     /* the probe cannot replay a cross-layer policy: it says so */
     kv_policy_t *p;
     ck_assert_int_eq(kv_policy_create("kvcompress", &p), KV_OK);
