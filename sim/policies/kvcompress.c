@@ -12,6 +12,8 @@
  * no padding bias; KVC-full runs with --no-maxpool-metrics, i.e. pool=none); then combined over the
  * G query heads of each KV head (the reference sums; agg=mean ranks identically because every head
  * has the same G, agg=max is an alternative). gran=query keeps per-query-head metrics and caches.
+ * The README's two settings: KVC-w = the defaults (window 8, max pooling, protected window 8);
+ * KVC-full = kvcompress(window=0,pool=none,protect=32).
  * Allocation: within each (layer, storage head) the non-protected context tokens are sorted
  * ascending by metric (ties: the earlier token first, i.e. evicted first: the project's tie-break)
  * and cut into blocks of `block` tokens from the lowest up (the last, highest block of a head may be
