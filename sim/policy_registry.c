@@ -10,6 +10,11 @@ extern const kv_policy_desc_t kv_policy_random;
 extern const kv_policy_desc_t kv_policy_oracle;
 extern const kv_policy_desc_t kv_policy_streaming_llm;
 extern const kv_policy_desc_t kv_policy_knorm;
+extern const kv_policy_desc_t kv_policy_h2o;
+extern const kv_policy_desc_t kv_policy_tova;
+extern const kv_policy_desc_t kv_policy_threshold;
+extern const kv_policy_desc_t kv_policy_shotkv;
+extern const kv_policy_desc_t kv_policy_kvcompress;
 
 static const kv_policy_desc_t *const registry[] = {
     &kv_policy_full,
@@ -17,6 +22,11 @@ static const kv_policy_desc_t *const registry[] = {
     &kv_policy_oracle,
     &kv_policy_streaming_llm,
     &kv_policy_knorm,
+    &kv_policy_h2o,
+    &kv_policy_tova,
+    &kv_policy_threshold,
+    &kv_policy_shotkv,
+    &kv_policy_kvcompress,
 };
 
 int kv_policy_count(void) { return (int)(sizeof registry / sizeof registry[0]); }
