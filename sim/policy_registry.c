@@ -10,6 +10,11 @@ extern const kv_policy_desc_t kv_policy_random;
 extern const kv_policy_desc_t kv_policy_oracle;
 extern const kv_policy_desc_t kv_policy_streaming_llm;
 extern const kv_policy_desc_t kv_policy_knorm;
+extern const kv_policy_desc_t kv_policy_snapkv;
+extern const kv_policy_desc_t kv_policy_pyramidkv;
+extern const kv_policy_desc_t kv_policy_adakv;
+extern const kv_policy_desc_t kv_policy_chunkkv;
+extern const kv_policy_desc_t kv_policy_quest;
 
 static const kv_policy_desc_t *const registry[] = {
     &kv_policy_full,
@@ -17,6 +22,11 @@ static const kv_policy_desc_t *const registry[] = {
     &kv_policy_oracle,
     &kv_policy_streaming_llm,
     &kv_policy_knorm,
+    &kv_policy_snapkv,
+    &kv_policy_pyramidkv,
+    &kv_policy_adakv,
+    &kv_policy_chunkkv,
+    &kv_policy_quest,
 };
 
 int kv_policy_count(void) { return (int)(sizeof registry / sizeof registry[0]); }
