@@ -2,7 +2,7 @@
  * test_policies_window.c: hand-computed kept sets of the observation-window family (snapkv,
  * pyramidkv, adakv, chunkkv) and of quest, on tiny traces built so the attention is known in
  * closed form; the PyramidKV schedule against the worked example of docs/POLICIES.md; Quest's page
- * bound on random data.
+ * bound on random data; oracle >= snapkv >= random on a trace with planted heavy hitters.
  *
  * Closed-form attention ("weight traces"): head_dim 4, so the softmax scale is 1/2; key j of a KV
  * head is (2 ln a_j, 2 ln b_j, 0, 0) and every query of head h is the unit vector on axis[h]
@@ -600,6 +600,91 @@ START_TEST(quest_page_selection)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- planted heavy hitters */
+
+/* Gaussian Q, K, V plus, per KV head, a direction u (|u| ~ 3) added to every query of the group and
+ * 6 "heavy" keys equal to 2u at random context positions: every query (window and decode) gives
+ * those keys logits ~ 2|u|^2 / sqrt(d) = 4.5 above the rest, about two thirds of its mass. */
+static kv_trace_t *planted_trace(int L, int H, int Hkv, int d, int T, int NP, int n_heavy, unsigned long long seed)
+{
+    kv_trace_meta_t m = {.n_layers = L, .n_heads = H, .n_kv_heads = Hkv, .head_dim = d, .n_tokens = T, .n_prompt = NP};
+    kv_trace_t *t;
+    ck_assert_int_eq(kv_trace_mem_create(&m, &t), KV_OK);
+    kv_rng_t r;
+    kv_rng_seed(&r, seed);
+    float u[64];
+    ck_assert(d <= 64);
+    for (int l = 0; l < L; l++) {
+        float *q = kv_trace_mem_tensor(t, l, KV_T_Q), *k = kv_trace_mem_tensor(t, l, KV_T_K);
+        float *v = kv_trace_mem_tensor(t, l, KV_T_V);
+        for (size_t x = 0; x < (size_t)Hkv * T * d; x++) {
+            k[x] = (float)kv_rng_normal(&r);
+            v[x] = (float)kv_rng_normal(&r);
+        }
+        for (size_t x = 0; x < (size_t)H * T * d; x++)
+            q[x] = (float)kv_rng_normal(&r);
+        for (int g = 0; g < Hkv; g++) {
+            for (int x = 0; x < d; x++)
+                u[x] = 3.0f * (float)kv_rng_normal(&r) / sqrtf((float)d);
+            for (int h = g * (H / Hkv); h < (g + 1) * (H / Hkv); h++)
+                for (int i = 0; i < T; i++)
+                    for (int x = 0; x < d; x++)
+                        q[((size_t)h * T + i) * d + x] += u[x];
+            for (int c = 0; c < n_heavy; c++) {
+                const int j = (int)kv_rng_below(&r, (uint64_t)(NP - 16));
+                for (int x = 0; x < d; x++)
+                    k[((size_t)g * T + j) * d + x] = 2.0f * u[x];
+            }
+        }
+    }
+    return t;
+}
+
+/* oracle >= snapkv >= random in mean recall at every budget (issue 3). The heavy hitters are
+ * isolated tokens, so SnapKV is run without pooling at every budget; with its default max pooling
+ * (k 7) each heavy hitter brings its 6 neighbours along, which only pays once the budget holds
+ * those 7-token clusters (here B >= 64): below that, whole clusters around the top hitters crowd
+ * out the others and random can do better -- SnapKV's real behaviour on such a trace, not a bug. */
+START_TEST(planted_heavy_hitters)
+{
+    kv_trace_t *t = planted_trace(2, 4, 2, 16, 140, 128, 6, 1);
+    kv_backend_t *be;
+    ck_assert_int_eq(kv_backend_cpu_open(2, &be), KV_OK);
+    kv_policy_t **ps;
+    int np, nb;
+    ck_assert_int_eq(kv_policy_create_list("oracle,snapkv(window=8,pool=none),snapkv(window=8),random", &ps, &np),
+                     KV_OK);
+    kv_budget_t *b;
+    ck_assert_int_eq(kv_budget_parse_list("16,32,64,96", &b, &nb), KV_OK);
+    kv_replay_opts_t o;
+    kv_replay_defaults(&o);
+    o.quiet = 1;
+    o.head_rows = 0;
+    kv_results_t *r;
+    ck_assert_int_eq(kv_replay(t, ps, np, b, nb, be, &o, &r), KV_OK);
+    double rec[4][4] = {{0}};
+    for (size_t i = 0; i < r->n; i++)
+        if (r->rows[i].layer == KV_ALL)
+            rec[r->rows[i].policy][r->rows[i].budget] = r->rows[i].recall_mean;
+    const int B[4] = {16, 32, 64, 96};
+    for (int k = 0; k < nb; k++) {
+        /* the oracle maximises each query's group recall at B tokens: exact inequality (float slack) */
+        ck_assert_msg(rec[0][k] >= rec[1][k] - 1e-6, "B=%d: oracle %g < snapkv %g", B[k], rec[0][k], rec[1][k]);
+        /* measured margins are 0.2-0.43 for this seed; 0.1 leaves room for float-level changes */
+        ck_assert_msg(rec[1][k] >= rec[3][k] + 0.1, "B=%d: snapkv %g vs random %g", B[k], rec[1][k], rec[3][k]);
+        if (B[k] >= 64)
+            ck_assert_msg(rec[2][k] >= rec[3][k], "B=%d: snapkv maxpool %g < random %g", B[k], rec[2][k], rec[3][k]);
+    }
+    kv_results_free(r);
+    for (int i = 0; i < np; i++)
+        kv_policy_free(ps[i]);
+    kv_free(ps);
+    kv_free(b);
+    kv_backend_close(be);
+    kv_trace_close(t);
+}
+END_TEST
+
 Suite *suite_policies_window(void)
 {
     Suite *s = suite_create("policies_window");
@@ -615,6 +700,7 @@ Suite *suite_policies_window(void)
     tcase_add_test(tc, chunkkv_layer_reuse);
     tcase_add_test(tc, quest_bound_is_an_upper_bound);
     tcase_add_test(tc, quest_page_selection);
+    tcase_add_test(tc, planted_heavy_hitters);
     suite_add_tcase(s, tc);
     return s;
 }
