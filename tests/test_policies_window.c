@@ -32,8 +32,7 @@
 enum { D = 4, MAXT = 32, MAXS = 4 };
 
 /* wa, wb: (L, Hkv, T) weights, NULL = 1 everywhere; axis (H), NULL = 0 for every head. */
-static kv_trace_t *weight_trace(int L, int H, int Hkv, int T, int NP, const float *wa, const float *wb,
-                                const int *axis)
+static kv_trace_t *weight_trace(int L, int H, int Hkv, int T, int NP, const float *wa, const float *wb, const int *axis)
 {
     kv_trace_meta_t m = {.n_layers = L, .n_heads = H, .n_kv_heads = Hkv, .head_dim = D, .n_tokens = T, .n_prompt = NP};
     kv_trace_t *t;
@@ -77,20 +76,21 @@ static void probe(kv_trace_t *t, int layer, const char *spec, int B, int e, uint
 }
 
 /* Storage head s of mask (stride T) holds exactly `want` among tokens [0, upto). */
-static void expect_set(const uint8_t *mask, int T, int s, const int *want, int n_want, int upto, const char *what)
+static void expect_set(const uint8_t *mask, int T, int s, const int *want, int n_want, int upto, const char *what,
+                       int line)
 {
     uint8_t w[MAXT] = {0};
     for (int i = 0; i < n_want; i++)
         w[want[i]] = 1;
     for (int j = 0; j < upto; j++)
-        ck_assert_msg(mask[(size_t)s * T + j] == w[j], "%s, head %d: token %d %s", what, s, j,
+        ck_assert_msg(mask[(size_t)s * T + j] == w[j], "line %d: %s, head %d: token %d %s", line, what, s, j,
                       mask[(size_t)s * T + j] ? "kept, expected evicted" : "evicted, expected kept");
 }
 
-#define EXPECT(mask, T, s, upto, what, ...)                                                      \
-    do {                                                                                         \
-        const int want_[] = {__VA_ARGS__};                                                       \
-        expect_set(mask, T, s, want_, (int)(sizeof want_ / sizeof want_[0]), upto, what);        \
+#define EXPECT(mask, T, s, upto, what, ...)                                                                            \
+    do {                                                                                                               \
+        const int want_[] = {__VA_ARGS__};                                                                             \
+        expect_set(mask, T, s, want_, (int)(sizeof want_ / sizeof want_[0]), upto, what, __LINE__);                    \
     } while (0)
 
 /* ---------------------------------------------------------------- snapkv */

@@ -191,8 +191,7 @@ static int ada_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t
     return KV_OK;
 }
 
-static size_t ada_meta_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b,
-                             const kv_keep_t *keep)
+static size_t ada_meta_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, const kv_keep_t *keep)
 {
     (void)p, (void)c, (void)b;
     return sizeof(int32_t) * (size_t)(2 * keep->n_store + 1); /* head_lens + cu_seqlens */

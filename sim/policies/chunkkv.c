@@ -29,10 +29,10 @@
 typedef struct {
     int chunk, mean, reuse;
     /* per layer, from prepare (read-only in select) */
-    int follower;     /* this layer reuses its block leader's positions */
-    int n, pf, pl;    /* context length and protected tokens [0, pf), [n - pl, n) */
-    int n_chunks;     /* over the pre-window region [pf, n - pl) */
-    int *corder;      /* (n_chunks) chunks by decreasing score */
+    int follower;  /* this layer reuses its block leader's positions */
+    int n, pf, pl; /* context length and protected tokens [0, pf), [n - pl, n) */
+    int n_chunks;  /* over the pre-window region [pf, n - pl) */
+    int *corder;   /* (n_chunks) chunks by decreasing score */
     int cap;
 } ck_state_t;
 
@@ -144,8 +144,8 @@ static int ck_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t 
     if (st->follower) {
         const int leader = c->layer - c->layer % st->reuse;
         if (!cs || cs->layer != leader || cs->n != n)
-            return kv_error(KV_EINTERNAL, "chunkkv: layer %d reuses layer %d's selection, which did not run",
-                            c->layer, leader);
+            return kv_error(KV_EINTERNAL, "chunkkv: layer %d reuses layer %d's selection, which did not run", c->layer,
+                            leader);
         memcpy(m0, cs->mask, (size_t)n);
     } else if (B >= n) {
         memset(m0, 1, (size_t)n);

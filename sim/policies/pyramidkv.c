@@ -63,8 +63,8 @@ static int layer_cap(int L, int B, int w, int beta, int n, int l, int *cap)
 int kv_pyramid_caps(int n_layers, int B, int w, int beta, int n_ctx, int *caps)
 {
     if (n_layers < 1 || B < 1 || w < 0 || beta < 1 || n_ctx < 0)
-        return kv_error(KV_EINVAL, "pyramid schedule: bad arguments (L=%d, B=%d, w=%d, beta=%d, n=%d)", n_layers, B,
-                        w, beta, n_ctx);
+        return kv_error(KV_EINVAL, "pyramid schedule: bad arguments (L=%d, B=%d, w=%d, beta=%d, n=%d)", n_layers, B, w,
+                        beta, n_ctx);
     int regime = KV_PYRAMID_NONE;
     for (int l = 0; l < n_layers; l++)
         regime = layer_cap(n_layers, B, w, beta, n_ctx, l, &caps[l]);
@@ -94,7 +94,10 @@ static int pyr_init(kv_policy_t *p)
     return kv_obswin_read(&p->params, &st->o, "pyramidkv");
 }
 
-static void pyr_fini(kv_policy_t *p) { kv_free(p->state); }
+static void pyr_fini(kv_policy_t *p)
+{
+    kv_free(p->state);
+}
 
 static int pyr_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
 {

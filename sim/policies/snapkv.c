@@ -36,9 +36,15 @@ static int snapkv_init(kv_policy_t *p)
     return kv_obswin_read(&p->params, o, "snapkv");
 }
 
-static void snapkv_fini(kv_policy_t *p) { kv_free(p->state); }
+static void snapkv_fini(kv_policy_t *p)
+{
+    kv_free(p->state);
+}
 
-static int snapkv_prepare(kv_policy_t *p, kv_layer_ctx_t *c) { return kv_obswin_score(p, c, p->state); }
+static int snapkv_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
+{
+    return kv_obswin_score(p, c, p->state);
+}
 
 const kv_policy_desc_t kv_policy_snapkv = {
     .name = "snapkv",

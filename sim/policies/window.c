@@ -74,7 +74,7 @@ int kv_obswin_score(kv_policy_t *p, kv_layer_ctx_t *c, const kv_obswin_t *o)
     if (rc)
         return rc;
     float *raw = kv_malloc(sizeof(float) * (size_t)H * (size_t)(m ? m : 1), "window scores"); /* (H, m) */
-    float *red = kv_malloc(sizeof(float) * (size_t)(m ? m : 1), "group scores");               /* (m) */
+    float *red = kv_malloc(sizeof(float) * (size_t)(m ? m : 1), "group scores");              /* (m) */
     if (!raw || !red) {
         rc = KV_ENOMEM;
         goto done;
@@ -141,8 +141,8 @@ int kv_policy_inner_create(kv_policy_t *outer, const char *key, int allow_pyrami
         const char *mine = kv_params_str(&outer->params, common[i]);
         for (int j = 0; j < raw.n; j++)
             if (!strcmp(raw.key[j], common[i]) && strcmp(raw.val[j], mine))
-                return kv_error(KV_EINVAL, "%s: %s=%s sets %s=%s but the outer policy has %s=%s (set it on %s)",
-                                owner, key, spec, common[i], raw.val[j], common[i], mine, owner);
+                return kv_error(KV_EINVAL, "%s: %s=%s sets %s=%s but the outer policy has %s=%s (set it on %s)", owner,
+                                key, spec, common[i], raw.val[j], common[i], mine, owner);
         if ((rc = kv_params_set(&raw, common[i], mine)))
             return rc;
     }
