@@ -248,13 +248,13 @@ START_TEST(pyramid_schedule_worked_example)
 }
 END_TEST
 
-/* Three layers with the same pre-window weights (12 tokens, window 4, no pooling):
- *   a = [3, 9, 1, 7, 2, 8, 4, 11, 5, 10, 6, 12]  ranking 11, 7, 9, 1, 5, 3, 10, 6, 8, 0, 4, 2
- * B 10, beta 4: base 6, min 1, max 11 (< n - w = 12), steps 10/2 = 5: caps 11, 6, 1 past tokens
- * (+ the window 12..15) in layers 0, 1, 2. */
+/* Four layers with the same pre-window weights (12 tokens, window 4, no pooling):
+ *   a = [3, 9, 1, 7, 2, 8, 4, 11, 5, 10, 6, 12]  ranking 11, 7, 9, 1, 5, 3, 10, 8, 6, 0, 4, 2
+ * B 10, beta 4: base 6, min 1, max 11 (< n - w = 12), steps 10/3 = 3 (floored): caps 11, 8, 5, 2
+ * past tokens (+ the window 12..15) in layers 0-3: 26 past tokens instead of 4 x 6 = 24. */
 START_TEST(pyramid_kept_sets_per_layer)
 {
-    enum { L = 3, T = 18, NP = 16 };
+    enum { L = 4, T = 18, NP = 16 };
     const float a[12] = {3, 9, 1, 7, 2, 8, 4, 11, 5, 10, 6, 12};
     float wa[L * 2 * T];
     for (int x = 0; x < L * 2; x++)
@@ -263,16 +263,17 @@ START_TEST(pyramid_kept_sets_per_layer)
     uint8_t mask[MAXS * MAXT];
     const char *spec = "pyramidkv(window=4,pool=none,beta=4)";
     probe(t, 0, spec, 10, 0, mask);
-    EXPECT(mask, T, 0, NP, "layer 0", 11, 7, 9, 1, 5, 3, 10, 6, 8, 0, 4, 12, 13, 14, 15);
+    EXPECT(mask, T, 0, NP, "layer 0", 11, 7, 9, 1, 5, 3, 10, 8, 6, 0, 4, 12, 13, 14, 15);
     probe(t, 1, spec, 10, 0, mask);
-    EXPECT(mask, T, 1, NP, "layer 1", 11, 7, 9, 1, 5, 3, 12, 13, 14, 15);
+    EXPECT(mask, T, 1, NP, "layer 1", 11, 7, 9, 1, 5, 3, 10, 8, 12, 13, 14, 15);
     probe(t, 2, spec, 10, 0, mask);
-    EXPECT(mask, T, 0, NP, "layer 2", 11, 12, 13, 14, 15);
-    /* uniform regime: B 12 -> base 8, n = 16 = 2 base is already pyramid; B 13 -> base 9, 16 < 18:
-     * every layer keeps its top 9 + window */
-    probe(t, 2, spec, 13, 0, mask);
-    EXPECT(mask, T, 0, NP, "uniform regime", 11, 7, 9, 1, 5, 3, 10, 6, 8, 12, 13, 14, 15);
-    /* the over-budget total is visible in the results: per-layer kept 15, 10, 5 (mean 10 = B here) */
+    EXPECT(mask, T, 0, NP, "layer 2", 11, 7, 9, 1, 5, 12, 13, 14, 15);
+    probe(t, 3, spec, 10, 0, mask);
+    EXPECT(mask, T, 1, NP, "layer 3", 11, 7, 12, 13, 14, 15);
+    /* uniform regime: B 13 -> base 9 and n = 16 < 2 base = 18: every layer keeps its top 9 + window */
+    probe(t, 3, spec, 13, 0, mask);
+    EXPECT(mask, T, 0, NP, "uniform regime", 11, 7, 9, 1, 5, 3, 10, 8, 6, 12, 13, 14, 15);
+    /* the overshoot is visible in the results: kept 15, 12, 9, 6 per layer, 10.5 on average at B 10 */
     kv_policy_t *p;
     ck_assert_int_eq(kv_policy_create(spec, &p), KV_OK);
     ck_assert(p->flags & KV_POL_OVER_BUDGET);
@@ -285,10 +286,20 @@ START_TEST(pyramid_kept_sets_per_layer)
     o.quiet = 1;
     kv_results_t *r;
     ck_assert_int_eq(kv_replay(t, &p, 1, &b, 1, be, &o, &r), KV_OK);
-    const double want_kept[L] = {15, 10, 5};
-    for (size_t i = 0; i < r->n; i++)
-        if (r->rows[i].layer >= 0 && r->rows[i].head == KV_ALL)
-            ck_assert(r->rows[i].kept == want_kept[r->rows[i].layer]);
+    const double want_kept[L] = {15, 12, 9, 6};
+    int seen = 0;
+    for (size_t i = 0; i < r->n; i++) {
+        const kv_result_row_t *x = &r->rows[i];
+        if (x->head != KV_ALL)
+            continue;
+        if (x->layer == KV_ALL) {
+            ck_assert(x->kept == 10.5);
+        } else {
+            ck_assert_msg(x->kept == want_kept[x->layer], "layer %d kept %g", x->layer, x->kept);
+            seen++;
+        }
+    }
+    ck_assert_int_eq(seen, L);
     kv_results_free(r);
     kv_backend_close(be);
     kv_policy_free(p);
