@@ -105,8 +105,9 @@ typedef struct {
 } kv_ticks_t;
 
 /* Major ticks on [lo, hi] at multiples of the smallest step in {1, 2, 2.5, 5} x 10^k that gives
- * at most max_major ticks (max_major >= 2). lo == hi is widened around the value. Fails on
- * non-finite input. */
+ * at most max_major ticks (max_major >= 2); if that step leaves fewer than two ticks inside, the
+ * next finer step with two or more is used instead (an axis needs two labels). lo == hi is widened
+ * around the value. Fails on non-finite input. */
 int kv_ticks_linear(double lo, double hi, int max_major, kv_ticks_t *out);
 /* Log10 ticks on [lo, hi], 0 < lo: majors at decades (every 1, 2, 3, 5, 10... decades so that at
  * most max_major are labelled), minor ticks at 2..9 x 10^k when decades are not skipped; if fewer

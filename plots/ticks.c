@@ -74,33 +74,47 @@ int kv_ticks_linear_ex(double lo, double hi, int max_major, int integer, kv_tick
     static const double mant[4] = {1, 2, 2.5, 5};
     double range = hi - lo;
     int e = (int)floor(log10(range / max_major)) - 1;
-    for (int guard = 0; guard < 40; guard++, e++) {
+    /* Steps in increasing order; take the first whose tick count fits. Should that step leave fewer
+     * than two ticks in the range, the coarsest finer step with two or more wins, even though it
+     * has a few more than max_major: an axis needs two labels to be read. */
+    double m_sel = 0, fb_m = 0;
+    int e_sel = 0, fb_e = 0;
+    for (int guard = 0; guard < 40 && m_sel == 0; guard++, e++) {
         for (int mi = 0; mi < 4; mi++) {
-            double m = mant[mi];
-            double step = scaled(m, e);
+            double m = mant[mi], step = scaled(m, e);
             if (integer && (step < 1 || (m == 2.5 && e == 0)))
                 continue;
-            double k0 = ceil(lo / step - 1e-9), k1 = floor(hi / step + 1e-9);
-            if (k1 - k0 + 1 > max_major)
-                continue;
-            out->step = step;
-            out->decimals = e < 0 ? -e + (m == 2.5) : 0;
-            for (double k = k0; k <= k1; k++) {
-                double v = scaled(k * m, e);
-                if (fabs(v) < step * 1e-9)
-                    v = 0.0;
-                add_tick(out, v, 1, 1);
+            double count = floor(hi / step + 1e-9) - ceil(lo / step - 1e-9) + 1;
+            if (count <= max_major) {
+                m_sel = (count >= 2 || fb_m == 0) ? m : fb_m;
+                e_sel = (count >= 2 || fb_m == 0) ? e : fb_e;
+                break;
             }
-            /* scientific labels when values are huge or tiny */
-            double top = fmax(fabs(k0 * step), fabs(k1 * step));
-            if (top > 0) {
-                int E = (int)floor(log10(top) + 1e-9);
-                out->sci = E >= 6 || E <= -4;
+            if (count >= 2 && count <= KV_TICKS_MAX) {
+                fb_m = m;
+                fb_e = e;
             }
-            return KV_OK;
         }
     }
-    return kv_error(KV_EINTERNAL, "no tick step found for [%g, %g]", lo, hi);
+    if (m_sel == 0)
+        return kv_error(KV_EINTERNAL, "no tick step found for [%g, %g]", lo, hi);
+    double step = scaled(m_sel, e_sel);
+    double k0 = ceil(lo / step - 1e-9), k1 = floor(hi / step + 1e-9);
+    out->step = step;
+    out->decimals = e_sel < 0 ? -e_sel + (m_sel == 2.5) : 0;
+    for (double k = k0; k <= k1; k++) {
+        double v = scaled(k * m_sel, e_sel);
+        if (fabs(v) < step * 1e-9)
+            v = 0.0;
+        add_tick(out, v, 1, 1);
+    }
+    /* scientific labels when values are huge or tiny */
+    double top = fmax(fabs(k0 * step), fabs(k1 * step));
+    if (top > 0) {
+        int E = (int)floor(log10(top) + 1e-9);
+        out->sci = E >= 6 || E <= -4;
+    }
+    return KV_OK;
 }
 
 int kv_ticks_linear(double lo, double hi, int max_major, kv_ticks_t *out)
