@@ -21,13 +21,13 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#define CHECK(call)                                                                                      \
-    do {                                                                                                 \
-        int rc_ = (call);                                                                                \
-        if (rc_ != KV_OK) {                                                                              \
-            fprintf(stderr, "plots_gallery: %s: %s\n", #call, kv_last_error());                          \
-            exit(1);                                                                                     \
-        }                                                                                                \
+#define CHECK(call)                                                                                                    \
+    do {                                                                                                               \
+        int rc_ = (call);                                                                                              \
+        if (rc_ != KV_OK) {                                                                                            \
+            fprintf(stderr, "plots_gallery: %s: %s\n", #call, kv_last_error());                                        \
+            exit(1);                                                                                                   \
+        }                                                                                                              \
     } while (0)
 
 static char dir[512] = "build/gallery";
@@ -138,8 +138,9 @@ static void make_faint_lines(kv_fig_t **out)
     kv_rgba_t c = kv_palette(0);
     CHECK(kv_plot_band(ax, N, x, p10, p90, &(kv_style_t){.label = "p10..p90", .color = c}));
     for (int s = 0; s < S; s++)
-        CHECK(kv_plot_line(ax, N, x, y[s],
-                           &(kv_style_t){.label = s == 0 ? "per series" : NULL, .color = kv_rgba_alpha(c, 0.3), .width = 1}));
+        CHECK(kv_plot_line(
+            ax, N, x, y[s],
+            &(kv_style_t){.label = s == 0 ? "per series" : NULL, .color = kv_rgba_alpha(c, 0.3), .width = 1}));
     CHECK(kv_plot_line(ax, N, x, mean, &(kv_style_t){.label = "geometric mean", .color = c, .width = 3.5}));
     CHECK(kv_plot_hline(ax, 0.01, &(kv_style_t){.label = "1 % reference", .dash = KV_DASH_DASHED}));
     *out = fig;
@@ -148,8 +149,14 @@ static void make_faint_lines(kv_fig_t **out)
 /* 3. grouped bars with long category names */
 static void fig_bars(void)
 {
-    const char *cats[] = {"uniform", "pyramid (beta=20)", "head-adaptive (alpha=0.2)", "sliding window",
-                          "heavy hitters + recent", "first + last", "random baseline", "oracle top-k"};
+    const char *cats[] = {"uniform",
+                          "pyramid (beta=20)",
+                          "head-adaptive (alpha=0.2)",
+                          "sliding window",
+                          "heavy hitters + recent",
+                          "first + last",
+                          "random baseline",
+                          "oracle top-k"};
     const int G = 8;
     const char *series[] = {"budget 64", "budget 256", "budget 1024"};
     kv_fig_t *fig;
@@ -201,8 +208,8 @@ static void fig_scatter(void)
 /* 5. grid of line plots, one figure legend, shared y, log2 x */
 static void fig_line_grid(void)
 {
-    const char *names[] = {"full", "window", "heavy hitters", "pooled scores", "pyramid", "adaptive", "random",
-                           "oracle", "quantized", "chunked"};
+    const char *names[] = {"full",     "window", "heavy hitters", "pooled scores", "pyramid",
+                           "adaptive", "random", "oracle",        "quantized",     "chunked"};
     const int M = 10;
     kv_fig_t *fig;
     CHECK(kv_fig_create(1600, 1000, &fig));
@@ -223,9 +230,11 @@ static void fig_line_grid(void)
             double y[7];
             for (int i = 0; i < 7; i++)
                 y[i] = m == 0 ? 1.0 : fmin(1.0, 1 - (0.9 - 0.07 * m - 0.03 * p) * exp(-0.45 * i * (0.5 + 0.1 * m)));
-            CHECK(kv_plot_line(ax, 7, b, y, &(kv_style_t){.label = names[m], .color = kv_palette(m),
-                                                          .dash = m >= 8 ? KV_DASH_DASHED : KV_DASH_SOLID,
-                                                          .marker = (kv_marker_t)(KV_MARKER_CIRCLE + m % 6)}));
+            CHECK(kv_plot_line(ax, 7, b, y,
+                               &(kv_style_t){.label = names[m],
+                                             .color = kv_palette(m),
+                                             .dash = m >= 8 ? KV_DASH_DASHED : KV_DASH_SOLID,
+                                             .marker = (kv_marker_t)(KV_MARKER_CIRCLE + m % 6)}));
         }
     }
     save(fig, "line_grid.png");
@@ -254,7 +263,8 @@ static void fig_cat_heat(void)
     CHECK(kv_axes_set_xcategories(ax, C, cols));
     CHECK(kv_axes_set_ycategories(ax, R, rows));
     CHECK(kv_axes_set_xlabel(ax, "layer"));
-    CHECK(kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.cmap = KV_CMAP_DIVERGING, .label = "recall change vs full"}));
+    CHECK(
+        kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.cmap = KV_CMAP_DIVERGING, .label = "recall change vs full"}));
     save(fig, "heat_categorical.png");
     kv_fig_free(fig);
 }
@@ -273,8 +283,8 @@ static void fig_colormaps(void)
         kv_axes_t *ax = kv_fig_axes(fig, m, 0);
         const char *name = kv_cmap_name((kv_cmap_t)m);
         CHECK(kv_axes_set_ycategories(ax, 1, &name));
-        CHECK(kv_plot_heatmap(ax, 1, 256, z, &(kv_heat_style_t){.cmap = (kv_cmap_t)m, .vmin = 0, .vmax = 1,
-                                                                  .colorbar = KV_CBAR_NONE}));
+        CHECK(kv_plot_heatmap(
+            ax, 1, 256, z, &(kv_heat_style_t){.cmap = (kv_cmap_t)m, .vmin = 0, .vmax = 1, .colorbar = KV_CBAR_NONE}));
         double lx[65], ly[65];
         for (int i = 0; i <= 64; i++) {
             lx[i] = i * 255.0 / 64;

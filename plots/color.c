@@ -123,13 +123,10 @@ static kv_rgba_t lch_to_rgb_clipped(double L, double C, double h)
         }
         lab_to_linear_rgb(L, lo * cos(hr), lo * sin(hr), rgb);
     }
-    kv_rgba_t c;
-    double *out[3] = {&c.r, &c.g, &c.b};
-    for (int i = 0; i < 3; i++) {
-        double u = linear_to_srgb(fmin(1.0, fmax(0.0, rgb[i])));
-        *out[i] = fmin(1.0, fmax(0.0, u));
-    }
-    c.a = 1.0;
+    double u[3];
+    for (int i = 0; i < 3; i++)
+        u[i] = fmin(1.0, fmax(0.0, linear_to_srgb(fmin(1.0, fmax(0.0, rgb[i])))));
+    kv_rgba_t c = {u[0], u[1], u[2], 1.0};
     return c;
 }
 
@@ -170,7 +167,10 @@ typedef struct {
 
 static const cmap_def_t cmaps[KV_CMAP_COUNT] = {
     /* dark violet -> blue -> cyan-blue -> teal -> green -> yellow-green -> yellow */
-    [KV_CMAP_VIRIDIS] = {"viridis-lab", 18, 93, 7,
+    [KV_CMAP_VIRIDIS] = {"viridis-lab",
+                         18,
+                         93,
+                         7,
                          {{0.0, 300, 38},
                           {0.227, 275, 33},
                           {0.40, 240, 26},
@@ -179,9 +179,13 @@ static const cmap_def_t cmaps[KV_CMAP_COUNT] = {
                           {0.893, 120, 72},
                           {1.0, 102, 58}}},
     /* near white -> sky -> mid blue -> dark navy */
-    [KV_CMAP_BLUES] = {"blues", 97, 20, 5, {{0.0, 230, 4}, {0.22, 240, 20}, {0.48, 252, 34}, {0.74, 268, 32}, {1.0, 285, 28}}},
+    [KV_CMAP_BLUES] =
+        {"blues", 97, 20, 5, {{0.0, 230, 4}, {0.22, 240, 20}, {0.48, 252, 34}, {0.74, 268, 32}, {1.0, 285, 28}}},
     /* near black -> purple -> magenta -> red -> orange -> pale yellow */
-    [KV_CMAP_MAGMA] = {"magma-lab", 8, 96, 7,
+    [KV_CMAP_MAGMA] = {"magma-lab",
+                       8,
+                       96,
+                       7,
                        {{0.0, 290, 20},
                         {0.25, 310, 50},
                         {0.42, 340, 64},

@@ -259,10 +259,10 @@ int kv_fig_colorbar(kv_fig_t *fig, const kv_heat_style_t *st, const char *label)
 
 /* ---------------------------------------------------------------- axes setters */
 
-#define CHECK_AX(ax, fn)                                                                                     \
-    do {                                                                                                     \
-        if (!(ax))                                                                                           \
-            return kv_error(KV_EINVAL, "%s: NULL axes", fn);                                                 \
+#define CHECK_AX(ax, fn)                                                                                               \
+    do {                                                                                                               \
+        if (!(ax))                                                                                                     \
+            return kv_error(KV_EINVAL, "%s: NULL axes", fn);                                                           \
     } while (0)
 
 int kv_axes_set_title(kv_axes_t *ax, const char *title)
@@ -574,8 +574,8 @@ int kv_plot_identity(kv_axes_t *ax, const kv_style_t *st)
     return add_ref(ax, IT_IDENTITY, 0, st, "kv_plot_identity");
 }
 
-int kv_plot_text(kv_axes_t *ax, double x, double y, const char *text, double anchor_x, double anchor_y,
-                 double size_px, kv_rgba_t color)
+int kv_plot_text(kv_axes_t *ax, double x, double y, const char *text, double anchor_x, double anchor_y, double size_px,
+                 kv_rgba_t color)
 {
     CHECK_AX(ax, "kv_plot_text");
     if (!text || !isfinite(x) || !isfinite(y) || !(size_px >= 0 && size_px < 500))
@@ -610,8 +610,8 @@ int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z, const kv_
     if ((int)hs.cmap < 0 || hs.cmap >= KV_CMAP_COUNT)
         return kv_error(KV_EINVAL, "kv_plot_heatmap: unknown colour map %d", (int)hs.cmap);
     if (!isfinite(hs.vmin) || !isfinite(hs.vmax) || (hs.vmin != 0 || hs.vmax != 0 ? !(hs.vmin < hs.vmax) : 0))
-        return kv_error(KV_EINVAL, "kv_plot_heatmap: colour limits [%g, %g] must be finite with vmin < vmax",
-                        hs.vmin, hs.vmax);
+        return kv_error(KV_EINVAL, "kv_plot_heatmap: colour limits [%g, %g] must be finite with vmin < vmax", hs.vmin,
+                        hs.vmax);
     if (hs.log && (hs.vmin < 0 || (hs.vmin == 0 && hs.vmax != 0)))
         return kv_error(KV_EINVAL, "kv_plot_heatmap: log colour scale needs vmin > 0 (got %g)", hs.vmin);
     item_t *it = new_item(ax, IT_HEAT);

@@ -98,10 +98,10 @@ typedef struct {
 typedef struct {
     kv_tick_t t[KV_TICKS_MAX];
     int n;
-    int log;     /* 0 linear, 10 log10, 2 log2 */
-    double step; /* linear: distance between major ticks; log: decades (or powers of 2) between them */
-    int sci;     /* labels use m x 10^k notation */
-    int decimals;/* linear fixed notation: digits after the point */
+    int log;      /* 0 linear, 10 log10, 2 log2 */
+    double step;  /* linear: distance between major ticks; log: decades (or powers of 2) between them */
+    int sci;      /* labels use m x 10^k notation */
+    int decimals; /* linear fixed notation: digits after the point */
 } kv_ticks_t;
 
 /* Major ticks on [lo, hi] at multiples of the smallest step in {1, 2, 2.5, 5} x 10^k that gives
@@ -146,8 +146,8 @@ int kv_fig_share(kv_fig_t *fig, int share_x, int share_y);
 typedef enum {
     KV_LEGEND_AUTO = 0, /* inside, in the corner with no data under it; outside right if none is free */
     KV_LEGEND_NONE,
-    KV_LEGEND_RIGHT,    /* outside the plot area, right */
-    KV_LEGEND_BELOW,    /* outside the plot area, below the x label, in columns */
+    KV_LEGEND_RIGHT, /* outside the plot area, right */
+    KV_LEGEND_BELOW, /* outside the plot area, below the x label, in columns */
     KV_LEGEND_UPPER_LEFT,
     KV_LEGEND_UPPER_RIGHT,
     KV_LEGEND_LOWER_LEFT,
@@ -241,8 +241,8 @@ int kv_plot_vline(kv_axes_t *ax, double x, const kv_style_t *st);
 int kv_plot_identity(kv_axes_t *ax, const kv_style_t *st);
 /* Text at data position (x, y); anchor_x / anchor_y in [0, 1] pick which point of the text box
  * sits there (0,0 = left top; 0.5,0.5 = centre). Size 0: tick font size. */
-int kv_plot_text(kv_axes_t *ax, double x, double y, const char *text, double anchor_x, double anchor_y,
-                 double size_px, kv_rgba_t color);
+int kv_plot_text(kv_axes_t *ax, double x, double y, const char *text, double anchor_x, double anchor_y, double size_px,
+                 kv_rgba_t color);
 
 /* ---------------------------------------------------------------- heat maps */
 
@@ -252,23 +252,22 @@ typedef enum {
 } kv_cbar_t;
 
 typedef struct {
-    kv_cmap_t cmap;     /* default KV_CMAP_VIRIDIS */
-    int log;            /* log10 colour scale */
-    double vmin, vmax;  /* colour limits; both 0 (the default) means automatic: data min..max,
-                           and on a log scale min = max(smallest positive, max * 1e-6). Values
-                           <= vmin (zeros included) take the lowest colour, >= vmax the highest */
+    kv_cmap_t cmap;    /* default KV_CMAP_VIRIDIS */
+    int log;           /* log10 colour scale */
+    double vmin, vmax; /* colour limits; both 0 (the default) means automatic: data min..max,
+                          and on a log scale min = max(smallest positive, max * 1e-6). Values
+                          <= vmin (zeros included) take the lowest colour, >= vmax the highest */
     kv_cbar_t colorbar;
-    const char *label;  /* colour-bar label with unit (copied) */
-    int origin_lower;   /* row 0 at the bottom instead of the top */
-    double center;      /* KV_CMAP_DIVERGING only: value drawn white; automatic limits become
-                           symmetric around it */
+    const char *label; /* colour-bar label with unit (copied) */
+    int origin_lower;  /* row 0 at the bottom instead of the top */
+    double center;     /* KV_CMAP_DIVERGING only: value drawn white; automatic limits become
+                          symmetric around it */
 } kv_heat_style_t;
 
 /* Heat map of z, shape (rows, cols) row-major, NaN cells left blank. Sets the axes limits to the
  * cells, turns grid lines off, and (unless origin_lower) puts row 0 at the top. Draw lines over it
  * with kv_plot_hline/vline/line afterwards (boundary between rows s-1 and s: y = s - 0.5). */
-int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z /* (rows, cols) */,
-                    const kv_heat_style_t *st);
+int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z /* (rows, cols) */, const kv_heat_style_t *st);
 /* One colour bar for the whole figure, right of every panel, with style `st` (cmap, log, limits)
  * and `label`. Every heat map in the figure is then drawn with this bar's scale; automatic limits
  * are taken over all of them. */

@@ -43,8 +43,9 @@ typedef struct {
     double vlo, vhi; /* view limits */
     int integer;     /* data are integers: no fractional ticks */
     kv_ticks_t ticks;
-    int rot;  /* tick labels rotated 45 degrees */
-    int thin; /* label every thin-th category */
+    int rot;             /* tick labels rotated 45 degrees */
+    int thin;            /* label every thin-th category */
+    double cap_h, cap_r; /* widest category label, px, when horizontal / rotated (from the cell size) */
 } axis_t;
 
 struct kv_axes {
@@ -98,11 +99,14 @@ typedef struct {
 void txt_measure(cairo_t *cr, const char *s, double size, int bold, txt_box_t *box);
 /* Draw s so that the point (anchor_x, anchor_y) of its box (fractions: 0,0 = top left) lands at
  * (x, y), the box rotated by angle (radians, cairo's direction: positive turns clockwise). */
-void txt_draw(cairo_t *cr, const char *s, double size, int bold, double x, double y, double anchor_x,
-              double anchor_y, double angle, kv_rgba_t color);
+void txt_draw(cairo_t *cr, const char *s, double size, int bold, double x, double y, double anchor_x, double anchor_y,
+              double angle, kv_rgba_t color);
 /* Size of the box once rotated by angle. */
 void txt_rotated_size(const txt_box_t *b, double angle, double *w, double *h);
 /* Copy of s shortened with an ellipsis so its width is at most max_w (caller frees). */
 char *txt_ellipsize(cairo_t *cr, const char *s, double size, int bold, double max_w);
+/* txt_draw of s shortened to at most max_w px wide (max_w <= 0: no limit). */
+void txt_draw_fit(cairo_t *cr, const char *s, double size, int bold, double max_w, double x, double y, double anchor_x,
+                  double anchor_y, double angle, kv_rgba_t color);
 
 #endif

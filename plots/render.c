@@ -414,22 +414,20 @@ static void minus_sign(const char *in, char *out, size_t len)
 }
 
 /* Widest a categorical label may be before it is shortened with an ellipsis. */
-static double cat_cap(const kv_fig_t *fig, const axis_t *a, int is_x)
+static double cat_cap(const axis_t *a)
 {
-    if (!is_x)
-        return 0.25 * fig->w;
-    return a->rot ? 0.30 * fig->h : 1e9;
+    return a->rot ? a->cap_r : a->cap_h;
 }
 
 /* Text of tick i of axis a (categories shortened to cat_cap). */
-static void tick_text(cairo_t *cr, const kv_fig_t *fig, const axis_t *a, int is_x, int i, char *buf, size_t len)
+static void tick_text(cairo_t *cr, const kv_fig_t *fig, const axis_t *a, int i, char *buf, size_t len)
 {
     const fm_t fm = fonts(fig);
     double v = a->ticks.t[i].value;
     if (a->ncat) {
         int c = (int)lround(v);
         const char *s = c >= 0 && c < a->ncat ? a->cats[c] : "";
-        char *e = txt_ellipsize(cr, s, fm.tick, 0, cat_cap(fig, a, is_x));
+        char *e = txt_ellipsize(cr, s, fm.tick, 0, cat_cap(a));
         snprintf(buf, len, "%s", e ? e : s);
         kv_free(e);
         return;
@@ -460,7 +458,7 @@ static void thin_overlaps(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax,
         if (!t->labelled)
             continue;
         char buf[256];
-        tick_text(cr, fig, a, is_x, i, buf, sizeof buf);
+        tick_text(cr, fig, a, i, buf, sizeof buf);
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         double ext = is_x ? (a->rot ? b.h / 0.7071 : b.w) : b.h;
@@ -490,7 +488,7 @@ static void axis_ticks(cairo_t *cr, const kv_fig_t *fig, axis_t *a, int is_x, do
         double maxw = 0, h = 0;
         for (int c = 0; c < a->ncat; c++) {
             txt_box_t b;
-            char *e = txt_ellipsize(cr, a->cats[c], fm.tick, 0, is_x ? 0.30 * fig->h : cat_cap(fig, a, 0));
+            char *e = txt_ellipsize(cr, a->cats[c], fm.tick, 0, a->cap_h);
             txt_measure(cr, e ? e : a->cats[c], fm.tick, 0, &b);
             kv_free(e);
             maxw = fmax(maxw, b.w);
@@ -548,7 +546,7 @@ static void axis_ticks(cairo_t *cr, const kv_fig_t *fig, axis_t *a, int is_x, do
             if (!t->t[i].labelled)
                 continue;
             char buf[256];
-            tick_text(cr, fig, a, is_x, i, buf, sizeof buf);
+            tick_text(cr, fig, a, i, buf, sizeof buf);
             txt_box_t b;
             txt_measure(cr, buf, fm.tick, 0, &b);
             double ext = is_x ? b.w : b.h;
@@ -595,22 +593,26 @@ static void entries_add_axes(entries_t *L, const kv_axes_t *ax)
 }
 
 typedef struct {
-    double w, h;   /* box */
+    double w, h; /* box */
     double row_h, col_w, handle_w, pad;
+    double cap; /* widest label, px (longer ones get an ellipsis) */
     int cols, rows;
 } lgsize_t;
 
-/* Legend box for entries L laid out in at most max_w px width (0: one column). */
-static void legend_size(cairo_t *cr, const fm_t *fm, const entries_t *L, double max_w, lgsize_t *z)
+/* Legend box for entries L laid out in at most max_w px width (0: one column), labels at most cap px. */
+static void legend_size(cairo_t *cr, const fm_t *fm, const entries_t *L, double max_w, double cap, lgsize_t *z)
 {
     memset(z, 0, sizeof *z);
+    z->cap = cap;
     z->pad = 8 * fm->s;
     z->handle_w = 34 * fm->s;
     z->row_h = fm->legend * 1.55;
     double tw = 0;
     for (int i = 0; i < L->n; i++) {
         txt_box_t b;
-        txt_measure(cr, L->e[i]->label, fm->legend, 0, &b);
+        char *e = txt_ellipsize(cr, L->e[i]->label, fm->legend, 0, cap);
+        txt_measure(cr, e ? e : L->e[i]->label, fm->legend, 0, &b);
+        kv_free(e);
         tw = fmax(tw, b.w);
     }
     z->col_w = z->handle_w + 8 * fm->s + tw + 16 * fm->s;
@@ -680,6 +682,11 @@ static double cbar_width(cairo_t *cr, const fm_t *fm, const kv_ticks_t *t, const
 static void measure_panel(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly, double pw, double ph)
 {
     const fm_t fm = fonts(fig);
+    double cw = ax->cx1 - ax->cx0, ch = ax->cy1 - ax->cy0;
+    ax->x.cap_h = 0.9 * cw;
+    ax->x.cap_r = 0.45 * ch;
+    ax->y.cap_h = ax->y.cap_r = 0.3 * cw;
+    double lg_cap = fmax(60 * fm.s, 0.28 * cw);
     axis_ticks(cr, fig, &ax->x, 1, pw);
     axis_ticks(cr, fig, &ax->y, 0, ph);
     /* thinning needs pixel positions: use a provisional rect of the right size */
@@ -701,7 +708,7 @@ static void measure_panel(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t
         if (!ax->y.ticks.t[i].labelled)
             continue;
         char buf[256];
-        tick_text(cr, fig, &ax->y, 0, i, buf, sizeof buf);
+        tick_text(cr, fig, &ax->y, i, buf, sizeof buf);
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         ytw = fmax(ytw, b.w);
@@ -713,7 +720,7 @@ static void measure_panel(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t
         if (!ax->x.ticks.t[i].labelled)
             continue;
         char buf[256];
-        tick_text(cr, fig, &ax->x, 1, i, buf, sizeof buf);
+        tick_text(cr, fig, &ax->x, i, buf, sizeof buf);
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         double f = axis_frac(&ax->x, ax->x.ticks.t[i].value);
@@ -766,15 +773,19 @@ static void measure_panel(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t
         mr = fmax(mr, ly->cb_w + 6 * fm.s);
     }
 
-    /* legend outside */
+    /* legend outside: right, unless it would take more than a third of the cell; then below */
     if (ly->lg_mode == 2) {
-        legend_size(cr, &fm, &ly->L, 0, &ly->lg);
-        mr += 14 * fm.s + ly->lg.w;
-    } else if (ly->lg_mode == 3) {
-        legend_size(cr, &fm, &ly->L, pw + ml + mr, &ly->lg);
+        legend_size(cr, &fm, &ly->L, 0, lg_cap, &ly->lg);
+        if (ly->lg.w + 14 * fm.s > cw / 3 && ax->legend != KV_LEGEND_RIGHT)
+            ly->lg_mode = 3;
+        else
+            mr += 14 * fm.s + ly->lg.w;
+    }
+    if (ly->lg_mode == 3) {
+        legend_size(cr, &fm, &ly->L, cw - 8 * fm.s, lg_cap, &ly->lg);
         mb += 8 * fm.s + ly->lg.h;
     } else if (ly->lg_mode == 1) {
-        legend_size(cr, &fm, &ly->L, 0, &ly->lg);
+        legend_size(cr, &fm, &ly->L, 0, lg_cap, &ly->lg);
     }
     ly->ml = ml;
     ly->mr = mr;
@@ -864,8 +875,9 @@ static void place_panels(kv_fig_t *fig, const figlay_t *fl, lay_t *ly, int first
                 py0 = round(c - h / 2);
                 py1 = round(c + h / 2);
             } else if (uy > ux) {
-                /* keep the panel left-aligned so its y labels stay put */
-                px1 = round(px0 + sx / uy);
+                double w = sx / uy, c = 0.5 * (px0 + px1);
+                px0 = round(c - w / 2);
+                px1 = round(c + w / 2);
             }
         }
         ax->px0 = px0;
@@ -893,10 +905,10 @@ static void layout(cairo_t *cr, kv_fig_t *fig, figlay_t *fl, lay_t *ly)
     /* figure legend */
     if (fig->has_legend && fl->L.n) {
         if (fig->legend == KV_LEGEND_BELOW) {
-            legend_size(cr, &fm, &fl->L, fl->x1 - fl->x0, &fl->lg);
+            legend_size(cr, &fm, &fl->L, fl->x1 - fl->x0, 0.3 * fig->w, &fl->lg);
             fl->y1 -= fl->lg.h + 6 * fm.s;
         } else {
-            legend_size(cr, &fm, &fl->L, 0, &fl->lg);
+            legend_size(cr, &fm, &fl->L, 0, 0.25 * fig->w, &fl->lg);
             fl->x1 -= fl->lg.w + 12 * fm.s;
         }
     }
@@ -1170,7 +1182,8 @@ static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int ma
                     continue;
                 double t = it->clog ? (v <= v0 ? 0 : (log10(v) - l0) / (l1 - l0)) : (v - l0) / (l1 - l0);
                 kv_rgba_t col = lut[(int)lround(fmin(1, fmax(0, t)) * 255)];
-                double x0 = map_x(ax, c - 0.5), x1 = map_x(ax, c + 0.5), y0 = map_y(ax, r - 0.5), y1 = map_y(ax, r + 0.5);
+                double x0 = map_x(ax, c - 0.5), x1 = map_x(ax, c + 0.5), y0 = map_y(ax, r - 0.5),
+                       y1 = map_y(ax, r + 0.5);
                 if (!isfinite(x0 + x1 + y0 + y1))
                     continue;
                 set_rgba(cr, col);
@@ -1279,7 +1292,8 @@ static void draw_item(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
             double top = map_y(ax, it->y[i]);
             if (!isfinite(top))
                 continue;
-            double x0 = map_x(ax, i - group / 2 + it->bar_slot * bw), x1 = map_x(ax, i - group / 2 + (it->bar_slot + 1) * bw);
+            double x0 = map_x(ax, i - group / 2 + it->bar_slot * bw),
+                   x1 = map_x(ax, i - group / 2 + (it->bar_slot + 1) * bw);
             if (!isfinite(x0) || !isfinite(x1))
                 continue;
             double gap = (x1 - x0) > 6 ? 0.75 : 0; /* hairline between neighbouring bars */
@@ -1294,12 +1308,12 @@ static void draw_item(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
         /* one polygon per run of drawable points */
         int i = 0;
         while (i < it->n) {
-            while (i < it->n && !(isfinite(map_x(ax, it->x[i])) && isfinite(map_y(ax, it->y[i])) &&
-                                  isfinite(map_y(ax, it->y2[i]))))
+            while (i < it->n &&
+                   !(isfinite(map_x(ax, it->x[i])) && isfinite(map_y(ax, it->y[i])) && isfinite(map_y(ax, it->y2[i]))))
                 i++;
             int s = i;
-            while (i < it->n &&
-                   isfinite(map_x(ax, it->x[i])) && isfinite(map_y(ax, it->y[i])) && isfinite(map_y(ax, it->y2[i])))
+            while (i < it->n && isfinite(map_x(ax, it->x[i])) && isfinite(map_y(ax, it->y[i])) &&
+                   isfinite(map_y(ax, it->y2[i])))
                 i++;
             if (i - s < 2)
                 continue;
@@ -1416,7 +1430,8 @@ static double ink_sum(const inkmap_t *m, double x0, double y0, double x1, double
     if (c <= a || d <= b)
         return 0;
     size_t W = (size_t)m->w + 1;
-    return m->sat[(size_t)d * W + c] - m->sat[(size_t)b * W + c] - m->sat[(size_t)d * W + a] + m->sat[(size_t)b * W + a];
+    return m->sat[(size_t)d * W + c] - m->sat[(size_t)b * W + c] - m->sat[(size_t)d * W + a] +
+           m->sat[(size_t)b * W + a];
 }
 
 /* Position of a legend box inside the plot rect for a given spot. */
@@ -1425,14 +1440,38 @@ static void spot_xy(const kv_axes_t *ax, const lgsize_t *z, int spot, double ins
     double L = ax->px0 + inset, R = ax->px1 - inset - z->w, T = ax->py0 + inset, B = ax->py1 - inset - z->h;
     double CX = 0.5 * (ax->px0 + ax->px1 - z->w), CY = 0.5 * (ax->py0 + ax->py1 - z->h);
     switch (spot) {
-    case 0: *x = R; *y = T; break; /* upper right */
-    case 1: *x = L; *y = T; break; /* upper left */
-    case 2: *x = L; *y = B; break; /* lower left */
-    case 3: *x = R; *y = B; break; /* lower right */
-    case 4: *x = CX; *y = T; break; /* upper centre */
-    case 5: *x = CX; *y = B; break; /* lower centre */
-    case 6: *x = R; *y = CY; break; /* centre right */
-    default: *x = L; *y = CY; break; /* centre left */
+    case 0:
+        *x = R;
+        *y = T;
+        break; /* upper right */
+    case 1:
+        *x = L;
+        *y = T;
+        break; /* upper left */
+    case 2:
+        *x = L;
+        *y = B;
+        break; /* lower left */
+    case 3:
+        *x = R;
+        *y = B;
+        break; /* lower right */
+    case 4:
+        *x = CX;
+        *y = T;
+        break; /* upper centre */
+    case 5:
+        *x = CX;
+        *y = B;
+        break; /* lower centre */
+    case 6:
+        *x = R;
+        *y = CY;
+        break; /* centre right */
+    default:
+        *x = L;
+        *y = CY;
+        break; /* centre left */
     }
 }
 
@@ -1446,7 +1485,7 @@ static int place_legends(cairo_t *cr, const kv_fig_t *fig, lay_t *ly)
         lay_t *l = &ly[a];
         if (l->lg_mode != 1)
             continue;
-        legend_size(cr, &fm, &l->L, 0, &l->lg);
+        legend_size(cr, &fm, &l->L, 0, fmax(60 * fm.s, 0.28 * (ax->cx1 - ax->cx0)), &l->lg);
         double inset = 10 * fm.s;
         int fits = l->lg.w + 2 * inset <= ax->px1 - ax->px0 && l->lg.h + 2 * inset <= ax->py1 - ax->py0;
         int spot = -1;
@@ -1540,8 +1579,8 @@ static void draw_legend(cairo_t *cr, const fm_t *fm, const entries_t *L, const l
         }
         double ex = x + z->pad + col * z->col_w, ey = y + z->pad + row * z->row_h;
         draw_handle(cr, L->e[i], ex, ey, z->handle_w, z->row_h);
-        txt_draw(cr, L->e[i]->label, fm->legend, 0, ex + z->handle_w + 8 * fm->s, ey + z->row_h / 2, 0, 0.5, 0,
-                 kv_rgb_hex(C_TEXT));
+        txt_draw_fit(cr, L->e[i]->label, fm->legend, 0, z->cap, ex + z->handle_w + 8 * fm->s, ey + z->row_h / 2, 0, 0.5,
+                     0, kv_rgb_hex(C_TEXT));
     }
 }
 
@@ -1588,8 +1627,8 @@ static void draw_colorbar(cairo_t *cr, const fm_t *fm, const item_t *h, const kv
         txt_draw(cr, buf, fm->tick, 0, bx + bw + fm->ticklen + fm->pad, py, 0, 0.5, 0, kv_rgb_hex(C_TICKTEXT));
     }
     if (label && *label)
-        txt_draw(cr, label, fm->label, 0, bx + bw + fm->ticklen + fm->pad + maxw + 10 * fm->s, 0.5 * (y0 + y1), 0.5, 0,
-                 -M_PI / 2, kv_rgb_hex(C_TEXT));
+        txt_draw_fit(cr, label, fm->label, 0, y1 - y0, bx + bw + fm->ticklen + fm->pad + maxw + 10 * fm->s,
+                     0.5 * (y0 + y1), 0.5, 0, -M_PI / 2, kv_rgb_hex(C_TEXT));
 }
 
 static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly)
@@ -1648,7 +1687,7 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
         if (!t->labelled)
             continue;
         char buf[256];
-        tick_text(cr, fig, &ax->x, 1, i, buf, sizeof buf);
+        tick_text(cr, fig, &ax->x, i, buf, sizeof buf);
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         double ly0 = y1 + fm.ticklen + fm.pad;
@@ -1676,7 +1715,7 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
         if (!t->labelled)
             continue;
         char buf[256];
-        tick_text(cr, fig, &ax->y, 0, i, buf, sizeof buf);
+        tick_text(cr, fig, &ax->y, i, buf, sizeof buf);
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         txt_draw(cr, buf, fm.tick, 0, x0 - fm.ticklen - fm.pad, p, 1, 0.5, 0, kv_rgb_hex(C_TICKTEXT));
@@ -1684,12 +1723,18 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
     }
     /* axis labels and title */
     if (ax->x.label)
-        txt_draw(cr, ax->x.label, fm.label, 0, 0.5 * (x0 + x1), xlab_bottom + 6 * fm.s, 0.5, 0, 0, kv_rgb_hex(C_TEXT));
-    if (ax->y.label)
-        txt_draw(cr, ax->y.label, fm.label, 0, ylab_left - 8 * fm.s, 0.5 * (y0 + y1), 0.5, 1, -M_PI / 2,
-                 kv_rgb_hex(C_TEXT));
+        txt_draw_fit(cr, ax->x.label, fm.label, 0, ax->cx1 - ax->cx0 - 8 * fm.s, 0.5 * (x0 + x1),
+                     xlab_bottom + 6 * fm.s, 0.5, 0, 0, kv_rgb_hex(C_TEXT));
+    if (ax->y.label) {
+        /* the label may run past the plot's ends, up to the title above and the cell edge below */
+        double top = ax->title ? y0 - 6 * fm.s : ax->cy0, mid = 0.5 * (y0 + y1);
+        double room = 2 * fmin(mid - top, ax->cy1 - mid);
+        txt_draw_fit(cr, ax->y.label, fm.label, 0, fmax(room, y1 - y0), ylab_left - 8 * fm.s, 0.5 * (y0 + y1), 0.5, 1,
+                     -M_PI / 2, kv_rgb_hex(C_TEXT));
+    }
     if (ax->title)
-        txt_draw(cr, ax->title, fm.title, 0, 0.5 * (x0 + x1), y0 - 8 * fm.s, 0.5, 1, 0, kv_rgb_hex(C_TEXT));
+        txt_draw_fit(cr, ax->title, fm.title, 0, ax->cx1 - ax->cx0 - 8 * fm.s, 0.5 * (x0 + x1), y0 - 8 * fm.s, 0.5, 1,
+                     0, kv_rgb_hex(C_TEXT));
     /* colour bar */
     if (ly->cbar)
         draw_colorbar(cr, &fm, ly->heat, &ly->cb_ticks, ly->heat->hs.label, x1, y0, y1);
@@ -1713,7 +1758,8 @@ int kv_fig_render(kv_fig_t *fig, cairo_t *cr)
     if (!fig || !cr)
         return kv_error(KV_EINVAL, "kv_fig_render: NULL argument");
     if (cairo_status(cr) != CAIRO_STATUS_SUCCESS)
-        return kv_error(KV_EINVAL, "kv_fig_render: cairo context in error: %s", cairo_status_to_string(cairo_status(cr)));
+        return kv_error(KV_EINVAL, "kv_fig_render: cairo context in error: %s",
+                        cairo_status_to_string(cairo_status(cr)));
     int rc = KV_OK;
     lay_t *ly = kv_calloc((size_t)fig->n_axes, sizeof *ly, "figure layout");
     figlay_t fl;
@@ -1758,7 +1804,8 @@ int kv_fig_render(kv_fig_t *fig, cairo_t *cr)
     if (fig->has_legend && fl.L.n)
         draw_legend(cr, &fm, &fl.L, &fl.lg, fl.lgx, fl.lgy, 0);
     if (fig->title)
-        txt_draw(cr, fig->title, fm.suptitle, 1, 0.5 * fig->w, OUTER * fm.s * 0.7, 0.5, 0, 0, kv_rgb_hex(C_TEXT));
+        txt_draw_fit(cr, fig->title, fm.suptitle, 1, fig->w - 2 * OUTER * fm.s, 0.5 * fig->w, OUTER * fm.s * 0.7, 0.5,
+                     0, 0, kv_rgb_hex(C_TEXT));
     cairo_restore(cr);
     if (cairo_status(cr) != CAIRO_STATUS_SUCCESS)
         rc = kv_error(KV_EINTERNAL, "rendering failed: %s", cairo_status_to_string(cairo_status(cr)));

@@ -54,7 +54,8 @@ static int parse_runs(const char *s, run_t *runs, int cap)
 
 static void set_font(cairo_t *cr, double size, int bold)
 {
-    cairo_select_font_face(cr, FONT_FAMILY, CAIRO_FONT_SLANT_NORMAL, bold ? CAIRO_FONT_WEIGHT_BOLD : CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_select_font_face(cr, FONT_FAMILY, CAIRO_FONT_SLANT_NORMAL,
+                           bold ? CAIRO_FONT_WEIGHT_BOLD : CAIRO_FONT_WEIGHT_NORMAL);
     cairo_set_font_size(cr, size);
     cairo_font_options_t *fo = cairo_font_options_create();
     cairo_font_options_set_hint_metrics(fo, CAIRO_HINT_METRICS_OFF);
@@ -110,8 +111,8 @@ void txt_rotated_size(const txt_box_t *b, double angle, double *w, double *h)
     *h = b->w * s + b->h * c;
 }
 
-void txt_draw(cairo_t *cr, const char *s, double size, int bold, double x, double y, double anchor_x,
-              double anchor_y, double angle, kv_rgba_t color)
+void txt_draw(cairo_t *cr, const char *s, double size, int bold, double x, double y, double anchor_x, double anchor_y,
+              double angle, kv_rgba_t color)
 {
     if (!s || !*s)
         return;
@@ -181,4 +182,18 @@ char *txt_ellipsize(cairo_t *cr, const char *s, double size, int bold, double ma
     memcpy(buf, s, keep);
     memcpy(buf + keep, "\xe2\x80\xa6", 4);
     return buf;
+}
+
+void txt_draw_fit(cairo_t *cr, const char *s, double size, int bold, double max_w, double x, double y, double anchor_x,
+                  double anchor_y, double angle, kv_rgba_t color)
+{
+    if (!s || !*s)
+        return;
+    if (max_w <= 0) {
+        txt_draw(cr, s, size, bold, x, y, anchor_x, anchor_y, angle, color);
+        return;
+    }
+    char *e = txt_ellipsize(cr, s, size, bold, max_w);
+    txt_draw(cr, e ? e : s, size, bold, x, y, anchor_x, anchor_y, angle, color);
+    kv_free(e);
 }

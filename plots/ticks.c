@@ -267,7 +267,10 @@ static void format_sci(double v, int digits, char *buf, size_t len)
     else if (strcmp(m, "-1") == 0)
         snprintf(buf, len, "-10^{%d}", p);
     else
-        snprintf(buf, len, "%s\xc3\x97" "10^{%d}", m, p); /* U+00D7 multiplication sign */
+        snprintf(buf, len,
+                 "%s\xc3\x97"
+                 "10^{%d}",
+                 m, p); /* U+00D7 multiplication sign */
 }
 
 void kv_ticks_format(const kv_ticks_t *ticks, double v, char *buf, size_t len)

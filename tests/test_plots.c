@@ -148,8 +148,8 @@ START_TEST(ticks_nice_over_many_ranges)
             /* more than max_major only when the next coarser step leaves fewer than two */
             double coarser = mi == 3 ? pow(10, e + 1) : nice[mi + 1] * pow(10, e);
             double count = floor(hi / coarser + 1e-9) - ceil(lo / coarser - 1e-9) + 1;
-            ck_assert_msg(count < 2, "[%g, %g] max %d: %d ticks although step %g gives %g", lo, hi, maxm, t.n,
-                          coarser, count);
+            ck_assert_msg(count < 2, "[%g, %g] max %d: %d ticks although step %g gives %g", lo, hi, maxm, t.n, coarser,
+                          count);
         }
     }
 }
@@ -192,7 +192,8 @@ START_TEST(ticks_tiny_and_huge)
     kv_ticks_format(&t, 1e12, buf, sizeof buf);
     ck_assert_str_eq(buf, "10^{12}");
     kv_ticks_format(&t, 1.5e12, buf, sizeof buf);
-    ck_assert_str_eq(buf, "1.5\xc3\x97" "10^{12}");
+    ck_assert_str_eq(buf, "1.5\xc3\x97"
+                          "10^{12}");
     kv_ticks_format(&t, 0, buf, sizeof buf);
     ck_assert_str_eq(buf, "0");
     /* tiny values */
@@ -201,7 +202,8 @@ START_TEST(ticks_tiny_and_huge)
     kv_ticks_format(&t, 1e-5, buf, sizeof buf);
     ck_assert_str_eq(buf, "10^{-5}");
     kv_ticks_format(&t, -2e-5, buf, sizeof buf);
-    ck_assert_str_eq(buf, "-2\xc3\x97" "10^{-5}");
+    ck_assert_str_eq(buf, "-2\xc3\x97"
+                          "10^{-5}");
 }
 END_TEST
 
@@ -315,7 +317,8 @@ START_TEST(palette_distinct)
             ck_assert_msg(kv_rgba_distance(a, kv_palette(j)) > 25, "palette %d and %d too close: %.1f", i, j,
                           kv_rgba_distance(a, kv_palette(j)));
     }
-    kv_rgba_t w = kv_palette(KV_PALETTE_SIZE), z = kv_palette(0), m = kv_palette(-1), l = kv_palette(KV_PALETTE_SIZE - 1);
+    kv_rgba_t w = kv_palette(KV_PALETTE_SIZE), z = kv_palette(0), m = kv_palette(-1),
+              l = kv_palette(KV_PALETTE_SIZE - 1);
     ck_assert(w.r == z.r && w.g == z.g && w.b == z.b);
     ck_assert(m.r == l.r && m.g == l.g && m.b == l.b);
 }
@@ -470,8 +473,9 @@ START_TEST(render_log_heatmap_with_zeros)
     kv_fig_free(fig);
     /* a log scale with a negative lower limit is refused */
     ck_assert_int_eq(kv_fig_create(100, 100, &fig), KV_OK);
-    ck_assert_int_eq(kv_plot_heatmap(kv_fig_axes(fig, 0, 0), N, N, z, &(kv_heat_style_t){.log = 1, .vmin = -1, .vmax = 1}),
-                     KV_EINVAL);
+    ck_assert_int_eq(
+        kv_plot_heatmap(kv_fig_axes(fig, 0, 0), N, N, z, &(kv_heat_style_t){.log = 1, .vmin = -1, .vmax = 1}),
+        KV_EINVAL);
     kv_fig_free(fig);
 }
 END_TEST
@@ -501,8 +505,8 @@ START_TEST(render_line_peak_lands)
     double px, py;
     ck_assert_int_eq(kv_axes_data_to_px(ax, 3, 9, &px, &py), KV_OK);
     /* within the line's half width plus the round join and anti-aliasing: 4 px */
-    ck_assert_msg(top >= 0 && fabs(top - py) <= 4 && fabs(topx - px) <= 4, "peak drawn at (%d, %d), expected (%.1f, %.1f)",
-                  topx, top, px, py);
+    ck_assert_msg(top >= 0 && fabs(top - py) <= 4 && fabs(topx - px) <= 4,
+                  "peak drawn at (%d, %d), expected (%.1f, %.1f)", topx, top, px, py);
     /* the peak is inside the plot area with some padding above it */
     ck_assert(py > y0 + 5);
     /* before rendering, positions are refused */
@@ -686,6 +690,50 @@ START_TEST(render_edge_inputs)
 }
 END_TEST
 
+/* The vector path (any non-image surface: SVG, PDF, here a recording surface) draws the same
+ * picture as the image path: replayed into an image, it matches the direct render. */
+START_TEST(render_vector_path_matches_image)
+{
+    enum { N = 16 };
+    float z[N * N];
+    for (int i = 0; i < N * N; i++)
+        z[i] = (float)((i * 37) % 101) / 100.0f;
+    kv_fig_t *fig;
+    ck_assert_int_eq(kv_fig_create(600, 300, &fig), KV_OK);
+    ck_assert_int_eq(kv_fig_grid(fig, 1, 2), KV_OK);
+    double y[5] = {3, 1, 4, 1, 5};
+    ck_assert_int_eq(
+        kv_plot_line(kv_fig_axes(fig, 0, 0), 5, NULL, y, &(kv_style_t){.label = "pi", .marker = KV_MARKER_SQUARE}),
+        KV_OK);
+    ck_assert_int_eq(kv_plot_heatmap(kv_fig_axes(fig, 0, 1), N, N, z, NULL), KV_OK);
+    cairo_surface_t *direct = render(fig);
+    cairo_rectangle_t extent = {0, 0, 600, 300};
+    cairo_surface_t *rec = cairo_recording_surface_create(CAIRO_CONTENT_COLOR_ALPHA, &extent);
+    cairo_t *cr = cairo_create(rec);
+    ck_assert_int_eq(kv_fig_render(fig, cr), KV_OK);
+    cairo_destroy(cr);
+    cairo_surface_t *replay = cairo_image_surface_create(CAIRO_FORMAT_ARGB32, 600, 300);
+    cr = cairo_create(replay);
+    cairo_set_source_surface(cr, rec, 0, 0);
+    cairo_paint(cr);
+    cairo_destroy(cr);
+    cairo_surface_flush(replay);
+    /* tolerance: identical geometry; only heat-map cell edges may be resampled differently (the
+     * vector path upscales the cell image), so at most 2 % of pixels differ by more than 8 levels */
+    long differ = 0;
+    for (int yy = 0; yy < 300; yy++)
+        for (int xx = 0; xx < 600; xx++) {
+            px_t a = pixel(direct, xx, yy), b = pixel(replay, xx, yy);
+            differ += abs(a.r - b.r) > 8 || abs(a.g - b.g) > 8 || abs(a.b - b.b) > 8;
+        }
+    ck_assert_msg(differ < 600 * 300 / 50, "%ld pixels differ between image and vector paths", differ);
+    cairo_surface_destroy(direct);
+    cairo_surface_destroy(replay);
+    cairo_surface_destroy(rec);
+    kv_fig_free(fig);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- files */
 
 static void check_magic(const char *path, const char *magic, size_t len)
@@ -784,6 +832,7 @@ Suite *suite_plots(void)
     tcase_add_test(t, render_legend_avoids_data);
     tcase_add_test(t, render_shared_colorbar_scale);
     tcase_add_test(t, render_edge_inputs);
+    tcase_add_test(t, render_vector_path_matches_image);
     suite_add_tcase(s, t);
     t = tcase_create("files");
     tcase_add_test(t, save_formats);
