@@ -258,13 +258,14 @@ static void fig_cat_heat(void)
             z[r * C + c] = (float)(r == 0 ? 0 : 0.3 * sin(0.4 * c + r) - 0.05 * r + (c < 2 ? -0.2 : 0));
     kv_fig_t *fig;
     CHECK(kv_fig_create(1600, 700, &fig));
-    CHECK(kv_fig_set_title(fig, "Categorical heat map, diverging map centred on 0"));
+    CHECK(kv_fig_set_title(fig, "Categorical heat map, diverging map centred on 0, values in the cells"));
     kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
     CHECK(kv_axes_set_xcategories(ax, C, cols));
     CHECK(kv_axes_set_ycategories(ax, R, rows));
     CHECK(kv_axes_set_xlabel(ax, "layer"));
-    CHECK(
-        kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.cmap = KV_CMAP_DIVERGING, .label = "recall change vs full"}));
+    CHECK(kv_plot_heatmap(
+        ax, R, C, z,
+        &(kv_heat_style_t){.cmap = KV_CMAP_DIVERGING, .label = "recall change vs full", .annotate = "%+.2f"}));
     save(fig, "heat_categorical.png");
     kv_fig_free(fig);
 }

@@ -44,6 +44,7 @@ static void item_clear(item_t *it)
     kv_free(it->z);
     kv_free(it->text);
     kv_free((char *)it->hs.label);
+    kv_free((char *)it->hs.annotate);
 }
 
 static kv_axes_t *axes_new(kv_fig_t *fig)
@@ -599,6 +600,33 @@ int kv_plot_text(kv_axes_t *ax, double x, double y, const char *text, double anc
     return KV_OK;
 }
 
+/* A printf format that consumes exactly one double: one %[flags][width][.prec](f|e|g|F|E|G), any
+ * number of "%%", nothing else (so a user's format can never read a missing argument). */
+static int one_double_format(const char *f)
+{
+    int conv = 0;
+    for (const char *p = f; *p; p++) {
+        if (*p != '%')
+            continue;
+        p++;
+        if (*p == '%')
+            continue;
+        while (*p && strchr("-+ #0", *p))
+            p++;
+        for (int i = 0; i < 3 && *p >= '0' && *p <= '9'; i++)
+            p++;
+        if (*p == '.') {
+            p++;
+            for (int i = 0; i < 2 && *p >= '0' && *p <= '9'; i++)
+                p++;
+        }
+        if (!*p || !strchr("feEgGF", *p))
+            return 0;
+        conv++;
+    }
+    return conv == 1;
+}
+
 int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z, const kv_heat_style_t *st)
 {
     CHECK_AX(ax, "kv_plot_heatmap");
@@ -614,6 +642,9 @@ int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z, const kv_
                         hs.vmax);
     if (hs.log && (hs.vmin < 0 || (hs.vmin == 0 && hs.vmax != 0)))
         return kv_error(KV_EINVAL, "kv_plot_heatmap: log colour scale needs vmin > 0 (got %g)", hs.vmin);
+    if (hs.annotate && !one_double_format(hs.annotate))
+        return kv_error(KV_EINVAL, "kv_plot_heatmap: annotation format \"%s\" must hold exactly one %%f, %%e or %%g",
+                        hs.annotate);
     item_t *it = new_item(ax, IT_HEAT);
     if (!it)
         return KV_ENOMEM;
@@ -624,14 +655,14 @@ int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z, const kv_
     if (!it->z)
         return KV_ENOMEM;
     memcpy(it->z, z, cells * sizeof(float));
-    if (hs.label) {
-        hs.label = kv_strdup(hs.label);
-        if (!hs.label) {
-            item_clear(it);
-            return KV_ENOMEM;
-        }
-    }
+    const char *label = hs.label, *annotate = hs.annotate;
+    hs.label = label ? kv_strdup(label) : NULL;
+    hs.annotate = annotate ? kv_strdup(annotate) : NULL;
     it->hs = hs;
+    if ((label && !hs.label) || (annotate && !hs.annotate)) {
+        item_clear(it);
+        return KV_ENOMEM;
+    }
     it->st.color = kv_rgb_hex(0x000000);
     ax->n_items++;
     ax->x.grid = ax->y.grid = 0;

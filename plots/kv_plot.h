@@ -258,10 +258,13 @@ typedef struct {
                           and on a log scale min = max(smallest positive, max * 1e-6). Values
                           <= vmin (zeros included) take the lowest colour, >= vmax the highest */
     kv_cbar_t colorbar;
-    const char *label; /* colour-bar label with unit (copied) */
-    int origin_lower;  /* row 0 at the bottom instead of the top */
-    double center;     /* KV_CMAP_DIVERGING only: value drawn white; automatic limits become
-                          symmetric around it */
+    const char *label;    /* colour-bar label with unit (copied) */
+    int origin_lower;     /* row 0 at the bottom instead of the top */
+    double center;        /* KV_CMAP_DIVERGING only: value drawn white; automatic limits become
+                             symmetric around it */
+    const char *annotate; /* printf format for one double ("%.2f", "%.0f%%"): each cell shows its
+                             value when every label fits its cell; text is dark or white by the
+                             cell's lightness. NULL: no values. Only %f, %e, %g conversions. */
 } kv_heat_style_t;
 
 /* Heat map of z, shape (rows, cols) row-major, NaN cells left blank. Sets the axes limits to the

@@ -1154,7 +1154,60 @@ static kv_rgba_t mask_color(kv_rgba_t c, int mask)
     return c;
 }
 
-static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int mask)
+/* Colour-map position of value v under the heat map's scale, in [0, 1] (NaN stays NaN). */
+static double heat_t(const item_t *it, double v)
+{
+    if (isnan(v))
+        return NAN;
+    double t;
+    if (it->clog)
+        t = v <= it->cv0 ? 0 : (log10(v) - log10(it->cv0)) / (log10(it->cv1) - log10(it->cv0));
+    else
+        t = (v - it->cv0) / (it->cv1 - it->cv0);
+    return fmin(1, fmax(0, t));
+}
+
+/* Values printed in the cells, when every label fits inside its cell. */
+static void annotate_cells(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, const item_t *it,
+                           const kv_rgba_t *lut)
+{
+    const fm_t fm = fonts(fig);
+    double cw = fabs(map_x(ax, 1) - map_x(ax, 0)), ch = fabs(map_y(ax, 1) - map_y(ax, 0));
+    double size = fmin(fm.tick, 0.6 * ch);
+    if (size < 9 || (size_t)it->rows * it->cols > 4096)
+        return;
+    char buf[64];
+    for (int pass = 0; pass < 2; pass++) /* pass 0: do all labels fit? pass 1: draw */
+        for (int r = 0; r < it->rows; r++)
+            for (int c = 0; c < it->cols; c++) {
+                double v = it->z[(size_t)r * it->cols + c];
+                if (isnan(v))
+                    continue;
+                snprintf(buf, sizeof buf, it->hs.annotate, v);
+                /* a value that rounds to zero prints without a minus sign ("-0.00") */
+                char *minus = strchr(buf, '-');
+                if (minus && !strpbrk(buf, "123456789")) {
+                    if (strchr(it->hs.annotate, '+'))
+                        *minus = '+';
+                    else
+                        memmove(minus, minus + 1, strlen(minus));
+                }
+                char lab[96];
+                minus_sign(buf, lab, sizeof lab);
+                if (pass == 0) {
+                    txt_box_t b;
+                    txt_measure(cr, lab, size, 0, &b);
+                    if (b.w > cw - 4 || b.h > ch)
+                        return;
+                    continue;
+                }
+                kv_rgba_t cell = lut[(int)lround(heat_t(it, v) * 255)];
+                kv_rgba_t ink = kv_rgba_lightness(cell) > 58 ? kv_rgb_hex(C_TEXT) : kv_rgb_hex(0xffffff);
+                txt_draw(cr, lab, size, 0, map_x(ax, c), map_y(ax, r), 0.5, 0.5, 0, ink);
+            }
+}
+
+static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, const item_t *it, int mask)
 {
     if (mask) {
         double x0 = map_x(ax, -0.5), x1 = map_x(ax, it->cols - 0.5);
@@ -1170,8 +1223,6 @@ static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int ma
     kv_rgba_t lut[256];
     for (int i = 0; i < 256; i++)
         lut[i] = kv_cmap_eval(it->cmap, i / 255.0);
-    double v0 = it->cv0, v1 = it->cv1;
-    double l0 = it->clog ? log10(v0) : v0, l1 = it->clog ? log10(v1) : v1;
     int linear_axes = ax->x.scale == KV_SCALE_LINEAR && ax->y.scale == KV_SCALE_LINEAR;
     if (!linear_axes) {
         /* cells as rectangles (rare: heat map on a log axis) */
@@ -1180,8 +1231,7 @@ static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int ma
                 double v = it->z[(size_t)r * it->cols + c];
                 if (isnan(v))
                     continue;
-                double t = it->clog ? (v <= v0 ? 0 : (log10(v) - l0) / (l1 - l0)) : (v - l0) / (l1 - l0);
-                kv_rgba_t col = lut[(int)lround(fmin(1, fmax(0, t)) * 255)];
+                kv_rgba_t col = lut[(int)lround(heat_t(it, v) * 255)];
                 double x0 = map_x(ax, c - 0.5), x1 = map_x(ax, c + 0.5), y0 = map_y(ax, r - 0.5),
                        y1 = map_y(ax, r + 0.5);
                 if (!isfinite(x0 + x1 + y0 + y1))
@@ -1218,12 +1268,7 @@ static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int ma
             double v = it->z[(size_t)r * it->cols + c];
             uint32_t px = 0;
             if (!isnan(v)) {
-                double t;
-                if (it->clog)
-                    t = v <= v0 ? 0 : (log10(v) - l0) / (l1 - l0);
-                else
-                    t = (v - l0) / (l1 - l0);
-                kv_rgba_t col = lut[(int)lround(fmin(1, fmax(0, t)) * 255)];
+                kv_rgba_t col = lut[(int)lround(heat_t(it, v) * 255)];
                 px = 0xff000000u | (uint32_t)lround(col.r * 255) << 16 | (uint32_t)lround(col.g * 255) << 8 |
                      (uint32_t)lround(col.b * 255);
             }
@@ -1250,6 +1295,8 @@ static void draw_heat(cairo_t *cr, const kv_axes_t *ax, const item_t *it, int ma
     cairo_fill(cr);
     cairo_restore(cr);
     cairo_surface_destroy(img);
+    if (it->hs.annotate)
+        annotate_cells(cr, fig, ax, it, lut);
 }
 
 static void draw_item(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, const item_t *it, int mask)
@@ -1370,7 +1417,7 @@ static void draw_item(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
         break;
     }
     case IT_HEAT:
-        draw_heat(cr, ax, it, mask);
+        draw_heat(cr, fig, ax, it, mask);
         break;
     }
 }

@@ -690,6 +690,44 @@ START_TEST(render_edge_inputs)
 }
 END_TEST
 
+START_TEST(render_heatmap_annotations)
+{
+    enum { R = 2, C = 3 };
+    float z[R * C] = {0.1f, 0.5f, 0.9f, -0.0001f, 0.3f, 0.7f};
+    kv_fig_t *fig;
+    /* formats must consume exactly one double */
+    ck_assert_int_eq(kv_fig_create(500, 300, &fig), KV_OK);
+    kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
+    const char *bad[] = {"%s", "%d", "%.2f %.2f", "%n", "value", "%.2f%", "%*f"};
+    for (size_t i = 0; i < KV_ARRAY_LEN(bad); i++)
+        ck_assert_msg(kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.annotate = bad[i]}) == KV_EINVAL,
+                      "format %s accepted", bad[i]);
+    /* with and without values: text pixels appear only inside the cells when asked for */
+    cairo_surface_t *img[2];
+    for (int k = 0; k < 2; k++) {
+        kv_fig_free(fig);
+        ck_assert_int_eq(kv_fig_create(500, 300, &fig), KV_OK);
+        ax = kv_fig_axes(fig, 0, 0);
+        ck_assert_int_eq(kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.annotate = k ? "%.2f%%" : NULL}), KV_OK);
+        img[k] = render(fig);
+    }
+    double px, py, qx, qy;
+    kv_axes_data_to_px(ax, -0.5, -0.5, &px, &py);
+    kv_axes_data_to_px(ax, 0.5, 0.5, &qx, &qy);
+    long changed = 0;
+    for (int y = (int)py + 1; y < (int)qy - 1; y++)
+        for (int x = (int)px + 1; x < (int)qx - 1; x++) {
+            px_t a = pixel(img[0], x, y), b = pixel(img[1], x, y);
+            changed += a.r != b.r || a.g != b.g || a.b != b.b;
+        }
+    /* "0.10%" at 14 px covers a few hundred pixels of its cell, never most of it */
+    ck_assert_msg(changed > 50 && changed < (qx - px) * (qy - py) / 2, "cell (0, 0): %ld pixels changed", changed);
+    for (int k = 0; k < 2; k++)
+        cairo_surface_destroy(img[k]);
+    kv_fig_free(fig);
+}
+END_TEST
+
 /* The vector path (any non-image surface: SVG, PDF, here a recording surface) draws the same
  * picture as the image path: replayed into an image, it matches the direct render. */
 START_TEST(render_vector_path_matches_image)
@@ -833,6 +871,7 @@ Suite *suite_plots(void)
     tcase_add_test(t, render_shared_colorbar_scale);
     tcase_add_test(t, render_edge_inputs);
     tcase_add_test(t, render_vector_path_matches_image);
+    tcase_add_test(t, render_heatmap_annotations);
     suite_add_tcase(s, t);
     t = tcase_create("files");
     tcase_add_test(t, save_formats);
