@@ -31,13 +31,29 @@
  *     int rc = kv_fig_save(fig, "out/recall.png");     // .png, .svg or .pdf
  *     kv_fig_free(fig);
  *
- * Heat-map grid sharing one colour bar:
+ * Faint line per series with a bold mean (and a p10..p90 band):
+ *
+ *     kv_rgba_t c = kv_palette(0);
+ *     kv_plot_band(ax, n, x, p10, p90, &(kv_style_t){.label = "p10..p90", .color = c});
+ *     for (int h = 0; h < heads; h++)
+ *         kv_plot_line(ax, n, x, y[h], &(kv_style_t){.color = kv_rgba_alpha(c, 0.3), .width = 1});
+ *     kv_plot_line(ax, n, x, mean, &(kv_style_t){.label = "mean", .color = c, .width = 3.5});
+ *
+ * Heat-map grid sharing one colour bar, with segment boundaries:
  *
  *     kv_fig_grid(fig, 2, 3);
- *     kv_heat_style_t hs = {.cmap = KV_CMAP_VIRIDIS, .log = 1, .colorbar = KV_CBAR_NONE};
- *     for (int i = 0; i < 6; i++)
- *         kv_plot_heatmap(kv_fig_axes(fig, i / 3, i % 3), T, T, maps[i], &hs);
+ *     kv_heat_style_t hs = {.cmap = KV_CMAP_MAGMA, .log = 1};
+ *     for (int i = 0; i < 6; i++) {
+ *         kv_axes_t *ax = kv_fig_axes(fig, i / 3, i % 3);
+ *         kv_axes_set_equal_aspect(ax, 1);
+ *         kv_plot_heatmap(ax, T, T, maps[i], &hs);              // maps[i]: (T, T) floats
+ *         kv_plot_vline(ax, seg_start - 0.5, &(kv_style_t){.color = {1, 1, 1, 0.8}, .dash = KV_DASH_DASHED});
+ *     }
  *     kv_fig_colorbar(fig, &hs, "attention weight");   // one bar; all heat maps share its scale
+ *
+ * Layout is automatic: margins fit the tick labels, grid panels line up by row and column, tick
+ * labels never overlap (fewer ticks, rotated or thinned category labels), a legend goes where no
+ * data is, and text that cannot fit its space is shortened with an ellipsis rather than clipped.
  *
  * Errors follow sim/common/kv_common.h: int status (KV_OK or negative KV_E*), message in
  * kv_last_error(). Write failures name the output file.
@@ -154,7 +170,8 @@ typedef enum {
     KV_LEGEND_LOWER_RIGHT
 } kv_legend_pos_t;
 /* One legend for the whole figure (entries from every panel, one per distinct label), placed
- * right of or below all panels; per-panel legends are then off. */
+ * right of (KV_LEGEND_RIGHT or AUTO) or below (KV_LEGEND_BELOW) all panels; per-panel legends are
+ * then off. Give a series the same label and colour in every panel to get one entry. */
 int kv_fig_legend(kv_fig_t *fig, kv_legend_pos_t pos);
 
 /* Render into `cr`, whose user space must be the figure's pixel space (width x height). */
@@ -234,8 +251,9 @@ int kv_plot_bars(kv_axes_t *ax, int n, const double *values, const kv_style_t *s
 /* Filled band between lo[i] and hi[i] (e.g. p10..p90), drawn with the style colour at 25 %
  * opacity unless the colour carries its own alpha. */
 int kv_plot_band(kv_axes_t *ax, int n, const double *x, const double *lo, const double *hi, const kv_style_t *st);
-/* Reference lines across the whole plot area (default: 1.5 px dark grey dashed). hline/vline
- * values count toward automatic limits; the identity line y = x does not. */
+/* Reference lines across the whole plot area. A NULL style draws 1.5 px dark grey dashed; with a
+ * style, an unset colour is dark grey and an unset dash solid. hline/vline values count toward
+ * automatic limits; the identity line y = x does not. */
 int kv_plot_hline(kv_axes_t *ax, double y, const kv_style_t *st);
 int kv_plot_vline(kv_axes_t *ax, double x, const kv_style_t *st);
 int kv_plot_identity(kv_axes_t *ax, const kv_style_t *st);
@@ -260,8 +278,8 @@ typedef struct {
     kv_cbar_t colorbar;
     const char *label;    /* colour-bar label with unit (copied) */
     int origin_lower;     /* row 0 at the bottom instead of the top */
-    double center;        /* KV_CMAP_DIVERGING only: value drawn white; automatic limits become
-                             symmetric around it */
+    double center;        /* KV_CMAP_DIVERGING only: automatic limits become symmetric around
+                             it, so it is drawn white (with fixed limits the midpoint is white) */
     const char *annotate; /* printf format for one double ("%.2f", "%.0f%%"): each cell shows its
                              value when every label fits its cell; text is dark or white by the
                              cell's lightness. NULL: no values. Only %f, %e, %g conversions. */
@@ -271,9 +289,10 @@ typedef struct {
  * cells, turns grid lines off, and (unless origin_lower) puts row 0 at the top. Draw lines over it
  * with kv_plot_hline/vline/line afterwards (boundary between rows s-1 and s: y = s - 0.5). */
 int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z /* (rows, cols) */, const kv_heat_style_t *st);
-/* One colour bar for the whole figure, right of every panel, with style `st` (cmap, log, limits)
- * and `label`. Every heat map in the figure is then drawn with this bar's scale; automatic limits
- * are taken over all of them. */
+/* One colour bar for the whole figure, right of the panels, with style `st` (cmap, log, limits,
+ * center) and `label`. Every heat map in the figure is then drawn with this bar's colour map and
+ * scale (their own cmap/log/limits and per-panel bars are ignored); automatic limits are taken
+ * over all of them. */
 int kv_fig_colorbar(kv_fig_t *fig, const kv_heat_style_t *st, const char *label);
 
 #ifdef __cplusplus
