@@ -126,7 +126,8 @@ typedef struct {
  * around the value. Fails on non-finite input. */
 int kv_ticks_linear(double lo, double hi, int max_major, kv_ticks_t *out);
 /* Log10 ticks on [lo, hi], 0 < lo: majors at decades (every 1, 2, 3, 5, 10... decades so that at
- * most max_major are labelled), minor ticks at 2..9 x 10^k when decades are not skipped; if fewer
+ * most max_major are labelled), minor ticks at 2..9 x 10^k when decades are not skipped, with 2 and
+ * 5 x 10^k labelled too when all of 1, 2, 5 x 10^k fit within max_major; if fewer
  * than two decades fall inside, the densest of {1..9}, {1,2,4,6,8}, {1,2,5}, {1,3} x 10^k with at most
  * max_major labels is labelled (linear nice steps when even that fails). */
 int kv_ticks_log(double lo, double hi, int max_major, kv_ticks_t *out);
@@ -134,7 +135,8 @@ int kv_ticks_log(double lo, double hi, int max_major, kv_ticks_t *out);
 int kv_ticks_log2(double lo, double hi, int max_major, kv_ticks_t *out);
 /* Label of tick value v under `ticks` into buf. Plain decimals with the step's precision
  * ("0.25", "1200"), exponents as "10^{-3}" or "2.5×10^{-4}" markup (drawn as superscripts) when
- * values are very small or large. Never prints float noise ("0.30000000004"). */
+ * values are very small or large (log axes: plain while every label lies in [0.001, 10^4]). Never prints float noise
+ * ("0.30000000004"). */
 void kv_ticks_format(const kv_ticks_t *ticks, double v, char *buf, size_t len);
 
 /* ---------------------------------------------------------------- figure */

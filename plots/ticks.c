@@ -8,9 +8,9 @@
  * so float noise like 0.30000000000000004 never reaches the page.
  *
  * Log axes put majors at decades (or every 2, 3, 5, 10... decades on very wide ranges) and minor
- * ticks at 2..9 x 10^k. On ranges too narrow to contain two decades, the densest of the label sets
- * {1..9}, {1,2,4,6,8}, {1,2,5}, {1,3} x 10^k that fits is labelled (then linear nice steps), so
- * that an axis always carries at least two labels.
+ * ticks at 2..9 x 10^k, labelling 2 and 5 x 10^k as well when the budget allows. On ranges too narrow to contain two
+ * decades, the densest of the label sets {1..9}, {1,2,4,6,8}, {1,2,5}, {1,3} x 10^k that fits is labelled (then linear
+ * nice steps), so that an axis always carries at least two labels.
  */
 #include "plots/kv_plot.h"
 #include "sim/common/kv_common.h"
@@ -156,6 +156,15 @@ int kv_ticks_log(double lo, double hi, int max_major, kv_ticks_t *out)
         out->log = 10;
         out->step = s;
         int minors = s == 1 && nd <= 12;
+        /* with room to spare, 2 and 5 x 10^k carry labels too */
+        int label25 = 0;
+        if (minors) {
+            int count = 0;
+            for (int d = d0 - 1; d <= d1; d++)
+                for (int m = 1; m <= 5; m += (m == 1 ? 1 : 3)) /* 1, 2, 5 */
+                    count += m * pow10i(d) >= lo * (1 - tol) && m * pow10i(d) <= hi * (1 + tol);
+            label25 = count <= max_major;
+        }
         for (int d = d0 - 1; d <= d1; d++) {
             double dec = pow10i(d);
             if (d >= d0) {
@@ -168,7 +177,7 @@ int kv_ticks_log(double lo, double hi, int max_major, kv_ticks_t *out)
                 for (int m = 2; m <= 9; m++) {
                     double v = m * dec;
                     if (v >= lo * (1 - tol) && v <= hi * (1 + tol))
-                        add_tick(out, v, 0, 0);
+                        add_tick(out, v, 0, label25 && (m == 2 || m == 5));
                 }
         }
         return KV_OK;
@@ -298,10 +307,10 @@ void kv_ticks_format(const kv_ticks_t *ticks, double v, char *buf, size_t len)
         return;
     }
     if (ticks->log == 10) {
-        /* plain decimals when every labelled value is between 0.01 and 10^4, else powers of ten */
+        /* plain decimals when every labelled value is between 0.001 and 10^4, else powers of ten */
         int plain = 1;
         for (int i = 0; i < ticks->n; i++)
-            if (ticks->t[i].labelled && (ticks->t[i].value < 0.00999 || ticks->t[i].value > 10001))
+            if (ticks->t[i].labelled && (ticks->t[i].value < 0.000999 || ticks->t[i].value > 10001))
                 plain = 0;
         int d = (int)floor(log10(fabs(v)) + 1e-9);
         if (plain) {

@@ -252,10 +252,26 @@ START_TEST(ticks_log_decades)
     ck_assert_int_eq(labelled, 5);
     ck_assert_int_eq(minors, 4 * 8); /* 2..9 in each of the four decades */
 
-    /* plain decimals when every label lies between 0.01 and 10^4 */
-    ck_assert_int_eq(kv_ticks_log(1, 1000, 8, &t), KV_OK);
+    /* plain decimals when every label lies between 0.001 and 10^4; with room for 1, 2, 5 x 10^k
+     * (10 labels on [1, 1000]) those are labelled, and not without it */
+    ck_assert_int_eq(kv_ticks_log(1, 1000, 10, &t), KV_OK);
     kv_ticks_format(&t, 100, buf, sizeof buf);
     ck_assert_str_eq(buf, "100");
+    labelled = 0;
+    for (int i = 0; i < t.n; i++)
+        if (t.t[i].labelled) {
+            double m = t.t[i].value / pow(10, floor(log10(t.t[i].value) + 1e-9));
+            ck_assert(fabs(m - 1) < 1e-9 || fabs(m - 2) < 1e-9 || fabs(m - 5) < 1e-9);
+            labelled++;
+        }
+    ck_assert_int_eq(labelled, 10);
+    kv_ticks_format(&t, 0.005, buf, sizeof buf);
+    ck_assert_str_eq(buf, "0.005");
+    ck_assert_int_eq(kv_ticks_log(1, 1000, 9, &t), KV_OK);
+    labelled = 0;
+    for (int i = 0; i < t.n; i++)
+        labelled += t.t[i].labelled;
+    ck_assert_int_eq(labelled, 4);
 
     /* 24 decades with at most 6 labels: every 5th decade */
     ck_assert_int_eq(kv_ticks_log(1, 1e24, 6, &t), KV_OK);
