@@ -46,6 +46,11 @@ typedef struct {
     int rot;             /* tick labels rotated 45 degrees */
     int thin;            /* label every thin-th category */
     double cap_h, cap_r; /* widest category label, px, when horizontal / rotated (from the cell size) */
+    /* tick labels as last drawn (for tests): extent along the axis that must not overlap between
+     * neighbours (for 45-degree labels: the band across their baselines), and the bounding box */
+    int n_lab;
+    double lab_lo[KV_TICKS_MAX], lab_hi[KV_TICKS_MAX];
+    double lab_box[KV_TICKS_MAX][4]; /* x0, y0, x1, y1 */
 } axis_t;
 
 struct kv_axes {

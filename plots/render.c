@@ -1720,6 +1720,7 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
     cairo_rectangle(cr, x0 + 0.5, y0 + 0.5, x1 - x0 - 1, y1 - y0 - 1);
     cairo_stroke(cr);
     /* ticks and labels */
+    ax->x.n_lab = ax->y.n_lab = 0;
     double xlab_bottom = y1 + fm.ticklen + fm.pad;
     for (int i = 0; i < ax->x.ticks.n; i++) {
         const kv_tick_t *t = &ax->x.ticks.t[i];
@@ -1738,14 +1739,34 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
         txt_box_t b;
         txt_measure(cr, buf, fm.tick, 0, &b);
         double ly0 = y1 + fm.ticklen + fm.pad;
+        int k = ax->x.n_lab < KV_TICKS_MAX ? ax->x.n_lab++ : KV_TICKS_MAX - 1;
         if (ax->x.rot) {
-            txt_draw(cr, buf, fm.tick, 0, p + 0.35 * b.h, ly0, 1, 0.5, -M_PI / 4, kv_rgb_hex(C_TICKTEXT));
+            double axp = p + 0.35 * b.h;
+            txt_draw(cr, buf, fm.tick, 0, axp, ly0, 1, 0.5, -M_PI / 4, kv_rgb_hex(C_TICKTEXT));
             double rw, rh;
             txt_rotated_size(&b, M_PI / 4, &rw, &rh);
             xlab_bottom = fmax(xlab_bottom, ly0 + rh);
+            /* box corners (-w..0) x (-h/2..h/2) turned by -45 degrees about the anchor */
+            double c = M_SQRT1_2, bx0 = INFINITY, by0 = INFINITY, bx1 = -INFINITY, by1 = -INFINITY;
+            for (int q = 0; q < 4; q++) {
+                double u = q & 1 ? 0 : -b.w, v = q & 2 ? b.h / 2 : -b.h / 2;
+                double X = axp + c * u + c * v, Y = ly0 - c * u + c * v;
+                bx0 = fmin(bx0, X);
+                bx1 = fmax(bx1, X);
+                by0 = fmin(by0, Y);
+                by1 = fmax(by1, Y);
+            }
+            ax->x.lab_lo[k] = axp - b.h / c / 2;
+            ax->x.lab_hi[k] = axp + b.h / c / 2;
+            double box[4] = {bx0, by0, bx1, by1};
+            memcpy(ax->x.lab_box[k], box, sizeof box);
         } else {
             txt_draw(cr, buf, fm.tick, 0, p, ly0, 0.5, 0, 0, kv_rgb_hex(C_TICKTEXT));
             xlab_bottom = fmax(xlab_bottom, ly0 + b.h);
+            ax->x.lab_lo[k] = p - b.w / 2;
+            ax->x.lab_hi[k] = p + b.w / 2;
+            double box[4] = {p - b.w / 2, ly0, p + b.w / 2, ly0 + b.h};
+            memcpy(ax->x.lab_box[k], box, sizeof box);
         }
     }
     double ylab_left = x0 - fm.ticklen - fm.pad;
@@ -1767,6 +1788,11 @@ static void draw_axes(cairo_t *cr, const kv_fig_t *fig, kv_axes_t *ax, lay_t *ly
         txt_measure(cr, buf, fm.tick, 0, &b);
         txt_draw(cr, buf, fm.tick, 0, x0 - fm.ticklen - fm.pad, p, 1, 0.5, 0, kv_rgb_hex(C_TICKTEXT));
         ylab_left = fmin(ylab_left, x0 - fm.ticklen - fm.pad - b.w);
+        int k = ax->y.n_lab < KV_TICKS_MAX ? ax->y.n_lab++ : KV_TICKS_MAX - 1;
+        ax->y.lab_lo[k] = p - b.h / 2;
+        ax->y.lab_hi[k] = p + b.h / 2;
+        double box[4] = {x0 - fm.ticklen - fm.pad - b.w, p - b.h / 2, x0 - fm.ticklen - fm.pad, p + b.h / 2};
+        memcpy(ax->y.lab_box[k], box, sizeof box);
     }
     /* axis labels and title */
     if (ax->x.label)

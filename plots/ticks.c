@@ -108,11 +108,15 @@ int kv_ticks_linear_ex(double lo, double hi, int max_major, int integer, kv_tick
             v = 0.0;
         add_tick(out, v, 1, 1);
     }
-    /* scientific labels when values are huge or tiny */
+    /* Scientific labels for tiny values, and for huge ones when that is shorter: 5×10^11 beats
+     * 500000000000, but 123456789.025 beats 1.23456789025×10^8. Lengths in characters, counting
+     * "×10^k" as four. */
     double top = fmax(fabs(k0 * step), fabs(k1 * step));
     if (top > 0) {
         int E = (int)floor(log10(top) + 1e-9);
-        out->sci = E >= 6 || E <= -4;
+        int plain_len = KV_MAX(E, 0) + 1 + (out->decimals ? out->decimals + 1 : 0);
+        int sci_len = (E - e_sel + 1) + 1 + 4;
+        out->sci = E <= -4 || (E >= 6 && plain_len > sci_len + 2);
     }
     return KV_OK;
 }

@@ -7,6 +7,7 @@
  * to end without hard-coding layout numbers. Figures are small (<= 800x500) to keep the suite fast.
  */
 #include "plots/kv_plot.h"
+#include "plots/plot_internal.h" /* last-drawn tick label extents */
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
 #include "tests/kv_test.h"
@@ -196,6 +197,11 @@ START_TEST(ticks_tiny_and_huge)
                           "10^{12}");
     kv_ticks_format(&t, 0, buf, sizeof buf);
     ck_assert_str_eq(buf, "0");
+    /* huge values with a tiny step read better in plain digits */
+    ck_assert_int_eq(kv_ticks_linear(123456789.0, 123456789.1, 5, &t), KV_OK);
+    ck_assert(!t.sci);
+    kv_ticks_format(&t, t.t[1].value, buf, sizeof buf);
+    ck_assert_msg(strncmp(buf, "123456789.", 10) == 0 && strlen(buf) <= 13, "label %s", buf);
     /* tiny values */
     ck_assert_int_eq(kv_ticks_linear(0, 4e-5, 5, &t), KV_OK);
     ck_assert(t.sci);
@@ -744,6 +750,77 @@ START_TEST(render_heatmap_annotations)
 }
 END_TEST
 
+/* Tick labels never overlap their neighbours and stay inside the figure, whatever the axis: many
+ * short categories (thinned), long ones (rotated), wide numbers, log axes, small panels. */
+static void check_labels(const kv_axes_t *ax, int W, int H, const char *what)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        const axis_t *a = pass ? &ax->y : &ax->x;
+        ck_assert_msg(a->n_lab >= 2 || a->ncat == 1, "%s: %s axis has %d labels", what, pass ? "y" : "x", a->n_lab);
+        for (int i = 0; i < a->n_lab; i++) {
+            const double *b = a->lab_box[i];
+            /* 1 px of slack for anti-aliasing */
+            ck_assert_msg(b[0] >= -1 && b[1] >= -1 && b[2] <= W + 1 && b[3] <= H + 1,
+                          "%s: label %d at [%.0f %.0f %.0f %.0f] leaves the %dx%d figure", what, i, b[0], b[1], b[2],
+                          b[3], W, H);
+            for (int j = i + 1; j < a->n_lab; j++)
+                ck_assert_msg(a->lab_hi[i] <= a->lab_lo[j] || a->lab_hi[j] <= a->lab_lo[i],
+                              "%s: %s labels %d [%.1f, %.1f] and %d [%.1f, %.1f] overlap", what, pass ? "y" : "x", i,
+                              a->lab_lo[i], a->lab_hi[i], j, a->lab_lo[j], a->lab_hi[j]);
+        }
+    }
+}
+
+START_TEST(render_tick_labels_never_overlap)
+{
+    static const int sizes[3][2] = {{1600, 1000}, {640, 400}, {320, 240}};
+    char names[200][40];
+    const char *cats[200];
+    for (int i = 0; i < 200; i++) {
+        snprintf(names[i], sizeof names[i], i % 3 ? "c%d" : "a much longer category %d", i);
+        cats[i] = names[i];
+    }
+    double x[64], y[64];
+    for (int sz = 0; sz < 3; sz++) {
+        int W = sizes[sz][0], H = sizes[sz][1];
+        for (int kind = 0; kind < 5; kind++) {
+            kv_fig_t *fig;
+            ck_assert_int_eq(kv_fig_create(W, H, &fig), KV_OK);
+            kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
+            int n = kind == 0 ? 200 : kind == 1 ? 12 : 64;
+            for (int i = 0; i < 64; i++) {
+                /* kind 2: 13-character labels; kind 3: a narrow log range (20..80) whose labels
+                 * crowd at the top end */
+                x[i] = kind == 2 ? 123456789 + 0.001 * i : kind == 3 ? 20 * pow(4, i / 63.0) : i;
+                y[i] = kind == 3 ? pow(2, 0.3 * i) : kind == 4 ? -123456.75 + 3.3 * i * i : sin(i);
+            }
+            if (kind <= 1) {
+                ck_assert_int_eq(kv_axes_set_xcategories(ax, n, cats), KV_OK);
+                ck_assert_int_eq(kv_axes_set_ycategories(ax, n < 50 ? n : 50, cats), KV_OK);
+                double v[200];
+                for (int i = 0; i < n; i++)
+                    v[i] = i % 50;
+                ck_assert_int_eq(kv_plot_bars(ax, n, v, NULL), KV_OK);
+            } else {
+                if (kind == 3) {
+                    kv_axes_set_xscale(ax, KV_SCALE_LOG);
+                    kv_axes_set_yscale(ax, KV_SCALE_LOG2);
+                }
+                ck_assert_int_eq(kv_plot_line(ax, 64, x, y, NULL), KV_OK);
+            }
+            kv_axes_set_xlabel(ax, "x (units)");
+            kv_axes_set_ylabel(ax, "y (units)");
+            cairo_surface_t *s = render(fig);
+            char what[64];
+            snprintf(what, sizeof what, "%dx%d kind %d", W, H, kind);
+            check_labels(ax, W, H, what);
+            cairo_surface_destroy(s);
+            kv_fig_free(fig);
+        }
+    }
+}
+END_TEST
+
 /* The vector path (any non-image surface: SVG, PDF, here a recording surface) draws the same
  * picture as the image path: replayed into an image, it matches the direct render. */
 START_TEST(render_vector_path_matches_image)
@@ -888,6 +965,7 @@ Suite *suite_plots(void)
     tcase_add_test(t, render_edge_inputs);
     tcase_add_test(t, render_vector_path_matches_image);
     tcase_add_test(t, render_heatmap_annotations);
+    tcase_add_test(t, render_tick_labels_never_overlap);
     suite_add_tcase(s, t);
     t = tcase_create("files");
     tcase_add_test(t, save_formats);
