@@ -642,6 +642,10 @@ int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z, const kv_
                         hs.vmax);
     if (hs.log && (hs.vmin < 0 || (hs.vmin == 0 && hs.vmax != 0)))
         return kv_error(KV_EINVAL, "kv_plot_heatmap: log colour scale needs vmin > 0 (got %g)", hs.vmin);
+    if (!isfinite(hs.x0) || !isfinite(hs.x1) || !isfinite(hs.y0) || !isfinite(hs.y1) ||
+        ((hs.x0 != 0 || hs.x1 != 0) && !(hs.x0 < hs.x1)) || ((hs.y0 != 0 || hs.y1 != 0) && !(hs.y0 < hs.y1)))
+        return kv_error(KV_EINVAL, "kv_plot_heatmap: extent x [%g, %g], y [%g, %g] must be finite and increasing",
+                        hs.x0, hs.x1, hs.y0, hs.y1);
     if (hs.annotate && !one_double_format(hs.annotate))
         return kv_error(KV_EINVAL, "kv_plot_heatmap: annotation format \"%s\" must hold exactly one %%f, %%e or %%g",
                         hs.annotate);

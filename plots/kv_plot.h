@@ -285,11 +285,16 @@ typedef struct {
     const char *annotate; /* printf format for one double ("%.2f", "%.0f%%"): each cell shows its
                              value when every label fits its cell; text is dark or white by the
                              cell's lightness. NULL: no values. Only %f, %e, %g conversions. */
+    double x0, x1;        /* data extent of the cell grid along x: column c spans
+                             [x0 + c w, x0 + (c+1) w], w = (x1 - x0) / cols (e.g. token positions of
+                             pooled cells). Both 0 (the default): cell c centred at c, edges c +- 0.5 */
+    double y0, y1;        /* the same along y for rows (row 0 starts at y0) */
 } kv_heat_style_t;
 
 /* Heat map of z, shape (rows, cols) row-major, NaN cells left blank. Sets the axes limits to the
  * cells, turns grid lines off, and (unless origin_lower) puts row 0 at the top. Draw lines over it
- * with kv_plot_hline/vline/line afterwards (boundary between rows s-1 and s: y = s - 0.5). */
+ * with kv_plot_hline/vline/line afterwards (boundary between rows s-1 and s: y = s - 0.5, or the
+ * extent's coordinates when st->x0..y1 are set). */
 int kv_plot_heatmap(kv_axes_t *ax, int rows, int cols, const float *z /* (rows, cols) */, const kv_heat_style_t *st);
 /* One colour bar for the whole figure, right of the panels, with style `st` (cmap, log, limits,
  * center) and `label`. Every heat map in the figure is then drawn with this bar's colour map and

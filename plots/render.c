@@ -113,6 +113,16 @@ static void rng_merge(rng_t *a, const rng_t *b)
         a->sticky[a->n_sticky++] = b->sticky[i];
 }
 
+/* Data extent of a heat map's cell grid: e = {x0, x1, y0, y1} (cell edges, row 0 at y0). */
+static void heat_extent(const item_t *it, double e[4])
+{
+    int xs = it->hs.x0 != 0 || it->hs.x1 != 0, ys = it->hs.y0 != 0 || it->hs.y1 != 0;
+    e[0] = xs ? it->hs.x0 : -0.5;
+    e[1] = xs ? it->hs.x1 : it->cols - 0.5;
+    e[2] = ys ? it->hs.y0 : -0.5;
+    e[3] = ys ? it->hs.y1 : it->rows - 0.5;
+}
+
 static void axes_ranges(const kv_axes_t *ax, rng_t *rx, rng_t *ry)
 {
     rng_init(rx);
@@ -154,12 +164,15 @@ static void axes_ranges(const kv_axes_t *ax, rng_t *rx, rng_t *ry)
             break;
         case IT_IDENTITY:
             break;
-        case IT_HEAT:
-            rng_sticky(rx, -0.5, sx);
-            rng_sticky(rx, it->cols - 0.5, sx);
-            rng_sticky(ry, -0.5, sy);
-            rng_sticky(ry, it->rows - 0.5, sy);
+        case IT_HEAT: {
+            double e[4];
+            heat_extent(it, e);
+            rng_sticky(rx, e[0], sx);
+            rng_sticky(rx, e[1], sx);
+            rng_sticky(ry, e[2], sy);
+            rng_sticky(ry, e[3], sy);
             break;
+        }
         }
     }
 }
@@ -1172,7 +1185,10 @@ static void annotate_cells(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax
                            const kv_rgba_t *lut)
 {
     const fm_t fm = fonts(fig);
-    double cw = fabs(map_x(ax, 1) - map_x(ax, 0)), ch = fabs(map_y(ax, 1) - map_y(ax, 0));
+    double e[4];
+    heat_extent(it, e);
+    const double wx = (e[1] - e[0]) / it->cols, wy = (e[3] - e[2]) / it->rows;
+    double cw = fabs(map_x(ax, e[0] + wx) - map_x(ax, e[0])), ch = fabs(map_y(ax, e[2] + wy) - map_y(ax, e[2]));
     double size = fmin(fm.tick, 0.6 * ch);
     if (size < 9 || (size_t)it->rows * it->cols > 4096)
         return;
@@ -1203,15 +1219,19 @@ static void annotate_cells(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax
                 }
                 kv_rgba_t cell = lut[(int)lround(heat_t(it, v) * 255)];
                 kv_rgba_t ink = kv_rgba_lightness(cell) > 58 ? kv_rgb_hex(C_TEXT) : kv_rgb_hex(0xffffff);
-                txt_draw(cr, lab, size, 0, map_x(ax, c), map_y(ax, r), 0.5, 0.5, 0, ink);
+                txt_draw(cr, lab, size, 0, map_x(ax, e[0] + (c + 0.5) * wx), map_y(ax, e[2] + (r + 0.5) * wy), 0.5,
+                         0.5, 0, ink);
             }
 }
 
 static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, const item_t *it, int mask)
 {
+    double e[4];
+    heat_extent(it, e);
+    const double wx = (e[1] - e[0]) / it->cols, wy = (e[3] - e[2]) / it->rows;
     if (mask) {
-        double x0 = map_x(ax, -0.5), x1 = map_x(ax, it->cols - 0.5);
-        double y0 = map_y(ax, -0.5), y1 = map_y(ax, it->rows - 0.5);
+        double x0 = map_x(ax, e[0]), x1 = map_x(ax, e[1]);
+        double y0 = map_y(ax, e[2]), y1 = map_y(ax, e[3]);
         if (!isfinite(x0 + x1 + y0 + y1))
             return;
         cairo_set_source_rgba(cr, 0, 0, 0, 1);
@@ -1232,8 +1252,8 @@ static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
                 if (isnan(v))
                     continue;
                 kv_rgba_t col = lut[(int)lround(heat_t(it, v) * 255)];
-                double x0 = map_x(ax, c - 0.5), x1 = map_x(ax, c + 0.5), y0 = map_y(ax, r - 0.5),
-                       y1 = map_y(ax, r + 0.5);
+                double x0 = map_x(ax, e[0] + c * wx), x1 = map_x(ax, e[0] + (c + 1) * wx),
+                       y0 = map_y(ax, e[2] + r * wy), y1 = map_y(ax, e[2] + (r + 1) * wy);
                 if (!isfinite(x0 + x1 + y0 + y1))
                     continue;
                 set_rgba(cr, col);
@@ -1244,7 +1264,9 @@ static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
     }
     /* one image pixel per cell; on vector surfaces upscale so that viewers that smooth images
      * still show sharp cells */
-    double cw = fabs(map_x(ax, 1) - map_x(ax, 0)), ch = fabs(map_y(ax, 1) - map_y(ax, 0));
+    /* pixels per cell (signed: the image is flipped when an axis runs backwards) */
+    const double bx = (map_x(ax, e[1]) - map_x(ax, e[0])) / it->cols, by = (map_y(ax, e[3]) - map_y(ax, e[2])) / it->rows;
+    double cw = fabs(bx), ch = fabs(by);
     int k = 1;
     if (cairo_surface_get_type(cairo_get_target(cr)) != CAIRO_SURFACE_TYPE_IMAGE) {
         k = (int)ceil(fmax(cw, ch));
@@ -1280,9 +1302,7 @@ static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
         }
     }
     cairo_surface_mark_dirty(img);
-    double bx = (ax->px1 - ax->px0) / (ax->x.vhi - ax->x.vlo);
-    double by = (map_y(ax, 1) - map_y(ax, 0));
-    double ox = map_x(ax, -0.5), oy = map_y(ax, -0.5);
+    double ox = map_x(ax, e[0]), oy = map_y(ax, e[2]);
     cairo_save(cr);
     cairo_translate(cr, ox, oy);
     cairo_scale(cr, bx / k, by / k);

@@ -468,6 +468,40 @@ START_TEST(render_heatmap_hot_cell)
 }
 END_TEST
 
+/* A heat map with a data extent: 4 x 5 cells over x in [0, 100], y in [10, 30]; the hot cell (row 1,
+ * column 3) covers x in [60, 80] and y in [15, 20]; axis limits are the extent. */
+START_TEST(render_heatmap_extent)
+{
+    enum { R = 4, C = 5 };
+    float z[R * C];
+    memset(z, 0, sizeof z);
+    z[1 * C + 3] = 1.0f;
+    kv_fig_t *fig;
+    ck_assert_int_eq(kv_fig_create(640, 480, &fig), KV_OK);
+    kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
+    ck_assert_int_eq(kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.x0 = 0, .x1 = 100, .y0 = 10, .y1 = 30}), KV_OK);
+    ck_assert_int_eq(kv_plot_heatmap(ax, R, C, z, &(kv_heat_style_t){.x0 = 5, .x1 = 5}), KV_EINVAL);
+    cairo_surface_t *s = render(fig);
+    int x0, y0, x1, y1;
+    plot_rect(ax, &x0, &y0, &x1, &y1);
+    double ax0, ay0, ax1, ay1;
+    ck_assert_int_eq(kv_axes_data_to_px(ax, 0, 10, &ax0, &ay0), KV_OK);
+    ck_assert_int_eq(kv_axes_data_to_px(ax, 100, 30, &ax1, &ay1), KV_OK);
+    /* limits are the extent (1 px for rounding of the plot rectangle) */
+    ck_assert_msg(fabs(ax0 - x0) <= 1 && fabs(ax1 - x1) <= 1, "x extent %g..%g vs plot %d..%d", ax0, ax1, x0, x1);
+    ck_assert_msg(fabs(ay0 - y0) <= 1 && fabs(ay1 - y1) <= 1, "y extent %g..%g vs plot %d..%d", ay0, ay1, y0, y1);
+    double px, py;
+    kv_axes_data_to_px(ax, 70, 17.5, &px, &py); /* centre of the hot cell */
+    ck_assert(near_rgb(pixel(s, (int)px, (int)py), kv_cmap_eval(KV_CMAP_VIRIDIS, 1), 2));
+    kv_axes_data_to_px(ax, 50, 17.5, &px, &py); /* its left neighbour */
+    ck_assert(near_rgb(pixel(s, (int)px, (int)py), kv_cmap_eval(KV_CMAP_VIRIDIS, 0), 2));
+    kv_axes_data_to_px(ax, 70, 22.5, &px, &py); /* the cell below it */
+    ck_assert(near_rgb(pixel(s, (int)px, (int)py), kv_cmap_eval(KV_CMAP_VIRIDIS, 0), 2));
+    cairo_surface_destroy(s);
+    kv_fig_free(fig);
+}
+END_TEST
+
 START_TEST(render_log_heatmap_with_zeros)
 {
     enum { N = 8 };
@@ -957,6 +991,7 @@ Suite *suite_plots(void)
     t = tcase_create("render");
     tcase_add_test(t, render_size_and_ink);
     tcase_add_test(t, render_heatmap_hot_cell);
+    tcase_add_test(t, render_heatmap_extent);
     tcase_add_test(t, render_log_heatmap_with_zeros);
     tcase_add_test(t, render_line_peak_lands);
     tcase_add_test(t, render_bars_tallest);
