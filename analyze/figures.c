@@ -34,13 +34,21 @@ static int new_fig(int w, int h, const char *title, kv_fig_t **fig)
     return rc;
 }
 
-/* Style of policy i: palette colour, a marker shape, dashed from the ninth policy on. */
+/* Colour of policy i: the first seven Okabe-Ito colours (their yellow is too faint for thin lines
+ * on white), repeating. */
+#define POL_COLORS 7
+static kv_rgba_t pol_color(int i)
+{
+    return kv_palette(i % POL_COLORS);
+}
+
+/* Style of policy i: its colour, a marker shape, dashed from the eighth policy on. */
 static kv_style_t pol_style(int i, const char *label)
 {
     kv_style_t st = {.label = label,
-                     .color = kv_palette(i % KV_PALETTE_SIZE),
+                     .color = pol_color(i),
                      .width = 2,
-                     .dash = (i / KV_PALETTE_SIZE) % 2 ? KV_DASH_DASHED : KV_DASH_SOLID,
+                     .dash = (i / POL_COLORS) % 2 ? KV_DASH_DASHED : KV_DASH_SOLID,
                      .marker = (kv_marker_t)(KV_MARKER_CIRCLE + i % 6),
                      .marker_size = 9};
     return st;
@@ -131,6 +139,8 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
     kv_map_src_t src = KV_MAP_AUTO;
     TRY(new_fig(o->width > 0 ? o->width : 1600, o->height > 0 ? o->height : (rows > 1 ? 1040 : 620), NULL, &fig));
     TRY(kv_fig_grid(fig, rows, cols));
+    if (m->n_segments > 1 || m->n_prompt < T)
+        TRY(kv_fig_legend(fig, KV_LEGEND_BELOW));
     for (int p = 0; p < n; p++) {
         const int layer = head_layer >= 0 ? head_layer : layers[p];
         if (p == 0 || head_layer < 0) {
@@ -169,14 +179,29 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
                               .y0 = -0.5,
                               .y1 = T - 0.5};
         TRY(kv_plot_heatmap(ax, map.side, map.side, mean, &hs));
-        kv_style_t seg = {.color = {1, 1, 1, 0.75}, .width = 1.2, .dash = KV_DASH_DASHED};
+        /* Boundaries, drawn only where attention exists (on and below the diagonal): a segment start
+         * s is a vertical line (keys of the new segment) from query s down and a horizontal one
+         * (queries of the new segment) from key 0 to the diagonal. A dark line under a light one
+         * keeps them visible on dark and light cells alike. */
+        kv_style_t under = {.color = {0, 0, 0, 0.35}, .width = 2.6};
+        kv_style_t seg = {.label = "segment start", .color = kv_palette(5), .width = 1.6, .dash = KV_DASH_DASHED};
+        kv_style_t dec = {.label = "end of prompt (decode queries below)",
+                          .color = kv_palette(2),
+                          .width = 1.8,
+                          .dash = KV_DASH_DASHDOT};
+        const double lo = -0.5, hi = T - 0.5;
         for (int s = 1; s < m->n_segments; s++) {
-            TRY(kv_plot_vline(ax, m->segments[s] - 0.5, &seg));
-            TRY(kv_plot_hline(ax, m->segments[s] - 0.5, &seg));
+            const double at = m->segments[s] - 0.5;
+            const double vx[2] = {at, at}, vy[2] = {at, hi}, hx[2] = {lo, at}, hy[2] = {at, at};
+            TRY(kv_plot_line(ax, 2, vx, vy, &under));
+            TRY(kv_plot_line(ax, 2, hx, hy, &under));
+            TRY(kv_plot_line(ax, 2, vx, vy, &seg));
+            TRY(kv_plot_line(ax, 2, hx, hy, &seg));
         }
         if (m->n_prompt < T) {
-            kv_style_t dec = {.color = kv_rgba_alpha(kv_palette(5), 0.9), .width = 1.5, .dash = KV_DASH_DOTTED};
-            TRY(kv_plot_hline(ax, m->n_prompt - 0.5, &dec));
+            const double at = m->n_prompt - 0.5, px[2] = {lo, at}, py[2] = {at, at};
+            TRY(kv_plot_line(ax, 2, px, py, &under));
+            TRY(kv_plot_line(ax, 2, px, py, &dec));
         }
     }
     char title[256];
@@ -184,8 +209,8 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
         snprintf(title, sizeof title, "Attention of every head, layer %d (%s)", head_layer,
                  src == KV_MAP_POOLED ? "pooled maps" : src == KV_MAP_EXACT ? "exact" : "sampled rows");
     else
-        snprintf(title, sizeof title, "Pyramid information funneling: attention per layer, mean over %d heads%s",
-                 m->n_heads, m->n_segments > 1 ? " (dashed: segment starts)" : "");
+        snprintf(title, sizeof title, "Pyramid information funneling: attention per layer, mean over its %d heads",
+                 m->n_heads);
     TRY(kv_fig_set_title(fig, title));
     kv_heat_style_t bar = {.cmap = KV_CMAP_MAGMA, .log = 1};
     const char *blabel = src == KV_MAP_POOLED   ? "attention probability (max over each cell)"
@@ -490,8 +515,8 @@ int kv_analyze_fig_bound(const kv_res_set_t *s, kv_fig_t **out)
     int rc = (!x || !y || !vx || !vy) ? KV_ENOMEM : KV_OK;
     if (rc)
         goto done;
-    TRY(new_fig(1500, 1000,
-                "Ada-KV bound vs measured output error, per layer and budget (the bound holds below y = x)", &fig));
+    TRY(new_fig(1400, 1000, "Ada-KV bound vs measured output error, per layer and budget (bound holds below y = x)",
+                &fig));
     kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
     TRY(kv_axes_set_xscale(ax, KV_SCALE_LOG));
     TRY(kv_axes_set_yscale(ax, KV_SCALE_LOG));
@@ -608,14 +633,14 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
                 const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], l, -1);
                 v[l] = r ? r->kept : NAN;
             }
-            TRY(kv_plot_bars(ax, L, v, &(kv_style_t){.label = s->shorts[p], .color = kv_palette(p % KV_PALETTE_SIZE)}));
+            TRY(kv_plot_bars(ax, L, v, &(kv_style_t){.label = s->shorts[p], .color = pol_color(p)}));
         }
         TRY(kv_plot_hline(ax, budgets[b],
                           &(kv_style_t){.label = "budget B (uniform)", .dash = KV_DASH_DASHED, .color = {0.2, 0.2, 0.2, 1}}));
         if (!strips)
             continue;
         kv_axes_t *hx = kv_fig_axes(fig, 1, b);
-        snprintf(title, sizeof title, "Ada-KV, budget %d", budgets[b]);
+        snprintf(title, sizeof title, "Ada-KV per head, budget %d", budgets[b]);
         TRY(kv_axes_set_title(hx, title));
         char **hcats = kv_calloc((size_t)H, sizeof(char *), "head names");
         if (!hcats) {
@@ -644,15 +669,14 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
         for (int l = 0; l < L; l++)
             for (int h = 0; h < H; h++) {
                 const kv_res_row_t *r = kv_res_set_find(s, strip_pol, budgets[b], l, h);
-                z[(size_t)l * H + h] = r ? (float)r->kept : NAN;
+                z[(size_t)l * H + h] = r && budgets[b] > 0 ? (float)(r->kept / budgets[b]) : NAN;
             }
-        TRY(kv_plot_heatmap(hx, L, H, z,
-                            &(kv_heat_style_t){.cmap = KV_CMAP_BLUES,
-                                               .vmin = 0,
-                                               .vmax = 0,
-                                               .colorbar = b == nb - 1 ? KV_CBAR_AXES : KV_CBAR_NONE,
-                                               .label = "tokens kept",
-                                               .annotate = "%.0f"}));
+        TRY(kv_plot_heatmap(hx, L, H, z, &(kv_heat_style_t){.annotate = "%.1f"}));
+    }
+    if (strips) {
+        /* one scale for every budget: tokens kept relative to the uniform budget, white at 1 */
+        kv_heat_style_t bar = {.cmap = KV_CMAP_DIVERGING, .center = 1};
+        TRY(kv_fig_colorbar(fig, &bar, "tokens kept / budget B (1 = uniform)"));
     }
     *out = fig;
     fig = NULL;
