@@ -16,7 +16,6 @@
 PENDING(kv_cmd_capture, "capture")
 PENDING(kv_cmd_generate, "generate")
 PENDING(kv_cmd_nll, "nll")
-PENDING(kv_cmd_synth, "synth")
 PENDING(kv_cmd_replay, "replay")
 PENDING(kv_cmd_policies, "policies")
 PENDING(kv_cmd_analyze, "analyze")
