@@ -617,11 +617,15 @@ static inline float dotf(const float *a, const float *b, int n)
     return r;
 }
 
-/* log E exp(t z) for fast_normal's z. */
-static inline double log_mgf(double t)
+/* exp of a score relative to R: float where it cannot overflow (the common case), else double. */
+static inline double exp_score(float a) { return a < 80.0f ? (double)expf(a) : exp((double)a); }
+
+/* sum_x log E exp(c z_x z') over fast_normal's z', given sum z_x^2 and sum z_x^4:
+ * log E exp(t z') = t^2/2 - t^4/80 + O(t^6). */
+static inline double log_mgf_sum(double c, double z2, double z4)
 {
-    double t2 = t * t;
-    return 0.5 * t2 - t2 * t2 / 80.0;
+    const double c2 = c * c;
+    return 0.5 * c2 * z2 - c2 * c2 * z4 / 80.0;
 }
 
 /* Per (layer, KV head): where each logical dim lives, noise channel scales and rotary phases. */
@@ -740,7 +744,10 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
     const double m = s->p.sink_mass, logit_m = m > 0 ? log(m / (1.0 - m)) : 0;
     const float q_heavy = (float)(qh->B * sqd / KAPPA_HEAVY), q_seg = (float)(qh->E * sqd);
     const float rho = M > 0 ? (float)(qh->R * sqd / M) : 0.0f;
-    const float tau = s->d_noise > 0 ? (float)(s->p.noise * sqrt((double)d / s->d_noise)) : 0.0f;
+    const double tau = s->d_noise > 0 ? s->p.noise * sqrt((double)d / s->d_noise) : 0.0, ct = tau / sqd;
+    float qscale[4096]; /* tau / sigma_x */
+    for (int x = 0; x < s->d_noise; x++)
+        qscale[x] = (float)(tau / kh->sigma[x]);
     double *w = NULL, *P = NULL;
     const int calibrate = m > 0 && ns > 0;
     if (calibrate) {
@@ -775,14 +782,17 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
             qi[kh->phys[r0 + 2 * mm]] = rho * c;
             qi[kh->phys[r0 + 2 * mm + 1]] = rho * sn;
         }
-        double lo = 0, lh = 0; /* log E exp(noise logit) for ordinary and planted keys */
+        /* Noise dims: q_x = (tau / sigma_x) z_x, so the noise logit against a key with
+         * k_x = a sigma_x z'_x is sum_x (a tau / sqrt(d)) z_x z'_x: its log-MGF over the key's z'
+         * needs only sum z^2 and sum z^4 (log_mgf expanded). */
+        float z2 = 0, z4 = 0;
         for (int x = 0; x < s->d_noise; x++) {
-            float val = tau / kh->sigma[x] * fast_normal(&r);
-            qi[kh->phys[n0 + x]] = val;
-            double t = (double)val * kh->sigma[x] / sqd;
-            lo += log_mgf(t);
-            lh += log_mgf(t * lam);
+            const float z = fast_normal(&r), zz = z * z;
+            qi[kh->phys[n0 + x]] = qscale[x] * z;
+            z2 += zz;
+            z4 += zz * zz;
         }
+        const double lo = log_mgf_sum(ct, z2, z4), lh = log_mgf_sum(ct * lam, z2, z4);
         while (kh_count < s->n_heavy && s->heavy[kh_count] <= i)
             kh_count++;
         if (!calibrate || i < ns)
@@ -790,11 +800,7 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
         /* A: exact scores of the sinks (the sink dim of q is still 0), in log space. */
         double la[64], amax = -INFINITY;
         for (int j = 0; j < ns; j++) {
-            const float *kj = kg + (size_t)j * d;
-            double dot = 0;
-            for (int x = 0; x < d; x++)
-                dot += (double)qi[x] * kj[x];
-            la[j] = dot / sqd;
+            la[j] = dotf(qi, kg + (size_t)j * d, d) / sqd;
             amax = la[j] > amax ? la[j] : amax;
         }
         double asum = 0;
@@ -806,15 +812,16 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
          * otherwise dominate the error); expectations for the rest. */
         const int rec0 = KV_MAX(ns, i - EXACT_RECENT + 1);
         double zx = 0, wx = 0, hs = 0;
+        const float isqd = (float)(1.0 / sqd), fR = (float)qh->R;
         for (int j = rec0; j <= i; j++)
-            zx += exp(dotf(qi, kg + (size_t)j * d, d) / sqd - qh->R);
+            zx += exp_score(dotf(qi, kg + (size_t)j * d, d) * isqd - fR);
         int hb = kh_count; /* heavy hitters < rec0 */
         while (hb > 0 && s->heavy[hb - 1] >= rec0)
             hb--;
         const int hx0 = KV_MAX(0, hb - EXACT_HEAVY);
         for (int k = hx0; k < hb; k++) {
             const int j = s->heavy[k];
-            zx += exp(dotf(qi, kg + (size_t)j * d, d) / sqd - qh->R);
+            zx += exp_score(dotf(qi, kg + (size_t)j * d, d) * isqd - fR);
             wx += w[i - j] * ((S > 0 && s->seg_of[j] % S == code) ? eE1 + 1.0 : 1.0);
         }
         const int near0 = KV_MAX(0, hx0 - HEAVY_NEAR);
@@ -1041,6 +1048,7 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
     }
     kv_progress_t pg;
     kv_progress_begin(&pg, what, p->n_layers);
+    double t_gen = 0, t_sum = 0, t_write = 0, t0;
     for (int l = 0; l < p->n_layers && rc == KV_OK; l++) {
         if (out->mem) {
             q = kv_trace_mem_tensor(out->mem, l, KV_T_Q);
@@ -1053,10 +1061,15 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
                 break;
             }
         }
+        t0 = kv_now();
         if ((rc = kv_synth_layer(s, l, q, k, v)))
             break;
+        t_gen += kv_now() - t0;
+        t0 = kv_now();
         if (meta->has_summaries && (rc = kv_synth_summarize(be, meta, q, k, v, sum[0], sum[1], sum[2], sum[3])))
             break;
+        t_sum += kv_now() - t0;
+        t0 = kv_now();
         if (out->w) {
             if ((rc = kv_trace_write(out->w, l, KV_T_Q, q)) || (rc = kv_trace_write(out->w, l, KV_T_K, k)) ||
                 (rc = kv_trace_write(out->w, l, KV_T_V, v)))
@@ -1064,13 +1077,15 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
             for (int w = 0; w < 4 && meta->has_summaries && rc == KV_OK; w++)
                 rc = kv_trace_write(out->w, l, (kv_tensor_t)(KV_T_LSE + w), sum[w]);
         }
+        t_write += kv_now() - t0;
         char detail[64];
         snprintf(detail, sizeof detail, "layer %d/%d", l + 1, p->n_layers);
         kv_progress_update(&pg, l + 1, detail);
     }
     if (rc == KV_OK) {
-        char detail[64], b[32];
-        snprintf(detail, sizeof detail, "peak RSS %s", kv_fmt_bytes((double)kv_peak_rss(), b, sizeof b));
+        char detail[160], b[32];
+        snprintf(detail, sizeof detail, "(generate %.1fs, summaries %.1fs, write %.1fs), peak RSS %s", t_gen, t_sum,
+                 t_write, kv_fmt_bytes((double)kv_peak_rss(), b, sizeof b));
         kv_progress_end(&pg, detail);
     }
 done:

@@ -257,7 +257,7 @@ int kv_cmd_synth(int argc, char **argv)
            p.n_sinks, p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac,
            p.n_segments >= 2 ? p.n_segments : 0, p.sharp_first, p.sharp_last);
     printf("  summaries: %s\n", want ? "lse, entropy, accumulated attention, pooled map" : "none");
-    printf("  file %s (data %s raw f32, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
+    printf("  file %s (tensors %s uncompressed, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b), el,
            kv_fmt_bytes((double)kv_peak_rss(), r, sizeof r));
     if (print)
