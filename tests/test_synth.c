@@ -150,13 +150,21 @@ static void quiet(void) { kv_log_set_level(KV_LOG_QUIET); }
 START_TEST(sink_mass_as_asked)
 {
     quiet();
-    const double targets[] = {0.3, 0.6, 0.1};
+    /* Defaults; 4 sinks; a low target; many heavy hitters (the normaliser's far-heavy-hitter
+     * approximation is used: > 80 before most queries) with 12 segments sharing 4 codes. */
+    const double targets[] = {0.3, 0.6, 0.1, 0.3};
     for (size_t ti = 0; ti < KV_ARRAY_LEN(targets); ti++) {
         kv_synth_params_t p;
         small_params(&p);
         p.sink_mass = targets[ti];
         p.n_sinks = ti == 1 ? 4 : 1;
         p.seed = 11 + (long)ti;
+        if (ti == 3) {
+            p.heavy_frac = 0.3;
+            p.n_segments = 12;
+            p.segment_dims = 4;
+            p.segment_jitter = 0.5;
+        }
         kv_trace_t *t;
         ck_assert_msg(kv_synth_memory(&p, &t) == KV_OK, "%s", kv_last_error());
         uint8_t roles[544];
@@ -491,6 +499,12 @@ START_TEST(hdf5_round_trip)
     for (int i = 0; i < 544; i++)
         ck_assert(m->tokens[i] == -1 && m->positions[i] == i);
     /* the stored label gives back the parameters, hence the planted tokens */
+    uint8_t r_file[544], r_mem[544];
+    int nh_file = -1;
+    ck_assert_msg(kv_synth_trace_roles(m, r_file, &nh_file) == KV_OK, "%s", kv_last_error());
+    kv_synth_roles(&p, r_mem, NULL);
+    ck_assert(!memcmp(r_file, r_mem, sizeof r_mem));
+    ck_assert_int_eq(nh_file, (int)llround(p.heavy_frac * (512 - 1)));
     kv_synth_params_t back;
     ck_assert_msg(kv_synth_parse(m->generator, &back) == KV_OK, "%s", kv_last_error());
     char l1[512], l2[512];

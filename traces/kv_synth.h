@@ -108,6 +108,9 @@ double kv_synth_sharpness(const kv_synth_params_t *p, int layer);
  * in (seed, tokens, decode, sinks, heavy_frac); heavy hitters are prompt tokens after the sinks.
  * *n_heavy (may be NULL) gets their number. */
 int kv_synth_roles(const kv_synth_params_t *p, uint8_t *roles, int *n_heavy);
+/* Roles of the tokens of a synthetic trace, from its metadata (source "synth"; the parameters are
+ * parsed from meta.generator): works for HDF5 files written by `kvsim synth` and in-memory traces. */
+int kv_synth_trace_roles(const kv_trace_meta_t *m, uint8_t *roles, int *n_heavy);
 /* The trace metadata the generator writes (shape, tokens = -1, positions 0..T-1, segments,
  * provenance with the label in generator). The caller frees it with kv_trace_meta_free. */
 int kv_synth_meta(const kv_synth_params_t *p, kv_trace_meta_t *m);
