@@ -23,7 +23,10 @@
 #include <string.h>
 #include <sys/wait.h>
 
-static int verbose(void) { return getenv("KVSIM_TEST_VERBOSE") != NULL; }
+static int verbose(void)
+{
+    return getenv("KVSIM_TEST_VERBOSE") != NULL;
+}
 
 /* The shape the brief asks for: 4 layers, 4 query / 2 KV heads, head_dim 64, 512 prompt tokens
  * plus 32 decode tokens. */
@@ -143,7 +146,10 @@ static void measure(kv_trace_t *t, int layer, const uint8_t *roles, double targe
     free(p);
 }
 
-static void quiet(void) { kv_log_set_level(KV_LOG_QUIET); }
+static void quiet(void)
+{
+    kv_log_set_level(KV_LOG_QUIET);
+}
 
 /* ---------------------------------------------------------------- planted properties */
 
@@ -270,8 +276,8 @@ START_TEST(heavy_hitters_accumulate_attention)
         /* Layer 1 has sharpness ~1.2: bonus e^(2*1.2*u) >= e^1.2; higher layers more. */
         ck_assert_msg(hh > 3.0 * ord, "layer %d: heavy hitters get %.5f per query, ordinary %.5f", l, hh, ord);
         if (l == p.n_layers - 1)
-            ck_assert_msg(in_top >= (int)(0.8 * nh), "top layer: only %d of %d heavy hitters in the top-%d", in_top,
-                          nh, 2 * nh);
+            ck_assert_msg(in_top >= (int)(0.8 * nh), "top layer: only %d of %d heavy hitters in the top-%d", in_top, nh,
+                          2 * nh);
         free(ms.acc);
     }
     kv_trace_close(t);
@@ -299,7 +305,8 @@ START_TEST(recent_window_beats_far_window)
         /* Even the broad first layer prefers recent keys (recency amplitude 0.25-0.75 logit, so
          * only ~1.2x); from layer 1 on clearly, and the ratio grows with sharpness. */
         ck_assert_msg(ratio > (l == 0 ? 1.1 : 1.5), "layer %d: recent/far mass per token %.3f", l, ratio);
-        ck_assert_msg(ratio > prev_ratio, "layer %d: locality %.3f not sharper than below (%.3f)", l, ratio, prev_ratio);
+        ck_assert_msg(ratio > prev_ratio, "layer %d: locality %.3f not sharper than below (%.3f)", l, ratio,
+                      prev_ratio);
         prev_ratio = ratio;
     }
     kv_trace_close(t);

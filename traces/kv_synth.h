@@ -42,36 +42,36 @@ typedef enum { KV_SYNTH_SUMMARIES_AUTO = 0, KV_SYNTH_SUMMARIES_YES, KV_SYNTH_SUM
 
 typedef struct {
     /* ---- generation parameters (the schema keys, in brackets) ---- */
-    int n_layers;   /* [layers] */
-    int n_heads;    /* [heads] query heads */
-    int n_kv_heads; /* [kv_heads] KV heads; n_heads must be a multiple */
-    int head_dim;   /* [head_dim] even */
-    int n_tokens;   /* [tokens] total T = prompt + decode; positions 0..T-1 */
-    int n_decode;   /* [decode] decode tokens at the end (queries for them too) */
-    long seed;      /* [seed] */
-    int n_sinks;    /* [sinks] sink tokens at positions 0..sinks-1 */
-    double sink_mass;    /* [sink_mass] share of each query's attention on the sinks, [0, 1) */
-    double heavy_frac;   /* [heavy_frac] fraction of prompt tokens planted as heavy hitters */
-    double heavy_boost;  /* [heavy_boost] logit bonus of a heavy hitter at sharpness 1 */
-    double recent_boost; /* [recent_boost] logit amplitude of the recency kernel at sharpness 1 */
-    int recent_window;   /* [recent_window] longest rotary wavelength / 2 pi, in tokens */
-    int rope_pairs;      /* [rope_pairs] rotary dimension pairs that carry the recency kernel */
-    int n_segments;      /* [segments] 0 or 1: none; else the prompt is split in that many segments */
-    double segment_jitter; /* [segment_jitter] segment lengths vary by +-jitter around the mean */
-    double segment_boost;  /* [segment_boost] logit bonus for keys of the query's segment at sharpness 1 */
-    int segment_dims;      /* [segment_dims] one-hot segment code dims (segments share a code modulo this) */
-    double sharp_first;    /* [sharp_first] sharpness (multiplier of all bonuses) of layer 0 */
-    double sharp_last;     /* [sharp_last] sharpness of the last layer (linear in between) */
-    double noise;          /* [noise] standard deviation of the content (noise) logit term */
-    double head_jitter;    /* [head_jitter] per-head bonus multipliers drawn in [1-j, 1+j] */
-    double planted_key_scale; /* [planted_key_scale] noise scale of sink and heavy keys (low key norm) */
-    double channel_spread;    /* [channel_spread] log-std of per-channel scales of the noise dims */
+    int n_layers;             /* [layers] */
+    int n_heads;              /* [heads] query heads */
+    int n_kv_heads;           /* [kv_heads] KV heads; n_heads must be a multiple */
+    int head_dim;             /* [head_dim] even */
+    int n_tokens;             /* [tokens] total T = prompt + decode; positions 0..T-1 */
+    int n_decode;             /* [decode] decode tokens at the end (queries for them too) */
+    long seed;                /* [seed] */
+    int n_sinks;              /* [sinks] sink tokens at positions 0..sinks-1 */
+    double sink_mass;         /* [sink_mass] share of each query's attention on the sinks, [0, 1) */
+    double heavy_frac;        /* [heavy_frac] fraction of prompt tokens planted as heavy hitters */
+    double heavy_boost;       /* [heavy_boost] logit bonus of a heavy hitter at sharpness 1 */
+    double recent_boost;      /* [recent_boost] logit amplitude of the recency kernel at sharpness 1 */
+    int recent_window;        /* [recent_window] longest rotary wavelength / 2 pi, in tokens */
+    int rope_pairs;           /* [rope_pairs] rotary dimension pairs that carry the recency kernel */
+    int n_segments;           /* [segments] 0 or 1: none; else the prompt is split in that many segments */
+    double segment_jitter;    /* [seg_jitter] segment lengths vary by +-jitter around the mean */
+    double segment_boost;     /* [seg_boost] logit bonus for keys of the query's segment at sharpness 1 */
+    int segment_dims;         /* [seg_dims] one-hot segment code dims (segments share a code modulo this) */
+    double sharp_first;       /* [sharp_first] sharpness (multiplier of all bonuses) of layer 0 */
+    double sharp_last;        /* [sharp_last] sharpness of the last layer (linear in between) */
+    double noise;             /* [noise] standard deviation of the content (noise) logit term */
+    double head_jitter;       /* [head_jitter] per-head bonus multipliers drawn in [1-j, 1+j] */
+    double planted_key_scale; /* [key_scale] noise scale of sink and heavy keys (low key norm) */
+    double channel_spread;    /* [chan_spread] log-std of per-channel scales of the noise dims */
 
     /* ---- output options (not part of the label: they do not change Q, K, V) ---- */
     kv_synth_summaries_t summaries;
-    int pool;           /* pooled map side, 0 = KV_TRACE_DEFAULT_POOL (clipped to T) */
-    char backend[16];   /* backend for the summaries: "cpu" (default), "cuda" or "auto" */
-    int n_threads;      /* generation and CPU backend threads, <= 0: all cores */
+    int pool;         /* pooled map side, 0 = KV_TRACE_DEFAULT_POOL (clipped to T) */
+    char backend[16]; /* backend for the summaries: "cpu" (default), "cuda" or "auto" */
+    int n_threads;    /* generation and CPU backend threads, <= 0: all cores */
 } kv_synth_params_t;
 
 /* Roles of tokens (bit flags) returned by kv_synth_roles. */
@@ -130,8 +130,8 @@ int kv_synth_layer(const kv_synth_t *s, int layer, float *q /* (n_heads, T, head
  * lse, entropy (n_heads, T); acc (n_heads, T) summed over prompt queries; pooled
  * (n_heads, pool, pool) max-pooled causal probabilities. Any output may be NULL. */
 struct kv_backend;
-int kv_synth_summarize(struct kv_backend *be, const kv_trace_meta_t *m, const float *q, const float *k,
-                       const float *v, float *lse, float *entropy, float *acc, float *pooled);
+int kv_synth_summarize(struct kv_backend *be, const kv_trace_meta_t *m, const float *q, const float *k, const float *v,
+                       float *lse, float *entropy, float *acc, float *pooled);
 
 /* ---- whole traces ---- */
 /* Write an HDF5 trace (atomically, via kv_trace_create/commit), one layer at a time, with

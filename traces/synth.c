@@ -83,7 +83,7 @@
 
 #define KAPPA_SINK 4.0
 #define KAPPA_HEAVY 2.0
-#define HEAVY_NEAR 64 /* heavy hitters whose recency weights enter the sink normaliser one by one */
+#define HEAVY_NEAR 64   /* heavy hitters whose recency weights enter the sink normaliser one by one */
 #define EXACT_RECENT 16 /* last keys scored exactly in the sink normaliser */
 #define EXACT_HEAVY 16  /* nearest heavy hitters (before those) scored exactly */
 
@@ -160,16 +160,22 @@ static void to_text(const kv_synth_params_t *p, kv_params_t *out)
     memset(out, 0, sizeof *out);
     for (int i = 0; i < N_FIELDS; i++) {
         const char *base = (const char *)p + fields[i].off;
+        int iv;
+        long lv;
+        double dv;
         snprintf(out->key[i], KV_PARAM_KEY_LEN, "%s", schema[i].key);
         switch (fields[i].type) {
         case F_INT:
-            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%d", *(const int *)base);
+            memcpy(&iv, base, sizeof iv);
+            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%d", iv);
             break;
         case F_LONG:
-            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%ld", *(const long *)base);
+            memcpy(&lv, base, sizeof lv);
+            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%ld", lv);
             break;
         case F_DOUBLE:
-            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%.17g", *(const double *)base);
+            memcpy(&dv, base, sizeof dv);
+            snprintf(out->val[i], KV_PARAM_VAL_LEN, "%.17g", dv);
             break;
         }
     }
@@ -180,15 +186,21 @@ static void from_text(const kv_params_t *r, kv_synth_params_t *p)
 {
     for (int i = 0; i < N_FIELDS; i++) {
         char *base = (char *)p + fields[i].off;
+        int iv;
+        long lv;
+        double dv;
         switch (fields[i].type) {
         case F_INT:
-            *(int *)base = (int)kv_params_int(r, schema[i].key);
+            iv = (int)kv_params_int(r, schema[i].key);
+            memcpy(base, &iv, sizeof iv);
             break;
         case F_LONG:
-            *(long *)base = kv_params_int(r, schema[i].key);
+            lv = kv_params_int(r, schema[i].key);
+            memcpy(base, &lv, sizeof lv);
             break;
         case F_DOUBLE:
-            *(double *)base = kv_params_float(r, schema[i].key);
+            dv = kv_params_float(r, schema[i].key);
+            memcpy(base, &dv, sizeof dv);
             break;
         }
     }
@@ -266,9 +278,15 @@ int kv_synth_label(const kv_synth_params_t *p, char *buf, size_t len)
     return rc ? rc : kv_params_label("synth", &res, buf, len);
 }
 
-void kv_synth_describe(char *buf, size_t len) { kv_params_describe(schema, N_FIELDS, buf, len); }
+void kv_synth_describe(char *buf, size_t len)
+{
+    kv_params_describe(schema, N_FIELDS, buf, len);
+}
 
-const char *kv_synth_key(int i) { return i >= 0 && i < N_FIELDS ? schema[i].key : NULL; }
+const char *kv_synth_key(int i)
+{
+    return i >= 0 && i < N_FIELDS ? schema[i].key : NULL;
+}
 
 int kv_synth_preset(kv_synth_params_t *p, const char *name)
 {
@@ -277,10 +295,8 @@ int kv_synth_preset(kv_synth_params_t *p, const char *name)
         int layers, heads, kv_heads, head_dim;
     } presets[] = {
         {"llama3-8b", 32, 32, 8, 128}, /* Llama-3-8B / Llama-3.1-8B */
-        {"llama2-7b", 32, 32, 32, 128},
-        {"mistral-7b", 32, 32, 8, 128},
-        {"stories110m", 12, 12, 12, 64},
-        {"tiny", 4, 4, 2, 64},
+        {"llama2-7b", 32, 32, 32, 128},  {"mistral-7b", 32, 32, 8, 128},
+        {"stories110m", 12, 12, 12, 64}, {"tiny", 4, 4, 2, 64},
     };
     char names[128] = "";
     size_t used = 0;
@@ -323,8 +339,10 @@ int kv_synth_validate(const kv_synth_params_t *p)
     if (p->head_dim % 2)
         return kv_error(KV_EINVAL, "synth: head_dim (%d) must be even (rotary dimension pairs)", p->head_dim);
     if (p->n_decode >= p->n_tokens)
-        return kv_error(KV_EINVAL, "synth: decode (%d) must be smaller than tokens (%d), which counts prompt and "
-                        "decode tokens together", p->n_decode, p->n_tokens);
+        return kv_error(KV_EINVAL,
+                        "synth: decode (%d) must be smaller than tokens (%d), which counts prompt and "
+                        "decode tokens together",
+                        p->n_decode, p->n_tokens);
     int n_prompt = p->n_tokens - p->n_decode;
     if (p->n_sinks >= n_prompt)
         return kv_error(KV_EINVAL, "synth: %d sink tokens leave no ordinary token in a prompt of %d", p->n_sinks,
@@ -505,13 +523,16 @@ struct kv_synth {
     int32_t *seg_of;          /* (T) segment of each token, 0 without segments */
     uint8_t *roles;           /* (T) KV_SYNTH_* flags */
     int n_heavy;
-    int32_t *heavy;           /* (n_heavy) ascending */
-    double *omega;            /* (M) rotary frequencies */
-    float *cos_t, *sin_t;     /* (T, M) cos(t w_m), sin(t w_m) */
-    double *f;                /* (T) recency kernel f(D) - 1 (<= 0) */
+    int32_t *heavy;       /* (n_heavy) ascending */
+    double *omega;        /* (M) rotary frequencies */
+    float *cos_t, *sin_t; /* (T, M) cos(t w_m), sin(t w_m) */
+    double *f;            /* (T) recency kernel f(D) - 1 (<= 0) */
 };
 
-const kv_synth_params_t *kv_synth_params(const kv_synth_t *s) { return &s->p; }
+const kv_synth_params_t *kv_synth_params(const kv_synth_t *s)
+{
+    return &s->p;
+}
 
 void kv_synth_free(kv_synth_t *s)
 {
@@ -589,8 +610,7 @@ int kv_synth_create(const kv_synth_params_t *p, kv_synth_t **out)
     }
     /* Rotary frequencies from 1 rad/token down to 1/recent_window, log-spaced. */
     for (int m = 0; m < M; m++)
-        s->omega[m] = M == 1 ? 1.0 / p->recent_window
-                             : pow(1.0 / p->recent_window, (double)m / (double)(M - 1));
+        s->omega[m] = M == 1 ? 1.0 / p->recent_window : pow(1.0 / p->recent_window, (double)m / (double)(M - 1));
     for (int t = 0; t < T; t++) {
         double fd = 0;
         for (int m = 0; m < M; m++) {
@@ -617,8 +637,8 @@ fail:
 static inline float fast_normal(kv_rng_t *r)
 {
     uint64_t x = kv_rng_u64(r);
-    uint32_t s = (uint32_t)(x & 0xFFFF) + (uint32_t)((x >> 16) & 0xFFFF) + (uint32_t)((x >> 32) & 0xFFFF) +
-                 (uint32_t)(x >> 48);
+    uint32_t s =
+        (uint32_t)(x & 0xFFFF) + (uint32_t)((x >> 16) & 0xFFFF) + (uint32_t)((x >> 32) & 0xFFFF) + (uint32_t)(x >> 48);
     return ((float)s - 131070.0f) * (1.7320508075688772f / 65536.0f);
 }
 
@@ -637,7 +657,10 @@ static inline float dotf(const float *a, const float *b, int n)
 }
 
 /* exp of a score relative to R: float where it cannot overflow (the common case), else double. */
-static inline double exp_score(float a) { return a < 80.0f ? (double)expf(a) : exp((double)a); }
+static inline double exp_score(float a)
+{
+    return a < 80.0f ? (double)expf(a) : exp((double)a);
+}
 
 /* sum_x log E exp(c z_x z') over fast_normal's z', given sum z_x^2 and sum z_x^4:
  * log E exp(t z') = t^2/2 - t^4/80 + O(t^6). */
@@ -649,8 +672,8 @@ static inline double log_mgf_sum(double c, double z2, double z4)
 
 /* Per (layer, KV head): where each logical dim lives, noise channel scales and rotary phases. */
 typedef struct {
-    int *phys;    /* (d) physical index of logical dim x */
-    float *sigma; /* (d_noise) channel scales */
+    int *phys;          /* (d) physical index of logical dim x */
+    float *sigma;       /* (d_noise) channel scales */
     float *cphi, *sphi; /* (M) cos and sin of the phases */
 } kvhead_t;
 
@@ -661,15 +684,21 @@ typedef struct {
 
 /* Logical dims: 0 sink, 1 heavy, [2, 2+S) segment codes, then pairs of rotary (cos, sin) starting
  * at rot0, noise dims at [noise0, d) (plus the odd segment pad dim, unused). */
-static inline int rot0(const kv_synth_t *s) { return 2 + 2 * ((s->S + 1) / 2); }
-static inline int noise0(const kv_synth_t *s) { return rot0(s) + 2 * s->M; }
+static inline int rot0(const kv_synth_t *s)
+{
+    return 2 + 2 * ((s->S + 1) / 2);
+}
+static inline int noise0(const kv_synth_t *s)
+{
+    return rot0(s) + 2 * s->M;
+}
 
 static void kvhead_params(const kv_synth_t *s, int layer, int g, kvhead_t *kh)
 {
     const int d = s->d, np = d / 2;
     kv_rng_t r;
     kv_rng_seed_task(&r, (uint64_t)s->p.seed, (uint64_t)layer, (uint64_t)g, STREAM_KVHEAD);
-    int perm[2048];
+    int perm[2048] = {0}; /* np <= 2048: head_dim <= 4096 in the schema */
     for (int i = 0; i < np; i++)
         perm[i] = i;
     for (int i = np - 1; i > 0; i--) {
@@ -738,7 +767,10 @@ static void gen_kv(const kv_synth_t *s, int layer, int g, const kvhead_t *kh, fl
 }
 
 /* sum_{j=a}^{b} w(i - j) from prefix sums P[n] = sum_{D<n} w(D); 0 when a > b. */
-static inline double rsum(const double *P, int i, int a, int b) { return a > b ? 0.0 : P[i - a + 1] - P[i - b]; }
+static inline double rsum(const double *P, int i, int a, int b)
+{
+    return a > b ? 0.0 : P[i - a + 1] - P[i - b];
+}
 
 /* sum_{j=a}^{b} w(i - j) e^{E [code(j) = code(i)]} with a >= sinks, b <= i. */
 static double seg_sum(const kv_synth_t *s, const double *P, double eE1 /* e^E - 1 */, int i, int a, int b)
@@ -764,7 +796,7 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
     const float q_heavy = (float)(qh->B * sqd / KAPPA_HEAVY), q_seg = (float)(qh->E * sqd);
     const float rho = M > 0 ? (float)(qh->R * sqd / M) : 0.0f;
     const double tau = s->d_noise > 0 ? s->p.noise * sqrt((double)d / s->d_noise) : 0.0, ct = tau / sqd;
-    float qscale[4096]; /* tau / sigma_x */
+    float qscale[4096] = {0}; /* tau / sigma_x (d_noise < head_dim <= 4096) */
     for (int x = 0; x < s->d_noise; x++)
         qscale[x] = (float)(tau / kh->sigma[x]);
     double *w = NULL, *P = NULL;
@@ -822,9 +854,10 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
             la[j] = dotf(qi, kg + (size_t)j * d, d) / sqd;
             amax = la[j] > amax ? la[j] : amax;
         }
-        double asum = 0;
+        double asum = 0; /* >= 1: the maximum contributes exp(0) (ns >= 1 when calibrating) */
         for (int j = 0; j < ns; j++)
             asum += exp(la[j] - amax);
+        // cppcheck-suppress invalidFunctionArg
         const double logA = amax + log(asum);
         /* Z scaled by e^{-R}. Exact scores for the last EXACT_RECENT keys and the EXACT_HEAVY
          * nearest heavy hitters before them (the keys with the largest weights, whose noise would
@@ -865,7 +898,10 @@ static int gen_q(const kv_synth_t *s, int layer, int h, const kvhead_t *kh, cons
     return KV_OK;
 }
 
-static int n_threads_of(const kv_synth_params_t *p) { return p->n_threads > 0 ? p->n_threads : omp_get_max_threads(); }
+static int n_threads_of(const kv_synth_params_t *p)
+{
+    return p->n_threads > 0 ? p->n_threads : omp_get_max_threads();
+}
 
 int kv_synth_layer(const kv_synth_t *s, int layer, float *q, float *k, float *v)
 {
@@ -980,15 +1016,36 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
         if (n_q == 0)
             continue;
         float *lse_p = dlse + (size_t)H * q0, *ent_p = dent + (size_t)H * q0;
-        kv_attn_args_t a = {.out = dout, .lse = lse_p, .q = dq + (size_t)q0 * H * d, .k = dk, .v = dv,
-                            .kv_stride = (size_t)Hkv * d, .n_q = n_q, .q_pos0 = q0, .n_heads = H,
-                            .n_kv_heads = Hkv, .head_dim = d, .scale = (float)(1.0 / sqrt((double)d))};
+        kv_attn_args_t a = {.out = dout,
+                            .lse = lse_p,
+                            .q = dq + (size_t)q0 * H * d,
+                            .k = dk,
+                            .v = dv,
+                            .kv_stride = (size_t)Hkv * d,
+                            .n_q = n_q,
+                            .q_pos0 = q0,
+                            .n_heads = H,
+                            .n_kv_heads = Hkv,
+                            .head_dim = d,
+                            .scale = (float)(1.0 / sqrt((double)d))};
         if ((rc = be->ops->attention(be, &a)))
             break;
-        kv_attn_stats_args_t st = {.q = a.q, .k = dk, .lse = lse_p, .kv_stride = a.kv_stride, .n_q = n_q,
-                                   .q_pos0 = q0, .n_heads = H, .n_kv_heads = Hkv, .head_dim = d,
-                                   .scale = a.scale, .entropy = ent_p, .acc = part ? NULL : dacc,
-                                   .acc_stride = (size_t)T, .pooled = dpool, .pool = pool, .pool_T = T};
+        kv_attn_stats_args_t st = {.q = a.q,
+                                   .k = dk,
+                                   .lse = lse_p,
+                                   .kv_stride = a.kv_stride,
+                                   .n_q = n_q,
+                                   .q_pos0 = q0,
+                                   .n_heads = H,
+                                   .n_kv_heads = Hkv,
+                                   .head_dim = d,
+                                   .scale = a.scale,
+                                   .entropy = ent_p,
+                                   .acc = part ? NULL : dacc,
+                                   .acc_stride = (size_t)T,
+                                   .pooled = dpool,
+                                   .pool = pool,
+                                   .pool_T = T};
         rc = be->ops->attn_stats(be, &st);
     }
     if (rc == KV_OK)

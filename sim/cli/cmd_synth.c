@@ -22,63 +22,72 @@ static void help(void)
 {
     char params[4096];
     kv_synth_describe(params, sizeof params);
-    printf(
-        "usage: kvsim synth -o TRACE.h5 [options]\n"
-        "\n"
-        "Write a synthetic attention trace (kvsim trace format, traces/FORMAT.md) whose attention has\n"
-        "planted, controllable structure. For query i and key j <= i of layer l the scaled score\n"
-        "q_i.k_j/sqrt(d) is built to be\n"
-        "\n"
-        "  c_i [j sink] + B [j heavy hitter] + E [j in i's segment] + R f(i-j) + noise\n"
-        "\n"
-        "  f(D) = mean over rotary pairs m of cos(D w_m), w_m log-spaced from 1 to 1/recent-window:\n"
-        "         1 at D = 0, decaying roughly like log(W/D)/log(W) (RoPE on constant vectors);\n"
-        "  B, E, R = sharpness(l) x heavy-boost, seg-boost, recent-boost x a per-head factor in\n"
-        "         [1 - head-jitter, 1 + head-jitter]; sharpness grows linearly from sharp-first\n"
-        "         (layer 0) to sharp-last (last layer): broad, high-entropy attention low, a few\n"
-        "         tokens high (pyramid funnelling);\n"
-        "  c_i  = calibrated per query so that the sinks (tokens 0..sinks-1) take sink-mass of\n"
-        "         the attention: the 32 most influential keys are scored exactly, the softmax\n"
-        "         normaliser over the rest is estimated analytically (no T x T work); measured:\n"
-        "         mean within 0.002 of the target, per-query rms error 0.007-0.02;\n"
-        "  heavy hitters: a seeded random heavy-frac of the prompt tokens, shared by all heads;\n"
-        "  segments: the prompt is cut into --segments pieces (meta.segments); decode tokens join\n"
-        "         the last one.\n"
-        "Each feature lives in dedicated dimensions of Q and K (sink, heavy, one-hot segment code,\n"
-        "rotary pairs, noise), permuted per layer and KV head. Query heads of a GQA group share K and\n"
-        "V; queries differ per head. Positions are 0..T-1, token ids -1, and the parameters are\n"
-        "stored in the trace (generator attribute) so the planted tokens can be recomputed.\n"
-        "Generation is O(T x head_dim x heads) per layer and streams one layer at a time; the\n"
-        "output depends only on the parameters, not on the thread count.\n"
-        "\n"
-        "options:\n"
-        "  -o, --output PATH     trace to write (required; written atomically)\n"
-        "  --preset NAME         shape preset: llama3-8b (32 layers, 32/8 heads, head_dim 128),\n"
-        "                        llama2-7b, mistral-7b, stories110m, tiny; options given after\n"
-        "                        still override it\n"
-        "  --params LABEL        start from a label 'synth(k=v,...)' (the generator line of\n"
-        "                        `kvsim info`); other options override it\n"
-        "  --dtype f16|f32       storage of Q, K, V (default f16)\n"
-        "  --zstd-level N        1..22 (default 3)\n"
-        "  --summaries MODE      yes, no or auto (default: yes when tokens <= %d); LSE, entropy,\n"
-        "                        accumulated attention and the pooled map cost O(T^2) per head\n"
-        "  --pool N              pooled attention map side (default %d, at most tokens)\n"
-        "  --backend NAME        backend for the summaries: cpu (default), cuda, auto\n"
-        "  --threads N           threads (default: all cores)\n"
-        "  --print-planted       print the sink and heavy-hitter positions on stdout\n"
-        "  -q, --quiet           no progress on stderr\n"
-        "  -h, --help            this help\n"
-        "\n"
-        "generation parameters (--key value; '_' in a key may be written '-'):\n%s"
-        "\n"
-        "examples:\n"
-        "  kvsim synth -o out/tiny.h5 --preset tiny --tokens 512 --decode 32 --segments 4\n"
-        "  kvsim synth -o out/l3.h5 --preset llama3-8b --tokens 8256 --decode 64 --summaries no\n",
-        KV_SYNTH_AUTO_SUMMARY_TOKENS, KV_TRACE_DEFAULT_POOL, params);
+    printf("usage: kvsim synth -o TRACE.h5 [options]\n"
+           "\n"
+           "Write a synthetic attention trace (kvsim trace format, traces/FORMAT.md) whose attention has\n"
+           "planted, controllable structure. For query i and key j <= i of layer l the scaled score\n"
+           "q_i.k_j/sqrt(d) is built to be\n"
+           "\n"
+           "  c_i [j sink] + B [j heavy hitter] + E [j in i's segment] + R f(i-j) + noise\n"
+           "\n"
+           "  f(D) = mean over rotary pairs m of cos(D w_m), w_m log-spaced from 1 to 1/recent-window:\n"
+           "         1 at D = 0, decaying roughly like log(W/D)/log(W) (RoPE on constant vectors);\n"
+           "  B, E, R = sharpness(l) x heavy-boost, seg-boost, recent-boost x a per-head factor in\n"
+           "         [1 - head-jitter, 1 + head-jitter]; sharpness grows linearly from sharp-first\n"
+           "         (layer 0) to sharp-last (last layer): broad, high-entropy attention low, a few\n"
+           "         tokens high (pyramid funnelling);\n"
+           "  c_i  = calibrated per query so that the sinks (tokens 0..sinks-1) take sink-mass of\n"
+           "         the attention: the 32 most influential keys are scored exactly, the softmax\n"
+           "         normaliser over the rest is estimated analytically (no T x T work); measured:\n"
+           "         mean within 0.002 of the target, per-query rms error 0.007-0.02;\n"
+           "  heavy hitters: a seeded random heavy-frac of the prompt tokens, shared by all heads;\n"
+           "  segments: the prompt is cut into --segments pieces (meta.segments); decode tokens join\n"
+           "         the last one.\n"
+           "Each feature lives in dedicated dimensions of Q and K (sink, heavy, one-hot segment code,\n"
+           "rotary pairs, noise), permuted per layer and KV head. Query heads of a GQA group share K and\n"
+           "V; queries differ per head. Positions are 0..T-1, token ids -1, and the parameters are\n"
+           "stored in the trace (generator attribute) so the planted tokens can be recomputed.\n"
+           "Generation is O(T x head_dim x heads) per layer and streams one layer at a time; the\n"
+           "output depends only on the parameters, not on the thread count.\n"
+           "\n"
+           "options:\n"
+           "  -o, --output PATH     trace to write (required; written atomically)\n"
+           "  --preset NAME         shape preset: llama3-8b (32 layers, 32/8 heads, head_dim 128),\n"
+           "                        llama2-7b, mistral-7b, stories110m, tiny; options given after\n"
+           "                        still override it\n"
+           "  --params LABEL        start from a label 'synth(k=v,...)' (the generator line of\n"
+           "                        `kvsim info`); other options override it\n"
+           "  --dtype f16|f32       storage of Q, K, V (default f16)\n"
+           "  --zstd-level N        1..22 (default 3)\n"
+           "  --summaries MODE      yes, no or auto (default: yes when tokens <= %d); LSE, entropy,\n"
+           "                        accumulated attention and the pooled map cost O(T^2) per head\n"
+           "  --pool N              pooled attention map side (default %d, at most tokens)\n"
+           "  --backend NAME        backend for the summaries: cpu (default), cuda, auto\n"
+           "  --threads N           threads (default: all cores)\n"
+           "  --print-planted       print the sink and heavy-hitter positions on stdout\n"
+           "  -q, --quiet           no progress on stderr\n"
+           "  -h, --help            this help\n"
+           "\n"
+           "generation parameters (--key value; '_' in a key may be written '-'):\n%s"
+           "\n"
+           "examples:\n"
+           "  kvsim synth -o out/tiny.h5 --preset tiny --tokens 512 --decode 32 --segments 4\n"
+           "  kvsim synth -o out/l3.h5 --preset llama3-8b --tokens 8256 --decode 64 --summaries no\n",
+           KV_SYNTH_AUTO_SUMMARY_TOKENS, KV_TRACE_DEFAULT_POOL, params);
 }
 
-enum { OPT_PRESET = 256, OPT_PARAMS, OPT_DTYPE, OPT_ZSTD, OPT_SUMMARIES, OPT_POOL, OPT_BACKEND, OPT_THREADS,
-       OPT_PRINT, OPT_KEY0 = 1000 };
+enum {
+    OPT_PRESET = 256,
+    OPT_PARAMS,
+    OPT_DTYPE,
+    OPT_ZSTD,
+    OPT_SUMMARIES,
+    OPT_POOL,
+    OPT_BACKEND,
+    OPT_THREADS,
+    OPT_PRINT,
+    OPT_KEY0 = 1000
+};
 
 static void print_planted(const kv_synth_params_t *p)
 {
@@ -108,12 +117,18 @@ int kv_cmd_synth(int argc, char **argv)
     char names[KV_PARAMS_MAX][KV_PARAM_KEY_LEN];
     int n = 0;
     const struct option fixed[] = {
-        {"output", required_argument, 0, 'o'},     {"preset", required_argument, 0, OPT_PRESET},
-        {"params", required_argument, 0, OPT_PARAMS}, {"dtype", required_argument, 0, OPT_DTYPE},
-        {"zstd-level", required_argument, 0, OPT_ZSTD}, {"summaries", required_argument, 0, OPT_SUMMARIES},
-        {"pool", required_argument, 0, OPT_POOL},   {"backend", required_argument, 0, OPT_BACKEND},
-        {"threads", required_argument, 0, OPT_THREADS}, {"print-planted", no_argument, 0, OPT_PRINT},
-        {"quiet", no_argument, 0, 'q'},            {"help", no_argument, 0, 'h'},
+        {"output", required_argument, 0, 'o'},
+        {"preset", required_argument, 0, OPT_PRESET},
+        {"params", required_argument, 0, OPT_PARAMS},
+        {"dtype", required_argument, 0, OPT_DTYPE},
+        {"zstd-level", required_argument, 0, OPT_ZSTD},
+        {"summaries", required_argument, 0, OPT_SUMMARIES},
+        {"pool", required_argument, 0, OPT_POOL},
+        {"backend", required_argument, 0, OPT_BACKEND},
+        {"threads", required_argument, 0, OPT_THREADS},
+        {"print-planted", no_argument, 0, OPT_PRINT},
+        {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(fixed); i++)
         opts[n++] = fixed[i];
@@ -255,8 +270,8 @@ int kv_cmd_synth(int argc, char **argv)
            p.n_layers, p.n_heads, p.n_kv_heads, p.head_dim, T, T - p.n_decode, p.n_decode,
            wo.dtype == KV_DTYPE_F16 ? "f16" : "f32");
     printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %d segments, sharpness %g -> %g\n",
-           p.n_sinks, p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac,
-           p.n_segments >= 2 ? p.n_segments : 0, p.sharp_first, p.sharp_last);
+           p.n_sinks, p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, p.n_segments >= 2 ? p.n_segments : 0,
+           p.sharp_first, p.sharp_last);
     printf("  summaries: %s\n", want ? "lse, entropy, accumulated attention, pooled map" : "none");
     printf("  file %s (tensors %s uncompressed, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b), el,
