@@ -547,6 +547,12 @@ START_TEST(summaries_match_direct_attention)
     }
     p.n_tokens = KV_SYNTH_AUTO_SUMMARY_TOKENS + 1;
     ck_assert(!kv_synth_want_summaries(&p));
+    ck_assert_int_eq(kv_synth_preset(&p, "llama3-8b"), KV_OK);
+    p.summaries = KV_SYNTH_SUMMARIES_AUTO;
+    p.n_tokens = 2112; /* 2048 + 64 decode: under the work bound */
+    ck_assert(kv_synth_want_summaries(&p));
+    p.n_tokens = 4096; /* Llama-3-8B at 4096 tokens: 1.7e10, over it */
+    ck_assert(!kv_synth_want_summaries(&p));
     p.summaries = KV_SYNTH_SUMMARIES_YES;
     ck_assert(kv_synth_want_summaries(&p));
     kv_trace_close(t);

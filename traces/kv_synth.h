@@ -15,7 +15,7 @@
  *
  * Generation is O(T * head_dim) per head and layer (no T x T work) and streams one layer at a
  * time. Attention summaries (LSE, entropy, accumulated attention, pooled map) are O(T^2) and are
- * computed through the backend op table only when asked (or, with `auto`, for T <= 4096).
+ * computed through the backend op table only when asked (or, with `auto`, for small traces).
  * Output is a deterministic function of the parameters (seed included), whatever the thread count.
  *
  * Parameters have a schema (kv_params.h): every generation parameter has a key, a default and a
@@ -37,8 +37,11 @@ extern "C" {
 
 typedef enum { KV_SYNTH_SUMMARIES_AUTO = 0, KV_SYNTH_SUMMARIES_YES, KV_SYNTH_SUMMARIES_NO } kv_synth_summaries_t;
 
-/* Summaries are computed under `auto` when n_tokens is at most this. */
+/* Summaries are computed under `auto` when n_tokens is at most KV_SYNTH_AUTO_SUMMARY_TOKENS and
+ * layers x heads x tokens^2 at most KV_SYNTH_AUTO_SUMMARY_WORK (Llama-3-8B shape up to 2209
+ * tokens: about two minutes on two cores). */
 #define KV_SYNTH_AUTO_SUMMARY_TOKENS 4096
+#define KV_SYNTH_AUTO_SUMMARY_WORK 5e9
 
 typedef struct {
     /* ---- generation parameters (the schema keys, in brackets) ---- */
@@ -101,6 +104,8 @@ int kv_synth_preset(kv_synth_params_t *p, const char *name);
 int kv_synth_validate(const kv_synth_params_t *p);
 /* Whether summaries will be written (resolves `auto`). */
 int kv_synth_want_summaries(const kv_synth_params_t *p);
+/* layers x heads x tokens^2: the size of the summaries' O(T^2) work. */
+double kv_synth_summary_work(const kv_synth_params_t *p);
 /* Sharpness of a layer: sharp_first + (sharp_last - sharp_first) * layer / (layers - 1). */
 double kv_synth_sharpness(const kv_synth_params_t *p, int layer);
 

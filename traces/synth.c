@@ -375,7 +375,12 @@ int kv_synth_want_summaries(const kv_synth_params_t *p)
         return 1;
     if (p->summaries == KV_SYNTH_SUMMARIES_NO)
         return 0;
-    return p->n_tokens <= KV_SYNTH_AUTO_SUMMARY_TOKENS;
+    return kv_synth_summary_work(p) <= KV_SYNTH_AUTO_SUMMARY_WORK && p->n_tokens <= KV_SYNTH_AUTO_SUMMARY_TOKENS;
+}
+
+double kv_synth_summary_work(const kv_synth_params_t *p)
+{
+    return (double)p->n_layers * p->n_heads * (double)p->n_tokens * p->n_tokens;
 }
 
 double kv_synth_sharpness(const kv_synth_params_t *p, int layer)

@@ -59,8 +59,10 @@ static void help(void)
            "                        `kvsim info`); other options override it\n"
            "  --dtype f16|f32       storage of Q, K, V (default f16)\n"
            "  --zstd-level N        1..22 (default 3)\n"
-           "  --summaries MODE      yes, no or auto (default: yes when tokens <= %d); LSE, entropy,\n"
-           "                        accumulated attention and the pooled map cost O(T^2) per head\n"
+           "  --summaries MODE      yes, no or auto (default). LSE, entropy, accumulated attention\n"
+           "                        and the pooled map cost O(T^2) per head and layer; auto writes\n"
+           "                        them when tokens <= %d and layers x heads x tokens^2 <= 5e9\n"
+           "                        (Llama-3-8B shape: up to 2209 tokens, a few minutes)\n"
            "  --pool N              pooled attention map side (default %d, at most tokens)\n"
            "  --backend NAME        backend for the summaries: cpu (default), cuda, auto\n"
            "  --threads N           threads (default: all cores)\n"
@@ -245,8 +247,9 @@ int kv_cmd_synth(int argc, char **argv)
         return kv_cli_usage_error(cmd, "%s", kv_last_error());
 
     const int T = p.n_tokens, want = kv_synth_want_summaries(&p);
-    if (want && T > KV_SYNTH_AUTO_SUMMARY_TOKENS)
-        kv_warn("summaries at %d tokens are O(T^2) per head and layer: this will take a while", T);
+    if (want && kv_synth_summary_work(&p) > KV_SYNTH_AUTO_SUMMARY_WORK)
+        kv_warn("summaries cost layers x heads x tokens^2 = %.3g score evaluations (x3): this will take a while",
+                kv_synth_summary_work(&p));
     double t0 = kv_now();
     if (kv_synth_write(&p, out, &wo) != KV_OK)
         return kv_cli_fail(cmd);
