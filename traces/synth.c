@@ -505,6 +505,7 @@ int kv_synth_meta(const kv_synth_params_t *p, kv_trace_meta_t *m)
         }
     }
     snprintf(m->source, sizeof m->source, "synth");
+    snprintf(m->backend, sizeof m->backend, "cpu (generator; no summaries)");
     snprintf(m->tool_version, sizeof m->tool_version, "%s", KV_VERSION);
     snprintf(m->git_revision, sizeof m->git_revision, "%s", kv_git_revision());
     kv_iso_time(m->created, sizeof m->created);
