@@ -16,5 +16,4 @@
 PENDING(kv_cmd_capture, "capture")
 PENDING(kv_cmd_generate, "generate")
 PENDING(kv_cmd_nll, "nll")
-PENDING(kv_cmd_synth, "synth")
 PENDING(kv_cmd_demo, "demo")
