@@ -13,7 +13,8 @@
  *   - fraction of keys for `mass` (default 0.9) and in-segment mass: the sampled rows, recomputed from
  *     Q and K through the backend op attn_probs. The sample is max_queries (default 64) evenly
  *     spaced counted queries per head (the same positions for every head and layer), or all of them
- *     when there are fewer.
+ *     when there are fewer or when the trace is short (n_heads x T^2 <= 16M: every row of a layer
+ *     costs less than a second).
  * Every statistic of a head is the mean over its queries. The query's own segment is the trace
  * segment holding its position (decode queries continue the last one); the segment mass is the
  * attention on keys from that segment's start up to the query.
@@ -129,6 +130,8 @@ void kv_analyze_row_stats(const float *p, int n, int seg_lo, double mass, float 
 
 /* ---------------------------------------------------------------- a trace */
 
+#define SHORT_PROBS (16.0 * 1024 * 1024)
+
 void kv_funnel_opts_init(kv_funnel_opts_t *o)
 {
     memset(o, 0, sizeof *o);
@@ -136,6 +139,7 @@ void kv_funnel_opts_init(kv_funnel_opts_t *o)
     o->min_keys = 16;
     o->mass = 0.9;
     o->use_summaries = 1;
+    o->all_if_short = 1;
 }
 
 void kv_funnel_free(kv_funnel_t *f)
@@ -191,7 +195,9 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
         return kv_error(KV_ENOTIMPL, "funnel statistics: backend %s lacks attn_probs", be->name);
     int min_keys = o.min_keys < 1 ? 1 : o.min_keys;
     const int q_lo = KV_MIN(min_keys, T) - 1, n_count = T - q_lo;
-    const int S = (o.max_queries <= 0 || n_count <= o.max_queries) ? n_count : o.max_queries;
+    /* short traces (a layer's whole attention within SHORT_PROBS probabilities): every query */
+    const int short_trace = o.all_if_short && (double)H * T * T <= SHORT_PROBS;
+    const int S = (o.max_queries <= 0 || n_count <= o.max_queries || short_trace) ? n_count : o.max_queries;
     const int sums = o.use_summaries && kv_trace_has(t, KV_T_ENTROPY) && kv_trace_has(t, KV_T_LSE);
     const float scale = 1.0f / sqrtf((float)d);
 
@@ -218,7 +224,8 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
     f->seg = kv_calloc(LH, sizeof(double), "funnel segment mass");
     q = kv_malloc(sizeof(float) * (size_t)H * T * d, "funnel Q");
     k = kv_malloc(sizeof(float) * (size_t)Hkv * T * d, "funnel K");
-    probs = kv_malloc(sizeof(float) * (size_t)H * T, "funnel rows");
+    const size_t cap = KV_MAX((size_t)H * T, (size_t)4 << 20); /* floats of one block of rows */
+    probs = kv_malloc(sizeof(float) * cap, "funnel rows");
     scratch = kv_malloc(sizeof(float) * (size_t)H * T, "funnel scratch");
     pos = kv_malloc(sizeof(int) * (size_t)S, "funnel sample");
     if (!f->entropy || !f->norm_entropy || !f->frac || !f->sink || !f->seg || !q || !k || !probs || !scratch || !pos)
@@ -277,21 +284,29 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
             rc = KV_ENOMEM;
             goto fail;
         }
-        for (int s = 0; s < S && rc == KV_OK; s++) {
-            const int i = pos[s], nk = i + 1;
-            kv_qk_args_t a = {.q = (const float *)dq + (size_t)i * d,
+        /* Rows in blocks of consecutive queries (one attn_probs call each): dense samples (short
+         * traces: every query) share a call, sparse ones get a call each. A block computes rows
+         * [i0, i1] over keys [0, i1], at most cap floats. */
+        for (int s0 = 0; s0 < S && rc == KV_OK;) {
+            const int i0 = pos[s0];
+            int s1 = s0 + 1;
+            while (s1 < S && pos[s1] - pos[s1 - 1] <= 4 &&
+                   (size_t)H * (size_t)(pos[s1] - i0 + 1) * (size_t)(pos[s1] + 1) <= cap)
+                s1++;
+            const int i1 = pos[s1 - 1], nq = i1 - i0 + 1, nk = i1 + 1;
+            kv_qk_args_t a = {.q = (const float *)dq + (size_t)i0 * d,
                               .q_head_stride = (size_t)T * d,
                               .k = dk,
                               .k_head_stride = (size_t)T * d,
                               .n_heads = H,
                               .n_kv_heads = Hkv,
                               .head_dim = d,
-                              .n_q = 1,
-                              .q_pos0 = i,
+                              .n_q = nq,
+                              .q_pos0 = i0,
                               .n_k = nk,
                               .causal = 1,
                               .scale = scale};
-            const size_t bytes = sizeof(float) * (size_t)H * nk;
+            const size_t bytes = sizeof(float) * (size_t)H * nq * nk;
             void *dp = NULL;
             if ((rc = kv_be_out(be, probs, bytes, &dp)))
                 break;
@@ -299,23 +314,29 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
             int rc2 = kv_be_fetch(be, probs, dp, bytes);
             if (rc || (rc = rc2))
                 break;
-            const int seg_lo = m->n_segments > 0 ? m->segments[kv_trace_segment_of(m, KV_MIN(i, m->n_prompt - 1))] : -1;
-            /* threads only for big rows: on two cores, many tiny parallel regions between the
-             * backend's BLAS calls spin-wait against each other (measured: 20x slower) */
-#pragma omp parallel for schedule(static) if ((size_t)H * nk >= ((size_t)1 << 20))
-            for (int h = 0; h < H; h++) {
-                kv_row_stats_t st;
-                kv_analyze_row_stats(probs + (size_t)h * nk, nk, seg_lo, o.mass, scratch + (size_t)h * T, &st);
-                double *A = acc + (size_t)h * 5;
-                A[0] += st.entropy;
-                if (!isnan(st.norm_entropy)) {
-                    A[1] += st.norm_entropy;
-                    acc_n[h]++;
+            for (int s = s0; s < s1; s++) {
+                const int i = pos[s], n = i + 1;
+                const int seg_lo =
+                    m->n_segments > 0 ? m->segments[kv_trace_segment_of(m, KV_MIN(i, m->n_prompt - 1))] : -1;
+                /* threads only for long rows: on two cores, many tiny parallel regions between the
+                 * backend's BLAS calls spin-wait against each other (measured: 20x slower) */
+#pragma omp parallel for schedule(static) if ((size_t)H * n >= ((size_t)1 << 20))
+                for (int h = 0; h < H; h++) {
+                    kv_row_stats_t st;
+                    kv_analyze_row_stats(probs + ((size_t)h * nq + (i - i0)) * nk, n, seg_lo, o.mass,
+                                         scratch + (size_t)h * T, &st);
+                    double *A = acc + (size_t)h * 5;
+                    A[0] += st.entropy;
+                    if (!isnan(st.norm_entropy)) {
+                        A[1] += st.norm_entropy;
+                        acc_n[h]++;
+                    }
+                    A[2] += st.frac;
+                    A[3] += st.sink;
+                    A[4] += isnan(st.seg) ? 0 : st.seg;
                 }
-                A[2] += st.frac;
-                A[3] += st.sink;
-                A[4] += isnan(st.seg) ? 0 : st.seg;
             }
+            s0 = s1;
         }
         if (rc == KV_OK)
             for (int h = 0; h < H; h++) {

@@ -14,7 +14,7 @@
  *                       over every counted query when the trace has them; the 90 % fraction and the
  *                       segment mass need whole attention rows, recomputed from Q and K through the
  *                       backend (attn_probs) for an evenly spaced sample of queries (default 64 per
- *                       head, all of them for short traces). Traces without summaries get every
+ *                       head; every query of short traces, whose whole attention is cheap). Traces without summaries get every
  *                       statistic from the sampled rows.
  *   attention maps      per layer, for the funneling figure: the pooled maps stored in the trace, or
  *                       exact maps recomputed from Q and K for short traces without summaries, or
@@ -64,6 +64,8 @@ int kv_analyze_mass_count(const float *p /* (n) */, int n, double mass, float *s
 
 typedef struct {
     int max_queries;   /* sampled queries per head for the row statistics (default 64; 0 = all) */
+    int all_if_short;  /* 1 (default): every query when a layer's attention has at most 16M
+                          probabilities (n_heads x T^2), whatever max_queries says */
     int min_keys;      /* queries that see fewer keys are not counted (default 16, at most T) */
     double mass;       /* attention mass of the concentration fraction (default 0.9) */
     int use_summaries; /* 1 (default): entropy and sink mass from ENTROPY / LSE when present */

@@ -750,10 +750,11 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         }
         snprintf(cap, sizeof cap,
                  "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
-                 "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed white "
-                 "lines mark segment starts, the dotted blue line the end of the prompt (decode queries below it). "
-                 "Broad attention in low layers that narrows to a few columns (sinks, recent tokens, heavy "
-                 "hitters) in high layers is the pyramid funneling that PyramidKV builds its layer budgets on.",
+                 "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
+                 "lines mark segment starts, the dash-dotted line the end of the prompt (decode queries below it). "
+                 "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
+                 "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
+                 "panels, and the entropy curves below, to see how far this trace follows that shape.",
                  m->n_heads, kv_map_src_name(src));
     }
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap, o.quiet);
@@ -799,11 +800,19 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         goto done;
     if ((rc = kv_analyze_fig_head_concentration(fs, &fig)))
         goto done;
-    snprintf(cap, sizeof cap,
-             "For each head, the mean fraction of its visible keys needed to collect %.0f %% of a query's attention "
-             "(lower = more concentrated), sorted within each layer (left) and over all %d heads (right). Heads "
-             "differ by an order of magnitude or more, which is what head-adaptive budgets (Ada-KV) exploit.",
-             100 * fs->mass, fs->n_layers * fs->n_heads);
+    {
+        double lo = INFINITY, hi = 0;
+        for (int i = 0; i < fs->n_layers * fs->n_heads; i++) {
+            lo = fmin(lo, fs->frac[i]);
+            hi = fmax(hi, fs->frac[i]);
+        }
+        snprintf(cap, sizeof cap,
+                 "For each head, the mean fraction of its visible keys needed to collect %.0f %% of a query's "
+                 "attention (lower = more concentrated), sorted within each layer (left) and over all %d heads "
+                 "(right). Here the most concentrated head needs %.1f %% of its keys and the broadest %.1f %% (a "
+                 "factor of %.0f): the spread that head-adaptive budgets (Ada-KV) redistribute.",
+                 100 * fs->mass, fs->n_layers * fs->n_heads, 100 * lo, 100 * hi, lo > 0 ? hi / lo : INFINITY);
+    }
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap, o.quiet);
     kv_fig_free(fig);
     fig = NULL;

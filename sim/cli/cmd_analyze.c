@@ -38,7 +38,8 @@ static void help(void)
            "      --heads           also one figure of every head for each shown layer\n"
            "      --map SRC         funneling maps: auto (default: pooled maps when the trace has them, else\n"
            "                        exact up to %d tokens, else sampled rows), pooled, exact, sampled\n"
-           "      --queries N       sampled queries per head for the row statistics (default 64; 0 = all)\n"
+           "      --queries N       sampled queries per head for the row statistics (default: every query\n"
+           "                        of short traces, else 64; 0 = all)\n"
            "      --min-keys N      count only queries that see at least N keys (default 16)\n"
            "      --mass F          attention mass of the concentration fraction (default 0.9)\n"
            "      --no-summaries    recompute entropy and sink mass from Q and K even when stored\n"
@@ -124,6 +125,7 @@ int kv_cmd_analyze(int argc, char **argv)
             if (kv_cli_int("analyze", "--queries", optarg, 0, 1 << 24, &v))
                 return 2;
             o.funnel.max_queries = (int)v;
+            o.funnel.all_if_short = 0;
             break;
         case 'k':
             if (kv_cli_int("analyze", "--min-keys", optarg, 1, 1 << 24, &v))
