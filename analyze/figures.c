@@ -42,13 +42,15 @@ static kv_rgba_t pol_color(int i)
     return kv_palette(i % POL_COLORS);
 }
 
-/* Style of policy i: its colour, a marker shape, dashed from the eighth policy on. */
+/* Style of policy i: its colour, a marker shape, and a line pattern that changes every seven
+ * policies (solid, dashed, dotted), so no two of the first 21 policies look alike. */
 static kv_style_t pol_style(int i, const char *label)
 {
+    static const kv_dash_t dash[3] = {KV_DASH_SOLID, KV_DASH_DASHED, KV_DASH_DOTTED};
     kv_style_t st = {.label = label,
                      .color = pol_color(i),
                      .width = 2,
-                     .dash = (i / POL_COLORS) % 2 ? KV_DASH_DASHED : KV_DASH_SOLID,
+                     .dash = dash[(i / POL_COLORS) % 3],
                      .marker = (kv_marker_t)(KV_MARKER_CIRCLE + i % 6),
                      .marker_size = 9};
     return st;
