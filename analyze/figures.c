@@ -139,7 +139,10 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
     float *mean = NULL;
     int rc;
     kv_map_src_t src = KV_MAP_AUTO;
-    TRY(new_fig(o->width > 0 ? o->width : 1600, o->height > 0 ? o->height : (rows > 1 ? 1040 : 620), NULL, &fig));
+    /* square panels: the height follows the width of a column (plus title and legend) */
+    const int fw = o->width > 0 ? o->width : 1600;
+    const int fh = o->height > 0 ? o->height : KV_MIN(1100, (int)(rows * (fw - 120.0) / cols) + 170);
+    TRY(new_fig(fw, fh, NULL, &fig));
     TRY(kv_fig_grid(fig, rows, cols));
     if (m->n_segments > 1 || m->n_prompt < T)
         TRY(kv_fig_legend(fig, KV_LEGEND_BELOW));
@@ -163,15 +166,16 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
         kv_axes_t *ax = kv_fig_axes(fig, p / cols, p % cols);
         char title[96];
         if (head_layer >= 0)
-            snprintf(title, sizeof title, "layer %d, head %d", layer, p);
+            snprintf(title, sizeof title, "head %d (KV head %d)", p, p / (m->n_heads / m->n_kv_heads));
         else
             snprintf(title, sizeof title, "layer %d%s", layer,
                      layer == 0 ? " (first)" : layer == m->n_layers - 1 ? " (last)" : "");
         TRY(kv_axes_set_title(ax, title));
         if (p / cols == rows - 1 || p + cols >= n)
             TRY(kv_axes_set_xlabel(ax, "key position (token)"));
-        if (p % cols == 0)
-            TRY(kv_axes_set_ylabel(ax, "query position (token)"));
+        /* every panel labelled: panels of a row keep the same size (equal aspect shrinks the ones
+         * with wider margins) */
+        TRY(kv_axes_set_ylabel(ax, p % cols == 0 ? "query position (token)" : "query (token)"));
         TRY(kv_axes_set_equal_aspect(ax, 1));
         kv_heat_style_t hs = {.cmap = KV_CMAP_MAGMA,
                               .log = 1,
@@ -517,7 +521,7 @@ int kv_analyze_fig_bound(const kv_res_set_t *s, kv_fig_t **out)
     int rc = (!x || !y || !vx || !vy) ? KV_ENOMEM : KV_OK;
     if (rc)
         goto done;
-    TRY(new_fig(1400, 1000, "Ada-KV bound vs measured output error, per layer and budget (bound holds below y = x)",
+    TRY(new_fig(1300, 1000, "Ada-KV bound vs measured output error, per layer and budget (bound holds below y = x)",
                 &fig));
     kv_axes_t *ax = kv_fig_axes(fig, 0, 0);
     TRY(kv_axes_set_xscale(ax, KV_SCALE_LOG));

@@ -364,7 +364,10 @@ static void check_sink_column(kv_map_src_t src, int summaries)
     kv_funneling_opts_t o = {.n_layers = 2, .src = src};
     kv_fig_t *fig = NULL;
     ck_assert_msg(kv_analyze_fig_funneling(t, be, &o, -1, &fig) == KV_OK, "%s", kv_last_error());
-    cairo_surface_t *s = render_checked(fig, 1600, 620, "funneling");
+    int w, h;
+    fig_size(fig, &w, &h);
+    ck_assert_int_eq(w, 1600);
+    cairo_surface_t *s = render_checked(fig, w, h, "funneling");
     const int T = m->n_tokens;
     for (int panel = 0; panel < 2; panel++) {
         kv_axes_t *ax = kv_fig_axes(fig, 0, panel);
@@ -407,7 +410,8 @@ static void check_sink_column(kv_map_src_t src, int summaries)
     kv_fig_free(fig);
     /* one figure per head of layer 1 */
     ck_assert_int_eq(kv_analyze_fig_funneling(t, be, &o, 1, &fig), KV_OK);
-    cairo_surface_destroy(render_checked(fig, 1600, 620, "funneling per head"));
+    fig_size(fig, &w, &h);
+    cairo_surface_destroy(render_checked(fig, w, h, "funneling per head"));
     kv_fig_free(fig);
     kv_trace_close(t);
     kv_backend_close(be);
