@@ -169,7 +169,9 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
             snprintf(title, sizeof title, "head %d (KV head %d)", p, p / (m->n_heads / m->n_kv_heads));
         else
             snprintf(title, sizeof title, "layer %d%s", layer,
-                     layer == 0 ? " (first)" : layer == m->n_layers - 1 ? " (last)" : "");
+                     layer == 0                 ? " (first)"
+                     : layer == m->n_layers - 1 ? " (last)"
+                                                : "");
         TRY(kv_axes_set_title(ax, title));
         if (p / cols == rows - 1 || p + cols >= n)
             TRY(kv_axes_set_xlabel(ax, "key position (token)"));
@@ -213,13 +215,15 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
     char title[256];
     if (head_layer >= 0)
         snprintf(title, sizeof title, "Attention of every head, layer %d (%s)", head_layer,
-                 src == KV_MAP_POOLED ? "pooled maps" : src == KV_MAP_EXACT ? "exact" : "sampled rows");
+                 src == KV_MAP_POOLED  ? "pooled maps"
+                 : src == KV_MAP_EXACT ? "exact"
+                                       : "sampled rows");
     else
         snprintf(title, sizeof title, "Pyramid information funneling: attention per layer, mean over its %d heads",
                  m->n_heads);
     TRY(kv_fig_set_title(fig, title));
     kv_heat_style_t bar = {.cmap = KV_CMAP_MAGMA, .log = 1};
-    const char *blabel = src == KV_MAP_POOLED   ? "attention probability (max over each cell)"
+    const char *blabel = src == KV_MAP_POOLED  ? "attention probability (max over each cell)"
                          : src == KV_MAP_EXACT ? "attention probability"
                                                : "attention probability (max over key cell)";
     TRY(kv_fig_colorbar(fig, &bar, blabel));
@@ -287,12 +291,10 @@ int kv_analyze_fig_funnel_curves(const kv_funnel_t *f, kv_fig_t **out)
         }
         for (int l = 0; l < L; l++)
             y[l] = kv_funnel_layer_mean(f, panels[p].v, l);
-        TRY(kv_plot_line(ax, L, x, y,
-                         &(kv_style_t){.label = "mean over heads",
-                                       .color = c,
-                                       .width = 3.5,
-                                       .marker = KV_MARKER_CIRCLE,
-                                       .marker_size = 8}));
+        TRY(kv_plot_line(
+            ax, L, x, y,
+            &(kv_style_t){
+                .label = "mean over heads", .color = c, .width = 3.5, .marker = KV_MARKER_CIRCLE, .marker_size = 8}));
     }
     *out = fig;
     fig = NULL;
@@ -641,8 +643,9 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
             }
             TRY(kv_plot_bars(ax, L, v, &(kv_style_t){.label = s->shorts[p], .color = pol_color(p)}));
         }
-        TRY(kv_plot_hline(ax, budgets[b],
-                          &(kv_style_t){.label = "budget B (uniform)", .dash = KV_DASH_DASHED, .color = {0.2, 0.2, 0.2, 1}}));
+        TRY(kv_plot_hline(
+            ax, budgets[b],
+            &(kv_style_t){.label = "budget B (uniform)", .dash = KV_DASH_DASHED, .color = {0.2, 0.2, 0.2, 1}}));
         if (!strips)
             continue;
         kv_axes_t *hx = kv_fig_axes(fig, 1, b);

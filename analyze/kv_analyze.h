@@ -14,17 +14,14 @@
  *                       over every counted query when the trace has them; the 90 % fraction and the
  *                       segment mass need whole attention rows, recomputed from Q and K through the
  *                       backend (attn_probs) for an evenly spaced sample of queries (default 64 per
- *                       head; every query of short traces, whose whole attention is cheap). Traces without summaries get every
- *                       statistic from the sampled rows.
- *   attention maps      per layer, for the funneling figure: the pooled maps stored in the trace, or
- *                       exact maps recomputed from Q and K for short traces without summaries, or
- *                       max-pooled maps of sampled query rows for long ones.
- *   results sets        one or more results TSV files merged (a sweep), with short policy names
- *                       for legends (the parameters that differ from the policy's defaults).
- *   figure recipes      kv_analyze_fig_*: each builds a kv_fig_t that the caller renders or saves,
- *                       so tests draw them into in-memory surfaces.
- *   report              kv_analyze_run: every figure as a file plus report.md and a self-contained
- *                       report.html (figures as base64 data URIs, inline CSS).
+ *                       head; every query of short traces, whose whole attention is cheap). Traces without summaries
+ * get every statistic from the sampled rows. attention maps      per layer, for the funneling figure: the pooled maps
+ * stored in the trace, or exact maps recomputed from Q and K for short traces without summaries, or max-pooled maps of
+ * sampled query rows for long ones. results sets        one or more results TSV files merged (a sweep), with short
+ * policy names for legends (the parameters that differ from the policy's defaults). figure recipes kv_analyze_fig_*:
+ * each builds a kv_fig_t that the caller renders or saves, so tests draw them into in-memory surfaces. report
+ * kv_analyze_run: every figure as a file plus report.md and a self-contained report.html (figures as base64 data URIs,
+ * inline CSS).
  *
  * Errors follow sim/common/kv_common.h (int status, message in kv_last_error(), naming the file).
  */
@@ -109,7 +106,7 @@ typedef struct {
     int side;         /* rows = cols */
     int n_tokens;     /* tokens the map spans: cell c covers token positions [c T / side, (c+1) T / side) */
     int n_heads;
-    float *maps;      /* (n_heads, side, side) probabilities; NaN above the diagonal (keys after the query) */
+    float *maps; /* (n_heads, side, side) probabilities; NaN above the diagonal (keys after the query) */
 } kv_attn_map_t;
 
 /* The map of one layer; free with kv_attn_map_free. */
@@ -146,11 +143,11 @@ typedef struct {
     char **labels; /* (n_pol) canonical labels as in the files */
     char **shorts; /* (n_pol) short names for legends */
     int n_files;
-    char **files;       /* (n_files) paths */
-    char **file_sha;    /* (n_files) trace_sha256 of the preamble ("" when absent) */
-    char **file_cmd;    /* (n_files) command of the preamble ("" when absent) */
-    char **file_date;   /* (n_files) date of the preamble */
-    int n_duplicates;   /* rows of later files that repeated an earlier (policy, budget, layer, head) */
+    char **files;     /* (n_files) paths */
+    char **file_sha;  /* (n_files) trace_sha256 of the preamble ("" when absent) */
+    char **file_cmd;  /* (n_files) command of the preamble ("" when absent) */
+    char **file_date; /* (n_files) date of the preamble */
+    int n_duplicates; /* rows of later files that repeated an earlier (policy, budget, layer, head) */
 } kv_res_set_t;
 
 int kv_res_set_create(kv_res_set_t **out);
@@ -221,9 +218,9 @@ typedef struct {
     kv_funneling_opts_t map; /* funneling figure */
     int per_head;            /* also one figure of every head per shown layer */
     kv_funnel_opts_t funnel;
-    const char *note;        /* extra note shown at the top of the report (e.g. a synthetic fallback) */
-    const char *title;       /* report title (default "kvsim analysis") */
-    const char *demo_info;   /* free text about how the data were made (demo), or NULL */
+    const char *note;      /* extra note shown at the top of the report (e.g. a synthetic fallback) */
+    const char *title;     /* report title (default "kvsim analysis") */
+    const char *demo_info; /* free text about how the data were made (demo), or NULL */
     int quiet;
 } kv_analyze_opts_t;
 
@@ -238,8 +235,8 @@ typedef struct {
 
 /* Analyze a trace (trace_path for its checksum and the report; may be NULL for in-memory traces)
  * with zero or more results files: write the figures, report.md and report.html into out_dir. */
-int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results,
-                   kv_backend_t *be, const kv_analyze_opts_t *o, kv_analyze_out_t *out);
+int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results, kv_backend_t *be,
+                   const kv_analyze_opts_t *o, kv_analyze_out_t *out);
 
 /* Base64 of n bytes into a new NUL-terminated string (kv_free). */
 char *kv_base64(const unsigned char *data, size_t n);

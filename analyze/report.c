@@ -183,7 +183,10 @@ static void sb_add(sbuf_t *b, const char *s, size_t len)
     b->s[b->n] = 0;
 }
 
-static void sb_puts(sbuf_t *b, const char *s) { sb_add(b, s, strlen(s)); }
+static void sb_puts(sbuf_t *b, const char *s)
+{
+    sb_add(b, s, strlen(s));
+}
 
 __attribute__((format(printf, 2, 3))) static void sb_printf(sbuf_t *b, const char *fmt, ...)
 {
@@ -215,11 +218,20 @@ static void sb_html(sbuf_t *b, const char *s)
 {
     for (; *s; s++) {
         switch (*s) {
-        case '&': sb_puts(b, "&amp;"); break;
-        case '<': sb_puts(b, "&lt;"); break;
-        case '>': sb_puts(b, "&gt;"); break;
-        case '"': sb_puts(b, "&quot;"); break;
-        default: sb_add(b, s, 1);
+        case '&':
+            sb_puts(b, "&amp;");
+            break;
+        case '<':
+            sb_puts(b, "&lt;");
+            break;
+        case '>':
+            sb_puts(b, "&gt;");
+            break;
+        case '"':
+            sb_puts(b, "&quot;");
+            break;
+        default:
+            sb_add(b, s, 1);
         }
     }
 }
@@ -408,8 +420,8 @@ static int trace_table(table_t *t, kv_trace_t *tr, const char *trace_path, const
              m->n_kv_heads, m->head_dim);
     rc |= tab_row(t, "shape", buf);
     if (m->model_dim) {
-        snprintf(buf, sizeof buf, "dim %d, hidden %d, vocab %d, context %d, RoPE theta %g", m->model_dim,
-                 m->hidden_dim, m->vocab_size, m->seq_len, (double)m->rope_theta);
+        snprintf(buf, sizeof buf, "dim %d, hidden %d, vocab %d, context %d, RoPE theta %g", m->model_dim, m->hidden_dim,
+                 m->vocab_size, m->seq_len, (double)m->rope_theta);
         rc |= tab_row(t, "model configuration", buf);
     }
     snprintf(buf, sizeof buf, "%d (%d prompt + %d decode)", m->n_tokens, m->n_prompt, m->n_tokens - m->n_prompt);
@@ -458,7 +470,7 @@ static int policy_table(table_t *t, const kv_res_set_t *s)
 static int results_table(table_t *t, const kv_res_set_t *s)
 {
     *t = (table_t){.ncol = 12};
-    const char *h[] = {"policy",   "budget",   "B (tokens)", "recall mean", "recall p10", "recall min",
+    const char *h[] = {"policy",     "budget",     "B (tokens)", "recall mean",   "recall p10",   "recall min",
                        "error mean", "bound mean", "violations", "kept (tokens)", "memory (KiB)", "memory / full"};
     for (int i = 0; i < 12; i++) {
         t->head[i] = h[i];
@@ -536,8 +548,8 @@ static int files_table(table_t *t, const kv_res_set_t *s, const char *sha)
     t->head[2] = "date";
     t->head[3] = "command";
     for (int i = 0; i < s->n_files; i++) {
-        const char *match = !s->file_sha[i][0]            ? "not recorded"
-                            : !(sha && sha[0])            ? "not checked"
+        const char *match = !s->file_sha[i][0]             ? "not recorded"
+                            : !(sha && sha[0])             ? "not checked"
                             : !strcmp(s->file_sha[i], sha) ? "matches the trace"
                                                            : "DIFFERS: results of another trace";
         if (tab_row(t, s->files[i], match, s->file_date[i], s->file_cmd[i]))
@@ -553,12 +565,14 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
     sbuf_t items = {0};
     /* funnel: normalised entropy and concentration, first vs last layer */
     if (f && f->n_layers > 1) {
-        double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0), e1 = kv_funnel_layer_mean(f, f->norm_entropy, f->n_layers - 1);
+        double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0),
+               e1 = kv_funnel_layer_mean(f, f->norm_entropy, f->n_layers - 1);
         double c0 = kv_funnel_layer_mean(f, f->frac, 0), c1 = kv_funnel_layer_mean(f, f->frac, f->n_layers - 1);
-        sb_printf(&items,
-                  "Normalised attention entropy goes from %.3f in layer 0 to %.3f in layer %d; a query needs %.1f %% of "
-                  "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d.\n",
-                  e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1);
+        sb_printf(
+            &items,
+            "Normalised attention entropy goes from %.3f in layer 0 to %.3f in layer %d; a query needs %.1f %% of "
+            "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d.\n",
+            e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1);
     }
     if (s && s->n_pol) {
         int budgets[256];
@@ -591,8 +605,9 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             if (s->rows[r].layer < 0 && s->rows[r].head < 0 && s->rows[r].violations > 0)
                 viol += s->rows[r].violations;
         if (viol > 0)
-            sb_printf(&items, "WARNING: %.0f evaluation queries exceed the Ada-KV bound beyond float tolerance "
-                              "(expected 0); see the violations column.\n",
+            sb_printf(&items,
+                      "WARNING: %.0f evaluation queries exceed the Ada-KV bound beyond float tolerance "
+                      "(expected 0); see the violations column.\n",
                       viol);
         else
             sb_puts(&items, "No bound violations: every measured output error is at most the Ada-KV bound.\n");
@@ -669,8 +684,8 @@ static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, co
     return KV_OK;
 }
 
-int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results,
-                   kv_backend_t *be, const kv_analyze_opts_t *opt, kv_analyze_out_t *out)
+int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results, kv_backend_t *be,
+                   const kv_analyze_opts_t *opt, kv_analyze_out_t *out)
 {
     kv_analyze_opts_t o;
     if (opt)

@@ -20,9 +20,9 @@
 #include "sim/kv_policy.h"
 #include "sim/result.h"
 
-#include <stdio.h>
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -151,9 +151,9 @@ int kv_analyze_short_label(const char *label, char *buf, size_t len)
 
 /* ---------------------------------------------------------------- the set */
 
-static const char *const required[] = {"policy",      "budget",     "budget_tokens", "layer",    "head",
-                                       "kept",        "recall_mean", "recall_p10",   "recall_min", "err_mean",
-                                       "bound_mean",  "violations", "mem_bytes"};
+static const char *const required[] = {"policy",     "budget",      "budget_tokens", "layer",      "head",
+                                       "kept",       "recall_mean", "recall_p10",    "recall_min", "err_mean",
+                                       "bound_mean", "violations",  "mem_bytes"};
 
 const char *const *kv_res_required_columns(int *n)
 {
@@ -395,8 +395,9 @@ int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
         w.layer = parse_index(kv_table_get(t, r, col[3]));
         w.head = parse_index(kv_table_get(t, r, col[4]));
         if (!label || !label[0] || w.layer < -1 || w.head < -1 || !(bt >= 0 && bt < 1e9)) {
-            rc = kv_error(KV_EFORMAT, "%s: data row %zu: bad policy, budget_tokens, layer or head ('%s', '%s', '%s', '%s')",
-                          path, r + 1, label ? label : "", kv_table_get(t, r, col[2]), kv_table_get(t, r, col[3]),
+            rc = kv_error(KV_EFORMAT,
+                          "%s: data row %zu: bad policy, budget_tokens, layer or head ('%s', '%s', '%s', '%s')", path,
+                          r + 1, label ? label : "", kv_table_get(t, r, col[2]), kv_table_get(t, r, col[3]),
                           kv_table_get(t, r, col[4]));
             break;
         }

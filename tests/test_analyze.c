@@ -147,7 +147,7 @@ START_TEST(mass_count_matches_sort)
 {
     kv_rng_t r;
     kv_rng_seed(&r, 5);
-    float p[2000], s[2000], scratch[2000];
+    float p[2000] = {0}, s[2000], scratch[2000];
     for (int trial = 0; trial < 300; trial++) {
         int n = 1 + (int)(kv_rng_uniform(&r) * 1999);
         int levels = trial % 3 == 0 ? 3 : 0; /* many ties */
@@ -257,10 +257,16 @@ static void check_uniform_funnel(int with_summaries)
     kv_backend_close(be);
 }
 
-START_TEST(funnel_uniform_recomputed) { check_uniform_funnel(0); }
+START_TEST(funnel_uniform_recomputed)
+{
+    check_uniform_funnel(0);
+}
 END_TEST
 
-START_TEST(funnel_uniform_from_summaries) { check_uniform_funnel(1); }
+START_TEST(funnel_uniform_from_summaries)
+{
+    check_uniform_funnel(1);
+}
 END_TEST
 
 /* On a random trace, entropy and sink mass from the stored summaries (computed by the backend's
@@ -276,7 +282,8 @@ START_TEST(funnel_summaries_agree_with_rows)
     for (int l = 0; l < L; l++)
         ck_assert_int_eq(kv_synth_summarize(be, m, kv_trace_mem_tensor(t, l, KV_T_Q), kv_trace_mem_tensor(t, l, KV_T_K),
                                             kv_trace_mem_tensor(t, l, KV_T_V), kv_trace_mem_tensor(t, l, KV_T_LSE),
-                                            kv_trace_mem_tensor(t, l, KV_T_ENTROPY), kv_trace_mem_tensor(t, l, KV_T_ACC),
+                                            kv_trace_mem_tensor(t, l, KV_T_ENTROPY),
+                                            kv_trace_mem_tensor(t, l, KV_T_ACC),
                                             kv_trace_mem_tensor(t, l, KV_T_POOLED)),
                          KV_OK);
     kv_funnel_opts_t o;
@@ -417,11 +424,20 @@ static void check_sink_column(kv_map_src_t src, int summaries)
     kv_backend_close(be);
 }
 
-START_TEST(funneling_sink_brightest_pooled) { check_sink_column(KV_MAP_POOLED, 1); }
+START_TEST(funneling_sink_brightest_pooled)
+{
+    check_sink_column(KV_MAP_POOLED, 1);
+}
 END_TEST
-START_TEST(funneling_sink_brightest_exact) { check_sink_column(KV_MAP_EXACT, 0); }
+START_TEST(funneling_sink_brightest_exact)
+{
+    check_sink_column(KV_MAP_EXACT, 0);
+}
 END_TEST
-START_TEST(funneling_sink_brightest_sampled) { check_sink_column(KV_MAP_SAMPLED, 0); }
+START_TEST(funneling_sink_brightest_sampled)
+{
+    check_sink_column(KV_MAP_SAMPLED, 0);
+}
 END_TEST
 
 START_TEST(funneling_pooled_needs_summaries)
