@@ -6,10 +6,10 @@
  * no head-adaptive policy, ...) returns KV_EUNAVAIL with a message that says what is missing, so
  * the report can say why a figure is absent.
  *
- * Conventions shared by the figures: the Okabe-Ito palette (colour-blind safe) for policies, with
- * the line pattern changing every eight policies and a marker shape per policy, so fifteen
- * policies stay distinguishable in print; short policy names in legends (kv_analyze_short_label);
- * log axes where values span more than a factor of 30; units in every axis label.
+ * Conventions shared by the figures: the Okabe-Ito palette (colour-blind safe, its faint yellow
+ * left out) for policies, with the line pattern changing every seven policies and a marker shape
+ * per policy, so fifteen policies stay distinguishable in print; short policy names in legends
+ * (kv_analyze_short_label); log axes where values span more than a factor of 30; units in every axis label.
  */
 #include "analyze/kv_analyze.h"
 
@@ -153,14 +153,14 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
             TRY(kv_attn_map_layer(t, be, layer, o->src, &map));
             src = map.src;
             kv_free(mean);
-            mean = kv_malloc(sizeof(float) * (size_t)map.side * map.side, "mean map");
+            mean = kv_malloc(sizeof(float) * (size_t)map.rows * map.cols, "mean map");
             if (!mean) {
                 rc = KV_ENOMEM;
                 goto done;
             }
         }
         if (head_layer >= 0)
-            memcpy(mean, map.maps + (size_t)p * map.side * map.side, sizeof(float) * (size_t)map.side * map.side);
+            memcpy(mean, map.maps + (size_t)p * map.rows * map.cols, sizeof(float) * (size_t)map.rows * map.cols);
         else
             kv_attn_map_mean(&map, mean);
         kv_axes_t *ax = kv_fig_axes(fig, p / cols, p % cols);
@@ -186,7 +186,7 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
                               .x1 = T - 0.5,
                               .y0 = -0.5,
                               .y1 = T - 0.5};
-        TRY(kv_plot_heatmap(ax, map.side, map.side, mean, &hs));
+        TRY(kv_plot_heatmap(ax, map.rows, map.cols, mean, &hs));
         /* Boundaries, drawn only where attention exists (on and below the diagonal): a segment start
          * s is a vertical line (keys of the new segment) from query s down and a horizontal one
          * (queries of the new segment) from key 0 to the diagonal. A dark line under a light one

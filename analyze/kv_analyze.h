@@ -6,22 +6,24 @@
  * replay results (sim/result.h: TSV tables read by column name, never by position) and draws with
  * the KV-agnostic plots library (plots/kv_plot.h). Its parts:
  *
- *   funnel statistics   per layer and query head: attention entropy (nats) and normalised entropy
- *                       (entropy / ln(visible keys)), the fraction of visible keys needed to reach
- *                       90 % of a query's attention, the mass on the first token (sink) and the mass
- *                       inside the query's own segment (locality). Entropy and sink mass come from
- *                       the stored summaries (ENTROPY, and LSE: p_ij = exp(q_i.k_j / sqrt(d) - lse_i))
- *                       over every counted query when the trace has them; the 90 % fraction and the
- *                       segment mass need whole attention rows, recomputed from Q and K through the
- *                       backend (attn_probs) for an evenly spaced sample of queries (default 64 per
- *                       head; every query of short traces, whose whole attention is cheap). Traces without summaries
- * get every statistic from the sampled rows. attention maps      per layer, for the funneling figure: the pooled maps
- * stored in the trace, or exact maps recomputed from Q and K for short traces without summaries, or max-pooled maps of
- * sampled query rows for long ones. results sets        one or more results TSV files merged (a sweep), with short
- * policy names for legends (the parameters that differ from the policy's defaults). figure recipes kv_analyze_fig_*:
- * each builds a kv_fig_t that the caller renders or saves, so tests draw them into in-memory surfaces. report
- * kv_analyze_run: every figure as a file plus report.md and a self-contained report.html (figures as base64 data URIs,
- * inline CSS).
+ * - Funnel statistics, per layer and query head: attention entropy (nats) and normalised entropy
+ *   (entropy / ln(visible keys)), the fraction of visible keys needed to reach 90 % of a query's
+ *   attention, the mass on the first token (sink) and the mass inside the query's own segment
+ *   (locality). Entropy and sink mass come from the stored summaries (ENTROPY, and LSE:
+ *   p_ij = exp(q_i.k_j / sqrt(d) - lse_i)) over every counted query when the trace has them; the
+ *   90 % fraction and the segment mass need whole attention rows, recomputed from Q and K through
+ *   the backend (attn_probs) for a sample of queries: every query of a short trace, else 64 per
+ *   head in evenly spaced runs of 8 consecutive queries. Traces without summaries get every
+ *   statistic from the sampled rows.
+ * - Attention maps, per layer, for the funneling figure: the pooled maps stored in the trace, or
+ *   exact maps recomputed from Q and K for short traces without summaries, or max-pooled maps of
+ *   sampled query rows for long ones.
+ * - Results sets: one or more results TSV files merged (a sweep), with short policy names for
+ *   legends (the parameters that differ from the policy's defaults).
+ * - Figure recipes, kv_analyze_fig_*: each builds a kv_fig_t that the caller renders or saves, so
+ *   tests draw them into in-memory surfaces.
+ * - The report, kv_analyze_run: every figure as a file plus report.md and a self-contained
+ *   report.html (figures as base64 data URIs, inline CSS).
  *
  * Errors follow sim/common/kv_common.h (int status, message in kv_last_error(), naming the file).
  */
@@ -95,24 +97,27 @@ typedef enum {
     KV_MAP_AUTO = 0, /* pooled when the trace has summaries; else exact up to KV_MAP_EXACT_MAX tokens, else sampled */
     KV_MAP_POOLED,   /* the trace's pooled maps (needs summaries) */
     KV_MAP_EXACT,    /* full causal attention recomputed from Q and K, one cell per token */
-    KV_MAP_SAMPLED   /* one query per row cell (its last token), keys max-pooled into the same cells */
+    KV_MAP_SAMPLED   /* one query per row cell (its last token), keys max-pooled into column cells */
 } kv_map_src_t;
 
 #define KV_MAP_EXACT_MAX 1024
-#define KV_MAP_SAMPLED_SIDE 256
+#define KV_MAP_SAMPLED_ROWS 128 /* one backend call per row: the cost of the sampled maps */
+#define KV_MAP_SAMPLED_COLS 256
 
 typedef struct {
     kv_map_src_t src; /* resolved source */
-    int side;         /* rows = cols */
-    int n_tokens;     /* tokens the map spans: cell c covers token positions [c T / side, (c+1) T / side) */
+    int rows, cols;   /* row cell r covers query positions [r T / rows, (r+1) T / rows), column cell c
+                         key positions [c T / cols, (c+1) T / cols) (integer division, as FORMAT.md) */
+    int n_tokens;     /* T */
     int n_heads;
-    float *maps; /* (n_heads, side, side) probabilities; NaN above the diagonal (keys after the query) */
+    float *maps; /* (n_heads, rows, cols) probabilities; NaN where every key of the column cell comes
+                    after every query of the row cell (above the causal diagonal) */
 } kv_attn_map_t;
 
 /* The map of one layer; free with kv_attn_map_free. */
 int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t src, kv_attn_map_t *out);
 void kv_attn_map_free(kv_attn_map_t *m);
-/* Mean over heads into dst (side, side). */
+/* Mean over heads into dst (rows, cols). */
 void kv_attn_map_mean(const kv_attn_map_t *m, float *dst);
 const char *kv_map_src_name(kv_map_src_t s);
 

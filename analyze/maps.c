@@ -1,15 +1,16 @@
 /*
  * maps.c: per-layer attention maps for the funneling figure (see kv_analyze.h).
  *
- * Three sources, all (n_heads, side, side) with cell (r, c) covering query positions
- * [r T / side, (r+1) T / side) and key positions [c T / side, (c+1) T / side):
+ * Three sources, all (n_heads, rows, cols) with cell (r, c) covering query positions
+ * [r T / rows, (r+1) T / rows) and key positions [c T / cols, (c+1) T / cols):
  *   pooled   the trace's POOLED summary: max of p_ij over the cell (traces/FORMAT.md);
- *   exact    softmax(q_i . k_j / sqrt(d)) recomputed from Q and K, one cell per token (side = T), for
- *            traces of at most KV_MAP_EXACT_MAX tokens;
- *   sampled  long traces without summaries: one query per row cell (the last token of the cell) and
- *            its probabilities max-pooled over the key cells, so the O(T^2) work becomes O(side T).
- * Cells strictly above the diagonal hold keys after every query of the row: they are NaN (drawn
- * blank), not zero, so the colour scale shows only attention that could exist.
+ *   exact    softmax(q_i . k_j / sqrt(d)) recomputed from Q and K, one cell per token
+ *            (rows = cols = T), for traces of at most KV_MAP_EXACT_MAX tokens;
+ *   sampled  long traces without summaries: KV_MAP_SAMPLED_ROWS rows of one query each (the last token
+ *            of the row cell), its probabilities max-pooled into KV_MAP_SAMPLED_COLS key cells, so the
+ *            O(T^2) work becomes O(rows T): one backend call per row.
+ * Cells above the causal diagonal (every key of the column after every query of the row) are NaN
+ * (drawn blank), not zero, so the colour scale shows only attention that could exist.
  */
 #include "analyze/kv_analyze.h"
 
@@ -42,7 +43,7 @@ void kv_attn_map_free(kv_attn_map_t *m)
 
 void kv_attn_map_mean(const kv_attn_map_t *m, float *dst)
 {
-    const size_t cells = (size_t)m->side * m->side;
+    const size_t cells = (size_t)m->rows * m->cols;
     for (size_t i = 0; i < cells; i++) {
         double s = 0;
         int n = 0;
@@ -106,6 +107,12 @@ static int rows_probs(kv_backend_t *be, const kv_trace_meta_t *m, const void *dq
     return rc ? rc : rc2;
 }
 
+/* First token of cell c of n cells over T tokens (tokens j with j n / T == c). */
+static int cell_first(int c, int n, int T)
+{
+    return (int)(((long long)c * T + n - 1) / n);
+}
+
 int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t src, kv_attn_map_t *out)
 {
     memset(out, 0, sizeof *out);
@@ -123,10 +130,12 @@ int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t s
     }
     if (src == KV_MAP_POOLED && !(kv_trace_has(t, KV_T_POOLED) && m->pool > 0))
         return kv_error(KV_EINVAL, "%s: the trace has no pooled attention maps (no summaries)", kv_trace_path(t));
-    const int side = src == KV_MAP_POOLED ? m->pool : src == KV_MAP_EXACT ? T : KV_MIN(KV_MAP_SAMPLED_SIDE, T);
-    const size_t cells = (size_t)side * side;
+    const int rows = src == KV_MAP_POOLED ? m->pool : src == KV_MAP_EXACT ? T : KV_MIN(KV_MAP_SAMPLED_ROWS, T);
+    const int cols = src == KV_MAP_POOLED ? m->pool : src == KV_MAP_EXACT ? T : KV_MIN(KV_MAP_SAMPLED_COLS, T);
+    const size_t cells = (size_t)rows * cols;
     out->src = src;
-    out->side = side;
+    out->rows = rows;
+    out->cols = cols;
     out->n_tokens = T;
     out->n_heads = H;
     out->maps = kv_malloc(sizeof(float) * (size_t)H * cells, "attention maps");
@@ -153,24 +162,23 @@ int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t s
                 for (int h = 0; h < H; h++)
                     for (int r = 0; r < nq; r++) {
                         const float *src_row = p + ((size_t)h * nq + r) * nk;
-                        float *dst = out->maps + (size_t)h * cells + (size_t)(i0 + r) * side;
+                        float *dst = out->maps + (size_t)h * cells + (size_t)(i0 + r) * cols;
                         for (int j = 0; j < T; j++)
                             dst[j] = j <= i0 + r ? src_row[j] : NAN;
                     }
             }
         } else if (rc == KV_OK) {
-            for (int r = 0; r < side && rc == KV_OK; r++) {
-                /* the last query whose cell is r: floor(i side / T) == r */
-                int i = (int)(((long long)(r + 1) * T + side - 1) / side) - 1;
+            for (int r = 0; r < rows && rc == KV_OK; r++) {
+                const int i = cell_first(r + 1, rows, T) - 1; /* the last query of row cell r */
                 if ((rc = rows_probs(be, m, dq, dk, i, 1, p)))
                     break;
                 for (int h = 0; h < H; h++) {
-                    float *dst = out->maps + (size_t)h * cells + (size_t)r * side;
-                    for (int c = 0; c < side; c++)
+                    float *dst = out->maps + (size_t)h * cells + (size_t)r * cols;
+                    for (int c = 0; c < cols; c++)
                         dst[c] = 0;
                     const float *row = p + (size_t)h * (i + 1);
                     for (int j = 0; j <= i; j++) {
-                        int c = (int)((long long)j * side / T);
+                        int c = (int)((long long)j * cols / T);
                         if (row[j] > dst[c])
                             dst[c] = row[j];
                     }
@@ -187,10 +195,13 @@ int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t s
         kv_attn_map_free(out);
         return rc;
     }
-    /* keys after every query of the row: blank */
-    for (int h = 0; h < H; h++)
-        for (int r = 0; r < side; r++)
-            for (int c = r + 1; c < side; c++)
-                out->maps[(size_t)h * cells + (size_t)r * side + c] = NAN;
+    /* column cells whose first key comes after the last query of the row cell: blank */
+    for (int r = 0; r < rows; r++) {
+        const int last_q = cell_first(r + 1, rows, T) - 1;
+        for (int c = 0; c < cols; c++)
+            if (cell_first(c, cols, T) > last_q)
+                for (int h = 0; h < H; h++)
+                    out->maps[(size_t)h * cells + (size_t)r * cols + c] = NAN;
+    }
     return KV_OK;
 }

@@ -802,12 +802,13 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         goto done;
     snprintf(cap, sizeof cap,
              "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
-             "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %d evenly "
-             "spaced queries per head recomputed from Q and K. Faint lines: single heads; bold: mean over heads.",
+             "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
+             "queries per head, recomputed from Q and K. Faint lines: single heads; bold: mean over heads.",
              fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
              fs->from_summaries ? " and sink mass over every counted query from the stored ENTROPY and LSE summaries"
                                 : " and sink mass from the sampled queries (the trace has no summaries)",
-             100 * fs->mass, fs->n_sampled);
+             100 * fs->mass, fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample (evenly spaced runs) of ",
+             fs->n_sampled);
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
     kv_fig_free(fig);
     fig = NULL;
