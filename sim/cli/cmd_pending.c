@@ -13,9 +13,6 @@
         return 1;                                                                                         \
     }
 
-PENDING(kv_cmd_capture, "capture")
-PENDING(kv_cmd_generate, "generate")
-PENDING(kv_cmd_nll, "nll")
 PENDING(kv_cmd_synth, "synth")
 PENDING(kv_cmd_replay, "replay")
 PENDING(kv_cmd_policies, "policies")
