@@ -75,9 +75,9 @@ static int write_random_checkpoint(const char *path, int dim, int hidden, int la
     const struct {
         size_t n;
         int norm;
-    } t[] = {{(size_t)vocab * D, 0}, {L * D, 1},     {L * D * D, 0}, {L * KV * D, 0}, {L * KV * D, 0},
-             {L * D * D, 0},        {L * D, 1},     {L * H * D, 0}, {L * D * H, 0},  {L * H * D, 0},
-             {D, 1},                {(size_t)seq_len * hd, 1}};
+    } t[] = {{(size_t)vocab * D, 0}, {L * D, 1},     {L * D * D, 0}, {L * KV * D, 0},
+             {L * KV * D, 0},        {L * D * D, 0}, {L * D, 1},     {L * H * D, 0},
+             {L * D * H, 0},         {L * H * D, 0}, {D, 1},         {(size_t)seq_len * hd, 1}};
     size_t total = 28;
     for (size_t i = 0; i < KV_ARRAY_LEN(t); i++)
         total += 4 * t[i].n;
@@ -113,8 +113,7 @@ typedef struct {
 } speed_t;
 
 /* Best of `reps` batched prefills, then one token-by-token run over the first n_tbt tokens. */
-static int measure(const kv_model_t *m, kv_backend_t *be, const int32_t *tok, int n, int n_tbt, int reps,
-                   speed_t *s)
+static int measure(const kv_model_t *m, kv_backend_t *be, const int32_t *tok, int n, int n_tbt, int reps, speed_t *s)
 {
     float *lg = malloc(sizeof(float) * (size_t)m->cfg.vocab_size);
     kv_fwd_t *f = NULL;
@@ -215,7 +214,10 @@ static char *prompt_of(const char *sample, const kv_tokenizer_t *tok, int n)
         kv_free(ids);
         if (m >= n)
             break;
-        s = realloc(s, sl + len + 1);
+        char *g = realloc(s, sl + len + 1);
+        if (!g)
+            return s;
+        s = g;
         memcpy(s + sl, one, len + 1);
         sl += len;
     }
@@ -253,7 +255,8 @@ static void bound_report(const kv_model_t *m, int n_prompt, int n_decode, int po
     printf("    plus activations %s, decode queries %s, summaries %s: total %s\n", mib(act, a, 32), mib(dec, b, 32),
            mib(summ, d, 32), mib(model + cache + layer + act + dec + summ, j, 32));
     printf("    capture timings: prefill %.2fs (%.0f tok/s incl. summaries and slab writes), decode %.2fs, write "
-           "%.2fs\n", r->prefill_s, n_prompt / r->prefill_s, r->decode_s, r->write_s);
+           "%.2fs\n",
+           r->prefill_s, n_prompt / r->prefill_s, r->decode_s, r->write_s);
 }
 
 int main(void)
@@ -294,8 +297,7 @@ int main(void)
         }
         kv_model_t *m;
         kv_tokenizer_t *tok;
-        if (kv_model_load(caps[ci].model, &m) != KV_OK ||
-            kv_tokenizer_load(caps[ci].tok, 0, &tok) != KV_OK) {
+        if (kv_model_load(caps[ci].model, &m) != KV_OK || kv_tokenizer_load(caps[ci].tok, 0, &tok) != KV_OK) {
             fprintf(stderr, "bench-capture: %s\n", kv_last_error());
             return 1;
         }
@@ -316,8 +318,7 @@ int main(void)
         kv_capture_result_t r;
         memset(&r, 0, sizeof r);
         size_t rss0 = 0;
-        printf("  %s: %d prompt + %d decode tokens, f16, %d layers\n", caps[ci].name, np, o.n_decode,
-               m->cfg.n_layers);
+        printf("  %s: %d prompt + %d decode tokens, f16, %d layers\n", caps[ci].name, np, o.n_decode, m->cfg.n_layers);
         if ((rc = capture_in_child(&o, &r, &rss0)) != KV_OK)
             printf("    capture failed: %s\n", kv_last_error());
         else

@@ -279,8 +279,8 @@ END_TEST
 
 typedef struct {
     const char *name;
-    long cut;         /* >= 0: truncate to this many bytes; -1 keep */
-    int set_off;      /* int32 to overwrite (-1 none) */
+    long cut;    /* >= 0: truncate to this many bytes; -1 keep */
+    int set_off; /* int32 to overwrite (-1 none) */
     int32_t set_val;
     int expect_vocab; /* passed to load */
     long append;
@@ -396,8 +396,27 @@ static void check_real_tokenizer(const char *rel, int vocab)
     ck_assert_int_eq(kv_tokenizer_lookup(t, "\n", 1), -1);
     ck_assert_str_eq(t->pieces['\n' + 3], "<0x0A>");
     /* random texts: the heap merge equals the quadratic scan, and decoding gives the text back */
-    static const char *alphabet[] = {"a", "e", "t", "o", "n", " ", " ", "s", "h", "r", "T", "!", ",", "\n",
-                                     "\xc3\xa9", "\xc3\xbc", "\xe4\xb8\xad", "\xf0\x9f\x98\x80", "'", "x", "1"};
+    static const char *alphabet[] = {"a",
+                                     "e",
+                                     "t",
+                                     "o",
+                                     "n",
+                                     " ",
+                                     " ",
+                                     "s",
+                                     "h",
+                                     "r",
+                                     "T",
+                                     "!",
+                                     ",",
+                                     "\n",
+                                     "\xc3\xa9",
+                                     "\xc3\xbc",
+                                     "\xe4\xb8\xad",
+                                     "\xf0\x9f\x98\x80",
+                                     "'",
+                                     "x",
+                                     "1"};
     kv_rng_t r;
     kv_rng_seed(&r, 99);
     for (int trial = 0; trial < 150; trial++) {
@@ -408,8 +427,7 @@ static void check_real_tokenizer(const char *rel, int vocab)
         int32_t ref[512], *ids;
         int nref = naive_encode(t, s, ref), n;
         ck_assert_int_eq(kv_tokenizer_encode(t, s, strlen(s), 1, 0, &ids, &n), KV_OK);
-        ck_assert_msg(n == nref && !memcmp(ids, ref, sizeof(int32_t) * (size_t)n), "'%s': %d tokens vs %d", s, n,
-                      nref);
+        ck_assert_msg(n == nref && !memcmp(ids, ref, sizeof(int32_t) * (size_t)n), "'%s': %d tokens vs %d", s, n, nref);
         char *back;
         size_t bl;
         ck_assert_int_eq(kv_tokenizer_decode_all(t, ids, n, &back, &bl), KV_OK);
@@ -420,9 +438,15 @@ static void check_real_tokenizer(const char *rel, int vocab)
     kv_tokenizer_free(t);
 }
 
-START_TEST(real_tokenizer_512) { check_real_tokenizer("models/stories260K/tok512.bin", 512); }
+START_TEST(real_tokenizer_512)
+{
+    check_real_tokenizer("models/stories260K/tok512.bin", 512);
+}
 END_TEST
-START_TEST(real_tokenizer_32k) { check_real_tokenizer("models/llama2c-tokenizer-32k/tokenizer.bin", 32000); }
+START_TEST(real_tokenizer_32k)
+{
+    check_real_tokenizer("models/llama2c-tokenizer-32k/tokenizer.bin", 32000);
+}
 END_TEST
 
 START_TEST(documents_split_at_separators)
@@ -442,7 +466,7 @@ END_TEST
 /* ---- forward pass vs a naive double-precision reference ---- */
 
 typedef struct {
-    double *k, *v; /* (layers, T, kv_dim) post-RoPE keys and values */
+    double *k, *v;  /* (layers, T, kv_dim) post-RoPE keys and values */
     double *logits; /* (T, vocab) */
 } ref_out_t;
 
@@ -537,7 +561,10 @@ static void ref_forward(const kv_model_t *m, const int32_t *tok, int T, ref_out_
     free(x), free(xn), free(q), free(att), free(tmp), free(h1), free(h3), free(p);
 }
 
-static void ref_free(ref_out_t *o) { free(o->k), free(o->v), free(o->logits); }
+static void ref_free(ref_out_t *o)
+{
+    free(o->k), free(o->v), free(o->logits);
+}
 
 static void tiny_tokens(int32_t *tok, int T, uint64_t seed)
 {

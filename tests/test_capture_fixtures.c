@@ -1,4 +1,5 @@
-/* test_capture_fixtures.c: see capture_fixtures.h (named test_* so the Makefile compiles it into the test runner; it holds no suite). */
+/* test_capture_fixtures.c: see capture_fixtures.h (named test_* so the Makefile compiles it into the test runner; it
+ * holds no suite). */
 #include "tests/capture_fixtures.h"
 
 #include "sim/common/kv_rng.h"
@@ -42,8 +43,8 @@ void fx_model_init(fx_model_t *m, int dim, int hidden, int layers, int heads, in
 
 void fx_model_free(fx_model_t *m)
 {
-    float *p[] = {m->emb, m->rms_att, m->wq, m->wk, m->wv, m->wo, m->rms_ffn, m->w1, m->w2, m->w3, m->rms_final,
-                  m->wcls};
+    float *p[] = {m->emb,     m->rms_att, m->wq, m->wk, m->wv,        m->wo,
+                  m->rms_ffn, m->w1,      m->w2, m->w3, m->rms_final, m->wcls};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         free(p[i]);
     memset(m, 0, sizeof *m);
@@ -63,8 +64,14 @@ static void put(buf_t *b, const void *src, size_t n)
     memcpy(b->b + b->n, src, n);
     b->n += n;
 }
-static void put_i32(buf_t *b, int32_t v) { put(b, &v, 4); }
-static void put_f(buf_t *b, const float *x, size_t n) { put(b, x, n * sizeof(float)); }
+static void put_i32(buf_t *b, int32_t v)
+{
+    put(b, &v, 4);
+}
+static void put_f(buf_t *b, const float *x, size_t n)
+{
+    put(b, x, n * sizeof(float));
+}
 static void pad_to(buf_t *b, size_t n)
 {
     while (b->n < n) {
@@ -73,7 +80,10 @@ static void pad_to(buf_t *b, size_t n)
     }
 }
 
-void fx_put_i32(unsigned char *buf, size_t off, int32_t v) { memcpy(buf + off, &v, 4); }
+void fx_put_i32(unsigned char *buf, size_t off, int32_t v)
+{
+    memcpy(buf + off, &v, 4);
+}
 
 /* sizes of each tensor (all layers) */
 static void sizes(const fx_model_t *m, size_t s[12])
@@ -81,8 +91,8 @@ static void sizes(const fx_model_t *m, size_t s[12])
     size_t L = (size_t)m->layers, D = (size_t)m->dim, H = (size_t)m->hidden;
     size_t KV = (size_t)(m->dim / m->heads * m->kv_heads), V = (size_t)m->vocab;
     /* emb rms_att wq wk wv wo rms_ffn w1 w2 w3 rms_final wcls */
-    size_t t[12] = {V * D, L * D, L * D * D, L * KV * D, L * KV * D, L * D * D, L * D, L * H * D, L * D * H,
-                    L * H * D, D, V * D};
+    size_t t[12] = {V * D, L * D,     L * D * D, L * KV * D, L * KV * D, L * D * D,
+                    L * D, L * H * D, L * D * H, L * H * D,  D,          V * D};
     memcpy(s, t, sizeof t);
 }
 
@@ -98,8 +108,8 @@ unsigned char *fx_model_v0(const fx_model_t *m, size_t *len)
     size_t s[12];
     sizes(m, s);
     header7(&b, m, m->shared ? m->vocab : -m->vocab);
-    const float *t[11] = {m->emb, m->rms_att, m->wq, m->wk, m->wv, m->wo, m->rms_ffn, m->w1, m->w2, m->w3,
-                          m->rms_final};
+    const float *t[11] = {m->emb,     m->rms_att, m->wq, m->wk, m->wv,       m->wo,
+                          m->rms_ffn, m->w1,      m->w2, m->w3, m->rms_final};
     for (int i = 0; i < 11; i++)
         put_f(&b, t[i], s[i]);
     /* freq_cis_real / imag: junk the loader must skip */
@@ -131,8 +141,8 @@ unsigned char *fx_model_v1(const fx_model_t *m, size_t *len)
     vheader(&b, m, 1);
     pad_to(&b, 256);
     /* rms_att rms_ffn rms_final emb wq wk wv wo w1 w2 w3 [wcls] */
-    const float *t[12] = {m->rms_att, m->rms_ffn, m->rms_final, m->emb, m->wq, m->wk, m->wv, m->wo, m->w1, m->w2,
-                          m->w3, m->wcls};
+    const float *t[12] = {m->rms_att, m->rms_ffn, m->rms_final, m->emb, m->wq, m->wk,
+                          m->wv,      m->wo,      m->w1,        m->w2,  m->w3, m->wcls};
     const size_t n[12] = {s[1], s[6], s[10], s[0], s[2], s[3], s[4], s[5], s[7], s[8], s[9], s[11]};
     for (int i = 0; i < (m->shared ? 11 : 12); i++)
         put_f(&b, t[i], n[i]);
@@ -204,7 +214,7 @@ unsigned char *fx_tokenizer(size_t *len)
         const char *s;
         float score;
     } extra[FX_EXTRA] = {
-        {" ", -10}, {"a", -10}, {"b", -10}, {"c", -10}, {"ab", -3}, {"bc", -2}, {" a", -5},
+        {" ", -10},  {"a", -10},  {"b", -10},        {"c", -10}, {"ab", -3}, {"bc", -2}, {" a", -5},
         {"abc", -1}, {" ab", -4}, {"\xc3\xa9", -10}, {"aa", -6}, {"x", -10}, {"xx", -7},
     };
     buf_t b = {0};

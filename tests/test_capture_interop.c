@@ -120,7 +120,8 @@ Suite *suite_capture_interop(void)
 {
     Suite *s = suite_create("capture_interop");
     TCase *tc = tcase_create("h5py");
-    if (system("python3 -c 'import h5py, hdf5plugin' >/dev/null 2>&1") == 0 && access("tests/interop_read.py", R_OK) == 0)
+    if (system("python3 -c 'import h5py, hdf5plugin' >/dev/null 2>&1") == 0 &&
+        access("tests/interop_read.py", R_OK) == 0)
         tcase_add_test(tc, python_reads_what_c_reads);
     else
         kv_test_skip("capture_interop/python_reads_what_c_reads",

@@ -73,8 +73,19 @@ static int load_prompt(const char *arg, const char *file, char **out)
     return *out ? KV_OK : KV_ENOMEM;
 }
 
-enum { OPT_PROMPT_FILE = 1000, OPT_TEMP, OPT_SEED, OPT_BACKEND, OPT_THREADS, OPT_DECODE, OPT_DTYPE, OPT_WO,
-       OPT_SEGMENTS, OPT_POOL, OPT_ZSTD };
+enum {
+    OPT_PROMPT_FILE = 1000,
+    OPT_TEMP,
+    OPT_SEED,
+    OPT_BACKEND,
+    OPT_THREADS,
+    OPT_DECODE,
+    OPT_DTYPE,
+    OPT_WO,
+    OPT_SEGMENTS,
+    OPT_POOL,
+    OPT_ZSTD
+};
 
 /* ---------------------------------------------------------------- generate */
 
@@ -97,8 +108,8 @@ static void generate_help(void)
            "  -h, --help           this help\n");
 }
 
-static int open_model(const char *cmd, const char *model_path, const char *tok_path, const char *backend,
-                      int threads, kv_model_t **m, kv_tokenizer_t **tok, kv_backend_t **be)
+static int open_model(const char *cmd, const char *model_path, const char *tok_path, const char *backend, int threads,
+                      kv_model_t **m, kv_tokenizer_t **tok, kv_backend_t **be)
 {
     *m = NULL;
     *tok = NULL;
@@ -117,13 +128,17 @@ static int open_model(const char *cmd, const char *model_path, const char *tok_p
 
 int kv_cmd_generate(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"tokenizer", required_argument, 0, 'z'},   {"prompt", required_argument, 0, 'i'},
-        {"prompt-file", required_argument, 0, OPT_PROMPT_FILE}, {"steps", required_argument, 0, 'n'},
-        {"temperature", required_argument, 0, OPT_TEMP}, {"seed", required_argument, 0, OPT_SEED},
-        {"backend", required_argument, 0, OPT_BACKEND}, {"threads", required_argument, 0, OPT_THREADS},
-        {"quiet", no_argument, 0, 'q'},             {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"prompt", required_argument, 0, 'i'},
+                                         {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"steps", required_argument, 0, 'n'},
+                                         {"temperature", required_argument, 0, OPT_TEMP},
+                                         {"seed", required_argument, 0, OPT_SEED},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *tok_path = NULL, *prompt_arg = NULL, *prompt_file = NULL, *backend = "auto";
     long steps = 256, threads = 0, seed = 42;
     double temperature = 0;
@@ -131,9 +146,15 @@ int kv_cmd_generate(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:i:n:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z': tok_path = optarg; break;
-        case 'i': prompt_arg = optarg; break;
-        case OPT_PROMPT_FILE: prompt_file = optarg; break;
+        case 'z':
+            tok_path = optarg;
+            break;
+        case 'i':
+            prompt_arg = optarg;
+            break;
+        case OPT_PROMPT_FILE:
+            prompt_file = optarg;
+            break;
         case 'n':
             if (kv_cli_int("generate", "--steps", optarg, 0, 1L << 24, &steps))
                 return 2;
@@ -149,14 +170,21 @@ int kv_cmd_generate(int argc, char **argv)
             if (kv_cli_int("generate", "--seed", optarg, 0, 2147483647L, &seed))
                 return 2;
             break;
-        case OPT_BACKEND: backend = optarg; break;
+        case OPT_BACKEND:
+            backend = optarg;
+            break;
         case OPT_THREADS:
             if (kv_cli_int("generate", "--threads", optarg, 0, 4096, &threads))
                 return 2;
             break;
-        case 'q': kv_log_set_level(KV_LOG_QUIET); break;
-        case 'h': generate_help(); return 0;
-        default: return kv_cli_usage_error("generate", "unknown option");
+        case 'q':
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h':
+            generate_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("generate", "unknown option");
         }
     }
     if (optind + 1 != argc)
@@ -179,8 +207,8 @@ int kv_cmd_generate(int argc, char **argv)
     if (rc == KV_OK) {
         printf("\n");
         int gen = r.n_tokens - r.n_prompt;
-        kv_info("generate: %d prompt tokens in %.3fs, %d new tokens in %.3fs (%.1f tok/s), %s", r.n_prompt,
-                r.prefill_s, gen, r.decode_s, r.decode_s > 0 ? gen / r.decode_s : 0.0, be->device);
+        kv_info("generate: %d prompt tokens in %.3fs, %d new tokens in %.3fs (%.1f tok/s), %s", r.n_prompt, r.prefill_s,
+                gen, r.decode_s, r.decode_s > 0 ? gen / r.decode_s : 0.0, be->device);
     }
     int status = rc == KV_OK ? 0 : kv_cli_fail("generate");
     kv_free(r.tokens);
@@ -218,18 +246,24 @@ static void nll_doc(void *ctx, int doc, int n_tokens, double sum, long pred)
 
 int kv_cmd_nll(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"tokenizer", required_argument, 0, 'z'}, {"backend", required_argument, 0, OPT_BACKEND},
-        {"threads", required_argument, 0, OPT_THREADS}, {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *tok_path = NULL, *backend = "auto";
     long threads = 0;
     int c, verbose = 1;
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z': tok_path = optarg; break;
-        case OPT_BACKEND: backend = optarg; break;
+        case 'z':
+            tok_path = optarg;
+            break;
+        case OPT_BACKEND:
+            backend = optarg;
+            break;
         case OPT_THREADS:
             if (kv_cli_int("nll", "--threads", optarg, 0, 4096, &threads))
                 return 2;
@@ -238,8 +272,11 @@ int kv_cmd_nll(int argc, char **argv)
             verbose = 0;
             kv_log_set_level(KV_LOG_QUIET);
             break;
-        case 'h': nll_help(); return 0;
-        default: return kv_cli_usage_error("nll", "unknown option");
+        case 'h':
+            nll_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("nll", "unknown option");
         }
     }
     if (optind + 2 != argc)
@@ -317,15 +354,21 @@ static void capture_help(void)
 
 int kv_cmd_capture(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"tokenizer", required_argument, 0, 'z'},       {"prompt", required_argument, 0, 'i'},
-        {"prompt-file", required_argument, 0, OPT_PROMPT_FILE}, {"output", required_argument, 0, 'o'},
-        {"decode", required_argument, 0, OPT_DECODE},   {"dtype", required_argument, 0, OPT_DTYPE},
-        {"with-wo", no_argument, 0, OPT_WO},            {"segments", required_argument, 0, OPT_SEGMENTS},
-        {"pool", required_argument, 0, OPT_POOL},       {"zstd-level", required_argument, 0, OPT_ZSTD},
-        {"backend", required_argument, 0, OPT_BACKEND}, {"threads", required_argument, 0, OPT_THREADS},
-        {"quiet", no_argument, 0, 'q'},                 {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"prompt", required_argument, 0, 'i'},
+                                         {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"output", required_argument, 0, 'o'},
+                                         {"decode", required_argument, 0, OPT_DECODE},
+                                         {"dtype", required_argument, 0, OPT_DTYPE},
+                                         {"with-wo", no_argument, 0, OPT_WO},
+                                         {"segments", required_argument, 0, OPT_SEGMENTS},
+                                         {"pool", required_argument, 0, OPT_POOL},
+                                         {"zstd-level", required_argument, 0, OPT_ZSTD},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     kv_capture_opts_t o;
     kv_capture_opts_init(&o);
     const char *prompt_arg = NULL, *prompt_file = NULL;
@@ -334,10 +377,18 @@ int kv_cmd_capture(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:i:o:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z': o.tokenizer_path = optarg; break;
-        case 'i': prompt_arg = optarg; break;
-        case OPT_PROMPT_FILE: prompt_file = optarg; break;
-        case 'o': o.out_path = optarg; break;
+        case 'z':
+            o.tokenizer_path = optarg;
+            break;
+        case 'i':
+            prompt_arg = optarg;
+            break;
+        case OPT_PROMPT_FILE:
+            prompt_file = optarg;
+            break;
+        case 'o':
+            o.out_path = optarg;
+            break;
         case OPT_DECODE:
             if (kv_cli_int("capture", "--decode", optarg, 0, 1L << 24, &v))
                 return 2;
@@ -351,8 +402,12 @@ int kv_cmd_capture(int argc, char **argv)
             else
                 return kv_cli_usage_error("capture", "--dtype expects f16 or f32, got '%s'", optarg);
             break;
-        case OPT_WO: o.with_wo = 1; break;
-        case OPT_SEGMENTS: o.segments = optarg; break;
+        case OPT_WO:
+            o.with_wo = 1;
+            break;
+        case OPT_SEGMENTS:
+            o.segments = optarg;
+            break;
         case OPT_POOL:
             if (kv_cli_int("capture", "--pool", optarg, 1, 65536, &v))
                 return 2;
@@ -363,15 +418,22 @@ int kv_cmd_capture(int argc, char **argv)
                 return 2;
             o.zstd_level = (int)v;
             break;
-        case OPT_BACKEND: o.backend = optarg; break;
+        case OPT_BACKEND:
+            o.backend = optarg;
+            break;
         case OPT_THREADS:
             if (kv_cli_int("capture", "--threads", optarg, 0, 4096, &v))
                 return 2;
             o.n_threads = (int)v;
             break;
-        case 'q': kv_log_set_level(KV_LOG_QUIET); break;
-        case 'h': capture_help(); return 0;
-        default: return kv_cli_usage_error("capture", "unknown option");
+        case 'q':
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h':
+            capture_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("capture", "unknown option");
         }
     }
     if (optind + 1 != argc)

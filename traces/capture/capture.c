@@ -165,9 +165,9 @@ typedef struct {
     int T, n_prompt, n_decode, pool;
     float scale;
     /* backend memory */
-    float *acc;     /* (n_layers, n_heads, T) accumulated attention over prompt queries */
-    float *pooled;  /* (n_layers, n_heads, pool, pool) */
-    float *ent;     /* (n_heads, n_prompt) entropy of one block */
+    float *acc;    /* (n_layers, n_heads, T) accumulated attention over prompt queries */
+    float *pooled; /* (n_layers, n_heads, pool, pool) */
+    float *ent;    /* (n_heads, n_prompt) entropy of one block */
     /* host memory */
     float *lse_all; /* (n_layers, n_heads, T) */
     float *ent_all; /* (n_layers, n_heads, T) */
@@ -205,12 +205,22 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
     const int l = L->layer, H = c->n_heads, n = L->n_q, p0 = L->q_pos0, T = s->T;
     const int prefill = p0 < s->n_prompt;
     kv_attn_stats_args_t a = {
-        .q = L->q, .k = L->k_cache, .lse = L->lse, .kv_stride = L->kv_stride, .n_q = n, .q_pos0 = p0,
-        .n_heads = H, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .scale = s->scale,
+        .q = L->q,
+        .k = L->k_cache,
+        .lse = L->lse,
+        .kv_stride = L->kv_stride,
+        .n_q = n,
+        .q_pos0 = p0,
+        .n_heads = H,
+        .n_kv_heads = c->n_kv_heads,
+        .head_dim = c->head_dim,
+        .scale = s->scale,
         .entropy = s->ent,
         .acc = prefill ? s->acc + (size_t)l * H * T : NULL, /* H2O's score: prompt queries only */
         .acc_stride = (size_t)T,
-        .pooled = s->pooled + (size_t)l * H * s->pool * s->pool, .pool = s->pool, .pool_T = T,
+        .pooled = s->pooled + (size_t)l * H * s->pool * s->pool,
+        .pool = s->pool,
+        .pool_T = T,
     };
     int rc = s->be->ops->attn_stats(s->be, &a);
     if (rc)
@@ -303,6 +313,8 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     memset(&s, 0, sizeof s);
     double t0 = kv_now();
 
+    if (!o->model_path || !o->tokenizer_path || !o->prompt || !o->out_path)
+        return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt and output are all required");
     if (o->n_decode < 0)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
     if (o->pool <= 0)
@@ -316,8 +328,10 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         goto done;
     const int T = n_prompt + o->n_decode;
     if (T > c->seq_len) {
-        rc = kv_error(KV_ERANGE, "the prompt (%d tokens) plus %d decode tokens makes %d, beyond the model's context "
-                      "of %d tokens (seq_len of %s)", n_prompt, o->n_decode, T, c->seq_len, o->model_path);
+        rc = kv_error(KV_ERANGE,
+                      "the prompt (%d tokens) plus %d decode tokens makes %d, beyond the model's context "
+                      "of %d tokens (seq_len of %s)",
+                      n_prompt, o->n_decode, T, c->seq_len, o->model_path);
         goto done;
     }
     if ((rc = kv_backend_open(o->backend ? o->backend : "auto", o->n_threads, &be)))

@@ -15,7 +15,10 @@
 
 #define NLL_BLOCK 128
 
-static int is_nl(char c) { return c == '\n' || c == '\r'; }
+static int is_nl(char c)
+{
+    return c == '\n' || c == '\r';
+}
 
 static int blank(const char *s, size_t n)
 {
@@ -79,6 +82,7 @@ static double token_nll(const float *row, int n, int target)
     double s = 0;
     for (int i = 0; i < n; i++)
         s += exp((double)row[i] - mx);
+    // cppcheck-suppress invalidFunctionArg ; s >= 1: the largest term is exp(0)
     return (double)mx + log(s) - (double)row[target];
 }
 
@@ -172,8 +176,8 @@ int kv_sample(const float *logits, int n, float temperature, double u)
     return n - 1;
 }
 
-int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature,
-                uint64_t seed, FILE *out, kv_gen_result_t *res)
+int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature, uint64_t seed,
+                FILE *out, kv_gen_result_t *res)
 {
     memset(res, 0, sizeof *res);
     const int V = kv_fwd_model(f)->cfg.vocab_size, W = kv_fwd_max_tokens(f);

@@ -21,23 +21,35 @@ struct kv_fwd {
     int max_tokens, max_batch;
     /* weights in backend memory (aliases of the model's on the CPU backend) */
     const float *rms_att, *wq, *wk, *wv, *wo, *rms_ffn, *w1, *w2, *w3, *rms_final, *wcls;
-    float *wbuf;        /* uploaded weights (non-CPU backends) */
-    float *k_cache;     /* (n_layers, max_tokens, kv_dim) */
-    float *v_cache;     /* (n_layers, max_tokens, kv_dim) */
-    float *x, *xb, *q;  /* (max_batch, dim) */
-    float *att;         /* (max_batch, n_heads*head_dim) */
-    float *hb, *hb2;    /* (max_batch, hidden_dim) */
-    float *lse;         /* (n_heads, max_batch) */
-    float *logits;      /* (LOGIT_ROWS, vocab_size) */
-    int32_t *pos;       /* (max_batch) backend copy of the positions */
-    int32_t *pos_host;  /* (max_batch) */
+    float *wbuf;       /* uploaded weights (non-CPU backends) */
+    float *k_cache;    /* (n_layers, max_tokens, kv_dim) */
+    float *v_cache;    /* (n_layers, max_tokens, kv_dim) */
+    float *x, *xb, *q; /* (max_batch, dim) */
+    float *att;        /* (max_batch, n_heads*head_dim) */
+    float *hb, *hb2;   /* (max_batch, hidden_dim) */
+    float *lse;        /* (n_heads, max_batch) */
+    float *logits;     /* (LOGIT_ROWS, vocab_size) */
+    int32_t *pos;      /* (max_batch) backend copy of the positions */
+    int32_t *pos_host; /* (max_batch) */
     size_t bytes;
 };
 
-const kv_model_t *kv_fwd_model(const kv_fwd_t *f) { return f->m; }
-kv_backend_t *kv_fwd_backend(const kv_fwd_t *f) { return f->be; }
-int kv_fwd_max_tokens(const kv_fwd_t *f) { return f->max_tokens; }
-size_t kv_fwd_bytes(const kv_fwd_t *f) { return f->bytes; }
+const kv_model_t *kv_fwd_model(const kv_fwd_t *f)
+{
+    return f->m;
+}
+kv_backend_t *kv_fwd_backend(const kv_fwd_t *f)
+{
+    return f->be;
+}
+int kv_fwd_max_tokens(const kv_fwd_t *f)
+{
+    return f->max_tokens;
+}
+size_t kv_fwd_bytes(const kv_fwd_t *f)
+{
+    return f->bytes;
+}
 
 const float *kv_fwd_k_cache(const kv_fwd_t *f, int layer)
 {
@@ -86,10 +98,10 @@ static int upload_weights(kv_fwd_t *f)
         size_t n;
         const float **dst;
     } t[] = {
-        {m->rms_att, L * D, &f->rms_att}, {m->wq, L * D * D, &f->wq},       {m->wk, L * KV * D, &f->wk},
-        {m->wv, L * KV * D, &f->wv},       {m->wo, L * D * D, &f->wo},       {m->rms_ffn, L * D, &f->rms_ffn},
-        {m->w1, L * H * D, &f->w1},        {m->w2, L * D * H, &f->w2},       {m->w3, L * H * D, &f->w3},
-        {m->rms_final, D, &f->rms_final},  {m->wcls, V * D, &f->wcls},
+        {m->rms_att, L * D, &f->rms_att}, {m->wq, L * D * D, &f->wq}, {m->wk, L * KV * D, &f->wk},
+        {m->wv, L * KV * D, &f->wv},      {m->wo, L * D * D, &f->wo}, {m->rms_ffn, L * D, &f->rms_ffn},
+        {m->w1, L * H * D, &f->w1},       {m->w2, L * D * H, &f->w2}, {m->w3, L * H * D, &f->w3},
+        {m->rms_final, D, &f->rms_final}, {m->wcls, V * D, &f->wcls},
     };
     size_t total = 0;
     for (size_t i = 0; i < KV_ARRAY_LEN(t); i++)
@@ -116,16 +128,16 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     const struct {
         const void *fn;
         const char *name;
-    } need[] = {{(const void *)o->matmul, "matmul"},   {(const void *)o->rmsnorm, "rmsnorm"},
-                {(const void *)o->rope, "rope"},       {(const void *)o->swiglu, "swiglu"},
-                {(const void *)o->add, "add"},         {(const void *)o->attention, "attention"}};
+    } need[] = {{(const void *)o->matmul, "matmul"}, {(const void *)o->rmsnorm, "rmsnorm"},
+                {(const void *)o->rope, "rope"},     {(const void *)o->swiglu, "swiglu"},
+                {(const void *)o->add, "add"},       {(const void *)o->attention, "attention"}};
     for (size_t i = 0; i < KV_ARRAY_LEN(need); i++)
         if (!need[i].fn)
             return kv_error(KV_ENOTIMPL, "backend %s has no '%s' op (needed by the forward pass)", be->name,
                             need[i].name);
     if (max_tokens <= 0 || max_tokens > c->seq_len)
-        return kv_error(KV_ERANGE, "%s: %d tokens do not fit the model's context of %d (seq_len)", m->path,
-                        max_tokens, c->seq_len);
+        return kv_error(KV_ERANGE, "%s: %d tokens do not fit the model's context of %d (seq_len)", m->path, max_tokens,
+                        c->seq_len);
     if (max_batch <= 0 || max_batch > max_tokens)
         max_batch = max_tokens;
     kv_fwd_t *f = kv_calloc(1, sizeof *f, "forward pass");
@@ -174,18 +186,18 @@ void kv_fwd_free(kv_fwd_t *f)
 {
     if (!f)
         return;
-    void *bufs[] = {f->wbuf, f->k_cache, f->v_cache, f->x, f->xb, f->q, f->att,
-                    f->hb,   f->hb2,     f->lse,     f->logits, f->pos};
+    void *bufs[] = {f->wbuf, f->k_cache, f->v_cache, f->x,   f->xb,     f->q,
+                    f->att,  f->hb,      f->hb2,     f->lse, f->logits, f->pos};
     for (size_t i = 0; i < KV_ARRAY_LEN(bufs); i++)
         kv_be_free(f->be, bufs[i]);
     kv_free(f->pos_host);
     kv_free(f);
 }
 
-#define TRY(call)                                                                                         \
-    do {                                                                                                  \
-        if ((rc = (call)) != KV_OK)                                                                       \
-            return rc;                                                                                    \
+#define TRY(call)                                                                                                      \
+    do {                                                                                                               \
+        if ((rc = (call)) != KV_OK)                                                                                    \
+            return rc;                                                                                                 \
     } while (0)
 
 /* One block of nb <= max_batch tokens at positions pos0... */
@@ -214,8 +226,17 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
         TRY(o->rope(be, f->q, f->pos, nb, c->n_heads, hd, c->rope_theta));
         TRY(o->rope(be, kc + (size_t)pos0 * KV, f->pos, nb, c->n_kv_heads, hd, c->rope_theta));
         kv_attn_args_t a = {
-            .out = f->att, .lse = f->lse, .q = f->q, .k = kc, .v = vc, .kv_stride = (size_t)KV,
-            .n_q = nb, .q_pos0 = pos0, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = hd,
+            .out = f->att,
+            .lse = f->lse,
+            .q = f->q,
+            .k = kc,
+            .v = vc,
+            .kv_stride = (size_t)KV,
+            .n_q = nb,
+            .q_pos0 = pos0,
+            .n_heads = c->n_heads,
+            .n_kv_heads = c->n_kv_heads,
+            .head_dim = hd,
             .scale = (float)(1.0 / sqrt((double)hd)),
         };
         TRY(o->attention(be, &a));
@@ -247,8 +268,8 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
     return KV_OK;
 }
 
-int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits,
-               kv_fwd_hook_t hook, void *hook_ctx)
+int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits, kv_fwd_hook_t hook,
+               void *hook_ctx)
 {
     const kv_model_config_t *c = &f->m->cfg;
     if (n <= 0 || pos0 < 0 || pos0 > f->max_tokens - n)
@@ -256,8 +277,8 @@ int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logit
                         f->max_tokens);
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
-            return kv_error(KV_ERANGE, "forward: token id %d at position %d outside the vocabulary [0, %d)",
-                            tokens[i], pos0 + i, c->vocab_size);
+            return kv_error(KV_ERANGE, "forward: token id %d at position %d outside the vocabulary [0, %d)", tokens[i],
+                            pos0 + i, c->vocab_size);
     int rc = KV_OK;
     for (int b0 = 0; b0 < n; b0 += f->max_batch) {
         const int nb = KV_MIN(f->max_batch, n - b0);

@@ -44,8 +44,8 @@ void kv_capture_opts_init(kv_capture_opts_t *o);
 typedef struct {
     int n_prompt, n_tokens, n_segments;
     double load_s, prefill_s, decode_s, write_s;
-    size_t peak_rss;      /* bytes, after the capture */
-    char device[128];     /* backend description */
+    size_t peak_rss;  /* bytes, after the capture */
+    char device[128]; /* backend description */
 } kv_capture_result_t;
 
 int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res);

@@ -34,8 +34,8 @@ typedef struct {
     double nll_sum;   /* nats over all predicted tokens */
     long n_predicted; /* tokens predicted (every token but each document's BOS) */
     int n_docs;
-    int n_windows;    /* sequences run (documents longer than the context are split) */
-    long n_tokens;    /* tokens including BOS */
+    int n_windows; /* sequences run (documents longer than the context are split) */
+    long n_tokens; /* tokens including BOS */
 } kv_nll_result_t;
 
 /* Called after each document: its index, tokens (with BOS), and its own sum/count. */
@@ -49,7 +49,7 @@ int kv_nll_text(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *text, size_t
                 kv_nll_doc_cb cb, void *cb_ctx);
 
 typedef struct {
-    int32_t *tokens;   /* (n_tokens) prompt (with BOS) then generated ids; kv_free */
+    int32_t *tokens; /* (n_tokens) prompt (with BOS) then generated ids; kv_free */
     int n_tokens, n_prompt;
     double prefill_s, decode_s;
 } kv_gen_result_t;
@@ -57,8 +57,8 @@ typedef struct {
 /* Greedy (temperature <= 0) or sampled continuation of `prompt` for up to `steps` tokens, stopping
  * early at BOS or EOS, capped by the context. The prompt and then each new piece are written to
  * `out` as they come (out may be NULL). */
-int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature,
-                uint64_t seed, FILE *out, kv_gen_result_t *res);
+int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature, uint64_t seed,
+                FILE *out, kv_gen_result_t *res);
 
 /* Index drawn from softmax(logits / temperature) with uniform variate u in [0, 1). */
 int kv_sample(const float *logits, int n, float temperature, double u);

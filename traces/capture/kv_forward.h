@@ -51,8 +51,8 @@ void kv_fwd_free(kv_fwd_t *f);
 /* Run tokens[0..n) at positions pos0..pos0+n-1; the cache must already hold positions [0, pos0).
  * logits (host memory, may be NULL): all_logits ? (n, vocab_size) : (vocab_size) of the last token.
  * hook (may be NULL) is called after every layer's attention of every block. */
-int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits,
-               kv_fwd_hook_t hook, void *hook_ctx);
+int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits, kv_fwd_hook_t hook,
+               void *hook_ctx);
 
 const kv_model_t *kv_fwd_model(const kv_fwd_t *f);
 kv_backend_t *kv_fwd_backend(const kv_fwd_t *f);

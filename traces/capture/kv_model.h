@@ -62,9 +62,9 @@ typedef struct {
     const float *rms_final;       /* (dim) */
     const float *wcls;            /* (vocab_size, dim); == token_embedding when shared */
     /* storage */
-    void *map;      /* mmap of the file (fp32 layouts) */
+    void *map; /* mmap of the file (fp32 layouts) */
     size_t map_len;
-    float *owned;   /* dequantised weights (version 2) */
+    float *owned;    /* dequantised weights (version 2) */
     size_t n_params; /* weights counted once (no freq_cis, no duplicate classifier) */
 } kv_model_t;
 

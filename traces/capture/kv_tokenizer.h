@@ -32,7 +32,7 @@ typedef struct {
     int *sorted;          /* (vocab_size) ids sorted by piece bytes, for lookup */
     int byte_fallback;    /* 1 when ids 3..258 are <0x00>..<0xFF> */
     char path[1024];
-    char *blob;           /* storage of the pieces */
+    char *blob; /* storage of the pieces */
 } kv_tokenizer_t;
 
 /* Load `path`. expect_vocab > 0: the file must hold exactly that many tokens (the model's vocab);

@@ -54,9 +54,12 @@ int kv_model_config_check(kv_model_config_t *c, const char *path)
         const char *name;
         int v, max;
     } dims[] = {
-        {"dim", c->dim, MAX_DIM},           {"hidden_dim", c->hidden_dim, MAX_HIDDEN},
-        {"n_layers", c->n_layers, MAX_LAYERS}, {"n_heads", c->n_heads, MAX_DIM},
-        {"n_kv_heads", c->n_kv_heads, MAX_DIM}, {"vocab_size", c->vocab_size, MAX_VOCAB},
+        {"dim", c->dim, MAX_DIM},
+        {"hidden_dim", c->hidden_dim, MAX_HIDDEN},
+        {"n_layers", c->n_layers, MAX_LAYERS},
+        {"n_heads", c->n_heads, MAX_DIM},
+        {"n_kv_heads", c->n_kv_heads, MAX_DIM},
+        {"vocab_size", c->vocab_size, MAX_VOCAB},
         {"seq_len", c->seq_len, MAX_SEQ},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(dims); i++) {
@@ -75,8 +78,10 @@ int kv_model_config_check(kv_model_config_t *c, const char *path)
                         c->n_kv_heads, c->n_heads);
     c->head_dim = c->dim / c->n_heads;
     if (c->head_dim % 2)
-        return kv_error(KV_EFORMAT, "%s: impossible dimensions: head_dim %d (dim %d / n_heads %d) is odd, RoPE needs "
-                        "pairs", path, c->head_dim, c->dim, c->n_heads);
+        return kv_error(KV_EFORMAT,
+                        "%s: impossible dimensions: head_dim %d (dim %d / n_heads %d) is odd, RoPE needs "
+                        "pairs",
+                        path, c->head_dim, c->dim, c->n_heads);
     c->kv_dim = c->n_kv_heads * c->head_dim;
     if (c->rope_theta <= 0)
         c->rope_theta = 10000.0f;
@@ -241,14 +246,18 @@ int kv_model_load(const char *path, kv_model_t **out)
     size_t hdr = 0; /* offset of the 7 int32 */
     if (magic == KV_LLAMA2C_MAGIC) {
         if (size < VX_HEADER) {
-            rc = kv_error(KV_EFORMAT, "%s: file is %llu bytes, shorter than the 256-byte header of a versioned "
-                          "llama2.c checkpoint", path, (unsigned long long)size);
+            rc = kv_error(KV_EFORMAT,
+                          "%s: file is %llu bytes, shorter than the 256-byte header of a versioned "
+                          "llama2.c checkpoint",
+                          path, (unsigned long long)size);
             goto fail;
         }
         c->version = rd_i32(b, 4);
         if (c->version != 1 && c->version != 2) {
-            rc = kv_error(KV_EFORMAT, "%s: unsupported llama2.c checkpoint version %d (kvsim reads versions 0, 1 "
-                          "and 2)", path, c->version);
+            rc = kv_error(KV_EFORMAT,
+                          "%s: unsupported llama2.c checkpoint version %d (kvsim reads versions 0, 1 "
+                          "and 2)",
+                          path, c->version);
             goto fail;
         }
         hdr = 8;
@@ -324,9 +333,12 @@ int kv_model_load(const char *path, kv_model_t **out)
         rc = size_mismatch(path, size, need, c);
         goto fail;
     }
+    /* The weights are little-endian fp32 at offsets 28 and 256 of a page-aligned map: 4-byte aligned. */
     if (c->version == 0) {
+        // cppcheck-suppress invalidPointerCast
         assign_v0_order(m, (const float *)(b + V0_HEADER), &n);
     } else if (c->version == 1) {
+        // cppcheck-suppress invalidPointerCast
         assign_v1_order(m, (const float *)(b + VX_HEADER), &n);
     } else {
         if ((rc = load_q80(m, b, &n)))

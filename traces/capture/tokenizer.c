@@ -94,8 +94,10 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
     size_t off = 4, n = 0, bytes = 0;
     while (off < (size_t)size && (expect_vocab <= 0 || n < (size_t)expect_vocab)) {
         if ((size_t)size - off < 8) {
-            rc = kv_error(KV_EFORMAT, "%s: truncated: token %zu's score and length need 8 bytes at offset %zu, only "
-                          "%zu remain", path, n, off, (size_t)size - off);
+            rc = kv_error(KV_EFORMAT,
+                          "%s: truncated: token %zu's score and length need 8 bytes at offset %zu, only "
+                          "%zu remain",
+                          path, n, off, (size_t)size - off);
             goto fail;
         }
         float score;
@@ -107,14 +109,16 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
             goto fail;
         }
         if (len < 0 || len > maxlen) {
-            rc = kv_error(KV_EFORMAT, "%s: token %zu has length %d outside [0, max_token_length %d] (corrupt "
-                          "tokenizer?)", path, n, len, maxlen);
+            rc = kv_error(KV_EFORMAT,
+                          "%s: token %zu has length %d outside [0, max_token_length %d] (corrupt "
+                          "tokenizer?)",
+                          path, n, len, maxlen);
             goto fail;
         }
         off += 8;
         if ((size_t)size - off < (size_t)len) {
-            rc = kv_error(KV_EFORMAT, "%s: truncated: token %zu needs %d bytes at offset %zu, only %zu remain", path,
-                          n, len, off, (size_t)size - off);
+            rc = kv_error(KV_EFORMAT, "%s: truncated: token %zu needs %d bytes at offset %zu, only %zu remain", path, n,
+                          len, off, (size_t)size - off);
             goto fail;
         }
         off += (size_t)len;
@@ -126,13 +130,17 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
         }
     }
     if (expect_vocab > 0 && n < (size_t)expect_vocab) {
-        rc = kv_error(KV_EFORMAT, "%s: tokenizer has %zu tokens, the model's vocabulary has %d (truncated or a "
-                      "tokenizer for another model)", path, n, expect_vocab);
+        rc = kv_error(KV_EFORMAT,
+                      "%s: tokenizer has %zu tokens, the model's vocabulary has %d (truncated or a "
+                      "tokenizer for another model)",
+                      path, n, expect_vocab);
         goto fail;
     }
     if (off != (size_t)size) {
-        rc = kv_error(KV_EFORMAT, "%s: %zu bytes after the %zu tokens the model expects (a tokenizer for another "
-                      "model?)", path, (size_t)size - off, n);
+        rc = kv_error(KV_EFORMAT,
+                      "%s: %zu bytes after the %zu tokens the model expects (a tokenizer for another "
+                      "model?)",
+                      path, (size_t)size - off, n);
         goto fail;
     }
     if (n < 3) {
@@ -401,7 +409,7 @@ const char *kv_tokenizer_decode(const kv_tokenizer_t *t, int prev, int id, size_
     static const char bytes[256] = {
 #define B4(x) (char)(x), (char)(x + 1), (char)(x + 2), (char)(x + 3)
 #define B16(x) B4(x), B4(x + 4), B4(x + 8), B4(x + 12)
-        B16(0), B16(16), B16(32), B16(48), B16(64), B16(80), B16(96), B16(112),
+        B16(0),   B16(16),  B16(32),  B16(48),  B16(64),  B16(80),  B16(96),  B16(112),
         B16(128), B16(144), B16(160), B16(176), B16(192), B16(208), B16(224), B16(240),
 #undef B16
 #undef B4
