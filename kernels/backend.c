@@ -61,3 +61,45 @@ void kv_backend_close(kv_backend_t *be)
     }
     kv_free(be);
 }
+
+int kv_be_view(kv_backend_t *be, const void *host, size_t bytes, void **view)
+{
+    if (be->host_memory) {
+        *view = (void *)host;
+        return KV_OK;
+    }
+    *view = be->ops->alloc(be, bytes);
+    if (!*view)
+        return KV_ENOMEM;
+    int rc = be->ops->upload(be, *view, host, bytes);
+    if (rc) {
+        be->ops->free(be, *view);
+        *view = NULL;
+    }
+    return rc;
+}
+
+void kv_be_unview(kv_backend_t *be, const void *host, void *view)
+{
+    if (view && view != host)
+        be->ops->free(be, view);
+}
+
+int kv_be_out(kv_backend_t *be, void *host, size_t bytes, void **out)
+{
+    if (be->host_memory) {
+        *out = host;
+        return KV_OK;
+    }
+    *out = be->ops->alloc(be, bytes);
+    return *out ? KV_OK : KV_ENOMEM;
+}
+
+int kv_be_fetch(kv_backend_t *be, void *host, const void *out, size_t bytes)
+{
+    if (out == host)
+        return KV_OK;
+    int rc = be->ops->download(be, host, out, bytes);
+    be->ops->free(be, (void *)out);
+    return rc;
+}

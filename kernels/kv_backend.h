@@ -118,6 +118,7 @@ struct kv_backend {
     int n_threads;     /* CPU worker threads */
     char device[128];  /* human description ("2 CPU threads, OpenBLAS", "NVIDIA H100 ...") */
     void *ctx;         /* backend private state */
+    int host_memory;   /* 1 when backend memory is host memory (CPU): views need no copies */
 };
 
 /* Open "cpu", "cuda" or "auto". "cuda" fails with KV_EUNAVAIL and the reason when no usable device
@@ -140,6 +141,15 @@ const char *kv_backend_missing_op(const kv_backend_t *be);
 /* Helpers on top of the ops (host code). */
 static inline void *kv_be_alloc(kv_backend_t *be, size_t bytes) { return be->ops->alloc(be, bytes); }
 static inline void kv_be_free(kv_backend_t *be, void *p) { be->ops->free(be, p); }
+
+/* A backend view of host data: the host pointer itself for host-memory backends, otherwise a
+ * device copy (free it with kv_be_unview). */
+int kv_be_view(kv_backend_t *be, const void *host, size_t bytes, void **view);
+void kv_be_unview(kv_backend_t *be, const void *host, void *view);
+/* Backend buffer for results that the host reads (host memory itself when possible), and the copy
+ * back: kv_be_fetch is a no-op when out == host. */
+int kv_be_out(kv_backend_t *be, void *host, size_t bytes, void **out);
+int kv_be_fetch(kv_backend_t *be, void *host, const void *out, size_t bytes);
 
 /* Run OpenBLAS single-threaded while our own threads parallelise (returns the previous count). */
 int kv_blas_set_threads(int n);

@@ -19,6 +19,16 @@ const char *kv_test_tmp(const char *name, char *buf, size_t len);
 /* Note on stderr that a test was not registered, and why. */
 void kv_test_skip(const char *test, const char *why);
 
+struct kv_trace;
+/* In-memory trace with seeded Gaussian Q, K, V (keys with varied norms, a few "heavy" keys that
+ * every query likes, so selections differ by policy), positions 0..T-1, `n_segments` equal segments
+ * over the prompt (0 = none) and a random W_O when with_wo. */
+struct kv_trace *kv_test_trace(int L, int H, int Hkv, int d, int T, int n_prompt, int n_segments, int with_wo,
+                               unsigned long long seed);
+
+/* Copy any trace into an HDF5 file (f32, with whatever tensors it has). */
+int kv_test_write_trace(struct kv_trace *t, const char *path);
+
 /* Assert |a - b| <= atol + rtol*|b| with a message naming the quantity. */
 #define kv_assert_close(a, b, atol, rtol, what)                                                         \
     do {                                                                                                \

@@ -407,6 +407,7 @@ int kv_backend_cpu_open(int n_threads, kv_backend_t **out)
     be->name = "cpu";
     be->ops = &cpu_ops;
     be->n_threads = n_threads;
+    be->host_memory = 1;
     snprintf(be->device, sizeof be->device, "%d CPU thread%s, %s", n_threads, n_threads == 1 ? "" : "s",
              openblas_get_config());
     *out = be;

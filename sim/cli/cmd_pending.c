@@ -14,7 +14,5 @@
     }
 
 PENDING(kv_cmd_synth, "synth")
-PENDING(kv_cmd_replay, "replay")
-PENDING(kv_cmd_policies, "policies")
 PENDING(kv_cmd_analyze, "analyze")
 PENDING(kv_cmd_demo, "demo")

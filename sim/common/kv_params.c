@@ -304,7 +304,7 @@ void kv_params_describe(const kv_param_def_t *defs, int n_defs, char *buf, size_
         char range[96] = "";
         static const char *tn[] = {"int", "float", "bool", "enum", "string"};
         if ((d->type == KV_PARAM_INT || d->type == KV_PARAM_FLOAT) && d->min <= d->max)
-            snprintf(range, sizeof range, ", %g..%g", d->min, d->max);
+            snprintf(range, sizeof range, ", %.15g..%.15g", d->min, d->max);
         else if (d->type == KV_PARAM_ENUM)
             snprintf(range, sizeof range, ", %s", d->choices);
         used += (size_t)snprintf(buf + used, len - used, "    %-12s = %-8s (%s%s) %s\n", d->key, d->def,

@@ -1,0 +1,114 @@
+/*
+ * budget.c: budget lists. "128" is tokens per storage head including the window (SnapKV /
+ * KVCache-Factory meaning); "0.25" or "25%" a fraction of the context (kvpress: 1 - compression
+ * ratio; B = floor(f * n_ctx), at least 1); "seq:65536" a total for the sequence across all layers
+ * and KV heads (B = floor(total / (n_layers * n_kv_heads))).
+ */
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_params.h"
+#include "sim/kv_policy.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int parse_one(const char *s, kv_budget_t *b)
+{
+    memset(b, 0, sizeof *b);
+    char *end;
+    errno = 0;
+    if (!strncmp(s, "seq:", 4)) {
+        double v = strtod(s + 4, &end);
+        if (end == s + 4 || *end || errno || v < 1 || v != floor(v) || v > 1e15)
+            return kv_error(KV_EINVAL, "budget '%s': expected seq:<positive integer>", s);
+        b->kind = KV_BUDGET_SEQUENCE;
+        b->value = v;
+        snprintf(b->text, sizeof b->text, "seq:%.0f", v);
+        return KV_OK;
+    }
+    double v = strtod(s, &end);
+    if (end == s || errno || !isfinite(v))
+        return kv_error(KV_EINVAL, "budget '%s' is not a number (use 128, 0.25, 25%% or seq:65536)", s);
+    if (*end == '%' && end[1] == 0) {
+        v /= 100.0;
+        if (!(v > 0 && v <= 1))
+            return kv_error(KV_ERANGE, "budget '%s': a percentage must be in (0, 100]", s);
+        b->kind = KV_BUDGET_FRACTION;
+    } else if (*end) {
+        return kv_error(KV_EINVAL, "budget '%s' is not a number (use 128, 0.25, 25%% or seq:65536)", s);
+    } else if (v > 0 && v < 1) {
+        b->kind = KV_BUDGET_FRACTION;
+    } else if (v == 1.0 && strchr(s, '.')) {
+        b->kind = KV_BUDGET_FRACTION; /* "1.0" = the whole context */
+    } else {
+        if (v < 1 || v != floor(v) || v > 1e9)
+            return kv_error(KV_ERANGE, "budget '%s': token budgets are positive integers, fractions lie in (0, 1]", s);
+        b->kind = KV_BUDGET_TOKENS;
+    }
+    b->value = v;
+    if (b->kind == KV_BUDGET_TOKENS)
+        snprintf(b->text, sizeof b->text, "%.0f", v);
+    else
+        snprintf(b->text, sizeof b->text, "%.6g", v);
+    return KV_OK;
+}
+
+int kv_budget_parse_list(const char *list, kv_budget_t **out, int *n)
+{
+    *out = NULL;
+    *n = 0;
+    char **items;
+    int k, rc = kv_spec_split(list, &items, &k);
+    if (rc)
+        return rc;
+    if (k == 0) {
+        kv_free(items);
+        return kv_error(KV_EINVAL, "empty budget list");
+    }
+    kv_budget_t *b = kv_calloc((size_t)k, sizeof *b, "budgets");
+    if (!b) {
+        kv_free(items);
+        return KV_ENOMEM;
+    }
+    for (int i = 0; i < k && rc == KV_OK; i++) {
+        rc = parse_one(items[i], &b[i]);
+        for (int j = 0; rc == KV_OK && j < i; j++)
+            if (!strcmp(b[i].text, b[j].text))
+                rc = kv_error(KV_EINVAL, "budget %s listed twice", b[i].text);
+    }
+    kv_free(items);
+    if (rc) {
+        kv_free(b);
+        return rc;
+    }
+    *out = b;
+    *n = k;
+    return KV_OK;
+}
+
+int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx)
+{
+    long per_seq_heads = (long)m->n_layers * m->n_kv_heads;
+    switch (b->kind) {
+    case KV_BUDGET_TOKENS:
+        b->tokens = (int)b->value;
+        b->total = (long)b->tokens * per_seq_heads;
+        break;
+    case KV_BUDGET_FRACTION:
+        b->tokens = (int)floor(b->value * n_ctx + 1e-9);
+        if (b->tokens < 1)
+            b->tokens = 1;
+        b->total = (long)b->tokens * per_seq_heads;
+        break;
+    case KV_BUDGET_SEQUENCE:
+        b->total = (long)b->value;
+        b->tokens = (int)(b->total / per_seq_heads);
+        if (b->tokens < 1)
+            return kv_error(KV_ERANGE, "budget %s is less than one token per head (%ld layers x KV heads)", b->text,
+                            per_seq_heads);
+        break;
+    }
+    return KV_OK;
+}

@@ -1,0 +1,200 @@
+/* cmd_replay.c: `kvsim replay` and `kvsim policies`. */
+#include "sim/cli/cli.h"
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+#include "sim/kv_policy.h"
+#include "sim/replay.h"
+#include "sim/result.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void replay_help(void)
+{
+    printf("usage: kvsim replay TRACE.h5 POLICIES BUDGETS [options]\n\n"
+           "Replay every policy at every budget against a trace and measure, per layer and query head,\n"
+           "over the evaluation queries (the trace's decode steps): attention recall (mass kept), the exact\n"
+           "output error ||o - o_hat||_1, the Ada-KV bound 2C(1-F) and memory.\n\n"
+           "  POLICIES   comma list of policy specs, e.g. 'streaming_llm,h2o,snapkv(window=32)', or 'all'\n"
+           "             (kvsim policies lists them with their parameters and defaults)\n"
+           "  BUDGETS    comma list: 128 (tokens per head, window included), 0.25 or 25%% (fraction of\n"
+           "             the context), seq:65536 (total tokens for the sequence)\n\n"
+           "options:\n"
+           "  -o, --output FILE    results as TSV (default: standard output)\n"
+           "      --json FILE      also write the results as JSON\n"
+           "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries\n"
+           "      --seed N         seed of randomised policies (default 0)\n"
+           "      --no-head-rows   only layer and overall rows\n"
+           "      --backend NAME   cpu, cuda or auto (default auto)\n"
+           "      --threads N      CPU threads (default: all cores)\n"
+           "  -q, --quiet          no progress on stderr\n\n"
+           "Results are written only when the whole replay succeeded (no partial files).\n"
+           "Each row's policy label can be pasted back as a policy spec to re-run it.\n");
+}
+
+int kv_cmd_replay(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"output", required_argument, 0, 'o'},  {"json", required_argument, 0, 'j'},
+        {"eval-tail", required_argument, 0, 'e'}, {"seed", required_argument, 0, 's'},
+        {"no-head-rows", no_argument, 0, 'n'},  {"backend", required_argument, 0, 'b'},
+        {"threads", required_argument, 0, 't'}, {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0},
+    };
+    const char *out = "-", *json = NULL, *backend = "auto";
+    kv_replay_opts_t ro;
+    kv_replay_defaults(&ro);
+    long v, threads = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': out = optarg; break;
+        case 'j': json = optarg; break;
+        case 'e':
+            if (kv_cli_int("replay", "--eval-tail", optarg, 0, 1 << 30, &v))
+                return 2;
+            ro.eval_tail = (int)v;
+            break;
+        case 's':
+            if (kv_cli_int("replay", "--seed", optarg, 0, 0x7fffffffL, &v))
+                return 2;
+            ro.seed = (uint64_t)v;
+            break;
+        case 'n': ro.head_rows = 0; break;
+        case 'b': backend = optarg; break;
+        case 't':
+            if (kv_cli_int("replay", "--threads", optarg, 1, 1024, &threads))
+                return 2;
+            break;
+        case 'q':
+            ro.quiet = 1;
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h': replay_help(); return 0;
+        default: return kv_cli_usage_error("replay", "unknown option");
+        }
+    }
+    if (argc - optind != 3)
+        return kv_cli_usage_error("replay", "expected TRACE POLICIES BUDGETS");
+    const char *trace_path = argv[optind], *pol_list = argv[optind + 1], *bud_list = argv[optind + 2];
+    kv_policy_t **pols = NULL;
+    kv_budget_t *bud = NULL;
+    int n_pol = 0, n_bud = 0, rc = 1;
+    kv_trace_t *t = NULL;
+    kv_backend_t *be = NULL;
+    kv_results_t *res = NULL;
+    if (kv_policy_create_list(pol_list, &pols, &n_pol) != KV_OK ||
+        kv_budget_parse_list(bud_list, &bud, &n_bud) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    if (kv_trace_open(trace_path, &t) != KV_OK || kv_backend_open(backend, (int)threads, &be) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    char sha[65] = "";
+    if (kv_sha256_file(trace_path, sha) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    kv_info("replay: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d policies x %d budgets on %s",
+            trace_path, m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_pol, n_bud,
+            be->device);
+    double t0 = kv_now();
+    if (kv_replay(t, pols, n_pol, bud, n_bud, be, &ro, &res) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    char cmd[2048] = "kvsim", now[32], buf[64];
+    for (int i = 0; i < argc; i++) {
+        size_t used = strlen(cmd);
+        snprintf(cmd + used, sizeof cmd - used, " %s", argv[i]);
+    }
+    kv_iso_time(now, sizeof now);
+    snprintf(buf, sizeof buf, "%d", ro.eval_tail);
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)ro.seed);
+    char ctx[64];
+    snprintf(ctx, sizeof ctx, "%d context tokens, %d evaluation queries", m->n_prompt - ro.eval_tail,
+             m->n_tokens - (m->n_prompt - ro.eval_tail));
+    if (kv_results_add_prov(res, "tool", "kvsim " KV_VERSION) || kv_results_add_prov(res, "git", kv_git_revision()) ||
+        kv_results_add_prov(res, "date", now) || kv_results_add_prov(res, "command", cmd) ||
+        kv_results_add_prov(res, "trace", trace_path) || kv_results_add_prov(res, "trace_sha256", sha) ||
+        kv_results_add_prov(res, "trace_source", m->source) || kv_results_add_prov(res, "trace_model", m->model) ||
+        kv_results_add_prov(res, "trace_dtype", m->dtype == KV_DTYPE_F16 ? "f16" : "f32") ||
+        kv_results_add_prov(res, "evaluation", ctx) || kv_results_add_prov(res, "eval_tail", buf) ||
+        kv_results_add_prov(res, "seed", seed) || kv_results_add_prov(res, "backend", be->device)) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    if (kv_results_write_tsv(res, out) != KV_OK || (json && kv_results_write_json(res, json) != KV_OK)) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    if (strcmp(out, "-"))
+        kv_info("replay: %zu rows in %.1f s -> %s%s%s", res->n, kv_now() - t0, out, json ? ", " : "",
+                json ? json : "");
+    rc = 0;
+done:
+    for (int i = 0; i < n_pol; i++)
+        kv_policy_free(pols[i]);
+    kv_free(pols);
+    kv_free(bud);
+    kv_results_free(res);
+    kv_trace_close(t);
+    kv_backend_close(be);
+    return rc;
+}
+
+static void flags_text(unsigned f, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s%s%s%s%s%s%s%s%s",
+             f & KV_POL_DECODE ? "decode-time" : f & KV_POL_PER_QUERY ? "per-query" : "one-shot after prefill",
+             f & KV_POL_NESTED ? ", nested" : "", f & KV_POL_NEEDS_SEGMENTS ? ", needs segments" : "",
+             f & KV_POL_CROSS_LAYER ? ", cross-layer" : "", f & KV_POL_NO_EVICT ? ", no eviction" : "",
+             f & KV_POL_BUDGET_LAYER ? ", head-adaptive (budget per layer)" : "",
+             f & KV_POL_BUDGET_SEQUENCE ? ", budget per sequence" : "",
+             f & KV_POL_OVER_BUDGET ? ", may exceed the budget (as the reference)" : "",
+             f & KV_POL_BUDGET_FREE ? ", threshold rule (may evict below the budget)" : "");
+}
+
+int kv_cmd_policies(int argc, char **argv)
+{
+    static const struct option opts[] = {{"labels", no_argument, 0, 'l'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int labels = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "lh", opts, NULL)) != -1) {
+        if (c == 'l')
+            labels = 1;
+        else if (c == 'h') {
+            printf("usage: kvsim policies [--labels]\n\nList every registered policy with its parameters, "
+                   "defaults and paper.\n  --labels  print only the canonical label of each policy with "
+                   "its defaults\n");
+            return 0;
+        } else
+            return kv_cli_usage_error("policies", "unknown option");
+    }
+    for (int i = 0; i < kv_policy_count(); i++) {
+        const kv_policy_desc_t *d = kv_policy_desc_at(i);
+        kv_policy_t *p;
+        if (kv_policy_create(d->name, &p) != KV_OK)
+            return kv_cli_fail("policies");
+        if (labels) {
+            printf("%s\n", p->label);
+        } else {
+            char fl[160], desc[4096];
+            flags_text(p->flags, fl, sizeof fl);
+            printf("%s\n  %s\n  paper: %s; %s\n  default: %s\n", d->name, d->doc, d->paper, fl, p->label);
+            kv_params_describe(d->params, d->n_params, desc, sizeof desc);
+            printf("%s", desc);
+            kv_params_describe(kv_policy_common_params, kv_policy_n_common_params, desc, sizeof desc);
+            printf("%s\n", desc);
+        }
+        kv_policy_free(p);
+    }
+    return 0;
+}

@@ -1,0 +1,222 @@
+/*
+ * kv_policy.h: eviction policies as descriptors (one file per policy in sim/policies/, one line per
+ * policy in sim/policy_registry.c) and the per-layer context the replay engine gives them.
+ *
+ * The engine (sim/replay.c) reads one layer of a trace at a time and, for every configured policy,
+ * calls `prepare` once (scores for all budgets), then for every budget builds the cache that an
+ * evaluation query would really see and measures it (sim/metrics.c). Most policies are *scorers*
+ * (the kvpress split): `prepare` writes one score per (query head, context token) and marks the
+ * tokens they protect; the shared selection code (sim/select.c) aggregates scores over a KV group
+ * when the cache is stored per KV head, sorts once with a fixed tie-break and keeps a prefix of that
+ * order for each budget (so larger budgets keep supersets). Policies with their own allocation
+ * (PyramidKV, Ada-KV, ChunkKV, ShotKV, KV-Compress) override `select`; decode-time policies (H2O
+ * streaming, TOVA, StreamingLLM's rolling cache, Quest, the oracle) implement `admit`/`observe`.
+ *
+ * Token ranges of a layer (n = prompt length, T = tokens in the trace):
+ *   context   [0, n_ctx)   tokens subject to compression (n_ctx = n, or n - held-out tail)
+ *   appended  [n_ctx, T)   tokens that arrive after compression; their queries are the evaluation
+ *                          queries (the trace's decode steps, plus an optional held-out prompt tail)
+ * Budget semantics (kv_budget_t.tokens = B, per storage head, window included, as in SnapKV and
+ * KVCache-Factory):
+ *   one-shot policies (KV_POL_ONESHOT) keep at most B context tokens; appended tokens are added to
+ *     the cache and never evicted (as SnapKV/PyramidKV/Ada-KV do during decoding);
+ *   per-query policies (KV_POL_PER_QUERY: oracle) choose, for each evaluation query, at most B
+ *     context tokens; appended tokens are kept;
+ *   decode-time policies (KV_POL_DECODE) manage the whole cache: the cache a query reads (its own
+ *     token included) never holds more than B tokens (they evict before appending, as
+ *     StreamingLLM's evict_for_space does).
+ */
+#ifndef KV_POLICY_H
+#define KV_POLICY_H
+
+#include "kernels/kv_backend.h"
+#include "sim/common/kv_params.h"
+#include "traces/kv_trace.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- budgets ---- */
+typedef enum {
+    KV_BUDGET_TOKENS,   /* "128": tokens per storage head, window included */
+    KV_BUDGET_FRACTION, /* "0.25" or "25%": fraction of the context (kvpress: 1 - compression ratio) */
+    KV_BUDGET_SEQUENCE, /* "seq:65536": tokens for the whole sequence (all layers and KV heads) */
+} kv_budget_kind_t;
+
+typedef struct {
+    kv_budget_kind_t kind;
+    double value;  /* as given */
+    char text[32]; /* as given, canonical ("128", "0.25", "seq:65536") */
+    int tokens;    /* resolved per-head budget B for the trace being replayed */
+    long total;    /* resolved per-sequence budget: the given total, or tokens * n_layers * n_kv_heads */
+} kv_budget_t;
+
+/* Parse a comma list of budgets; *out allocated (kv_free). Errors name the bad item. */
+int kv_budget_parse_list(const char *list, kv_budget_t **out, int *n);
+/* Resolve B and total for a trace with `n_ctx` context tokens. */
+int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx);
+
+/* ---- the layer context ---- */
+typedef struct kv_layer_ctx kv_layer_ctx_t;
+struct kv_layer_ctx {
+    const kv_trace_meta_t *meta;
+    int layer, n_layers;
+    int H, Hkv, G, d; /* query heads, KV heads, group size, head_dim */
+    int T, n_ctx, n_eval;
+    const float *q;  /* (H, T, d) post-RoPE queries */
+    const float *k;  /* (Hkv, T, d) post-RoPE keys */
+    const float *v;  /* (Hkv, T, d) values */
+    const float *wo; /* (model_dim, H*d) or NULL */
+    const float *p_eval; /* (H, n_eval, T): softmax of evaluation query n_ctx+e over keys [0, n_ctx+e] */
+    kv_backend_t *be;
+    uint64_t seed;       /* replay seed (for random policies: derive per layer/head) */
+    void *engine;        /* private to replay.c */
+};
+
+/* Shared statistics, computed on first use and reused by every policy of the layer. Call them only
+ * from `prepare` (they are not thread-safe). Pointers stay valid until the next layer. */
+/* Column statistics of causal attention of context queries [0, n_ctx) over context keys: (H, n_ctx). */
+int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, const float **max);
+/* Probabilities of the last w context queries over context keys (causal): (H, w, n_ctx); row r is
+ * query n_ctx - w + r. Window columns are included (policies drop them after the softmax). */
+int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs);
+
+/* ---- caches ---- */
+typedef struct {
+    int n_store;   /* storage heads: Hkv (granularity kv) or H (granularity query) */
+    int T;         /* mask length */
+    uint8_t *mask; /* (n_store, T): 1 = token in the cache */
+} kv_keep_t;
+
+/* ---- policies ---- */
+enum {
+    KV_POL_ONESHOT = 1u << 0,     /* compresses the context once, appended tokens always kept */
+    KV_POL_PER_QUERY = 1u << 1,   /* context selection per evaluation query (admit), appended kept */
+    KV_POL_DECODE = 1u << 2,      /* evolving cache: admit/observe every step */
+    KV_POL_NESTED = 1u << 3,      /* a larger budget keeps a superset (contract-tested) */
+    KV_POL_NEEDS_SEGMENTS = 1u << 4,
+    KV_POL_CROSS_LAYER = 1u << 5, /* needs a pre-pass over all layers (prescore/allocate) */
+    KV_POL_NO_EVICT = 1u << 6,    /* memory is the full cache (Quest, full) */
+    KV_POL_RANDOM = 1u << 7,      /* uses the RNG (deterministic given the seed) */
+    /* Budget scope (default: every storage head keeps at most B context tokens): */
+    KV_POL_BUDGET_LAYER = 1u << 8,    /* head-adaptive: a layer's storage heads share n_store * B */
+    KV_POL_BUDGET_SEQUENCE = 1u << 9, /* cross-layer: the sequence shares the total budget */
+    KV_POL_OVER_BUDGET = 1u << 10,    /* documented overshoot of the reference (PyramidKV's floored
+                                         steps: up to ~5 % over n_layers * B); reported, not hidden */
+    KV_POL_BUDGET_FREE = 1u << 11,    /* evicts by a rule besides the budget (a threshold), so even a
+                                         budget above the sequence length may lose tokens */
+};
+
+typedef enum { KV_GRAN_KV = 0, KV_GRAN_QUERY = 1 } kv_gran_t;
+typedef enum { KV_AGG_MEAN = 0, KV_AGG_MAX = 1, KV_AGG_SUM = 2 } kv_agg_t;
+
+typedef struct kv_policy kv_policy_t;
+typedef struct kv_policy_desc kv_policy_desc_t;
+
+struct kv_policy {
+    const kv_policy_desc_t *desc;
+    kv_params_t params; /* resolved, includes the common gran/agg keys */
+    char label[512];    /* canonical label, accepted back by kv_policy_create */
+    unsigned flags;     /* desc->flags, possibly adjusted by init (e.g. mode=decode) */
+    kv_gran_t gran;
+    kv_agg_t agg;
+    void *state; /* policy private, created by init */
+    /* Set by `prepare` of scorer policies, per layer (the engine clears `scored` and the protect_*
+     * counts before calling prepare, and builds `order` when prepare set scored = 1): */
+    int scored;
+    float *qscores;    /* (H, n_ctx) higher = keep; allocated by the engine before prepare */
+    int protect_first; /* sinks: context tokens [0, protect_first) always kept (inside the budget) */
+    int protect_last;  /* window: context tokens [n_ctx - protect_last, n_ctx) always kept */
+    /* Built from qscores by the shared selection code (kv_policy_order), per layer: */
+    int n_store;
+    float *sscores; /* (n_store, n_ctx) storage-head scores, protected tokens at +inf */
+    int *order;     /* (n_store, n_ctx) context tokens by decreasing score, ties: later token first */
+    kv_policy_t *inner; /* composed scorer (adakv(inner=...), chunkkv, ...), owned */
+};
+
+struct kv_policy_desc {
+    const char *name;
+    const char *doc;     /* one line: what it does and the paper */
+    const char *paper;   /* arXiv id or URL */
+    const kv_param_def_t *params;
+    int n_params;
+    unsigned flags;
+    /* Parameter sets besides the defaults that the contract suite must also check, separated by
+     * ';' (e.g. "mode=decode;pool=avg,agg=max"); NULL for none. */
+    const char *variants;
+    /* After parameters are resolved: validate combinations, read them into p->state, adjust flags. */
+    int (*init)(kv_policy_t *p);
+    void (*fini)(kv_policy_t *p);
+    /* Once per layer, before any budget: fill p->qscores / protect_* (scorers) or private state.
+     * NULL for policies that need nothing. */
+    int (*prepare)(kv_policy_t *p, kv_layer_ctx_t *c);
+    /* One-shot selection for one budget: set keep->mask over [0, n_ctx). NULL = the shared prefix
+     * selection over p->order. May run concurrently for several budgets: read-only on p; per-budget
+     * state persists across layers in *cstate (freed by cstate_free). */
+    int (*select)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep);
+    /* Per-query and decode-time policies, for evaluation query i = n_ctx .. T-1 in order: set
+     * cache->mask to what query i reads (DECODE: over [0, i], token i included, at most B entries;
+     * PER_QUERY: over [0, n_ctx)). For DECODE policies `select` (or the prefix default) runs
+     * first and gives the cache at the end of prefill. */
+    int (*admit)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
+                 kv_keep_t *cache);
+    /* After query i was evaluated: attn (H, T) holds its attention renormalised over the cache of
+     * each query head (0 outside). For accumulators (H2O, TOVA, threshold). NULL if unused. */
+    int (*observe)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
+                   const kv_keep_t *cache, const float *attn);
+    void (*cstate_free)(void *cstate);
+    /* Policy metadata bytes for one layer at this budget (Quest's page min/max, Ada-KV head lengths). */
+    size_t (*meta_bytes)(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, const kv_keep_t *keep);
+    /* Cross-layer policies: prescore every layer (a pre-pass), then allocate per (layer, storage
+     * head) token counts for every budget before the main pass. */
+    int (*prescore)(kv_policy_t *p, kv_layer_ctx_t *c);
+    int (*allocate)(kv_policy_t *p, const kv_trace_meta_t *m, int n_ctx, const kv_budget_t *budgets, int n_budgets);
+};
+
+/* Registry (sim/policy_registry.c). */
+int kv_policy_count(void);
+const kv_policy_desc_t *kv_policy_desc_at(int i);
+const kv_policy_desc_t *kv_policy_find(const char *name);
+/* Comma list of every registered name (for messages). */
+const char *kv_policy_names(void);
+
+/* Parameters every policy accepts, appended to its own schema. */
+extern const kv_param_def_t kv_policy_common_params[];
+extern const int kv_policy_n_common_params;
+
+/* Create a configured policy from "name(k=v,...)"; unknown names list the valid ones. */
+int kv_policy_create(const char *spec, kv_policy_t **out);
+void kv_policy_free(kv_policy_t *p);
+/* Expand a policy list ("all" = every registered policy with defaults). *out: kv_free'd array of
+ * created policies (free each with kv_policy_free). */
+int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n);
+
+/* Run a policy's per-layer preparation: (re)allocate qscores, clear scored/protect_*, call
+ * desc->prepare and build the selection order when the policy scored. The engine calls it for every
+ * policy; composite policies call it on their inner policy. */
+int kv_policy_prepare(kv_policy_t *p, kv_layer_ctx_t *c);
+
+/* Storage head a query head reads. */
+static inline int kv_policy_store_of(const kv_policy_t *p, int h, int G) { return p->gran == KV_GRAN_KV ? h / G : h; }
+
+/* Shared selection (sim/select.c). */
+/* From p->qscores and protect_*: aggregate to storage heads (p->agg over each group for
+ * granularity kv), put protected tokens at +inf, argsort. Called by the engine after prepare when
+ * qscores were set. */
+int kv_policy_order(kv_policy_t *p, const kv_layer_ctx_t *c);
+/* Keep the first m tokens of storage head s's order (m clamped to [0, n_ctx]). */
+void kv_keep_prefix(const kv_policy_t *p, const kv_layer_ctx_t *c, int s, int m, kv_keep_t *keep);
+/* Default one-shot selection: prefix of length B for every storage head. */
+int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate,
+                      kv_keep_t *keep);
+/* Sort idx[0..n) by key descending, ties by larger index first (the project-wide tie-break). */
+void kv_argsort_desc(const float *key, int n, int *idx);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,74 @@
+/*
+ * streaming_llm.c: StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention
+ * Sinks", arXiv:2309.17453): keep the first `sinks` tokens and the most recent ones.
+ *
+ * mode=oneshot (kvpress, KVCache-Factory baselines): once after prefill keep sinks + the last
+ *   B - sinks context tokens; generated tokens are appended.
+ * mode=decode (the original StartRecentKVCache): a rolling cache of B tokens for every query, its
+ *   own token included: sinks + the last B - sinks tokens before it (evict_for_space before
+ *   appending).
+ * Default sinks = 4 (every reference). Positions are the recorded ones: the original re-assigns
+ * RoPE positions inside the cache (pos-shift), which a trace of post-RoPE keys cannot reproduce
+ * (kvpress and KVCache-Factory do not either).
+ * Position-based: identical for every head, so the granularity only changes the memory accounting.
+ */
+#include "sim/common/kv_common.h"
+#include "sim/kv_policy.h"
+
+#include <string.h>
+
+static const kv_param_def_t params[] = {
+    {"sinks", KV_PARAM_INT, "4", 0, 1 << 20, NULL, "initial tokens always kept (attention sinks)"},
+    {"mode", KV_PARAM_ENUM, "oneshot", 0, -1, "oneshot|decode", "compress once after prefill, or every step"},
+};
+
+static int slm_init(kv_policy_t *p)
+{
+    if (!strcmp(kv_params_str(&p->params, "mode"), "decode"))
+        p->flags = (p->flags & ~KV_POL_ONESHOT) | KV_POL_DECODE;
+    return KV_OK;
+}
+
+static int slm_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
+{
+    /* score = position: later tokens first; the sinks are protected (kept first) */
+    for (int h = 0; h < c->H; h++)
+        for (int j = 0; j < c->n_ctx; j++)
+            p->qscores[(size_t)h * c->n_ctx + j] = (float)j;
+    p->protect_first = (int)kv_params_int(&p->params, "sinks");
+    p->scored = 1;
+    return KV_OK;
+}
+
+static int slm_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
+                     kv_keep_t *cache)
+{
+    (void)c, (void)cstate;
+    const int B = b->tokens, sinks = (int)kv_params_int(&p->params, "sinks");
+    for (int s = 0; s < cache->n_store; s++) {
+        uint8_t *mk = cache->mask + (size_t)s * cache->T;
+        memset(mk, 0, (size_t)cache->T);
+        if (i + 1 <= B) {
+            memset(mk, 1, (size_t)i + 1);
+            continue;
+        }
+        int ns = sinks < B ? sinks : B; /* sinks first, the rest of the budget is recent tokens */
+        memset(mk, 1, (size_t)ns);
+        for (int j = i - (B - ns) + 1; j <= i; j++)
+            mk[j] = 1;
+    }
+    return KV_OK;
+}
+
+const kv_policy_desc_t kv_policy_streaming_llm = {
+    .name = "streaming_llm",
+    .doc = "attention sinks + recent window (Xiao et al. 2023)",
+    .paper = "arXiv:2309.17453",
+    .params = params,
+    .n_params = 2,
+    .flags = KV_POL_ONESHOT | KV_POL_NESTED,
+    .variants = "mode=decode;sinks=0,mode=decode",
+    .init = slm_init,
+    .prepare = slm_prepare,
+    .admit = slm_admit,
+};

@@ -1,0 +1,45 @@
+/*
+ * replay.h: run policies x budgets against a trace, layer by layer (block-major replay).
+ *
+ * Each layer is read and decompressed once; the attention of every evaluation query over all its
+ * keys is computed once (through the backend), every policy prepares its scores once, and every
+ * (policy, budget) pair is evaluated on it in parallel with results in its own slot, so the output
+ * is identical whatever the thread count. Policies that allocate across layers (KV-Compress) get a
+ * pre-pass over the layers first.
+ */
+#ifndef KV_REPLAY_H
+#define KV_REPLAY_H
+
+#include "kernels/kv_backend.h"
+#include "sim/kv_policy.h"
+#include "sim/result.h"
+#include "traces/kv_trace.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int eval_tail;  /* prompt tokens held out as evaluation queries (0: the decode queries only) */
+    uint64_t seed;  /* seed of randomised policies */
+    int head_rows;  /* 1: emit per-head rows too (default) */
+    int quiet;      /* no progress output */
+} kv_replay_opts_t;
+
+void kv_replay_defaults(kv_replay_opts_t *o);
+
+/* Budgets are copied and resolved against the trace. On failure nothing is returned. */
+int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets,
+              kv_backend_t *be, const kv_replay_opts_t *o, kv_results_t **out);
+
+/* The cache one (policy, budget) builds on one layer, for tests and tools: for one-shot policies the
+ * context mask after selection; for decode-time and per-query policies the mask that evaluation
+ * query `eval_index` (0 = the first) reads, after replaying the steps before it. mask: (n_store, T)
+ * allocated by the caller with n_store = H or Hkv by the policy's granularity. */
+int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t *b, int eval_index,
+                    const kv_replay_opts_t *o, kv_backend_t *be, uint8_t *mask);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
