@@ -148,7 +148,7 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     f->max_tokens = max_tokens;
     f->max_batch = max_batch;
     int rc = KV_OK;
-    if (!strcmp(be->name, "cpu")) {
+    if (be->host_memory) { /* the model's host weights are backend memory already */
         f->rms_att = m->rms_att, f->wq = m->wq, f->wk = m->wk, f->wv = m->wv, f->wo = m->wo;
         f->rms_ffn = m->rms_ffn, f->w1 = m->w1, f->w2 = m->w2, f->w3 = m->w3;
         f->rms_final = m->rms_final, f->wcls = m->wcls;

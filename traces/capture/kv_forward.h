@@ -14,8 +14,8 @@
  *
  * After each layer's attention an optional hook sees that layer's post-RoPE queries, the KV cache
  * and the attention's log-sum-exp (all backend memory), which is how capture records traces
- * without a second forward pass. All buffers live in the backend's memory; on the CPU backend the
- * model's weights are used in place (no copy), elsewhere they are uploaded once.
+ * without a second forward pass. All buffers live in the backend's memory; on a host-memory backend
+ * (the CPU) the model's weights are used in place (no copy), elsewhere they are uploaded once.
  */
 #ifndef KV_FORWARD_H
 #define KV_FORWARD_H
