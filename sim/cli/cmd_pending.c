@@ -13,7 +13,4 @@
         return 1;                                                                                         \
     }
 
-PENDING(kv_cmd_capture, "capture")
-PENDING(kv_cmd_generate, "generate")
-PENDING(kv_cmd_nll, "nll")
 PENDING(kv_cmd_demo, "demo")
