@@ -380,7 +380,7 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
     }
     if (!o.quiet) {
         char det[128];
-        snprintf(det, sizeof det, "%d sampled queries per head%s", S,
+        snprintf(det, sizeof det, "%s %d queries per head%s", S == n_count ? "all" : "a sample of", S,
                  sums ? ", entropy and sink mass from the stored summaries" : "");
         kv_progress_end(&pr, det);
     }

@@ -13,4 +13,3 @@
         return 1;                                                                                         \
     }
 
-PENDING(kv_cmd_demo, "demo")
