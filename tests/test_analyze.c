@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* ---------------------------------------------------------------- helpers */
@@ -767,6 +768,117 @@ START_TEST(report_names_policies_and_links_files)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- the CLI: analyze and demo */
+
+/* Run a shell command, its stdout and stderr into out (truncated); the exit status. */
+static int run_cmd(const char *cmd, char *out, size_t len)
+{
+    char full[4096];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE *f = popen(full, "r");
+    ck_assert_ptr_nonnull(f);
+    size_t n = fread(out, 1, len - 1, f);
+    out[n] = 0;
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+}
+
+START_TEST(cli_analyze_errors)
+{
+    const char *bin = getenv("KVSIM_BIN");
+    char trace[256], bad[256], dir[256], cmd[2048], out[8192];
+    kv_test_tmp("cli.h5", trace, sizeof trace);
+    kv_test_tmp("cli-bad.tsv", bad, sizeof bad);
+    kv_test_tmp("cli-report", dir, sizeof dir);
+    kv_trace_t *t = kv_test_trace(2, 2, 1, 8, 48, 40, 0, 0, 6);
+    ck_assert_int_eq(kv_test_write_trace(t, trace), KV_OK);
+    kv_trace_close(t);
+    FILE *f = fopen(bad, "w");
+    fprintf(f, "policy\tbudget\nfull\t16\n");
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s analyze %s %s -o %s -q", bin, trace, bad, dir);
+    ck_assert_int_eq(run_cmd(cmd, out, sizeof out), 1);
+    ck_assert_msg(strstr(out, bad) && strstr(out, "missing column"), "message: %s", out);
+    snprintf(cmd, sizeof cmd, "%s analyze %s /no/such.tsv -o %s -q", bin, trace, dir);
+    ck_assert_int_eq(run_cmd(cmd, out, sizeof out), 1);
+    ck_assert_ptr_nonnull(strstr(out, "/no/such.tsv"));
+    snprintf(cmd, sizeof cmd, "%s analyze %s --format gif", bin, trace);
+    ck_assert_int_eq(run_cmd(cmd, out, sizeof out), 2);
+    snprintf(cmd, sizeof cmd, "%s analyze --help", bin);
+    ck_assert_int_eq(run_cmd(cmd, out, sizeof out), 0);
+    ck_assert_ptr_nonnull(strstr(out, "funneling"));
+    /* the trace alone: the three trace figures and the report; stdout names the report */
+    snprintf(cmd, sizeof cmd, "%s analyze %s -o %s -q", bin, trace, dir);
+    ck_assert_int_eq(run_cmd(cmd, out, sizeof out), 0);
+    ck_assert_ptr_nonnull(strstr(out, "report.html"));
+    char path[512];
+    const char *files[] = {"funneling.png", "funnel_curves.png", "head_concentration.png", "report.md", "report.html"};
+    for (int i = 0; i < 5; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        ck_assert_msg(access(path, R_OK) == 0, "%s missing", path);
+    }
+}
+END_TEST
+
+/* The demo on the real model (from the checkout: ../shared), a few policies to stay quick. */
+START_TEST(cli_demo_real_model)
+{
+    char dir[256], cmd[2048], out[16384], path[512], models[512];
+    kv_test_tmp("demo", dir, sizeof dir);
+    /* where the tests found the model (../shared or $KVSIM_SHARED): its models/ folder */
+    ck_assert_ptr_nonnull(kv_test_shared("models/stories260K/stories260K.bin", models, sizeof models));
+    *strstr(models, "/stories260K/stories260K.bin") = 0;
+    snprintf(cmd, sizeof cmd,
+             "KVSIM_MODELS=%s %s demo -o %s -q --no-download --policies full,snapkv,pyramidkv,adakv,shotkv "
+             "--budgets 16,64",
+             models, getenv("KVSIM_BIN"), dir);
+    ck_assert_msg(run_cmd(cmd, out, sizeof out) == 0, "demo failed: %s", out);
+    ck_assert_ptr_null(strstr(out, "SYNTHETIC"));
+    ck_assert_ptr_nonnull(strstr(out, "report.html"));
+    snprintf(path, sizeof path, "%s/report.md", dir);
+    char *md = slurp(path);
+    ck_assert_ptr_nonnull(strstr(md, "stories260K"));
+    ck_assert_ptr_null(strstr(md, "SYNTHETIC"));
+    const char *names[] = {"full", "snapkv", "pyramidkv", "adakv", "shotkv"};
+    for (int i = 0; i < 5; i++) {
+        char cell[64];
+        snprintf(cell, sizeof cell, "| %s |", names[i]);
+        ck_assert_msg(strstr(md, cell) != NULL, "report lacks policy %s", names[i]);
+    }
+    free(md);
+    const char *files[] = {"trace.h5",    "results.tsv",         "prompt.txt",
+                           "report.html", "tradeoff_budget.png", "budget_allocation.png"};
+    for (int i = 0; i < 6; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        ck_assert_msg(access(path, R_OK) == 0, "%s missing", path);
+    }
+    /* the trace has the story's paragraphs (or stories) as segments */
+    snprintf(path, sizeof path, "%s/trace.h5", dir);
+    kv_trace_t *t = NULL;
+    ck_assert_int_eq(kv_trace_open(path, &t), KV_OK);
+    ck_assert_int_ge(kv_trace_meta(t)->n_segments, 2);
+    ck_assert_str_eq(kv_trace_meta(t)->source, "capture");
+    kv_trace_close(t);
+}
+END_TEST
+
+/* No model anywhere: the synthetic fallback says so on stderr (even with -q) and in the report. */
+START_TEST(cli_demo_synthetic_fallback)
+{
+    char dir[256], cmd[2048], out[16384], path[512];
+    kv_test_tmp("demo-synth", dir, sizeof dir);
+    snprintf(cmd, sizeof cmd, "%s demo -o %s -q --synthetic --policies full,snapkv,shotkv --budgets 32",
+             getenv("KVSIM_BIN"), dir);
+    ck_assert_msg(run_cmd(cmd, out, sizeof out) == 0, "demo failed: %s", out);
+    ck_assert_msg(strstr(out, "SYNTHETIC") != NULL, "no note on stderr: %s", out);
+    snprintf(path, sizeof path, "%s/report.html", dir);
+    char *html = slurp(path);
+    ck_assert_ptr_nonnull(strstr(html, "SYNTHETIC DATA"));
+    ck_assert_ptr_nonnull(strstr(html, "class=\"note\""));
+    free(html);
+}
+END_TEST
+
 Suite *suite_analyze(void)
 {
     Suite *s = suite_create("analyze");
@@ -789,5 +901,19 @@ Suite *suite_analyze(void)
     tcase_add_test(t, results_merge_and_missing_column);
     tcase_add_test(t, report_names_policies_and_links_files);
     suite_add_tcase(s, t);
+    if (getenv("KVSIM_BIN")) {
+        TCase *cli = tcase_create("cli");
+        tcase_set_timeout(cli, 120);
+        tcase_add_test(cli, cli_analyze_errors);
+        tcase_add_test(cli, cli_demo_synthetic_fallback);
+        char buf[512];
+        if (kv_test_shared("models/stories260K/stories260K.bin", buf, sizeof buf))
+            tcase_add_test(cli, cli_demo_real_model);
+        else
+            kv_test_skip("analyze cli_demo_real_model", "models/stories260K not found");
+        suite_add_tcase(s, cli);
+    } else {
+        kv_test_skip("analyze cli", "KVSIM_BIN not set (run through make test)");
+    }
     return s;
 }

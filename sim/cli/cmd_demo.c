@@ -216,6 +216,8 @@ static int find_model(model_files_t *mf, int allow_download, char *why, size_t w
         download(MODEL_HOME "tok512.bin", mf->tokenizer, SHA_TOKENIZER, dl, sizeof dl))
         return 1;
     snprintf(why, wlen, "no stories260K model in %s, and the download failed: %s", looked, dl);
+    rmdir("models/stories260K"); /* only when empty: nothing of ours is left behind */
+    rmdir("models");
     return 0;
 }
 
@@ -473,7 +475,7 @@ int kv_cmd_demo(int argc, char **argv)
 
     const double t0 = kv_now();
     int rc = 1;
-    char trace_path[1100], results_path[1100], note[1024] = "", info[2048] = "", why[1024] = "";
+    char trace_path[1100], results_path[1100], prompt_path[1100], note[1024] = "", info[3072] = "", why[1024] = "";
     kv_policy_t **pols = NULL;
     int n_pol = 0, n_bud = 0;
     kv_budget_t *bud = NULL;
@@ -506,6 +508,7 @@ int kv_cmd_demo(int argc, char **argv)
     }
     snprintf(trace_path, sizeof trace_path, "%s/trace.h5", out_dir);
     snprintf(results_path, sizeof results_path, "%s/results.tsv", out_dir);
+    snprintf(prompt_path, sizeof prompt_path, "%s/prompt.txt", out_dir);
 
     /* ---- 1. trace */
     model_files_t mf;
@@ -530,6 +533,12 @@ int kv_cmd_demo(int argc, char **argv)
             goto done;
         }
         kv_info("demo: prompt: %s", pr.desc);
+        /* the prompt beside the trace, so the capture can be re-run from the command line */
+        FILE *pf = fopen(prompt_path, "w");
+        if (!pf || fputs(pr.text, pf) < 0 || fclose(pf) != 0) {
+            fprintf(stderr, "kvsim demo: %s: cannot write: %s\n", prompt_path, strerror(errno));
+            goto done;
+        }
         kv_capture_opts_t co;
         kv_capture_opts_init(&co);
         co.model_path = mf.model;
@@ -552,11 +561,12 @@ int kv_cmd_demo(int argc, char **argv)
                  "This demo captured the real stories260K model (%s: %d layers, %d query heads, %d KV heads, "
                  "head_dim %d, context %d) on %s, followed by %ld greedily decoded tokens, replayed %d "
                  "policies at budgets %s tokens per head against the decode queries, and analyzed the "
-                 "result. The same with the command line: kvsim capture %s -z %s -i @PROMPT --segments %s "
+                 "result. The same with the command line: kvsim capture %s -z %s -i @%s --segments %s "
                  "--with-wo -o %s; kvsim replay %s %s %s -o %s; kvsim analyze %s %s -o %s.",
                  mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads, model->cfg.head_dim,
-                 model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, mf.model, mf.tokenizer, pr.segments, trace_path,
-                 trace_path, policies, budgets, results_path, trace_path, results_path, out_dir);
+                 model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, mf.model, mf.tokenizer, prompt_path,
+                 pr.segments, trace_path, trace_path, policies, budgets, results_path, trace_path, results_path,
+                 out_dir);
     } else {
         snprintf(note, sizeof note,
                  "SYNTHETIC DATA: no real model was used (%s). This trace is generated with planted "
@@ -564,7 +574,8 @@ int kv_cmd_demo(int argc, char **argv)
                  "numbers illustrate the tools and say nothing about any real model. Put stories260K.bin and "
                  "tok512.bin in ./models/stories260K/ (or set KVSIM_MODELS) to run on the real model.",
                  why);
-        kv_warn("demo: %s", note);
+        /* on stderr even with --quiet: nobody should mistake these numbers for a model's */
+        fprintf(stderr, "kvsim demo: warning: %s\n", note);
         kv_synth_params_t sp;
         kv_synth_defaults(&sp);
         sp.n_layers = 8;
@@ -644,7 +655,7 @@ int kv_cmd_demo(int argc, char **argv)
         goto done;
     }
     if (!real)
-        kv_warn("demo: the report is about a SYNTHETIC trace (%s)", why);
+        fprintf(stderr, "kvsim demo: warning: the report is about a SYNTHETIC trace (%s)\n", why);
     fprintf(stderr, "kvsim demo: done in %.1f s. Report: %s (self-contained) and %s\n", kv_now() - t0, ares.report_html,
             ares.report_md);
     rc = 0;
