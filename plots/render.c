@@ -1219,8 +1219,8 @@ static void annotate_cells(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax
                 }
                 kv_rgba_t cell = lut[(int)lround(heat_t(it, v) * 255)];
                 kv_rgba_t ink = kv_rgba_lightness(cell) > 58 ? kv_rgb_hex(C_TEXT) : kv_rgb_hex(0xffffff);
-                txt_draw(cr, lab, size, 0, map_x(ax, e[0] + (c + 0.5) * wx), map_y(ax, e[2] + (r + 0.5) * wy), 0.5,
-                         0.5, 0, ink);
+                txt_draw(cr, lab, size, 0, map_x(ax, e[0] + (c + 0.5) * wx), map_y(ax, e[2] + (r + 0.5) * wy), 0.5, 0.5,
+                         0, ink);
             }
 }
 
@@ -1265,7 +1265,8 @@ static void draw_heat(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
     /* one image pixel per cell; on vector surfaces upscale so that viewers that smooth images
      * still show sharp cells */
     /* pixels per cell (signed: the image is flipped when an axis runs backwards) */
-    const double bx = (map_x(ax, e[1]) - map_x(ax, e[0])) / it->cols, by = (map_y(ax, e[3]) - map_y(ax, e[2])) / it->rows;
+    const double bx = (map_x(ax, e[1]) - map_x(ax, e[0])) / it->cols,
+                 by = (map_y(ax, e[3]) - map_y(ax, e[2])) / it->rows;
     double cw = fabs(bx), ch = fabs(by);
     int k = 1;
     if (cairo_surface_get_type(cairo_get_target(cr)) != CAIRO_SURFACE_TYPE_IMAGE) {
