@@ -350,6 +350,11 @@ int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
     int rc = kv_table_read(path, &t);
     if (rc)
         return rc;
+    if (t->n_cols >= 1 && t->cols[0][0] == '{') {
+        kv_table_free(t);
+        return kv_error(KV_EFORMAT, "%s: JSON results; kvsim analyze reads the TSV form (kvsim replay -o FILE.tsv)",
+                        path);
+    }
     int col[KV_ARRAY_LEN(required)];
     for (size_t i = 0; i < KV_ARRAY_LEN(required); i++) {
         col[i] = kv_table_col(t, required[i]);
