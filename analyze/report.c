@@ -532,7 +532,7 @@ static int funnel_table(table_t *t, const kv_funnel_t *f)
             if (isnan(mean))
                 snprintf(c[k + 1], 64, "-");
             else
-                snprintf(c[k + 1], 64, "%.3f (%.3f..%.3f)", mean, lo, hi);
+                snprintf(c[k + 1], 64, "%.3g (%.3g..%.3g)", mean, lo, hi); /* sink masses can be ~1e-4 */
         }
         if (tab_row(t, c[0], c[1], c[2], c[3], c[4], c[5]))
             return KV_ENOMEM;
@@ -972,11 +972,11 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         char t2[600];
         snprintf(t2, sizeof t2,
                  "Mean over the heads of each layer (minimum..maximum over heads in brackets); queries that see "
-                 "at least %d keys; %s; %d sampled queries per head for the fraction of keys and the segment mass.",
+                 "at least %d keys; %s; the fraction of keys and the segment mass from %s%d queries per head.",
                  fs->q_lo + 1,
                  fs->from_summaries ? "entropy and sink mass from the stored summaries over all of them"
-                                    : "every statistic from the sampled queries",
-                 fs->n_sampled);
+                                    : "every statistic from the rows recomputed from Q and K",
+                 fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample of ", fs->n_sampled);
         sb_printf(&md, "## Funnel statistics per layer\n\n%s\n\n", t2);
         tab_md(&md, &tl);
         sb_printf(&html, "<h2>Funnel statistics per layer</h2>\n<p>%s</p>\n", t2);
