@@ -66,11 +66,13 @@ void kv_acc_keep_best(kv_acc_state_t *st, const int *pos, const float *key, int 
         return;
     if (m < 0)
         m = 0;
-    /* key is in ascending position order, so kv_argsort_desc's "larger index first" on ties keeps
-     * the later token */
-    kv_argsort_desc(key, n, st->idx);
-    for (int r = m; r < n; r++)
-        mk[pos[st->idx[r]]] = 0;
+    /* key is in ascending position order, so the "larger index first" tie-break keeps the later
+     * token; only membership matters, so a linear-time selection suffices */
+    uint8_t *keep = (uint8_t *)st->idx; /* n bytes of the n-int scratch */
+    kv_topk_mask(key, n, m, keep);
+    for (int r = 0; r < n; r++)
+        if (!keep[r])
+            mk[pos[r]] = 0;
 }
 
 float kv_acc_group(const kv_policy_t *p, const float *v, size_t stride, int G, int s, int j)
