@@ -30,13 +30,13 @@ $(BUILD)/config.mk: scripts/install-deps.sh Makefile
 NVCC ?= $(NVCC_FOUND)
 CUDA_ARCH ?= sm_90
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-GIT_REV := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+GIT_REV := $(shell git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 
 CC ?= gcc
 OPT ?= -O2
 CFLAGS ?= $(OPT) -g
-ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-format-truncation -fopenmp -I. $(PKG_CFLAGS) $(CFLAGS) \
-              -DKV_GIT_REV=\"$(GIT_REV)\" -MMD -MP
+ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-format-truncation -fopenmp -I. -I$(BUILD) $(PKG_CFLAGS) \
+              $(CFLAGS) -MMD -MP
 LIBS := $(PKG_LIBS) -lm -fopenmp
 
 # ---- sources: every .c under the module folders goes into libkvsim.a
@@ -72,7 +72,16 @@ $(BUILD)/obj/%.cu.o: %.cu $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	@$(if $(V),,echo "  NVCC  $<")
 	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -I. $(filter -I%,$(PKG_CFLAGS)) -Xcompiler -fPIC,-Wall,-Wno-format-truncation \
-	    -DKV_GIT_REV=\"$(GIT_REV)\" -MMD -MP -c $< -o $@
+	    -MMD -MP -c $< -o $@
+
+# The git revision stamped into traces and results: rewritten when it changes, so only
+# kv_common.c recompiles.
+$(BUILD)/kv_gitrev.h: FORCE
+	@mkdir -p $(BUILD)
+	@echo '#define KV_GIT_REV "$(GIT_REV)"' > $@.tmp; cmp -s $@.tmp $@ || mv $@.tmp $@; rm -f $@.tmp
+$(BUILD)/obj/sim/common/kv_common.o: $(BUILD)/kv_gitrev.h
+.PHONY: FORCE
+FORCE:
 
 $(LIBKV): $(LIB_OBJ)
 	@$(if $(V),,echo "  AR    $@")
@@ -94,7 +103,7 @@ $(TESTS): $(TEST_OBJ) $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
 	$(Q)$(CC) $(TEST_OBJ) $(LIBKV) $(LIBS) $(CHECK_LIBS) -o $@
 
-$(PLUGIN): traces/zstd_plugin.c traces/kv_zstd_filter.c sim/common/kv_common.c $(BUILD)/config.mk
+$(PLUGIN): traces/zstd_plugin.c traces/kv_zstd_filter.c sim/common/kv_common.c $(BUILD)/config.mk $(BUILD)/kv_gitrev.h
 	@mkdir -p $(dir $@)
 	@$(if $(V),,echo "  SO    $@")
 	$(Q)$(CC) -shared -fPIC $(ALL_CFLAGS) -MF $(BUILD)/plugin.d traces/zstd_plugin.c traces/kv_zstd_filter.c \

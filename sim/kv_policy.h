@@ -213,8 +213,11 @@ void kv_keep_prefix(const kv_policy_t *p, const kv_layer_ctx_t *c, int s, int m,
 /* Default one-shot selection: prefix of length B for every storage head. */
 int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate,
                       kv_keep_t *keep);
-/* Sort idx[0..n) by key descending, ties by larger index first (the project-wide tie-break). */
+/* Sort idx[0..n) by key descending, ties by larger index first (the project-wide tie-break; NaN
+ * last). Radix sort on 64-bit (score, index) keys: O(n). */
 void kv_argsort_desc(const float *key, int n, int *idx);
+/* mask[0..n) = 1 for the k entries that kv_argsort_desc would put first (same tie-break), O(n). */
+void kv_topk_mask(const float *key, int n, int k, uint8_t *mask);
 
 #ifdef __cplusplus
 }

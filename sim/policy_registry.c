@@ -9,14 +9,35 @@ extern const kv_policy_desc_t kv_policy_full;
 extern const kv_policy_desc_t kv_policy_random;
 extern const kv_policy_desc_t kv_policy_oracle;
 extern const kv_policy_desc_t kv_policy_streaming_llm;
+extern const kv_policy_desc_t kv_policy_h2o;
+extern const kv_policy_desc_t kv_policy_tova;
 extern const kv_policy_desc_t kv_policy_knorm;
+extern const kv_policy_desc_t kv_policy_threshold;
+extern const kv_policy_desc_t kv_policy_snapkv;
+extern const kv_policy_desc_t kv_policy_pyramidkv;
+extern const kv_policy_desc_t kv_policy_adakv;
+extern const kv_policy_desc_t kv_policy_chunkkv;
+extern const kv_policy_desc_t kv_policy_quest;
+extern const kv_policy_desc_t kv_policy_shotkv;
+extern const kv_policy_desc_t kv_policy_kvcompress;
 
+/* Baselines first, then roughly in the order the methods appeared. */
 static const kv_policy_desc_t *const registry[] = {
     &kv_policy_full,
     &kv_policy_random,
     &kv_policy_oracle,
     &kv_policy_streaming_llm,
+    &kv_policy_h2o,
+    &kv_policy_tova,
     &kv_policy_knorm,
+    &kv_policy_threshold,
+    &kv_policy_snapkv,
+    &kv_policy_pyramidkv,
+    &kv_policy_adakv,
+    &kv_policy_chunkkv,
+    &kv_policy_quest,
+    &kv_policy_shotkv,
+    &kv_policy_kvcompress,
 };
 
 int kv_policy_count(void) { return (int)(sizeof registry / sizeof registry[0]); }

@@ -39,6 +39,7 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 
 typedef struct {
     kv_backend_t *be;
+    kv_replay_stats_t *st; /* may be NULL */
     const float *hq, *hk; /* host Q and K of the layer */
     void *dq, *dk;        /* backend views of them (the host arrays on the CPU) */
     float *colsum, *colsq, *colmax; /* (H, n_ctx) */
@@ -118,7 +119,12 @@ int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, c
             (rc = kv_be_out(e->be, e->colsq, bytes, (void **)&o.sumsq)) ||
             (rc = kv_be_out(e->be, e->colmax, bytes, (void **)&o.max)))
             return rc;
+        double t0 = kv_now();
         rc = e->be->ops->attn_colstats(e->be, &a, &o);
+        if (e->st) {
+            e->st->t_attn += kv_now() - t0;
+            e->st->attn_flop += (double)c->H * c->n_ctx * (c->n_ctx + 1) / 2.0 * c->d * 2.0;
+        }
         int rc2 = kv_be_fetch(e->be, e->colsum, o.sum, bytes);
         int rc3 = kv_be_fetch(e->be, e->colsq, o.sumsq, bytes);
         int rc4 = kv_be_fetch(e->be, e->colmax, o.max, bytes);
@@ -157,7 +163,12 @@ int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
         rc = kv_be_out(e->be, p, bytes, &dp);
     if (rc == KV_OK) {
         kv_qk_args_t a = qk_args(c, c->n_ctx - w, w, c->n_ctx);
+        double t0 = kv_now();
         rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
+        if (e->st) {
+            e->st->t_attn += kv_now() - t0;
+            e->st->attn_flop += (double)c->H * w * c->n_ctx * c->d * 2.0;
+        }
         int rc2 = kv_be_fetch(e->be, p, dp, bytes);
         rc = rc ? rc : rc2;
     }
@@ -184,7 +195,12 @@ static int eval_probs(kv_layer_ctx_t *c, float *p_eval)
     if (rc)
         return rc;
     kv_qk_args_t a = qk_args(c, c->n_ctx, c->n_eval, c->T);
+    double t0 = kv_now();
     rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
+    if (e->st) {
+        e->st->t_attn += kv_now() - t0;
+        e->st->attn_flop += (double)c->H * c->n_eval * c->T * c->d * 2.0;
+    }
     int rc2 = kv_be_fetch(e->be, p_eval, dp, bytes);
     return rc ? rc : rc2;
 }
@@ -565,9 +581,12 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     kv_results_t *res = NULL;
     kv_layer_t lay = {0};
     float *wo = NULL;
-    engine_t eng = {.be = be};
+    engine_t eng = {.be = be, .st = o.stats};
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
+    double t_start = kv_now(), t_mark;
+    if (o.stats)
+        memset(o.stats, 0, sizeof *o.stats);
     if (!cfg || !bud || kv_results_create(&res) != KV_OK) {
         rc = KV_ENOMEM;
         goto done;
@@ -614,10 +633,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     char detail[128];
     if (cross) {
         for (int l = 0; l < L && rc == KV_OK; l++) {
+            t_mark = kv_now();
             if ((rc = kv_trace_read_layer(t, l, &lay)))
                 break;
             if (m->has_wo && (rc = kv_trace_read(t, l, KV_T_WO, wo)))
                 break;
+            if (o.stats) {
+                o.stats->t_read += kv_now() - t_mark;
+                o.stats->layers_read++;
+            }
             engine_reset(&eng);
             fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
             for (int i = 0; i < n_pol && rc == KV_OK; i++)
@@ -632,10 +656,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 rc = pols[i]->desc->allocate(pols[i], m, n_ctx, bud, n_budgets);
     }
     for (int l = 0; l < L && rc == KV_OK; l++) {
+        t_mark = kv_now();
         if ((rc = kv_trace_read_layer(t, l, &lay)))
             break;
         if (m->has_wo && (rc = kv_trace_read(t, l, KV_T_WO, wo)))
             break;
+        if (o.stats) {
+            o.stats->t_read += kv_now() - t_mark;
+            o.stats->layers_read++;
+        }
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
         if ((rc = eval_probs(&c, p_eval)))
@@ -644,10 +673,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         kv_metrics_layer_free(&ml);
         if ((rc = kv_metrics_layer_init(&ml, &c)))
             break;
+        t_mark = kv_now();
+        double attn0 = o.stats ? o.stats->t_attn : 0;
         for (int i = 0; i < n_pol && rc == KV_OK; i++)
             rc = kv_policy_prepare(pols[i], &c);
         if (rc)
             break;
+        if (o.stats) /* shared statistics computed on a policy's request count as attention time */
+            o.stats->t_policies += (kv_now() - t_mark) - (o.stats->t_attn - attn0);
+        t_mark = kv_now();
         int old = kv_blas_set_threads(1);
 #pragma omp parallel for schedule(dynamic, 1)
         for (int k = 0; k < n_cfg; k++) {
@@ -660,6 +694,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                          kv_last_error());
         }
         kv_blas_set_threads(old);
+        if (o.stats)
+            o.stats->t_eval += kv_now() - t_mark;
         for (int k = 0; k < n_cfg; k++)
             if (cfg[k].rc) {
                 rc = kv_error(cfg[k].rc, "%s", cfg[k].msg);
@@ -686,6 +722,9 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     if (rc == KV_OK) {
         *out = res;
         res = NULL;
+    }
+    if (o.stats) {
+        o.stats->t_total = kv_now() - t_start;
     }
 done:
     if (cfg)

@@ -19,7 +19,19 @@
 extern "C" {
 #endif
 
+/* Where the time went (filled when kv_replay_opts_t.stats is set). */
 typedef struct {
+    double t_total;   /* seconds in kv_replay */
+    double t_read;    /* reading and decompressing layers */
+    double t_attn;    /* attention statistics through the backend (probabilities, column sums) */
+    double attn_flop; /* multiply-adds x 2 of those statistics' Q.K^T products */
+    double t_policies;/* policy preparation (scoring, sorting) */
+    double t_eval;    /* building caches and measuring them, all (policy, budget) pairs */
+    long layers_read; /* layer reads, pre-pass included */
+} kv_replay_stats_t;
+
+typedef struct {
+    kv_replay_stats_t *stats; /* optional timing breakdown */
     int eval_tail;  /* prompt tokens held out as evaluation queries (0: the decode queries only) */
     uint64_t seed;  /* seed of randomised policies */
     int head_rows;  /* 1: emit per-head rows too (default) */

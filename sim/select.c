@@ -12,42 +12,115 @@
 #include "sim/kv_policy.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    float key;
-    int idx;
-} kv_pair_t;
-
-static int cmp_desc(const void *a, const void *b)
+/* Scores become 64-bit integers that order exactly like the project's rule: the upper 32 bits
+ * are the float mapped to an order-preserving unsigned integer (NaN lowest), the lower 32 bits the
+ * token index, so "larger key" means "larger score, then later token". */
+static inline uint64_t rank_key(float f, int idx)
 {
-    const kv_pair_t *x = a, *y = b;
-    /* NaN scores sort last */
-    int xn = isnan(x->key), yn = isnan(y->key);
-    if (xn != yn)
-        return xn - yn;
-    if (x->key > y->key)
-        return -1;
-    if (x->key < y->key)
-        return 1;
-    return (x->idx < y->idx) - (x->idx > y->idx);
+    uint32_t u;
+    if (isnan(f)) {
+        u = 0;
+    } else {
+        if (f == 0)
+            f = 0.0f; /* -0 ranks with +0 */
+        memcpy(&u, &f, 4);
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        if (u == 0)
+            u = 1; /* keep 0 for NaN */
+    }
+    return ((uint64_t)u << 32) | (uint32_t)idx;
+}
+
+/* LSD radix sort of keys in descending order (8 passes of 8 bits; passes whose byte is constant
+ * are skipped). tmp: n scratch entries. */
+static void radix_desc(uint64_t *a, uint64_t *tmp, int n)
+{
+    for (int i = 0; i < n; i++)
+        a[i] = ~a[i]; /* ascending order of the complement = descending order */
+    for (int shift = 0; shift < 64; shift += 8) {
+        size_t count[257] = {0};
+        for (int i = 0; i < n; i++)
+            count[((a[i] >> shift) & 0xff) + 1]++;
+        if (count[((a[0] >> shift) & 0xff) + 1] == (size_t)n)
+            continue;
+        for (int b = 0; b < 256; b++)
+            count[b + 1] += count[b];
+        for (int i = 0; i < n; i++)
+            tmp[count[(a[i] >> shift) & 0xff]++] = a[i];
+        memcpy(a, tmp, sizeof(uint64_t) * (size_t)n);
+    }
+    for (int i = 0; i < n; i++)
+        a[i] = ~a[i];
 }
 
 void kv_argsort_desc(const float *key, int n, int *idx)
 {
-    kv_pair_t *pr = kv_malloc(sizeof *pr * (size_t)(n ? n : 1), "argsort");
-    if (!pr) { /* fall back to position order, latest first (never reached in practice) */
+    uint64_t *k = kv_malloc(sizeof(uint64_t) * 2 * (size_t)(n ? n : 1), "argsort");
+    if (!k) { /* fall back to position order, latest first (allocation of a few KiB failed) */
         for (int i = 0; i < n; i++)
             idx[i] = n - 1 - i;
         return;
     }
     for (int i = 0; i < n; i++)
-        pr[i] = (kv_pair_t){key[i], i};
-    qsort(pr, (size_t)n, sizeof *pr, cmp_desc);
+        k[i] = rank_key(key[i], i);
+    radix_desc(k, k + n, n);
     for (int i = 0; i < n; i++)
-        idx[i] = pr[i].idx;
-    kv_free(pr);
+        idx[i] = (int)(uint32_t)k[i];
+    kv_free(k);
+}
+
+void kv_topk_mask(const float *key, int n, int k, uint8_t *mask)
+{
+    memset(mask, 0, (size_t)(n > 0 ? n : 0));
+    if (k >= n) {
+        memset(mask, 1, (size_t)(n > 0 ? n : 0));
+        return;
+    }
+    if (k <= 0)
+        return;
+    uint64_t *a = kv_malloc(sizeof(uint64_t) * (size_t)n, "top-k");
+    if (!a) {
+        int *idx = kv_malloc(sizeof(int) * (size_t)n, "top-k");
+        if (idx) {
+            kv_argsort_desc(key, n, idx);
+            for (int r = 0; r < k; r++)
+                mask[idx[r]] = 1;
+        }
+        kv_free(idx);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        a[i] = rank_key(key[i], i);
+    /* quickselect: afterwards a[0..k) hold the k largest keys (all keys are distinct) */
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        uint64_t piv = a[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > piv)
+                i++;
+            while (a[j] < piv)
+                j--;
+            if (i <= j) {
+                uint64_t t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            break;
+    }
+    for (int r = 0; r < k; r++)
+        mask[(uint32_t)a[r]] = 1;
+    kv_free(a);
 }
 
 int kv_policy_order(kv_policy_t *p, const kv_layer_ctx_t *c)

@@ -4,6 +4,7 @@
  * streaming_llm, knorm, random) on tiny traces; CLI error handling.
  */
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_rng.h"
 #include "sim/kv_policy.h"
 #include "sim/metrics.h"
 #include "sim/replay.h"
@@ -122,6 +123,42 @@ START_TEST(metrics_match_brute_force)
     kv_layer_free(&lay);
     kv_backend_close(be);
     kv_trace_close(t);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- selection primitives */
+
+START_TEST(argsort_and_topk_agree_with_the_tie_break)
+{
+    enum { N = 300 };
+    float key[N];
+    int idx[N];
+    uint8_t mask[N];
+    kv_rng_t r;
+    kv_rng_seed(&r, 11);
+    for (int trial = 0; trial < 50; trial++) {
+        for (int i = 0; i < N; i++) {
+            /* few distinct values (many ties), negatives, zeros of both signs, a NaN, infinities */
+            key[i] = (float)((int)kv_rng_below(&r, 7) - 3) * 0.5f;
+            if (i % 37 == 5)
+                key[i] = -0.0f;
+        }
+        key[kv_rng_below(&r, N)] = NAN;
+        key[kv_rng_below(&r, N)] = INFINITY;
+        key[kv_rng_below(&r, N)] = -INFINITY;
+        kv_argsort_desc(key, N, idx);
+        for (int a = 1; a < N; a++) {
+            float x = key[idx[a - 1]], y = key[idx[a]];
+            ck_assert_msg(isnan(y) || x > y || (x == y && idx[a - 1] > idx[a]) ||
+                              (x == 0 && y == 0 && idx[a - 1] > idx[a]),
+                          "order broken at %d: %g@%d then %g@%d", a, x, idx[a - 1], y, idx[a]);
+            ck_assert(!isnan(x) || isnan(y));
+        }
+        int k = (int)kv_rng_below(&r, N + 1);
+        kv_topk_mask(key, N, k, mask);
+        for (int a = 0; a < N; a++)
+            ck_assert_msg(mask[idx[a]] == (a < k), "top-%d mask disagrees with the sort at rank %d", k, a);
+    }
 }
 END_TEST
 
@@ -403,6 +440,7 @@ Suite *suite_replay(void)
     TCase *tc = tcase_create("engine");
     tcase_add_test(tc, metrics_match_brute_force);
     tcase_add_test(tc, budget_lists);
+    tcase_add_test(tc, argsort_and_topk_agree_with_the_tie_break);
     tcase_add_test(tc, hand_streaming_llm);
     tcase_add_test(tc, hand_knorm_and_full);
     tcase_add_test(tc, hand_oracle);

@@ -152,11 +152,14 @@ done:
 
 static void flags_text(unsigned f, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s%s%s%s%s%s",
+    snprintf(buf, len, "%s%s%s%s%s%s%s%s%s",
              f & KV_POL_DECODE ? "decode-time" : f & KV_POL_PER_QUERY ? "per-query" : "one-shot after prefill",
              f & KV_POL_NESTED ? ", nested" : "", f & KV_POL_NEEDS_SEGMENTS ? ", needs segments" : "",
              f & KV_POL_CROSS_LAYER ? ", cross-layer" : "", f & KV_POL_NO_EVICT ? ", no eviction" : "",
-             f & KV_POL_BUDGET_LAYER ? ", head-adaptive" : "");
+             f & KV_POL_BUDGET_LAYER ? ", head-adaptive (budget per layer)" : "",
+             f & KV_POL_BUDGET_SEQUENCE ? ", budget per sequence" : "",
+             f & KV_POL_OVER_BUDGET ? ", may exceed the budget (as the reference)" : "",
+             f & KV_POL_BUDGET_FREE ? ", threshold rule (may evict below the budget)" : "");
 }
 
 int kv_cmd_policies(int argc, char **argv)

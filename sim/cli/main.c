@@ -58,7 +58,7 @@ static void usage(FILE *f)
     for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\nA typical session:\n"
-               "  kvsim capture model.bin -z tokenizer.bin -i prompt.txt -o trace.h5\n"
+               "  kvsim capture model.bin -z tokenizer.bin -i @prompt.txt -o trace.h5\n"
                "  kvsim replay trace.h5 all 64,128,256 -o results.tsv\n"
                "  kvsim analyze trace.h5 results.tsv -o report/\n");
 }

@@ -17,12 +17,8 @@ static int oracle_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget
     const int n = c->n_ctx, E = c->n_eval, T = c->T, e = i - n;
     const int nh = p->gran == KV_GRAN_KV ? c->G : 1;
     float *sc = kv_malloc(sizeof(float) * (size_t)(n ? n : 1), "oracle scores");
-    int *ord = kv_malloc(sizeof(int) * (size_t)(n ? n : 1), "oracle order");
-    if (!sc || !ord) {
-        kv_free(sc);
-        kv_free(ord);
+    if (!sc)
         return KV_ENOMEM;
-    }
     for (int s = 0; s < cache->n_store; s++) {
         const int h0 = p->gran == KV_GRAN_KV ? s * c->G : s;
         for (int j = 0; j < n; j++) {
@@ -33,14 +29,11 @@ static int oracle_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget
             }
             sc[j] = p->agg == KV_AGG_MEAN ? a / (float)nh : a;
         }
-        kv_argsort_desc(sc, n, ord);
         uint8_t *mk = cache->mask + (size_t)s * cache->T;
         memset(mk, 0, (size_t)cache->T);
-        for (int r = 0; r < n && r < b->tokens; r++)
-            mk[ord[r]] = 1;
+        kv_topk_mask(sc, n, b->tokens, mk);
     }
     kv_free(sc);
-    kv_free(ord);
     return KV_OK;
 }
 

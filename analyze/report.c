@@ -1,0 +1,1031 @@
+/*
+ * report.c: `kvsim analyze` as a library call (kv_analyze_run): statistics, every figure, and a
+ * report in two forms:
+ *   report.md    Markdown that links the figure files beside it;
+ *   report.html  one self-contained page: inline CSS, every figure embedded as a base64 data URI
+ *                (PNG, or SVG when figures are SVG; a PNG rendering stands in for PDF figures), so
+ *                the file can be mailed or opened anywhere without the folder.
+ * Both show the same tables: trace provenance, results files (and whether they belong to the
+ * trace), policies (short name and full label), per policy and budget (recall mean / p10 / min,
+ * output error, bound, violations, memory), and per layer funnel statistics.
+ */
+#include "analyze/kv_analyze.h"
+
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+void kv_analyze_opts_init(kv_analyze_opts_t *o)
+{
+    memset(o, 0, sizeof *o);
+    o->out_dir = "out/analyze";
+    o->format = "png";
+    o->map.n_layers = 6;
+    kv_funnel_opts_init(&o->funnel);
+}
+
+/* ---------------------------------------------------------------- base64 */
+
+char *kv_base64(const unsigned char *d, size_t n)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t olen = 4 * ((n + 2) / 3);
+    char *o = kv_malloc(olen + 1, "base64");
+    if (!o)
+        return NULL;
+    size_t j = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)d[i] << 16 | (i + 1 < n ? (unsigned)d[i + 1] << 8 : 0) | (i + 2 < n ? d[i + 2] : 0);
+        o[j++] = tab[v >> 18 & 63];
+        o[j++] = tab[v >> 12 & 63];
+        o[j++] = i + 1 < n ? tab[v >> 6 & 63] : '=';
+        o[j++] = i + 2 < n ? tab[v & 63] : '=';
+    }
+    o[j] = 0;
+    return o;
+}
+
+/* ---------------------------------------------------------------- small helpers */
+
+static int mkdir_p(const char *path)
+{
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                return kv_error(KV_EIO, "%s: cannot create folder: %s", buf, strerror(errno));
+            *p = '/';
+        }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+        return kv_error(KV_EIO, "%s: cannot create folder: %s", buf, strerror(errno));
+    struct stat st;
+    if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))
+        return kv_error(KV_EIO, "%s: not a folder", buf);
+    return KV_OK;
+}
+
+static int read_file(const char *path, unsigned char **data, size_t *n)
+{
+    *data = NULL;
+    *n = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 1 << 16, len = 0;
+    unsigned char *b = kv_malloc(cap, "file");
+    while (b) {
+        size_t r = fread(b + len, 1, cap - len, f);
+        len += r;
+        if (len < cap)
+            break;
+        cap *= 2;
+        unsigned char *nb = kv_realloc(b, cap, "file");
+        if (!nb) {
+            kv_free(b);
+            b = NULL;
+        } else
+            b = nb;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!b)
+        return KV_ENOMEM;
+    if (bad) {
+        kv_free(b);
+        return kv_error(KV_EIO, "%s: read failed", path);
+    }
+    *data = b;
+    *n = len;
+    return KV_OK;
+}
+
+typedef struct {
+    unsigned char *d;
+    size_t n, cap;
+    int failed;
+} membuf_t;
+
+static cairo_status_t membuf_write(void *closure, const unsigned char *data, unsigned int len)
+{
+    membuf_t *m = closure;
+    if (m->n + len > m->cap) {
+        size_t cap = m->cap ? m->cap : 1 << 16;
+        while (m->n + len > cap)
+            cap *= 2;
+        unsigned char *d = kv_realloc(m->d, cap, "png buffer");
+        if (!d) {
+            m->failed = 1;
+            return CAIRO_STATUS_NO_MEMORY;
+        }
+        m->d = d;
+        m->cap = cap;
+    }
+    memcpy(m->d + m->n, data, len);
+    m->n += len;
+    return CAIRO_STATUS_SUCCESS;
+}
+
+/* PNG bytes of a figure rendered in memory. */
+static int fig_png(kv_fig_t *fig, unsigned char **data, size_t *n)
+{
+    cairo_surface_t *s = NULL;
+    int rc = kv_fig_render_image(fig, &s);
+    if (rc)
+        return rc;
+    membuf_t m = {0};
+    cairo_status_t st = cairo_surface_write_to_png_stream(s, membuf_write, &m);
+    cairo_surface_destroy(s);
+    if (st != CAIRO_STATUS_SUCCESS || m.failed) {
+        kv_free(m.d);
+        return kv_error(KV_EIO, "PNG encoding failed: %s", cairo_status_to_string(st));
+    }
+    *data = m.d;
+    *n = m.n;
+    return KV_OK;
+}
+
+/* A growing string. */
+typedef struct {
+    char *s;
+    size_t n, cap;
+    int failed;
+} sbuf_t;
+
+static void sb_add(sbuf_t *b, const char *s, size_t len)
+{
+    if (b->failed)
+        return;
+    if (b->n + len + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1 << 14;
+        while (b->n + len + 1 > cap)
+            cap *= 2;
+        char *ns = kv_realloc(b->s, cap, "report text");
+        if (!ns) {
+            b->failed = 1;
+            return;
+        }
+        b->s = ns;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->n, s, len);
+    b->n += len;
+    b->s[b->n] = 0;
+}
+
+static void sb_puts(sbuf_t *b, const char *s)
+{
+    sb_add(b, s, strlen(s));
+}
+
+__attribute__((format(printf, 2, 3))) static void sb_printf(sbuf_t *b, const char *fmt, ...)
+{
+    char tmp[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n < sizeof tmp) {
+        sb_add(b, tmp, (size_t)n);
+        return;
+    }
+    char *big = kv_malloc((size_t)n + 1, "report line");
+    if (!big) {
+        b->failed = 1;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    sb_add(b, big, (size_t)n);
+    kv_free(big);
+}
+
+/* Text for HTML (escape &<>") or a Markdown table cell (escape |, newlines to spaces). */
+static void sb_html(sbuf_t *b, const char *s)
+{
+    for (; *s; s++) {
+        switch (*s) {
+        case '&':
+            sb_puts(b, "&amp;");
+            break;
+        case '<':
+            sb_puts(b, "&lt;");
+            break;
+        case '>':
+            sb_puts(b, "&gt;");
+            break;
+        case '"':
+            sb_puts(b, "&quot;");
+            break;
+        default:
+            sb_add(b, s, 1);
+        }
+    }
+}
+
+static void sb_md(sbuf_t *b, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '|')
+            sb_puts(b, "\\|");
+        else if (*s == '\n' || *s == '\r' || *s == '\t')
+            sb_puts(b, " ");
+        else if (*s == '*' || *s == '_' || *s == '`' || *s == '<' || *s == '>' || *s == '[' || *s == ']') {
+            sb_puts(b, "\\");
+            sb_add(b, s, 1);
+        } else
+            sb_add(b, s, 1);
+    }
+}
+
+static int write_text(const char *path, const sbuf_t *b)
+{
+    if (b->failed)
+        return KV_ENOMEM;
+    char tmp[1100];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
+    int bad = b->n && fwrite(b->s, 1, b->n, f) != b->n;
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(e));
+    }
+    return KV_OK;
+}
+
+/* Number formats for tables: "-" for NaN. */
+static const char *fmt_num(char *buf, size_t len, double v, const char *fmt)
+{
+    if (isnan(v))
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, fmt, v);
+    return buf;
+}
+
+static const char *fmt_sig(char *buf, size_t len, double v)
+{
+    if (isnan(v))
+        return snprintf(buf, len, "-"), buf;
+    if (v == 0)
+        return snprintf(buf, len, "0"), buf;
+    if (fabs(v) >= 1e-3 && fabs(v) < 1e5)
+        snprintf(buf, len, "%.4g", v);
+    else
+        snprintf(buf, len, "%.3e", v);
+    return buf;
+}
+
+/* ---------------------------------------------------------------- the report model */
+
+typedef struct {
+    char file[64];
+    char title[128];
+    char caption[768];
+    unsigned char *embed; /* bytes to embed in HTML */
+    size_t embed_n;
+    const char *mime;
+} figure_t;
+
+/* A generic table: header + rows of cells, written to both outputs. */
+typedef struct {
+    int ncol;
+    const char *head[16];
+    int right[16];
+    char ***cells; /* [row][col] owned strings */
+    int nrow, cap;
+} table_t;
+
+static int tab_row(table_t *t, ...)
+{
+    if (t->nrow == t->cap) {
+        int cap = t->cap ? 2 * t->cap : 32;
+        char ***c = kv_realloc(t->cells, sizeof(char **) * (size_t)cap, "table");
+        if (!c)
+            return KV_ENOMEM;
+        t->cells = c;
+        t->cap = cap;
+    }
+    char **row = kv_calloc((size_t)t->ncol, sizeof(char *), "table row");
+    if (!row)
+        return KV_ENOMEM;
+    va_list ap;
+    va_start(ap, t);
+    for (int i = 0; i < t->ncol; i++) {
+        const char *s = va_arg(ap, const char *);
+        row[i] = kv_strdup(s ? s : "");
+    }
+    va_end(ap);
+    t->cells[t->nrow++] = row;
+    return KV_OK;
+}
+
+static void tab_free(table_t *t)
+{
+    for (int r = 0; r < t->nrow; r++) {
+        for (int c = 0; c < t->ncol; c++)
+            kv_free(t->cells[r][c]);
+        kv_free(t->cells[r]);
+    }
+    kv_free(t->cells);
+    memset(t, 0, sizeof *t);
+}
+
+static void tab_md(sbuf_t *b, const table_t *t)
+{
+    sb_puts(b, "|");
+    for (int c = 0; c < t->ncol; c++) {
+        sb_puts(b, " ");
+        sb_md(b, t->head[c]);
+        sb_puts(b, " |");
+    }
+    sb_puts(b, "\n|");
+    for (int c = 0; c < t->ncol; c++)
+        sb_puts(b, t->right[c] ? " ---: |" : " --- |");
+    sb_puts(b, "\n");
+    for (int r = 0; r < t->nrow; r++) {
+        sb_puts(b, "|");
+        for (int c = 0; c < t->ncol; c++) {
+            sb_puts(b, " ");
+            sb_md(b, t->cells[r][c] ? t->cells[r][c] : "");
+            sb_puts(b, " |");
+        }
+        sb_puts(b, "\n");
+    }
+    sb_puts(b, "\n");
+}
+
+static void tab_html(sbuf_t *b, const table_t *t, const char *cls)
+{
+    sb_printf(b, "<div class=\"tw\"><table class=\"%s\"><thead><tr>", cls ? cls : "");
+    for (int c = 0; c < t->ncol; c++) {
+        sb_puts(b, t->right[c] ? "<th class=\"r\">" : "<th>");
+        sb_html(b, t->head[c]);
+        sb_puts(b, "</th>");
+    }
+    sb_puts(b, "</tr></thead><tbody>\n");
+    for (int r = 0; r < t->nrow; r++) {
+        sb_puts(b, "<tr>");
+        for (int c = 0; c < t->ncol; c++) {
+            sb_puts(b, t->right[c] ? "<td class=\"r\">" : "<td>");
+            sb_html(b, t->cells[r][c] ? t->cells[r][c] : "");
+            sb_puts(b, "</td>");
+        }
+        sb_puts(b, "</tr>\n");
+    }
+    sb_puts(b, "</tbody></table></div>\n");
+}
+
+/* ---------------------------------------------------------------- tables */
+
+static int trace_table(table_t *t, kv_trace_t *tr, const char *trace_path, const char *sha)
+{
+    const kv_trace_meta_t *m = kv_trace_meta(tr);
+    *t = (table_t){.ncol = 2, .head = {"", ""}};
+    t->head[0] = "property";
+    t->head[1] = "value";
+    char buf[1400];
+    int rc = tab_row(t, "trace file", trace_path ? trace_path : kv_trace_path(tr));
+    if (sha && sha[0])
+        rc |= tab_row(t, "trace sha256", sha);
+    snprintf(buf, sizeof buf, "%s%s", m->source[0] ? m->source : "unknown",
+             !strcmp(m->source, "synth") ? " (synthetic: planted structure, not a real model)" : "");
+    rc |= tab_row(t, "source", buf);
+    if (m->model[0]) {
+        snprintf(buf, sizeof buf, "%s", m->model);
+        rc |= tab_row(t, "model", buf);
+    }
+    if (m->model_sha256[0])
+        rc |= tab_row(t, "model sha256", m->model_sha256);
+    if (m->tokenizer[0])
+        rc |= tab_row(t, "tokenizer", m->tokenizer);
+    snprintf(buf, sizeof buf, "%d layers, %d query heads, %d KV heads, head_dim %d", m->n_layers, m->n_heads,
+             m->n_kv_heads, m->head_dim);
+    rc |= tab_row(t, "shape", buf);
+    if (m->model_dim) {
+        snprintf(buf, sizeof buf, "dim %d, hidden %d, vocab %d, context %d, RoPE theta %g", m->model_dim, m->hidden_dim,
+                 m->vocab_size, m->seq_len, (double)m->rope_theta);
+        rc |= tab_row(t, "model configuration", buf);
+    }
+    snprintf(buf, sizeof buf, "%d (%d prompt + %d decode)", m->n_tokens, m->n_prompt, m->n_tokens - m->n_prompt);
+    rc |= tab_row(t, "tokens", buf);
+    if (m->n_segments > 0) {
+        int k = snprintf(buf, sizeof buf, "%d, starting at token", m->n_segments);
+        for (int s = 0; s < m->n_segments && k < (int)sizeof buf - 16; s++)
+            k += snprintf(buf + k, sizeof buf - (size_t)k, "%s %d", s ? "," : "", m->segments[s]);
+        rc |= tab_row(t, "segments", buf);
+    } else
+        rc |= tab_row(t, "segments", "none");
+    snprintf(buf, sizeof buf, "%s%s", m->dtype == KV_DTYPE_F16 ? "f16" : "f32",
+             m->f16_overflow ? " (some values beyond the f16 range)" : "");
+    rc |= tab_row(t, "storage", buf);
+    if (m->has_summaries)
+        snprintf(buf, sizeof buf, "lse, entropy, accumulated attention, pooled map %dx%d", m->pool, m->pool);
+    else
+        snprintf(buf, sizeof buf, "none (statistics recomputed from Q and K)");
+    rc |= tab_row(t, "summaries", buf);
+    rc |= tab_row(t, "W_O", m->has_wo ? "present" : "absent");
+    snprintf(buf, sizeof buf, "kvsim %s (git %s), %s", m->tool_version[0] ? m->tool_version : "?",
+             m->git_revision[0] ? m->git_revision : "?", m->created[0] ? m->created : "date unknown");
+    rc |= tab_row(t, "written by", buf);
+    if (m->backend[0])
+        rc |= tab_row(t, "backend", m->backend);
+    if (m->generator[0])
+        rc |= tab_row(t, "generator", m->generator);
+    if (m->prompt[0]) {
+        snprintf(buf, sizeof buf, "\"%.300s%s\"", m->prompt, strlen(m->prompt) > 300 ? "..." : "");
+        rc |= tab_row(t, "prompt (excerpt)", buf);
+    }
+    return rc ? KV_ENOMEM : KV_OK;
+}
+
+static int policy_table(table_t *t, const kv_res_set_t *s)
+{
+    *t = (table_t){.ncol = 2};
+    t->head[0] = "name in the figures";
+    t->head[1] = "full label (paste into kvsim replay to re-run)";
+    for (int p = 0; p < s->n_pol; p++)
+        if (tab_row(t, s->shorts[p], s->labels[p]))
+            return KV_ENOMEM;
+    return KV_OK;
+}
+
+static int results_table(table_t *t, const kv_res_set_t *s)
+{
+    *t = (table_t){.ncol = 12};
+    const char *h[] = {"policy",     "budget",     "B (tokens)", "recall mean",   "recall p10",   "recall min",
+                       "error mean", "bound mean", "violations", "kept (tokens)", "memory (KiB)", "memory / full"};
+    for (int i = 0; i < 12; i++) {
+        t->head[i] = h[i];
+        t->right[i] = i >= 2;
+    }
+    int budgets[256];
+    const int nb = kv_res_set_budgets(s, budgets, 256);
+    const int full = kv_res_set_policy_named(s, "full");
+    for (int p = 0; p < s->n_pol; p++)
+        for (int b = 0; b < nb; b++) {
+            const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], -1, -1);
+            if (!r)
+                continue;
+            const kv_res_row_t *f = full >= 0 ? kv_res_set_find(s, full, budgets[b], -1, -1) : NULL;
+            double mem = r->mem_bytes + (isnan(r->meta_bytes) ? 0 : r->meta_bytes);
+            char c[12][48];
+            snprintf(c[2], 48, "%d", r->budget_tokens);
+            fmt_num(c[3], 48, r->recall_mean, "%.4f");
+            fmt_num(c[4], 48, r->recall_p10, "%.4f");
+            fmt_num(c[5], 48, r->recall_min, "%.4f");
+            fmt_sig(c[6], 48, r->err_mean);
+            fmt_sig(c[7], 48, r->bound_mean);
+            fmt_num(c[8], 48, r->violations, "%.0f");
+            fmt_num(c[9], 48, r->kept, "%.1f");
+            fmt_num(c[10], 48, mem / 1024, "%.1f");
+            if (f && f->mem_bytes > 0)
+                snprintf(c[11], 48, "%.1f %%", 100 * mem / f->mem_bytes);
+            else
+                snprintf(c[11], 48, "-");
+            if (tab_row(t, s->shorts[p], r->budget, c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]))
+                return KV_ENOMEM;
+        }
+    return KV_OK;
+}
+
+static int funnel_table(table_t *t, const kv_funnel_t *f)
+{
+    *t = (table_t){.ncol = 6};
+    static char fh[64];
+    snprintf(fh, sizeof fh, "keys for %.0f %% (fraction)", 100 * f->mass);
+    const char *h[] = {"layer", "entropy (nats)", "normalised entropy", fh, "sink mass", "in-segment mass"};
+    for (int i = 0; i < 6; i++) {
+        t->head[i] = h[i];
+        t->right[i] = 1;
+    }
+    for (int l = 0; l < f->n_layers; l++) {
+        const double *fields[5] = {f->entropy, f->norm_entropy, f->frac, f->sink, f->seg};
+        char c[6][64];
+        snprintf(c[0], 64, "%d", l);
+        for (int k = 0; k < 5; k++) {
+            double mean = kv_funnel_layer_mean(f, fields[k], l), lo = INFINITY, hi = -INFINITY;
+            for (int h2 = 0; h2 < f->n_heads; h2++) {
+                double v = fields[k][(size_t)l * f->n_heads + h2];
+                if (!isnan(v)) {
+                    lo = fmin(lo, v);
+                    hi = fmax(hi, v);
+                }
+            }
+            if (isnan(mean))
+                snprintf(c[k + 1], 64, "-");
+            else
+                snprintf(c[k + 1], 64, "%.3g (%.3g..%.3g)", mean, lo, hi); /* sink masses can be ~1e-4 */
+        }
+        if (tab_row(t, c[0], c[1], c[2], c[3], c[4], c[5]))
+            return KV_ENOMEM;
+    }
+    return KV_OK;
+}
+
+static int files_table(table_t *t, const kv_res_set_t *s, const char *sha)
+{
+    *t = (table_t){.ncol = 4};
+    t->head[0] = "results file";
+    t->head[1] = "trace checksum";
+    t->head[2] = "date";
+    t->head[3] = "command";
+    for (int i = 0; i < s->n_files; i++) {
+        const char *match = !s->file_sha[i][0]             ? "not recorded"
+                            : !(sha && sha[0])             ? "not checked"
+                            : !strcmp(s->file_sha[i], sha) ? "matches the trace"
+                                                           : "DIFFERS: results of another trace";
+        if (tab_row(t, s->files[i], match, s->file_date[i], s->file_cmd[i]))
+            return KV_ENOMEM;
+    }
+    return KV_OK;
+}
+
+/* ---------------------------------------------------------------- highlights */
+
+static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv_funnel_t *f)
+{
+    sbuf_t items = {0};
+    /* funnel: normalised entropy and concentration, first vs last layer */
+    if (f && f->n_layers > 1) {
+        double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0),
+               e1 = kv_funnel_layer_mean(f, f->norm_entropy, f->n_layers - 1);
+        double c0 = kv_funnel_layer_mean(f, f->frac, 0), c1 = kv_funnel_layer_mean(f, f->frac, f->n_layers - 1);
+        sb_printf(
+            &items,
+            "Normalised attention entropy goes from %.3f in layer 0 to %.3f in layer %d; a query needs %.1f %% of "
+            "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d.\n",
+            e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1);
+    }
+    if (s && s->n_pol) {
+        int budgets[256];
+        int nb = kv_res_set_budgets(s, budgets, 256);
+        for (int b = 0; b < nb; b++) {
+            int best = -1;
+            double br = -1;
+            for (int p = 0; p < s->n_pol; p++) {
+                if (!strncmp(s->labels[p], "full", 4) || !strncmp(s->labels[p], "oracle", 6) ||
+                    !strncmp(s->labels[p], "quest", 5))
+                    continue; /* ceilings and no-eviction policies */
+                const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], -1, -1);
+                if (r && r->recall_mean > br) {
+                    br = r->recall_mean;
+                    best = p;
+                }
+            }
+            const int orc = kv_res_set_policy_named(s, "oracle");
+            const kv_res_row_t *ro = orc >= 0 ? kv_res_set_find(s, orc, budgets[b], -1, -1) : NULL;
+            if (best >= 0) {
+                sb_printf(&items, "Budget %d tokens per head: the best evicting policy by mean recall is %s (%.4f)",
+                          budgets[b], s->shorts[best], br);
+                if (ro)
+                    sb_printf(&items, "; the per-query oracle reaches %.4f", ro->recall_mean);
+                sb_puts(&items, ".\n");
+            }
+        }
+        double viol = 0;
+        for (size_t r = 0; r < s->n; r++)
+            if (s->rows[r].layer < 0 && s->rows[r].head < 0 && s->rows[r].violations > 0)
+                viol += s->rows[r].violations;
+        if (viol > 0)
+            sb_printf(&items,
+                      "WARNING: %.0f evaluation queries exceed the Ada-KV bound beyond float tolerance "
+                      "(expected 0); see the violations column.\n",
+                      viol);
+        else
+            sb_puts(&items, "No bound violations: every measured output error is at most the Ada-KV bound.\n");
+        if (s->n_duplicates)
+            sb_printf(&items, "%d rows repeated in later results files were ignored (the first file wins).\n",
+                      s->n_duplicates);
+    }
+    if (!items.n) {
+        kv_free(items.s);
+        return;
+    }
+    sb_puts(md, "## Highlights\n\n");
+    sb_puts(html, "<h2>Highlights</h2>\n<ul>\n");
+    char *line = items.s;
+    while (line && *line) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = 0;
+        sb_puts(md, "- ");
+        sb_md(md, line);
+        sb_puts(md, "\n");
+        sb_puts(html, strncmp(line, "WARNING", 7) ? "<li>" : "<li class=\"warn\">");
+        sb_html(html, line);
+        sb_puts(html, "</li>\n");
+        line = nl ? nl + 1 : NULL;
+    }
+    sb_puts(md, "\n");
+    sb_puts(html, "</ul>\n");
+    kv_free(items.s);
+}
+
+/* ---------------------------------------------------------------- the run */
+
+static const char CSS[] =
+    "body{font-family:-apple-system,'Segoe UI',Roboto,'DejaVu Sans',Helvetica,Arial,sans-serif;color:#1f1f1f;"
+    "max-width:1280px;margin:2em auto;padding:0 1.5em;line-height:1.45}"
+    "h1{font-size:1.7em;margin-bottom:.2em}h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:.2em;"
+    "margin-top:2em}h3{font-size:1.08em}"
+    ".sub{color:#555}.note{background:#fff4e0;border-left:5px solid #e69f00;padding:.6em 1em;margin:1em 0}"
+    "li.warn{color:#b00000;font-weight:bold}"
+    "figure{margin:1.5em 0}figure img{max-width:100%;height:auto;border:1px solid #e4e4e4}"
+    "figcaption{color:#444;font-size:.95em;margin-top:.4em}"
+    ".tw{overflow-x:auto}table{border-collapse:collapse;font-size:.88em;margin:.6em 0}"
+    "th,td{border:1px solid #d8d8d8;padding:.25em .55em;vertical-align:top}th{background:#f3f3f3;text-align:left}"
+    "td.r,th.r{text-align:right;font-variant-numeric:tabular-nums}tbody tr:nth-child(even){background:#fafafa}"
+    "table.labels td:nth-child(2){font-family:monospace;font-size:.92em}"
+    "table.prov td:nth-child(2){word-break:break-all}code{font-size:.92em}";
+
+static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, const char *name, const char *fmt,
+                      const char *title, const char *caption, int quiet)
+{
+    figure_t *F = &figs[*n];
+    memset(F, 0, sizeof *F);
+    snprintf(F->file, sizeof F->file, "%s.%s", name, fmt);
+    snprintf(F->title, sizeof F->title, "%s", title);
+    snprintf(F->caption, sizeof F->caption, "%s", caption);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s", dir, F->file);
+    int rc = kv_fig_save(fig, path);
+    if (rc)
+        return rc;
+    if (!strcmp(fmt, "pdf")) {
+        rc = fig_png(fig, &F->embed, &F->embed_n);
+        F->mime = "image/png";
+    } else {
+        rc = read_file(path, &F->embed, &F->embed_n);
+        F->mime = !strcmp(fmt, "svg") ? "image/svg+xml" : "image/png";
+    }
+    if (rc)
+        return rc;
+    if (!quiet)
+        kv_info("analyze: wrote %s", path);
+    (*n)++;
+    return KV_OK;
+}
+
+int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results, kv_backend_t *be,
+                   const kv_analyze_opts_t *opt, kv_analyze_out_t *out)
+{
+    kv_analyze_opts_t o;
+    if (opt)
+        o = *opt;
+    else
+        kv_analyze_opts_init(&o);
+    if (!o.out_dir)
+        o.out_dir = "out/analyze";
+    if (!o.format || !o.format[0])
+        o.format = "png";
+    if (strcasecmp(o.format, "png") && strcasecmp(o.format, "svg") && strcasecmp(o.format, "pdf"))
+        return kv_error(KV_EINVAL, "unknown figure format '%s' (png, svg or pdf)", o.format);
+    char fmt[4];
+    for (int i = 0; i < 3; i++)
+        fmt[i] = (char)(o.format[i] | 0x20);
+    fmt[3] = 0;
+    o.funnel.quiet |= o.quiet;
+    if (out)
+        memset(out, 0, sizeof *out);
+
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    char sha[65] = "";
+    kv_res_set_t *rs = NULL;
+    kv_funnel_t *fs = NULL;
+    figure_t *figs = kv_calloc(24, sizeof(figure_t), "figures");
+    char skipped[8][512];
+    int n_fig = 0, n_skip = 0, rc;
+    sbuf_t md = {0}, html = {0};
+    table_t tt = {0}, tf = {0}, tp = {0}, tr = {0}, tl = {0};
+    if (!figs)
+        return KV_ENOMEM;
+    if ((rc = mkdir_p(o.out_dir)))
+        goto done;
+    if (trace_path && strcmp(trace_path, "(memory)") && (rc = kv_sha256_file(trace_path, sha)))
+        goto done;
+    if ((rc = kv_res_set_create(&rs)))
+        goto done;
+    for (int i = 0; i < n_results; i++) {
+        if (!o.quiet)
+            kv_info("analyze: reading %s", results[i]);
+        if ((rc = kv_res_set_load(rs, results[i], sha)))
+            goto done;
+    }
+    if ((rc = kv_res_set_finish(rs)))
+        goto done;
+    if (n_results && rs->n_files && !o.quiet && rs->n_duplicates)
+        kv_warn("%d repeated rows in later results files ignored (the first file wins)", rs->n_duplicates);
+
+    if ((rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
+        goto done;
+
+    /* ---- figures */
+    kv_progress_t pr;
+    const int n_steps = 2 + (n_results ? 5 : 0) + 1;
+    if (!o.quiet)
+        kv_progress_begin(&pr, "figures", n_steps);
+    int step = 0;
+    kv_fig_t *fig = NULL;
+    char cap[768];
+#define STEP(what)                                                                                                     \
+    do {                                                                                                               \
+        if (!o.quiet)                                                                                                  \
+            kv_progress_update(&pr, ++step, what);                                                                     \
+    } while (0)
+
+    if ((rc = kv_analyze_fig_funneling(t, be, &o.map, -1, &fig)))
+        goto done;
+    {
+        kv_map_src_t src = o.map.src;
+        if (src == KV_MAP_AUTO) { /* name the source in the caption */
+            if (kv_trace_has(t, KV_T_POOLED) && m->pool > 0)
+                src = KV_MAP_POOLED;
+            else if (m->n_tokens <= KV_MAP_EXACT_MAX)
+                src = KV_MAP_EXACT;
+            else
+                src = KV_MAP_SAMPLED;
+        }
+        snprintf(cap, sizeof cap,
+                 "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
+                 "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
+                 "lines mark segment starts, the dash-dotted line the end of the prompt (decode queries below it). "
+                 "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
+                 "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
+                 "panels, and the entropy curves below, to see how far this trace follows that shape.",
+                 m->n_heads, kv_map_src_name(src));
+    }
+    rc = add_figure(figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap, o.quiet);
+    kv_fig_free(fig);
+    fig = NULL;
+    if (rc)
+        goto done;
+    if (o.per_head) {
+        int layers[64];
+        int nl = o.map.layers && o.map.n_explicit ? KV_MIN(o.map.n_explicit, 64)
+                                                  : kv_analyze_pick_layers(m->n_layers, o.map.n_layers, layers);
+        for (int i = 0; i < nl && n_fig < 16; i++) {
+            int l = o.map.layers && o.map.n_explicit ? o.map.layers[i] : layers[i];
+            if ((rc = kv_analyze_fig_funneling(t, be, &o.map, l, &fig)))
+                goto done;
+            char name[32], title[64];
+            snprintf(name, sizeof name, "funneling_heads_L%d", l);
+            snprintf(title, sizeof title, "Attention of every head, layer %d", l);
+            snprintf(cap, sizeof cap, "The %d heads of layer %d, each on the shared log colour scale.", m->n_heads, l);
+            rc = add_figure(figs, &n_fig, fig, o.out_dir, name, fmt, title, cap, o.quiet);
+            kv_fig_free(fig);
+            fig = NULL;
+            if (rc)
+                goto done;
+        }
+    }
+    STEP("funneling");
+
+    if ((rc = kv_analyze_fig_funnel_curves(fs, &fig)))
+        goto done;
+    snprintf(cap, sizeof cap,
+             "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
+             "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
+             "queries per head, recomputed from Q and K. Faint lines: single heads; bold: mean over heads.",
+             fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
+             fs->from_summaries ? " and sink mass over every counted query from the stored ENTROPY and LSE summaries"
+                                : " and sink mass from the sampled queries (the trace has no summaries)",
+             100 * fs->mass, fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample (evenly spaced runs) of ",
+             fs->n_sampled);
+    rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
+    kv_fig_free(fig);
+    fig = NULL;
+    if (rc)
+        goto done;
+    if ((rc = kv_analyze_fig_head_concentration(fs, &fig)))
+        goto done;
+    {
+        double lo = INFINITY, hi = 0;
+        for (int i = 0; i < fs->n_layers * fs->n_heads; i++) {
+            lo = fmin(lo, fs->frac[i]);
+            hi = fmax(hi, fs->frac[i]);
+        }
+        snprintf(cap, sizeof cap,
+                 "For each head, the mean fraction of its visible keys needed to collect %.0f %% of a query's "
+                 "attention (lower = more concentrated), sorted within each layer (left) and over all %d heads "
+                 "(right). Here the most concentrated head needs %.1f %% of its keys and the broadest %.1f %% (a "
+                 "factor of %.0f): the spread that head-adaptive budgets (Ada-KV) redistribute.",
+                 100 * fs->mass, fs->n_layers * fs->n_heads, 100 * lo, 100 * hi, lo > 0 ? hi / lo : INFINITY);
+    }
+    rc = add_figure(figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap, o.quiet);
+    kv_fig_free(fig);
+    fig = NULL;
+    if (rc)
+        goto done;
+    STEP("funnel statistics");
+
+    if (n_results && rs->n > 0) {
+        struct {
+            int (*make)(const kv_res_set_t *, kv_fig_t **);
+            const char *name, *title, *caption;
+        } rf[] = {
+            {NULL, "tradeoff_budget", "Recall, error and bound vs budget",
+             "Overall rows (all layers and heads): mean attention recall F (probability mass on kept keys), mean "
+             "L1 error of the head output against full attention, and the Ada-KV bound 2C(1-F), against the "
+             "per-head budget. Error and bound use a log axis when they span decades; zero values (no eviction) "
+             "are not drawn there."},
+            {NULL, "tradeoff_memory", "Recall, error and bound vs memory",
+             "The same metrics against the bytes the cache really stores (K and V at the trace dtype plus policy "
+             "metadata such as Quest's page bounds), so policies that keep more per head or store per query head "
+             "pay for it."},
+            {kv_analyze_fig_bound, "bound_vs_error", "Bound vs measured error",
+             "One point per policy, budget and layer: the Ada-KV bound against the measured L1 output error (means "
+             "over heads and evaluation queries). The bound holds below the dashed y = x line; red crosses mark "
+             "rows with violations."},
+            {kv_analyze_fig_allocation, "budget_allocation", "Budget allocation",
+             "Context tokens kept per layer (mean over heads) by the uniform SnapKV, the pyramid-shaped PyramidKV and "
+             "the head-adaptive Ada-KV at each budget (dashed: the uniform budget), and below, Ada-KV's tokens per "
+             "query head."},
+            {kv_analyze_fig_recall_heatmap, "recall_heatmap", "Recall per policy and layer",
+             "Mean attention recall of every policy in every layer, one panel per budget."},
+        };
+        for (size_t i = 0; i < KV_ARRAY_LEN(rf); i++) {
+            if (i == 0)
+                rc = kv_analyze_fig_tradeoff(rs, 0, &fig);
+            else if (i == 1)
+                rc = kv_analyze_fig_tradeoff(rs, 1, &fig);
+            else
+                rc = rf[i].make(rs, &fig);
+            if (rc == KV_EUNAVAIL) {
+                if (n_skip < 8)
+                    snprintf(skipped[n_skip++], sizeof skipped[0], "%s: not drawn: %s", rf[i].name, kv_last_error());
+                if (!o.quiet)
+                    kv_info("analyze: %s not drawn: %s", rf[i].name, kv_last_error());
+                rc = KV_OK;
+                continue;
+            }
+            if (rc)
+                goto done;
+            rc = add_figure(figs, &n_fig, fig, o.out_dir, rf[i].name, fmt, rf[i].title, rf[i].caption, o.quiet);
+            kv_fig_free(fig);
+            fig = NULL;
+            if (rc)
+                goto done;
+            STEP(rf[i].name);
+        }
+    }
+#undef STEP
+
+    /* ---- report */
+    const char *title = o.title ? o.title : "kvsim analysis";
+    char now[32];
+    kv_iso_time(now, sizeof now);
+    sb_printf(&md, "# %s\n\n", title);
+    sb_printf(&md, "Written by kvsim %s (git %s) on %s.\n\n", KV_VERSION, kv_git_revision(), now);
+    sb_puts(&html, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>");
+    sb_html(&html, title);
+    sb_printf(&html, "</title>\n<style>%s</style></head><body>\n<h1>", CSS);
+    sb_html(&html, title);
+    sb_printf(&html, "</h1>\n<p class=\"sub\">Written by kvsim %s (git %s) on %s.</p>\n", KV_VERSION, kv_git_revision(),
+              now);
+    if (o.note) {
+        sb_puts(&md, "> **Note:** ");
+        sb_md(&md, o.note);
+        sb_puts(&md, "\n\n");
+        sb_puts(&html, "<div class=\"note\"><b>Note:</b> ");
+        sb_html(&html, o.note);
+        sb_puts(&html, "</div>\n");
+    }
+    if (o.demo_info) {
+        sb_md(&md, o.demo_info);
+        sb_puts(&md, "\n\n");
+        sb_puts(&html, "<p>");
+        sb_html(&html, o.demo_info);
+        sb_puts(&html, "</p>\n");
+    }
+    highlights(&md, &html, n_results ? rs : NULL, fs);
+    for (int i = 0; i < n_skip; i++) {
+        sb_printf(&md, "- %s\n", skipped[i]);
+        sb_puts(&html, "<p class=\"sub\">");
+        sb_html(&html, skipped[i]);
+        sb_puts(&html, "</p>\n");
+    }
+    if (n_skip)
+        sb_puts(&md, "\n");
+
+    /* figures */
+    sb_puts(&md, "## Figures\n\n");
+    sb_puts(&html, "<h2>Figures</h2>\n");
+    for (int i = 0; i < n_fig; i++) {
+        figure_t *F = &figs[i];
+        sb_printf(&md, "### %s\n\n![%s](%s)\n\n", F->title, F->title, F->file);
+        sb_md(&md, F->caption);
+        sb_printf(&md, " (file: `%s`)\n\n", F->file);
+        char *b64 = kv_base64(F->embed, F->embed_n);
+        if (!b64) {
+            rc = KV_ENOMEM;
+            goto done;
+        }
+        sb_printf(&html, "<figure id=\"%s\"><h3>", F->file);
+        sb_html(&html, F->title);
+        sb_printf(&html, "</h3><img alt=\"%s\" src=\"data:%s;base64,", F->title, F->mime);
+        sb_puts(&html, b64);
+        kv_free(b64);
+        sb_puts(&html, "\"><figcaption>");
+        sb_html(&html, F->caption);
+        sb_printf(&html, " <span class=\"sub\">(file: <code>%s</code>)</span></figcaption></figure>\n", F->file);
+    }
+
+    /* tables */
+    if (n_results) {
+        if ((rc = results_table(&tr, rs)) || (rc = policy_table(&tp, rs)) || (rc = files_table(&tf, rs, sha)))
+            goto done;
+        const char *h1 = "Results per policy and budget";
+        const char *t1 = "Overall rows (all layers and heads). Recall: attention mass on kept keys (mean, 10th "
+                         "percentile and minimum over heads and evaluation queries); error: L1 distance of the "
+                         "head output to full attention; bound: Ada-KV's 2C(1-F); memory: K, V and metadata bytes "
+                         "stored, and relative to the full cache.";
+        sb_printf(&md, "## %s\n\n%s\n\n", h1, t1);
+        tab_md(&md, &tr);
+        sb_printf(&html, "<h2>%s</h2>\n<p>%s</p>\n", h1, t1);
+        tab_html(&html, &tr, "res");
+        sb_puts(&md, "## Policies\n\n");
+        tab_md(&md, &tp);
+        sb_puts(&html, "<h2>Policies</h2>\n");
+        tab_html(&html, &tp, "labels");
+    }
+    if ((rc = funnel_table(&tl, fs)))
+        goto done;
+    {
+        char t2[600];
+        snprintf(t2, sizeof t2,
+                 "Mean over the heads of each layer (minimum..maximum over heads in brackets); queries that see "
+                 "at least %d keys; %s; the fraction of keys and the segment mass from %s%d queries per head.",
+                 fs->q_lo + 1,
+                 fs->from_summaries ? "entropy and sink mass from the stored summaries over all of them"
+                                    : "every statistic from the rows recomputed from Q and K",
+                 fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample of ", fs->n_sampled);
+        sb_printf(&md, "## Funnel statistics per layer\n\n%s\n\n", t2);
+        tab_md(&md, &tl);
+        sb_printf(&html, "<h2>Funnel statistics per layer</h2>\n<p>%s</p>\n", t2);
+        tab_html(&html, &tl, "fun");
+    }
+    if ((rc = trace_table(&tt, t, trace_path, sha)))
+        goto done;
+    sb_puts(&md, "## Trace\n\n");
+    tab_md(&md, &tt);
+    sb_puts(&html, "<h2>Trace</h2>\n");
+    tab_html(&html, &tt, "prov");
+    if (n_results) {
+        sb_puts(&md, "## Results files\n\n");
+        tab_md(&md, &tf);
+        sb_puts(&html, "<h2>Results files</h2>\n");
+        tab_html(&html, &tf, "prov");
+    }
+    sb_puts(&html, "</body></html>\n");
+
+    char pmd[1100], phtml[1100];
+    snprintf(pmd, sizeof pmd, "%s/report.md", o.out_dir);
+    snprintf(phtml, sizeof phtml, "%s/report.html", o.out_dir);
+    if ((rc = write_text(pmd, &md)) || (rc = write_text(phtml, &html)))
+        goto done;
+    if (!o.quiet) {
+        char det[96];
+        snprintf(det, sizeof det, "%d figures, report.md, report.html", n_fig);
+        kv_progress_end(&pr, det);
+    }
+    if (out) {
+        out->n_figures = n_fig;
+        for (int i = 0; i < n_fig; i++)
+            snprintf(out->figures[i], sizeof out->figures[i], "%s", figs[i].file);
+        snprintf(out->report_md, sizeof out->report_md, "%s", pmd);
+        snprintf(out->report_html, sizeof out->report_html, "%s", phtml);
+    }
+    rc = KV_OK;
+done:
+    for (int i = 0; i < 24; i++)
+        kv_free(figs[i].embed);
+    kv_free(figs);
+    kv_free(md.s);
+    kv_free(html.s);
+    tab_free(&tt);
+    tab_free(&tf);
+    tab_free(&tp);
+    tab_free(&tr);
+    tab_free(&tl);
+    kv_res_set_free(rs);
+    kv_funnel_free(fs);
+    return rc;
+}

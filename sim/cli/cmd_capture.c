@@ -1,0 +1,472 @@
+/*
+ * cmd_capture.c: the model-running subcommands.
+ *   kvsim capture   MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [...]   record an attention trace
+ *   kvsim generate  MODEL -z TOKENIZER [-i PROMPT] [-n STEPS]         greedy (or sampled) continuation
+ *   kvsim nll       MODEL -z TOKENIZER TEXTFILE                       teacher-forced mean NLL
+ * A prompt is given as text (-i "Once upon a time"), as -i @FILE, or with --prompt-file FILE.
+ */
+#include "kernels/kv_backend.h"
+#include "sim/cli/cli.h"
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+#include "traces/capture/kv_capture.h"
+#include "traces/capture/kv_eval.h"
+#include "traces/capture/kv_forward.h"
+#include "traces/capture/kv_model.h"
+#include "traces/capture/kv_tokenizer.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Whole file into a NUL-terminated string (kv_free). */
+static int read_text(const char *path, char **out, size_t *len)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *s = kv_malloc(cap + 1, "text");
+    int rc = s ? KV_OK : KV_ENOMEM;
+    while (rc == KV_OK) {
+        size_t r = fread(s + n, 1, cap - n, f);
+        n += r;
+        if (r == 0)
+            break;
+        if (n == cap) {
+            char *g = kv_realloc(s, cap * 2 + 1, "text");
+            if (!g)
+                rc = KV_ENOMEM;
+            else
+                s = g, cap *= 2;
+        }
+    }
+    if (rc == KV_OK && ferror(f))
+        rc = kv_error(KV_EIO, "%s: read error: %s", path, strerror(errno));
+    fclose(f);
+    if (rc) {
+        kv_free(s);
+        return rc;
+    }
+    s[n] = 0;
+    if (strlen(s) != n) {
+        kv_free(s);
+        return kv_error(KV_EFORMAT, "%s: contains NUL bytes (not a text file?)", path);
+    }
+    *out = s;
+    if (len)
+        *len = n;
+    return KV_OK;
+}
+
+/* -i TEXT, -i @FILE or --prompt-file FILE into an owned string. */
+static int load_prompt(const char *arg, const char *file, char **out)
+{
+    if (file)
+        return read_text(file, out, NULL);
+    if (arg && arg[0] == '@')
+        return read_text(arg + 1, out, NULL);
+    *out = kv_strdup(arg ? arg : "");
+    return *out ? KV_OK : KV_ENOMEM;
+}
+
+enum {
+    OPT_PROMPT_FILE = 1000,
+    OPT_TEMP,
+    OPT_SEED,
+    OPT_BACKEND,
+    OPT_THREADS,
+    OPT_DECODE,
+    OPT_DTYPE,
+    OPT_WO,
+    OPT_SEGMENTS,
+    OPT_POOL,
+    OPT_ZSTD
+};
+
+/* ---------------------------------------------------------------- generate */
+
+static void generate_help(void)
+{
+    printf("usage: kvsim generate MODEL -z TOKENIZER [-i PROMPT] [-n STEPS] [options]\n\n"
+           "Continue PROMPT with a llama2.c model and print the prompt and the continuation on stdout.\n"
+           "Greedy (deterministic) unless --temperature is given. Generation stops after STEPS tokens,\n"
+           "at the end of the model's context, or when the model emits BOS or EOS.\n\n"
+           "  MODEL                llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "  -z, --tokenizer FILE llama2.c tokenizer.bin (required)\n"
+           "  -i, --prompt TEXT    prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
+           "      --prompt-file F  read the prompt from file F\n"
+           "  -n, --steps N        tokens to generate (default 256, capped by the context)\n"
+           "      --temperature T  sample from softmax(logits / T) (default 0 = greedy)\n"
+           "      --seed S         sampling seed (default 42)\n"
+           "      --backend B      cpu, cuda or auto (default auto)\n"
+           "      --threads N      CPU threads (default: all cores)\n"
+           "  -q, --quiet          no timing line on stderr\n"
+           "  -h, --help           this help\n");
+}
+
+static int open_model(const char *cmd, const char *model_path, const char *tok_path, const char *backend, int threads,
+                      kv_model_t **m, kv_tokenizer_t **tok, kv_backend_t **be)
+{
+    *m = NULL;
+    *tok = NULL;
+    *be = NULL;
+    if (kv_model_load(model_path, m) != KV_OK || kv_tokenizer_load(tok_path, (*m)->cfg.vocab_size, tok) != KV_OK ||
+        kv_backend_open(backend, threads, be) != KV_OK) {
+        kv_cli_fail(cmd);
+        kv_tokenizer_free(*tok);
+        kv_model_free(*m);
+        *m = NULL;
+        *tok = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+int kv_cmd_generate(int argc, char **argv)
+{
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"prompt", required_argument, 0, 'i'},
+                                         {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"steps", required_argument, 0, 'n'},
+                                         {"temperature", required_argument, 0, OPT_TEMP},
+                                         {"seed", required_argument, 0, OPT_SEED},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *tok_path = NULL, *prompt_arg = NULL, *prompt_file = NULL, *backend = "auto";
+    long steps = 256, threads = 0, seed = 42;
+    double temperature = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "z:i:n:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'z':
+            tok_path = optarg;
+            break;
+        case 'i':
+            prompt_arg = optarg;
+            break;
+        case OPT_PROMPT_FILE:
+            prompt_file = optarg;
+            break;
+        case 'n':
+            if (kv_cli_int("generate", "--steps", optarg, 0, 1L << 24, &steps))
+                return 2;
+            break;
+        case OPT_TEMP: {
+            char *end;
+            temperature = strtod(optarg, &end);
+            if (*end || end == optarg || temperature < 0)
+                return kv_cli_usage_error("generate", "--temperature expects a number >= 0, got '%s'", optarg);
+            break;
+        }
+        case OPT_SEED:
+            if (kv_cli_int("generate", "--seed", optarg, 0, 2147483647L, &seed))
+                return 2;
+            break;
+        case OPT_BACKEND:
+            backend = optarg;
+            break;
+        case OPT_THREADS:
+            if (kv_cli_int("generate", "--threads", optarg, 0, 4096, &threads))
+                return 2;
+            break;
+        case 'q':
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h':
+            generate_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("generate", "unknown option");
+        }
+    }
+    if (optind + 1 != argc)
+        return kv_cli_usage_error("generate", "expected exactly one MODEL argument");
+    if (!tok_path)
+        return kv_cli_usage_error("generate", "-z TOKENIZER is required");
+    kv_model_t *m;
+    kv_tokenizer_t *tok;
+    kv_backend_t *be;
+    if (open_model("generate", argv[optind], tok_path, backend, (int)threads, &m, &tok, &be))
+        return 1;
+    char *prompt = NULL;
+    kv_fwd_t *f = NULL;
+    kv_gen_result_t r = {0};
+    int rc = load_prompt(prompt_arg, prompt_file, &prompt);
+    if (rc == KV_OK)
+        rc = kv_fwd_create(m, be, m->cfg.seq_len, m->cfg.seq_len, &f);
+    if (rc == KV_OK)
+        rc = kv_generate(f, tok, prompt, (int)steps, (float)temperature, (uint64_t)seed, stdout, &r);
+    if (rc == KV_OK) {
+        printf("\n");
+        int gen = r.n_tokens - r.n_prompt;
+        kv_info("generate: %d prompt tokens in %.3fs, %d new tokens in %.3fs (%.1f tok/s), %s", r.n_prompt, r.prefill_s,
+                gen, r.decode_s, r.decode_s > 0 ? gen / r.decode_s : 0.0, be->device);
+    }
+    int status = rc == KV_OK ? 0 : kv_cli_fail("generate");
+    kv_free(r.tokens);
+    kv_free(prompt);
+    kv_fwd_free(f);
+    kv_backend_close(be);
+    kv_tokenizer_free(tok);
+    kv_model_free(m);
+    return status;
+}
+
+/* ---------------------------------------------------------------- nll */
+
+static void nll_help(void)
+{
+    printf("usage: kvsim nll MODEL -z TOKENIZER TEXTFILE [options]\n\n"
+           "Teacher-forced negative log-likelihood of TEXTFILE under MODEL, in nats per predicted token.\n"
+           "Documents separated by <|endoftext|> lines are scored as separate sequences, each starting\n"
+           "with BOS; a document longer than the model's context (seq_len) is split into windows that\n"
+           "overlap by one token. One line per document, then totals; the last line is\n"
+           "  nll=<mean nats per predicted token>\n\n"
+           "  -z, --tokenizer FILE llama2.c tokenizer.bin (required)\n"
+           "      --backend B      cpu, cuda or auto (default auto)\n"
+           "      --threads N      CPU threads (default: all cores)\n"
+           "  -q, --quiet          no per-document lines\n"
+           "  -h, --help           this help\n");
+}
+
+static void nll_doc(void *ctx, int doc, int n_tokens, double sum, long pred)
+{
+    if (*(int *)ctx)
+        printf("doc %d: %d tokens, %ld predicted, nll %.4f\n", doc, n_tokens, pred, pred ? sum / pred : 0.0);
+    fflush(stdout);
+}
+
+int kv_cmd_nll(int argc, char **argv)
+{
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *tok_path = NULL, *backend = "auto";
+    long threads = 0;
+    int c, verbose = 1;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "z:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'z':
+            tok_path = optarg;
+            break;
+        case OPT_BACKEND:
+            backend = optarg;
+            break;
+        case OPT_THREADS:
+            if (kv_cli_int("nll", "--threads", optarg, 0, 4096, &threads))
+                return 2;
+            break;
+        case 'q':
+            verbose = 0;
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h':
+            nll_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("nll", "unknown option");
+        }
+    }
+    if (optind + 2 != argc)
+        return kv_cli_usage_error("nll", "expected MODEL and TEXTFILE");
+    if (!tok_path)
+        return kv_cli_usage_error("nll", "-z TOKENIZER is required");
+    char *text = NULL;
+    size_t len = 0;
+    if (read_text(argv[optind + 1], &text, &len) != KV_OK)
+        return kv_cli_fail("nll");
+    kv_model_t *m;
+    kv_tokenizer_t *tok;
+    kv_backend_t *be;
+    if (open_model("nll", argv[optind], tok_path, backend, (int)threads, &m, &tok, &be)) {
+        kv_free(text);
+        return 1;
+    }
+    kv_fwd_t *f = NULL;
+    kv_nll_result_t r;
+    double t0 = kv_now();
+    int rc = kv_fwd_create(m, be, m->cfg.seq_len, m->cfg.seq_len, &f);
+    if (rc == KV_OK)
+        rc = kv_nll_text(f, tok, text, len, &r, nll_doc, &verbose);
+    if (rc == KV_OK) {
+        double el = kv_now() - t0;
+        printf("docs=%d tokens=%ld predicted=%ld windows=%d seconds=%.3f\n", r.n_docs, r.n_tokens, r.n_predicted,
+               r.n_windows, el);
+        printf("nll=%.6f\n", r.n_predicted ? r.nll_sum / (double)r.n_predicted : 0.0);
+    }
+    int status = rc == KV_OK ? 0 : kv_cli_fail("nll");
+    kv_fwd_free(f);
+    kv_backend_close(be);
+    kv_tokenizer_free(tok);
+    kv_model_free(m);
+    kv_free(text);
+    return status;
+}
+
+/* ---------------------------------------------------------------- capture */
+
+static void capture_help(void)
+{
+    printf("usage: kvsim capture MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [options]\n\n"
+           "Run MODEL (llama2.c checkpoint) on PROMPT, then decode greedily, and record the attention\n"
+           "trace in HDF5 (traces/FORMAT.md): per layer the post-RoPE Q (n_heads, T, head_dim), K and V\n"
+           "(n_kv_heads, T, head_dim) of all T = prompt + decode tokens; token ids, positions, the prompt\n"
+           "length and segment starts; summaries computed during the forward pass: log-sum-exp and\n"
+           "entropy of every query, accumulated attention per key over the prompt queries (H2O's\n"
+           "score), a max-pooled map of the causal attention probabilities; optionally W_O.\n"
+           "Provenance (model path and sha256, tokenizer, backend, date, prompt, these options) is\n"
+           "stored as attributes. The file is written under a temporary name and renamed at the end.\n\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE\n"
+           "      --prompt-file F    read the prompt from file F\n"
+           "  -o, --output FILE      trace file to write (required)\n"
+           "      --decode N         greedy decode tokens recorded after the prompt (default 64);\n"
+           "                         exactly N are generated (EOS does not stop); prompt + N must fit\n"
+           "                         the model's seq_len\n"
+           "      --dtype f16|f32    storage of Q, K, V (default f16; values beyond the f16 range are\n"
+           "                         counted in the f16_overflow attribute)\n"
+           "      --with-wo          also store W_O (model_dim x n_heads*head_dim) per layer\n"
+           "      --segments S       auto (default): documents separated by <|endoftext|> in the prompt\n"
+           "                         are tokenised separately, each with BOS, and their starts recorded;\n"
+           "                         none: the whole prompt is one sequence, no segments;\n"
+           "                         i,j,k: token offsets where segments start (0 implied)\n"
+           "      --pool N           side of the pooled attention map, min(N, T) (default 256)\n"
+           "      --zstd-level N     compression level 1..22 (default 3)\n"
+           "      --backend B        cpu, cuda or auto (default auto: CUDA when usable, else CPU)\n"
+           "      --threads N        CPU threads (default: all cores; results do not depend on it)\n"
+           "  -q, --quiet            no progress on stderr\n"
+           "  -h, --help             this help\n\n"
+           "Memory: the model, its KV cache, one layer of Q/K/V staging, the decode queries and the\n"
+           "summaries; each layer's prompt slab is written as soon as the layer is computed.\n");
+}
+
+int kv_cmd_capture(int argc, char **argv)
+{
+    static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"prompt", required_argument, 0, 'i'},
+                                         {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"output", required_argument, 0, 'o'},
+                                         {"decode", required_argument, 0, OPT_DECODE},
+                                         {"dtype", required_argument, 0, OPT_DTYPE},
+                                         {"with-wo", no_argument, 0, OPT_WO},
+                                         {"segments", required_argument, 0, OPT_SEGMENTS},
+                                         {"pool", required_argument, 0, OPT_POOL},
+                                         {"zstd-level", required_argument, 0, OPT_ZSTD},
+                                         {"backend", required_argument, 0, OPT_BACKEND},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    kv_capture_opts_t o;
+    kv_capture_opts_init(&o);
+    const char *prompt_arg = NULL, *prompt_file = NULL;
+    long v;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "z:i:o:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'z':
+            o.tokenizer_path = optarg;
+            break;
+        case 'i':
+            prompt_arg = optarg;
+            break;
+        case OPT_PROMPT_FILE:
+            prompt_file = optarg;
+            break;
+        case 'o':
+            o.out_path = optarg;
+            break;
+        case OPT_DECODE:
+            if (kv_cli_int("capture", "--decode", optarg, 0, 1L << 24, &v))
+                return 2;
+            o.n_decode = (int)v;
+            break;
+        case OPT_DTYPE:
+            if (!strcmp(optarg, "f16"))
+                o.dtype = KV_DTYPE_F16;
+            else if (!strcmp(optarg, "f32"))
+                o.dtype = KV_DTYPE_F32;
+            else
+                return kv_cli_usage_error("capture", "--dtype expects f16 or f32, got '%s'", optarg);
+            break;
+        case OPT_WO:
+            o.with_wo = 1;
+            break;
+        case OPT_SEGMENTS:
+            o.segments = optarg;
+            break;
+        case OPT_POOL:
+            if (kv_cli_int("capture", "--pool", optarg, 1, 65536, &v))
+                return 2;
+            o.pool = (int)v;
+            break;
+        case OPT_ZSTD:
+            if (kv_cli_int("capture", "--zstd-level", optarg, 1, 22, &v))
+                return 2;
+            o.zstd_level = (int)v;
+            break;
+        case OPT_BACKEND:
+            o.backend = optarg;
+            break;
+        case OPT_THREADS:
+            if (kv_cli_int("capture", "--threads", optarg, 0, 4096, &v))
+                return 2;
+            o.n_threads = (int)v;
+            break;
+        case 'q':
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h':
+            capture_help();
+            return 0;
+        default:
+            return kv_cli_usage_error("capture", "unknown option");
+        }
+    }
+    if (optind + 1 != argc)
+        return kv_cli_usage_error("capture", "expected exactly one MODEL argument");
+    if (!o.tokenizer_path)
+        return kv_cli_usage_error("capture", "-z TOKENIZER is required");
+    if (!o.out_path)
+        return kv_cli_usage_error("capture", "-o TRACE.h5 is required");
+    if (!prompt_arg && !prompt_file)
+        return kv_cli_usage_error("capture", "a prompt is required (-i TEXT, -i @FILE or --prompt-file FILE)");
+    o.model_path = argv[optind];
+    char *prompt = NULL;
+    if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
+        return kv_cli_fail("capture");
+    o.prompt = prompt;
+    char gen[512];
+    snprintf(gen, sizeof gen,
+             "kvsim capture --decode %d --dtype %s%s --segments %s --pool %d --zstd-level %d --backend %s --threads %d"
+             "%s%s",
+             o.n_decode, o.dtype == KV_DTYPE_F16 ? "f16" : "f32", o.with_wo ? " --with-wo" : "", o.segments, o.pool,
+             o.zstd_level, o.backend, o.n_threads, prompt_file ? " --prompt-file " : "",
+             prompt_file ? prompt_file : (prompt_arg && prompt_arg[0] == '@' ? " -i @file" : ""));
+    o.generator = gen;
+    kv_capture_result_t r;
+    int rc = kv_capture_run(&o, &r);
+    kv_free(prompt);
+    if (rc != KV_OK)
+        return kv_cli_fail("capture");
+    char a[32];
+    printf("%s: %d prompt + %d decode tokens, %d segment%s; load %.2fs, prefill %.2fs (%.0f tok/s), decode %.2fs, "
+           "write %.2fs; peak RSS %s; %s\n",
+           o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, r.n_segments, r.n_segments == 1 ? "" : "s", r.load_s,
+           r.prefill_s, r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
+           kv_fmt_bytes((double)r.peak_rss, a, sizeof a), r.device);
+    return 0;
+}

@@ -1,0 +1,207 @@
+/*
+ * h2o.c: H2O, heavy hitters + recent tokens (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient
+ * Generative Inference of Large Language Models", arXiv:2306.14048). A token's score is its
+ * accumulated attention: the sum over every query that saw it of the attention it received, per
+ * query head (unnormalised, so early tokens are favoured: more queries can see them).
+ *
+ * mode=oneshot (KVCache-Factory H2OKVCluster, the "H2O" baseline of the PyramidKV / Ada-KV papers):
+ *   once after prefill, score s[h,j] = sum over all prompt queries i >= j of the CAUSAL attention
+ *   A[h,i,j] (kv_ctx_colstats sum); keep the last `window` context tokens plus the top B - window by
+ *   score; generated tokens are appended and never evicted. Default window 8 = KVCache-Factory's
+ *   run_longbench.py (its init_* default is 32). Deviation: KVCache-Factory before commit 9f9aa2e
+ *   (2026-06-22, so also the ffac160 reference version) masked only the last window x window block,
+ *   so earlier prompt rows attended to future keys; we use the correct causal mask (the fix).
+ *   When B < window only the last B tokens are kept (the reference would fail on topk(B - window)).
+ * mode=decode (FMInference/H2O utils_real_drop, H2OKVCache_LayerWise): a cache of B tokens, heavy
+ *   part floor(B * (1 - recent_ratio)) and recent part the rest (default recent_ratio 0.5: H2O's
+ *   equal heavy/recent split, as its --heavy_ratio 0.1 --recent_ratio 0.1). Scores start from the
+ *   prefill rows (causal column sums); every decode query adds its attention over the CURRENT cache
+ *   (the attention renormalised over the cache, exactly what the real-drop cache sees), and evicted
+ *   tokens' scores are dropped (they never return). Eviction: the reference evicts after the forward
+ *   pass, so its query reads hh + recent + 1 keys; our caches never exceed B keys for the query that
+ *   reads them (the engine's decode contract), so eviction happens before appending: at step i the
+ *   candidates are the cache plus token i, the last `recent` of them are kept and the top
+ *   B - recent of the others by the scores accumulated through query i - 1. At the end of prefill
+ *   the same rule runs on the prompt (real-drop's first reduction). Per storage head; with a KV-head
+ *   cache the per-query-head scores combine with `agg` at each eviction. recent is at least 1 (the
+ *   appended token must be read); recent_ratio 1 is a pure sliding window.
+ * norm=mean (kvpress ObservedAttentionPress): divide each score by the number of queries that have
+ *   seen the token (n - j at prefill; a token in the cache has been seen by every query since it
+ *   arrived, so i - j before query i). kvpress also averages over the GQA group (agg=mean here) and
+ *   protects no window (window=0).
+ * Memory: mode=decode keeps an fp32 score per cached token and query head (meta_bytes).
+ */
+#include "sim/common/kv_common.h"
+#include "sim/kv_policy.h"
+#include "sim/policies/accum_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+static const kv_param_def_t params[] = {
+    {"mode", KV_PARAM_ENUM, "oneshot", 0, -1, "oneshot|decode",
+     "oneshot: once after prefill (KVCache-Factory); decode: real-drop eviction every step (FMInference)"},
+    {"window", KV_PARAM_INT, "8", 0, 1 << 20, NULL,
+     "oneshot: last context tokens always kept, inside B (KVCache-Factory runner: 8)"},
+    {"recent_ratio", KV_PARAM_FLOAT, "0.5", 0, 1, NULL,
+     "decode: share of B for the recent window, the rest for heavy hitters (H2O: 0.5)"},
+    {"norm", KV_PARAM_ENUM, "sum", 0, -1, "sum|mean",
+     "sum: accumulated attention (H2O); mean: divided by the queries that saw the token (kvpress)"},
+};
+
+typedef struct {
+    int decode, window, mean;
+    double recent_ratio;
+} h2o_t;
+
+static int h2o_init(kv_policy_t *p)
+{
+    h2o_t *s = kv_calloc(1, sizeof *s, "h2o state");
+    if (!s)
+        return KV_ENOMEM;
+    s->decode = !strcmp(kv_params_str(&p->params, "mode"), "decode");
+    s->window = (int)kv_params_int(&p->params, "window");
+    s->recent_ratio = kv_params_float(&p->params, "recent_ratio");
+    s->mean = !strcmp(kv_params_str(&p->params, "norm"), "mean");
+    p->state = s;
+    if (s->decode)
+        p->flags = (p->flags & ~(KV_POL_ONESHOT | KV_POL_NESTED)) | KV_POL_DECODE;
+    return KV_OK;
+}
+
+static void h2o_fini(kv_policy_t *p) { kv_free(p->state); }
+
+static int h2o_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
+{
+    const h2o_t *s = p->state;
+    const int n = c->n_ctx;
+    const float *sum;
+    int rc = kv_ctx_colstats(c, &sum, NULL, NULL);
+    if (rc)
+        return rc;
+    memcpy(p->qscores, sum, sizeof(float) * (size_t)c->H * n);
+    if (s->decode)
+        return KV_OK; /* raw sums: decode mode normalises at each eviction with the current counts */
+    if (s->mean)
+        for (int h = 0; h < c->H; h++)
+            for (int j = 0; j < n; j++)
+                p->qscores[(size_t)h * n + j] /= (float)(n - j);
+    p->protect_last = s->window;
+    p->scored = 1;
+    return KV_OK;
+}
+
+/* Recent part of a decode cache of B tokens (at least 1: the appended token). */
+static int recent_of(const h2o_t *s, int B)
+{
+    int heavy = (int)floor(B * (1.0 - s->recent_ratio) + 1e-9);
+    int r = B - heavy;
+    return r < 1 ? 1 : r > B ? B : r;
+}
+
+/* Score of token j for storage head s before query `next` (queries [0, next) accumulated). */
+static float score_of(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_acc_state_t *st, int s, int j,
+                      int next)
+{
+    const h2o_t *hs = p->state;
+    float v = kv_acc_group(p, st->acc, (size_t)c->T, c->G, s, j);
+    return hs->mean ? v / (float)(next - j) : v;
+}
+
+/* Keep the last `recent` of the n candidates pos[] and the best B - recent of the others. */
+static void evict(const kv_policy_t *p, const kv_layer_ctx_t *c, kv_acc_state_t *st, int s, int n_cand, int B,
+                  int next, uint8_t *mk)
+{
+    if (n_cand <= B)
+        return;
+    const int r = recent_of(p->state, B), m = n_cand - r;
+    for (int k = 0; k < m; k++)
+        st->key[k] = score_of(p, c, st, s, st->pos[k], next);
+    kv_acc_keep_best(st, st->pos, st->key, m, B - r, mk);
+}
+
+static int h2o_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep)
+{
+    if (!((const h2o_t *)p->state)->decode)
+        return kv_select_uniform(p, c, b, cstate, keep);
+    kv_acc_state_t *st;
+    int rc = kv_acc_state_get(cstate, c->H, c->T, &st);
+    if (rc)
+        return rc;
+    const int n = c->n_ctx, T = c->T;
+    /* a new layer: scores restart from this layer's prefill column sums */
+    memset(st->acc, 0, sizeof(float) * (size_t)c->H * T);
+    for (int h = 0; h < c->H; h++)
+        memcpy(st->acc + (size_t)h * T, p->qscores + (size_t)h * n, sizeof(float) * (size_t)n);
+    for (int s = 0; s < keep->n_store; s++) {
+        uint8_t *mk = keep->mask + (size_t)s * T;
+        memset(mk, 0, (size_t)T);
+        memset(mk, 1, (size_t)n);
+        for (int j = 0; j < n; j++)
+            st->pos[j] = j;
+        evict(p, c, st, s, n, b->tokens, n, mk);
+    }
+    return KV_OK;
+}
+
+static int h2o_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
+                     kv_keep_t *cache)
+{
+    kv_acc_state_t *st = *cstate;
+    if (!st)
+        return kv_error(KV_EINTERNAL, "h2o: admit before select");
+    for (int s = 0; s < cache->n_store; s++) {
+        uint8_t *mk = cache->mask + (size_t)s * cache->T;
+        int nc = kv_acc_cached(mk, i, st->pos);
+        st->pos[nc++] = i;
+        mk[i] = 1;
+        evict(p, c, st, s, nc, b->tokens, i, mk);
+    }
+    return KV_OK;
+}
+
+static int h2o_observe(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
+                       const kv_keep_t *cache, const float *attn)
+{
+    (void)p, (void)b, (void)cache;
+    kv_acc_state_t *st = *cstate;
+    for (int h = 0; h < c->H; h++) {
+        float *acc = st->acc + (size_t)h * c->T;
+        const float *a = attn + (size_t)h * c->T;
+        for (int j = 0; j <= i; j++)
+            acc[j] += a[j]; /* a is 0 outside the cache: evicted tokens gain nothing */
+    }
+    return KV_OK;
+}
+
+static size_t h2o_meta(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, const kv_keep_t *keep)
+{
+    (void)b;
+    if (!((const h2o_t *)p->state)->decode)
+        return 0;
+    /* one fp32 accumulated score per cached token and query head */
+    size_t slots = 0;
+    for (size_t x = 0; x < (size_t)keep->n_store * keep->T; x++)
+        slots += keep->mask[x] != 0;
+    return slots * sizeof(float) * (p->gran == KV_GRAN_KV ? (size_t)c->G : 1);
+}
+
+const kv_policy_desc_t kv_policy_h2o = {
+    .name = "h2o",
+    .doc = "heavy hitters by accumulated attention + recent tokens; one-shot (KVCache-Factory, causal) or "
+           "real-drop decode (Zhang et al. 2023)",
+    .paper = "arXiv:2306.14048",
+    .params = params,
+    .n_params = 4,
+    .flags = KV_POL_ONESHOT | KV_POL_NESTED,
+    .variants = "norm=mean,window=0;mode=decode;mode=decode,norm=mean,agg=max;mode=decode,recent_ratio=0;"
+                "mode=decode,recent_ratio=1",
+    .init = h2o_init,
+    .fini = h2o_fini,
+    .prepare = h2o_prepare,
+    .select = h2o_select,
+    .admit = h2o_admit,
+    .observe = h2o_observe,
+    .cstate_free = kv_acc_state_free,
+    .meta_bytes = h2o_meta,
+};

@@ -1,0 +1,499 @@
+/*
+ * capture.c: prompt -> forward pass -> attention trace (see kv_capture.h).
+ *
+ * Everything the forward pass produces lives in backend memory; this file moves what the trace
+ * needs to the host with the backend's download op, so the same code serves the CPU and CUDA
+ * backends. Layouts: the forward pass is token-major ((T, heads, head_dim) and the (T, kv_dim) KV
+ * cache), the trace is head-major ((heads, T, head_dim)); `to_head_major` converts one slab.
+ */
+#include "traces/capture/kv_capture.h"
+
+#include "kernels/kv_backend.h"
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+#include "traces/capture/kv_eval.h"
+#include "traces/capture/kv_forward.h"
+#include "traces/capture/kv_model.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void kv_capture_opts_init(kv_capture_opts_t *o)
+{
+    memset(o, 0, sizeof *o);
+    o->n_decode = 64;
+    o->dtype = KV_DTYPE_F16;
+    o->segments = "auto";
+    o->pool = KV_TRACE_DEFAULT_POOL;
+    o->zstd_level = 3;
+    o->backend = "auto";
+}
+
+/* ---- prompt tokenisation ---- */
+
+static int append(int32_t **a, int *n, int *cap, const int32_t *src, int m)
+{
+    if (*n + m > *cap) {
+        int c = KV_MAX(*cap * 2, *n + m);
+        int32_t *g = kv_realloc(*a, sizeof(int32_t) * (size_t)c, "prompt tokens");
+        if (!g)
+            return KV_ENOMEM;
+        *a = g;
+        *cap = c;
+    }
+    memcpy(*a + *n, src, sizeof(int32_t) * (size_t)m);
+    *n += m;
+    return KV_OK;
+}
+
+static int parse_offsets(const char *spec, int n_prompt, int32_t **segs, int *n_segs)
+{
+    int cap = 8, n = 0, rc = KV_OK;
+    int32_t *s = kv_malloc(sizeof(int32_t) * (size_t)cap, "segments");
+    if (!s)
+        return KV_ENOMEM;
+    s[n++] = 0; /* implied */
+    const char *p = spec;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ',')) {
+            rc = kv_error(KV_EINVAL, "--segments: '%s' is not auto, none or a comma list of token offsets", spec);
+            goto fail;
+        }
+        if (v < 0 || v >= n_prompt) {
+            rc = kv_error(KV_ERANGE, "--segments: offset %ld outside the prompt's %d tokens", v, n_prompt);
+            goto fail;
+        }
+        if (v != 0 || n > 1) {
+            if (v <= s[n - 1]) {
+                rc = kv_error(KV_EINVAL, "--segments: offsets must ascend (%ld after %d)", v, s[n - 1]);
+                goto fail;
+            }
+            if (n == cap) {
+                int32_t *g = kv_realloc(s, sizeof(int32_t) * (size_t)cap * 2, "segments");
+                if (!g) {
+                    rc = KV_ENOMEM;
+                    goto fail;
+                }
+                s = g;
+                cap *= 2;
+            }
+            s[n++] = (int32_t)v;
+        }
+        p = *end ? end + 1 : end;
+    }
+    *segs = s;
+    *n_segs = n;
+    return KV_OK;
+fail:
+    kv_free(s);
+    return rc;
+}
+
+int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char *segments, int32_t **tokens,
+                        int *n_tokens, int32_t **segs, int *n_segs)
+{
+    *tokens = NULL;
+    *segs = NULL;
+    *n_tokens = *n_segs = 0;
+    if (!segments)
+        segments = "auto";
+    const size_t len = strlen(text);
+    int rc;
+    if (!strcmp(segments, "auto") && strstr(text, KV_DOC_SEPARATOR)) {
+        kv_doc_t *docs;
+        int nd, n = 0, cap = 0;
+        int32_t *all = NULL, *ids = NULL, *starts = NULL;
+        if ((rc = kv_split_docs(text, len, &docs, &nd)))
+            return rc;
+        if (nd == 0) {
+            kv_free(docs);
+            return kv_error(KV_EINVAL, "the prompt holds only <|endoftext|> separators and no text");
+        }
+        starts = kv_malloc(sizeof(int32_t) * (size_t)nd, "segments");
+        if (!starts) {
+            kv_free(docs);
+            return KV_ENOMEM;
+        }
+        for (int d = 0; d < nd; d++) {
+            int m;
+            if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, 1, 0, &ids, &m)))
+                break;
+            starts[d] = n;
+            rc = append(&all, &n, &cap, ids, m);
+            kv_free(ids);
+            ids = NULL;
+            if (rc)
+                break;
+        }
+        kv_free(docs);
+        if (rc) {
+            kv_free(all);
+            kv_free(starts);
+            return rc;
+        }
+        *tokens = all;
+        *n_tokens = n;
+        *segs = starts;
+        *n_segs = nd;
+        return KV_OK;
+    }
+    if ((rc = kv_tokenizer_encode(tok, text, len, 1, 0, tokens, n_tokens)))
+        return rc;
+    if (!strcmp(segments, "auto") || !strcmp(segments, "none"))
+        return KV_OK;
+    if ((rc = parse_offsets(segments, *n_tokens, segs, n_segs))) {
+        kv_free(*tokens);
+        *tokens = NULL;
+        *n_tokens = 0;
+    }
+    return rc;
+}
+
+/* ---- the capture ---- */
+
+typedef struct {
+    kv_trace_writer_t *w;
+    kv_backend_t *be;
+    const kv_model_config_t *c;
+    int T, n_prompt, n_decode, pool;
+    float scale;
+    /* backend memory */
+    float *acc;    /* (n_layers, n_heads, T) accumulated attention over prompt queries */
+    float *pooled; /* (n_layers, n_heads, pool, pool) */
+    float *ent;    /* (n_heads, n_prompt) entropy of one block */
+    /* host memory */
+    float *lse_all; /* (n_layers, n_heads, T) */
+    float *ent_all; /* (n_layers, n_heads, T) */
+    float *dec_q;   /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
+    float *tm;      /* (max(n_prompt, n_decode), dim) token-major staging */
+    float *hm;      /* (max(n_prompt, n_decode), dim) head-major staging */
+    float *small;   /* (n_heads, max(n_prompt, 1)) */
+    kv_progress_t prog;
+    long done;
+} cap_t;
+
+/* (n, heads, d) -> (heads, n, d) */
+static void to_head_major(const float *src, float *dst, int n, int heads, int d)
+{
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < heads; h++)
+            memcpy(dst + ((size_t)h * n + t) * d, src + ((size_t)t * heads + h) * d, sizeof(float) * (size_t)d);
+}
+
+/* Rows [t0, t0+n) of a token-major tensor in backend memory (row stride = heads*d) -> trace rows. */
+static int write_slab(cap_t *s, int layer, kv_tensor_t which, const float *be_src, int t0, int n, int heads)
+{
+    const int d = s->c->head_dim;
+    int rc = s->be->ops->download(s->be, s->tm, be_src, sizeof(float) * (size_t)n * heads * d);
+    if (rc)
+        return rc;
+    to_head_major(s->tm, s->hm, n, heads, d);
+    return kv_trace_write_rows(s->w, layer, which, t0, n, s->hm);
+}
+
+static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
+{
+    cap_t *s = ctx;
+    const kv_model_config_t *c = s->c;
+    const int l = L->layer, H = c->n_heads, n = L->n_q, p0 = L->q_pos0, T = s->T;
+    const int prefill = p0 < s->n_prompt;
+    kv_attn_stats_args_t a = {
+        .q = L->q,
+        .k = L->k_cache,
+        .lse = L->lse,
+        .kv_stride = L->kv_stride,
+        .n_q = n,
+        .q_pos0 = p0,
+        .n_heads = H,
+        .n_kv_heads = c->n_kv_heads,
+        .head_dim = c->head_dim,
+        .scale = s->scale,
+        .entropy = s->ent,
+        .acc = prefill ? s->acc + (size_t)l * H * T : NULL, /* H2O's score: prompt queries only */
+        .acc_stride = (size_t)T,
+        .pooled = s->pooled + (size_t)l * H * s->pool * s->pool,
+        .pool = s->pool,
+        .pool_T = T,
+    };
+    int rc = s->be->ops->attn_stats(s->be, &a);
+    if (rc)
+        return kv_error_context(rc, "layer %d summaries", l);
+    /* lse and entropy of these queries: (H, n) -> columns [p0, p0+n) of (H, T) */
+    float *dst[2] = {s->lse_all + (size_t)l * H * T, s->ent_all + (size_t)l * H * T};
+    const float *src[2] = {L->lse, s->ent};
+    for (int k = 0; k < 2; k++) {
+        if ((rc = s->be->ops->download(s->be, s->small, src[k], sizeof(float) * (size_t)H * n)))
+            return rc;
+        for (int h = 0; h < H; h++)
+            memcpy(dst[k] + (size_t)h * T + p0, s->small + (size_t)h * n, sizeof(float) * (size_t)n);
+    }
+    if (prefill) {
+        /* this layer's prompt slab goes to the file now */
+        const float *krows = L->k_cache + (size_t)p0 * L->kv_stride, *vrows = L->v_cache + (size_t)p0 * L->kv_stride;
+        if ((rc = write_slab(s, l, KV_T_Q, L->q, p0, n, H)) ||
+            (rc = write_slab(s, l, KV_T_K, krows, p0, n, c->n_kv_heads)) ||
+            (rc = write_slab(s, l, KV_T_V, vrows, p0, n, c->n_kv_heads)))
+            return rc;
+        s->done++;
+        char detail[64];
+        snprintf(detail, sizeof detail, "prefill layer %d/%d", l + 1, c->n_layers);
+        kv_progress_update(&s->prog, s->done, detail);
+    } else {
+        const size_t dim = (size_t)H * c->head_dim;
+        float *q = s->dec_q + ((size_t)l * s->n_decode + (size_t)(p0 - s->n_prompt)) * dim;
+        if ((rc = s->be->ops->download(s->be, q, L->q, sizeof(float) * dim * (size_t)n)))
+            return rc;
+    }
+    return KV_OK;
+}
+
+/* Decode rows, summaries and W_O of every layer, at the end. */
+static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
+{
+    const kv_model_config_t *c = s->c;
+    const int H = c->n_heads, T = s->T, N = s->n_decode, np = s->n_prompt, P = s->pool;
+    int rc = KV_OK;
+    float *host = kv_malloc(sizeof(float) * (size_t)H * KV_MAX((size_t)T, (size_t)P * P), "summary staging");
+    if (!host)
+        return KV_ENOMEM;
+    for (int l = 0; l < c->n_layers && rc == KV_OK; l++) {
+        if (N > 0) {
+            to_head_major(s->dec_q + (size_t)l * N * H * c->head_dim, s->hm, N, H, c->head_dim);
+            if ((rc = kv_trace_write_rows(s->w, l, KV_T_Q, np, N, s->hm)) ||
+                (rc = write_slab(s, l, KV_T_K, kv_fwd_k_cache(f, l) + (size_t)np * c->kv_dim, np, N, c->n_kv_heads)) ||
+                (rc = write_slab(s, l, KV_T_V, kv_fwd_v_cache(f, l) + (size_t)np * c->kv_dim, np, N, c->n_kv_heads)))
+                break;
+        }
+        if ((rc = kv_trace_write(s->w, l, KV_T_LSE, s->lse_all + (size_t)l * H * T)) ||
+            (rc = kv_trace_write(s->w, l, KV_T_ENTROPY, s->ent_all + (size_t)l * H * T)))
+            break;
+        if ((rc = s->be->ops->download(s->be, host, s->acc + (size_t)l * H * T, sizeof(float) * (size_t)H * T)) ||
+            (rc = kv_trace_write(s->w, l, KV_T_ACC, host)))
+            break;
+        if ((rc = s->be->ops->download(s->be, host, s->pooled + (size_t)l * H * P * P,
+                                       sizeof(float) * (size_t)H * P * P)) ||
+            (rc = kv_trace_write(s->w, l, KV_T_POOLED, host)))
+            break;
+        if (with_wo && (rc = kv_trace_write(s->w, l, KV_T_WO, m->wo + (size_t)l * c->dim * c->dim)))
+            break;
+    }
+    kv_free(host);
+    return rc;
+}
+
+static int zero_be(kv_backend_t *be, float *p, size_t n)
+{
+    float *z = kv_calloc(n ? n : 1, sizeof(float), "zeros");
+    if (!z)
+        return KV_ENOMEM;
+    int rc = be->ops->upload(be, p, z, n * sizeof(float));
+    kv_free(z);
+    return rc;
+}
+
+int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
+{
+    memset(res, 0, sizeof *res);
+    kv_model_t *m = NULL;
+    kv_tokenizer_t *tok = NULL;
+    kv_backend_t *be = NULL;
+    kv_fwd_t *f = NULL;
+    kv_trace_writer_t *w = NULL;
+    int32_t *tokens = NULL, *segs = NULL;
+    float *logits = NULL;
+    int n_prompt = 0, n_segs = 0, rc;
+    cap_t s;
+    memset(&s, 0, sizeof s);
+    double t0 = kv_now();
+
+    if (!o->model_path || !o->tokenizer_path || !o->prompt || !o->out_path)
+        return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt and output are all required");
+    if (o->n_decode < 0)
+        return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
+    if (o->pool <= 0)
+        return kv_error(KV_EINVAL, "--pool must be positive (got %d)", o->pool);
+    if ((rc = kv_model_load(o->model_path, &m)))
+        goto done;
+    const kv_model_config_t *c = &m->cfg;
+    if ((rc = kv_tokenizer_load(o->tokenizer_path, c->vocab_size, &tok)))
+        goto done;
+    if ((rc = kv_capture_tokenize(tok, o->prompt, o->segments, &tokens, &n_prompt, &segs, &n_segs)))
+        goto done;
+    const int T = n_prompt + o->n_decode;
+    if (T > c->seq_len) {
+        rc = kv_error(KV_ERANGE,
+                      "the prompt (%d tokens) plus %d decode tokens makes %d, beyond the model's context "
+                      "of %d tokens (seq_len of %s)",
+                      n_prompt, o->n_decode, T, c->seq_len, o->model_path);
+        goto done;
+    }
+    if ((rc = kv_backend_open(o->backend ? o->backend : "auto", o->n_threads, &be)))
+        goto done;
+    if (!be->ops->attn_stats) {
+        rc = kv_error(KV_ENOTIMPL, "backend %s has no 'attn_stats' op (needed for capture summaries)", be->name);
+        goto done;
+    }
+    snprintf(res->device, sizeof res->device, "%s: %s", be->name, be->device);
+    if ((rc = kv_fwd_create(m, be, T, n_prompt, &f)))
+        goto done;
+    res->load_s = kv_now() - t0;
+
+    /* the trace's metadata: everything but the decoded tokens is known now */
+    kv_trace_meta_t meta;
+    memset(&meta, 0, sizeof meta);
+    meta.n_layers = c->n_layers;
+    meta.n_heads = c->n_heads;
+    meta.n_kv_heads = c->n_kv_heads;
+    meta.head_dim = c->head_dim;
+    meta.n_tokens = T;
+    meta.n_prompt = n_prompt;
+    meta.has_summaries = 1;
+    meta.pool = KV_MIN(o->pool, T);
+    meta.has_wo = o->with_wo != 0;
+    meta.model_dim = c->dim;
+    meta.hidden_dim = c->hidden_dim;
+    meta.vocab_size = c->vocab_size;
+    meta.seq_len = c->seq_len;
+    meta.rope_theta = c->rope_theta;
+    meta.norm_eps = c->norm_eps;
+    meta.n_segments = n_segs;
+    meta.segments = segs;
+    meta.tokens = kv_malloc(sizeof(int32_t) * (size_t)T, "tokens");
+    meta.positions = kv_malloc(sizeof(int32_t) * (size_t)T, "positions");
+    if (!meta.tokens || !meta.positions) {
+        kv_free(meta.tokens);
+        kv_free(meta.positions);
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    for (int t = 0; t < T; t++) {
+        meta.tokens[t] = t < n_prompt ? tokens[t] : -1;
+        meta.positions[t] = t;
+    }
+    snprintf(meta.source, sizeof meta.source, "capture");
+    snprintf(meta.model, sizeof meta.model, "%s", o->model_path);
+    snprintf(meta.tokenizer, sizeof meta.tokenizer, "%s", o->tokenizer_path);
+    snprintf(meta.backend, sizeof meta.backend, "%s", res->device);
+    snprintf(meta.prompt, sizeof meta.prompt, "%s", o->prompt);
+    kv_iso_time(meta.created, sizeof meta.created);
+    if (o->generator) {
+        snprintf(meta.generator, sizeof meta.generator, "%s", o->generator);
+    } else {
+        char d[96];
+        snprintf(meta.generator, sizeof meta.generator,
+                 "kvsim capture --decode %d --dtype %s%s --segments %s --pool %d --zstd-level %d --backend %s "
+                 "--threads %d; model %s",
+                 o->n_decode, o->dtype == KV_DTYPE_F16 ? "f16" : "f32", o->with_wo ? " --with-wo" : "",
+                 o->segments ? o->segments : "auto", o->pool, o->zstd_level, o->backend ? o->backend : "auto",
+                 o->n_threads, kv_model_describe(m, d, sizeof d));
+    }
+    rc = kv_sha256_file(o->model_path, meta.model_sha256);
+    if (rc == KV_OK) {
+        kv_write_opts_t wo = {o->dtype, o->zstd_level, 0};
+        rc = kv_trace_create(o->out_path, &meta, &wo, &w);
+    }
+    kv_free(meta.tokens);
+    kv_free(meta.positions);
+    if (rc)
+        goto done;
+
+    /* summary and staging buffers */
+    const int H = c->n_heads, P = KV_MIN(o->pool, T), N = o->n_decode;
+    const size_t rows = (size_t)KV_MAX(n_prompt, N);
+    s.w = w;
+    s.be = be;
+    s.c = c;
+    s.T = T;
+    s.n_prompt = n_prompt;
+    s.n_decode = N;
+    s.pool = P;
+    s.scale = (float)(1.0 / sqrt((double)c->head_dim));
+    const size_t LHT = (size_t)c->n_layers * H * T, LHPP = (size_t)c->n_layers * H * P * P;
+    s.acc = kv_be_alloc(be, LHT * sizeof(float));
+    s.pooled = kv_be_alloc(be, LHPP * sizeof(float));
+    s.ent = kv_be_alloc(be, (size_t)H * n_prompt * sizeof(float));
+    s.lse_all = kv_calloc(LHT, sizeof(float), "lse");
+    s.ent_all = kv_calloc(LHT, sizeof(float), "entropy");
+    s.dec_q = kv_malloc(sizeof(float) * (size_t)c->n_layers * (size_t)(N ? N : 1) * c->dim, "decode queries");
+    s.tm = kv_malloc(sizeof(float) * rows * c->dim, "staging");
+    s.hm = kv_malloc(sizeof(float) * rows * c->dim, "staging");
+    s.small = kv_malloc(sizeof(float) * (size_t)H * n_prompt, "staging");
+    logits = kv_malloc(sizeof(float) * (size_t)c->vocab_size, "logits");
+    if (!s.acc || !s.pooled || !s.ent || !s.lse_all || !s.ent_all || !s.dec_q || !s.tm || !s.hm || !s.small ||
+        !logits) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    if ((rc = zero_be(be, s.acc, LHT)) || (rc = zero_be(be, s.pooled, LHPP)))
+        goto done;
+
+    /* prefill: the hook writes every layer's prompt slab as soon as the layer is done */
+    t0 = kv_now();
+    kv_progress_begin(&s.prog, "capture", (long)c->n_layers + N);
+    if ((rc = kv_fwd_run(f, tokens, n_prompt, 0, logits, 0, cap_hook, &s)))
+        goto done;
+    res->prefill_s = kv_now() - t0;
+
+    /* greedy decode of exactly N tokens */
+    t0 = kv_now();
+    kv_trace_meta_t *wm = kv_trace_writer_meta(w);
+    for (int i = 0; i < N; i++) {
+        int32_t next = kv_argmax(logits, c->vocab_size);
+        wm->tokens[n_prompt + i] = next;
+        if ((rc = kv_fwd_run(f, &next, 1, n_prompt + i, logits, 0, cap_hook, &s)))
+            goto done;
+        s.done++;
+        char detail[64];
+        snprintf(detail, sizeof detail, "decode %d/%d", i + 1, N);
+        kv_progress_update(&s.prog, s.done, detail);
+    }
+    res->decode_s = kv_now() - t0;
+
+    t0 = kv_now();
+    if ((rc = write_rest(&s, f, m, o->with_wo)))
+        goto done;
+    rc = kv_trace_commit(w);
+    w = NULL;
+    if (rc)
+        goto done;
+    res->write_s = kv_now() - t0;
+    res->n_prompt = n_prompt;
+    res->n_tokens = T;
+    res->n_segments = n_segs;
+    res->peak_rss = kv_peak_rss();
+    {
+        char a[32], detail[128];
+        snprintf(detail, sizeof detail, "%d prompt + %d decode tokens, peak RSS %s", n_prompt, N,
+                 kv_fmt_bytes((double)res->peak_rss, a, sizeof a));
+        kv_progress_end(&s.prog, detail);
+    }
+done:
+    if (w)
+        kv_trace_abort(w);
+    if (be) {
+        kv_be_free(be, s.acc);
+        kv_be_free(be, s.pooled);
+        kv_be_free(be, s.ent);
+    }
+    kv_free(s.lse_all);
+    kv_free(s.ent_all);
+    kv_free(s.dec_q);
+    kv_free(s.tm);
+    kv_free(s.hm);
+    kv_free(s.small);
+    kv_free(logits);
+    kv_free(tokens);
+    kv_free(segs);
+    kv_fwd_free(f);
+    kv_backend_close(be);
+    kv_tokenizer_free(tok);
+    kv_model_free(m);
+    return rc;
+}

@@ -1,0 +1,246 @@
+/*
+ * eval.c: documents, teacher-forced NLL and text generation on top of the forward pass.
+ *
+ * NLL runs each window in blocks of NLL_BLOCK tokens (chunked prefill: block b sees the cache of
+ * blocks before it), so the host logits buffer is NLL_BLOCK x vocab whatever the window length.
+ * Log-softmax is computed in double.
+ */
+#include "traces/capture/kv_eval.h"
+
+#include "sim/common/kv_common.h"
+#include "sim/common/kv_rng.h"
+
+#include <math.h>
+#include <string.h>
+
+#define NLL_BLOCK 128
+
+static int is_nl(char c)
+{
+    return c == '\n' || c == '\r';
+}
+
+static int blank(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && !is_nl(s[i]))
+            return 0;
+    return 1;
+}
+
+int kv_split_docs(const char *text, size_t len, kv_doc_t **docs, int *n_docs)
+{
+    *docs = NULL;
+    *n_docs = 0;
+    const size_t sl = strlen(KV_DOC_SEPARATOR);
+    int cap = 8, n = 0;
+    kv_doc_t *d = kv_malloc(sizeof *d * (size_t)cap, "documents");
+    if (!d)
+        return KV_ENOMEM;
+    size_t start = 0;
+    for (size_t i = 0; i <= len;) {
+        int sep = i + sl <= len && !memcmp(text + i, KV_DOC_SEPARATOR, sl);
+        if (!sep && i < len) {
+            i++;
+            continue;
+        }
+        size_t a = start, b = i;
+        while (a < b && is_nl(text[a]))
+            a++;
+        while (b > a && is_nl(text[b - 1]))
+            b--;
+        if (!blank(text + a, b - a)) {
+            if (n == cap) {
+                kv_doc_t *g = kv_realloc(d, sizeof *d * (size_t)cap * 2, "documents");
+                if (!g) {
+                    kv_free(d);
+                    return KV_ENOMEM;
+                }
+                d = g;
+                cap *= 2;
+            }
+            d[n].text = text + a;
+            d[n].len = b - a;
+            n++;
+        }
+        if (!sep)
+            break;
+        i += sl;
+        start = i;
+    }
+    *docs = d;
+    *n_docs = n;
+    return KV_OK;
+}
+
+/* -log softmax(row)[target] in double */
+static double token_nll(const float *row, int n, int target)
+{
+    float mx = row[0];
+    for (int i = 1; i < n; i++)
+        mx = row[i] > mx ? row[i] : mx;
+    double s = 0;
+    for (int i = 0; i < n; i++)
+        s += exp((double)row[i] - mx);
+    // cppcheck-suppress invalidFunctionArg ; s >= 1: the largest term is exp(0)
+    return (double)mx + log(s) - (double)row[target];
+}
+
+/* NLL of one sequence run from position 0: tokens 1..n-1 are predicted. */
+static int nll_window(kv_fwd_t *f, const int32_t *tok, int n, float *logits, double *sum)
+{
+    const int V = kv_fwd_model(f)->cfg.vocab_size;
+    for (int b0 = 0; b0 < n - 1; b0 += NLL_BLOCK) {
+        int nb = KV_MIN(NLL_BLOCK, n - 1 - b0); /* the last token predicts nothing */
+        int rc = kv_fwd_run(f, tok + b0, nb, b0, logits, 1, NULL, NULL);
+        if (rc)
+            return rc;
+        for (int i = 0; i < nb; i++)
+            *sum += token_nll(logits + (size_t)i * V, V, tok[b0 + i + 1]);
+    }
+    return KV_OK;
+}
+
+int kv_nll_text(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *text, size_t len, kv_nll_result_t *res,
+                kv_nll_doc_cb cb, void *cb_ctx)
+{
+    memset(res, 0, sizeof *res);
+    kv_doc_t *docs = NULL;
+    int n_docs = 0, rc;
+    int32_t *ids = NULL;
+    float *logits = NULL;
+    const int W = kv_fwd_max_tokens(f);
+    if (W < 2)
+        return kv_error(KV_EINVAL, "nll: a context of %d tokens predicts nothing", W);
+    if ((rc = kv_split_docs(text, len, &docs, &n_docs)))
+        return rc;
+    if (n_docs == 0) {
+        rc = kv_error(KV_EINVAL, "nll: the text holds no document to score");
+        goto done;
+    }
+    logits = kv_malloc(sizeof(float) * NLL_BLOCK * (size_t)kv_fwd_model(f)->cfg.vocab_size, "logits");
+    if (!logits) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    for (int d = 0; d < n_docs; d++) {
+        int n = 0;
+        kv_free(ids);
+        ids = NULL;
+        if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, 1, 0, &ids, &n)))
+            goto done;
+        double sum = 0;
+        long pred = 0;
+        for (int s = 0;;) {
+            int e = KV_MIN(s + W, n);
+            if (e - s >= 2) {
+                if ((rc = nll_window(f, ids + s, e - s, logits, &sum)))
+                    goto done;
+                pred += e - s - 1;
+                res->n_windows++;
+            }
+            if (e >= n)
+                break;
+            s = e - 1; /* the next window restarts from the last token seen, so none is skipped */
+        }
+        res->nll_sum += sum;
+        res->n_predicted += pred;
+        res->n_tokens += n;
+        res->n_docs++;
+        if (cb)
+            cb(cb_ctx, d, n, sum, pred);
+    }
+done:
+    kv_free(ids);
+    kv_free(logits);
+    kv_free(docs);
+    return rc;
+}
+
+int kv_sample(const float *logits, int n, float temperature, double u)
+{
+    if (temperature <= 0)
+        return kv_argmax(logits, n);
+    float mx = logits[0];
+    for (int i = 1; i < n; i++)
+        mx = logits[i] > mx ? logits[i] : mx;
+    double s = 0;
+    for (int i = 0; i < n; i++)
+        s += exp(((double)logits[i] - mx) / temperature);
+    double target = u * s, c = 0;
+    for (int i = 0; i < n; i++) {
+        c += exp(((double)logits[i] - mx) / temperature);
+        if (c > target)
+            return i;
+    }
+    return n - 1;
+}
+
+int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature, uint64_t seed,
+                FILE *out, kv_gen_result_t *res)
+{
+    memset(res, 0, sizeof *res);
+    const int V = kv_fwd_model(f)->cfg.vocab_size, W = kv_fwd_max_tokens(f);
+    int32_t *p = NULL;
+    int np = 0;
+    int rc = kv_tokenizer_encode(tok, prompt, strlen(prompt), 1, 0, &p, &np);
+    if (rc)
+        return rc;
+    if (np > W) {
+        kv_free(p);
+        return kv_error(KV_ERANGE, "generate: the prompt is %d tokens, the context holds %d", np, W);
+    }
+    if (steps < 0 || steps > W - np)
+        steps = W - np;
+    float *logits = kv_malloc(sizeof(float) * (size_t)V, "logits");
+    int32_t *all = kv_malloc(sizeof(int32_t) * (size_t)(np + steps), "tokens");
+    if (!logits || !all) {
+        rc = KV_ENOMEM;
+        goto fail;
+    }
+    memcpy(all, p, sizeof(int32_t) * (size_t)np);
+    kv_rng_t rng;
+    kv_rng_seed(&rng, seed);
+    double t0 = kv_now();
+    if ((rc = kv_fwd_run(f, all, np, 0, logits, 0, NULL, NULL)))
+        goto fail;
+    res->prefill_s = kv_now() - t0;
+    if (out) {
+        for (int i = 0; i < np; i++) {
+            if (all[i] == KV_BOS || all[i] == KV_EOS)
+                continue;
+            size_t l;
+            const char *s = kv_tokenizer_decode(tok, i ? all[i - 1] : -1, all[i], &l);
+            fwrite(s, 1, l, out);
+        }
+        fflush(out);
+    }
+    int n = np;
+    t0 = kv_now();
+    for (int s = 0; s < steps; s++) {
+        int next = kv_sample(logits, V, temperature, kv_rng_uniform(&rng));
+        if (next == KV_BOS || next == KV_EOS)
+            break;
+        all[n++] = next;
+        if (out) {
+            size_t l;
+            const char *piece = kv_tokenizer_decode(tok, all[n - 2], next, &l);
+            fwrite(piece, 1, l, out);
+            fflush(out);
+        }
+        if (s + 1 < steps && (rc = kv_fwd_run(f, &all[n - 1], 1, n - 1, logits, 0, NULL, NULL)))
+            goto fail;
+    }
+    res->decode_s = kv_now() - t0;
+    res->tokens = all;
+    res->n_tokens = n;
+    res->n_prompt = np;
+    kv_free(p);
+    kv_free(logits);
+    return KV_OK;
+fail:
+    kv_free(p);
+    kv_free(logits);
+    kv_free(all);
+    return rc;
+}

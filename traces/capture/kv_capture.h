@@ -1,0 +1,64 @@
+/*
+ * kv_capture.h: run a model on a prompt and record its attention trace (traces/kv_trace.h).
+ *
+ * The prompt is prefilled in one batch; a hook after each layer's attention computes that layer's
+ * summaries (attn_stats op: entropy and lse for every query, accumulated attention over the prompt
+ * queries, the max-pooled map) and writes its prompt slab of Q, K, V, head-major, to the trace
+ * right away. Then exactly n_decode tokens are decoded greedily (EOS does not stop the run); their
+ * Q rows are buffered (n_layers x n_decode x dim floats) and their K, V rows are read back from the
+ * KV cache at the end. Peak memory is the model, its KV cache, one layer's staging buffers, the
+ * decode Q rows and the summaries (n_layers x n_heads x (3 T + pool^2) floats).
+ */
+#ifndef KV_CAPTURE_H
+#define KV_CAPTURE_H
+
+#include "traces/capture/kv_tokenizer.h"
+#include "traces/kv_trace.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char *model_path;     /* llama2.c checkpoint */
+    const char *tokenizer_path; /* llama2.c tokenizer.bin */
+    const char *prompt;         /* prompt text */
+    const char *out_path;       /* trace file (.h5) */
+    int n_decode;               /* greedy decode tokens recorded after the prompt (default 64) */
+    kv_dtype_t dtype;           /* Q, K, V storage */
+    int with_wo;                /* store W_O per layer */
+    const char *segments;       /* "auto" (default), "none" or "i,j,k" token offsets */
+    int pool;                   /* pooled map side (min with T), default 256 */
+    int zstd_level;             /* 1..22, default 3 */
+    const char *backend;        /* "cpu", "cuda", "auto" (default) */
+    int n_threads;              /* CPU threads, 0 = all */
+    const char *generator;      /* text recorded as the trace's generator (the options); NULL: built here */
+} kv_capture_opts_t;
+
+/* Defaults for everything but the paths and the prompt. */
+void kv_capture_opts_init(kv_capture_opts_t *o);
+
+typedef struct {
+    int n_prompt, n_tokens, n_segments;
+    double load_s, prefill_s, decode_s, write_s;
+    size_t peak_rss;  /* bytes, after the capture */
+    char device[128]; /* backend description */
+} kv_capture_result_t;
+
+int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res);
+
+/* Tokenise a prompt for capture. segments "auto": when the text holds <|endoftext|>, every
+ * document is tokenised separately with its own BOS and the start of each is a segment; otherwise
+ * (and for "none") the whole text is one BOS-led sequence without segments. "i,j,k": the whole
+ * text, segments starting at those token offsets (0 is implied, ascending, inside the prompt).
+ * Outputs are kv_free'd by the caller; *segs is NULL when *n_segs is 0. */
+int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char *segments, int32_t **tokens,
+                        int *n_tokens, int32_t **segs, int *n_segs);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

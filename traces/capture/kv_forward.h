@@ -1,0 +1,72 @@
+/*
+ * kv_forward.h: the Llama forward pass, written once against the backend op table.
+ *
+ * One call runs a block of consecutive tokens (a whole prompt: batched prefill with matrix-matrix
+ * products; or one token: a decode step with matrix-vector products) and appends their keys and
+ * values to a token-major KV cache:
+ *
+ *   x = emb[tok]
+ *   per layer: xb = rmsnorm(x, rms_att); q = xb wq^T; k, v = xb wk^T, xb wv^T (into the cache);
+ *              rope(q), rope(k) with theta 10000 on pairs (2i, 2i+1) of each head;
+ *              att = causal GQA attention (scale 1/sqrt(head_dim)); x += att wo^T;
+ *              xb = rmsnorm(x, rms_ffn); x += (silu(xb w1^T) * xb w3^T) w2^T
+ *   logits = rmsnorm(x, rms_final) wcls^T (wcls = emb when shared).
+ *
+ * After each layer's attention an optional hook sees that layer's post-RoPE queries, the KV cache
+ * and the attention's log-sum-exp (all backend memory), which is how capture records traces
+ * without a second forward pass. All buffers live in the backend's memory; on a host-memory backend
+ * (the CPU) the model's weights are used in place (no copy), elsewhere they are uploaded once.
+ */
+#ifndef KV_FORWARD_H
+#define KV_FORWARD_H
+
+#include "kernels/kv_backend.h"
+#include "traces/capture/kv_model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kv_fwd kv_fwd_t;
+
+/* What the hook sees after layer `layer`'s attention on tokens [q_pos0, q_pos0 + n_q). */
+typedef struct {
+    int layer;
+    int n_q, q_pos0;
+    const float *q;       /* (n_q, n_heads, head_dim) post-RoPE queries */
+    const float *k_cache; /* (max_tokens, kv_dim) post-RoPE keys of this layer, rows [0, q_pos0 + n_q) valid */
+    const float *v_cache; /* (max_tokens, kv_dim) values of this layer */
+    size_t kv_stride;     /* kv_dim */
+    const float *lse;     /* (n_heads, n_q) log-sum-exp of the scaled scores */
+} kv_fwd_layer_t;
+
+/* Return KV_OK to continue, an error status to stop the forward pass. */
+typedef int (*kv_fwd_hook_t)(void *ctx, const kv_fwd_layer_t *layer);
+
+/* A forward pass of model `m` on backend `be` with a KV cache of max_tokens tokens, running at
+ * most max_batch tokens per block (longer calls are split into blocks). The model must outlive it. */
+int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max_batch, kv_fwd_t **out);
+void kv_fwd_free(kv_fwd_t *f);
+
+/* Run tokens[0..n) at positions pos0..pos0+n-1; the cache must already hold positions [0, pos0).
+ * logits (host memory, may be NULL): all_logits ? (n, vocab_size) : (vocab_size) of the last token.
+ * hook (may be NULL) is called after every layer's attention of every block. */
+int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits, kv_fwd_hook_t hook,
+               void *hook_ctx);
+
+const kv_model_t *kv_fwd_model(const kv_fwd_t *f);
+kv_backend_t *kv_fwd_backend(const kv_fwd_t *f);
+int kv_fwd_max_tokens(const kv_fwd_t *f);
+/* Layer `l`'s caches (backend memory): (max_tokens, kv_dim). */
+const float *kv_fwd_k_cache(const kv_fwd_t *f, int layer);
+const float *kv_fwd_v_cache(const kv_fwd_t *f, int layer);
+/* Bytes of backend memory held (weights when uploaded, cache, scratch). */
+size_t kv_fwd_bytes(const kv_fwd_t *f);
+
+/* Index of the largest logit (the first on ties). */
+int kv_argmax(const float *x, int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,378 @@
+/*
+ * model.c: llama2.c checkpoint loaders (versions 0, 1 and 2; layouts in kv_model.h).
+ *
+ * The loader never trusts the header: it bounds every dimension, checks divisibility, computes the
+ * exact file size the header implies with overflow-checked 64-bit arithmetic and compares it with
+ * the real size before mapping a single weight. Only then are the weight pointers set, so a
+ * malformed file can produce an error message but never an out-of-bounds read.
+ */
+#include "traces/capture/kv_model.h"
+
+#include "sim/common/kv_common.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define V0_HEADER 28u
+#define VX_HEADER 256u
+
+/* Upper bounds well beyond any Llama model; larger values mean a corrupt header. */
+#define MAX_DIM 65536
+#define MAX_HIDDEN (1 << 20)
+#define MAX_LAYERS 1024
+#define MAX_VOCAB (1 << 24)
+#define MAX_SEQ (1 << 24)
+
+/* Checked a*b and a+b on uint64 (0 on overflow, with *ok cleared). */
+static uint64_t cmul(uint64_t a, uint64_t b, int *ok)
+{
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) {
+        *ok = 0;
+        return 0;
+    }
+    return r;
+}
+static uint64_t cadd(uint64_t a, uint64_t b, int *ok)
+{
+    uint64_t r;
+    if (__builtin_add_overflow(a, b, &r)) {
+        *ok = 0;
+        return 0;
+    }
+    return r;
+}
+
+int kv_model_config_check(kv_model_config_t *c, const char *path)
+{
+    struct {
+        const char *name;
+        int v, max;
+    } dims[] = {
+        {"dim", c->dim, MAX_DIM},
+        {"hidden_dim", c->hidden_dim, MAX_HIDDEN},
+        {"n_layers", c->n_layers, MAX_LAYERS},
+        {"n_heads", c->n_heads, MAX_DIM},
+        {"n_kv_heads", c->n_kv_heads, MAX_DIM},
+        {"vocab_size", c->vocab_size, MAX_VOCAB},
+        {"seq_len", c->seq_len, MAX_SEQ},
+    };
+    for (size_t i = 0; i < KV_ARRAY_LEN(dims); i++) {
+        if (dims[i].v <= 0)
+            return kv_error(KV_EFORMAT, "%s: impossible dimensions: %s is %d (must be positive)", path, dims[i].name,
+                            dims[i].v);
+        if (dims[i].v > dims[i].max)
+            return kv_error(KV_EFORMAT, "%s: absurd dimensions: %s is %d (at most %d is accepted)", path, dims[i].name,
+                            dims[i].v, dims[i].max);
+    }
+    if (c->dim % c->n_heads)
+        return kv_error(KV_EFORMAT, "%s: impossible dimensions: n_heads %d does not divide dim %d", path, c->n_heads,
+                        c->dim);
+    if (c->n_heads % c->n_kv_heads)
+        return kv_error(KV_EFORMAT, "%s: impossible dimensions: n_kv_heads %d does not divide n_heads %d", path,
+                        c->n_kv_heads, c->n_heads);
+    c->head_dim = c->dim / c->n_heads;
+    if (c->head_dim % 2)
+        return kv_error(KV_EFORMAT,
+                        "%s: impossible dimensions: head_dim %d (dim %d / n_heads %d) is odd, RoPE needs "
+                        "pairs",
+                        path, c->head_dim, c->dim, c->n_heads);
+    c->kv_dim = c->n_kv_heads * c->head_dim;
+    if (c->rope_theta <= 0)
+        c->rope_theta = 10000.0f;
+    if (c->norm_eps <= 0)
+        c->norm_eps = 1e-5f;
+    return KV_OK;
+}
+
+/* Element counts of every tensor of a checkpoint (all layers). */
+typedef struct {
+    uint64_t emb, norm_l, wq, wkv, wo, w13, w2, norm_f, freq, cls;
+    uint64_t quantised; /* emb + wq + 2 wkv + wo + 2 w13 + w2 + cls */
+    uint64_t params;
+} counts_t;
+
+static int count_tensors(const kv_model_config_t *c, counts_t *n, const char *path)
+{
+    int ok = 1;
+    uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
+    uint64_t V = (uint64_t)c->vocab_size, KV = (uint64_t)c->kv_dim;
+    n->emb = cmul(V, D, &ok);
+    n->norm_l = cmul(L, D, &ok);
+    n->wq = cmul(L, cmul(D, D, &ok), &ok);
+    n->wkv = cmul(L, cmul(KV, D, &ok), &ok);
+    n->wo = n->wq;
+    n->w13 = cmul(L, cmul(H, D, &ok), &ok);
+    n->w2 = n->w13;
+    n->norm_f = D;
+    n->freq = cmul((uint64_t)c->seq_len, (uint64_t)c->head_dim, &ok); /* cos and sin, head_dim/2 each */
+    n->cls = c->shared_classifier ? 0 : n->emb;
+    uint64_t q = n->emb;
+    q = cadd(q, n->wq, &ok);
+    q = cadd(q, cmul(2, n->wkv, &ok), &ok);
+    q = cadd(q, n->wo, &ok);
+    q = cadd(q, cmul(2, n->w13, &ok), &ok);
+    q = cadd(q, n->w2, &ok);
+    q = cadd(q, n->cls, &ok);
+    n->quantised = q;
+    n->params = cadd(q, cadd(cmul(2, n->norm_l, &ok), n->norm_f, &ok), &ok);
+    if (!ok)
+        return kv_error(KV_EFORMAT, "%s: absurd dimensions: the weight count overflows 64 bits", path);
+    return KV_OK;
+}
+
+/* Point the weights at consecutive tensors of `p` in llama2.c's version-1 order. */
+static void assign_v1_order(kv_model_t *m, const float *p, const counts_t *n)
+{
+    m->rms_att = p, p += n->norm_l;
+    m->rms_ffn = p, p += n->norm_l;
+    m->rms_final = p, p += n->norm_f;
+    m->token_embedding = p, p += n->emb;
+    m->wq = p, p += n->wq;
+    m->wk = p, p += n->wkv;
+    m->wv = p, p += n->wkv;
+    m->wo = p, p += n->wo;
+    m->w1 = p, p += n->w13;
+    m->w2 = p, p += n->w2;
+    m->w3 = p, p += n->w13;
+    m->wcls = m->cfg.shared_classifier ? m->token_embedding : p;
+}
+
+static void assign_v0_order(kv_model_t *m, const float *p, const counts_t *n)
+{
+    m->token_embedding = p, p += n->emb;
+    m->rms_att = p, p += n->norm_l;
+    m->wq = p, p += n->wq;
+    m->wk = p, p += n->wkv;
+    m->wv = p, p += n->wkv;
+    m->wo = p, p += n->wo;
+    m->rms_ffn = p, p += n->norm_l;
+    m->w1 = p, p += n->w13;
+    m->w2 = p, p += n->w2;
+    m->w3 = p, p += n->w13;
+    m->rms_final = p, p += n->norm_f;
+    p += n->freq; /* legacy freq_cis_real / freq_cis_imag: unused (RoPE is computed) */
+    m->wcls = m->cfg.shared_classifier ? m->token_embedding : p;
+}
+
+static int32_t rd_i32(const unsigned char *b, size_t off)
+{
+    int32_t v;
+    memcpy(&v, b + off, 4);
+    return v;
+}
+
+static const char *cfg_text(const kv_model_config_t *c, char *buf, size_t len)
+{
+    snprintf(buf, len, "dim %d, hidden_dim %d, n_layers %d, n_heads %d, n_kv_heads %d, vocab_size %d, seq_len %d",
+             c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size, c->seq_len);
+    return buf;
+}
+
+static int size_mismatch(const char *path, uint64_t have, uint64_t need, const kv_model_config_t *c)
+{
+    char h[256];
+    return kv_error(KV_EFORMAT, "%s: file is %llu bytes, its version-%d header (%s%s) needs %llu%s", path,
+                    (unsigned long long)have, c->version, cfg_text(c, h, sizeof h),
+                    c->shared_classifier ? ", shared classifier" : ", separate classifier", (unsigned long long)need,
+                    have < need ? " (truncated?)" : " (trailing data or wrong header)");
+}
+
+/* Version 2: dequantise the int8 groups into one fp32 allocation in version-1 order. */
+static int load_q80(kv_model_t *m, const unsigned char *b, const counts_t *n)
+{
+    const kv_model_config_t *c = &m->cfg;
+    uint64_t norms = 2 * n->norm_l + n->norm_f;
+    size_t total = (size_t)(norms + n->quantised);
+    m->owned = kv_malloc_aligned(total * sizeof(float), "dequantised weights");
+    if (!m->owned)
+        return kv_error_context(KV_ENOMEM, "%s", m->path);
+    memcpy(m->owned, b + VX_HEADER, (size_t)norms * sizeof(float));
+    const int8_t *q = (const int8_t *)(b + VX_HEADER + norms * 4);
+    const unsigned char *scales = b + VX_HEADER + norms * 4 + n->quantised;
+    float *dst = m->owned + norms;
+    const size_t gs = (size_t)c->group_size, ngroups = (size_t)(n->quantised / gs);
+#pragma omp parallel for schedule(static)
+    for (size_t g = 0; g < ngroups; g++) {
+        float s;
+        memcpy(&s, scales + g * 4, 4); /* the scales may sit at any byte offset */
+        for (size_t i = g * gs; i < (g + 1) * gs; i++)
+            dst[i] = (float)q[i] * s;
+    }
+    assign_v1_order(m, m->owned, n);
+    return KV_OK;
+}
+
+int kv_model_load(const char *path, kv_model_t **out)
+{
+    *out = NULL;
+    int rc = KV_OK, fd = -1;
+    kv_model_t *m = kv_calloc(1, sizeof *m, "model");
+    if (!m)
+        return KV_ENOMEM;
+    snprintf(m->path, sizeof m->path, "%s", path);
+    fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        rc = kv_error(KV_EIO, "%s: cannot open model: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = kv_error(KV_EIO, "%s: not a regular file", path);
+        goto fail;
+    }
+    const uint64_t size = (uint64_t)st.st_size;
+    if (size < V0_HEADER) {
+        rc = kv_error(KV_EFORMAT, "%s: file is %llu bytes, shorter than the 28-byte llama2.c header", path,
+                      (unsigned long long)size);
+        goto fail;
+    }
+    m->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m->map == MAP_FAILED) {
+        m->map = NULL;
+        rc = kv_error(KV_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)size, strerror(errno));
+        goto fail;
+    }
+    m->map_len = (size_t)size;
+    const unsigned char *b = m->map;
+    kv_model_config_t *c = &m->cfg;
+    uint32_t magic;
+    memcpy(&magic, b, 4);
+    size_t hdr = 0; /* offset of the 7 int32 */
+    if (magic == KV_LLAMA2C_MAGIC) {
+        if (size < VX_HEADER) {
+            rc = kv_error(KV_EFORMAT,
+                          "%s: file is %llu bytes, shorter than the 256-byte header of a versioned "
+                          "llama2.c checkpoint",
+                          path, (unsigned long long)size);
+            goto fail;
+        }
+        c->version = rd_i32(b, 4);
+        if (c->version != 1 && c->version != 2) {
+            rc = kv_error(KV_EFORMAT,
+                          "%s: unsupported llama2.c checkpoint version %d (kvsim reads versions 0, 1 "
+                          "and 2)",
+                          path, c->version);
+            goto fail;
+        }
+        hdr = 8;
+    }
+    c->dim = rd_i32(b, hdr + 0);
+    c->hidden_dim = rd_i32(b, hdr + 4);
+    c->n_layers = rd_i32(b, hdr + 8);
+    c->n_heads = rd_i32(b, hdr + 12);
+    c->n_kv_heads = rd_i32(b, hdr + 16);
+    c->vocab_size = rd_i32(b, hdr + 20);
+    c->seq_len = rd_i32(b, hdr + 24);
+    c->rope_theta = 10000.0f;
+    c->norm_eps = 1e-5f;
+    if (c->version == 0) {
+        c->shared_classifier = c->vocab_size > 0;
+        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN)
+            c->vocab_size = -c->vocab_size;
+    } else {
+        if (b[36] > 1) {
+            rc = kv_error(KV_EFORMAT, "%s: shared_classifier flag is %u (expected 0 or 1)", path, b[36]);
+            goto fail;
+        }
+        c->shared_classifier = b[36];
+        if (c->version == 2) {
+            memcpy(&c->group_size, b + 37, 4);
+            if (c->group_size <= 0 || c->group_size > (1 << 20)) {
+                rc = kv_error(KV_EFORMAT, "%s: impossible Q8_0 group size %d", path, c->group_size);
+                goto fail;
+            }
+        }
+    }
+    if ((rc = kv_model_config_check(c, path)))
+        goto fail;
+    counts_t n;
+    if ((rc = count_tensors(c, &n, path)))
+        goto fail;
+    m->n_params = (size_t)n.params;
+    int ok = 1;
+    uint64_t need;
+    if (c->version == 0) {
+        uint64_t floats = cadd(n.params, n.freq, &ok); /* every tensor + the freq_cis tables */
+        need = cadd(V0_HEADER, cmul(floats, 4, &ok), &ok);
+    } else if (c->version == 1) {
+        need = cadd(VX_HEADER, cmul(n.params, 4, &ok), &ok);
+    } else {
+        const uint64_t gs = (uint64_t)c->group_size;
+        struct {
+            const char *name;
+            uint64_t rows, cols;
+        } mats[] = {
+            {"token_embedding", (uint64_t)c->vocab_size, (uint64_t)c->dim},
+            {"wq/wo", (uint64_t)c->dim, (uint64_t)c->dim},
+            {"wk/wv", (uint64_t)c->kv_dim, (uint64_t)c->dim},
+            {"w1/w2/w3", (uint64_t)c->hidden_dim, (uint64_t)c->dim},
+        };
+        for (size_t i = 0; i < KV_ARRAY_LEN(mats); i++)
+            if ((mats[i].rows * mats[i].cols) % gs) {
+                rc = kv_error(KV_EFORMAT, "%s: Q8_0 group size %d does not divide the %s matrix (%llu x %llu)", path,
+                              c->group_size, mats[i].name, (unsigned long long)mats[i].rows,
+                              (unsigned long long)mats[i].cols);
+                goto fail;
+            }
+        uint64_t norms = 2 * n.norm_l + n.norm_f;
+        need = cadd(VX_HEADER, cmul(norms, 4, &ok), &ok);
+        need = cadd(need, n.quantised, &ok);
+        need = cadd(need, cmul(n.quantised / gs, 4, &ok), &ok);
+    }
+    if (!ok) {
+        rc = kv_error(KV_EFORMAT, "%s: absurd dimensions: the file size implied by the header overflows", path);
+        goto fail;
+    }
+    if (need != size) {
+        rc = size_mismatch(path, size, need, c);
+        goto fail;
+    }
+    /* The weights are little-endian fp32 at offsets 28 and 256 of a page-aligned map: 4-byte aligned. */
+    if (c->version == 0) {
+        // cppcheck-suppress invalidPointerCast
+        assign_v0_order(m, (const float *)(b + V0_HEADER), &n);
+    } else if (c->version == 1) {
+        // cppcheck-suppress invalidPointerCast
+        assign_v1_order(m, (const float *)(b + VX_HEADER), &n);
+    } else {
+        if ((rc = load_q80(m, b, &n)))
+            goto fail;
+        munmap(m->map, m->map_len); /* everything needed is now in m->owned */
+        m->map = NULL;
+        m->map_len = 0;
+    }
+    close(fd);
+    *out = m;
+    return KV_OK;
+fail:
+    if (fd >= 0)
+        close(fd);
+    kv_model_free(m);
+    return rc;
+}
+
+void kv_model_free(kv_model_t *m)
+{
+    if (!m)
+        return;
+    if (m->map)
+        munmap(m->map, m->map_len);
+    kv_free_aligned(m->owned);
+    kv_free(m);
+}
+
+const char *kv_model_describe(const kv_model_t *m, char *buf, size_t len)
+{
+    const kv_model_config_t *c = &m->cfg;
+    if (c->version == 2)
+        snprintf(buf, len, "llama2.c v2 (Q8_0, group %d, dequantised to fp32)", c->group_size);
+    else
+        snprintf(buf, len, "llama2.c v%d (%sfp32)", c->version, c->version == 0 ? "legacy " : "");
+    return buf;
+}
