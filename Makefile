@@ -3,9 +3,12 @@
 #   make test       run every Check suite (CPU backend)
 #   make demo       capture, replay and analyze on the default model into out/demo/
 #   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
+#   make test-cuda-emu   the CUDA kernels' code run by a host emulator vs the CPU (no GPU needed)
+#   make gpu-bundle statically linked gpu_parity, bench_gpu, kvsim for the GPU machines (bench/README.md)
 #   make bench-capture | bench-replay | bench-gpu   benchmarks (figures printed, not asserted)
 #   make lint       cppcheck and clang-format --dry-run
-# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA.
+# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA;
+# CUDA_VERIFIED=1 lets --backend auto pick CUDA (only once make test-gpu has passed on a GPU).
 
 .DEFAULT_GOAL := all
 BUILD ?= build
@@ -38,6 +41,8 @@ CFLAGS ?= $(OPT) -g
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-format-truncation -fopenmp -I. -I$(BUILD) $(PKG_CFLAGS) \
               $(CFLAGS) -MMD -MP
 LIBS := $(PKG_LIBS) -lm -fopenmp
+CUDA_VERIFIED ?= 0
+$(BUILD)/obj/kernels/backend.o: ALL_CFLAGS += -DKV_CUDA_VERIFIED=$(CUDA_VERIFIED)
 
 # ---- sources: every .c under the module folders goes into libkvsim.a
 LIB_SRC := $(wildcard sim/common/*.c sim/*.c sim/policies/*.c kernels/*.c kernels/cpu/*.c \
@@ -60,7 +65,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: all test demo test-gpu test-cuda-emu bench-capture bench-replay bench-gpu lint clean help goldens
+.PHONY: all test demo test-gpu test-cuda-emu gpu-bundle bench-capture bench-replay bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 $(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
@@ -133,6 +138,35 @@ $(BUILD)/gpu_parity: tests/gpu_parity.c $(LIBKV)
 test-gpu: $(BUILD)/gpu_parity
 	$(Q)$(BUILD)/gpu_parity
 
+# gpu-bundle: gpu_parity, bench_gpu and kvsim for the GPU machines, whose image lacks HDF5, cairo,
+# OpenBLAS and Check: everything but the C library, the CUDA driver and cuBLAS (found in the image's
+# CUDA 13) linked statically, stripped and gzip'ed (about 35 MB together, under the 64 MiB a device
+# call carries), with run.sh to unpack and run them. bench/README.md has the commands.
+BUNDLE := $(BUILD)/gpu-bundle
+BUNDLE_BIN := $(BUILD)/gpu-bundle-bin
+BUNDLE_LIBS = -Wl,--gc-sections -Wl,-Bstatic $(filter -L%,$(PKG_LIBS)) -lhdf5 -lsz -laec -lz -lzstd \
+    $(filter-out -lm -lrt -ldl -pthread -lpthread,$(shell pkg-config --static --libs cairo)) \
+    -lopenblas -lgfortran -lquadmath -lcrypto $(shell $(CC) -print-file-name=libgomp.a) -lstdc++ -Wl,-Bdynamic \
+    $(if $(NVCC),$(BUNDLE_CUDA)) -lm -ldl -lrt -lpthread -static-libgcc
+BUNDLE_CUDA = -L$(CUDA_HOME)/lib64 -lcublas -lcudart_static -Wl,-rpath,/usr/local/cuda/lib64
+$(BUNDLE_BIN)/gpu_parity: $(BUILD)/obj/tests/gpu_parity.o $(LIBKV)
+$(BUNDLE_BIN)/bench_gpu: $(BUILD)/obj/bench/gpu.o $(LIBKV)
+$(BUNDLE_BIN)/kvsim: $(CLI_OBJ) $(LIBKV)
+$(BUNDLE_BIN)/%:
+	@mkdir -p $(dir $@)
+	@$(if $(V),,echo "  LD    $@ (static)")
+	$(Q)$(CC) $^ $(BUNDLE_LIBS) -o $@ && strip $@
+$(BUNDLE)/%.gz: $(BUNDLE_BIN)/%
+	@mkdir -p $(dir $@)
+	$(Q)gzip -9 -c $< > $@.tmp && mv $@.tmp $@
+$(BUNDLE)/run.sh: scripts/gpu-bundle-run.sh
+	@mkdir -p $(dir $@)
+	$(Q)cp $< $@ && chmod +x $@
+gpu-bundle: $(BUNDLE)/gpu_parity.gz $(BUNDLE)/bench_gpu.gz $(BUNDLE)/kvsim.gz $(BUNDLE)/run.sh
+	$(Q)du -sh $(BUNDLE) | sed 's/^/kvsim: gpu-bundle: /'
+	$(Q)test $$(du -sm $(BUNDLE) | cut -f1) -lt 60 || { echo "kvsim: gpu-bundle is over 60 MiB"; exit 1; }
+	$(Q)$(BUNDLE)/run.sh gpu_parity --only none | head -n 3
+
 # Host emulation of the CUDA kernels (tests/cuda_emu/): the kernel files compiled by g++ and run by a
 # fiber emulator behind the parity runner, to check their logic on machines without a GPU.
 EMU_CXXFLAGS := -x c++ -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-variable -DKV_CUDA_EMULATE \
@@ -158,6 +192,6 @@ clean:
 	rm -rf $(BUILD)
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# //'
+	@sed -n '2,12p' Makefile | sed 's/^# //'
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)

@@ -1200,6 +1200,7 @@ int main(int argc, char **argv)
     ctx_t c;
     memset(&c, 0, sizeof c);
     c.seed = 1;
+    setvbuf(stdout, NULL, _IOLBF, 0); /* line by line even into a pipe or file: a crash keeps what ran */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--only") && i + 1 < argc)
             c.only = argv[++i];
