@@ -42,7 +42,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-format-truncation -fopen
               $(CFLAGS) -MMD -MP
 LIBS := $(PKG_LIBS) -lm -fopenmp
 CUDA_VERIFIED ?= 0
-$(BUILD)/obj/kernels/backend.o: ALL_CFLAGS += -DKV_CUDA_VERIFIED=$(CUDA_VERIFIED)
+$(BUILD)/obj/kernels/backend.o $(BUILD)/obj/tests/test_backend_select.o: ALL_CFLAGS += -DKV_CUDA_VERIFIED=$(CUDA_VERIFIED)
 
 # ---- sources: every .c under the module folders goes into libkvsim.a
 LIB_SRC := $(wildcard sim/common/*.c sim/*.c sim/policies/*.c kernels/*.c kernels/cpu/*.c \
