@@ -114,6 +114,9 @@ static const tol_t TOL_COLMAX = {1e-7, 1e-4, 0, 0};
  * the errors add up over layers: 1e-4 of the tensor's rms plus 1e-4 relative, NMSE 1e-8. */
 #if HAVE_CAPTURE
 static const tol_t TOL_CAPTURE = {1e-4, 1e-4, 1e-8, 1};
+/* capture lse: scores from queries and keys that already carry the error of the layers below, scaled
+ * by |s| ~ 5..10 (observed 3.3e-5 in emulation at layer 1): 2e-4 absolute + 1e-5 relative. */
+static const tol_t TOL_CAPTURE_LSE = {2e-4, 1e-5, 0, 0};
 #endif
 /* Replay rows: recall, errors and bounds are means over queries of values computed from
  * probabilities within ~1e-6 relative: 1e-4 absolute + 1e-3 relative. Kept-set differences
@@ -902,7 +905,9 @@ static int row_close(double a, double b)
     return fabs(a - b) <= REPLAY_ATOL + REPLAY_RTOL * fabs(b);
 }
 
-static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n_prompt, int eval_tail)
+/* probes: compare kept sets (every budget, layer, first and last query; in emulation, where every
+ * probe replays the layers through emulated kernels, only the first and last budget and query 0). */
+static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n_prompt, int eval_tail, int probes)
 {
     char shape[160];
     snprintf(shape, sizeof shape, "L=%d H=%d Hkv=%d d=%d T=%d prompt=%d tail=%d", L, H, Hkv, d, T, n_prompt,
@@ -979,7 +984,7 @@ static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n
             continue;
         const int S = pols[p]->gran == KV_GRAN_KV ? m->n_kv_heads : m->n_heads;
         uint8_t *ma = kv_malloc((size_t)S * T, "mask"), *mb = kv_malloc((size_t)S * T, "mask");
-        for (int b = 0; b < nb && ma && mb; b++)
+        for (int b = 0; b < nb && ma && mb && probes; b += (c->emulated && nb > 1 ? nb - 1 : 1))
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < E; e += (E > 1 && !c->emulated ? E - 1 : E)) { /* first, last query */
                     if (kv_replay_probe(t, l, pols[p], &bud[b], e, &o, c->ref, ma) ||
@@ -1027,9 +1032,15 @@ static void run_replay(ctx_t *c)
 {
     if (!want(c, "replay"))
         return;
-    run_replay_case(c, 2, 8, 2, 64, 300, 264, 0);
-    run_replay_case(c, 2, 4, 4, 32, 160, 160, 24); /* no decode tokens: a held-out prompt tail */
-    run_replay_case(c, 1, 8, 1, 128, 600, 560, 8);
+    if (c->emulated) { /* smaller traces: emulated kernels run ~1e4 times slower than a GPU */
+        run_replay_case(c, 2, 4, 2, 32, 120, 100, 0, 1);
+        run_replay_case(c, 1, 4, 4, 16, 96, 96, 16, 0);
+        run_replay_case(c, 1, 8, 1, 128, 160, 150, 6, 0);
+        return;
+    }
+    run_replay_case(c, 2, 8, 2, 64, 300, 264, 0, 1);
+    run_replay_case(c, 2, 4, 4, 32, 160, 160, 24, 1); /* no decode tokens: a held-out prompt tail */
+    run_replay_case(c, 1, 8, 1, 128, 600, 560, 8, 1);
 }
 
 /* ---------------------------------------------------------------- capture parity */
@@ -1157,7 +1168,7 @@ static void run_capture(ctx_t *c)
             ok &= compare(what, hk[1].v + l * hk[1].cap_kv, hk[0].v + l * hk[0].cap_kv, nkv, dk, &TOL_CAPTURE, &r);
             snprintf(what, sizeof what, "lse layer %d step %d", l, step);
             ok &= compare(what, hk[1].lse + l * hk[1].cap_l, hk[0].lse + l * hk[0].cap_l, (size_t)cf->n_heads * n,
-                          dl, &TOL_LSE, &r);
+                          dl, &TOL_CAPTURE_LSE, &r);
         }
     }
     char shape[256];
