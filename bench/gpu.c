@@ -47,7 +47,7 @@ enum { DIM = 4096, NH = 32, NKV = 8, HD = 128, FFN = 14336 };
 #define THETA 500000.0f
 
 typedef struct {
-    const char *tokens;   /* replay prompt lengths */
+    const char *tokens; /* replay prompt lengths */
     int layers, decode, op_tokens, reps;
     int no_cpu, cpu_only, ops, replay;
     const char *policies, *budgets, *out;
@@ -60,12 +60,9 @@ typedef struct {
 } peak_t;
 
 static const peak_t PEAKS[] = {
-    {"H100 NVL", "H100 NVL", 835.0, 60.0, 3.9},
-    {"H100 PCIe", "H100 PCIe", 756.0, 51.2, 2.0},
-    {"H100", "H100 SXM (HBM3)", 989.4, 66.9, 3.35},
-    {"H200", "H200 SXM", 989.4, 66.9, 4.8},
-    {"H800", "H800 SXM", 989.4, 66.9, 3.35},
-    {"A100", "A100 SXM 80GB", 312.0, 19.5, 2.04},
+    {"H100 NVL", "H100 NVL", 835.0, 60.0, 3.9},     {"H100 PCIe", "H100 PCIe", 756.0, 51.2, 2.0},
+    {"H100", "H100 SXM (HBM3)", 989.4, 66.9, 3.35}, {"H200", "H200 SXM", 989.4, 66.9, 4.8},
+    {"H800", "H800 SXM", 989.4, 66.9, 3.35},        {"A100", "A100 SXM 80GB", 312.0, 19.5, 2.04},
     {"L40S", "L40S", 362.0, 91.6, 0.864},
 };
 
@@ -209,7 +206,7 @@ typedef struct {
     char shape[96];
     op_fn fn;
     metric_t metric;
-    double work; /* bytes or flops */
+    double work;         /* bytes or flops */
     const char *mm_mode; /* matmul precision, NULL otherwise */
 } op_case_t;
 
@@ -307,8 +304,8 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
     case 10: {
         const int decode = k == 10, nq = decode ? 1 : T, p0 = decode ? T - 1 : 0, nk = p0 + nq;
         oc->name = "attention";
-        snprintf(oc->shape, sizeof oc->shape, "%s n_q=%d q_pos0=%d H=%d Hkv=%d d=%d", decode ? "decode" : "prefill",
-                 nq, p0, NH, NKV, HD);
+        snprintf(oc->shape, sizeof oc->shape, "%s n_q=%d q_pos0=%d H=%d Hkv=%d d=%d", decode ? "decode" : "prefill", nq,
+                 p0, NH, NKV, HD);
         oc->fn = f_attention;
         if (decode) {
             oc->metric = M_BYTES;
@@ -339,8 +336,8 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         a->d = be_random(be, (size_t)NH * T, 23, 0.0);
         a->e = be_random(be, (size_t)NH * T, 24, 0.0);
         a->f = be_random(be, (size_t)NH * pool * pool, 25, 0.0);
-        kv_attn_stats_args_t s = {a->a, a->b, a->c, (size_t)NKV * HD, T, 0, NH, NKV, HD, scale,
-                                  a->d, a->e, (size_t)T, a->f, pool, T};
+        kv_attn_stats_args_t s = {a->a,  a->b, a->c, (size_t)NKV * HD, T,    0,    NH, NKV, HD,
+                                  scale, a->d, a->e, (size_t)T,        a->f, pool, T};
         a->st = s;
         return 1;
     }
@@ -356,8 +353,8 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         oc->work = 4.0 * HD * NH * pairs;
         a->a = be_random(be, (size_t)NH * T * HD, 26, 1.0); /* Q (H, T, d) head-major */
         a->b = be_random(be, (size_t)NKV * T * HD, 27, 1.0);
-        kv_qk_args_t q = {a->a + (size_t)p0 * HD, (size_t)T * HD, a->b, (size_t)T * HD, NH, NKV, HD,
-                          nq, p0, T, 1, scale};
+        kv_qk_args_t q = {
+            a->a + (size_t)p0 * HD, (size_t)T * HD, a->b, (size_t)T * HD, NH, NKV, HD, nq, p0, T, 1, scale};
         a->qk = q;
         if (colstats) {
             a->c = be_random(be, (size_t)NH * T, 28, 0.0);
@@ -371,7 +368,8 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         }
         return 1;
     }
-    default: return 0;
+    default:
+        return 0;
     }
 }
 
@@ -442,7 +440,8 @@ static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const
             const double fl = oc.work / (t * 1e-3);
             int n = snprintf(rate, sizeof rate, "%7.2f TFLOP/s", fl / 1e12);
             if (gpu && oc.metric == M_FLOPS_ATT && cl->fp32 > 0)
-                n += snprintf(rate + n, sizeof rate - n, "  %5.1f%% of fp32 %.1f", 100 * fl / cl->fp32, cl->fp32 / 1e12);
+                n +=
+                    snprintf(rate + n, sizeof rate - n, "  %5.1f%% of fp32 %.1f", 100 * fl / cl->fp32, cl->fp32 / 1e12);
             if (gpu && cl->bf16 > 0)
                 snprintf(rate + n, sizeof rate - n, "  %5.1f%% of bf16 dense %.0f", 100 * fl / cl->bf16,
                          cl->bf16 / 1e12);
@@ -493,8 +492,8 @@ static kv_trace_t *synth_llama(int L, int n_prompt, int n_decode, uint64_t seed)
         kv_rng_seed_task(&r0, seed, (uint64_t)l, 0, 0);
         for (int x = 0; x < HD; x++)
             dir[x] = (float)kv_rng_normal(&r0);
-        /* every (head, kind) row block draws from its own generator: the same trace whatever the
-         * thread count */
+            /* every (head, kind) row block draws from its own generator: the same trace whatever the
+             * thread count */
 #pragma omp parallel for schedule(dynamic, 1)
         for (int h = 0; h < NH + 2 * NKV + 1; h++) {
             kv_rng_t r;
@@ -541,7 +540,8 @@ static void run_replay(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o)
     printf("\nend-to-end replay: synthetic Llama-3-8B-shape trace (H=%d Hkv=%d d=%d, %d layer%s, %d decode "
            "queries), %d policies x %d budgets (%s)\n",
            NH, NKV, HD, o->layers, o->layers == 1 ? "" : "s", o->decode, n_pol, nb, o->budgets);
-    printf("  %-8s %10s %10s %9s %12s %s\n", "tokens", "cpu s", "cuda s", "speed-up", "max|drecall|", "(trace built in)");
+    printf("  %-8s %10s %10s %9s %12s %s\n", "tokens", "cpu s", "cuda s", "speed-up", "max|drecall|",
+           "(trace built in)");
     for (const char *s = o->tokens; s && *s;) {
         int T = atoi(s);
         const char *e = strchr(s, ',');

@@ -74,10 +74,14 @@ const char *kv_backend_missing_op(const kv_backend_t *be)
         const void *fn;
         const char *name;
     } ops[] = {
-        {(const void *)o->matmul, "matmul"},       {(const void *)o->rmsnorm, "rmsnorm"},
-        {(const void *)o->rope, "rope"},           {(const void *)o->swiglu, "swiglu"},
-        {(const void *)o->add, "add"},             {(const void *)o->attention, "attention"},
-        {(const void *)o->attn_stats, "attn_stats"}, {(const void *)o->attn_probs, "attn_probs"},
+        {(const void *)o->matmul, "matmul"},
+        {(const void *)o->rmsnorm, "rmsnorm"},
+        {(const void *)o->rope, "rope"},
+        {(const void *)o->swiglu, "swiglu"},
+        {(const void *)o->add, "add"},
+        {(const void *)o->attention, "attention"},
+        {(const void *)o->attn_stats, "attn_stats"},
+        {(const void *)o->attn_probs, "attn_probs"},
         {(const void *)o->attn_colstats, "attn_colstats"},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(ops); i++)

@@ -12,9 +12,15 @@ int kv_backend_cuda_open(kv_backend_t **out)
     return kv_error(KV_EUNAVAIL, "%s", kv_cuda_unavailable_reason());
 }
 
-const char *kv_cuda_unavailable_reason(void) { return NO_NVCC; }
+const char *kv_cuda_unavailable_reason(void)
+{
+    return NO_NVCC;
+}
 
-void kv_backend_cuda_destroy(kv_backend_t *be) { (void)be; }
+void kv_backend_cuda_destroy(kv_backend_t *be)
+{
+    (void)be;
+}
 
 int kv_cuda_info(kv_backend_t *be, kv_cuda_info_t *out)
 {

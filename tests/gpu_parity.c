@@ -215,7 +215,10 @@ static void dget(ctx_t *c, float *host, const float *d, size_t n)
     }
 }
 
-static void dfree(ctx_t *c, void *d) { kv_be_free(c->dev, d); }
+static void dfree(ctx_t *c, void *d)
+{
+    kv_be_free(c->dev, d);
+}
 
 /* ---------------------------------------------------------------- comparison */
 
@@ -254,8 +257,8 @@ static int compare(const char *what, const float *got, const float *ref, size_t 
             if (bad < 5) {
                 size_t i2 = dims[2] ? i % (size_t)dims[2] : 0, r12 = dims[2] ? i / (size_t)dims[2] : i;
                 size_t i1 = dims[1] ? r12 % (size_t)dims[1] : 0, i0 = dims[1] ? r12 / (size_t)dims[1] : r12;
-                printf("      %s[%zu,%zu,%zu] (flat %zu): got %.9g, want %.9g (|d| %.3g > %.3g)\n", what, i0, i1, i2,
-                       i, g, r, isnan(g) || isnan(r) ? NAN : d, atol + t->rtol * fabs(r));
+                printf("      %s[%zu,%zu,%zu] (flat %zu): got %.9g, want %.9g (|d| %.3g > %.3g)\n", what, i0, i1, i2, i,
+                       g, r, isnan(g) || isnan(r) ? NAN : d, atol + t->rtol * fabs(r));
             }
             bad++;
         }
@@ -312,7 +315,7 @@ static void case_matmul(ctx_t *c, int M, int N, int K, const char *mode)
 {
     char shape[128];
     snprintf(shape, sizeof shape, "M=%d N=%d K=%d %s", M, N, K, mode);
-    const tol_t *t = !strcmp(mode, "tf32") ? &TOL_MM_TF32
+    const tol_t *t = !strcmp(mode, "tf32")   ? &TOL_MM_TF32
                      : !strcmp(mode, "bf16") ? &TOL_MM_BF16
                      : !strcmp(mode, "fp16") ? &TOL_MM_FP16
                                              : &TOL_MM_FP32;
@@ -383,8 +386,7 @@ static void case_rmsnorm(ctx_t *c, int T, int dim)
 static void case_rope(ctx_t *c, int T, int H, int d, float theta, int pos0, int random_pos)
 {
     char shape[128];
-    snprintf(shape, sizeof shape, "T=%d H=%d d=%d theta=%g pos%s%d", T, H, d, theta, random_pos ? "<" : "0=",
-             pos0);
+    snprintf(shape, sizeof shape, "T=%d H=%d d=%d theta=%g pos%s%d", T, H, d, theta, random_pos ? "<" : "0=", pos0);
     size_t n = (size_t)T * H * d;
     if (too_big(c, (double)n))
         return;
@@ -438,7 +440,8 @@ static void case_pointwise(ctx_t *c, const char *op, size_t n, int off)
     else
         c->ref->ops->swiglu(c->ref, y + off, gt + off, n);
     float *dh = dnew(c, h, n + off), *dg = dnew(c, gt, n + off);
-    int rc = is_add ? c->dev->ops->add(c->dev, dh + off, dg + off, n) : c->dev->ops->swiglu(c->dev, dh + off, dg + off, n);
+    int rc =
+        is_add ? c->dev->ops->add(c->dev, dh + off, dg + off, n) : c->dev->ops->swiglu(c->dev, dh + off, dg + off, n);
     if (!op_error(c, op, shape, rc)) {
         dget(c, got, dh, n + off);
         c->dev->ops->upload(c->dev, dh, h, sizeof(float) * (n + off));
@@ -562,15 +565,28 @@ static void case_attn_stats(ctx_t *c, const att_shape_t *s, int pool, int extra_
     float *g2_ent = hnew(nrow), *g2_acc = hnew(nacc), *g2_pool = hnew(npool);
     fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)nk, stride, d, 1.5);
     fill_normal(c, v, nkv, 1.0);
-    fill_uniform(c, acc0, nacc, 0.0, 2.0);   /* acc accumulates: start from non-zero values */
+    fill_uniform(c, acc0, nacc, 0.0, 2.0);    /* acc accumulates: start from non-zero values */
     fill_uniform(c, pool0, npool, 0.0, 0.02); /* pooled takes a max with what is there */
     kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d)};
     c->ref->ops->attention(c->ref, &a);
     memcpy(acc, acc0, sizeof(float) * nacc);
     memcpy(pooled, pool0, sizeof(float) * npool);
-    kv_attn_stats_args_t st = {q, k, lse, stride, s->n_q, s->q_pos0, H, s->Hkv, d, a.scale,
-                               which & 1 ? ent : NULL, which & 2 ? acc : NULL, acc_stride, which & 4 ? pooled : NULL,
-                               pool, pool_T};
+    kv_attn_stats_args_t st = {q,
+                               k,
+                               lse,
+                               stride,
+                               s->n_q,
+                               s->q_pos0,
+                               H,
+                               s->Hkv,
+                               d,
+                               a.scale,
+                               which & 1 ? ent : NULL,
+                               which & 2 ? acc : NULL,
+                               acc_stride,
+                               which & 4 ? pooled : NULL,
+                               pool,
+                               pool_T};
     c->ref->ops->attn_stats(c->ref, &st);
     float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dl = dnew(c, lse, nrow), *de = dnew(c, NULL, nrow);
     float *da = dnew(c, acc0, nacc), *dp = dnew(c, pool0, npool);
@@ -641,8 +657,18 @@ static void case_qk(ctx_t *c, const qk_shape_t *s, int colstats)
     const size_t nprob = (size_t)H * s->n_q * s->n_k, nrow = (size_t)H * s->n_q, ncol = (size_t)H * s->n_k;
     float *q = hnew(nqa), *k = hnew(nka);
     fill_qk(c, q, (size_t)H * s->q_rows, k, (size_t)s->Hkv * s->k_rows, (size_t)d, d, 1.5);
-    kv_qk_args_t a = {q + (size_t)row0 * d, (size_t)s->q_rows * d, k, (size_t)s->k_rows * d, H, s->Hkv, d,
-                      s->n_q, s->q_pos0, s->n_k, s->causal, 1.0f / sqrtf((float)d)};
+    kv_qk_args_t a = {q + (size_t)row0 * d,
+                      (size_t)s->q_rows * d,
+                      k,
+                      (size_t)s->k_rows * d,
+                      H,
+                      s->Hkv,
+                      d,
+                      s->n_q,
+                      s->q_pos0,
+                      s->n_k,
+                      s->causal,
+                      1.0f / sqrtf((float)d)};
     float *dq = dnew(c, q, nqa), *dk = dnew(c, k, nka);
     kv_qk_args_t b = a;
     b.q = dq + (size_t)row0 * d;
@@ -721,8 +747,8 @@ static void case_qk(ctx_t *c, const qk_shape_t *s, int colstats)
 static void run_ops(ctx_t *c)
 {
     if (want(c, "matmul")) {
-        const int mm[][3] = {{1, 64, 64}, {7, 33, 19}, {1, 1000, 288}, {37, 1000, 288}, {128, 256, 512},
-                             {300, 768, 4096}};
+        const int mm[][3] = {{1, 64, 64},     {7, 33, 19},     {1, 1000, 288},
+                             {37, 1000, 288}, {128, 256, 512}, {300, 768, 4096}};
         for (size_t i = 0; i < KV_ARRAY_LEN(mm); i++)
             case_matmul(c, mm[i][0], mm[i][1], mm[i][2], "fp32");
         const char *modes[] = {"tf32", "bf16", "fp16"};
@@ -757,10 +783,10 @@ static void run_ops(ctx_t *c)
     }
     /* n_q, q_pos0, H, Hkv, d, pad */
     const att_shape_t att[] = {
-        {1, 0, 1, 1, 8, 0},      {5, 0, 2, 1, 8, 0},     {37, 0, 4, 4, 64, 0},   {100, 0, 8, 4, 64, 0},
-        {65, 30, 8, 2, 128, 0},  {33, 0, 8, 1, 16, 0},   {70, 3, 4, 2, 40, 0},   {47, 0, 4, 1, 256, 0},
-        {1, 700, 8, 1, 128, 0},  {1, 4095, 32, 8, 128, 0}, {3, 1000, 4, 2, 64, 0}, {50, 77, 8, 2, 64, 8},
-        {300, 0, 4, 2, 64, 0},   {1000, 0, 8, 2, 64, 0}, {1024, 0, 32, 8, 128, 0}, {2, 2047, 8, 8, 8, 4},
+        {1, 0, 1, 1, 8, 0},     {5, 0, 2, 1, 8, 0},       {37, 0, 4, 4, 64, 0},     {100, 0, 8, 4, 64, 0},
+        {65, 30, 8, 2, 128, 0}, {33, 0, 8, 1, 16, 0},     {70, 3, 4, 2, 40, 0},     {47, 0, 4, 1, 256, 0},
+        {1, 700, 8, 1, 128, 0}, {1, 4095, 32, 8, 128, 0}, {3, 1000, 4, 2, 64, 0},   {50, 77, 8, 2, 64, 8},
+        {300, 0, 4, 2, 64, 0},  {1000, 0, 8, 2, 64, 0},   {1024, 0, 32, 8, 128, 0}, {2, 2047, 8, 8, 8, 4},
     };
     if (want(c, "attention"))
         for (size_t i = 0; i < KV_ARRAY_LEN(att); i++)
@@ -782,13 +808,20 @@ static void run_ops(ctx_t *c)
     }
     /* n_q, q_pos0, n_k, H, Hkv, d, causal, q_rows, k_rows */
     const qk_shape_t qk[] = {
-        {1, 0, 1, 1, 1, 8, 1, 1, 1},           {8, 100, 108, 4, 2, 64, 1, 108, 108},
-        {32, 480, 512, 8, 2, 128, 1, 512, 512}, {16, 84, 100, 4, 4, 8, 1, 100, 100},
-        {10, 0, 77, 2, 1, 64, 0, 10, 77},       {37, 0, 37, 2, 2, 8, 1, 40, 40},
-        {5, 1000, 1005, 32, 8, 128, 1, 1005, 1005}, {64, 0, 64, 8, 1, 40, 1, 64, 64},
-        {100, 0, 100, 4, 2, 64, 1, 100, 100},   {513, 0, 513, 8, 1, 128, 1, 513, 513},
-        {20, 0, 50, 2, 1, 16, 0, 20, 50},       {10, 0, 40, 2, 2, 64, 1, 10, 40},
-        {33, 0, 33, 4, 2, 256, 1, 33, 33},      {1, 3000, 3001, 8, 2, 64, 1, 3001, 3001},
+        {1, 0, 1, 1, 1, 8, 1, 1, 1},
+        {8, 100, 108, 4, 2, 64, 1, 108, 108},
+        {32, 480, 512, 8, 2, 128, 1, 512, 512},
+        {16, 84, 100, 4, 4, 8, 1, 100, 100},
+        {10, 0, 77, 2, 1, 64, 0, 10, 77},
+        {37, 0, 37, 2, 2, 8, 1, 40, 40},
+        {5, 1000, 1005, 32, 8, 128, 1, 1005, 1005},
+        {64, 0, 64, 8, 1, 40, 1, 64, 64},
+        {100, 0, 100, 4, 2, 64, 1, 100, 100},
+        {513, 0, 513, 8, 1, 128, 1, 513, 513},
+        {20, 0, 50, 2, 1, 16, 0, 20, 50},
+        {10, 0, 40, 2, 2, 64, 1, 10, 40},
+        {33, 0, 33, 4, 2, 256, 1, 33, 33},
+        {1, 3000, 3001, 8, 2, 64, 1, 3001, 3001},
     };
     if (want(c, "attn_probs"))
         for (size_t i = 0; i < KV_ARRAY_LEN(qk); i++)
@@ -910,8 +943,7 @@ static int row_close(double a, double b)
 static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n_prompt, int eval_tail, int probes)
 {
     char shape[160];
-    snprintf(shape, sizeof shape, "L=%d H=%d Hkv=%d d=%d T=%d prompt=%d tail=%d", L, H, Hkv, d, T, n_prompt,
-             eval_tail);
+    snprintf(shape, sizeof shape, "L=%d H=%d Hkv=%d d=%d T=%d prompt=%d tail=%d", L, H, Hkv, d, T, n_prompt, eval_tail);
     if (too_big(c, (double)L * H * (T - n_prompt + eval_tail) * T * d))
         return;
     kv_trace_t *t = random_trace(L, H, Hkv, d, T, n_prompt, 4, c->seed + 77);
@@ -951,12 +983,12 @@ static void run_replay_case(ctx_t *c, int L, int H, int Hkv, int d, int T, int n
             ok = 0;
             break;
         }
-        const double ga[] = {a->recall_mean, a->recall_p10, a->recall_min, a->err_mean, a->err_p90, a->err_max,
-                             a->bound_mean, a->wo_err_mean, a->wo_bound_mean, a->kept, a->cache_mean};
-        const double gb[] = {b->recall_mean, b->recall_p10, b->recall_min, b->err_mean, b->err_p90, b->err_max,
-                             b->bound_mean, b->wo_err_mean, b->wo_bound_mean, b->kept, b->cache_mean};
-        const char *nm[] = {"recall_mean", "recall_p10", "recall_min", "err_mean", "err_p90", "err_max",
-                            "bound_mean", "wo_err_mean", "wo_bound_mean", "kept", "cache_mean"};
+        const double ga[] = {a->recall_mean, a->recall_p10,  a->recall_min,    a->err_mean, a->err_p90,   a->err_max,
+                             a->bound_mean,  a->wo_err_mean, a->wo_bound_mean, a->kept,     a->cache_mean};
+        const double gb[] = {b->recall_mean, b->recall_p10,  b->recall_min,    b->err_mean, b->err_p90,   b->err_max,
+                             b->bound_mean,  b->wo_err_mean, b->wo_bound_mean, b->kept,     b->cache_mean};
+        const char *nm[] = {"recall_mean", "recall_p10",  "recall_min",    "err_mean", "err_p90",   "err_max",
+                            "bound_mean",  "wo_err_mean", "wo_bound_mean", "kept",     "cache_mean"};
         int row_ok = a->violations == b->violations;
         for (size_t k = 0; k < KV_ARRAY_LEN(ga); k++) {
             if (!isnan(ga[k]) && !isnan(gb[k]) && fabs(ga[k] - gb[k]) > max_d)
@@ -1158,8 +1190,7 @@ static void run_capture(ctx_t *c)
             argmax_diff += kv_argmax(logits[0] + (size_t)i * V, V) != kv_argmax(logits[1] + (size_t)i * V, V);
         for (int l = 0; l < cf->n_layers; l++) {
             const size_t nq = (size_t)n * cf->n_heads * cf->head_dim, nkv = (size_t)(pos0 + n) * cf->kv_dim;
-            int dq[3] = {n, cf->n_heads, cf->head_dim}, dk[3] = {0, pos0 + n, cf->kv_dim},
-                dl[3] = {0, cf->n_heads, n};
+            int dq[3] = {n, cf->n_heads, cf->head_dim}, dk[3] = {0, pos0 + n, cf->kv_dim}, dl[3] = {0, cf->n_heads, n};
             snprintf(what, sizeof what, "q layer %d step %d", l, step);
             ok &= compare(what, hk[1].q + l * hk[1].cap_q, hk[0].q + l * hk[0].cap_q, nq, dq, &TOL_CAPTURE, &r);
             snprintf(what, sizeof what, "k layer %d step %d", l, step);
@@ -1167,8 +1198,8 @@ static void run_capture(ctx_t *c)
             snprintf(what, sizeof what, "v layer %d step %d", l, step);
             ok &= compare(what, hk[1].v + l * hk[1].cap_kv, hk[0].v + l * hk[0].cap_kv, nkv, dk, &TOL_CAPTURE, &r);
             snprintf(what, sizeof what, "lse layer %d step %d", l, step);
-            ok &= compare(what, hk[1].lse + l * hk[1].cap_l, hk[0].lse + l * hk[0].cap_l, (size_t)cf->n_heads * n,
-                          dl, &TOL_CAPTURE_LSE, &r);
+            ok &= compare(what, hk[1].lse + l * hk[1].cap_l, hk[0].lse + l * hk[0].cap_l, (size_t)cf->n_heads * n, dl,
+                          &TOL_CAPTURE_LSE, &r);
         }
     }
     char shape[256];

@@ -28,8 +28,7 @@ START_TEST(cuda_by_name_reports_why)
     if (why[0]) {
         ck_assert_int_eq(rc, KV_EUNAVAIL);
         ck_assert_ptr_null(be);
-        ck_assert_msg(strstr(kv_last_error(), why) != NULL, "message '%s' lacks the reason '%s'", kv_last_error(),
-                      why);
+        ck_assert_msg(strstr(kv_last_error(), why) != NULL, "message '%s' lacks the reason '%s'", kv_last_error(), why);
     } else {
         ck_assert_int_eq(rc, KV_OK);
         ck_assert_str_eq(be->name, "cuda");
