@@ -146,21 +146,30 @@ static int cpu_add(kv_backend_t *be, float *x, const float *y, size_t n)
  * polynomial (truncation error < 5e-9 relative, below float rounding), 2^k built in the exponent
  * bits. The result is within about one float ulp of expf; x < -87 gives 0 (probabilities below
  * float's normal range). */
-typedef float kv_v4f __attribute__((vector_size(16)));
-typedef int32_t kv_v4i __attribute__((vector_size(16)));
+/* 8 lanes where the build targets AVX2 (make's default CPU_ARCH=-march=native), else 4 (SSE2). */
+#ifdef __AVX2__
+#define KV_VL 8
+#else
+#define KV_VL 4
+#endif
+typedef float kv_vf __attribute__((vector_size(4 * KV_VL)));
+typedef int32_t kv_vi __attribute__((vector_size(4 * KV_VL)));
 
 /* lanes of a where m is set (all ones), else b */
-static inline kv_v4f vsel(kv_v4i m, kv_v4f a, kv_v4f b) { return (kv_v4f)(((kv_v4i)a & m) | ((kv_v4i)b & ~m)); }
-
-static inline kv_v4f exp4(kv_v4f x)
+static inline __attribute__((always_inline)) kv_vf vsel(kv_vi m, kv_vf a, kv_vf b)
 {
-    const kv_v4f zero = {0, 0, 0, 0};
-    kv_v4i under = x < -87.0f;
+    return (kv_vf)(((kv_vi)a & m) | ((kv_vi)b & ~m));
+}
+
+static inline __attribute__((always_inline)) kv_vf vexp(kv_vf x)
+{
+    const kv_vf zero = {0};
+    kv_vi under = x < -87.0f;
     x = vsel(under, zero - 87.0f, x);
-    kv_v4f t = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23: rounds to the nearest integer */
-    kv_v4f k = t - 12582912.0f;
-    kv_v4f r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
-    kv_v4f p = zero + 1.0f / 5040;
+    kv_vf t = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23: rounds to the nearest integer */
+    kv_vf k = t - 12582912.0f;
+    kv_vf r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
+    kv_vf p = zero + 1.0f / 5040;
     p = p * r + 1.0f / 720;
     p = p * r + 1.0f / 120;
     p = p * r + 1.0f / 24;
@@ -168,32 +177,37 @@ static inline kv_v4f exp4(kv_v4f x)
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    kv_v4i ki = __builtin_convertvector(k, kv_v4i);
-    kv_v4f two_k = (kv_v4f)((ki + 127) << 23);
+    kv_vi ki = __builtin_convertvector(k, kv_vi);
+    kv_vf two_k = (kv_vf)((ki + 127) << 23);
     return vsel(under, zero, p * two_k);
 }
 
 static void exp_shift(float *s, int n, float shift, double *sum_e, double *sum_ex)
 {
-    const kv_v4f zero = {0, 0, 0, 0};
+    const kv_vf zero = {0};
     double se = 0, sx = 0;
     int j = 0;
-    for (; j + 4 <= n; j += 4) {
-        kv_v4f x, e;
+    for (; j + KV_VL <= n; j += KV_VL) {
+        kv_vf x, e;
         memcpy(&x, s + j, sizeof x);
         x = x - shift;
         x = vsel(x > 0.0f, zero, x);
-        e = exp4(x);
+        e = vexp(x);
         memcpy(s + j, &e, sizeof e);
-        kv_v4f ex = e * x;
-        se += (double)((e[0] + e[1]) + (e[2] + e[3]));
-        sx += (double)((ex[0] + ex[1]) + (ex[2] + ex[3]));
+        kv_vf ex = e * x;
+        float a = 0, b = 0;
+        for (int l = 0; l < KV_VL; l++) {
+            a += e[l];
+            b += ex[l];
+        }
+        se += a;
+        sx += b;
     }
     if (j < n) {
-        kv_v4f x = zero, e;
+        kv_vf x = zero, e;
         for (int l = 0; j + l < n; l++)
             x[l] = s[j + l] - shift > 0 ? 0.0f : s[j + l] - shift;
-        e = exp4(x);
+        e = vexp(x);
         for (int l = 0; j + l < n; l++) {
             s[j + l] = e[l];
             se += e[l];
@@ -390,10 +404,11 @@ static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_c
     }
     if (a->n_q == 0 || nk == 0)
         return KV_OK;
+    int qb = ATT_QB;
     int old = kv_blas_set_threads(1);
 #pragma omp parallel
     {
-        float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk, "colstats scores");
+        float *S = kv_malloc_aligned(sizeof(float) * (size_t)qb * (size_t)nk, "colstats scores");
         if (!S) {
 #pragma omp atomic write
             rc = KV_ENOMEM;
@@ -405,8 +420,8 @@ static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_c
             float *sum = o->sum ? o->sum + (size_t)h * nk : NULL;
             float *sq = o->sumsq ? o->sumsq + (size_t)h * nk : NULL;
             float *mx = o->max ? o->max + (size_t)h * nk : NULL;
-            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
-                const int nb = KV_MIN(ATT_QB, a->n_q - i0);
+            for (int i0 = 0; i0 < a->n_q; i0 += qb) {
+                const int nb = KV_MIN(qb, a->n_q - i0);
                 const int ncols = a->causal ? KV_MIN(nk, a->q_pos0 + i0 + nb) : nk;
                 if (ncols <= 0)
                     continue;
@@ -418,15 +433,22 @@ static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_c
                     if (vis <= 0)
                         continue;
                     float *p = S + (size_t)r * ncols;
-                    softmax_row(p, ncols, vis);
-                    for (int j = 0; j < vis; j++) {
-                        if (sum)
-                            sum[j] += p[j];
-                        if (sq)
-                            sq[j] += p[j] * p[j];
-                        if (mx && p[j] > mx[j])
-                            mx[j] = p[j];
-                    }
+                    float m = -INFINITY;
+                    for (int j = 0; j < vis; j++)
+                        m = p[j] > m ? p[j] : m;
+                    double z;
+                    exp_shift(p, vis, m, &z, NULL);
+                    const float inv = (float)(1.0 / z);
+                    /* one branch-free loop per output so each vectorises */
+                    if (sum)
+                        for (int j = 0; j < vis; j++)
+                            sum[j] += p[j] * inv;
+                    if (sq)
+                        for (int j = 0; j < vis; j++)
+                            sq[j] += (p[j] * inv) * (p[j] * inv);
+                    if (mx)
+                        for (int j = 0; j < vis; j++)
+                            mx[j] = p[j] * inv > mx[j] ? p[j] * inv : mx[j];
                 }
             }
         }
