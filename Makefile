@@ -68,6 +68,11 @@ PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 .PHONY: all test demo test-gpu test-cuda-emu gpu-bundle bench-capture bench-replay bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
+# The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
+# CPU_ARCH= builds portable code, CPU_ARCH=-march=x86-64-v3 a fixed target.
+CPU_ARCH ?= -march=native
+$(BUILD)/obj/kernels/cpu/%.o: ALL_CFLAGS += -O3 $(CPU_ARCH)
+
 $(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	@$(if $(V),,echo "  CC    $<")

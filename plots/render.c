@@ -216,6 +216,14 @@ static void axis_limits(axis_t *a, const rng_t *r)
         lo = a->lo;
     if (fixhi)
         hi = a->hi;
+    /* one end fixed on a linear axis: pad the free end by a fraction of the whole shown range, so
+     * nearly constant data (a sink mass of 0.30 with lo fixed at 0) does not lie on the frame */
+    if (!log && r->any && !a->ncat && fixlo != fixhi) {
+        if (fixlo && r->hi > lo)
+            hi = fmax(hi, r->hi + PAD_FRAC * (r->hi - lo));
+        if (fixhi && r->lo < hi)
+            lo = fmin(lo, r->lo - PAD_FRAC * (hi - r->lo));
+    }
     if (!(hi > lo)) {
         if (fixlo && !fixhi)
             hi = log ? lo * 10 : lo + fmax(1.0, fabs(lo) * 0.1);

@@ -178,59 +178,84 @@ int kv_metrics_oneshot(const kv_metrics_layer_t *m, int h0, int nh, const uint8_
     return KV_OK;
 }
 
-void kv_metrics_query(const kv_metrics_layer_t *m, int h, int e, const uint8_t *mask, int append, float *recall,
-                      float *err, float *bound, float *evec, float *attn)
+int kv_metrics_query_group(const kv_metrics_layer_t *m, int h0, int nh, int e, const uint8_t *mask, int append,
+                           float *recall, float *err, float *bound, float *evec, float *attn)
 {
     const kv_layer_ctx_t *c = m->c;
-    const int d = c->d, T = c->T, n = c->n_ctx, E = c->n_eval, g = h / c->G, i = n + e;
-    const float *p = c->p_eval + ((size_t)h * E + e) * T;
+    const int d = c->d, T = c->T, n = c->n_ctx, E = c->n_eval, g = h0 / c->G, i = n + e;
     const float *V = c->v + (size_t)g * T * d;
-    const float *o = m->o_full + ((size_t)h * E + e) * d;
+    /* the smaller of the cached and evicted sets among keys [0, i] */
     int n_keep = 0;
     for (int j = 0; j <= i; j++)
         n_keep += (mask[j] || (append && j >= n));
     const int use_kept = n_keep <= (i + 1) - n_keep;
-    double F = 0, acc[1024];
-    double *a = d <= 1024 ? acc : kv_calloc((size_t)d, sizeof(double), "metric accumulator");
-    if (!a) { /* cannot happen for head_dim <= 1024; report an impossible recall instead of crashing */
-        *recall = NAN;
-        *err = *bound = NAN;
-        return;
+    const int msub = use_kept ? n_keep : (i + 1) - n_keep;
+    int *idx = kv_malloc(sizeof(int) * (size_t)(msub ? msub : 1), "metric indices");
+    float *Vs = kv_malloc(sizeof(float) * (size_t)(msub ? msub : 1) * d, "metric values");
+    float *Ps = kv_malloc(sizeof(float) * (size_t)(msub ? msub : 1) * nh, "metric probabilities");
+    float *Os = kv_malloc(sizeof(float) * (size_t)nh * d, "metric outputs");
+    if (!idx || !Vs || !Ps || !Os) {
+        kv_free(idx);
+        kv_free(Vs);
+        kv_free(Ps);
+        kv_free(Os);
+        return KV_ENOMEM;
     }
-    memset(a, 0, sizeof(double) * d);
-    for (int j = 0; j <= i; j++) {
-        int in = mask[j] || (append && j >= n);
-        if (in != use_kept)
-            continue;
-        F += p[j];
-        const float *vj = V + (size_t)j * d;
-        for (int x = 0; x < d; x++)
-            a[x] += (double)p[j] * vj[x];
+    int k = 0;
+    for (int j = 0; j <= i; j++)
+        if ((mask[j] || (append && j >= n)) == use_kept)
+            idx[k++] = j;
+    for (int r = 0; r < msub; r++)
+        memcpy(Vs + (size_t)r * d, V + (size_t)idx[r] * d, sizeof(float) * d);
+    for (int hh = 0; hh < nh; hh++) {
+        const float *p = c->p_eval + ((size_t)(h0 + hh) * E + e) * T;
+        for (int r = 0; r < msub; r++)
+            Ps[(size_t)hh * msub + r] = p[idx[r]];
     }
-    if (!use_kept) {
-        F = 1.0 - F;
-        for (int x = 0; x < d; x++)
-            a[x] = (double)o[x] - a[x];
+    if (msub > 0)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nh, d, msub, 1.0f, Ps, msub, Vs, d, 0.0f, Os, d);
+    else
+        memset(Os, 0, sizeof(float) * (size_t)nh * d);
+    for (int hh = 0; hh < nh; hh++) {
+        const int h = h0 + hh;
+        const float *o = m->o_full + ((size_t)h * E + e) * d;
+        const float *os = Os + (size_t)hh * d;
+        double ps = 0;
+        for (int r = 0; r < msub; r++)
+            ps += Ps[(size_t)hh * msub + r];
+        double F = use_kept ? ps : 1.0 - ps;
+        if (F > 1.0)
+            F = 1.0;
+        double eabs = 0;
+        for (int x = 0; x < d; x++) {
+            double kept_part = use_kept ? (double)os[x] : (double)o[x] - os[x];
+            double diff = (double)o[x] - kept_part / F;
+            if (evec)
+                evec[(size_t)hh * d + x] = (float)diff;
+            eabs += fabs(diff);
+        }
+        recall[hh] = (float)F;
+        err[hh] = (float)eabs;
+        bound[hh] = (float)(2.0 * (1.0 - F) * m->C[g]);
+        if (attn) {
+            const float *p = c->p_eval + ((size_t)h * E + e) * T;
+            float *a = attn + (size_t)hh * T, inv = (float)(1.0 / F);
+            for (int j = 0; j < T; j++)
+                a[j] = (j <= i && (mask[j] || (append && j >= n))) ? p[j] * inv : 0.0f;
+        }
     }
-    if (F > 1.0)
-        F = 1.0;
-    double eabs = 0;
-    for (int x = 0; x < d; x++) {
-        double diff = (double)o[x] - a[x] / F;
-        if (evec)
-            evec[x] = (float)diff;
-        eabs += fabs(diff);
-    }
-    *recall = (float)F;
-    *err = (float)eabs;
-    *bound = (float)(2.0 * (1.0 - F) * m->C[g]);
-    if (attn) {
-        float inv = (float)(1.0 / F);
-        for (int j = 0; j < T; j++)
-            attn[j] = (j <= i && (mask[j] || (append && j >= n))) ? p[j] * inv : 0.0f;
-    }
-    if (a != acc)
-        kv_free(a);
+    kv_free(idx);
+    kv_free(Vs);
+    kv_free(Ps);
+    kv_free(Os);
+    return KV_OK;
+}
+
+void kv_metrics_query(const kv_metrics_layer_t *m, int h, int e, const uint8_t *mask, int append, float *recall,
+                      float *err, float *bound, float *evec, float *attn)
+{
+    if (kv_metrics_query_group(m, h, 1, e, mask, append, recall, err, bound, evec, attn) != KV_OK)
+        *recall = *err = *bound = NAN;
 }
 
 void kv_metrics_wo(const kv_metrics_layer_t *m, const float *evec, const float *recall, float *err, float *bound)

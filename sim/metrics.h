@@ -57,6 +57,12 @@ int kv_metrics_oneshot(const kv_metrics_layer_t *m, int h0, int nh, const uint8_
 void kv_metrics_query(const kv_metrics_layer_t *m, int h, int e, const uint8_t *mask, int append, float *recall,
                       float *err, float *bound, float *evec, float *attn);
 
+/* The same for query heads h0..h0+nh-1, which share the cache mask (one KV group): the cached (or
+ * evicted) values are gathered once. Outputs per head: recall/err/bound (nh), evec (nh, d),
+ * attn (nh, T). KV_ENOMEM on allocation failure. */
+int kv_metrics_query_group(const kv_metrics_layer_t *m, int h0, int nh, int e, const uint8_t *mask, int append,
+                           float *recall, float *err, float *bound, float *evec, float *attn);
+
 /* Model-space error and bound of one evaluation query from the per-head error vectors
  * evec (H, d) and recalls F (H). */
 void kv_metrics_wo(const kv_metrics_layer_t *m, const float *evec, const float *recall, float *err, float *bound);

@@ -33,6 +33,8 @@ void kv_replay_defaults(kv_replay_opts_t *o)
     o->head_rows = 1;
 }
 
+#define KV_MAX_GROUP 256 /* query heads per KV head */
+
 /* ---------------------------------------------------------------- shared statistics */
 
 #define MAX_WINDOWS 8
@@ -318,12 +320,25 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                         g->cpeak[(size_t)l * H + h] = tot;
                 }
             }
-            for (int h = 0; h < H; h++) {
-                const int s = kv_policy_store_of(p, h, G);
-                size_t o = (size_t)h * E + e;
-                kv_metrics_query(ml, h, e, keep.mask + (size_t)s * T, (fl & KV_POL_PER_QUERY) != 0, &rec[o], &err[o],
-                                 &bnd[o], has_wo ? eq + (size_t)h * c->d : NULL, attn ? attn + (size_t)h * T : NULL);
-                fq[h] = rec[o];
+            for (int s = 0; s < S; s++) {
+                const int h0 = p->gran == KV_GRAN_KV ? s * G : s, nh = p->gran == KV_GRAN_KV ? G : 1;
+                float rr[KV_MAX_GROUP], ee[KV_MAX_GROUP], bb[KV_MAX_GROUP];
+                if (nh > KV_MAX_GROUP) {
+                    rc = kv_error(KV_ERANGE, "%d query heads per KV head (at most %d)", nh, KV_MAX_GROUP);
+                    goto done;
+                }
+                if ((rc = kv_metrics_query_group(ml, h0, nh, e, keep.mask + (size_t)s * T,
+                                                 (fl & KV_POL_PER_QUERY) != 0, rr, ee, bb,
+                                                 has_wo ? eq + (size_t)h0 * c->d : NULL,
+                                                 attn ? attn + (size_t)h0 * T : NULL)))
+                    goto done;
+                for (int hh = 0; hh < nh; hh++) {
+                    size_t o = (size_t)(h0 + hh) * E + e;
+                    rec[o] = rr[hh];
+                    err[o] = ee[hh];
+                    bnd[o] = bb[hh];
+                    fq[h0 + hh] = rr[hh];
+                }
             }
             if (has_wo)
                 kv_metrics_wo(ml, eq, fq, &g->wo_err[(size_t)l * E + e], &g->wo_bnd[(size_t)l * E + e]);
