@@ -65,7 +65,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: all test demo test-gpu test-cuda-emu gpu-bundle bench-capture bench-replay bench-gpu lint clean help goldens
+.PHONY: all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 # The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
@@ -146,8 +146,11 @@ test-gpu: $(BUILD)/gpu_parity
 # gpu-bundle: gpu_parity, bench_gpu and kvsim for the GPU machines, whose image lacks HDF5, cairo,
 # OpenBLAS and Check: everything but the C library, the CUDA driver and cuBLAS (found in the image's
 # CUDA 13) linked statically, stripped and gzip'ed (about 35 MB together, under the 64 MiB a device
-# call carries), with run.sh to unpack and run them. bench/README.md has the commands.
-BUNDLE := $(BUILD)/gpu-bundle
+# call carries), with run.sh to unpack and run them. bench/README.md has the commands. The objects are
+# built apart ($(BUILD)/bundle-build) with the CPU kernels for x86-64-v3 (AVX2, FMA), not for this
+# machine (-march=native could use instructions the GPU machine's processor lacks).
+BUNDLE ?= $(BUILD)/gpu-bundle
+BUNDLE_CPU_ARCH ?= -march=x86-64-v3
 BUNDLE_BIN := $(BUILD)/gpu-bundle-bin
 BUNDLE_LIBS = -Wl,--gc-sections -Wl,-Bstatic $(filter -L%,$(PKG_LIBS)) -lhdf5 -lsz -laec -lz -lzstd \
     $(filter-out -lm -lrt -ldl -pthread -lpthread,$(shell pkg-config --static --libs cairo)) \
@@ -167,10 +170,13 @@ $(BUNDLE)/%.gz: $(BUNDLE_BIN)/%
 $(BUNDLE)/run.sh: scripts/gpu-bundle-run.sh
 	@mkdir -p $(dir $@)
 	$(Q)cp $< $@ && chmod +x $@
-gpu-bundle: $(BUNDLE)/gpu_parity.gz $(BUNDLE)/bench_gpu.gz $(BUNDLE)/kvsim.gz $(BUNDLE)/run.sh
+gpu-bundle:
+	$(Q)$(MAKE) --no-print-directory BUILD=$(BUILD)/bundle-build BUNDLE=$(BUNDLE) CPU_ARCH="$(BUNDLE_CPU_ARCH)" \
+	    gpu-bundle-files
 	$(Q)du -sh $(BUNDLE) | sed 's/^/kvsim: gpu-bundle: /'
 	$(Q)test $$(du -sm $(BUNDLE) | cut -f1) -lt 60 || { echo "kvsim: gpu-bundle is over 60 MiB"; exit 1; }
 	$(Q)$(BUNDLE)/run.sh gpu_parity --only none | head -n 3
+gpu-bundle-files: $(BUNDLE)/gpu_parity.gz $(BUNDLE)/bench_gpu.gz $(BUNDLE)/kvsim.gz $(BUNDLE)/run.sh
 
 # Host emulation of the CUDA kernels (tests/cuda_emu/): the kernel files compiled by g++ and run by a
 # fiber emulator behind the parity runner, to check their logic on machines without a GPU.
