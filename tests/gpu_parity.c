@@ -470,7 +470,7 @@ static void case_pointwise(ctx_t *c, const char *op, size_t n, int off)
  * it (heavy keys), key norms varying by 3x, scale `qs` on the queries (peakier softmax). */
 static void fill_qk(ctx_t *c, float *q, size_t nq_rows, float *k, size_t nk_rows, size_t k_stride, int d, double qs)
 {
-    float dir[512];
+    float dir[512] = {0};
     for (int x = 0; x < d && x < 512; x++)
         dir[x] = (float)kv_rng_normal(&c->rng);
     for (size_t r = 0; r < nq_rows; r++)
@@ -866,7 +866,7 @@ static kv_trace_t *random_trace(int L, int H, int Hkv, int d, int T, int n_promp
             kv_trace_close(t);
             return NULL;
         }
-        float dir[512];
+        float dir[512] = {0};
         for (int x = 0; x < d && x < 512; x++)
             dir[x] = (float)kv_rng_normal(&r);
         for (size_t i = 0; i < (size_t)H * T; i++)
