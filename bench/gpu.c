@@ -387,7 +387,7 @@ static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const
            o->no_cpu ? ", skipped" : "");
     printf("  %-14s %-52s %10s %10s %8s  %s\n", "op", "shape", "cuda ms", "cpu ms", "speed-up", "rate");
     for (int k = 0;; k++) {
-        op_case_t oc;
+        op_case_t oc = {0};
         arg_t ag, ac;
         double tg = NAN, tc = NAN;
         int rc = KV_OK;
@@ -405,7 +405,7 @@ static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const
             }
             free_case(gpu, &ag);
         }
-        int cpu_case = !o->no_cpu && (!oc.mm_mode || !strcmp(oc.mm_mode, "fp32") || !gpu);
+        int cpu_case = !o->no_cpu && (!gpu || !oc.mm_mode || !strcmp(oc.mm_mode, "fp32"));
         if (cpu_case) {
             if (!setup_case(k, cpu, o->op_tokens, &oc, &ac))
                 break;
