@@ -135,6 +135,7 @@ struct kv_policy {
     int n_store;
     float *sscores; /* (n_store, n_ctx) storage-head scores, protected tokens at +inf */
     int *order;     /* (n_store, n_ctx) context tokens by decreasing score, ties: later token first */
+    size_t order_cap; /* entries allocated in sscores and order */
     kv_policy_t *inner; /* composed scorer (adakv(inner=...), chunkkv, ...), owned */
 };
 

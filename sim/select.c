@@ -127,15 +127,18 @@ int kv_policy_order(kv_policy_t *p, const kv_layer_ctx_t *c)
 {
     const int n = c->n_ctx, H = c->H, G = c->G;
     const int S = p->gran == KV_GRAN_KV ? c->Hkv : c->H;
-    if (p->n_store != S || !p->sscores) {
+    const size_t need = (size_t)S * (size_t)(n ? n : 1);
+    if (p->order_cap < need || !p->sscores) {
         kv_free(p->sscores);
         kv_free(p->order);
-        p->sscores = kv_malloc(sizeof(float) * (size_t)S * (size_t)(n ? n : 1), "storage scores");
-        p->order = kv_malloc(sizeof(int) * (size_t)S * (size_t)(n ? n : 1), "selection order");
+        p->sscores = kv_malloc(sizeof(float) * need, "storage scores");
+        p->order = kv_malloc(sizeof(int) * need, "selection order");
+        p->order_cap = 0;
         if (!p->sscores || !p->order)
             return KV_ENOMEM;
-        p->n_store = S;
+        p->order_cap = need;
     }
+    p->n_store = S;
     (void)H;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int s = 0; s < S; s++) {

@@ -195,6 +195,41 @@ START_TEST(every_policy_query_granularity)
 }
 END_TEST
 
+/* A policy object replayed on one trace and then on a larger one (more tokens, more heads) gives
+ * the same results as a fresh object: per-layer buffers must follow the trace's shape. */
+START_TEST(policies_are_reusable_across_traces)
+{
+    const kv_policy_desc_t *d = kv_policy_desc_at(_i);
+    kv_trace_t *small = kv_test_trace(2, 2, 1, 8, 40, 32, 4, 0, 5);
+    kv_trace_t *big = kv_test_trace(2, 8, 4, 16, 150, 128, 4, 0, 6);
+    kv_budget_t *b;
+    int nb;
+    ck_assert_int_eq(kv_budget_parse_list("8,24", &b, &nb), KV_OK);
+    kv_replay_opts_t o;
+    kv_replay_defaults(&o);
+    o.quiet = 1;
+    kv_policy_t *reused, *fresh;
+    ck_assert_int_eq(kv_policy_create(d->name, &reused), KV_OK);
+    ck_assert_int_eq(kv_policy_create(d->name, &fresh), KV_OK);
+    kv_results_t *r0, *r1, *r2;
+    ck_assert_msg(kv_replay(small, &reused, 1, b, nb, g_be, &o, &r0) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_replay(big, &reused, 1, b, nb, g_be, &o, &r1) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_replay(big, &fresh, 1, b, nb, g_be, &o, &r2) == KV_OK, "%s", kv_last_error());
+    ck_assert_uint_eq(r1->n, r2->n);
+    for (size_t i = 0; i < r1->n; i++)
+        ck_assert_msg(r1->rows[i].recall_mean == r2->rows[i].recall_mean && r1->rows[i].kept == r2->rows[i].kept,
+                      "%s: row %zu differs after reuse", d->name, i);
+    kv_results_free(r0);
+    kv_results_free(r1);
+    kv_results_free(r2);
+    kv_policy_free(reused);
+    kv_policy_free(fresh);
+    kv_free(b);
+    kv_trace_close(small);
+    kv_trace_close(big);
+}
+END_TEST
+
 START_TEST(registry_is_consistent)
 {
     ck_assert_int_gt(kv_policy_count(), 0);
@@ -221,6 +256,7 @@ Suite *suite_policy_contract(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, registry_is_consistent);
     tcase_add_loop_test(tc, every_policy_kv_granularity, 0, kv_policy_count());
+    tcase_add_loop_test(tc, policies_are_reusable_across_traces, 0, kv_policy_count());
     tcase_add_loop_test(tc, every_policy_query_granularity, 0, kv_policy_count());
     suite_add_tcase(s, tc);
     return s;
