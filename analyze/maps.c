@@ -22,14 +22,10 @@
 const char *kv_map_src_name(kv_map_src_t s)
 {
     switch (s) {
-    case KV_MAP_POOLED:
-        return "pooled maps stored in the trace (max over each cell)";
-    case KV_MAP_EXACT:
-        return "exact attention recomputed from Q and K";
-    case KV_MAP_SAMPLED:
-        return "one sampled query per row, keys max-pooled (recomputed from Q and K)";
-    default:
-        return "auto";
+    case KV_MAP_POOLED: return "pooled maps stored in the trace (max over each cell)";
+    case KV_MAP_EXACT: return "exact attention recomputed from Q and K";
+    case KV_MAP_SAMPLED: return "one sampled query per row, keys max-pooled (recomputed from Q and K)";
+    default: return "auto";
     }
 }
 

@@ -368,8 +368,7 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         }
         return 1;
     }
-    default:
-        return 0;
+    default: return 0;
     }
 }
 

@@ -11,11 +11,11 @@
  *                      [--policies all] [--dir build/bench]
  * Traces are generated once into --dir and reused when their generator label matches.
  */
+#include "sim/replay.h"
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
 #include "sim/kv_policy.h"
-#include "sim/replay.h"
 #include "traces/kv_synth.h"
 #include "traces/kv_trace.h"
 
@@ -143,8 +143,10 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--dir"))
             dir = argv[i + 1];
         else {
-            fprintf(stderr, "usage: %s [--prompts 2048,8192] [--layers 32] [--budgets LIST] [--policies LIST] "
-                            "[--dir DIR]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--prompts 2048,8192] [--layers 32] [--budgets LIST] [--policies LIST] "
+                    "[--dir DIR]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -156,8 +158,7 @@ int main(int argc, char **argv)
     for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
         fflush(stdout);
         pid_t pid = fork();
-        if (pid == 0)
-        {
+        if (pid == 0) {
             int rc = run_size(atoi(tok), layers, budgets, policies, dir);
             fflush(stdout);
             _exit(rc ? 1 : 0);

@@ -52,11 +52,11 @@ typedef struct {
     int n_q, q_pos0;
     int n_heads, n_kv_heads, head_dim;
     float scale;
-    float *entropy;  /* (n_heads, n_q) -sum_j p_ij log p_ij, nats */
-    float *acc;      /* (n_heads, acc_stride): acc[h, j] += sum_i p_ij for j <= q_pos0 + n_q - 1 */
+    float *entropy; /* (n_heads, n_q) -sum_j p_ij log p_ij, nats */
+    float *acc;     /* (n_heads, acc_stride): acc[h, j] += sum_i p_ij for j <= q_pos0 + n_q - 1 */
     size_t acc_stride;
-    float *pooled;   /* (n_heads, pool, pool): cell (r, c) = max(cell, p_ij) over i, j with
-                        r = (q_pos0 + i) * pool / pool_T, c = j * pool / pool_T */
+    float *pooled;    /* (n_heads, pool, pool): cell (r, c) = max(cell, p_ij) over i, j with
+                         r = (q_pos0 + i) * pool / pool_T, c = j * pool / pool_T */
     int pool, pool_T; /* pool <= pool_T; pool_T = total number of tokens the map spans */
 } kv_attn_stats_args_t;
 
@@ -115,10 +115,10 @@ typedef struct kv_backend_ops {
 struct kv_backend {
     const char *name; /* "cpu" or "cuda" */
     const kv_backend_ops_t *ops;
-    int n_threads;     /* CPU worker threads */
-    char device[128];  /* human description ("2 CPU threads, OpenBLAS", "NVIDIA H100 ...") */
-    void *ctx;         /* backend private state */
-    int host_memory;   /* 1 when backend memory is host memory (CPU): views need no copies */
+    int n_threads;    /* CPU worker threads */
+    char device[128]; /* human description ("2 CPU threads, OpenBLAS", "NVIDIA H100 ...") */
+    void *ctx;        /* backend private state */
+    int host_memory;  /* 1 when backend memory is host memory (CPU): views need no copies */
 };
 
 /* Open "cpu", "cuda" or "auto". "cuda" fails with KV_EUNAVAIL and the reason when no usable device
@@ -139,8 +139,14 @@ const char *kv_cuda_unavailable_reason(void);
 const char *kv_backend_missing_op(const kv_backend_t *be);
 
 /* Helpers on top of the ops (host code). */
-static inline void *kv_be_alloc(kv_backend_t *be, size_t bytes) { return be->ops->alloc(be, bytes); }
-static inline void kv_be_free(kv_backend_t *be, void *p) { be->ops->free(be, p); }
+static inline void *kv_be_alloc(kv_backend_t *be, size_t bytes)
+{
+    return be->ops->alloc(be, bytes);
+}
+static inline void kv_be_free(kv_backend_t *be, void *p)
+{
+    be->ops->free(be, p);
+}
 
 /* A backend view of host data: the host pointer itself for host-memory backends, otherwise a
  * device copy (free it with kv_be_unview). */

@@ -29,14 +29,14 @@ extern "C" {
 #endif
 
 typedef struct {
-    char name[256];       /* "NVIDIA H100 80GB HBM3" */
+    char name[256]; /* "NVIDIA H100 80GB HBM3" */
     int cc_major, cc_minor;
     int sm_count;
-    double mem_bytes;     /* global memory */
+    double mem_bytes; /* global memory */
     double l2_bytes;
     double mem_clock_khz; /* peak memory clock (0 if the runtime does not say) */
     int bus_width_bits;
-    double sm_clock_khz;  /* peak SM clock (0 if unknown) */
+    double sm_clock_khz;                 /* peak SM clock (0 if unknown) */
     int runtime_version, driver_version; /* 13000 = 13.0 */
 } kv_cuda_info_t;
 

@@ -156,14 +156,9 @@ static void axes_ranges(const kv_axes_t *ax, rng_t *rx, rng_t *ry)
             if (sy == KV_SCALE_LINEAR)
                 rng_sticky(ry, 0.0, sy);
             break;
-        case IT_HLINE:
-            rng_add(ry, it->y[0], sy);
-            break;
-        case IT_VLINE:
-            rng_add(rx, it->x[0], sx);
-            break;
-        case IT_IDENTITY:
-            break;
+        case IT_HLINE: rng_add(ry, it->y[0], sy); break;
+        case IT_VLINE: rng_add(rx, it->x[0], sx); break;
+        case IT_IDENTITY: break;
         case IT_HEAT: {
             double e[4];
             heat_extent(it, e);
@@ -1445,9 +1440,7 @@ static void draw_item(cairo_t *cr, const kv_fig_t *fig, const kv_axes_t *ax, con
                      mask_color(it->tcolor, mask));
         break;
     }
-    case IT_HEAT:
-        draw_heat(cr, fig, ax, it, mask);
-        break;
+    case IT_HEAT: draw_heat(cr, fig, ax, it, mask); break;
     }
 }
 
@@ -1616,9 +1609,7 @@ static void draw_handle(cairo_t *cr, const item_t *it, double x, double y, doubl
         cairo_fill(cr);
         break;
     }
-    case IT_SCATTER:
-        draw_marker(cr, it->st.marker, x + w / 2, cy, fmin(it->st.marker_size, h * 0.9), c);
-        break;
+    case IT_SCATTER: draw_marker(cr, it->st.marker, x + w / 2, cy, fmin(it->st.marker_size, h * 0.9), c); break;
     default:
         if (it->st.dash != KV_DASH_NONE) {
             set_rgba(cr, c);

@@ -67,14 +67,14 @@ struct kv_layer_ctx {
     int layer, n_layers;
     int H, Hkv, G, d; /* query heads, KV heads, group size, head_dim */
     int T, n_ctx, n_eval;
-    const float *q;  /* (H, T, d) post-RoPE queries */
-    const float *k;  /* (Hkv, T, d) post-RoPE keys */
-    const float *v;  /* (Hkv, T, d) values */
-    const float *wo; /* (model_dim, H*d) or NULL */
+    const float *q;      /* (H, T, d) post-RoPE queries */
+    const float *k;      /* (Hkv, T, d) post-RoPE keys */
+    const float *v;      /* (Hkv, T, d) values */
+    const float *wo;     /* (model_dim, H*d) or NULL */
     const float *p_eval; /* (H, n_eval, T): softmax of evaluation query n_ctx+e over keys [0, n_ctx+e] */
     kv_backend_t *be;
-    uint64_t seed;       /* replay seed (for random policies: derive per layer/head) */
-    void *engine;        /* private to replay.c */
+    uint64_t seed; /* replay seed (for random policies: derive per layer/head) */
+    void *engine;  /* private to replay.c */
 };
 
 /* Shared statistics, computed on first use and reused by every policy of the layer. Call them only
@@ -94,10 +94,10 @@ typedef struct {
 
 /* ---- policies ---- */
 enum {
-    KV_POL_ONESHOT = 1u << 0,     /* compresses the context once, appended tokens always kept */
-    KV_POL_PER_QUERY = 1u << 1,   /* context selection per evaluation query (admit), appended kept */
-    KV_POL_DECODE = 1u << 2,      /* evolving cache: admit/observe every step */
-    KV_POL_NESTED = 1u << 3,      /* a larger budget keeps a superset (contract-tested) */
+    KV_POL_ONESHOT = 1u << 0,   /* compresses the context once, appended tokens always kept */
+    KV_POL_PER_QUERY = 1u << 1, /* context selection per evaluation query (admit), appended kept */
+    KV_POL_DECODE = 1u << 2,    /* evolving cache: admit/observe every step */
+    KV_POL_NESTED = 1u << 3,    /* a larger budget keeps a superset (contract-tested) */
     KV_POL_NEEDS_SEGMENTS = 1u << 4,
     KV_POL_CROSS_LAYER = 1u << 5, /* needs a pre-pass over all layers (prescore/allocate) */
     KV_POL_NO_EVICT = 1u << 6,    /* memory is the full cache (Quest, full) */
@@ -133,16 +133,16 @@ struct kv_policy {
     int protect_last;  /* window: context tokens [n_ctx - protect_last, n_ctx) always kept */
     /* Built from qscores by the shared selection code (kv_policy_order), per layer: */
     int n_store;
-    float *sscores; /* (n_store, n_ctx) storage-head scores, protected tokens at +inf */
-    int *order;     /* (n_store, n_ctx) context tokens by decreasing score, ties: later token first */
-    size_t order_cap; /* entries allocated in sscores and order */
+    float *sscores;     /* (n_store, n_ctx) storage-head scores, protected tokens at +inf */
+    int *order;         /* (n_store, n_ctx) context tokens by decreasing score, ties: later token first */
+    size_t order_cap;   /* entries allocated in sscores and order */
     kv_policy_t *inner; /* composed scorer (adakv(inner=...), chunkkv, ...), owned */
 };
 
 struct kv_policy_desc {
     const char *name;
-    const char *doc;     /* one line: what it does and the paper */
-    const char *paper;   /* arXiv id or URL */
+    const char *doc;   /* one line: what it does and the paper */
+    const char *paper; /* arXiv id or URL */
     const kv_param_def_t *params;
     int n_params;
     unsigned flags;
@@ -163,8 +163,7 @@ struct kv_policy_desc {
      * cache->mask to what query i reads (DECODE: over [0, i], token i included, at most B entries;
      * PER_QUERY: over [0, n_ctx)). For DECODE policies `select` (or the prefix default) runs
      * first and gives the cache at the end of prefill. */
-    int (*admit)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
-                 kv_keep_t *cache);
+    int (*admit)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i, kv_keep_t *cache);
     /* After query i was evaluated: attn (H, T) holds its attention renormalised over the cache of
      * each query head (0 outside). For accumulators (H2O, TOVA, threshold). NULL if unused. */
     int (*observe)(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
@@ -202,7 +201,10 @@ int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n);
 int kv_policy_prepare(kv_policy_t *p, kv_layer_ctx_t *c);
 
 /* Storage head a query head reads. */
-static inline int kv_policy_store_of(const kv_policy_t *p, int h, int G) { return p->gran == KV_GRAN_KV ? h / G : h; }
+static inline int kv_policy_store_of(const kv_policy_t *p, int h, int G)
+{
+    return p->gran == KV_GRAN_KV ? h / G : h;
+}
 
 /* Shared selection (sim/select.c). */
 /* From p->qscores and protect_*: aggregate to storage heads (p->agg over each group for
@@ -212,8 +214,7 @@ int kv_policy_order(kv_policy_t *p, const kv_layer_ctx_t *c);
 /* Keep the first m tokens of storage head s's order (m clamped to [0, n_ctx]). */
 void kv_keep_prefix(const kv_policy_t *p, const kv_layer_ctx_t *c, int s, int m, kv_keep_t *keep);
 /* Default one-shot selection: prefix of length B for every storage head. */
-int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate,
-                      kv_keep_t *keep);
+int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep);
 /* Sort idx[0..n) by key descending, ties by larger index first (the project-wide tie-break; NaN
  * last). Radix sort on 64-bit (score, index) keys: O(n). */
 void kv_argsort_desc(const float *key, int n, int *idx);

@@ -31,12 +31,12 @@ extern "C" {
 
 typedef struct {
     const kv_layer_ctx_t *c;
-    float *o_full;  /* (H, n_eval, d) exact head outputs */
-    float *o_app;   /* (H, n_eval, d) part of o from appended keys [n_ctx, i] */
-    double *p_app;  /* (H, n_eval) attention mass on appended keys */
-    float *vnorm;   /* (Hkv, T) ||v_j||_1 */
-    float *C;       /* (Hkv) max_j ||v_j||_1 */
-    float *C_wo;    /* (H) max_j ||W_O^h v_j||_1, NULL without W_O */
+    float *o_full; /* (H, n_eval, d) exact head outputs */
+    float *o_app;  /* (H, n_eval, d) part of o from appended keys [n_ctx, i] */
+    double *p_app; /* (H, n_eval) attention mass on appended keys */
+    float *vnorm;  /* (Hkv, T) ||v_j||_1 */
+    float *C;      /* (Hkv) max_j ||v_j||_1 */
+    float *C_wo;   /* (H) max_j ||W_O^h v_j||_1, NULL without W_O */
     int model_dim;
 } kv_metrics_layer_t;
 

@@ -23,24 +23,15 @@ extern const kv_policy_desc_t kv_policy_kvcompress;
 
 /* Baselines first, then roughly in the order the methods appeared. */
 static const kv_policy_desc_t *const registry[] = {
-    &kv_policy_full,
-    &kv_policy_random,
-    &kv_policy_oracle,
-    &kv_policy_streaming_llm,
-    &kv_policy_h2o,
-    &kv_policy_tova,
-    &kv_policy_knorm,
-    &kv_policy_threshold,
-    &kv_policy_snapkv,
-    &kv_policy_pyramidkv,
-    &kv_policy_adakv,
-    &kv_policy_chunkkv,
-    &kv_policy_quest,
-    &kv_policy_shotkv,
-    &kv_policy_kvcompress,
+    &kv_policy_full,  &kv_policy_random,  &kv_policy_oracle,    &kv_policy_streaming_llm, &kv_policy_h2o,
+    &kv_policy_tova,  &kv_policy_knorm,   &kv_policy_threshold, &kv_policy_snapkv,        &kv_policy_pyramidkv,
+    &kv_policy_adakv, &kv_policy_chunkkv, &kv_policy_quest,     &kv_policy_shotkv,        &kv_policy_kvcompress,
 };
 
-int kv_policy_count(void) { return (int)(sizeof registry / sizeof registry[0]); }
+int kv_policy_count(void)
+{
+    return (int)(sizeof registry / sizeof registry[0]);
+}
 
 const kv_policy_desc_t *kv_policy_desc_at(int i)
 {

@@ -41,9 +41,9 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 
 typedef struct {
     kv_backend_t *be;
-    kv_replay_stats_t *st; /* may be NULL */
-    const float *hq, *hk; /* host Q and K of the layer */
-    void *dq, *dk;        /* backend views of them (the host arrays on the CPU) */
+    kv_replay_stats_t *st;          /* may be NULL */
+    const float *hq, *hk;           /* host Q and K of the layer */
+    void *dq, *dk;                  /* backend views of them (the host arrays on the CPU) */
     float *colsum, *colsq, *colmax; /* (H, n_ctx) */
     int have_col;
     struct {
@@ -214,14 +214,14 @@ typedef struct {
     int pi, bi;
     kv_budget_t b;
     void *cstate;
-    int S;                   /* storage heads */
-    float *rec, *err, *bnd;  /* (L, H, E) */
-    float *wo_err, *wo_bnd;  /* (L, E) */
+    int S;                        /* storage heads */
+    float *rec, *err, *bnd;       /* (L, H, E) */
+    float *wo_err, *wo_bnd;       /* (L, E) */
     double *kept, *cmean, *cpeak; /* (L, H) */
-    long *viol;              /* (L, H) */
-    double *mem;             /* (L, S) bytes per storage head */
-    double *meta;            /* (L) */
-    int probe_e;             /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
+    long *viol;                   /* (L, H) */
+    double *mem;                  /* (L, S) bytes per storage head */
+    double *meta;                 /* (L) */
+    int probe_e;                  /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
     int rc;
     char msg[1024];
@@ -259,8 +259,8 @@ static int cfg_alloc(cfg_t *g, int L, int H, int Hkv, int E)
     g->viol = kv_calloc(lh, sizeof(long), "violations");
     g->mem = kv_calloc((size_t)L * g->S, sizeof(double), "memory");
     g->meta = kv_calloc((size_t)L, sizeof(double), "metadata");
-    if (!g->rec || !g->err || !g->bnd || !g->wo_err || !g->wo_bnd || !g->kept || !g->cmean || !g->cpeak ||
-        !g->viol || !g->mem || !g->meta)
+    if (!g->rec || !g->err || !g->bnd || !g->wo_err || !g->wo_bnd || !g->kept || !g->cmean || !g->cpeak || !g->viol ||
+        !g->mem || !g->meta)
         return KV_ENOMEM;
     return KV_OK;
 }
@@ -327,9 +327,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                     rc = kv_error(KV_ERANGE, "%d query heads per KV head (at most %d)", nh, KV_MAX_GROUP);
                     goto done;
                 }
-                if ((rc = kv_metrics_query_group(ml, h0, nh, e, keep.mask + (size_t)s * T,
-                                                 (fl & KV_POL_PER_QUERY) != 0, rr, ee, bb,
-                                                 has_wo ? eq + (size_t)h0 * c->d : NULL,
+                if ((rc = kv_metrics_query_group(ml, h0, nh, e, keep.mask + (size_t)s * T, (fl & KV_POL_PER_QUERY) != 0,
+                                                 rr, ee, bb, has_wo ? eq + (size_t)h0 * c->d : NULL,
                                                  attn ? attn + (size_t)h0 * T : NULL)))
                     goto done;
                 for (int hh = 0; hh < nh; hh++) {
@@ -536,8 +535,8 @@ done:
 
 /* ---------------------------------------------------------------- the engine */
 
-static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, kv_layer_t *L,
-                     const float *wo, kv_backend_t *be, engine_t *eng, uint64_t seed)
+static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, kv_layer_t *L, const float *wo,
+                     kv_backend_t *be, engine_t *eng, uint64_t seed)
 {
     memset(c, 0, sizeof *c);
     c->meta = m;
@@ -559,8 +558,8 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->engine = eng;
 }
 
-int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets,
-              kv_backend_t *be, const kv_replay_opts_t *opts, kv_results_t **out)
+int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
+              const kv_replay_opts_t *opts, kv_results_t **out)
 {
     *out = NULL;
     kv_replay_opts_t o;
@@ -572,8 +571,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     const char *path = kv_trace_path(t);
     const int L = m->n_layers, H = m->n_heads, T = m->n_tokens;
     if (o.eval_tail < 0 || o.eval_tail >= m->n_prompt)
-        return kv_error(KV_ERANGE, "--eval-tail %d must leave at least one context token (prompt has %d)",
-                        o.eval_tail, m->n_prompt);
+        return kv_error(KV_ERANGE, "--eval-tail %d must leave at least one context token (prompt has %d)", o.eval_tail,
+                        m->n_prompt);
     const int n_ctx = m->n_prompt - o.eval_tail, E = T - n_ctx;
     if (E <= 0)
         return kv_error(KV_EINVAL,
@@ -611,8 +610,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         if ((rc = kv_budget_resolve(&bud[b], m, n_ctx)))
             goto done;
         if (bud[b].tokens >= n_ctx && !o.quiet)
-            kv_info("budget %s keeps the whole context (%d tokens): no compression at this budget", bud[b].text,
-                    n_ctx);
+            kv_info("budget %s keeps the whole context (%d tokens): no compression at this budget", bud[b].text, n_ctx);
         if ((rc = kv_results_add_budget(res, bud[b].text)))
             goto done;
     }

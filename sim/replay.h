@@ -21,28 +21,28 @@ extern "C" {
 
 /* Where the time went (filled when kv_replay_opts_t.stats is set). */
 typedef struct {
-    double t_total;   /* seconds in kv_replay */
-    double t_read;    /* reading and decompressing layers */
-    double t_attn;    /* attention statistics through the backend (probabilities, column sums) */
-    double attn_flop; /* multiply-adds x 2 of those statistics' Q.K^T products */
-    double t_policies;/* policy preparation (scoring, sorting) */
-    double t_eval;    /* building caches and measuring them, all (policy, budget) pairs */
-    long layers_read; /* layer reads, pre-pass included */
+    double t_total;    /* seconds in kv_replay */
+    double t_read;     /* reading and decompressing layers */
+    double t_attn;     /* attention statistics through the backend (probabilities, column sums) */
+    double attn_flop;  /* multiply-adds x 2 of those statistics' Q.K^T products */
+    double t_policies; /* policy preparation (scoring, sorting) */
+    double t_eval;     /* building caches and measuring them, all (policy, budget) pairs */
+    long layers_read;  /* layer reads, pre-pass included */
 } kv_replay_stats_t;
 
 typedef struct {
     kv_replay_stats_t *stats; /* optional timing breakdown */
-    int eval_tail;  /* prompt tokens held out as evaluation queries (0: the decode queries only) */
-    uint64_t seed;  /* seed of randomised policies */
-    int head_rows;  /* 1: emit per-head rows too (default) */
-    int quiet;      /* no progress output */
+    int eval_tail;            /* prompt tokens held out as evaluation queries (0: the decode queries only) */
+    uint64_t seed;            /* seed of randomised policies */
+    int head_rows;            /* 1: emit per-head rows too (default) */
+    int quiet;                /* no progress output */
 } kv_replay_opts_t;
 
 void kv_replay_defaults(kv_replay_opts_t *o);
 
 /* Budgets are copied and resolved against the trace. On failure nothing is returned. */
-int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets,
-              kv_backend_t *be, const kv_replay_opts_t *o, kv_results_t **out);
+int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
+              const kv_replay_opts_t *o, kv_results_t **out);
 
 /* The cache one (policy, budget) builds on one layer, for tests and tools: for one-shot policies the
  * context mask after selection; for decode-time and per-query policies the mask that evaluation

@@ -11,10 +11,10 @@
 #include <unistd.h>
 
 static const char *const columns[] = {
-    "policy",      "budget",      "budget_tokens", "layer",     "head",      "kv_head",       "kept",
-    "cache_mean",  "cache_peak",  "recall_mean",   "recall_p10", "recall_min", "err_mean",     "err_p90",
-    "err_max",     "bound_mean",  "bound_gap_min", "violations", "wo_err_mean", "wo_bound_mean", "mem_bytes",
-    "meta_bytes",  "n_queries",
+    "policy",      "budget",        "budget_tokens", "layer",       "head",          "kv_head",
+    "kept",        "cache_mean",    "cache_peak",    "recall_mean", "recall_p10",    "recall_min",
+    "err_mean",    "err_p90",       "err_max",       "bound_mean",  "bound_gap_min", "violations",
+    "wo_err_mean", "wo_bound_mean", "mem_bytes",     "meta_bytes",  "n_queries",
 };
 
 const char *const *kv_results_columns(int *n)
@@ -61,8 +61,14 @@ static int push_str(char ***arr, int *n, const char *s)
     return KV_OK;
 }
 
-int kv_results_add_label(kv_results_t *r, const char *label) { return push_str(&r->labels, &r->n_labels, label); }
-int kv_results_add_budget(kv_results_t *r, const char *text) { return push_str(&r->budgets, &r->n_budgets, text); }
+int kv_results_add_label(kv_results_t *r, const char *label)
+{
+    return push_str(&r->labels, &r->n_labels, label);
+}
+int kv_results_add_budget(kv_results_t *r, const char *text)
+{
+    return push_str(&r->budgets, &r->n_budgets, text);
+}
 
 int kv_results_add_prov(kv_results_t *r, const char *key, const char *val)
 {
@@ -158,10 +164,10 @@ int kv_results_write_tsv(const kv_results_t *r, const char *path)
         put_idx(f, w->head);
         fputc('\t', f);
         put_idx(f, w->kv_head);
-        const double v[] = {w->kept,         w->cache_mean,  w->cache_peak,    w->recall_mean, w->recall_p10,
-                            w->recall_min,   w->err_mean,    w->err_p90,       w->err_max,     w->bound_mean,
+        const double v[] = {w->kept,          w->cache_mean,         w->cache_peak,  w->recall_mean,   w->recall_p10,
+                            w->recall_min,    w->err_mean,           w->err_p90,     w->err_max,       w->bound_mean,
                             w->bound_gap_min, (double)w->violations, w->wo_err_mean, w->wo_bound_mean, w->mem_bytes,
-                            w->meta_bytes,   (double)w->n_queries};
+                            w->meta_bytes,    (double)w->n_queries};
         for (size_t k = 0; k < KV_ARRAY_LEN(v); k++) {
             fputc('\t', f);
             put_num(f, v[k]);

@@ -17,29 +17,29 @@ extern "C" {
 #define KV_ALL (-1) /* layer or head "all" in a row */
 
 typedef struct {
-    int policy, budget;     /* indices into the label and budget tables */
+    int policy, budget;       /* indices into the label and budget tables */
     int layer, head, kv_head; /* KV_ALL for aggregate rows */
-    int budget_tokens;      /* resolved per-head budget B */
-    double kept;            /* mean context tokens in the cache a query reads */
-    double cache_mean;      /* mean keys a query reads (context + appended) */
-    double cache_peak;      /* largest cache any query of the row read */
+    int budget_tokens;        /* resolved per-head budget B */
+    double kept;              /* mean context tokens in the cache a query reads */
+    double cache_mean;        /* mean keys a query reads (context + appended) */
+    double cache_peak;        /* largest cache any query of the row read */
     double recall_mean, recall_p10, recall_min;
     double err_mean, err_p90, err_max;
     double bound_mean;
-    double bound_gap_min;   /* min over queries of bound - err (>= 0 unless violated) */
-    long violations;        /* queries whose error exceeds the bound beyond float tolerance */
+    double bound_gap_min;              /* min over queries of bound - err (>= 0 unless violated) */
+    long violations;                   /* queries whose error exceeds the bound beyond float tolerance */
     double wo_err_mean, wo_bound_mean; /* model-space (W_O) forms, NAN without W_O or on head rows */
-    double mem_bytes;       /* stored K and V bytes at the trace dtype (head rows: the head's share) */
-    double meta_bytes;      /* policy metadata bytes */
+    double mem_bytes;                  /* stored K and V bytes at the trace dtype (head rows: the head's share) */
+    double meta_bytes;                 /* policy metadata bytes */
     long n_queries;
 } kv_result_row_t;
 
 typedef struct {
     kv_result_row_t *rows;
     size_t n, cap;
-    char **labels;   /* (n_labels) policy labels */
+    char **labels; /* (n_labels) policy labels */
     int n_labels;
-    char **budgets;  /* (n_budgets) budget texts */
+    char **budgets; /* (n_budgets) budget texts */
     int n_budgets;
     char **prov_keys, **prov_vals; /* provenance preamble */
     int n_prov;

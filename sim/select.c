@@ -178,8 +178,7 @@ void kv_keep_prefix(const kv_policy_t *p, const kv_layer_ctx_t *c, int s, int m,
         mask[ord[r]] = 1;
 }
 
-int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate,
-                      kv_keep_t *keep)
+int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep)
 {
     (void)cstate;
     if (!p->order)

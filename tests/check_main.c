@@ -17,13 +17,13 @@ int main(void)
     /* Real-model and HDF5 tests take seconds, not Check's default 4 s budget. */
     setenv("CK_DEFAULT_TIMEOUT", "300", 0);
     SRunner *sr = NULL;
-#define X(name)                                                                                           \
-    do {                                                                                                  \
-        Suite *s_ = name();                                                                               \
-        if (!sr)                                                                                          \
-            sr = srunner_create(s_);                                                                      \
-        else                                                                                              \
-            srunner_add_suite(sr, s_);                                                                    \
+#define X(name)                                                                                                        \
+    do {                                                                                                               \
+        Suite *s_ = name();                                                                                            \
+        if (!sr)                                                                                                       \
+            sr = srunner_create(s_);                                                                                   \
+        else                                                                                                           \
+            srunner_add_suite(sr, s_);                                                                                 \
     } while (0);
 #include "suites.h"
 #undef X

@@ -30,11 +30,11 @@ struct kv_trace *kv_test_trace(int L, int H, int Hkv, int d, int T, int n_prompt
 int kv_test_write_trace(struct kv_trace *t, const char *path);
 
 /* Assert |a - b| <= atol + rtol*|b| with a message naming the quantity. */
-#define kv_assert_close(a, b, atol, rtol, what)                                                         \
-    do {                                                                                                \
-        double a_ = (a), b_ = (b);                                                                      \
-        ck_assert_msg(fabs(a_ - b_) <= (atol) + (rtol)*fabs(b_), "%s: %.9g vs %.9g (atol %g, rtol %g)", \
-                      (what), a_, b_, (double)(atol), (double)(rtol));                                  \
+#define kv_assert_close(a, b, atol, rtol, what)                                                                        \
+    do {                                                                                                               \
+        double a_ = (a), b_ = (b);                                                                                     \
+        ck_assert_msg(fabs(a_ - b_) <= (atol) + (rtol)*fabs(b_), "%s: %.9g vs %.9g (atol %g, rtol %g)", (what), a_,    \
+                      b_, (double)(atol), (double)(rtol));                                                             \
     } while (0)
 
 #endif

@@ -25,8 +25,15 @@ enum { D = 8 };
  * queries and keys zero (uniform attention) until weights are set. */
 static kv_trace_t *wtrace(int L, int H, int Hkv, int T, int NP, const int32_t *seg, int nseg)
 {
-    kv_trace_meta_t m = {.n_layers = L, .n_heads = H, .n_kv_heads = Hkv, .head_dim = D, .n_tokens = T,
-                         .n_prompt = NP, .dtype = KV_DTYPE_F32, .n_segments = nseg, .segments = (int32_t *)seg};
+    kv_trace_meta_t m = {.n_layers = L,
+                         .n_heads = H,
+                         .n_kv_heads = Hkv,
+                         .head_dim = D,
+                         .n_tokens = T,
+                         .n_prompt = NP,
+                         .dtype = KV_DTYPE_F32,
+                         .n_segments = nseg,
+                         .segments = (int32_t *)seg};
     kv_trace_t *t;
     ck_assert_int_eq(kv_trace_mem_create(&m, &t), KV_OK);
     for (int l = 0; l < L; l++) {
@@ -79,10 +86,10 @@ static void expect_set(const uint8_t *mask, const int *want, int n_want, int upt
         ck_assert_msg(mask[j] == w[j], "%s: token %d %s", what, j, mask[j] ? "kept, expected evicted" : "evicted");
 }
 
-#define EXPECT(mask, upto, what, ...)                                                            \
-    do {                                                                                         \
-        const int want_[] = {__VA_ARGS__};                                                       \
-        expect_set((mask), want_, (int)(sizeof want_ / sizeof want_[0]), (upto), (what));        \
+#define EXPECT(mask, upto, what, ...)                                                                                  \
+    do {                                                                                                               \
+        const int want_[] = {__VA_ARGS__};                                                                             \
+        expect_set((mask), want_, (int)(sizeof want_ / sizeof want_[0]), (upto), (what));                              \
     } while (0)
 
 /* ---------------------------------------------------------------- h2o */
@@ -305,7 +312,7 @@ START_TEST(shotkv_shot_choice)
     for (int j = 9; j < 12; j++)
         kw(t, 0, 0, j, 0, 8);
     kw(t, 0, 0, 17, 2, 8);
-    uint8_t mask[20];
+    uint8_t mask[2 * 20]; /* probe() clears n_heads x T bytes */
     probe(t, "shotkv(rd=0.5)", 13, 0, mask);
     EXPECT(mask, 20, "shotkv skip, query 16", 0, 1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
     probe(t, "shotkv(rd=0.5,fit=stop)", 13, 0, mask);
@@ -422,10 +429,10 @@ START_TEST(kvcompress_blocks_across_layers)
             const int l0h0_10[] = {8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
             const double kept8[4] = {4, 4, 16, 8}, kept10[4] = {12, 4, 16, 8};
             for (int x = 0; x < 4; x++) {
-                ck_assert_msg(row(r, 0, x / 2, x % 2)->kept == kept8[x], "B=8 layer %d head %d keeps %g", x / 2,
-                              x % 2, row(r, 0, x / 2, x % 2)->kept);
-                ck_assert_msg(row(r, 1, x / 2, x % 2)->kept == kept10[x], "B=10 layer %d head %d keeps %g",
-                              x / 2, x % 2, row(r, 1, x / 2, x % 2)->kept);
+                ck_assert_msg(row(r, 0, x / 2, x % 2)->kept == kept8[x], "B=8 layer %d head %d keeps %g", x / 2, x % 2,
+                              row(r, 0, x / 2, x % 2)->kept);
+                ck_assert_msg(row(r, 1, x / 2, x % 2)->kept == kept10[x], "B=10 layer %d head %d keeps %g", x / 2,
+                              x % 2, row(r, 1, x / 2, x % 2)->kept);
             }
             /* seq:30: room 14 holds 3 blocks (L1H1 {0..3}, two of L1H0); the fourth does not fit */
             const double kept30[4] = {4, 4, 12, 8};
@@ -447,8 +454,8 @@ START_TEST(kvcompress_blocks_across_layers)
             const int l1h1[] = {0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18, 19};
             const double kept8[4] = {4, 4, 12, 12};
             for (int x = 0; x < 4; x++)
-                ck_assert_msg(row(r, 0, x / 2, x % 2)->kept == kept8[x], "pooled B=8 layer %d head %d keeps %g",
-                              x / 2, x % 2, row(r, 0, x / 2, x % 2)->kept);
+                ck_assert_msg(row(r, 0, x / 2, x % 2)->kept == kept8[x], "pooled B=8 layer %d head %d keeps %g", x / 2,
+                              x % 2, row(r, 0, x / 2, x % 2)->kept);
             kv_assert_close(row(r, 0, 1, 0)->recall_mean, recall_of(l1h0, 12), 1e-6, 1e-5, "pooled L1H0");
             kv_assert_close(row(r, 0, 1, 1)->recall_mean, recall_of(l1h1, 12), 1e-6, 1e-5, "pooled L1H1");
         }

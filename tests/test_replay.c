@@ -34,9 +34,22 @@ START_TEST(metrics_match_brute_force)
     ck_assert_int_eq(be->ops->attn_probs(be, &a, p_eval, NULL), KV_OK);
     float *wo = kv_malloc(sizeof(float) * (size_t)H * D * H * D, "t");
     ck_assert_int_eq(kv_trace_read(t, 0, KV_T_WO, wo), KV_OK);
-    kv_layer_ctx_t c = {.meta = kv_trace_meta(t), .layer = 0, .n_layers = 1, .H = H, .Hkv = HKV, .G = H / HKV,
-                        .d = D, .T = T, .n_ctx = NP, .n_eval = E, .q = lay.q, .k = lay.k, .v = lay.v, .wo = wo,
-                        .p_eval = p_eval, .be = be};
+    kv_layer_ctx_t c = {.meta = kv_trace_meta(t),
+                        .layer = 0,
+                        .n_layers = 1,
+                        .H = H,
+                        .Hkv = HKV,
+                        .G = H / HKV,
+                        .d = D,
+                        .T = T,
+                        .n_ctx = NP,
+                        .n_eval = E,
+                        .q = lay.q,
+                        .k = lay.k,
+                        .v = lay.v,
+                        .wo = wo,
+                        .p_eval = p_eval,
+                        .be = be};
     kv_metrics_layer_t ml;
     ck_assert_int_eq(kv_metrics_layer_init(&ml, &c), KV_OK);
     /* a mask that keeps every third context token of KV head 0 (and tokens 0..2) */

@@ -406,6 +406,8 @@ START_TEST(observation_window_beats_random)
                 for (int j = 0; j < np; j++)
                     if (!keep[j] && (best < 0 || score[j] > score[best]))
                         best = j;
+                if (best < 0) /* cannot happen: B < np leaves a token */
+                    break;
                 keep[best] = 1;
             }
             for (int b = 0; b < B;) {

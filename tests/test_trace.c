@@ -162,9 +162,9 @@ START_TEST(f16_conversion_edges)
     ck_assert_uint_eq(kv_f32_to_f16(1.0f), 0x3c00);
     ck_assert_uint_eq(kv_f32_to_f16(-2.0f), 0xc000);
     ck_assert_uint_eq(kv_f32_to_f16(65504.0f), 0x7bff);
-    ck_assert_uint_eq(kv_f32_to_f16(65520.0f), 0x7c00); /* rounds past the largest finite: inf */
-    ck_assert_uint_eq(kv_f32_to_f16(0x1p-24f), 0x0001); /* smallest subnormal */
-    ck_assert_uint_eq(kv_f32_to_f16(0x1p-25f), 0x0000); /* tie to even: zero */
+    ck_assert_uint_eq(kv_f32_to_f16(65520.0f), 0x7c00);        /* rounds past the largest finite: inf */
+    ck_assert_uint_eq(kv_f32_to_f16(0x1p-24f), 0x0001);        /* smallest subnormal */
+    ck_assert_uint_eq(kv_f32_to_f16(0x1p-25f), 0x0000);        /* tie to even: zero */
     ck_assert_uint_eq(kv_f32_to_f16(1.0f + 0x1p-11f), 0x3c00); /* tie to even */
     ck_assert_uint_eq(kv_f32_to_f16(1.0f + 0x1p-11f + 0x1p-20f), 0x3c01);
     ck_assert(kv_f16_to_f32(0x0001) == 0x1p-24f);

@@ -49,8 +49,8 @@ typedef enum {
 typedef struct {
     /* shape */
     int n_layers, n_heads, n_kv_heads, head_dim;
-    int n_tokens; /* T = prompt + decode */
-    int n_prompt; /* decode tokens are [n_prompt, n_tokens) */
+    int n_tokens;       /* T = prompt + decode */
+    int n_prompt;       /* decode tokens are [n_prompt, n_tokens) */
     int32_t *tokens;    /* (n_tokens) token ids, -1 where unknown (synthetic traces) */
     int32_t *positions; /* (n_tokens) RoPE positions */
     int n_segments;     /* 0 when the trace has no segments */
@@ -64,20 +64,20 @@ typedef struct {
     int model_dim, hidden_dim, vocab_size, seq_len;
     float rope_theta, norm_eps;
     /* storage */
-    kv_dtype_t dtype;   /* on-disk dtype of Q, K, V */
-    long f16_overflow;  /* values beyond the f16 range stored as +-inf */
+    kv_dtype_t dtype;  /* on-disk dtype of Q, K, V */
+    long f16_overflow; /* values beyond the f16 range stored as +-inf */
     int zstd_level;
     /* provenance */
-    char source[32];        /* "capture", "synth" or "memory" */
-    char model[256];        /* model file */
-    char model_sha256[65];  /* of the model file */
+    char source[32];       /* "capture", "synth" or "memory" */
+    char model[256];       /* model file */
+    char model_sha256[65]; /* of the model file */
     char tokenizer[256];
     char tool_version[32];
     char git_revision[48];
-    char created[32];       /* ISO 8601 UTC */
-    char backend[64];       /* backend that computed the trace */
-    char generator[512];    /* synth: the generator's parameters; capture: the command options */
-    char prompt[1024];      /* prompt text (truncated), for reports */
+    char created[32];    /* ISO 8601 UTC */
+    char backend[64];    /* backend that computed the trace */
+    char generator[512]; /* synth: the generator's parameters; capture: the command options */
+    char prompt[1024];   /* prompt text (truncated), for reports */
 } kv_trace_meta_t;
 
 /* Meta owns its arrays. */
@@ -129,9 +129,9 @@ kv_trace_meta_t *kv_trace_mem_meta(kv_trace_t *t);
 
 /* ---- writing HDF5 ---- */
 typedef struct {
-    kv_dtype_t dtype;  /* Q, K, V storage (summaries and W_O are always f32) */
-    int zstd_level;    /* 1..22, 0 = default (3) */
-    int chunk_tokens;  /* tokens per chunk along T, 0 = automatic */
+    kv_dtype_t dtype; /* Q, K, V storage (summaries and W_O are always f32) */
+    int zstd_level;   /* 1..22, 0 = default (3) */
+    int chunk_tokens; /* tokens per chunk along T, 0 = automatic */
 } kv_write_opts_t;
 
 typedef struct kv_trace_writer kv_trace_writer_t;

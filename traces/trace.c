@@ -11,9 +11,15 @@
 
 static const char *tensor_names[KV_T_COUNT] = {"q", "k", "v", "lse", "entropy", "acc_attn", "pooled", "wo"};
 
-const char *kv_tensor_name(kv_tensor_t which) { return (unsigned)which < KV_T_COUNT ? tensor_names[which] : "?"; }
+const char *kv_tensor_name(kv_tensor_t which)
+{
+    return (unsigned)which < KV_T_COUNT ? tensor_names[which] : "?";
+}
 
-int kv_tensor_per_token(kv_tensor_t which) { return which <= KV_T_ACC; }
+int kv_tensor_per_token(kv_tensor_t which)
+{
+    return which <= KV_T_ACC;
+}
 
 int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3])
 {
@@ -27,18 +33,14 @@ int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3]
         return 3;
     case KV_T_LSE:
     case KV_T_ENTROPY:
-    case KV_T_ACC:
-        dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->n_tokens, dims[2] = 1;
-        return 2;
+    case KV_T_ACC: dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->n_tokens, dims[2] = 1; return 2;
     case KV_T_POOLED:
         dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->pool, dims[2] = (uint64_t)m->pool;
         return 3;
     case KV_T_WO:
         dims[0] = (uint64_t)m->model_dim, dims[1] = (uint64_t)m->n_heads * (uint64_t)m->head_dim, dims[2] = 1;
         return 2;
-    default:
-        dims[0] = dims[1] = dims[2] = 0;
-        return 0;
+    default: dims[0] = dims[1] = dims[2] = 0; return 0;
     }
 }
 
@@ -100,8 +102,7 @@ int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where)
         return kv_error(KV_EFORMAT, "%s: impossible shape (layers %d, heads %d, kv heads %d, head_dim %d, tokens %d)",
                         where, m->n_layers, m->n_heads, m->n_kv_heads, m->head_dim, m->n_tokens);
     if (m->n_heads % m->n_kv_heads)
-        return kv_error(KV_EFORMAT, "%s: %d heads is not a multiple of %d KV heads", where, m->n_heads,
-                        m->n_kv_heads);
+        return kv_error(KV_EFORMAT, "%s: %d heads is not a multiple of %d KV heads", where, m->n_heads, m->n_kv_heads);
     if (m->n_prompt <= 0 || m->n_prompt > m->n_tokens)
         return kv_error(KV_EFORMAT, "%s: prompt length %d outside [1, %d]", where, m->n_prompt, m->n_tokens);
     if (m->n_segments < 0 || (m->n_segments > 0 && !m->segments))
@@ -121,7 +122,10 @@ int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where)
 
 /* ---- dispatch ---- */
 
-int kv_trace_open(const char *path, kv_trace_t **out) { return kv_trace_hdf5_open(path, out); }
+int kv_trace_open(const char *path, kv_trace_t **out)
+{
+    return kv_trace_hdf5_open(path, out);
+}
 
 void kv_trace_close(kv_trace_t *t)
 {
@@ -132,9 +136,18 @@ void kv_trace_close(kv_trace_t *t)
     kv_free(t);
 }
 
-const kv_trace_meta_t *kv_trace_meta(const kv_trace_t *t) { return &t->meta; }
-const char *kv_trace_path(const kv_trace_t *t) { return t->path; }
-int kv_trace_has(const kv_trace_t *t, kv_tensor_t which) { return t->vt->has(t, which); }
+const kv_trace_meta_t *kv_trace_meta(const kv_trace_t *t)
+{
+    return &t->meta;
+}
+const char *kv_trace_path(const kv_trace_t *t)
+{
+    return t->path;
+}
+int kv_trace_has(const kv_trace_t *t, kv_tensor_t which)
+{
+    return t->vt->has(t, which);
+}
 
 static int check_layer(const kv_trace_t *t, int layer, kv_tensor_t which)
 {
@@ -169,7 +182,10 @@ int kv_trace_read(kv_trace_t *t, int layer, kv_tensor_t which, float *dst)
     return t->vt->read(t, layer, which, dst);
 }
 
-int kv_trace_storage(kv_trace_t *t, uint64_t *raw, uint64_t *stored) { return t->vt->storage(t, raw, stored); }
+int kv_trace_storage(kv_trace_t *t, uint64_t *raw, uint64_t *stored)
+{
+    return t->vt->storage(t, raw, stored);
+}
 
 static int grow(float **p, size_t *cap, size_t n)
 {
@@ -318,4 +334,7 @@ float *kv_trace_mem_tensor(kv_trace_t *t, int layer, kv_tensor_t which)
     return mem_get(t, layer, which, 1);
 }
 
-kv_trace_meta_t *kv_trace_mem_meta(kv_trace_t *t) { return t->vt == &mem_vt ? &t->meta : NULL; }
+kv_trace_meta_t *kv_trace_mem_meta(kv_trace_t *t)
+{
+    return t->vt == &mem_vt ? &t->meta : NULL;
+}

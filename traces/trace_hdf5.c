@@ -72,7 +72,10 @@ static void dset_path(char *buf, size_t len, int layer, kv_tensor_t which)
     snprintf(buf, len, "/layers/%d/%s", layer, kv_tensor_name(which));
 }
 
-static int attr_exists(hid_t obj, const char *name) { return H5Aexists(obj, name) > 0; }
+static int attr_exists(hid_t obj, const char *name)
+{
+    return H5Aexists(obj, name) > 0;
+}
 
 static int get_int_attr(hid_t obj, const char *name, long long *v, int required, const char *path)
 {
@@ -158,8 +161,14 @@ static int put_attr(hid_t obj, const char *name, hid_t type, const void *v)
     return e < 0 ? kv_error(KV_EIO, "cannot write attribute '%s' (%s)", name, h5_reason()) : KV_OK;
 }
 
-static int put_int(hid_t obj, const char *name, long long v) { return put_attr(obj, name, H5T_NATIVE_LLONG, &v); }
-static int put_double(hid_t obj, const char *name, double v) { return put_attr(obj, name, H5T_NATIVE_DOUBLE, &v); }
+static int put_int(hid_t obj, const char *name, long long v)
+{
+    return put_attr(obj, name, H5T_NATIVE_LLONG, &v);
+}
+static int put_double(hid_t obj, const char *name, double v)
+{
+    return put_attr(obj, name, H5T_NATIVE_DOUBLE, &v);
+}
 static int put_str(hid_t obj, const char *name, const char *s)
 {
     hid_t t = H5Tcopy(H5T_C_S1);
@@ -236,10 +245,10 @@ static int check_dims(hid_t file, const kv_trace_meta_t *m, int layer, kv_tensor
     for (int i = 0; ok && i < wr; i++)
         ok = dims[i] == want[i];
     if (!ok)
-        return kv_error(KV_EFORMAT, "%s: dataset '%s' has shape (%llu, %llu, %llu) of rank %d, expected (%llu, %llu, %llu)",
-                        path, name, (unsigned long long)dims[0], (unsigned long long)dims[1],
-                        (unsigned long long)dims[2], r, (unsigned long long)want[0], (unsigned long long)want[1],
-                        wr == 3 ? (unsigned long long)want[2] : 0ULL);
+        return kv_error(
+            KV_EFORMAT, "%s: dataset '%s' has shape (%llu, %llu, %llu) of rank %d, expected (%llu, %llu, %llu)", path,
+            name, (unsigned long long)dims[0], (unsigned long long)dims[1], (unsigned long long)dims[2], r,
+            (unsigned long long)want[0], (unsigned long long)want[1], wr == 3 ? (unsigned long long)want[2] : 0ULL);
     return KV_OK;
 }
 
@@ -263,11 +272,20 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
         int *dst;
         int required;
     } ints[] = {
-        {"n_layers", &m->n_layers, 1},   {"n_heads", &m->n_heads, 1},       {"n_kv_heads", &m->n_kv_heads, 1},
-        {"head_dim", &m->head_dim, 1},   {"n_tokens", &m->n_tokens, 1},     {"n_prompt", &m->n_prompt, 1},
-        {"has_summaries", &m->has_summaries, 0}, {"pool", &m->pool, 0},     {"has_wo", &m->has_wo, 0},
-        {"model_dim", &m->model_dim, 0}, {"hidden_dim", &m->hidden_dim, 0}, {"vocab_size", &m->vocab_size, 0},
-        {"seq_len", &m->seq_len, 0},     {"zstd_level", &m->zstd_level, 0},
+        {"n_layers", &m->n_layers, 1},
+        {"n_heads", &m->n_heads, 1},
+        {"n_kv_heads", &m->n_kv_heads, 1},
+        {"head_dim", &m->head_dim, 1},
+        {"n_tokens", &m->n_tokens, 1},
+        {"n_prompt", &m->n_prompt, 1},
+        {"has_summaries", &m->has_summaries, 0},
+        {"pool", &m->pool, 0},
+        {"has_wo", &m->has_wo, 0},
+        {"model_dim", &m->model_dim, 0},
+        {"hidden_dim", &m->hidden_dim, 0},
+        {"vocab_size", &m->vocab_size, 0},
+        {"seq_len", &m->seq_len, 0},
+        {"zstd_level", &m->zstd_level, 0},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(ints); i++) {
         v = 0;
@@ -342,7 +360,10 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     return kv_trace_meta_validate(m, path);
 }
 
-static int h5_has(const kv_trace_t *t, kv_tensor_t which) { return ((h5_impl_t *)t->impl)->has[which]; }
+static int h5_has(const kv_trace_t *t, kv_tensor_t which)
+{
+    return ((h5_impl_t *)t->impl)->has[which];
+}
 
 static int h5_read_hyperslab(kv_trace_t *t, int layer, kv_tensor_t which, int t0, int nt, float *dst)
 {
@@ -561,8 +582,7 @@ static hid_t make_dcpl(const kv_trace_meta_t *m, kv_tensor_t which, const kv_wri
     return dcpl;
 }
 
-int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_write_opts_t *opts,
-                    kv_trace_writer_t **out)
+int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_write_opts_t *opts, kv_trace_writer_t **out)
 {
     *out = NULL;
     int rc = kv_trace_init();
@@ -630,7 +650,10 @@ fail:
     return rc;
 }
 
-kv_trace_meta_t *kv_trace_writer_meta(kv_trace_writer_t *w) { return &w->meta; }
+kv_trace_meta_t *kv_trace_writer_meta(kv_trace_writer_t *w)
+{
+    return &w->meta;
+}
 
 static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0, int nt, const float *src)
 {
@@ -733,12 +756,23 @@ static int write_meta(kv_trace_writer_t *w)
         const char *name;
         long long v;
     } ints[] = {
-        {"n_layers", m->n_layers},       {"n_heads", m->n_heads},       {"n_kv_heads", m->n_kv_heads},
-        {"head_dim", m->head_dim},       {"n_tokens", m->n_tokens},     {"n_prompt", m->n_prompt},
-        {"n_decode", m->n_tokens - m->n_prompt}, {"n_segments", m->n_segments},
-        {"has_summaries", m->has_summaries}, {"pool", m->pool},         {"has_wo", m->has_wo},
-        {"model_dim", m->model_dim},     {"hidden_dim", m->hidden_dim}, {"vocab_size", m->vocab_size},
-        {"seq_len", m->seq_len},         {"zstd_level", m->zstd_level}, {"f16_overflow", m->f16_overflow},
+        {"n_layers", m->n_layers},
+        {"n_heads", m->n_heads},
+        {"n_kv_heads", m->n_kv_heads},
+        {"head_dim", m->head_dim},
+        {"n_tokens", m->n_tokens},
+        {"n_prompt", m->n_prompt},
+        {"n_decode", m->n_tokens - m->n_prompt},
+        {"n_segments", m->n_segments},
+        {"has_summaries", m->has_summaries},
+        {"pool", m->pool},
+        {"has_wo", m->has_wo},
+        {"model_dim", m->model_dim},
+        {"hidden_dim", m->hidden_dim},
+        {"vocab_size", m->vocab_size},
+        {"seq_len", m->seq_len},
+        {"zstd_level", m->zstd_level},
+        {"f16_overflow", m->f16_overflow},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(ints); i++)
         if ((rc = put_int(f, ints[i].name, ints[i].v)))

@@ -4,5 +4,11 @@
 
 extern const H5Z_class2_t kv_zstd_filter_class;
 
-H5PL_type_t H5PLget_plugin_type(void) { return H5PL_TYPE_FILTER; }
-const void *H5PLget_plugin_info(void) { return &kv_zstd_filter_class; }
+H5PL_type_t H5PLget_plugin_type(void)
+{
+    return H5PL_TYPE_FILTER;
+}
+const void *H5PLget_plugin_info(void)
+{
+    return &kv_zstd_filter_class;
+}

@@ -265,9 +265,8 @@ static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
                     if (a->lse)
                         a->lse[(size_t)h * a->n_q + i0 + r] = l;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, d, nk, 1.0f, S, nk,
-                            a->v + (size_t)g * d, (int)a->kv_stride, 0.0f,
-                            a->out + (size_t)i0 * H * d + (size_t)h * d, H * d);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, d, nk, 1.0f, S, nk, a->v + (size_t)g * d,
+                            (int)a->kv_stride, 0.0f, a->out + (size_t)i0 * H * d + (size_t)h * d, H * d);
             }
         kv_free_aligned(S);
     }

@@ -47,18 +47,19 @@
 #include <math.h>
 #include <stdint.h>
 
-namespace {
+namespace
+{
 
-constexpr int NW = 8;          /* warps per block */
-constexpr int RPW = 4;         /* rows per warp */
-constexpr int BR = NW * RPW;   /* rows per block */
-constexpr int BL = 32;         /* columns per tile (one per lane) */
-constexpr int NT = NW * 32;    /* threads per block */
+constexpr int NW = 8;        /* warps per block */
+constexpr int RPW = 4;       /* rows per warp */
+constexpr int BR = NW * RPW; /* rows per block */
+constexpr int BL = 32;       /* columns per tile (one per lane) */
+constexpr int NT = NW * 32;  /* threads per block */
 constexpr unsigned FULL = 0xffffffffu;
 constexpr int SPLIT_TARGET = 256; /* blocks a launch should reach before keys are split */
 constexpr int MAX_SPLIT = 64;
-constexpr int PROBS_CHUNK = 8;    /* key tiles per attn_probs block */
-constexpr int POOL_SMEM = 8192;   /* ints of shared memory for a block's pooled rows */
+constexpr int PROBS_CHUNK = 8;  /* key tiles per attn_probs block */
+constexpr int POOL_SMEM = 8192; /* ints of shared memory for a block's pooled rows */
 
 /* Rows of a per-head matrix: element (head, row, x) at p[head * hs + row * rs + x]. */
 struct Rows {
@@ -124,8 +125,7 @@ __device__ __forceinline__ void load_rows(float *s, int ld, const Rows &m, int h
 
 /* s[r] = dot(A row r, b) for the warp's RPW rows A (leading dimension D, same address in every
  * lane: broadcast) and this lane's column b. */
-template <int D>
-__device__ __forceinline__ void dots(float (&s)[RPW], const float *A, const float *b)
+template <int D> __device__ __forceinline__ void dots(float (&s)[RPW], const float *A, const float *b)
 {
 #pragma unroll
     for (int r = 0; r < RPW; r++)
@@ -170,7 +170,7 @@ template <int EPL> __device__ __forceinline__ void load_vec(float (&v)[EPL], con
 /* k_fwd: online softmax over the keys of one split, optionally with P V. */
 
 struct FwdOut {
-    float *out;     /* WITH_V, n_split == 1: out[h * o_hs + i * o_rs + x] */
+    float *out; /* WITH_V, n_split == 1: out[h * o_hs + i * o_rs + x] */
     size_t o_hs, o_rs;
     float *lse;     /* WITH_V, n_split == 1: (H, n_q), may be NULL */
     float *pm, *pl; /* otherwise: (H, n_q, n_split) running max and sum of each split */
@@ -331,8 +331,8 @@ __global__ void k_merge_stats(const float *pm, const float *pl, int rows, int ns
 /* k_probs: probs (H, n_q, n_k), every element written. Block: (query tile, head, chunk of keys). */
 
 template <int D>
-__global__ void __launch_bounds__(NT) k_probs(QK p, const float *__restrict__ rm, const float *__restrict__ rinv,
-                                              float *__restrict__ probs)
+__global__ void __launch_bounds__(NT)
+    k_probs(QK p, const float *__restrict__ rm, const float *__restrict__ rinv, float *__restrict__ probs)
 {
     KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
@@ -387,11 +387,14 @@ struct Pool {
     int pool, pool_T;
 };
 
-__device__ __forceinline__ int cell_of(long long t, const Pool &pl) { return (int)(t * pl.pool / pl.pool_T); }
+__device__ __forceinline__ int cell_of(long long t, const Pool &pl)
+{
+    return (int)(t * pl.pool / pl.pool_T);
+}
 
 template <int D>
-__global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ lse, float *__restrict__ entropy,
-                                               Pool pl)
+__global__ void __launch_bounds__(NT)
+    k_rowent(QK p, const float *__restrict__ lse, float *__restrict__ entropy, Pool pl)
 {
     KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
@@ -498,8 +501,8 @@ struct ColOut {
 };
 
 template <int D>
-__global__ void __launch_bounds__(NT) k_cols(QK p, const float *__restrict__ rm, const float *__restrict__ rinv,
-                                             ColOut o)
+__global__ void __launch_bounds__(NT)
+    k_cols(QK p, const float *__restrict__ rm, const float *__restrict__ rinv, ColOut o)
 {
     KV_DYN_SMEM(float4, smem4);
     constexpr int LDQ = D + 4;
@@ -607,13 +610,16 @@ int choose_split(long long blocks, int max_tiles)
     return s < 1 ? 1 : (int)s;
 }
 
-size_t align_floats(size_t n) { return (n + 63) / 64 * 64; }
+size_t align_floats(size_t n)
+{
+    return (n + 63) / 64 * 64;
+}
 
 int check_heads(const char *op, int H, int Hkv, int d, int n_q, int q_pos0, int n_k)
 {
     if (H <= 0 || Hkv <= 0 || H % Hkv || d <= 0 || n_q < 0 || n_k < 0 || q_pos0 < 0)
-        return kv_error(KV_EINVAL, "%s: bad shape (heads %d/%d, head_dim %d, n_q %d, n_k %d, q_pos0 %d)", op, H, Hkv,
-                        d, n_q, n_k, q_pos0);
+        return kv_error(KV_EINVAL, "%s: bad shape (heads %d/%d, head_dim %d, n_q %d, n_k %d, q_pos0 %d)", op, H, Hkv, d,
+                        n_q, n_k, q_pos0);
     if (!pick_d(d))
         return kv_error(KV_EINVAL, "%s: head_dim %d is above the CUDA backend's limit of 256", op, d);
     if (H > 65535)
@@ -621,11 +627,14 @@ int check_heads(const char *op, int H, int Hkv, int d, int n_q, int q_pos0, int 
     return KV_OK;
 }
 
-size_t smem_qk(int D) { return sizeof(float) * ((size_t)BR * D + (size_t)BL * (D + 4)); }
+size_t smem_qk(int D)
+{
+    return sizeof(float) * ((size_t)BR * D + (size_t)BL * (D + 4));
+}
 
 /* Row statistics of p (m and 1/l per (head, query); lse too when asked) into device buffers. */
-template <int D> int row_stats(kv_backend_t *be, const QK &p, float *m, float *inv, float *lse, float *pm, float *pl,
-                               int ns)
+template <int D>
+int row_stats(kv_backend_t *be, const QK &p, float *m, float *inv, float *lse, float *pm, float *pl, int ns)
 {
     cuda_ctx_t *c = kv_cuda_ctx(be);
     const int qtiles = (p.n_q + BR - 1) / BR, rows = p.H * p.n_q;
@@ -711,8 +720,8 @@ template <int D> int run_attention(kv_backend_t *be, const kv_attn_args_t *a)
     if ((rc = kv_cuda_check_launch("attention")))
         return rc;
     if (ns > 1) {
-        KV_LAUNCH((unsigned)((rows + 7) / 8), 256, 0, c->stream, k_merge_out<D>)(o, (int)rows, p.n_q, d, a->out, o.o_hs,
-                                                                          o.o_rs, a->lse);
+        KV_LAUNCH((unsigned)((rows + 7) / 8), 256, 0, c->stream, k_merge_out<D>)
+        (o, (int)rows, p.n_q, d, a->out, o.o_hs, o.o_rs, a->lse);
         rc = kv_cuda_check_launch("attention merge");
     }
     return rc;

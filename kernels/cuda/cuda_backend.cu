@@ -147,8 +147,14 @@ static int parse_mm(const char *s, kv_mm_mode_t *out)
 }
 
 template <typename T> __device__ __forceinline__ T to_half(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 to_half<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half to_half<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 to_half<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half to_half<__half>(float v)
+{
+    return __float2half_rn(v);
+}
 
 /* dst (n) = round-to-nearest(src (n)) */
 template <typename T> __global__ void k_convert(T *dst, const float *src, size_t n)
@@ -473,8 +479,7 @@ static int gemm_fn(kv_backend_t *be, void *arg)
     (void)be;
     gemm_arg_t *g = (gemm_arg_t *)arg;
     switch (g->mode) {
-    case KV_MM_TF32:
-        return gemm_ex(g->c, g->y, g->a, g->b, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, g->n, g->n, g->n);
+    case KV_MM_TF32: return gemm_ex(g->c, g->y, g->a, g->b, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, g->n, g->n, g->n);
     case KV_MM_BF16: return gemm_ex(g->c, g->y, g->a, g->b, CUDA_R_16BF, CUBLAS_COMPUTE_32F, g->n, g->n, g->n);
     case KV_MM_FP16: return gemm_ex(g->c, g->y, g->a, g->b, CUDA_R_16F, CUBLAS_COMPUTE_32F, g->n, g->n, g->n);
     default: return gemm_ex(g->c, g->y, g->a, g->b, CUDA_R_32F, CUBLAS_COMPUTE_32F, g->n, g->n, g->n);
@@ -511,8 +516,10 @@ extern "C" int kv_cuda_gemm_ceiling(kv_backend_t *be, int n, const char *mode, d
             goto done;
         }
         if (g.mode == KV_MM_BF16) {
-            k_convert<__nv_bfloat16><<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__nv_bfloat16 *)ha, fa, nn);
-            k_convert<__nv_bfloat16><<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__nv_bfloat16 *)hb, fb, nn);
+            k_convert<__nv_bfloat16>
+                <<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__nv_bfloat16 *)ha, fa, nn);
+            k_convert<__nv_bfloat16>
+                <<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__nv_bfloat16 *)hb, fb, nn);
         } else {
             k_convert<__half><<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__half *)ha, fa, nn);
             k_convert<__half><<<grid_for(nn, 256, c->sm_count), 256, 0, c->stream>>>((__half *)hb, fb, nn);

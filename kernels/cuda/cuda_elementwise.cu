@@ -22,7 +22,8 @@
 #include <math.h>
 #include <stdint.h>
 
-namespace {
+namespace
+{
 
 constexpr unsigned FULL = 0xffffffffu;
 
@@ -33,14 +34,17 @@ unsigned blocks_for(size_t n, int threads, int sm_count)
     return (unsigned)(b < 1 ? 1 : (b > cap ? cap : b));
 }
 
-bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+bool aligned16(const void *p)
+{
+    return ((uintptr_t)p & 15u) == 0;
+}
 
 /* ---------------------------------------------------------------- rmsnorm: one block per row */
 
 constexpr int RMS_THREADS = 256;
 
-__global__ void __launch_bounds__(RMS_THREADS) k_rmsnorm(float *__restrict__ y, const float *__restrict__ x,
-                                                         const float *__restrict__ w, int dim, float eps)
+__global__ void __launch_bounds__(RMS_THREADS)
+    k_rmsnorm(float *__restrict__ y, const float *__restrict__ x, const float *__restrict__ w, int dim, float eps)
 {
     __shared__ double part[RMS_THREADS / 32];
     __shared__ float r_sh;
@@ -72,8 +76,8 @@ __global__ void __launch_bounds__(RMS_THREADS) k_rmsnorm(float *__restrict__ y, 
 constexpr int ROPE_THREADS = 128;
 constexpr int ROPE_MAX_PAIRS = 512; /* head_dim <= 1024 */
 
-__global__ void __launch_bounds__(ROPE_THREADS) k_rope(float *__restrict__ x, const int32_t *__restrict__ pos,
-                                                       int n_heads, int head_dim, float theta)
+__global__ void __launch_bounds__(ROPE_THREADS)
+    k_rope(float *__restrict__ x, const int32_t *__restrict__ pos, int n_heads, int head_dim, float theta)
 {
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const int t = blockIdx.x, half = head_dim / 2;
@@ -98,7 +102,10 @@ __global__ void __launch_bounds__(ROPE_THREADS) k_rope(float *__restrict__ x, co
 
 /* ---------------------------------------------------------------- swiglu, add: grid-stride */
 
-__device__ __forceinline__ float silu_mul(float v, float g) { return __fmul_rn(__fdiv_rn(v, 1.0f + expf(-v)), g); }
+__device__ __forceinline__ float silu_mul(float v, float g)
+{
+    return __fmul_rn(__fdiv_rn(v, 1.0f + expf(-v)), g);
+}
 
 __global__ void k_swiglu4(float4 *__restrict__ h, const float4 *__restrict__ g, size_t n4)
 {
@@ -173,8 +180,8 @@ int kv_cuda_swiglu(kv_backend_t *be, float *h, const float *g, size_t n)
     if (n4)
         KV_LAUNCH(blocks_for(n4, 256, c->sm_count), 256, 0, c->stream, k_swiglu4)((float4 *)h, (const float4 *)g, n4);
     if (n > 4 * n4)
-        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_swiglu1)(h + 4 * n4, g + 4 * n4,
-                                                                                   n - 4 * n4);
+        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_swiglu1)
+        (h + 4 * n4, g + 4 * n4, n - 4 * n4);
     return kv_cuda_check_launch("swiglu");
 }
 
@@ -187,6 +194,7 @@ int kv_cuda_add(kv_backend_t *be, float *x, const float *y, size_t n)
     if (n4)
         KV_LAUNCH(blocks_for(n4, 256, c->sm_count), 256, 0, c->stream, k_add4)((float4 *)x, (const float4 *)y, n4);
     if (n > 4 * n4)
-        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_add1)(x + 4 * n4, y + 4 * n4, n - 4 * n4);
+        KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_add1)
+        (x + 4 * n4, y + 4 * n4, n - 4 * n4);
     return kv_cuda_check_launch("add");
 }

@@ -56,7 +56,10 @@ typedef struct {
     size_t scratch_bytes;
 } cuda_ctx_t;
 
-static inline cuda_ctx_t *kv_cuda_ctx(kv_backend_t *be) { return (cuda_ctx_t *)be->ctx; }
+static inline cuda_ctx_t *kv_cuda_ctx(kv_backend_t *be)
+{
+    return (cuda_ctx_t *)be->ctx;
+}
 
 /* Device scratch of at least `bytes`, valid until the next call (ops run in stream order, so one
  * op's scratch is never in use by another). NULL + message on failure. */
@@ -65,11 +68,11 @@ void *kv_cuda_scratch(kv_backend_t *be, size_t bytes);
 /* KV_OK, or KV_EIO naming the kernel when the launch failed. */
 int kv_cuda_check_launch(const char *what);
 
-#define KV_CUDA_TRY(call, what)                                                                          \
-    do {                                                                                                 \
-        cudaError_t e_ = (call);                                                                         \
-        if (e_ != cudaSuccess)                                                                           \
-            return kv_error(KV_EIO, "cuda %s: %s", what, cudaGetErrorString(e_));                        \
+#define KV_CUDA_TRY(call, what)                                                                                        \
+    do {                                                                                                               \
+        cudaError_t e_ = (call);                                                                                       \
+        if (e_ != cudaSuccess)                                                                                         \
+            return kv_error(KV_EIO, "cuda %s: %s", what, cudaGetErrorString(e_));                                      \
     } while (0)
 
 /* Op bodies (kv_backend_ops_t signatures). */

@@ -91,9 +91,7 @@ int kv_cmd_analyze(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'o':
-            o.out_dir = optarg;
-            break;
+        case 'o': o.out_dir = optarg; break;
         case 'f':
             if (strcmp(optarg, "png") && strcmp(optarg, "svg") && strcmp(optarg, "pdf"))
                 return kv_cli_usage_error("analyze", "--format expects png, svg or pdf, got '%s'", optarg);
@@ -110,9 +108,7 @@ int kv_cmd_analyze(int argc, char **argv)
                 return 2;
             o.map.n_layers = (int)v;
             break;
-        case 'H':
-            o.per_head = 1;
-            break;
+        case 'H': o.per_head = 1; break;
         case 'm':
             if (!strcmp(optarg, "auto"))
                 o.map.src = KV_MAP_AUTO;
@@ -144,15 +140,9 @@ int kv_cmd_analyze(int argc, char **argv)
             o.funnel.mass = m;
             break;
         }
-        case 'S':
-            o.funnel.use_summaries = 0;
-            break;
-        case 'T':
-            o.title = optarg;
-            break;
-        case 'b':
-            backend = optarg;
-            break;
+        case 'S': o.funnel.use_summaries = 0; break;
+        case 'T': o.title = optarg; break;
+        case 'b': backend = optarg; break;
         case 't':
             if (kv_cli_int("analyze", "--threads", optarg, 1, 1024, &threads))
                 return 2;
@@ -161,11 +151,8 @@ int kv_cmd_analyze(int argc, char **argv)
             o.quiet = 1;
             kv_log_set_level(KV_LOG_QUIET);
             break;
-        case 'h':
-            help();
-            return 0;
-        default:
-            return kv_cli_usage_error("analyze", "unknown option");
+        case 'h': help(); return 0;
+        default: return kv_cli_usage_error("analyze", "unknown option");
         }
     }
     if (argc - optind < 1)

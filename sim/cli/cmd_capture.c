@@ -146,15 +146,9 @@ int kv_cmd_generate(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:i:n:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z':
-            tok_path = optarg;
-            break;
-        case 'i':
-            prompt_arg = optarg;
-            break;
-        case OPT_PROMPT_FILE:
-            prompt_file = optarg;
-            break;
+        case 'z': tok_path = optarg; break;
+        case 'i': prompt_arg = optarg; break;
+        case OPT_PROMPT_FILE: prompt_file = optarg; break;
         case 'n':
             if (kv_cli_int("generate", "--steps", optarg, 0, 1L << 24, &steps))
                 return 2;
@@ -170,21 +164,14 @@ int kv_cmd_generate(int argc, char **argv)
             if (kv_cli_int("generate", "--seed", optarg, 0, 2147483647L, &seed))
                 return 2;
             break;
-        case OPT_BACKEND:
-            backend = optarg;
-            break;
+        case OPT_BACKEND: backend = optarg; break;
         case OPT_THREADS:
             if (kv_cli_int("generate", "--threads", optarg, 0, 4096, &threads))
                 return 2;
             break;
-        case 'q':
-            kv_log_set_level(KV_LOG_QUIET);
-            break;
-        case 'h':
-            generate_help();
-            return 0;
-        default:
-            return kv_cli_usage_error("generate", "unknown option");
+        case 'q': kv_log_set_level(KV_LOG_QUIET); break;
+        case 'h': generate_help(); return 0;
+        default: return kv_cli_usage_error("generate", "unknown option");
         }
     }
     if (optind + 1 != argc)
@@ -258,12 +245,8 @@ int kv_cmd_nll(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z':
-            tok_path = optarg;
-            break;
-        case OPT_BACKEND:
-            backend = optarg;
-            break;
+        case 'z': tok_path = optarg; break;
+        case OPT_BACKEND: backend = optarg; break;
         case OPT_THREADS:
             if (kv_cli_int("nll", "--threads", optarg, 0, 4096, &threads))
                 return 2;
@@ -272,11 +255,8 @@ int kv_cmd_nll(int argc, char **argv)
             verbose = 0;
             kv_log_set_level(KV_LOG_QUIET);
             break;
-        case 'h':
-            nll_help();
-            return 0;
-        default:
-            return kv_cli_usage_error("nll", "unknown option");
+        case 'h': nll_help(); return 0;
+        default: return kv_cli_usage_error("nll", "unknown option");
         }
     }
     if (optind + 2 != argc)
@@ -377,18 +357,10 @@ int kv_cmd_capture(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "z:i:o:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'z':
-            o.tokenizer_path = optarg;
-            break;
-        case 'i':
-            prompt_arg = optarg;
-            break;
-        case OPT_PROMPT_FILE:
-            prompt_file = optarg;
-            break;
-        case 'o':
-            o.out_path = optarg;
-            break;
+        case 'z': o.tokenizer_path = optarg; break;
+        case 'i': prompt_arg = optarg; break;
+        case OPT_PROMPT_FILE: prompt_file = optarg; break;
+        case 'o': o.out_path = optarg; break;
         case OPT_DECODE:
             if (kv_cli_int("capture", "--decode", optarg, 0, 1L << 24, &v))
                 return 2;
@@ -402,12 +374,8 @@ int kv_cmd_capture(int argc, char **argv)
             else
                 return kv_cli_usage_error("capture", "--dtype expects f16 or f32, got '%s'", optarg);
             break;
-        case OPT_WO:
-            o.with_wo = 1;
-            break;
-        case OPT_SEGMENTS:
-            o.segments = optarg;
-            break;
+        case OPT_WO: o.with_wo = 1; break;
+        case OPT_SEGMENTS: o.segments = optarg; break;
         case OPT_POOL:
             if (kv_cli_int("capture", "--pool", optarg, 1, 65536, &v))
                 return 2;
@@ -418,22 +386,15 @@ int kv_cmd_capture(int argc, char **argv)
                 return 2;
             o.zstd_level = (int)v;
             break;
-        case OPT_BACKEND:
-            o.backend = optarg;
-            break;
+        case OPT_BACKEND: o.backend = optarg; break;
         case OPT_THREADS:
             if (kv_cli_int("capture", "--threads", optarg, 0, 4096, &v))
                 return 2;
             o.n_threads = (int)v;
             break;
-        case 'q':
-            kv_log_set_level(KV_LOG_QUIET);
-            break;
-        case 'h':
-            capture_help();
-            return 0;
-        default:
-            return kv_cli_usage_error("capture", "unknown option");
+        case 'q': kv_log_set_level(KV_LOG_QUIET); break;
+        case 'h': capture_help(); return 0;
+        default: return kv_cli_usage_error("capture", "unknown option");
         }
     }
     if (optind + 1 != argc)

@@ -427,34 +427,22 @@ int kv_cmd_demo(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'o':
-            out_dir = optarg;
-            break;
-        case 'B':
-            budgets = optarg;
-            break;
-        case 'P':
-            policies = optarg;
-            break;
+        case 'o': out_dir = optarg; break;
+        case 'B': budgets = optarg; break;
+        case 'P': policies = optarg; break;
         case 'd':
             if (kv_cli_int("demo", "--decode", optarg, 1, 1 << 16, &v))
                 return 2;
             n_decode = v;
             break;
-        case 'S':
-            synthetic = 1;
-            break;
-        case 'N':
-            allow_download = 0;
-            break;
+        case 'S': synthetic = 1; break;
+        case 'N': allow_download = 0; break;
         case 'f':
             if (strcmp(optarg, "png") && strcmp(optarg, "svg") && strcmp(optarg, "pdf"))
                 return kv_cli_usage_error("demo", "--format expects png, svg or pdf, got '%s'", optarg);
             format = optarg;
             break;
-        case 'b':
-            backend = optarg;
-            break;
+        case 'b': backend = optarg; break;
         case 't':
             if (kv_cli_int("demo", "--threads", optarg, 1, 1024, &threads))
                 return 2;
@@ -463,11 +451,8 @@ int kv_cmd_demo(int argc, char **argv)
             quiet = 1;
             kv_log_set_level(KV_LOG_QUIET);
             break;
-        case 'h':
-            help();
-            return 0;
-        default:
-            return kv_cli_usage_error("demo", "unknown option");
+        case 'h': help(); return 0;
+        default: return kv_cli_usage_error("demo", "unknown option");
         }
     }
     if (optind != argc)

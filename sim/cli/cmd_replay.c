@@ -37,11 +37,16 @@ static void replay_help(void)
 int kv_cmd_replay(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},  {"json", required_argument, 0, 'j'},
-        {"eval-tail", required_argument, 0, 'e'}, {"seed", required_argument, 0, 's'},
-        {"no-head-rows", no_argument, 0, 'n'},  {"backend", required_argument, 0, 'b'},
-        {"threads", required_argument, 0, 't'}, {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0},
+        {"output", required_argument, 0, 'o'},
+        {"json", required_argument, 0, 'j'},
+        {"eval-tail", required_argument, 0, 'e'},
+        {"seed", required_argument, 0, 's'},
+        {"no-head-rows", no_argument, 0, 'n'},
+        {"backend", required_argument, 0, 'b'},
+        {"threads", required_argument, 0, 't'},
+        {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     const char *out = "-", *json = NULL, *backend = "auto";
     kv_replay_opts_t ro;
@@ -136,8 +141,7 @@ int kv_cmd_replay(int argc, char **argv)
         goto done;
     }
     if (strcmp(out, "-"))
-        kv_info("replay: %zu rows in %.1f s -> %s%s%s", res->n, kv_now() - t0, out, json ? ", " : "",
-                json ? json : "");
+        kv_info("replay: %zu rows in %.1f s -> %s%s%s", res->n, kv_now() - t0, out, json ? ", " : "", json ? json : "");
     rc = 0;
 done:
     for (int i = 0; i < n_pol; i++)
@@ -153,7 +157,9 @@ done:
 static void flags_text(unsigned f, char *buf, size_t len)
 {
     snprintf(buf, len, "%s%s%s%s%s%s%s%s%s",
-             f & KV_POL_DECODE ? "decode-time" : f & KV_POL_PER_QUERY ? "per-query" : "one-shot after prefill",
+             f & KV_POL_DECODE      ? "decode-time"
+             : f & KV_POL_PER_QUERY ? "per-query"
+                                    : "one-shot after prefill",
              f & KV_POL_NESTED ? ", nested" : "", f & KV_POL_NEEDS_SEGMENTS ? ", needs segments" : "",
              f & KV_POL_CROSS_LAYER ? ", cross-layer" : "", f & KV_POL_NO_EVICT ? ", no eviction" : "",
              f & KV_POL_BUDGET_LAYER ? ", head-adaptive (budget per layer)" : "",

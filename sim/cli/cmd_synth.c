@@ -158,21 +158,11 @@ int kv_cmd_synth(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
         switch (c) {
-        case 'o':
-            out = optarg;
-            break;
-        case 'q':
-            kv_log_set_level(KV_LOG_QUIET);
-            break;
-        case 'h':
-            help();
-            return 0;
-        case OPT_PRESET:
-            preset = optarg;
-            break;
-        case OPT_PARAMS:
-            label = optarg;
-            break;
+        case 'o': out = optarg; break;
+        case 'q': kv_log_set_level(KV_LOG_QUIET); break;
+        case 'h': help(); return 0;
+        case OPT_PRESET: preset = optarg; break;
+        case OPT_PARAMS: label = optarg; break;
         case OPT_DTYPE:
             if (!strcmp(optarg, "f16"))
                 wo.dtype = KV_DTYPE_F16;
@@ -200,16 +190,12 @@ int kv_cmd_synth(int argc, char **argv)
             if (kv_cli_int(cmd, "--pool", optarg, 1, 1 << 20, &pool))
                 return 2;
             break;
-        case OPT_BACKEND:
-            backend = optarg;
-            break;
+        case OPT_BACKEND: backend = optarg; break;
         case OPT_THREADS:
             if (kv_cli_int(cmd, "--threads", optarg, 1, 4096, &threads))
                 return 2;
             break;
-        case OPT_PRINT:
-            print = 1;
-            break;
+        case OPT_PRINT: print = 1; break;
         default:
             if (c >= OPT_KEY0 && c < OPT_KEY0 + n_keys) {
                 if (kv_params_set(&given, kv_synth_key(c - OPT_KEY0), optarg) != KV_OK)

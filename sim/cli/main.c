@@ -52,8 +52,9 @@ int kv_cli_int(const char *cmd, const char *opt, const char *val, long lo, long 
 
 static void usage(FILE *f)
 {
-    fprintf(f, "kvsim %s: trace-driven simulator for KV-cache eviction policies\n\n"
-               "usage: kvsim <command> [options]   (kvsim <command> --help for details)\n\ncommands:\n",
+    fprintf(f,
+            "kvsim %s: trace-driven simulator for KV-cache eviction policies\n\n"
+            "usage: kvsim <command> [options]   (kvsim <command> --help for details)\n\ncommands:\n",
             KV_VERSION);
     for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);

@@ -41,8 +41,14 @@ int kv_error_context(int code, const char *fmt, ...)
     return code;
 }
 
-const char *kv_last_error(void) { return g_msg; }
-void kv_clear_error(void) { g_msg[0] = 0; }
+const char *kv_last_error(void)
+{
+    return g_msg;
+}
+void kv_clear_error(void)
+{
+    g_msg[0] = 0;
+}
 
 const char *kv_strerror(int code)
 {
@@ -72,8 +78,7 @@ void *kv_calloc(size_t n, size_t size, const char *what)
 {
     void *p = calloc(n ? n : 1, size ? size : 1);
     if (!p)
-        kv_error(KV_ENOMEM, "out of memory allocating %zu x %zu bytes for %s", n, size,
-                 what ? what : "buffer");
+        kv_error(KV_ENOMEM, "out of memory allocating %zu x %zu bytes for %s", n, size, what ? what : "buffer");
     return p;
 }
 
@@ -96,8 +101,14 @@ void *kv_malloc_aligned(size_t bytes, const char *what)
     return p;
 }
 
-void kv_free(void *p) { free(p); }
-void kv_free_aligned(void *p) { free(p); }
+void kv_free(void *p)
+{
+    free(p);
+}
+void kv_free_aligned(void *p)
+{
+    free(p);
+}
 
 char *kv_strdup(const char *s)
 {
@@ -175,4 +186,7 @@ done:
     return rc;
 }
 
-const char *kv_git_revision(void) { return KV_GIT_REV; }
+const char *kv_git_revision(void)
+{
+    return KV_GIT_REV;
+}

@@ -10,8 +10,14 @@
 
 static int g_level = KV_LOG_INFO;
 
-void kv_log_set_level(int level) { g_level = level; }
-int kv_log_get_level(void) { return g_level; }
+void kv_log_set_level(int level)
+{
+    g_level = level;
+}
+int kv_log_get_level(void)
+{
+    return g_level;
+}
 
 static void vlog(const char *tag, const char *fmt, va_list ap)
 {
@@ -66,8 +72,8 @@ static void show(kv_progress_t *p, long done, const char *detail, int final)
     char pct[32] = "";
     if (p->total > 0)
         snprintf(pct, sizeof pct, " %ld/%ld (%3.0f%%)", done, p->total, 100.0 * done / p->total);
-    fprintf(stderr, "%skvsim: %s%s %.1fs%s%s%s", p->tty ? "\r\033[K" : "", p->what, pct, el,
-            detail ? " " : "", detail ? detail : "", (p->tty && !final) ? "" : "\n");
+    fprintf(stderr, "%skvsim: %s%s %.1fs%s%s%s", p->tty ? "\r\033[K" : "", p->what, pct, el, detail ? " " : "",
+            detail ? detail : "", (p->tty && !final) ? "" : "\n");
     fflush(stderr);
     p->shown = 1;
 }

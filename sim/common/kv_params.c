@@ -123,8 +123,7 @@ int kv_spec_parse(const char *spec, char *name, size_t name_len, kv_params_t *ra
                     tb++;
                 if (tb < te) {
                     if (!eq)
-                        return kv_error(KV_EINVAL, "'%s': expected key=value, got '%.*s'", spec,
-                                        (int)(te - tb), tb);
+                        return kv_error(KV_EINVAL, "'%s': expected key=value, got '%.*s'", spec, (int)(te - tb), tb);
                     if (raw->n >= KV_PARAMS_MAX)
                         return kv_error(KV_EINVAL, "'%s': too many parameters", spec);
                     if ((rc = copy_trim(raw->key[raw->n], KV_PARAM_KEY_LEN, b, eq, "key")) != KV_OK ||
@@ -159,7 +158,10 @@ static int find(const kv_params_t *p, const char *key)
     return -1;
 }
 
-int kv_params_has(const kv_params_t *p, const char *key) { return find(p, key) >= 0; }
+int kv_params_has(const kv_params_t *p, const char *key)
+{
+    return find(p, key) >= 0;
+}
 
 int kv_params_set(kv_params_t *p, const char *key, const char *val)
 {
@@ -229,8 +231,7 @@ static int normalise(const kv_param_def_t *d, char *val, const char *owner)
         if (!choice_ok(d->choices, val))
             return kv_error(KV_EINVAL, "%s: %s=%s is not one of %s", owner, d->key, val, d->choices);
         return KV_OK;
-    case KV_PARAM_STRING:
-        return KV_OK;
+    case KV_PARAM_STRING: return KV_OK;
     }
     return kv_error(KV_EINTERNAL, "bad parameter type");
 }
@@ -276,10 +277,22 @@ static const char *get(const kv_params_t *p, const char *key)
     return p->val[i];
 }
 
-long kv_params_int(const kv_params_t *p, const char *key) { return strtol(get(p, key), NULL, 10); }
-double kv_params_float(const kv_params_t *p, const char *key) { return strtod(get(p, key), NULL); }
-int kv_params_bool(const kv_params_t *p, const char *key) { return get(p, key)[0] == '1'; }
-const char *kv_params_str(const kv_params_t *p, const char *key) { return get(p, key); }
+long kv_params_int(const kv_params_t *p, const char *key)
+{
+    return strtol(get(p, key), NULL, 10);
+}
+double kv_params_float(const kv_params_t *p, const char *key)
+{
+    return strtod(get(p, key), NULL);
+}
+int kv_params_bool(const kv_params_t *p, const char *key)
+{
+    return get(p, key)[0] == '1';
+}
+const char *kv_params_str(const kv_params_t *p, const char *key)
+{
+    return get(p, key);
+}
 
 int kv_params_label(const char *name, const kv_params_t *r, char *buf, size_t len)
 {
@@ -307,7 +320,7 @@ void kv_params_describe(const kv_param_def_t *defs, int n_defs, char *buf, size_
             snprintf(range, sizeof range, ", %.15g..%.15g", d->min, d->max);
         else if (d->type == KV_PARAM_ENUM)
             snprintf(range, sizeof range, ", %s", d->choices);
-        used += (size_t)snprintf(buf + used, len - used, "    %-12s = %-8s (%s%s) %s\n", d->key, d->def,
-                                 tn[d->type], range, d->help ? d->help : "");
+        used += (size_t)snprintf(buf + used, len - used, "    %-12s = %-8s (%s%s) %s\n", d->key, d->def, tn[d->type],
+                                 range, d->help ? d->help : "");
     }
 }

@@ -30,7 +30,10 @@ void kv_rng_seed_task(kv_rng_t *r, uint64_t seed, uint64_t a, uint64_t b, uint64
     kv_rng_seed(r, splitmix64(&x));
 }
 
-static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static inline uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
 
 uint64_t kv_rng_u64(kv_rng_t *r)
 {
@@ -46,7 +49,10 @@ uint64_t kv_rng_u64(kv_rng_t *r)
     return result;
 }
 
-double kv_rng_uniform(kv_rng_t *r) { return (double)(kv_rng_u64(r) >> 11) * 0x1.0p-53; }
+double kv_rng_uniform(kv_rng_t *r)
+{
+    return (double)(kv_rng_u64(r) >> 11) * 0x1.0p-53;
+}
 
 uint64_t kv_rng_below(kv_rng_t *r, uint64_t n)
 {

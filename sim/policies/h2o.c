@@ -69,7 +69,10 @@ static int h2o_init(kv_policy_t *p)
     return KV_OK;
 }
 
-static void h2o_fini(kv_policy_t *p) { kv_free(p->state); }
+static void h2o_fini(kv_policy_t *p)
+{
+    kv_free(p->state);
+}
 
 static int h2o_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
 {
@@ -100,8 +103,7 @@ static int recent_of(const h2o_t *s, int B)
 }
 
 /* Score of token j for storage head s before query `next` (queries [0, next) accumulated). */
-static float score_of(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_acc_state_t *st, int s, int j,
-                      int next)
+static float score_of(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_acc_state_t *st, int s, int j, int next)
 {
     const h2o_t *hs = p->state;
     float v = kv_acc_group(p, st->acc, (size_t)c->T, c->G, s, j);
@@ -109,8 +111,8 @@ static float score_of(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_ac
 }
 
 /* Keep the last `recent` of the n candidates pos[] and the best B - recent of the others. */
-static void evict(const kv_policy_t *p, const kv_layer_ctx_t *c, kv_acc_state_t *st, int s, int n_cand, int B,
-                  int next, uint8_t *mk)
+static void evict(const kv_policy_t *p, const kv_layer_ctx_t *c, kv_acc_state_t *st, int s, int n_cand, int B, int next,
+                  uint8_t *mk)
 {
     if (n_cand <= B)
         return;

@@ -59,15 +59,15 @@ static const kv_param_def_t params[] = {
 typedef struct {
     int window, pool, kernel, block, protect;
     /* pre-pass, per layer l: */
-    int L, S, n;      /* layers, storage heads, context length */
-    int n_cand;       /* non-protected tokens per head */
-    float *metric;    /* (L, S, n) */
-    int *asc;         /* (L, S, n_cand) candidates by increasing metric */
+    int L, S, n;   /* layers, storage heads, context length */
+    int n_cand;    /* non-protected tokens per head */
+    float *metric; /* (L, S, n) */
+    int *asc;      /* (L, S, n_cand) candidates by increasing metric */
     /* allocation, per budget: */
     int n_budgets;
     char (*btext)[32];
     long *btotal;
-    int *count;       /* (n_budgets, L, S) candidates kept, the last `count` of asc */
+    int *count; /* (n_budgets, L, S) candidates kept, the last `count` of asc */
 } kvc_t;
 
 static int kvc_init(kv_policy_t *p)
@@ -222,8 +222,7 @@ static long total_of(const kvc_t *s, const kv_budget_t *b)
     return (long)b->tokens * s->L * s->S;
 }
 
-static int kvc_allocate(kv_policy_t *p, const kv_trace_meta_t *m, int n_ctx, const kv_budget_t *budgets,
-                        int n_budgets)
+static int kvc_allocate(kv_policy_t *p, const kv_trace_meta_t *m, int n_ctx, const kv_budget_t *budgets, int n_budgets)
 {
     kvc_t *s = p->state;
     (void)m;

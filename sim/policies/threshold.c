@@ -66,7 +66,10 @@ static int thr_init(kv_policy_t *p)
     return KV_OK;
 }
 
-static void thr_fini(kv_policy_t *p) { kv_free(p->state); }
+static void thr_fini(kv_policy_t *p)
+{
+    kv_free(p->state);
+}
 
 static int thr_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
 {

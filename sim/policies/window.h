@@ -29,16 +29,28 @@ typedef struct {
 } kv_obswin_t;
 
 /* The schema entries of the score; WDEF is the default window as a string. */
-#define KV_OBSWIN_PARAMS(WDEF)                                                                               \
-    {"window", KV_PARAM_INT, WDEF, 1, 1 << 20, NULL,                                                         \
-     "observation window: the last W context queries score the keys; the last W tokens are kept, inside "    \
-     "the budget"},                                                                                          \
-        {"kernel", KV_PARAM_INT, "7", 1, 255, NULL, "pooling kernel along keys (odd; stride 1, padding k/2)"}, \
-        {"pool", KV_PARAM_ENUM, "max", 0, -1, "max|avg|none",                                                \
-         "pooling of the scores along keys (avg divides edges by k: PyTorch count_include_pad)"},            \
-        {"qagg", KV_PARAM_ENUM, "sum", 0, -1, "sum|mean", "combination over the window queries"},            \
-        {"gqa", KV_PARAM_ENUM, "after_pool", 0, -1, "after_pool|before_pool",                                \
-         "gran=kv: combine the group (agg) after pooling (kvpress) or before (KVCache-Factory HEAD, AdaKV)"}
+#define KV_OBSWIN_PARAMS(WDEF)                                                                                         \
+    {"window",                                                                                                         \
+     KV_PARAM_INT,                                                                                                     \
+     WDEF,                                                                                                             \
+     1,                                                                                                                \
+     1 << 20,                                                                                                          \
+     NULL,                                                                                                             \
+     "observation window: the last W context queries score the keys; the last W tokens are kept, inside "              \
+     "the budget"},                                                                                                    \
+        {"kernel", KV_PARAM_INT, "7", 1, 255, NULL, "pooling kernel along keys (odd; stride 1, padding k/2)"},         \
+        {"pool",                                                                                                       \
+         KV_PARAM_ENUM,                                                                                                \
+         "max",                                                                                                        \
+         0,                                                                                                            \
+         -1,                                                                                                           \
+         "max|avg|none",                                                                                               \
+         "pooling of the scores along keys (avg divides edges by k: PyTorch count_include_pad)"},                      \
+        {"qagg", KV_PARAM_ENUM, "sum", 0, -1, "sum|mean", "combination over the window queries"},                      \
+    {                                                                                                                  \
+        "gqa", KV_PARAM_ENUM, "after_pool", 0, -1, "after_pool|before_pool",                                           \
+            "gran=kv: combine the group (agg) after pooling (kvpress) or before (KVCache-Factory HEAD, AdaKV)"         \
+    }
 #define KV_OBSWIN_N_PARAMS 5
 
 /* Read the score parameters of a resolved set (kernel must be odd). `owner` names the policy. */
