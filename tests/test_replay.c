@@ -338,7 +338,7 @@ START_TEST(random_is_seeded_and_uniform)
     for (int j = 0; j < 128; j++) {
         n0 += m1[j];
         n1 += m1[140 + j];
-        first_half += m1[j] && j < 64;
+        first_half += j < 64 && m1[j];
     }
     ck_assert_int_eq(n0, 32);
     ck_assert_int_eq(n1, 32);
