@@ -535,6 +535,20 @@ done:
 
 /* ---------------------------------------------------------------- the engine */
 
+/* Read layer l's Q, K, V and, when wo is given, its W_O; count the time in st (may be NULL). */
+static int read_layer(kv_trace_t *t, int l, kv_layer_t *lay, float *wo, kv_replay_stats_t *st)
+{
+    double t0 = kv_now();
+    int rc = kv_trace_read_layer(t, l, lay);
+    if (rc == KV_OK && wo)
+        rc = kv_trace_read(t, l, KV_T_WO, wo);
+    if (st) {
+        st->t_read += kv_now() - t0;
+        st->layers_read++;
+    }
+    return rc;
+}
+
 static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, kv_layer_t *L, const float *wo,
                      kv_backend_t *be, engine_t *eng, uint64_t seed)
 {
@@ -646,15 +660,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     char detail[128];
     if (cross) {
         for (int l = 0; l < L && rc == KV_OK; l++) {
-            t_mark = kv_now();
-            if ((rc = kv_trace_read_layer(t, l, &lay)))
+            if ((rc = read_layer(t, l, &lay, wo, o.stats)))
                 break;
-            if (m->has_wo && (rc = kv_trace_read(t, l, KV_T_WO, wo)))
-                break;
-            if (o.stats) {
-                o.stats->t_read += kv_now() - t_mark;
-                o.stats->layers_read++;
-            }
             engine_reset(&eng);
             fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
             for (int i = 0; i < n_pol && rc == KV_OK; i++)
@@ -669,15 +676,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 rc = pols[i]->desc->allocate(pols[i], m, n_ctx, bud, n_budgets);
     }
     for (int l = 0; l < L && rc == KV_OK; l++) {
-        t_mark = kv_now();
-        if ((rc = kv_trace_read_layer(t, l, &lay)))
+        if ((rc = read_layer(t, l, &lay, wo, o.stats)))
             break;
-        if (m->has_wo && (rc = kv_trace_read(t, l, KV_T_WO, wo)))
-            break;
-        if (o.stats) {
-            o.stats->t_read += kv_now() - t_mark;
-            o.stats->layers_read++;
-        }
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
         if ((rc = eval_probs(&c, p_eval)))
@@ -786,7 +786,7 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
     }
     /* layers before `layer` run too: policies may carry state across layers (ChunkKV reuse) */
     for (int l = 0; l <= layer && rc == KV_OK; l++) {
-        if ((rc = kv_trace_read_layer(t, l, &lay)) || (m->has_wo && (rc = kv_trace_read(t, l, KV_T_WO, wo))))
+        if ((rc = read_layer(t, l, &lay, wo, NULL)))
             break;
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);

@@ -38,6 +38,9 @@ void kv_acc_keep_best(kv_acc_state_t *st, const int *pos, const float *key, int 
 
 /* Score of token j for storage head s from per-query-head values v (H rows of `stride`): the value
  * of query head s (granularity query) or p->agg over the G heads of KV group s. */
+/* Metadata of accumulators: one fp32 score per cached token and query head. */
+size_t kv_acc_score_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_keep_t *keep);
+
 float kv_acc_group(const kv_policy_t *p, const float *v, size_t stride, int G, int s, int j);
 
 #endif

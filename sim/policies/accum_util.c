@@ -87,3 +87,11 @@ float kv_acc_group(const kv_policy_t *p, const float *v, size_t stride, int G, i
     }
     return p->agg == KV_AGG_MEAN ? a / (float)G : a;
 }
+
+size_t kv_acc_score_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_keep_t *keep)
+{
+    size_t slots = 0;
+    for (size_t x = 0; x < (size_t)keep->n_store * keep->T; x++)
+        slots += keep->mask[x] != 0;
+    return slots * sizeof(float) * (p->gran == KV_GRAN_KV ? (size_t)c->G : 1);
+}

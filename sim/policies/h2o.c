@@ -181,11 +181,7 @@ static size_t h2o_meta(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_b
     (void)b;
     if (!((const h2o_t *)p->state)->decode)
         return 0;
-    /* one fp32 accumulated score per cached token and query head */
-    size_t slots = 0;
-    for (size_t x = 0; x < (size_t)keep->n_store * keep->T; x++)
-        slots += keep->mask[x] != 0;
-    return slots * sizeof(float) * (p->gran == KV_GRAN_KV ? (size_t)c->G : 1);
+    return kv_acc_score_bytes(p, c, keep);
 }
 
 const kv_policy_desc_t kv_policy_h2o = {

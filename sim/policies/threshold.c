@@ -167,10 +167,7 @@ static int thr_observe(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_
 static size_t thr_meta(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, const kv_keep_t *keep)
 {
     (void)b;
-    size_t slots = 0;
-    for (size_t x = 0; x < (size_t)keep->n_store * keep->T; x++)
-        slots += keep->mask[x] != 0;
-    return slots * sizeof(float) * (p->gran == KV_GRAN_KV ? (size_t)c->G : 1);
+    return kv_acc_score_bytes(p, c, keep); /* the maximum observed attention */
 }
 
 const kv_policy_desc_t kv_policy_threshold = {
