@@ -11,6 +11,11 @@
  * RoPE positions inside the cache (pos-shift), which a trace of post-RoPE keys cannot reproduce
  * (kvpress and KVCache-Factory do not either).
  * Position-based: identical for every head, so the granularity only changes the memory accounting.
+ * Budget below the sinks (undefined in every reference: KVCache-Factory's window B - 4 turns
+ * negative, kvpress's topk among equal scores is unspecified): the sinks are the earliest tokens,
+ * so mode=oneshot keeps the first B context tokens, and mode=decode the first B - 1 plus the
+ * query's own token (a decode query always reads its own key; the rolling cache then holds no
+ * recent part at all).
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
@@ -40,6 +45,22 @@ static int slm_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
     return KV_OK;
 }
 
+/* One-shot selection (and mode=decode's cache at the end of prefill): the shared prefix of the
+ * position order, except that a budget below the sinks keeps the first B tokens (the engine lifts
+ * every sink to +inf, and its tie-break, later token first, would keep the LAST B sinks). */
+static int slm_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep)
+{
+    const int B = b->tokens, sinks = (int)kv_params_int(&p->params, "sinks");
+    if (B >= sinks || B >= c->n_ctx)
+        return kv_select_uniform(p, c, b, cstate, keep);
+    for (int s = 0; s < keep->n_store; s++) {
+        uint8_t *mk = keep->mask + (size_t)s * keep->T;
+        memset(mk, 0, (size_t)keep->T);
+        memset(mk, 1, (size_t)B);
+    }
+    return KV_OK;
+}
+
 static int slm_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, int i,
                      kv_keep_t *cache)
 {
@@ -52,7 +73,8 @@ static int slm_admit(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t 
             memset(mk, 1, (size_t)i + 1);
             continue;
         }
-        int ns = sinks < B ? sinks : B; /* sinks first, the rest of the budget is recent tokens */
+        /* sinks first, the rest of the budget is recent tokens, token i at least */
+        int ns = sinks < B - 1 ? sinks : B - 1;
         memset(mk, 1, (size_t)ns);
         for (int j = i - (B - ns) + 1; j <= i; j++)
             mk[j] = 1;
@@ -67,8 +89,9 @@ const kv_policy_desc_t kv_policy_streaming_llm = {
     .params = params,
     .n_params = 2,
     .flags = KV_POL_ONESHOT | KV_POL_NESTED,
-    .variants = "mode=decode;sinks=0,mode=decode",
+    .variants = "mode=decode;sinks=0,mode=decode;sinks=9;sinks=9,mode=decode",
     .init = slm_init,
     .prepare = slm_prepare,
+    .select = slm_select,
     .admit = slm_admit,
 };
