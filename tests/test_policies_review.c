@@ -625,6 +625,295 @@ static void ref_check_h2o(kv_trace_t *t, const ref_data_t *x)
     }
 }
 
+/* Query i's attention renormalised over the cache `in` (mask over [0, i]) of query head h. */
+static void ref_cache_attn(const ref_data_t *x, int l, int h, int i, const uint8_t *in, double *a)
+{
+    double p[RT], z = 0;
+    ref_row(x, l, h, i, p);
+    for (int j = 0; j <= i; j++)
+        z += in[j] ? p[j] : 0;
+    for (int j = 0; j <= i; j++)
+        a[j] = in[j] ? p[j] / z : 0;
+}
+
+/* Keep in `in` (over [0, upto)) the `keep` cached tokens of highest score (ties: later token). */
+static void ref_keep_top(uint8_t *in, int upto, const double *score, int keep)
+{
+    int pos[RT], n = 0;
+    double sc[RT];
+    for (int j = 0; j < upto; j++)
+        if (in[j]) {
+            pos[n] = j;
+            sc[n++] = score[j];
+        }
+    if (n <= keep)
+        return;
+    int ord[RT];
+    ref_order(sc, n, ord);
+    for (int r = keep; r < n; r++)
+        in[pos[ord[r]]] = 0;
+}
+
+/* TOVA as schwartz-lab-NLP TOVACache.reduce does it, with cache_size = B - 1: after the prefill
+ * forward and after every decode forward, a cache over cache_size keeps the top cache_size tokens
+ * by the last query's attention averaged over ALL query heads, one set for every head; query i
+ * reads the cache plus its own token (B keys). */
+static void ref_check_tova(kv_trace_t *t, const ref_data_t *x)
+{
+    const char *specs[2] = {"tova", "tova(gran=query)"};
+    const int budgets[] = {1, 5, 12, 30};
+    uint8_t mask[MAXS * MAXT];
+    for (int bi = 0; bi < 4; bi++) {
+        const int B = budgets[bi], cs = B - 1;
+        uint8_t cache[RT] = {0}, reads[RT - RN][RT];
+        double s[RT], a[RT];
+        memset(cache, 1, RN);
+        for (int j = 0; j < RT; j++)
+            s[j] = 0;
+        for (int h = 0; h < RH; h++) {
+            ref_cache_attn(x, 0, h, RN - 1, cache, a); /* the last prompt query, full prompt */
+            for (int j = 0; j < RN; j++)
+                s[j] += a[j] / RH;
+        }
+        ref_keep_top(cache, RN, s, cs);
+        for (int i = RN; i < RT; i++) {
+            cache[i] = 1;
+            memcpy(reads[i - RN], cache, RT);
+            for (int j = 0; j <= i; j++)
+                s[j] = 0;
+            for (int h = 0; h < RH; h++) {
+                ref_cache_attn(x, 0, h, i, cache, a);
+                for (int j = 0; j <= i; j++)
+                    s[j] += a[j] / RH;
+            }
+            ref_keep_top(cache, i + 1, s, cs);
+        }
+        for (int k = 0; k < 2; k++)
+            for (int e = 0; e < RT - RN; e++) {
+                probe(t, 0, specs[k], B, e, mask);
+                for (int st = 0; st < (k ? RH : RHKV); st++)
+                    for (int j = 0; j < RT; j++)
+                        ck_assert_msg(mask[(size_t)st * RT + j] == (j <= RN + e && reads[e][j]),
+                                      "%s B=%d query %d head %d: token %d differs from the reference", specs[k], B,
+                                      RN + e, st, j);
+            }
+    }
+}
+
+/* H2O real drop (FMInference utils_real_drop, H2OKVCache_LayerWise), per query head: scores are
+ * the causal column sums of the prompt, then every decode query adds its attention over the cache
+ * it read (own token included); after each forward a cache over hh + recent keeps the last
+ * `recent` slots and the top hh of the others; evicted scores are gone. h2o(mode=decode) at budget
+ * B splits B into heavy floor(B (1 - recent_ratio)) and recent r = B - heavy, r counting the new
+ * token: the reference with hh = heavy, recent = r - 1, whose query reads hh + recent + 1 = B. */
+static void ref_check_h2o_decode(kv_trace_t *t, const ref_data_t *x)
+{
+    static const struct {
+        const char *spec;
+        double ratio;
+    } cases[] = {{"h2o(mode=decode,gran=query)", 0.5}, {"h2o(mode=decode,recent_ratio=0.25,gran=query)", 0.25}};
+    const int budgets[] = {2, 7, 16};
+    uint8_t mask[MAXS * MAXT];
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int bi = 0; bi < 3; bi++) {
+            const int B = budgets[bi], heavy = (int)floor(B * (1 - cases[c].ratio) + 1e-9);
+            const int recent = (B - heavy < 1 ? 1 : B - heavy) - 1, hh = B - 1 - recent;
+            uint8_t reads[RH][RT - RN][RT];
+            for (int h = 0; h < RH; h++) {
+                double score[RT] = {0}, p[RT], a[RT];
+                for (int i = 0; i < RN; i++) {
+                    ref_row(x, 0, h, i, p);
+                    for (int j = 0; j <= i; j++)
+                        score[j] += p[j];
+                }
+                uint8_t cache[RT] = {0};
+                memset(cache, 1, RN);
+                for (int i = RN - 1; i < RT; i++) {
+                    if (i >= RN) { /* decode forward: append, read, accumulate */
+                        cache[i] = 1;
+                        memcpy(reads[h][i - RN], cache, RT);
+                        ref_cache_attn(x, 0, h, i, cache, a);
+                        for (int j = 0; j <= i; j++)
+                            score[j] += a[j];
+                    }
+                    int n = 0, pos[RT];
+                    for (int j = 0; j <= i; j++)
+                        if (cache[j])
+                            pos[n++] = j;
+                    if (n > hh + recent) { /* keep topk(hh) of the slots before the last `recent` */
+                        uint8_t old[RT] = {0};
+                        for (int r = 0; r < n - recent; r++)
+                            old[pos[r]] = 1;
+                        ref_keep_top(old, i + 1, score, hh);
+                        for (int r = 0; r < n - recent; r++)
+                            cache[pos[r]] = old[pos[r]];
+                    }
+                }
+            }
+            for (int e = 0; e < RT - RN; e++) {
+                probe(t, 0, cases[c].spec, B, e, mask);
+                for (int h = 0; h < RH; h++)
+                    for (int j = 0; j < RT; j++)
+                        ck_assert_msg(mask[(size_t)h * RT + j] == (j <= RN + e && reads[h][e][j]),
+                                      "%s B=%d query %d head %d: token %d differs from the reference", cases[c].spec, B,
+                                      RN + e, h, j);
+            }
+        }
+}
+
+/* Quest (controller.py kernel path) per query head: pages of P tokens, per channel min/max of the
+ * keys, U = sum_d max(q_d max_d, q_d min_d); query i reads the page holding it plus the top
+ * B/P - 1 complete pages by U (ties: later page); B >= i + 1 reads everything. */
+static void ref_check_quest(kv_trace_t *t, const ref_data_t *x)
+{
+    const int P = 8, budgets[] = {8, 16, 24, 40};
+    uint8_t mask[MAXS * MAXT];
+    for (int bi = 0; bi < 4; bi++) {
+        const int B = budgets[bi], K = B / P;
+        for (int e = 0; e < RT - RN; e++) {
+            const int i = RN + e, lp = i / P;
+            probe(t, 2, "quest(page=8,gran=query)", B, e, mask);
+            for (int h = 0; h < RH; h++) {
+                uint8_t want[RT] = {0};
+                if (B >= i + 1) {
+                    memset(want, 1, (size_t)i + 1);
+                } else {
+                    const float *q = x->q[2] + ((size_t)h * RT + i) * RD;
+                    const float *kb = x->k[2] + (size_t)(h / RG) * RT * RD;
+                    double u[RT];
+                    for (int pg = 0; pg < lp; pg++) {
+                        u[pg] = 0;
+                        for (int c = 0; c < RD; c++) {
+                            double mn = INFINITY, mx = -INFINITY;
+                            for (int j = pg * P; j < pg * P + P; j++) {
+                                mn = kb[(size_t)j * RD + c] < mn ? kb[(size_t)j * RD + c] : mn;
+                                mx = kb[(size_t)j * RD + c] > mx ? kb[(size_t)j * RD + c] : mx;
+                            }
+                            u[pg] += q[c] * mx > q[c] * mn ? q[c] * mx : q[c] * mn;
+                        }
+                    }
+                    int ord[RT];
+                    ref_order(u, lp, ord);
+                    for (int j = lp * P; j <= i; j++)
+                        want[j] = 1;
+                    for (int r = 0; r < K - 1 && r < lp; r++)
+                        memset(want + ord[r] * P, 1, P);
+                }
+                for (int j = 0; j < RT; j++)
+                    ck_assert_msg(mask[(size_t)h * RT + j] == want[j], "quest B=%d query %d head %d: token %d differs",
+                                  B, i, h, j);
+            }
+        }
+    }
+}
+
+/* KV-Compress (IsaacRe/vllm-kvcompress, one-shot): metric = squared probabilities summed over the
+ * last w prompt queries, max-pooled along keys (k 7, -inf padding), summed over the G query heads;
+ * the last `protect` tokens kept; per (layer, KV head) the others sorted ascending and cut into
+ * blocks from the lowest (the highest block partial), block key = its highest metric; blocks of
+ * all layers and heads kept by decreasing key (ties: earlier layer, lower head, higher block)
+ * while they fit the per-sequence total B * L * Hkv. Checked through a full replay: kept tokens per
+ * (layer, head) and the recall of each head, recomputed from the reference set. */
+static void ref_check_kvcompress(kv_trace_t *t, const ref_data_t *x)
+{
+    const int w = 8, kern = 7, blk = 5, prot = 4, nc = RN - prot, per = (nc + blk - 1) / blk;
+    const char *spec = "kvcompress(window=8,kernel=7,block=5,protect=4)";
+    double met[RL][RHKV][RN];
+    int asc[RL][RHKV][RN];
+    for (int l = 0; l < RL; l++)
+        for (int g = 0; g < RHKV; g++) {
+            for (int j = 0; j < RN; j++)
+                met[l][g][j] = 0;
+            for (int y = 0; y < RG; y++) {
+                double sq[RN] = {0}, pooled[RN], p[RT];
+                for (int i = RN - w; i < RN; i++) {
+                    ref_row(x, l, g * RG + y, i, p);
+                    for (int j = 0; j <= i; j++)
+                        sq[j] += p[j] * p[j];
+                }
+                ref_pool(sq, RN, kern, R_MAX, pooled);
+                for (int j = 0; j < RN; j++)
+                    met[l][g][j] += pooled[j];
+            }
+            int desc[RN];
+            ref_order(met[l][g], nc, desc); /* descending, later first: reversed = ascending, earlier first */
+            for (int r = 0; r < nc; r++)
+                asc[l][g][r] = desc[nc - 1 - r];
+        }
+    typedef struct {
+        double key;
+        int l, g, b, size;
+    } rblk_t;
+    rblk_t bl[RL * RHKV * RN];
+    int nb = 0;
+    for (int l = 0; l < RL; l++)
+        for (int g = 0; g < RHKV; g++)
+            for (int b = 0; b < per; b++) {
+                const int hi = (b + 1) * blk < nc ? (b + 1) * blk : nc;
+                bl[nb++] = (rblk_t){met[l][g][asc[l][g][hi - 1]], l, g, b, hi - b * blk};
+            }
+    for (int a = 1; a < nb; a++) /* insertion sort by the block order */
+        for (int b = a; b > 0; b--) {
+            const rblk_t *u = &bl[b - 1], *v = &bl[b];
+            int swap =
+                v->key > u->key ||
+                (v->key == u->key && (v->l < u->l || (v->l == u->l && (v->g < u->g || (v->g == u->g && v->b > u->b)))));
+            if (!swap)
+                break;
+            rblk_t tmp = bl[b - 1];
+            bl[b - 1] = bl[b];
+            bl[b] = tmp;
+        }
+    const int budgets[] = {3, 10, 20};
+    kv_budget_t *bud;
+    int n_b;
+    ck_assert_int_eq(kv_budget_parse_list("3,10,20", &bud, &n_b), KV_OK);
+    kv_policy_t *p;
+    ck_assert_int_eq(kv_policy_create(spec, &p), KV_OK);
+    kv_backend_t *be;
+    ck_assert_int_eq(kv_backend_cpu_open(1, &be), KV_OK);
+    kv_replay_opts_t o;
+    kv_replay_defaults(&o);
+    o.quiet = 1;
+    kv_results_t *res;
+    ck_assert_int_eq(kv_replay(t, &p, 1, bud, n_b, be, &o, &res), KV_OK);
+    for (int bi = 0; bi < 3; bi++) {
+        long room = (long)budgets[bi] * RL * RHKV - (long)RL * RHKV * prot;
+        int cnt[RL][RHKV] = {{0}};
+        for (int k = 0; k < nb && room > 0 && bl[k].size <= room; k++) {
+            cnt[bl[k].l][bl[k].g] += bl[k].size;
+            room -= bl[k].size;
+        }
+        for (int l = 0; l < RL; l++)
+            for (int h = 0; h < RH; h++) {
+                const int g = h / RG;
+                uint8_t keep[RT] = {0};
+                memset(keep + nc, 1, prot);
+                for (int r = nc - cnt[l][g]; r < nc; r++)
+                    keep[asc[l][g][r]] = 1;
+                double rec = 0, pr[RT];
+                for (int i = RN; i < RT; i++) {
+                    ref_row(x, l, h, i, pr);
+                    for (int j = 0; j <= i; j++)
+                        rec += (keep[j] || j >= RN) ? pr[j] / (RT - RN) : 0;
+                }
+                const kv_result_row_t *row = NULL;
+                for (size_t k = 0; k < res->n; k++)
+                    if (res->rows[k].budget == bi && res->rows[k].layer == l && res->rows[k].head == h)
+                        row = &res->rows[k];
+                ck_assert_ptr_nonnull(row);
+                ck_assert_msg(row->kept == prot + cnt[l][g], "%s B=%d layer %d head %d: kept %g, reference %d", spec,
+                              budgets[bi], l, h, row->kept, prot + cnt[l][g]);
+                /* float32 probabilities summed over <= 56 keys vs double: 1e-5 */
+                kv_assert_close(row->recall_mean, rec, 1e-5, 0, "kvcompress recall vs the reference set");
+            }
+    }
+    kv_results_free(res);
+    kv_backend_close(be);
+    kv_policy_free(p);
+    kv_free(bud);
+}
+
 START_TEST(reference_reimplementation_agrees)
 {
     kv_trace_t *t = kv_test_trace(RL, RH, RHKV, RD, RT, RN, 0, 0, 2025);
@@ -635,6 +924,10 @@ START_TEST(reference_reimplementation_agrees)
     ref_check_adakv(t, x);
     ref_check_chunkkv(t, x);
     ref_check_h2o(t, x);
+    ref_check_tova(t, x);
+    ref_check_h2o_decode(t, x);
+    ref_check_quest(t, x);
+    ref_check_kvcompress(t, x);
     kv_free(x);
     kv_trace_close(t);
 }
