@@ -1,6 +1,7 @@
 /*
  * full.c: no eviction, the ceiling every policy is compared against. Keeps every context token
- * whatever the budget (recall 1, error 0); memory is the whole cache.
+ * whatever the budget (recall 1, error 0); memory is the whole cache (at gran=query the engine's
+ * per-query-head layout counts it G times; a real grouped-query cache is the gran=kv figure).
  */
 #include "sim/kv_policy.h"
 

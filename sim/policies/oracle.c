@@ -4,6 +4,8 @@
  * future query), which makes it the upper bound of recall at a given budget: by Ada-KV's Theorem 3.2
  * per-head top-k of the true attention also minimises the L1 loss bound. With a KV-head cache the
  * group's probabilities are combined with `agg` (mean by default) before ranking.
+ * Memory is reported for the cache each query reads (B context tokens + the appended ones); choosing
+ * it needs every key, so no real cache achieves it at that memory.
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"

@@ -8,9 +8,12 @@
  *     if max >= n - w: max = n - w, min = 2 base - max,
  *     steps = (max - min) // (L - 1),  cap[l] = max - l * steps  (past tokens; window on top)
  * and its regimes: n < B no compression; B <= n < 2 base uniform SnapKV with base; n >= 2 base the
- * pyramid. Because `steps` is floored the pyramid keeps MORE than L * B in total (worked example:
- * 32 layers, B 128, w 8: 4016 past tokens instead of 3840, +4.6 %, KCF issue #22); the policy is
- * flagged KV_POL_OVER_BUDGET and the per-layer kept counts in the results show it.
+ * pyramid. Because `steps` is floored the pyramid keeps MORE than L * B in total: since
+ * max + min = 2 base, the excess is (L / 2) * ((max - min) mod (L - 1)) past tokens per storage
+ * head over the sequence, at most L (L - 2) / 2. Worked example (32 layers, B 128, w 8): 4016 past
+ * tokens instead of 3840, +176 = +4.6 % of L * B (KCF issue #22); but at B 64 (w 8) it is 2032
+ * instead of 1792, +240 = +11.7 % of L * B, so "about 5 %" holds only near the worked example.
+ * The policy is flagged KV_POL_OVER_BUDGET and the per-layer kept counts in the results show it.
  * Defaults are KCF's run_longbench.py: window 8, kernel 7, max pooling, sum over the window, beta 20.
  * Not nested (a larger B can give a layer fewer tokens when the regime changes).
  * Deviations: the paper writes the step with m where the code has L - 1 (KCF issue #36): we follow
@@ -18,6 +21,9 @@
  * reference: we keep uniform base, and the last B tokens, respectively. kvpress's PyramidKVPress
  * (float schedule on a compression ratio, window counted inside, fallback to uniform unless
  * n(1-cr)/beta >= w) is not reproduced. Score deviations as snapkv (fp32, later-token ties).
+ * Granularity as snapkv: gran=query is the reference layout (KCF ffac160 selects per query head,
+ * G x memory); gran=kv combines the group after pooling by default (kvpress's SnapKV-based
+ * presses), and gqa=before_pool reproduces KCF HEAD's opt-in kv_head mode (reduce, then pool).
  */
 #include "sim/common/kv_common.h"
 #include "sim/policies/window.h"
@@ -116,8 +122,8 @@ static int pyr_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t
 
 const kv_policy_desc_t kv_policy_pyramidkv = {
     .name = "pyramidkv",
-    .doc = "SnapKV scores, per-layer budget falling linearly (KVCache-Factory integer schedule: ~5 % over budget) "
-           "(Cai et al. 2024)",
+    .doc = "SnapKV scores, per-layer budget falling linearly (KVCache-Factory integer schedule; its floored step "
+           "keeps more than L*B) (Cai et al. 2024)",
     .paper = "arXiv:2406.02069",
     .params = params,
     .n_params = KV_OBSWIN_N_PARAMS + 1,

@@ -15,6 +15,10 @@
  * KV head.
  * Memory: the full cache (KV_POL_NO_EVICT) plus the metadata, 2 d values per page per storage head
  * at the trace dtype (meta_bytes; counted on the layers that select pages, over ceil(T/page) pages).
+ * Deviation in the accounting at gran=query: the engine's per-query-head layout stores the cache
+ * and its page min/max G times (as the eval path's repeat_kv does); Quest itself evicts nothing,
+ * so per-query-head page choices need no copy, and its real cache is Hkv heads plus 2 d values per
+ * page per KV head (docs/POLICIES.md §4). Compare Quest's memory at gran=kv.
  * Defaults: page 16 and 2 dense layers (_quest_skip_layer = 2), as every Quest script.
  * Deviations: B < page (no whole page fits) reads the last min(B, tokens of the last page) tokens;
  * the accuracy-eval path's K = min(max(3, B/16), pages) without a forced last page is not

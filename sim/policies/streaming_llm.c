@@ -23,7 +23,8 @@
 #include <string.h>
 
 static const kv_param_def_t params[] = {
-    {"sinks", KV_PARAM_INT, "4", 0, 1 << 20, NULL, "initial tokens always kept (attention sinks)"},
+    {"sinks", KV_PARAM_INT, "4", 0, 1 << 20, NULL,
+     "initial tokens always kept (attention sinks; a budget below them keeps the first B)"},
     {"mode", KV_PARAM_ENUM, "oneshot", 0, -1, "oneshot|decode", "compress once after prefill, or every step"},
 };
 
