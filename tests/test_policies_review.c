@@ -5,14 +5,16 @@
  *   - the decode-time contract of every registered decode policy and variant at tiny budgets: the
  *     cache a query reads holds its own token, at most B tokens, and nothing from its future;
  *   - every declared variant (not only the defaults) reused from a small trace on a larger one
- *     gives what a fresh policy gives (per-layer buffers follow the trace);
+ *     gives what a fresh policy gives, and back on the small one what it gave first (per-layer
+ *     buffers follow the trace);
  *   - an independent double-precision re-implementation of the reference algorithms (SnapKV §1 /
  *     §2.3 with every pooling and GQA option, PyramidKV §2.4, Ada-KV's two safeguards §2.5,
- *     ChunkKV §2.7, KVCache-Factory's causal H2O and kvpress's ObservedAttention §2.2), written from
- *     the spec and not from the policy code, must select exactly the policies' kept sets on a
- *     random trace. Gaussian data make near-ties between different tokens improbable (float vs
- *     double scores differ by ~1e-7 relative); the exact ties that max pooling creates are exact in
- *     both, and both resolve them with the project rule (later token first).
+ *     ChunkKV §2.7, KVCache-Factory's causal H2O and kvpress's ObservedAttention §2.2, H2O's real
+ *     drop, TOVA's TOVACache.reduce §2.9, Quest's kernel path §2.13, KV-Compress's cross-layer
+ *     blocks §2.16), written from the spec and not from the policy code, must select exactly the
+ *     policies' kept sets on a random trace (decode policies: at every decode step). Gaussian data make near-ties
+ * between different tokens improbable (float vs double scores differ by ~1e-7 relative); the exact ties that max
+ * pooling creates are exact in both, and both resolve them with the project rule (later token first).
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
@@ -227,9 +229,19 @@ static void check_reuse_spec(const char *spec, void *arg)
                           r1->rows[i].cache_peak == r2->rows[i].cache_peak &&
                           r1->rows[i].meta_bytes == r2->rows[i].meta_bytes,
                       "%s: row %zu differs after reuse", spec, i);
+    /* and back to the small trace: the same rows as the first run */
+    kv_results_t *r3;
+    ck_assert_msg(kv_replay(x->small, &reused, 1, b, nb, x->be, &o, &r3) == KV_OK, "%s: %s", spec, kv_last_error());
+    ck_assert_uint_eq(r0->n, r3->n);
+    for (size_t i = 0; i < r0->n; i++)
+        ck_assert_msg(r0->rows[i].recall_mean == r3->rows[i].recall_mean && r0->rows[i].kept == r3->rows[i].kept &&
+                          r0->rows[i].cache_peak == r3->rows[i].cache_peak &&
+                          r0->rows[i].meta_bytes == r3->rows[i].meta_bytes,
+                      "%s: row %zu differs after a larger trace", spec, i);
     kv_results_free(r0);
     kv_results_free(r1);
     kv_results_free(r2);
+    kv_results_free(r3);
     kv_policy_free(reused);
     kv_policy_free(fresh);
     kv_free(b);
