@@ -381,8 +381,9 @@ static void ref_order(const double *sc, int m, int *ord)
         ord[j] = j;
     for (int a = 1; a < m; a++) /* insertion sort: m <= 48 */
         for (int b = a; b > 0; b--) {
-            int u = ord[b - 1], v = ord[b];
-            if (sc[v] > sc[u] || (sc[v] == sc[u] && v > u)) {
+            const int u = ord[b - 1], v = ord[b];
+            const double su = sc[u], sv = sc[v];
+            if (sv > su || (sv == su && v > u)) {
                 ord[b - 1] = v;
                 ord[b] = u;
             } else {
@@ -551,6 +552,10 @@ static void ref_check_adakv(kv_trace_t *t, const ref_data_t *x)
                                                    sc[best][ord[best][ptr[best]]], ord[best][ptr[best]], best))
                             best = s;
                     }
+                    if (best < 0) {
+                        ck_abort_msg("adakv reference: ran out of entries");
+                        return;
+                    }
                     cnt[best]++;
                     ptr[best]++;
                 }
@@ -649,7 +654,7 @@ static void ref_check_h2o(kv_trace_t *t, const ref_data_t *x)
         const int w = cases[c].w, S = cases[c].query ? RH : RHKV;
         for (int s = 0; s < S; s++)
             for (int j = 0; j < RN; j++) {
-                double v[RG];
+                double v[RG] = {0};
                 const int nh = cases[c].query ? 1 : RG;
                 for (int y = 0; y < nh; y++)
                     v[y] = col[cases[c].query ? s : s * RG + y][j] / (cases[c].mean ? RN - j : 1);
