@@ -11,8 +11,9 @@
  * pyramid. Because `steps` is floored the pyramid keeps MORE than L * B in total: since
  * max + min = 2 base, the excess is (L / 2) * ((max - min) mod (L - 1)) past tokens per storage
  * head over the sequence, at most L (L - 2) / 2. Worked example (32 layers, B 128, w 8): 4016 past
- * tokens instead of 3840, +176 = +4.6 % of L * B (KCF issue #22); but at B 64 (w 8) it is 2032
- * instead of 1792, +240 = +11.7 % of L * B, so "about 5 %" holds only near the worked example.
+ * tokens instead of 3840, +176 = +4.6 % of the uniform past tokens, 4.3 % of L * B (KCF issue
+ * #22); but at B 64 (w 8) it is 2032 instead of 1792, +240 = +13.4 % of the past tokens, 11.7 % of
+ * L * B, so "about 5 %" holds only near the worked example.
  * The policy is flagged KV_POL_OVER_BUDGET and the per-layer kept counts in the results show it.
  * Defaults are KCF's run_longbench.py: window 8, kernel 7, max pooling, sum over the window, beta 20.
  * Not nested (a larger B can give a layer fewer tokens when the regime changes).
