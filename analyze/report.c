@@ -424,7 +424,7 @@ static int trace_table(table_t *t, kv_trace_t *tr, const char *trace_path, const
         rc |= tab_row(t, "segments", buf);
     } else
         rc |= tab_row(t, "segments", "none");
-    snprintf(buf, sizeof buf, "%s%s", m->dtype == KV_DTYPE_F16 ? "f16" : "f32",
+    snprintf(buf, sizeof buf, "%s, zstd level %d%s", m->dtype == KV_DTYPE_F16 ? "f16" : "f32", m->zstd_level,
              m->f16_overflow ? " (some values beyond the f16 range)" : "");
     rc |= tab_row(t, "storage", buf);
     if (m->has_summaries)
@@ -669,8 +669,9 @@ static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, co
     }
     if (rc)
         return rc;
-    if (!quiet)
-        kv_info("analyze: wrote %s", path);
+    (void)quiet; /* one "wrote" line per figure was noise on a one-second run: the progress line and
+                    the closing line (the report, which links every figure) say it */
+    kv_debug("analyze: wrote %s", path);
     (*n)++;
     return KV_OK;
 }
@@ -798,8 +799,9 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
              "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
              "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
              fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
-             fs->from_summaries ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
-                                : " and sink mass from the sampled queries (the trace has no summaries)",
+             fs->from_summaries
+                 ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
+                 : " and sink mass from the sampled queries (the trace has no summaries)",
              100 * fs->mass, fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample (evenly spaced runs) of ",
              fs->n_sampled);
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
@@ -844,8 +846,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
              "at the trace dtype for the cache at its largest (kept context plus the generated tokens), plus "
              "policy metadata such as Quest's page bounds, so policies that keep more per head or store per "
              "query head pay for it. Quest keeps the whole cache, so its points share one memory value."},
-            {kv_analyze_fig_bound, "bound_vs_error", "Bound vs measured error",
-             NULL},
+            {kv_analyze_fig_bound, "bound_vs_error", "Bound vs measured error", NULL},
             {kv_analyze_fig_allocation, "budget_allocation", "Budget allocation",
              "Context tokens kept per layer (mean over heads) by the uniform SnapKV, the pyramid-shaped PyramidKV and "
              "the head-adaptive Ada-KV at each budget (dashed: the uniform budget), and below, Ada-KV's tokens per "
@@ -978,7 +979,8 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             "count generated tokens against the budget, so this can fall below B; Quest reads a page selection "
             "of the full cache). Memory (KiB, 1 KiB = 1024 bytes): K and V at the trace's dtype for the cache at "
             "its largest (kept context plus the generated tokens), summed over layers and KV heads, plus policy "
-            "metadata. Memory / full: the same relative to the full cache.";
+            "metadata. Memory / full: the same relative to the full cache. Full keeps every token whatever the "
+            "budget; it is the ceiling the others are measured against.";
         sb_printf(&md, "## %s\n\n%s\n\n", h1, t1);
         tab_md(&md, &tr);
         sb_printf(&html, "<h2>%s</h2>\n<p>%s</p>\n", h1, t1);

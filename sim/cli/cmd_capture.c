@@ -486,8 +486,8 @@ int kv_cmd_capture(int argc, char **argv)
         snprintf(segs, sizeof segs, "%d segment%s", r.n_segments, r.n_segments == 1 ? "" : "s");
     printf("%s: %d prompt + %d decode tokens, %s; load %.2fs, prefill %.2fs (%.0f tok/s), decode %.2fs, "
            "write %.2fs; peak RSS %s; %s\n",
-           o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, segs, r.load_s,
-           r.prefill_s, r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
+           o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, segs, r.load_s, r.prefill_s,
+           r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
            kv_fmt_bytes((double)r.peak_rss, a, sizeof a), r.device);
     return 0;
 }

@@ -549,8 +549,8 @@ int kv_cmd_demo(int argc, char **argv)
         char cap_cmd[1400], num[32];
         snprintf(num, sizeof num, "%ld", n_decode);
         snprintf(cap_cmd, sizeof cap_cmd, "kvsim capture");
-        const char *cap_args[] = {"--decode", num,       "--with-wo", "--segments", pr.segments, "-z", mf.tokenizer,
-                                  "-i",       NULL,      "-o",        trace_path,   mf.model};
+        const char *cap_args[] = {"--decode",   num,  "--with-wo", "--segments", pr.segments, "-z",
+                                  mf.tokenizer, "-i", NULL,        "-o",         trace_path,  mf.model};
         char at[1200];
         snprintf(at, sizeof at, "@%s", prompt_path);
         cap_args[8] = at;
@@ -641,9 +641,9 @@ int kv_cmd_demo(int argc, char **argv)
     }
     {
         const kv_trace_meta_t *m = kv_trace_meta(t);
-        char now[32], cmd[256], ctx[96];
+        char now[32], cmd[1600], ctx[96];
         kv_iso_time(now, sizeof now);
-        snprintf(cmd, sizeof cmd, "kvsim demo (replay %s %s)", policies, budgets);
+        snprintf(cmd, sizeof cmd, "kvsim demo, replaying as %s", rep_cmd);
         snprintf(ctx, sizeof ctx, "%d context tokens, %d evaluation queries", m->n_prompt, m->n_tokens - m->n_prompt);
         if (kv_results_add_prov(res, "tool", "kvsim " KV_VERSION) ||
             kv_results_add_prov(res, "git", kv_git_revision()) || kv_results_add_prov(res, "date", now) ||

@@ -270,9 +270,11 @@ int kv_cmd_synth(int argc, char **argv)
     printf("wrote %s: %d layers, %d heads / %d KV heads, head_dim %d, %d tokens (%d prompt + %d decode), %s\n", out,
            p.n_layers, p.n_heads, p.n_kv_heads, p.head_dim, T, T - p.n_decode, p.n_decode,
            wo.dtype == KV_DTYPE_F16 ? "f16" : "f32");
-    printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %d segments, sharpness %g -> %g\n",
-           p.n_sinks, p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, p.n_segments >= 2 ? p.n_segments : 0,
-           p.sharp_first, p.sharp_last);
+    char segs[32] = "no segments";
+    if (p.n_segments >= 2)
+        snprintf(segs, sizeof segs, "%d segments", p.n_segments);
+    printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %s, sharpness %g -> %g\n", p.n_sinks,
+           p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, segs, p.sharp_first, p.sharp_last);
     printf("  summaries: %s\n", want ? "lse, entropy, accumulated attention, pooled map" : "none");
     printf("  file %s (tensors %s uncompressed, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b), el,
