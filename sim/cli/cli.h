@@ -41,6 +41,10 @@ int kv_cli_bad_option(const char *cmd, int c, char **argv);
 void kv_cli_append_arg(char *buf, size_t len, const char *arg);
 /* "kvsim a b 'c(d)'" from a subcommand's argc/argv (call before getopt permutes argv). */
 void kv_cli_command_line(char *buf, size_t len, int argc, char **argv);
+struct kv_policy;
+/* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
+ * need segments and were not also named explicitly; *n is updated. */
+void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n);
 /* Parse a positive integer option value or fail with a message naming the option. */
 int kv_cli_int(const char *cmd, const char *opt, const char *val, long lo, long hi, long *out);
 

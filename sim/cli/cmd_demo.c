@@ -68,10 +68,11 @@ static void help(void)
            "TinyStories) on real story text, replay every registered eviction policy at several budgets,\n"
            "and write figures and a report, all in one process (make demo runs kvsim demo -o out/demo).\n"
            "The model is looked for in ../shared/models/stories260K/, ./models/stories260K/ and\n"
-           "$KVSIM_MODELS (checked against its published sha256); when absent it is downloaded from\n"
-           "%s with curl or wget into ./models/stories260K/.\n"
-           "Without any, the demo uses a synthetic trace and says so on stderr and in the report.\n"
-           "The report names the kvsim capture, replay and analyze commands that redo each step.\n"
+           "$KVSIM_MODELS (relative to the current folder; checked against its published sha256); when\n"
+           "absent it is downloaded with curl or wget into ./models/stories260K/ from\n"
+           "  %s\n"
+           "Without any, the demo uses a synthetic trace and says so on stderr and in the report. The\n"
+           "report names the kvsim capture, replay and analyze commands that redo each step.\n"
            "\n"
            "options:\n"
            "  -o, --output DIR     output folder (default out/demo): trace.h5, prompt.txt, results.tsv,\n"
@@ -573,6 +574,8 @@ int kv_cmd_demo(int argc, char **argv)
             rc = kv_cli_fail("demo");
             goto done;
         }
+        /* a story of one paragraph has no segments: 'all' then skips shotkv, as kvsim replay does */
+        kv_cli_skip_unrunnable(policies, cr.n_segments, trace_path, pols, &n_pol);
         kv_info("demo: captured %s: %d prompt + %d decode tokens, %d segments (prefill %.2f s, decode %.2f s)",
                 trace_path, cr.n_prompt, cr.n_tokens - cr.n_prompt, cr.n_segments, cr.prefill_s, cr.decode_s);
         snprintf(info, sizeof info,

@@ -75,6 +75,26 @@ static int names_policy(const char *list, const char *name)
     }
 }
 
+void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n)
+{
+    /* 'all' means every policy this trace can run: policies that need segments are skipped on a
+     * trace without them, unless they were also named explicitly (then replay reports the error) */
+    if (n_segments >= 1 || !names_policy(list, "all"))
+        return;
+    int k = 0;
+    for (int i = 0; i < *n; i++) {
+        if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(list, pols[i]->desc->name)) {
+            kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
+                    "--segments to run it)",
+                    trace_path, pols[i]->desc->name);
+            kv_policy_free(pols[i]);
+            continue;
+        }
+        pols[k++] = pols[i];
+    }
+    *n = k;
+}
+
 /* A path we are about to write: its folder must exist and be writable, checked before the work. */
 static int writable_target(const char *path)
 {
@@ -177,34 +197,26 @@ int kv_cmd_replay(int argc, char **argv)
         goto done;
     }
     const kv_trace_meta_t *m = kv_trace_meta(t);
-    /* 'all' means every policy this trace can run: policies that need segments are skipped on a
-     * trace without them, unless they were also named explicitly (then replay reports the error) */
-    if (m->n_segments < 1 && names_policy(pol_list, "all")) {
-        int k = 0;
-        for (int i = 0; i < n_pol; i++) {
-            if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(pol_list, pols[i]->desc->name)) {
-                kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
-                        "--segments to run it)",
-                        trace_path, pols[i]->desc->name);
-                kv_policy_free(pols[i]);
-                continue;
-            }
-            pols[k++] = pols[i];
-        }
-        n_pol = k;
-    }
+    kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
     if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
-        rc = kv_cli_fail("replay");
-        goto done;
-    }
-    char sha[65] = "";
-    if (kv_sha256_file(trace_path, sha) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
     }
     kv_info("replay: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d polic%s x %d budget%s on %s",
             trace_path, m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_pol,
             n_pol == 1 ? "y" : "ies", n_bud, n_bud == 1 ? "" : "s", be->device);
+    /* the checksum for the provenance reads the whole file: seconds for a multi-GiB trace */
+    struct stat tst;
+    if (stat(trace_path, &tst) == 0 && tst.st_size > (off_t)1 << 30) {
+        char sz[32];
+        kv_info("replay: computing the SHA-256 of %s (%s) for the results' provenance", trace_path,
+                kv_fmt_bytes((double)tst.st_size, sz, sizeof sz));
+    }
+    char sha[65] = "";
+    if (kv_sha256_file(trace_path, sha) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
     double t0 = kv_now();
     if (kv_replay(t, pols, n_pol, bud, n_bud, be, &ro, &res) != KV_OK) {
         rc = kv_cli_fail("replay");
