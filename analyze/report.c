@@ -424,7 +424,7 @@ static int trace_table(table_t *t, kv_trace_t *tr, const char *trace_path, const
         rc |= tab_row(t, "segments", buf);
     } else
         rc |= tab_row(t, "segments", "none");
-    snprintf(buf, sizeof buf, "%s%s", m->dtype == KV_DTYPE_F16 ? "f16" : "f32",
+    snprintf(buf, sizeof buf, "%s, zstd level %d%s", m->dtype == KV_DTYPE_F16 ? "f16" : "f32", m->zstd_level,
              m->f16_overflow ? " (some values beyond the f16 range)" : "");
     rc |= tab_row(t, "storage", buf);
     if (m->has_summaries)
@@ -669,8 +669,9 @@ static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, co
     }
     if (rc)
         return rc;
-    if (!quiet)
-        kv_info("analyze: wrote %s", path);
+    (void)quiet; /* one "wrote" line per figure was noise on a one-second run: the progress line and
+                    the closing line (the report, which links every figure) say it */
+    kv_debug("analyze: wrote %s", path);
     (*n)++;
     return KV_OK;
 }
@@ -794,10 +795,13 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     snprintf(cap, sizeof cap,
              "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
              "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
-             "queries per head, recomputed from Q and K. Faint lines: single heads; bold: mean over heads.",
+             "queries per head, recomputed from Q and K. Entropy in nats; normalised entropy divides it by ln of "
+             "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
+             "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
              fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
-             fs->from_summaries ? " and sink mass over every counted query from the stored ENTROPY and LSE summaries"
-                                : " and sink mass from the sampled queries (the trace has no summaries)",
+             fs->from_summaries
+                 ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
+                 : " and sink mass from the sampled queries (the trace has no summaries)",
              100 * fs->mass, fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample (evenly spaced runs) of ",
              fs->n_sampled);
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
@@ -838,13 +842,11 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
              "per-head budget. Error and bound use a log axis when they span decades; zero values (no eviction) "
              "are not drawn there."},
             {NULL, "tradeoff_memory", "Recall, error and bound vs memory",
-             "The same metrics against the bytes the cache really stores (K and V at the trace dtype plus policy "
-             "metadata such as Quest's page bounds), so policies that keep more per head or store per query head "
-             "pay for it."},
-            {kv_analyze_fig_bound, "bound_vs_error", "Bound vs measured error",
-             "One point per policy, budget and layer: the Ada-KV bound against the measured L1 output error (means "
-             "over heads and evaluation queries). The bound holds below the dashed y = x line; red crosses mark "
-             "rows with violations."},
+             "The same metrics against the bytes the cache really stores, summed over layers and KV heads: K and V "
+             "at the trace dtype for the cache at its largest (kept context plus the generated tokens), plus "
+             "policy metadata such as Quest's page bounds, so policies that keep more per head or store per "
+             "query head pay for it. Quest keeps the whole cache, so its points share one memory value."},
+            {kv_analyze_fig_bound, "bound_vs_error", "Bound vs measured error", NULL},
             {kv_analyze_fig_allocation, "budget_allocation", "Budget allocation",
              "Context tokens kept per layer (mean over heads) by the uniform SnapKV, the pyramid-shaped PyramidKV and "
              "the head-adaptive Ada-KV at each budget (dashed: the uniform budget), and below, Ada-KV's tokens per "
@@ -869,7 +871,27 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             }
             if (rc)
                 goto done;
-            rc = add_figure(figs, &n_fig, fig, o.out_dir, rf[i].name, fmt, rf[i].title, rf[i].caption, o.quiet);
+            const char *caption = rf[i].caption;
+            if (!caption) { /* bound_vs_error: say whether any row violates the bound */
+                long nv = 0, nz = 0;
+                for (size_t r = 0; r < rs->n; r++)
+                    if (rs->rows[r].layer >= 0 && rs->rows[r].head < 0) {
+                        nv += rs->rows[r].violations > 0;
+                        nz += !(rs->rows[r].bound_mean > 0) || !(rs->rows[r].err_mean > 0);
+                    }
+                snprintf(cap, sizeof cap,
+                         "One point per policy, budget and layer: the Ada-KV bound against the measured L1 output "
+                         "error (means over heads and evaluation queries). The bound holds for points below the "
+                         "dashed y = x line. %s%s",
+                         nv ? "Large red crosses mark the layer rows with bound violations (see the violations "
+                              "column)."
+                            : "No row has a bound violation.",
+                         nz ? " Rows with a zero error or bound (no eviction, as for full) cannot be placed on log "
+                              "axes and are left out."
+                            : "");
+                caption = cap;
+            }
+            rc = add_figure(figs, &n_fig, fig, o.out_dir, rf[i].name, fmt, rf[i].title, caption, o.quiet);
             kv_fig_free(fig);
             fig = NULL;
             if (rc)
@@ -944,10 +966,21 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         if ((rc = results_table(&tr, rs)) || (rc = policy_table(&tp, rs)) || (rc = files_table(&tf, rs, sha)))
             goto done;
         const char *h1 = "Results per policy and budget";
-        const char *t1 = "Overall rows (all layers and heads). Recall: attention mass on kept keys (mean, 10th "
-                         "percentile and minimum over heads and evaluation queries); error: L1 distance of the "
-                         "head output to full attention; bound: Ada-KV's 2C(1-F); memory: K, V and metadata bytes "
-                         "stored, and relative to the full cache.";
+        const char *t1 =
+            "Overall rows of the results (all layers and heads). Budget: as given to kvsim replay (tokens per head, "
+            "a fraction of the context, or seq: a total); B (tokens): the per-head token budget it resolves to, "
+            "observation window included. Recall: the full-attention probability mass on the keys the cache "
+            "holds (1 = nothing lost), mean, 10th percentile and minimum over every layer, query head and "
+            "evaluation query. Error mean: L1 norm of the difference between the head output with the cache "
+            "and with full attention, in the units of the values, mean over the same set. Bound mean: the Ada-KV "
+            "bound 2C(1-F), C the largest L1 norm of a value vector, same units. Violations: evaluations whose "
+            "error exceeds the bound beyond float tolerance (expected 0). Kept (tokens): context (prompt) tokens "
+            "in the cache a query reads, mean over layers, heads and evaluation queries (decode-time policies "
+            "count generated tokens against the budget, so this can fall below B; Quest reads a page selection "
+            "of the full cache). Memory (KiB, 1 KiB = 1024 bytes): K and V at the trace's dtype for the cache at "
+            "its largest (kept context plus the generated tokens), summed over layers and KV heads, plus policy "
+            "metadata. Memory / full: the same relative to the full cache. Full keeps every token whatever the "
+            "budget; it is the ceiling the others are measured against.";
         sb_printf(&md, "## %s\n\n%s\n\n", h1, t1);
         tab_md(&md, &tr);
         sb_printf(&html, "<h2>%s</h2>\n<p>%s</p>\n", h1, t1);
@@ -960,10 +993,14 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     if ((rc = funnel_table(&tl, fs)))
         goto done;
     {
-        char t2[600];
+        char t2[1100];
         snprintf(t2, sizeof t2,
                  "Mean over the heads of each layer (minimum..maximum over heads in brackets); queries that see "
-                 "at least %d keys; %s; the fraction of keys and the segment mass from %s%d queries per head.",
+                 "at least %d keys; %s; the fraction of keys and the segment mass from %s%d queries per head. "
+                 "Entropy: of the query's attention distribution, in nats; normalised: divided by ln of the keys it "
+                 "sees (1 = uniform); keys for the mass: the smallest fraction of its visible keys that holds that "
+                 "much attention; sink mass: attention on token 0; in-segment mass: attention on keys of the "
+                 "query's own segment (- when the trace has no segments).",
                  fs->q_lo + 1,
                  fs->from_summaries ? "entropy and sink mass from the stored summaries over all of them"
                                     : "every statistic from the rows recomputed from Q and K",

@@ -1,10 +1,17 @@
 /*
  * cli.h: the `kvsim` command line. Each subcommand lives in its own cmd_*.c file and is one line in
  * the table of main.c. Subcommands parse their own options (getopt_long), print their --help, and
- * report failures as "kvsim <cmd>: <what failed>: <why>" with a non-zero exit status.
+ * report failures as "kvsim <cmd>: <what failed>: <why>" with exit status 1, and usage errors as
+ * "kvsim <cmd>: <problem>; see 'kvsim <cmd> --help'" with exit status 2.
+ *
+ * Every --help has one shape: a usage line, one paragraph, "arguments:" (positional ones, when
+ * any), "options:" with their defaults, further sections where a command needs them, and
+ * "example:" last.
  */
 #ifndef KV_CLI_H
 #define KV_CLI_H
+
+#include <stddef.h>
 
 typedef struct {
     const char *name;
@@ -26,6 +33,18 @@ int kv_cmd_demo(int argc, char **argv);
 int kv_cli_fail(const char *cmd);
 /* Print "kvsim <cmd>: <message>; see 'kvsim <cmd> --help'" and return the exit status 2 (usage). */
 int kv_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* getopt_long returned '?' or ':' (the option string starts with ':'; opterr is 0): print
+ * "kvsim <cmd>: unknown option '--x'" or "option '--x' needs a value" with the --help pointer and
+ * return 2. */
+int kv_cli_bad_option(const char *cmd, int c, char **argv);
+/* Append " arg" to buf, single-quoted for the shell when it holds anything but plain characters. */
+void kv_cli_append_arg(char *buf, size_t len, const char *arg);
+/* "kvsim a b 'c(d)'" from a subcommand's argc/argv (call before getopt permutes argv). */
+void kv_cli_command_line(char *buf, size_t len, int argc, char **argv);
+struct kv_policy;
+/* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
+ * need segments and were not also named explicitly; *n is updated. */
+void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n);
 /* Parse a positive integer option value or fail with a message naming the option. */
 int kv_cli_int(const char *cmd, const char *opt, const char *val, long lo, long hi, long *out);
 

@@ -11,31 +11,26 @@
 
 static void help(void)
 {
-    printf("usage: kvsim analyze TRACE.h5 [RESULTS.tsv ...] [-o DIR] [options]\n\n"
-           "Figures and a report from a trace and, optionally, replay results (kvsim replay ... -o RESULTS.tsv).\n"
-           "Several results files (a sweep) are merged; results whose '# trace_sha256:' differs from the\n"
-           "trace's checksum are used with a warning.\n\n"
-           "Figures (always):\n"
-           "  funneling          attention maps of chosen layers, mean over heads, log colour scale, segment\n"
-           "                     starts drawn (PyramidKV's pyramid information funneling)\n"
-           "  funnel_curves      per layer: entropy, normalised entropy, fraction of keys for 90%% of the\n"
-           "                     attention, sink mass, in-segment mass (faint line per head, bold mean)\n"
-           "  head_concentration per head: fraction of keys for 90%%, sorted, per layer and overall (Ada-KV)\n"
-           "Figures from results:\n"
-           "  tradeoff_budget    recall, output error, Ada-KV bound vs budget, per policy\n"
-           "  tradeoff_memory    the same vs cache bytes\n"
-           "  bound_vs_error     bound vs measured L1 error per layer, log-log with y = x\n"
-           "  budget_allocation  tokens kept per layer (snapkv, pyramidkv, adakv) and per head (adakv)\n"
-           "  recall_heatmap     recall per policy and layer, one panel per budget\n"
-           "Report: DIR/report.md (links the figure files) and DIR/report.html (self-contained: figures\n"
-           "embedded, inline CSS) with tables per policy and budget, per layer, and the provenance.\n\n"
+    printf("usage: kvsim analyze TRACE.h5 [RESULTS.tsv ...] [-o DIR] [options]\n"
+           "\n"
+           "Draw figures from a trace and, optionally, replay results, and write a report about them:\n"
+           "DIR/report.md (links the figure files beside it) and DIR/report.html (self-contained: figures\n"
+           "embedded, inline CSS) with the key tables (per policy and budget, per layer) and the\n"
+           "provenance of the trace and the results. Several results files (a sweep) are merged; results\n"
+           "whose '# trace_sha256:' differs from the trace's checksum are used with a warning. The path of\n"
+           "report.html is printed on stdout.\n"
+           "\n"
+           "arguments:\n"
+           "  TRACE.h5           a trace from kvsim capture or kvsim synth\n"
+           "  RESULTS.tsv        results of kvsim replay on that trace (none: only the trace figures)\n"
+           "\n"
            "options:\n"
            "  -o, --output DIR      output folder (default out/analyze; created when missing)\n"
-           "      --format F        png (default), svg or pdf\n"
+           "      --format F        figures as png (default), svg or pdf\n"
            "      --layers LIST     layers of the funneling figure, e.g. 0,3,5 (default: first, last and\n"
            "                        evenly spaced between, --n-layers of them)\n"
            "      --n-layers N      number of layers shown (default 6)\n"
-           "      --heads           also one figure of every head for each shown layer\n"
+           "      --heads           also one figure of every head for each shown layer (default: off)\n"
            "      --map SRC         funneling maps: auto (default: pooled maps when the trace has them, else\n"
            "                        exact up to %d tokens, else sampled rows), pooled, exact, sampled\n"
            "      --queries N       sampled queries per head for the row statistics (default: every query\n"
@@ -43,11 +38,27 @@ static void help(void)
            "      --min-keys N      count only queries that see at least N keys (default 16)\n"
            "      --mass F          attention mass of the concentration fraction (default 0.9)\n"
            "      --no-summaries    recompute entropy and sink mass from Q and K even when stored\n"
-           "      --title TEXT      report title\n"
+           "      --title TEXT      report title (default \"kvsim analysis\")\n"
            "      --backend NAME    cpu, cuda or auto (default auto)\n"
            "      --threads N       CPU threads (default: all cores; results do not depend on it)\n"
            "  -q, --quiet           no progress on stderr\n"
-           "  -h, --help            this help\n",
+           "  -h, --help            this help\n"
+           "\n"
+           "figures (always):\n"
+           "  funneling          attention maps of chosen layers, mean over heads, log colour scale, segment\n"
+           "                     starts drawn (PyramidKV's pyramid information funneling)\n"
+           "  funnel_curves      per layer: entropy, normalised entropy, fraction of keys for 90%% of the\n"
+           "                     attention, sink mass, in-segment mass (faint line per head, bold mean)\n"
+           "  head_concentration per head: fraction of keys for 90%%, sorted, per layer and overall (Ada-KV)\n"
+           "figures from results:\n"
+           "  tradeoff_budget    recall, output error, Ada-KV bound vs budget, per policy\n"
+           "  tradeoff_memory    the same vs cache bytes\n"
+           "  bound_vs_error     bound vs measured L1 error per layer, log-log with y = x\n"
+           "  budget_allocation  tokens kept per layer (snapkv, pyramidkv, adakv) and per head (adakv)\n"
+           "  recall_heatmap     recall per policy and layer, one panel per budget\n"
+           "\n"
+           "example:\n"
+           "  kvsim analyze trace.h5 results.tsv -o report\n",
            KV_MAP_EXACT_MAX);
 }
 
@@ -82,6 +93,8 @@ int kv_cmd_analyze(int argc, char **argv)
         {"threads", required_argument, 0, 't'}, {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},          {0, 0, 0, 0},
     };
+    char cmd[2048];
+    kv_cli_command_line(cmd, sizeof cmd, argc, argv);
     kv_analyze_opts_t o;
     kv_analyze_opts_init(&o);
     const char *backend = "auto";
@@ -89,7 +102,7 @@ int kv_cmd_analyze(int argc, char **argv)
     long v, threads = 0;
     int c, n_layers = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'o': o.out_dir = optarg; break;
         case 'f':
@@ -152,11 +165,22 @@ int kv_cmd_analyze(int argc, char **argv)
             kv_log_set_level(KV_LOG_QUIET);
             break;
         case 'h': help(); return 0;
-        default: return kv_cli_usage_error("analyze", "unknown option");
+        default: return kv_cli_bad_option("analyze", c, argv);
         }
     }
     if (argc - optind < 1)
         return kv_cli_usage_error("analyze", "expected TRACE [RESULTS.tsv ...]");
+    /* "-o report/" names the folder report: no "report//report.html" in messages and the report */
+    static char out_dir[1024];
+    snprintf(out_dir, sizeof out_dir, "%s", o.out_dir);
+    for (size_t n = strlen(out_dir); n > 1 && out_dir[n - 1] == '/'; n--)
+        out_dir[n - 1] = 0;
+    o.out_dir = out_dir;
+    /* how this report was made, shown at its top (the trace's and the results' own commands are in
+     * its provenance tables) */
+    char made[2300];
+    snprintf(made, sizeof made, "This report was written by: %s", cmd);
+    o.demo_info = made;
     const char *trace_path = argv[optind];
     const char *const *results = (const char *const *)argv + optind + 1;
     const int n_results = argc - optind - 1;

@@ -91,21 +91,30 @@ enum {
 
 static void generate_help(void)
 {
-    printf("usage: kvsim generate MODEL -z TOKENIZER [-i PROMPT] [-n STEPS] [options]\n\n"
+    printf("usage: kvsim generate MODEL -z TOKENIZER [-i PROMPT] [-n STEPS] [options]\n"
+           "\n"
            "Continue PROMPT with a llama2.c model and print the prompt and the continuation on stdout.\n"
            "Greedy (deterministic) unless --temperature is given. Generation stops after STEPS tokens,\n"
-           "at the end of the model's context, or when the model emits BOS or EOS.\n\n"
-           "  MODEL                llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
-           "  -z, --tokenizer FILE llama2.c tokenizer.bin (required)\n"
-           "  -i, --prompt TEXT    prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
-           "      --prompt-file F  read the prompt from file F\n"
-           "  -n, --steps N        tokens to generate (default 256, capped by the context)\n"
-           "      --temperature T  sample from softmax(logits / T) (default 0 = greedy)\n"
-           "      --seed S         sampling seed (default 42)\n"
-           "      --backend B      cpu, cuda or auto (default auto)\n"
-           "      --threads N      CPU threads (default: all cores)\n"
-           "  -q, --quiet          no timing line on stderr\n"
-           "  -h, --help           this help\n");
+           "at the end of the model's context, or when the model emits BOS or EOS. A timing line goes to\n"
+           "stderr.\n"
+           "\n"
+           "arguments:\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "\n"
+           "options:\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
+           "      --prompt-file F    read the prompt from file F\n"
+           "  -n, --steps N          tokens to generate (default 256, capped by the context)\n"
+           "      --temperature T    sample from softmax(logits / T) (default 0 = greedy)\n"
+           "      --seed S           sampling seed (default 42)\n"
+           "      --backend B        cpu, cuda or auto (default auto)\n"
+           "      --threads N        CPU threads (default: all cores)\n"
+           "  -q, --quiet            no timing line on stderr\n"
+           "  -h, --help             this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim generate stories260K.bin -z tok512.bin -i \"Once upon a time\" -n 64\n");
 }
 
 static int open_model(const char *cmd, const char *model_path, const char *tok_path, const char *backend, int threads,
@@ -144,7 +153,7 @@ int kv_cmd_generate(int argc, char **argv)
     double temperature = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "z:i:n:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":z:i:n:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'z': tok_path = optarg; break;
         case 'i': prompt_arg = optarg; break;
@@ -171,7 +180,7 @@ int kv_cmd_generate(int argc, char **argv)
             break;
         case 'q': kv_log_set_level(KV_LOG_QUIET); break;
         case 'h': generate_help(); return 0;
-        default: return kv_cli_usage_error("generate", "unknown option");
+        default: return kv_cli_bad_option("generate", c, argv);
         }
     }
     if (optind + 1 != argc)
@@ -211,17 +220,27 @@ int kv_cmd_generate(int argc, char **argv)
 
 static void nll_help(void)
 {
-    printf("usage: kvsim nll MODEL -z TOKENIZER TEXTFILE [options]\n\n"
+    printf("usage: kvsim nll MODEL -z TOKENIZER TEXTFILE [options]\n"
+           "\n"
            "Teacher-forced negative log-likelihood of TEXTFILE under MODEL, in nats per predicted token.\n"
            "Documents separated by <|endoftext|> lines are scored as separate sequences, each starting\n"
            "with BOS; a document longer than the model's context (seq_len) is split into windows that\n"
-           "overlap by one token. One line per document, then totals; the last line is\n"
-           "  nll=<mean nats per predicted token>\n\n"
-           "  -z, --tokenizer FILE llama2.c tokenizer.bin (required)\n"
-           "      --backend B      cpu, cuda or auto (default auto)\n"
-           "      --threads N      CPU threads (default: all cores)\n"
-           "  -q, --quiet          no per-document lines\n"
-           "  -h, --help           this help\n");
+           "overlap by one token. Prints one line per document, then the totals; the last line is\n"
+           "nll=<mean nats per predicted token>.\n"
+           "\n"
+           "arguments:\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "  TEXTFILE               the text to score\n"
+           "\n"
+           "options:\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "      --backend B        cpu, cuda or auto (default auto)\n"
+           "      --threads N        CPU threads (default: all cores)\n"
+           "  -q, --quiet            no per-document lines (default: one per document)\n"
+           "  -h, --help             this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim nll stories260K.bin -z tok512.bin tinystories_sample.txt\n");
 }
 
 static void nll_doc(void *ctx, int doc, int n_tokens, double sum, long pred)
@@ -243,7 +262,7 @@ int kv_cmd_nll(int argc, char **argv)
     long threads = 0;
     int c, verbose = 1;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "z:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":z:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'z': tok_path = optarg; break;
         case OPT_BACKEND: backend = optarg; break;
@@ -256,7 +275,7 @@ int kv_cmd_nll(int argc, char **argv)
             kv_log_set_level(KV_LOG_QUIET);
             break;
         case 'h': nll_help(); return 0;
-        default: return kv_cli_usage_error("nll", "unknown option");
+        default: return kv_cli_bad_option("nll", c, argv);
         }
     }
     if (optind + 2 != argc)
@@ -299,17 +318,24 @@ int kv_cmd_nll(int argc, char **argv)
 
 static void capture_help(void)
 {
-    printf("usage: kvsim capture MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [options]\n\n"
-           "Run MODEL (llama2.c checkpoint) on PROMPT, then decode greedily, and record the attention\n"
-           "trace in HDF5 (traces/FORMAT.md): per layer the post-RoPE Q (n_heads, T, head_dim), K and V\n"
-           "(n_kv_heads, T, head_dim) of all T = prompt + decode tokens; token ids, positions, the prompt\n"
-           "length and segment starts; summaries computed during the forward pass: log-sum-exp and\n"
-           "entropy of every query, accumulated attention per key over the prompt queries (H2O's\n"
-           "score), a max-pooled map of the causal attention probabilities; optionally W_O.\n"
-           "Provenance (model path and sha256, tokenizer, backend, date, prompt, these options) is\n"
-           "stored as attributes. The file is written under a temporary name and renamed at the end.\n\n"
+    printf("usage: kvsim capture MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [options]\n"
+           "\n"
+           "Run MODEL on PROMPT, then decode greedily, and record the attention trace in HDF5\n"
+           "(traces/FORMAT.md): per layer the post-RoPE Q (n_heads, T, head_dim), K and V (n_kv_heads, T,\n"
+           "head_dim) of all T = prompt + decode tokens; token ids, positions, the prompt length and\n"
+           "segment starts; summaries computed during the forward pass (log-sum-exp and entropy of every\n"
+           "query, accumulated attention per key over the prompt queries, a max-pooled map of the causal\n"
+           "attention); optionally W_O. Provenance (model path and sha256, tokenizer, backend, date,\n"
+           "prompt, the command line) is stored as attributes. The file is written under a temporary name\n"
+           "and renamed at the end. Memory: the model, its KV cache, one layer of Q/K/V staging, the\n"
+           "decode queries and the summaries.\n"
+           "\n"
+           "arguments:\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "\n"
+           "options:\n"
            "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
-           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE\n"
+           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (required, or --prompt-file)\n"
            "      --prompt-file F    read the prompt from file F\n"
            "  -o, --output FILE      trace file to write (required)\n"
            "      --decode N         greedy decode tokens recorded after the prompt (default 64);\n"
@@ -317,9 +343,10 @@ static void capture_help(void)
            "                         the model's seq_len\n"
            "      --dtype f16|f32    storage of Q, K, V (default f16; values beyond the f16 range are\n"
            "                         counted in the f16_overflow attribute)\n"
-           "      --with-wo          also store W_O (model_dim x n_heads*head_dim) per layer\n"
-           "      --segments S       auto (default): documents separated by <|endoftext|> in the prompt\n"
-           "                         are tokenised separately, each with BOS, and their starts recorded;\n"
+           "      --with-wo          also store W_O (model_dim x n_heads*head_dim) per layer (default: no)\n"
+           "      --segments S       auto (default): documents separated by <|endoftext|> lines in the\n"
+           "                         prompt are tokenised separately, each with BOS, and their starts\n"
+           "                         recorded (a prompt without separators has no segments);\n"
            "                         none: the whole prompt is one sequence, no segments;\n"
            "                         i,j,k: token offsets where segments start (0 implied)\n"
            "      --pool N           side of the pooled attention map, min(N, T) (default 256)\n"
@@ -327,9 +354,10 @@ static void capture_help(void)
            "      --backend B        cpu, cuda or auto (default auto: CUDA when usable, else CPU)\n"
            "      --threads N        CPU threads (default: all cores; results do not depend on it)\n"
            "  -q, --quiet            no progress on stderr\n"
-           "  -h, --help             this help\n\n"
-           "Memory: the model, its KV cache, one layer of Q/K/V staging, the decode queries and the\n"
-           "summaries; each layer's prompt slab is written as soon as the layer is computed.\n");
+           "  -h, --help             this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim capture stories260K.bin -z tok512.bin -i @prompt.txt -o trace.h5 --decode 64\n");
 }
 
 int kv_cmd_capture(int argc, char **argv)
@@ -355,7 +383,7 @@ int kv_cmd_capture(int argc, char **argv)
     long v;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "z:i:o:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":z:i:o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'z': o.tokenizer_path = optarg; break;
         case 'i': prompt_arg = optarg; break;
@@ -394,7 +422,7 @@ int kv_cmd_capture(int argc, char **argv)
             break;
         case 'q': kv_log_set_level(KV_LOG_QUIET); break;
         case 'h': capture_help(); return 0;
-        default: return kv_cli_usage_error("capture", "unknown option");
+        default: return kv_cli_bad_option("capture", c, argv);
         }
     }
     if (optind + 1 != argc)
@@ -410,13 +438,42 @@ int kv_cmd_capture(int argc, char **argv)
     if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
         return kv_cli_fail("capture");
     o.prompt = prompt;
-    char gen[512];
-    snprintf(gen, sizeof gen,
-             "kvsim capture --decode %d --dtype %s%s --segments %s --pool %d --zstd-level %d --backend %s --threads %d"
-             "%s%s",
-             o.n_decode, o.dtype == KV_DTYPE_F16 ? "f16" : "f32", o.with_wo ? " --with-wo" : "", o.segments, o.pool,
-             o.zstd_level, o.backend, o.n_threads, prompt_file ? " --prompt-file " : "",
-             prompt_file ? prompt_file : (prompt_arg && prompt_arg[0] == '@' ? " -i @file" : ""));
+    /* the generator attribute: a command line that re-creates this trace (options first, so a
+     * truncation at the attribute's 511 bytes loses paths that have their own attributes) */
+    char gen[512], num[64];
+    snprintf(gen, sizeof gen, "kvsim capture");
+    snprintf(num, sizeof num, "%d", o.n_decode);
+    kv_cli_append_arg(gen, sizeof gen, "--decode");
+    kv_cli_append_arg(gen, sizeof gen, num);
+    kv_cli_append_arg(gen, sizeof gen, "--dtype");
+    kv_cli_append_arg(gen, sizeof gen, o.dtype == KV_DTYPE_F16 ? "f16" : "f32");
+    if (o.with_wo)
+        kv_cli_append_arg(gen, sizeof gen, "--with-wo");
+    kv_cli_append_arg(gen, sizeof gen, "--segments");
+    kv_cli_append_arg(gen, sizeof gen, o.segments);
+    snprintf(num, sizeof num, "%d", o.pool);
+    kv_cli_append_arg(gen, sizeof gen, "--pool");
+    kv_cli_append_arg(gen, sizeof gen, num);
+    snprintf(num, sizeof num, "%d", o.zstd_level);
+    kv_cli_append_arg(gen, sizeof gen, "--zstd-level");
+    kv_cli_append_arg(gen, sizeof gen, num);
+    kv_cli_append_arg(gen, sizeof gen, "--backend");
+    kv_cli_append_arg(gen, sizeof gen, o.backend);
+    kv_cli_append_arg(gen, sizeof gen, "-z");
+    kv_cli_append_arg(gen, sizeof gen, o.tokenizer_path);
+    kv_cli_append_arg(gen, sizeof gen, "-i");
+    if (prompt_file || (prompt_arg && prompt_arg[0] == '@')) {
+        char at[1100];
+        snprintf(at, sizeof at, "@%s", prompt_file ? prompt_file : prompt_arg + 1);
+        kv_cli_append_arg(gen, sizeof gen, at);
+    } else if (strlen(prompt) <= 160) {
+        kv_cli_append_arg(gen, sizeof gen, prompt);
+    } else {
+        kv_cli_append_arg(gen, sizeof gen, "<prompt attribute>"); /* the text is in the prompt attribute */
+    }
+    kv_cli_append_arg(gen, sizeof gen, "-o");
+    kv_cli_append_arg(gen, sizeof gen, o.out_path);
+    kv_cli_append_arg(gen, sizeof gen, o.model_path);
     o.generator = gen;
     kv_capture_result_t r;
     int rc = kv_capture_run(&o, &r);
@@ -424,10 +481,13 @@ int kv_cmd_capture(int argc, char **argv)
     if (rc != KV_OK)
         return kv_cli_fail("capture");
     char a[32];
-    printf("%s: %d prompt + %d decode tokens, %d segment%s; load %.2fs, prefill %.2fs (%.0f tok/s), decode %.2fs, "
+    char segs[32] = "no segments";
+    if (r.n_segments > 0)
+        snprintf(segs, sizeof segs, "%d segment%s", r.n_segments, r.n_segments == 1 ? "" : "s");
+    printf("%s: %d prompt + %d decode tokens, %s; load %.2fs, prefill %.2fs (%.0f tok/s), decode %.2fs, "
            "write %.2fs; peak RSS %s; %s\n",
-           o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, r.n_segments, r.n_segments == 1 ? "" : "s", r.load_s,
-           r.prefill_s, r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
+           o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, segs, r.load_s, r.prefill_s,
+           r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
            kv_fmt_bytes((double)r.peak_rss, a, sizeof a), r.device);
     return 0;
 }

@@ -62,27 +62,34 @@ static const char BUILTIN_TEXT[] =
 
 static void help(void)
 {
-    printf("usage: kvsim demo [-o DIR] [options]   (make demo runs: kvsim demo -o out/demo)\n\n"
+    printf("usage: kvsim demo [-o DIR] [options]\n"
+           "\n"
            "Capture an attention trace of the stories260K model (a real Llama-architecture model trained on\n"
            "TinyStories) on real story text, replay every registered eviction policy at several budgets,\n"
-           "and write figures and a report, all in one process.\n\n"
-           "The model is looked for in ../shared/models/stories260K/, ./models/stories260K/ and $KVSIM_MODELS\n"
-           "(checked against its published sha256); when absent it is downloaded from\n"
-           "%s with curl or wget into ./models/stories260K/.\n"
-           "Without any, the demo uses a synthetic trace and says so on stderr and in the report.\n\n"
+           "and write figures and a report, all in one process (make demo runs kvsim demo -o out/demo).\n"
+           "The model is looked for in ../shared/models/stories260K/, ./models/stories260K/ and\n"
+           "$KVSIM_MODELS (relative to the current folder; checked against its published sha256); when\n"
+           "absent it is downloaded with curl or wget into ./models/stories260K/ from\n"
+           "  %s\n"
+           "Without any, the demo uses a synthetic trace and says so on stderr and in the report. The\n"
+           "report names the kvsim capture, replay and analyze commands that redo each step.\n"
+           "\n"
            "options:\n"
-           "  -o, --output DIR     output folder (default out/demo): trace.h5, results.tsv, figures,\n"
-           "                       report.md, report.html\n"
+           "  -o, --output DIR     output folder (default out/demo): trace.h5, prompt.txt, results.tsv,\n"
+           "                       figures, report.md, report.html\n"
            "      --budgets LIST   budgets in tokens per head (default 16,32,64,128)\n"
            "      --policies LIST  policies to replay (default all)\n"
            "      --decode N       greedy decode tokens after the prompt (default 64)\n"
            "      --synthetic      use a synthetic trace even when the model is available\n"
-           "      --no-download    never try to download the model\n"
+           "      --no-download    never try to download the model (default: try when it is missing)\n"
            "      --format F       figures as png (default), svg or pdf\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
            "      --threads N      CPU threads (default 1: the demo's tensors are tiny)\n"
            "  -q, --quiet          no progress on stderr\n"
-           "  -h, --help           this help\n",
+           "  -h, --help           this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim demo -o out/demo --budgets 16,64 --policies 'snapkv,pyramidkv,adakv'\n",
            MODEL_HOME);
 }
 
@@ -425,7 +432,7 @@ int kv_cmd_demo(int argc, char **argv)
      * 16 s with two threads, 2.3 s with one). Results do not depend on it. */
     long v, n_decode = 64, threads = 1;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'o': out_dir = optarg; break;
         case 'B': budgets = optarg; break;
@@ -452,7 +459,7 @@ int kv_cmd_demo(int argc, char **argv)
             kv_log_set_level(KV_LOG_QUIET);
             break;
         case 'h': help(); return 0;
-        default: return kv_cli_usage_error("demo", "unknown option");
+        default: return kv_cli_bad_option("demo", c, argv);
         }
     }
     if (optind != argc)
@@ -460,7 +467,7 @@ int kv_cmd_demo(int argc, char **argv)
 
     const double t0 = kv_now();
     int rc = 1;
-    char trace_path[1100], results_path[1100], prompt_path[1100], note[1024] = "", info[3072] = "", why[1024] = "";
+    char trace_path[1100], results_path[1100], prompt_path[1100], note[1024] = "", info[6144] = "", why[1024] = "";
     kv_policy_t **pols = NULL;
     int n_pol = 0, n_bud = 0;
     kv_budget_t *bud = NULL;
@@ -471,9 +478,12 @@ int kv_cmd_demo(int argc, char **argv)
     kv_results_t *res = NULL;
     prompt_t pr = {0};
     /* validate the cheap things first */
-    if (kv_policy_create_list(policies, &pols, &n_pol) != KV_OK ||
-        kv_budget_parse_list(budgets, &bud, &n_bud) != KV_OK) {
-        rc = kv_cli_fail("demo");
+    if (kv_policy_create_list(policies, &pols, &n_pol) != KV_OK) {
+        rc = kv_cli_usage_error("demo", "--policies: %s", kv_last_error());
+        goto done;
+    }
+    if (kv_budget_parse_list(budgets, &bud, &n_bud) != KV_OK) {
+        rc = kv_cli_usage_error("demo", "--budgets: %s", kv_last_error());
         goto done;
     }
     {
@@ -494,6 +504,17 @@ int kv_cmd_demo(int argc, char **argv)
     snprintf(trace_path, sizeof trace_path, "%s/trace.h5", out_dir);
     snprintf(results_path, sizeof results_path, "%s/results.tsv", out_dir);
     snprintf(prompt_path, sizeof prompt_path, "%s/prompt.txt", out_dir);
+
+    /* the replay and analyze steps as command lines, quoted for the shell (for the report) */
+    char rep_cmd[1400], ana_cmd[1400];
+    snprintf(rep_cmd, sizeof rep_cmd, "kvsim replay");
+    const char *rep_args[] = {trace_path, policies, budgets, "-o", results_path};
+    for (size_t i = 0; i < KV_ARRAY_LEN(rep_args); i++)
+        kv_cli_append_arg(rep_cmd, sizeof rep_cmd, rep_args[i]);
+    snprintf(ana_cmd, sizeof ana_cmd, "kvsim analyze");
+    const char *ana_args[] = {trace_path, results_path, "-o", out_dir};
+    for (size_t i = 0; i < KV_ARRAY_LEN(ana_args); i++)
+        kv_cli_append_arg(ana_cmd, sizeof ana_cmd, ana_args[i]);
 
     /* ---- 1. trace */
     model_files_t mf;
@@ -524,6 +545,18 @@ int kv_cmd_demo(int argc, char **argv)
             fprintf(stderr, "kvsim demo: %s: cannot write: %s\n", prompt_path, strerror(errno));
             goto done;
         }
+        /* the command lines that redo each step, quoted for the shell: in the trace's generator
+         * attribute and at the top of the report */
+        char cap_cmd[1400], num[32];
+        snprintf(num, sizeof num, "%ld", n_decode);
+        snprintf(cap_cmd, sizeof cap_cmd, "kvsim capture");
+        const char *cap_args[] = {"--decode",   num,  "--with-wo", "--segments", pr.segments, "-z",
+                                  mf.tokenizer, "-i", NULL,        "-o",         trace_path,  mf.model};
+        char at[1200];
+        snprintf(at, sizeof at, "@%s", prompt_path);
+        cap_args[8] = at;
+        for (size_t i = 0; i < KV_ARRAY_LEN(cap_args); i++)
+            kv_cli_append_arg(cap_cmd, sizeof cap_cmd, cap_args[i]);
         kv_capture_opts_t co;
         kv_capture_opts_init(&co);
         co.model_path = mf.model;
@@ -535,23 +568,23 @@ int kv_cmd_demo(int argc, char **argv)
         co.segments = pr.segments;
         co.backend = backend;
         co.n_threads = (int)threads;
+        co.generator = cap_cmd;
         kv_capture_result_t cr;
         if (kv_capture_run(&co, &cr) != KV_OK) {
             rc = kv_cli_fail("demo");
             goto done;
         }
+        /* a story of one paragraph has no segments: 'all' then skips shotkv, as kvsim replay does */
+        kv_cli_skip_unrunnable(policies, cr.n_segments, trace_path, pols, &n_pol);
         kv_info("demo: captured %s: %d prompt + %d decode tokens, %d segments (prefill %.2f s, decode %.2f s)",
                 trace_path, cr.n_prompt, cr.n_tokens - cr.n_prompt, cr.n_segments, cr.prefill_s, cr.decode_s);
         snprintf(info, sizeof info,
                  "This demo captured the real stories260K model (%s: %d layers, %d query heads, %d KV heads, "
                  "head_dim %d, context %d) on %s, followed by %ld greedily decoded tokens, replayed %d "
                  "policies at budgets %s tokens per head against the decode queries, and analyzed the "
-                 "result. The same with the command line: kvsim capture %s -z %s -i @%s --segments %s "
-                 "--with-wo -o %s; kvsim replay %s %s %s -o %s; kvsim analyze %s %s -o %s.",
+                 "result. The same from the command line, run in the folder the demo ran in: %s; %s; %s.",
                  mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads, model->cfg.head_dim,
-                 model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, mf.model, mf.tokenizer, prompt_path,
-                 pr.segments, trace_path, trace_path, policies, budgets, results_path, trace_path, results_path,
-                 out_dir);
+                 model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, cap_cmd, rep_cmd, ana_cmd);
     } else {
         snprintf(note, sizeof note,
                  "SYNTHETIC DATA: no real model was used (%s). This trace is generated with planted "
@@ -579,10 +612,16 @@ int kv_cmd_demo(int argc, char **argv)
         }
         char label[1024];
         kv_synth_label(&sp, label, sizeof label);
+        char syn_cmd[1400];
+        snprintf(syn_cmd, sizeof syn_cmd, "kvsim synth");
+        const char *syn_args[] = {"--params", label, "--summaries", "yes", "-o", trace_path};
+        for (size_t i = 0; i < KV_ARRAY_LEN(syn_args); i++)
+            kv_cli_append_arg(syn_cmd, sizeof syn_cmd, syn_args[i]);
         snprintf(info, sizeof info,
                  "This demo generated a synthetic trace (%s) with kvsim synth, replayed %d policies at budgets "
-                 "%s tokens per head against its decode queries, and analyzed the result.",
-                 label, n_pol, budgets);
+                 "%s tokens per head against its decode queries, and analyzed the result. The same from the "
+                 "command line, run in the folder the demo ran in: %s; %s; %s.",
+                 label, n_pol, budgets, syn_cmd, rep_cmd, ana_cmd);
     }
 
     /* ---- 2. replay */
@@ -605,9 +644,9 @@ int kv_cmd_demo(int argc, char **argv)
     }
     {
         const kv_trace_meta_t *m = kv_trace_meta(t);
-        char now[32], cmd[256], ctx[96];
+        char now[32], cmd[1600], ctx[96];
         kv_iso_time(now, sizeof now);
-        snprintf(cmd, sizeof cmd, "kvsim demo (replay %s %s)", policies, budgets);
+        snprintf(cmd, sizeof cmd, "kvsim demo, replaying as %s", rep_cmd);
         snprintf(ctx, sizeof ctx, "%d context tokens, %d evaluation queries", m->n_prompt, m->n_tokens - m->n_prompt);
         if (kv_results_add_prov(res, "tool", "kvsim " KV_VERSION) ||
             kv_results_add_prov(res, "git", kv_git_revision()) || kv_results_add_prov(res, "date", now) ||

@@ -1,4 +1,8 @@
-/* cmd_info.c: `kvsim info TRACE`: shapes, dtype, sizes raw and stored, compression, provenance. */
+/*
+ * cmd_info.c: `kvsim info TRACE ...`: shapes, dtype, sizes raw and stored, compression, provenance.
+ * `--attrs` prints the root attributes of traces/FORMAT.md instead, one `name=value` per line under
+ * the same names, for scripts and for checking a trace against the format description.
+ */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "traces/kv_trace.h"
@@ -9,26 +13,88 @@
 
 static void help(void)
 {
-    printf("usage: kvsim info TRACE.h5 [TRACE.h5 ...]\n\n"
-           "Print a trace's shapes, storage dtype, sizes (raw and stored), compression ratio,\n"
-           "segments and provenance (model, checksum, tool version, date).\n");
+    printf("usage: kvsim info [--attrs] TRACE.h5 [TRACE.h5 ...]\n"
+           "\n"
+           "Describe kvsim traces (traces/FORMAT.md): format version, shape, tokens and segments, storage\n"
+           "dtype and zstd level, sizes of the layer datasets uncompressed and as stored with their ratio,\n"
+           "which summaries and W_O are present, and provenance (source and generator command, model file\n"
+           "and its sha256, tokenizer, kvsim version, git revision, date, backend, prompt). Several traces\n"
+           "are described one after the other; the exit status is 1 when any of them cannot be read.\n"
+           "\n"
+           "arguments:\n"
+           "  TRACE.h5          a trace written by kvsim capture or kvsim synth\n"
+           "\n"
+           "options:\n"
+           "      --attrs       print the root attributes as name=value lines, under the names of\n"
+           "                    traces/FORMAT.md (default: the human-readable summary)\n"
+           "  -h, --help        this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim info out/demo/trace.h5\n");
 }
 
-static int info_one(const char *path)
+/* One attribute per line; newlines in strings are written as \n so each stays one line. */
+static void attr_s(const char *k, const char *v)
+{
+    printf("%s=", k);
+    for (; *v; v++) {
+        if (*v == '\n')
+            fputs("\\n", stdout);
+        else if (*v == '\\')
+            fputs("\\\\", stdout);
+        else
+            putchar(*v);
+    }
+    putchar('\n');
+}
+
+static void print_attrs(const kv_trace_meta_t *m)
+{
+    attr_s("format", KV_TRACE_FORMAT);
+    printf("format_version=%d\n", KV_TRACE_FORMAT_VERSION);
+    printf("n_layers=%d\nn_heads=%d\nn_kv_heads=%d\nhead_dim=%d\n", m->n_layers, m->n_heads, m->n_kv_heads,
+           m->head_dim);
+    printf("n_tokens=%d\nn_prompt=%d\nn_decode=%d\nn_segments=%d\n", m->n_tokens, m->n_prompt,
+           m->n_tokens - m->n_prompt, m->n_segments);
+    printf("has_summaries=%d\npool=%d\nhas_wo=%d\n", m->has_summaries, m->pool, m->has_wo);
+    printf("model_dim=%d\nhidden_dim=%d\nvocab_size=%d\nseq_len=%d\n", m->model_dim, m->hidden_dim, m->vocab_size,
+           m->seq_len);
+    printf("rope_theta=%.9g\nnorm_eps=%.9g\n", (double)m->rope_theta, (double)m->norm_eps);
+    attr_s("dtype", m->dtype == KV_DTYPE_F16 ? "f16" : "f32");
+    printf("f16_overflow=%ld\nzstd_level=%d\n", m->f16_overflow, m->zstd_level);
+    attr_s("source", m->source);
+    attr_s("model", m->model);
+    attr_s("model_sha256", m->model_sha256);
+    attr_s("tokenizer", m->tokenizer);
+    attr_s("tool_version", m->tool_version);
+    attr_s("git_revision", m->git_revision);
+    attr_s("created", m->created);
+    attr_s("backend", m->backend);
+    attr_s("generator", m->generator);
+    attr_s("prompt", m->prompt);
+}
+
+static int info_one(const char *path, int attrs)
 {
     kv_trace_t *t;
     if (kv_trace_open(path, &t) != KV_OK)
         return kv_cli_fail("info");
     const kv_trace_meta_t *m = kv_trace_meta(t);
+    if (attrs) {
+        print_attrs(m);
+        kv_trace_close(t);
+        return 0;
+    }
     uint64_t raw = 0, stored = 0;
     kv_trace_storage(t, &raw, &stored);
     char a[32], b[32];
     printf("%s\n", path);
+    printf("  format       %s version %d\n", KV_TRACE_FORMAT, KV_TRACE_FORMAT_VERSION);
     printf("  shape        %d layers, %d heads, %d KV heads (group %d), head_dim %d\n", m->n_layers, m->n_heads,
            m->n_kv_heads, m->n_heads / m->n_kv_heads, m->head_dim);
     printf("  tokens       %d (prompt %d, decode %d)\n", m->n_tokens, m->n_prompt, m->n_tokens - m->n_prompt);
     if (m->n_segments > 0) {
-        printf("  segments     %d, starting at", m->n_segments);
+        printf("  segments     %d, starting at token", m->n_segments);
         for (int s = 0; s < m->n_segments && s < 16; s++)
             printf(" %d", m->segments[s]);
         printf("%s\n", m->n_segments > 16 ? " ..." : "");
@@ -37,9 +103,10 @@ static int info_one(const char *path)
     }
     printf("  storage      %s, zstd level %d", m->dtype == KV_DTYPE_F16 ? "f16" : "f32", m->zstd_level);
     if (m->dtype == KV_DTYPE_F16)
-        printf(", %ld values beyond the f16 range", m->f16_overflow);
-    printf("\n  size         %s raw, %s stored, ratio %.2f\n", kv_fmt_bytes((double)raw, a, sizeof a),
-           kv_fmt_bytes((double)stored, b, sizeof b), stored ? (double)raw / (double)stored : 0.0);
+        printf(", %ld value%s beyond the f16 range", m->f16_overflow, m->f16_overflow == 1 ? "" : "s");
+    printf("\n  size         %s uncompressed, %s stored, ratio %.2f (layer datasets; summaries included)\n",
+           kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b),
+           stored ? (double)raw / (double)stored : 0.0);
     printf("  summaries    %s", m->has_summaries ? "lse, entropy, accumulated attention" : "none");
     if (m->has_summaries)
         printf(", pooled map %dx%d", m->pool, m->pool);
@@ -66,19 +133,20 @@ static int info_one(const char *path)
 
 int kv_cmd_info(int argc, char **argv)
 {
-    static const struct option opts[] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        if (c == 'h') {
-            help();
-            return 0;
+    static const struct option opts[] = {{"attrs", no_argument, 0, 'a'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c, attrs = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'a': attrs = 1; break;
+        case 'h': help(); return 0;
+        default: return kv_cli_bad_option("info", c, argv);
         }
-        return kv_cli_usage_error("info", "unknown option");
     }
     if (optind >= argc)
         return kv_cli_usage_error("info", "expected a trace file");
     int rc = 0;
     for (int i = optind; i < argc; i++)
-        rc |= info_one(argv[i]);
+        rc |= info_one(argv[i], attrs);
     return rc;
 }

@@ -1,4 +1,8 @@
-/* cmd_replay.c: `kvsim replay` and `kvsim policies`. */
+/*
+ * cmd_replay.c: `kvsim replay TRACE POLICIES BUDGETS` (sim/replay.c through the CLI: argument
+ * checks before any work, the provenance preamble with the command as typed) and `kvsim policies`
+ * (the registry with parameters and defaults).
+ */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
@@ -10,28 +14,107 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static void replay_help(void)
 {
-    printf("usage: kvsim replay TRACE.h5 POLICIES BUDGETS [options]\n\n"
+    printf("usage: kvsim replay TRACE.h5 POLICIES BUDGETS [options]\n"
+           "\n"
            "Replay every policy at every budget against a trace and measure, per layer and query head,\n"
-           "over the evaluation queries (the trace's decode steps): attention recall (mass kept), the exact\n"
-           "output error ||o - o_hat||_1, the Ada-KV bound 2C(1-F) and memory.\n\n"
-           "  POLICIES   comma list of policy specs, e.g. 'streaming_llm,h2o,snapkv(window=32)', or 'all'\n"
-           "             (kvsim policies lists them with their parameters and defaults)\n"
-           "  BUDGETS    comma list: 128 (tokens per head, window included), 0.25 or 25%% (fraction of\n"
-           "             the context), seq:65536 (total tokens for the sequence)\n\n"
+           "over the evaluation queries (the trace's decode steps): attention recall F (the attention mass\n"
+           "the cache keeps), the exact output error ||o - o_hat||_1, the Ada-KV bound 2C(1-F) and the\n"
+           "memory the cache stores. Results go to a TSV file with named columns after a '#' provenance\n"
+           "preamble (README.md, \"What replay measures\", explains every column); they are written only\n"
+           "when the whole replay succeeded, and each row's policy label can be pasted back as a policy\n"
+           "spec to re-run exactly that configuration.\n"
+           "\n"
+           "arguments:\n"
+           "  TRACE.h5     a trace from kvsim capture or kvsim synth, with decode tokens (or --eval-tail)\n"
+           "  POLICIES     comma list of policy specs, e.g. 'streaming_llm,h2o,snapkv(window=32)'; quote\n"
+           "               it for the shell. 'all' is every registered policy with its defaults, except\n"
+           "               those the trace cannot run (shotkv needs segments), which are skipped with a\n"
+           "               warning. kvsim policies lists them with their parameters and defaults.\n"
+           "  BUDGETS      comma list: 128 (tokens per head, window included), 0.25 or 25%% (fraction of\n"
+           "               the context), seq:65536 (total tokens for the sequence)\n"
+           "\n"
            "options:\n"
            "  -o, --output FILE    results as TSV (default: standard output)\n"
-           "      --json FILE      also write the results as JSON\n"
-           "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries\n"
+           "      --json FILE      also write the results as JSON (default: no JSON)\n"
+           "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries (default 0)\n"
            "      --seed N         seed of randomised policies (default 0)\n"
-           "      --no-head-rows   only layer and overall rows\n"
+           "      --no-head-rows   only layer and overall rows (default: also one row per query head)\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
-           "      --threads N      CPU threads (default: all cores)\n"
-           "  -q, --quiet          no progress on stderr\n\n"
-           "Results are written only when the whole replay succeeded (no partial files).\n"
-           "Each row's policy label can be pasted back as a policy spec to re-run it.\n");
+           "      --threads N      CPU threads (default: all cores; results do not depend on it)\n"
+           "  -q, --quiet          no progress on stderr\n"
+           "  -h, --help           this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim replay trace.h5 'streaming_llm,h2o,snapkv(window=32)' 64,128,256 -o results.tsv\n");
+}
+
+/* 1 when `list` names policy `name` explicitly ("name" or "name(...)" as a top-level item). */
+static int names_policy(const char *list, const char *name)
+{
+    const size_t n = strlen(name);
+    int depth = 0;
+    for (const char *item = list, *c = list;; c++) {
+        if (*c == '(')
+            depth++;
+        else if (*c == ')')
+            depth--;
+        if (*c == 0 || (*c == ',' && depth == 0)) {
+            while (*item == ' ')
+                item++;
+            if (!strncmp(item, name, n) && (item[n] == '(' || item[n] == ',' || item[n] == ' ' || item[n] == 0))
+                return 1;
+            if (*c == 0)
+                return 0;
+            item = c + 1;
+        }
+    }
+}
+
+void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n)
+{
+    /* 'all' means every policy this trace can run: policies that need segments are skipped on a
+     * trace without them, unless they were also named explicitly (then replay reports the error) */
+    if (n_segments >= 1 || !names_policy(list, "all"))
+        return;
+    int k = 0;
+    for (int i = 0; i < *n; i++) {
+        if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(list, pols[i]->desc->name)) {
+            kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
+                    "--segments to run it)",
+                    trace_path, pols[i]->desc->name);
+            kv_policy_free(pols[i]);
+            continue;
+        }
+        pols[k++] = pols[i];
+    }
+    *n = k;
+}
+
+/* A path we are about to write: its folder must exist and be writable, checked before the work. */
+static int writable_target(const char *path)
+{
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == dir)
+        dir[1] = 0;
+    else
+        *slash = 0;
+    struct stat st;
+    if (stat(dir, &st) != 0)
+        return kv_error(KV_EIO, "%s: cannot write: folder %s does not exist", path, dir);
+    if (!S_ISDIR(st.st_mode))
+        return kv_error(KV_EIO, "%s: cannot write: %s is not a folder", path, dir);
+    if (access(dir, W_OK) != 0)
+        return kv_error(KV_EIO, "%s: cannot write: folder %s is not writable", path, dir);
+    return KV_OK;
 }
 
 int kv_cmd_replay(int argc, char **argv)
@@ -48,13 +131,16 @@ int kv_cmd_replay(int argc, char **argv)
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
+    /* the command as typed, for the provenance preamble (getopt_long reorders argv) */
+    char cmd[2048];
+    kv_cli_command_line(cmd, sizeof cmd, argc, argv);
     const char *out = "-", *json = NULL, *backend = "auto";
     kv_replay_opts_t ro;
     kv_replay_defaults(&ro);
     long v, threads = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'o': out = optarg; break;
         case 'j': json = optarg; break;
@@ -79,11 +165,12 @@ int kv_cmd_replay(int argc, char **argv)
             kv_log_set_level(KV_LOG_QUIET);
             break;
         case 'h': replay_help(); return 0;
-        default: return kv_cli_usage_error("replay", "unknown option");
+        default: return kv_cli_bad_option("replay", c, argv);
         }
     }
     if (argc - optind != 3)
-        return kv_cli_usage_error("replay", "expected TRACE POLICIES BUDGETS");
+        return kv_cli_usage_error("replay", "expected TRACE POLICIES BUDGETS, got %d argument%s", argc - optind,
+                                  argc - optind == 1 ? "" : "s");
     const char *trace_path = argv[optind], *pol_list = argv[optind + 1], *bud_list = argv[optind + 2];
     kv_policy_t **pols = NULL;
     kv_budget_t *bud = NULL;
@@ -91,34 +178,51 @@ int kv_cmd_replay(int argc, char **argv)
     kv_trace_t *t = NULL;
     kv_backend_t *be = NULL;
     kv_results_t *res = NULL;
-    if (kv_policy_create_list(pol_list, &pols, &n_pol) != KV_OK ||
-        kv_budget_parse_list(bud_list, &bud, &n_bud) != KV_OK) {
+    /* malformed POLICIES or BUDGETS are usage errors */
+    if (kv_policy_create_list(pol_list, &pols, &n_pol) != KV_OK) {
+        rc = kv_cli_usage_error("replay", "POLICIES: %s", kv_last_error());
+        goto done;
+    }
+    if (kv_budget_parse_list(bud_list, &bud, &n_bud) != KV_OK) {
+        rc = kv_cli_usage_error("replay", "BUDGETS: %s", kv_last_error());
+        goto done;
+    }
+    /* output paths are checked before the work, not after it */
+    if ((strcmp(out, "-") && writable_target(out) != KV_OK) || (json && writable_target(json) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
-    if (kv_trace_open(trace_path, &t) != KV_OK || kv_backend_open(backend, (int)threads, &be) != KV_OK) {
+    if (kv_trace_open(trace_path, &t) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
+    }
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
+    if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    kv_info("replay: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d polic%s x %d budget%s on %s",
+            trace_path, m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_pol,
+            n_pol == 1 ? "y" : "ies", n_bud, n_bud == 1 ? "" : "s", be->device);
+    /* the checksum for the provenance reads the whole file: seconds for a multi-GiB trace */
+    struct stat tst;
+    if (stat(trace_path, &tst) == 0 && tst.st_size > (off_t)1 << 30) {
+        char sz[32];
+        kv_info("replay: computing the SHA-256 of %s (%s) for the results' provenance", trace_path,
+                kv_fmt_bytes((double)tst.st_size, sz, sizeof sz));
     }
     char sha[65] = "";
     if (kv_sha256_file(trace_path, sha) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
     }
-    const kv_trace_meta_t *m = kv_trace_meta(t);
-    kv_info("replay: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d policies x %d budgets on %s",
-            trace_path, m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_pol, n_bud,
-            be->device);
     double t0 = kv_now();
     if (kv_replay(t, pols, n_pol, bud, n_bud, be, &ro, &res) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
     }
-    char cmd[2048] = "kvsim", now[32], buf[64];
-    for (int i = 0; i < argc; i++) {
-        size_t used = strlen(cmd);
-        snprintf(cmd + used, sizeof cmd - used, " %s", argv[i]);
-    }
+    char now[32], buf[64];
     kv_iso_time(now, sizeof now);
     snprintf(buf, sizeof buf, "%d", ro.eval_tail);
     char seed[32];
@@ -168,22 +272,38 @@ static void flags_text(unsigned f, char *buf, size_t len)
              f & KV_POL_BUDGET_FREE ? ", threshold rule (may evict below the budget)" : "");
 }
 
+static void policies_help(void)
+{
+    printf("usage: kvsim policies [--labels]\n"
+           "\n"
+           "List every registered eviction policy: its one-line description and paper, its kind (one-shot\n"
+           "after prefill, decode-time, per-query), its canonical label with every default, and each\n"
+           "parameter with its type, range and default. Parameters are set in a policy spec as\n"
+           "name(k=v,...); the parameters gran and agg are common to every policy.\n"
+           "\n"
+           "options:\n"
+           "  -l, --labels  print only the canonical label of each policy, with its defaults (default:\n"
+           "                the full description)\n"
+           "  -h, --help    this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim policies --labels\n");
+}
+
 int kv_cmd_policies(int argc, char **argv)
 {
     static const struct option opts[] = {{"labels", no_argument, 0, 'l'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int labels = 0, c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "lh", opts, NULL)) != -1) {
-        if (c == 'l')
-            labels = 1;
-        else if (c == 'h') {
-            printf("usage: kvsim policies [--labels]\n\nList every registered policy with its parameters, "
-                   "defaults and paper.\n  --labels  print only the canonical label of each policy with "
-                   "its defaults\n");
-            return 0;
-        } else
-            return kv_cli_usage_error("policies", "unknown option");
+    while ((c = getopt_long(argc, argv, ":lh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'l': labels = 1; break;
+        case 'h': policies_help(); return 0;
+        default: return kv_cli_bad_option("policies", c, argv);
+        }
     }
+    if (optind < argc)
+        return kv_cli_usage_error("policies", "unexpected argument '%s'", argv[optind]);
     for (int i = 0; i < kv_policy_count(); i++) {
         const kv_policy_desc_t *d = kv_policy_desc_at(i);
         kv_policy_t *p;

@@ -25,10 +25,39 @@ static void help(void)
     printf("usage: kvsim synth -o TRACE.h5 [options]\n"
            "\n"
            "Write a synthetic attention trace (kvsim trace format, traces/FORMAT.md) whose attention has\n"
-           "planted, controllable structure. For query i and key j <= i of layer l the scaled score\n"
-           "q_i.k_j/sqrt(d) is built to be\n"
+           "planted, controllable structure: attention sinks with a given mass, recency, heavy-hitter\n"
+           "tokens, per-segment locality, and concentration that narrows with depth (the pyramid\n"
+           "funnelling shape). Generation streams one layer at a time, up to Llama-3-8B shape at 32K\n"
+           "tokens; the output depends only on the parameters (stored in the generator attribute), not\n"
+           "on the thread count. Output options (dtype, compression, summaries, backend) do not change\n"
+           "Q, K and V.\n"
            "\n"
-           "  c_i [j sink] + B [j heavy hitter] + E [j in i's segment] + R f(i-j) + noise\n"
+           "options:\n"
+           "  -o, --output PATH     trace to write (required; written atomically)\n"
+           "      --preset NAME     shape preset: llama3-8b (32 layers, 32/8 heads, head_dim 128),\n"
+           "                        llama2-7b, mistral-7b, stories110m, tiny (default: none, the\n"
+           "                        parameter defaults below); options given with it still override it\n"
+           "      --params LABEL    start from a label 'synth(k=v,...)' (the generator line of\n"
+           "                        `kvsim info`); other options override it\n"
+           "      --dtype f16|f32   storage of Q, K, V (default f16)\n"
+           "      --zstd-level N    1..22 (default 3)\n"
+           "      --summaries MODE  yes, no or auto (default). LSE, entropy, accumulated attention\n"
+           "                        and the pooled map cost O(T^2) per head and layer; auto writes\n"
+           "                        them when tokens <= %d and layers x heads x tokens^2 <= 5e9\n"
+           "                        (Llama-3-8B shape: up to 2209 tokens, a few minutes)\n"
+           "      --pool N          pooled attention map side (default %d, at most tokens)\n"
+           "      --backend NAME    backend for the summaries: cpu (default), cuda, auto\n"
+           "      --threads N       threads (default: all cores)\n"
+           "      --print-planted   print the sink and heavy-hitter positions on stdout\n"
+           "  -q, --quiet           no progress on stderr\n"
+           "  -h, --help            this help\n"
+           "\n"
+           "generation parameters (--key value; '_' in a key may be written '-'):\n%s"
+           "\n"
+           "the planted structure:\n"
+           "  For query i and key j <= i of layer l the scaled score q_i.k_j/sqrt(d) is built to be\n"
+           "\n"
+           "    c_i [j sink] + B [j heavy hitter] + E [j in i's segment] + R f(i-j) + noise\n"
            "\n"
            "  f(D) = mean over rotary pairs m of cos(D w_m), w_m log-spaced from 1 to 1/recent-window:\n"
            "         1 at D = 0, decaying roughly like log(W/D)/log(W) (RoPE on constant vectors);\n"
@@ -43,39 +72,22 @@ static void help(void)
            "  heavy hitters: a seeded random heavy-frac of the prompt tokens, shared by all heads;\n"
            "  segments: the prompt is cut into --segments pieces (meta.segments); decode tokens join\n"
            "         the last one.\n"
-           "Each feature lives in dedicated dimensions of Q and K (sink, heavy, one-hot segment code,\n"
-           "rotary pairs, noise), permuted per layer and KV head. Query heads of a GQA group share K and\n"
-           "V; queries differ per head. Positions are 0..T-1, token ids -1, and the parameters are\n"
-           "stored in the trace (generator attribute) so the planted tokens can be recomputed.\n"
-           "Generation is O(T x head_dim x heads) per layer and streams one layer at a time; the\n"
-           "output depends only on the parameters, not on the thread count.\n"
+           "  Each feature lives in dedicated dimensions of Q and K (sink, heavy, one-hot segment code,\n"
+           "  rotary pairs, noise), permuted per layer and KV head. Query heads of a GQA group share K\n"
+           "  and V; queries differ per head. Positions are 0..T-1 and token ids -1. Generation is\n"
+           "  O(T x head_dim x heads) per layer.\n"
            "\n"
-           "options:\n"
-           "  -o, --output PATH     trace to write (required; written atomically)\n"
-           "  --preset NAME         shape preset: llama3-8b (32 layers, 32/8 heads, head_dim 128),\n"
-           "                        llama2-7b, mistral-7b, stories110m, tiny; options given after\n"
-           "                        still override it\n"
-           "  --params LABEL        start from a label 'synth(k=v,...)' (the generator line of\n"
-           "                        `kvsim info`); other options override it\n"
-           "  --dtype f16|f32       storage of Q, K, V (default f16)\n"
-           "  --zstd-level N        1..22 (default 3)\n"
-           "  --summaries MODE      yes, no or auto (default). LSE, entropy, accumulated attention\n"
-           "                        and the pooled map cost O(T^2) per head and layer; auto writes\n"
-           "                        them when tokens <= %d and layers x heads x tokens^2 <= 5e9\n"
-           "                        (Llama-3-8B shape: up to 2209 tokens, a few minutes)\n"
-           "  --pool N              pooled attention map side (default %d, at most tokens)\n"
-           "  --backend NAME        backend for the summaries: cpu (default), cuda, auto\n"
-           "  --threads N           threads (default: all cores)\n"
-           "  --print-planted       print the sink and heavy-hitter positions on stdout\n"
-           "  -q, --quiet           no progress on stderr\n"
-           "  -h, --help            this help\n"
-           "\n"
-           "generation parameters (--key value; '_' in a key may be written '-'):\n%s"
-           "\n"
-           "examples:\n"
+           "example:\n"
            "  kvsim synth -o out/tiny.h5 --preset tiny --tokens 512 --decode 32 --segments 4\n"
            "  kvsim synth -o out/l3.h5 --preset llama3-8b --tokens 8256 --decode 64 --summaries no\n",
            KV_SYNTH_AUTO_SUMMARY_TOKENS, KV_TRACE_DEFAULT_POOL, params);
+}
+
+/* Library messages start with "synth: "; the CLI prefix already says "kvsim synth: ". */
+static const char *synth_msg(void)
+{
+    const char *e = kv_last_error();
+    return !strncmp(e, "synth: ", 7) ? e + 7 : e;
 }
 
 enum {
@@ -156,7 +168,7 @@ int kv_cmd_synth(int argc, char **argv)
     const char *backend = "cpu";
     int print = 0, c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'o': out = optarg; break;
         case 'q': kv_log_set_level(KV_LOG_QUIET); break;
@@ -199,10 +211,10 @@ int kv_cmd_synth(int argc, char **argv)
         default:
             if (c >= OPT_KEY0 && c < OPT_KEY0 + n_keys) {
                 if (kv_params_set(&given, kv_synth_key(c - OPT_KEY0), optarg) != KV_OK)
-                    return kv_cli_usage_error(cmd, "%s", kv_last_error());
+                    return kv_cli_usage_error(cmd, "%s", synth_msg());
                 break;
             }
-            return kv_cli_usage_error(cmd, "unknown option");
+            return kv_cli_bad_option(cmd, c, argv);
         }
     }
     if (optind < argc)
@@ -213,9 +225,9 @@ int kv_cmd_synth(int argc, char **argv)
     kv_synth_params_t p;
     kv_synth_defaults(&p);
     if (label && kv_synth_apply(&p, label) != KV_OK)
-        return kv_cli_usage_error(cmd, "--params: %s", kv_last_error());
+        return kv_cli_usage_error(cmd, "--params: %s", synth_msg());
     if (preset && kv_synth_preset(&p, preset) != KV_OK)
-        return kv_cli_usage_error(cmd, "%s", kv_last_error());
+        return kv_cli_usage_error(cmd, "--preset: %s", synth_msg());
     for (int i = 0; i < given.n; i++) {
         char opt[KV_PARAM_KEY_LEN + 2];
         snprintf(opt, sizeof opt, "%s", given.key[i]);
@@ -223,14 +235,14 @@ int kv_cmd_synth(int argc, char **argv)
             if (*ch == '_')
                 *ch = '-';
         if (kv_synth_set(&p, given.key[i], given.val[i]) != KV_OK)
-            return kv_cli_usage_error(cmd, "--%s: %s", opt, kv_last_error());
+            return kv_cli_usage_error(cmd, "--%s: %s", opt, synth_msg());
     }
     p.summaries = summaries;
     p.pool = (int)pool;
     p.n_threads = (int)threads;
     snprintf(p.backend, sizeof p.backend, "%s", backend);
     if (kv_synth_validate(&p) != KV_OK)
-        return kv_cli_usage_error(cmd, "%s", kv_last_error());
+        return kv_cli_usage_error(cmd, "%s", synth_msg());
 
     const int T = p.n_tokens, want = kv_synth_want_summaries(&p);
     if (want && kv_synth_summary_work(&p) > KV_SYNTH_AUTO_SUMMARY_WORK)
@@ -258,9 +270,11 @@ int kv_cmd_synth(int argc, char **argv)
     printf("wrote %s: %d layers, %d heads / %d KV heads, head_dim %d, %d tokens (%d prompt + %d decode), %s\n", out,
            p.n_layers, p.n_heads, p.n_kv_heads, p.head_dim, T, T - p.n_decode, p.n_decode,
            wo.dtype == KV_DTYPE_F16 ? "f16" : "f32");
-    printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %d segments, sharpness %g -> %g\n",
-           p.n_sinks, p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, p.n_segments >= 2 ? p.n_segments : 0,
-           p.sharp_first, p.sharp_last);
+    char segs[32] = "no segments";
+    if (p.n_segments >= 2)
+        snprintf(segs, sizeof segs, "%d segments", p.n_segments);
+    printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %s, sharpness %g -> %g\n", p.n_sinks,
+           p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, segs, p.sharp_first, p.sharp_last);
     printf("  summaries: %s\n", want ? "lse, entropy, accumulated attention, pooled map" : "none");
     printf("  file %s (tensors %s uncompressed, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b), el,

@@ -1,8 +1,17 @@
-/* main.c: `kvsim <command> ...` dispatch, global --version and --help. */
+/*
+ * main.c: `kvsim <command> ...` dispatch, global --version and --help, and the helpers every
+ * subcommand shares for its messages. Conventions (README, "Command line"):
+ *   kvsim, kvsim --help, kvsim help      the command list (no arguments: on stderr, exit 2)
+ *   kvsim help CMD, kvsim CMD --help     CMD's help on stdout, exit 0
+ *   usage errors (unknown command or option, missing or malformed argument)
+ *                                        "kvsim CMD: <problem>; see 'kvsim CMD --help'", exit 2
+ *   runtime failures                     "kvsim CMD: <what>: <why>", exit 1
+ */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 
 #include <errno.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,6 +59,64 @@ int kv_cli_int(const char *cmd, const char *opt, const char *val, long lo, long 
     return 0;
 }
 
+int kv_cli_bad_option(const char *cmd, int c, char **argv)
+{
+    /* getopt_long with opterr = 0 and a ':' leading the option string: '?' for an unknown option
+     * (optopt 0 for a long one), ':' for a missing value; argv[optind - 1] is the word it was in. */
+    const char *word = optind > 0 ? argv[optind - 1] : "";
+    char name[128];
+    if (!strncmp(word, "--", 2)) {
+        snprintf(name, sizeof name, "%s", word);
+        char *eq = strchr(name, '=');
+        if (c == '?' && optopt != 0 && eq)
+            return kv_cli_usage_error(cmd, "option '%.*s' takes no value", (int)(eq - name), name);
+        if (eq)
+            *eq = 0;
+    } else if (optopt > 0 && optopt < 128) {
+        snprintf(name, sizeof name, "-%c", optopt);
+    } else {
+        snprintf(name, sizeof name, "%s", word);
+    }
+    if (c == ':')
+        return kv_cli_usage_error(cmd, "option '%s' needs a value", name);
+    return kv_cli_usage_error(cmd, "unknown option '%s'", name);
+}
+
+void kv_cli_append_arg(char *buf, size_t len, const char *arg)
+{
+    size_t k = strlen(buf);
+    int plain = arg[0] != 0;
+    for (const char *c = arg; *c; c++)
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=+./,:@%", *c))
+            plain = 0;
+    if (k && k + 1 < len)
+        buf[k++] = ' ';
+    if (plain) {
+        snprintf(buf + k, len - k, "%s", arg);
+        return;
+    }
+    /* single quotes; a single quote inside becomes '\'' */
+    if (k + 1 < len)
+        buf[k++] = '\'';
+    for (const char *c = arg; *c && k + 5 < len; c++) {
+        if (*c == '\'') {
+            memcpy(buf + k, "'\\''", 4);
+            k += 4;
+        } else
+            buf[k++] = *c;
+    }
+    if (k + 1 < len)
+        buf[k++] = '\'';
+    buf[k < len ? k : len - 1] = 0;
+}
+
+void kv_cli_command_line(char *buf, size_t len, int argc, char **argv)
+{
+    snprintf(buf, len, "kvsim");
+    for (int i = 0; i < argc; i++)
+        kv_cli_append_arg(buf, len, argv[i]);
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,
@@ -61,27 +128,53 @@ static void usage(FILE *f)
     fprintf(f, "\nA typical session:\n"
                "  kvsim capture model.bin -z tokenizer.bin -i @prompt.txt -o trace.h5\n"
                "  kvsim replay trace.h5 all 64,128,256 -o results.tsv\n"
-               "  kvsim analyze trace.h5 results.tsv -o report/\n");
+               "  kvsim analyze trace.h5 results.tsv -o report/\n"
+               "\nkvsim help CMD (or kvsim CMD --help) explains one command; kvsim --version prints the version.\n");
+}
+
+static const kv_cmd_t *find_command(const char *name)
+{
+    for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
+        if (!strcmp(name, commands[i].name))
+            return &commands[i];
+    return NULL;
+}
+
+static int unknown_command(const char *name)
+{
+    fprintf(stderr, "kvsim: unknown %s '%s'; see 'kvsim --help' (commands:", name[0] == '-' ? "option" : "command",
+            name);
+    for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
+        fprintf(stderr, "%s %s", i ? "," : "", commands[i].name);
+    fprintf(stderr, ")\n");
+    return 2;
 }
 
 int main(int argc, char **argv)
 {
+    opterr = 0; /* subcommands report bad options themselves (kv_cli_bad_option), naming the option */
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
-        usage(stdout);
-        return 0;
+        if (argc == 2) {
+            usage(stdout);
+            return 0;
+        }
+        /* kvsim help CMD: CMD's own --help */
+        const kv_cmd_t *c = find_command(argv[2]);
+        if (!c)
+            return unknown_command(argv[2]);
+        char *hargv[] = {(char *)c->name, "--help", NULL};
+        return c->run(2, hargv);
     }
     if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
         printf("kvsim %s (git %s)\n", KV_VERSION, kv_git_revision());
         return 0;
     }
-    for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
-        if (!strcmp(argv[1], commands[i].name))
-            return commands[i].run(argc - 1, argv + 1);
-    fprintf(stderr, "kvsim: unknown command '%s'\n\n", argv[1]);
-    usage(stderr);
-    return 2;
+    const kv_cmd_t *c = find_command(argv[1]);
+    if (c)
+        return c->run(argc - 1, argv + 1);
+    return unknown_command(argv[1]);
 }
