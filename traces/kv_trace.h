@@ -75,7 +75,7 @@ typedef struct {
     char tool_version[32];
     char git_revision[48];
     char created[32];    /* ISO 8601 UTC */
-    char backend[64];    /* backend that computed the trace */
+    char backend[160];   /* backend that computed the trace */
     char generator[512]; /* synth: the generator's parameters; capture: the command options */
     char prompt[1024];   /* prompt text (truncated), for reports */
 } kv_trace_meta_t;
