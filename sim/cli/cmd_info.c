@@ -1,4 +1,6 @@
-/* cmd_info.c: `kvsim info TRACE`: shapes, dtype, sizes raw and stored, compression, provenance. */
+/* cmd_info.c: `kvsim info TRACE`: shapes, dtype, sizes raw and stored, compression, provenance.
+ * The strings shown come from the file: control characters are printed as '?' so a trace cannot
+ * drive the terminal, and the prompt is cut on a UTF-8 character boundary. */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "traces/kv_trace.h"
@@ -12,6 +14,26 @@ static void help(void)
     printf("usage: kvsim info TRACE.h5 [TRACE.h5 ...]\n\n"
            "Print a trace's shapes, storage dtype, sizes (raw and stored), compression ratio,\n"
            "segments and provenance (model, checksum, tool version, date).\n");
+}
+
+/* `s` with control characters (line breaks included) as '?', at most `max` bytes cut back to the
+ * start of a UTF-8 character, into buf; *cut says whether anything was left out. */
+static const char *shown(const char *s, size_t max, char *buf, size_t len, int *cut)
+{
+    size_t n = strlen(s);
+    if (n > max)
+        n = max;
+    if (n >= len)
+        n = len - 1;
+    if (n < strlen(s))
+        while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80) /* s[n] continues a character: back up */
+            n--;
+    if (cut)
+        *cut = n < strlen(s);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) ? '?' : s[i];
+    buf[n] = 0;
+    return buf;
 }
 
 static int info_one(const char *path)
@@ -44,21 +66,25 @@ static int info_one(const char *path)
     if (m->has_summaries)
         printf(", pooled map %dx%d", m->pool, m->pool);
     printf("\n  W_O          %s\n", m->has_wo ? "present" : "absent");
-    printf("  source       %s%s%s\n", m->source, m->generator[0] ? ": " : "", m->generator);
+    char s1[sizeof m->generator], s2[sizeof m->model], s3[sizeof m->model_sha256], s4[sizeof m->git_revision];
+    char s5[sizeof m->created], s6[sizeof m->backend];
+    const size_t all = (size_t)-1;
+    printf("  source       %s%s%s\n", shown(m->source, all, s2, sizeof s2, NULL), m->generator[0] ? ": " : "",
+           shown(m->generator, all, s1, sizeof s1, NULL));
     if (m->model[0])
         printf("  model        %s (dim %d, hidden %d, vocab %d, seq_len %d, rope theta %g)\n  sha256       %s\n",
-               m->model, m->model_dim, m->hidden_dim, m->vocab_size, m->seq_len, m->rope_theta, m->model_sha256);
+               shown(m->model, all, s2, sizeof s2, NULL), m->model_dim, m->hidden_dim, m->vocab_size, m->seq_len,
+               m->rope_theta, shown(m->model_sha256, all, s3, sizeof s3, NULL));
     if (m->tokenizer[0])
-        printf("  tokenizer    %s\n", m->tokenizer);
-    printf("  written by   kvsim %s (git %s), %s, backend %s\n", m->tool_version, m->git_revision, m->created,
-           m->backend[0] ? m->backend : "?");
+        printf("  tokenizer    %s\n", shown(m->tokenizer, all, s2, sizeof s2, NULL));
+    printf("  written by   kvsim %s (git %s), %s, backend %s\n", shown(m->tool_version, all, s1, sizeof s1, NULL),
+           shown(m->git_revision, all, s4, sizeof s4, NULL), shown(m->created, all, s5, sizeof s5, NULL),
+           m->backend[0] ? shown(m->backend, all, s6, sizeof s6, NULL) : "?");
     if (m->prompt[0]) {
         char p[81];
-        snprintf(p, sizeof p, "%s", m->prompt);
-        for (char *c = p; *c; c++)
-            if (*c == '\n')
-                *c = ' ';
-        printf("  prompt       \"%s%s\"\n", p, strlen(m->prompt) > 80 ? "..." : "");
+        int cut;
+        shown(m->prompt, 80, p, sizeof p, &cut);
+        printf("  prompt       \"%s%s\"\n", p, cut ? "..." : "");
     }
     kv_trace_close(t);
     return 0;
@@ -68,6 +94,7 @@ int kv_cmd_info(int argc, char **argv)
 {
     static const struct option opts[] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
+    optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         if (c == 'h') {
             help();
