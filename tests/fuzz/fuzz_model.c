@@ -2,7 +2,8 @@
  * fuzz_model.c: libFuzzer harness for the llama2.c checkpoint loader (traces/capture/model.c).
  *
  * Each input is written to a temporary file and loaded (the loader maps files, so a file it must
- * be). A checkpoint it accepts is checked and run:
+ * be); with bit 0 of the first byte set, the file is cut or padded to the size its header implies
+ * (random bytes almost never have a consistent size). A checkpoint it accepts is checked and run:
  *   - every weight tensor lies inside the mapped file (version 0, 1) or the dequantised buffer
  *     (version 2), with counts recomputed here from the configuration (the map is not watched by
  *     AddressSanitizer, so a loader that points past the end would otherwise go unnoticed);
@@ -71,12 +72,65 @@ static void check_bounds(const kv_model_t *m)
         abort();
 }
 
+static int32_t rd32(const uint8_t *b)
+{
+    int32_t v;
+    memcpy(&v, b, 4);
+    return v;
+}
+
+/* The file size a header implies (0 when the header is too odd to say or the size is over 1 MiB),
+ * computed here apart from the loader: fp32 floats of every tensor (+ legacy freq_cis, + separate
+ * classifier), or for Q8_0 the norms in fp32 then int8 values and one fp32 scale per group. */
+static uint64_t implied_size(const uint8_t *b, size_t n)
+{
+    if (n < 41)
+        return 0;
+    const int versioned = rd32(b) == (int32_t)KV_LLAMA2C_MAGIC, version = versioned ? rd32(b + 4) : 0;
+    const uint8_t *h = b + (versioned ? 8 : 0);
+    int64_t D = rd32(h), H = rd32(h + 4), L = rd32(h + 8), NH = rd32(h + 12), NKV = rd32(h + 16);
+    int64_t V = rd32(h + 20), S = rd32(h + 24);
+    const int sep = versioned ? b[36] == 0 : V < 0;
+    if (V < 0)
+        V = -V;
+    if (D <= 0 || H <= 0 || L <= 0 || NH <= 0 || NKV <= 0 || V <= 0 || S <= 0 || D > 4096 || H > 4096 || L > 64 ||
+        V > 65536 || S > 65536 || D % NH)
+        return 0;
+    const int64_t hd = D / NH, KV = NKV * hd;
+    const int64_t quant = V * D * (1 + sep) + L * (2 * D * D + 2 * KV * D + 3 * H * D), norms = 2 * L * D + D;
+    if (version == 2) {
+        int32_t gs;
+        memcpy(&gs, b + 37, 4);
+        if (gs <= 0 || quant % gs)
+            return 0;
+        uint64_t need = 256 + 4 * (uint64_t)norms + (uint64_t)quant + 4 * (uint64_t)(quant / gs);
+        return need <= (1u << 20) ? need : 0;
+    }
+    uint64_t need = (versioned ? 256 : 28) + 4 * (uint64_t)(quant + norms + (versioned ? 0 : S * hd));
+    return need <= (1u << 20) ? need : 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    if (size < 1)
+        return 0;
+    /* byte 0, bit 0: "fit" the rest to the size its header implies (cut, or padded by repeating it),
+     * so that the fuzzer explores dimensions and weights, not only file sizes */
+    const int fit = data[0] & 1;
+    data++, size--;
+    uint64_t want = fit ? implied_size(data, size) : 0;
     FILE *f = fopen(g_path, "wb");
     if (!f)
         abort();
-    fwrite(data, 1, size, f);
+    if (want && size) {
+        for (uint64_t w = 0; w < want;) {
+            size_t k = (size_t)(want - w < size ? want - w : size);
+            fwrite(data, 1, k, f);
+            w += k;
+        }
+    } else {
+        fwrite(data, 1, size, f);
+    }
     fclose(f);
     kv_model_t *m = NULL;
     if (kv_model_load(g_path, &m) != KV_OK) {
@@ -92,7 +146,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (kv_fwd_create(m, g_be, T, T, &fw) == KV_OK) {
         int32_t tok[4];
         for (int i = 0; i < T; i++)
-            tok[i] = (int32_t)((i == 0 ? KV_BOS : data[i % size]) % m->cfg.vocab_size);
+            tok[i] = (int32_t)((i == 0 ? KV_BOS : (size ? data[i % size] : 0)) % m->cfg.vocab_size);
         float *logits = kv_malloc(sizeof(float) * (size_t)m->cfg.vocab_size * (size_t)T, "logits");
         if (logits && kv_fwd_run(fw, tok, T, 0, logits, 1, NULL, NULL) != KV_OK)
             abort(); /* a loaded model must run */

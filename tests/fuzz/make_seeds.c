@@ -15,6 +15,22 @@
 #include <string.h>
 #include <sys/stat.h>
 
+static void put(const char *dir, const char *sub, const char *name, const void *b, size_t n);
+
+/* model seeds: the raw file (byte 0 = 0) and the same in "fit" mode (byte 0 = 1) */
+static void put_model(const char *dir, const char *name, const unsigned char *b, size_t n)
+{
+    unsigned char *x = malloc(n + 1);
+    memcpy(x + 1, b, n);
+    char nm[96];
+    for (int fit = 0; fit < 2; fit++) {
+        x[0] = (unsigned char)fit;
+        snprintf(nm, sizeof nm, "%s%s", fit ? "fit-" : "", name);
+        put(dir, "model", nm, x, n + 1);
+    }
+    free(x);
+}
+
 static void put(const char *dir, const char *sub, const char *name, const void *b, size_t n)
 {
     char p[1024];
@@ -70,18 +86,18 @@ int main(int argc, char **argv)
         char name[64];
         unsigned char *b = fx_model_v0(&x, &n);
         snprintf(name, sizeof name, "v0-%d.bin", shared);
-        put(dir, "model", name, b, n);
+        put_model(dir, name, b, n);
         free(b);
         b = fx_model_v1(&x, &n);
         snprintf(name, sizeof name, "v1-%d.bin", shared);
-        put(dir, "model", name, b, n);
+        put_model(dir, name, b, n);
         free(b);
         b = fx_model_v2(&x, 8, &n, NULL);
         snprintf(name, sizeof name, "v2-grouped-%d.bin", shared);
-        put(dir, "model", name, b, n);
+        put_model(dir, name, b, n);
         unsigned char *il = interleave(b, n, &x, 8);
         snprintf(name, sizeof name, "v2-interleaved-%d.bin", shared);
-        put(dir, "model", name, il, n);
+        put_model(dir, name, il, n);
         free(il);
         free(b);
         fx_model_free(&x);
