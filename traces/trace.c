@@ -96,11 +96,27 @@ int kv_trace_meta_copy(kv_trace_meta_t *dst, const kv_trace_meta_t *src)
     return KV_OK;
 }
 
+/* Bounds far beyond any model (a 1M-token context, 128 heads of 256); larger values mean a corrupt
+ * file. With them every tensor of one layer has fewer than 2^62 bytes as float32. */
+#define MAX_LAYERS (1 << 16)
+#define MAX_HEADS (1 << 16)
+#define MAX_HEAD_DIM (1 << 16)
+#define MAX_TOKENS (1 << 26)
+#define MAX_MODEL_DIM (1 << 20)
+#define MAX_TENSOR_FLOATS (1ull << 40)
+
 int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where)
 {
     if (m->n_layers <= 0 || m->n_heads <= 0 || m->n_kv_heads <= 0 || m->head_dim <= 0 || m->n_tokens <= 0)
         return kv_error(KV_EFORMAT, "%s: impossible shape (layers %d, heads %d, kv heads %d, head_dim %d, tokens %d)",
                         where, m->n_layers, m->n_heads, m->n_kv_heads, m->head_dim, m->n_tokens);
+    if (m->n_layers > MAX_LAYERS || m->n_heads > MAX_HEADS || m->head_dim > MAX_HEAD_DIM || m->n_tokens > MAX_TOKENS ||
+        m->model_dim > MAX_MODEL_DIM || m->model_dim < 0)
+        return kv_error(KV_EFORMAT,
+                        "%s: absurd shape (layers %d, heads %d, head_dim %d, tokens %d, model dim %d; at most %d, %d, "
+                        "%d, %d, %d)",
+                        where, m->n_layers, m->n_heads, m->head_dim, m->n_tokens, m->model_dim, MAX_LAYERS, MAX_HEADS,
+                        MAX_HEAD_DIM, MAX_TOKENS, MAX_MODEL_DIM);
     if (m->n_heads % m->n_kv_heads)
         return kv_error(KV_EFORMAT, "%s: %d heads is not a multiple of %d KV heads", where, m->n_heads, m->n_kv_heads);
     if (m->n_prompt <= 0 || m->n_prompt > m->n_tokens)
@@ -117,6 +133,22 @@ int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where)
         return kv_error(KV_EFORMAT, "%s: pooled map side %d outside [1, %d]", where, m->pool, m->n_tokens);
     if (m->has_wo && m->model_dim <= 0)
         return kv_error(KV_EFORMAT, "%s: W_O present but model dim is %d", where, m->model_dim);
+    for (int w = 0; w < KV_T_COUNT; w++) {
+        if ((w == KV_T_WO && !m->has_wo) || (w > KV_T_V && w != KV_T_WO && !m->has_summaries))
+            continue;
+        uint64_t d[3], n = 1;
+        int r = kv_tensor_dims(m, (kv_tensor_t)w, d), ok = 1;
+        for (int i = 0; i < r && ok; i++)
+            ok = !__builtin_mul_overflow(n, d[i], &n);
+        if (!ok || n > MAX_TENSOR_FLOATS)
+            return kv_error(KV_EFORMAT, "%s: absurd shape: one layer's '%s' would hold more than 2^40 values", where,
+                            kv_tensor_name((kv_tensor_t)w));
+    }
+    if (m->tokens)
+        for (int t = 0; t < m->n_tokens; t++)
+            if (m->tokens[t] < -1 || (m->vocab_size > 0 && m->tokens[t] >= m->vocab_size))
+                return kv_error(KV_EFORMAT, "%s: token %d has id %d, outside [-1, %d)", where, t, m->tokens[t],
+                                m->vocab_size > 0 ? m->vocab_size : INT32_MAX);
     return KV_OK;
 }
 

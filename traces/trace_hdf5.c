@@ -77,6 +77,41 @@ static int attr_exists(hid_t obj, const char *name)
     return H5Aexists(obj, name) > 0;
 }
 
+/* Longest string attribute read (the longest kvsim writes is the prompt, cut to 1 KiB). */
+#define MAX_STR_ATTR (1u << 20)
+
+/* Open attribute `name` of obj and check it holds exactly one value (scalar or one element) of
+ * class `cls` (a second class, or -1). H5Aread writes every element, so an array attribute read into
+ * one value would overflow it. *ft gets the file type (the caller closes it). */
+static int open_attr1(hid_t obj, const char *name, H5T_class_t cls, int cls2, const char *what, const char *path,
+                      hid_t *a, hid_t *ft)
+{
+    *ft = -1;
+    *a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (*a < 0)
+        return kv_error(KV_EFORMAT, "%s: cannot open attribute '%s' (%s)", path, name, h5_reason());
+    hid_t sp = H5Aget_space(*a);
+    hssize_t npts = sp < 0 ? -1 : H5Sget_simple_extent_npoints(sp);
+    if (sp >= 0)
+        H5Sclose(sp);
+    if (npts != 1)
+        return kv_error(KV_EFORMAT, "%s: attribute '%s' holds %lld values, expected one %s", path, name,
+                        (long long)npts, what);
+    *ft = H5Aget_type(*a);
+    H5T_class_t c = *ft < 0 ? H5T_NO_CLASS : H5Tget_class(*ft);
+    if (c != cls && (int)c != cls2)
+        return kv_error(KV_EFORMAT, "%s: attribute '%s' is not %s", path, name, what);
+    return KV_OK;
+}
+
+static void close_attr1(hid_t a, hid_t ft)
+{
+    if (ft >= 0)
+        H5Tclose(ft);
+    if (a >= 0)
+        H5Aclose(a);
+}
+
 static int get_int_attr(hid_t obj, const char *name, long long *v, int required, const char *path)
 {
     if (!attr_exists(obj, name)) {
@@ -84,26 +119,24 @@ static int get_int_attr(hid_t obj, const char *name, long long *v, int required,
             return kv_error(KV_EFORMAT, "%s: attribute '%s' missing (not a kvsim trace?)", path, name);
         return KV_OK;
     }
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    herr_t e = a < 0 ? -1 : H5Aread(a, H5T_NATIVE_LLONG, v);
-    if (a >= 0)
-        H5Aclose(a);
-    if (e < 0)
-        return kv_error(KV_EFORMAT, "%s: attribute '%s' is not an integer (%s)", path, name, h5_reason());
-    return KV_OK;
+    hid_t a, ft;
+    int rc = open_attr1(obj, name, H5T_INTEGER, -1, "an integer", path, &a, &ft);
+    if (rc == KV_OK && H5Aread(a, H5T_NATIVE_LLONG, v) < 0)
+        rc = kv_error(KV_EFORMAT, "%s: attribute '%s' is not an integer (%s)", path, name, h5_reason());
+    close_attr1(a, ft);
+    return rc;
 }
 
 static int get_double_attr(hid_t obj, const char *name, double *v, const char *path)
 {
     if (!attr_exists(obj, name))
         return KV_OK;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    herr_t e = a < 0 ? -1 : H5Aread(a, H5T_NATIVE_DOUBLE, v);
-    if (a >= 0)
-        H5Aclose(a);
-    if (e < 0)
-        return kv_error(KV_EFORMAT, "%s: attribute '%s' is not a number (%s)", path, name, h5_reason());
-    return KV_OK;
+    hid_t a, ft;
+    int rc = open_attr1(obj, name, H5T_FLOAT, H5T_INTEGER, "a number", path, &a, &ft);
+    if (rc == KV_OK && H5Aread(a, H5T_NATIVE_DOUBLE, v) < 0)
+        rc = kv_error(KV_EFORMAT, "%s: attribute '%s' is not a number (%s)", path, name, h5_reason());
+    close_attr1(a, ft);
+    return rc;
 }
 
 /* Read a string attribute (variable or fixed length) into buf; absent -> "". */
@@ -112,11 +145,10 @@ static int get_str_attr(hid_t obj, const char *name, char *buf, size_t len, cons
     buf[0] = 0;
     if (!attr_exists(obj, name))
         return KV_OK;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    hid_t ft = a < 0 ? -1 : H5Aget_type(a);
-    int rc = KV_OK;
-    if (ft < 0 || H5Tget_class(ft) != H5T_STRING) {
-        rc = kv_error(KV_EFORMAT, "%s: attribute '%s' is not a string", path, name);
+    hid_t a, ft;
+    int rc = open_attr1(obj, name, H5T_STRING, -1, "a string", path, &a, &ft);
+    if (rc) {
+        /* reported */
     } else if (H5Tis_variable_str(ft) > 0) {
         hid_t mt = H5Tcopy(H5T_C_S1);
         H5Tset_size(mt, H5T_VARIABLE);
@@ -124,11 +156,17 @@ static int get_str_attr(hid_t obj, const char *name, char *buf, size_t len, cons
         char *s = NULL;
         if (H5Aread(a, mt, &s) < 0)
             rc = kv_error(KV_EFORMAT, "%s: cannot read attribute '%s' (%s)", path, name, h5_reason());
-        else if (s) {
+        else if (s && strlen(s) > MAX_STR_ATTR)
+            rc = kv_error(KV_EFORMAT, "%s: attribute '%s' is a string of %zu bytes (absurd; at most %u)", path, name,
+                          strlen(s), MAX_STR_ATTR);
+        else if (s)
             snprintf(buf, len, "%s", s);
+        if (s)
             H5free_memory(s);
-        }
         H5Tclose(mt);
+    } else if (H5Tget_size(ft) > MAX_STR_ATTR) {
+        rc = kv_error(KV_EFORMAT, "%s: attribute '%s' is a string of %zu bytes (absurd; at most %u)", path, name,
+                      H5Tget_size(ft), MAX_STR_ATTR);
     } else {
         size_t n = H5Tget_size(ft);
         char *tmp = kv_calloc(n + 1, 1, "attribute");
@@ -141,10 +179,7 @@ static int get_str_attr(hid_t obj, const char *name, char *buf, size_t len, cons
         H5Tclose(mt);
         kv_free(tmp);
     }
-    if (ft >= 0)
-        H5Tclose(ft);
-    if (a >= 0)
-        H5Aclose(a);
+    close_attr1(a, ft);
     return rc;
 }
 
@@ -188,17 +223,33 @@ typedef struct {
     size_t half_cap;
 } h5_impl_t;
 
-static int read_i32_dataset(hid_t file, const char *name, int32_t **out, int expect, const char *path)
+/* An integer vector: exactly `expect` entries (expect >= 0), or at most `max` (expect < 0; *count
+ * gets the length). Sizes are checked before anything is allocated. */
+static int read_i32_dataset(hid_t file, const char *name, int32_t **out, int expect, int max, int *count,
+                            const char *path)
 {
     *out = NULL;
-    if (H5Lexists(file, name, H5P_DEFAULT) <= 0)
+    if (count)
+        *count = 0;
+    if (H5Lexists(file, name, H5P_DEFAULT) <= 0) {
+        H5Eclear2(H5E_DEFAULT);
         return KV_OK;
+    }
     hid_t d = H5Dopen2(file, name, H5P_DEFAULT);
     hid_t sp = d < 0 ? -1 : H5Dget_space(d);
+    hid_t ft = d < 0 ? -1 : H5Dget_type(d);
     hsize_t n = 0;
     int rc = KV_OK;
+    if (d < 0) {
+        rc = kv_error(KV_EFORMAT, "%s: '%s' is not a dataset (%s)", path, name, h5_reason());
+        goto done;
+    }
     if (sp < 0 || H5Sget_simple_extent_ndims(sp) != 1) {
         rc = kv_error(KV_EFORMAT, "%s: dataset '%s' is not one-dimensional", path, name);
+        goto done;
+    }
+    if (ft < 0 || H5Tget_class(ft) != H5T_INTEGER) {
+        rc = kv_error(KV_EFORMAT, "%s: dataset '%s' does not hold integers", path, name);
         goto done;
     }
     H5Sget_simple_extent_dims(sp, &n, NULL);
@@ -207,6 +258,13 @@ static int read_i32_dataset(hid_t file, const char *name, int32_t **out, int exp
                       expect);
         goto done;
     }
+    if (expect < 0 && n > (hsize_t)max) {
+        rc = kv_error(KV_EFORMAT, "%s: dataset '%s' has %llu entries, at most %d are possible", path, name,
+                      (unsigned long long)n, max);
+        goto done;
+    }
+    if (count)
+        *count = (int)n;
     *out = kv_malloc(sizeof(int32_t) * (n ? n : 1), name);
     if (!*out) {
         rc = KV_ENOMEM;
@@ -218,6 +276,8 @@ static int read_i32_dataset(hid_t file, const char *name, int32_t **out, int exp
         *out = NULL;
     }
 done:
+    if (ft >= 0)
+        H5Tclose(ft);
     if (sp >= 0)
         H5Sclose(sp);
     if (d >= 0)
@@ -232,13 +292,19 @@ static int check_dims(hid_t file, const kv_trace_meta_t *m, int layer, kv_tensor
     hid_t d = H5Dopen2(file, name, H5P_DEFAULT);
     if (d < 0)
         return kv_error(KV_EFORMAT, "%s: dataset '%s' missing", path, name);
-    hid_t sp = H5Dget_space(d);
+    hid_t sp = H5Dget_space(d), ft = H5Dget_type(d);
     hsize_t dims[4] = {0};
-    int r = H5Sget_simple_extent_ndims(sp);
+    int r = sp < 0 ? -1 : H5Sget_simple_extent_ndims(sp);
     if (r > 0 && r <= 4)
         H5Sget_simple_extent_dims(sp, dims, NULL);
-    H5Sclose(sp);
+    int is_float = ft >= 0 && H5Tget_class(ft) == H5T_FLOAT;
+    if (ft >= 0)
+        H5Tclose(ft);
+    if (sp >= 0)
+        H5Sclose(sp);
     H5Dclose(d);
+    if (!is_float)
+        return kv_error(KV_EFORMAT, "%s: dataset '%s' does not hold floating-point numbers", path, name);
     uint64_t want[3];
     int wr = kv_tensor_dims(m, which, want);
     int ok = (r == wr);
@@ -295,6 +361,10 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
             return kv_error(KV_EFORMAT, "%s: attribute '%s' = %lld out of range", path, ints[i].name, v);
         *ints[i].dst = (int)v;
     }
+    m->has_summaries = m->has_summaries != 0;
+    m->has_wo = m->has_wo != 0;
+    if (!m->has_summaries)
+        m->pool = 0; /* no pooled map: its side means nothing (kv_trace.h) */
     v = 0;
     if ((rc = get_int_attr(f, "f16_overflow", &v, 0, path)))
         return rc;
@@ -337,19 +407,11 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
             return rc;
     if ((rc = kv_trace_meta_validate(m, path)))
         return rc;
-    if ((rc = read_i32_dataset(f, "/tokens", &m->tokens, m->n_tokens, path)) ||
-        (rc = read_i32_dataset(f, "/positions", &m->positions, m->n_tokens, path)) ||
-        (rc = read_i32_dataset(f, "/segments", &m->segments, -1, path)))
+    /* segments ascend strictly inside the prompt: at most n_prompt of them */
+    if ((rc = read_i32_dataset(f, "/tokens", &m->tokens, m->n_tokens, 0, NULL, path)) ||
+        (rc = read_i32_dataset(f, "/positions", &m->positions, m->n_tokens, 0, NULL, path)) ||
+        (rc = read_i32_dataset(f, "/segments", &m->segments, -1, m->n_prompt, &m->n_segments, path)))
         return rc;
-    if (m->segments) {
-        hid_t ds = H5Dopen2(f, "/segments", H5P_DEFAULT);
-        hid_t sp = H5Dget_space(ds);
-        hsize_t n = 0;
-        H5Sget_simple_extent_dims(sp, &n, NULL);
-        H5Sclose(sp);
-        H5Dclose(ds);
-        m->n_segments = (int)n;
-    }
     if (!m->positions) {
         m->positions = kv_malloc(sizeof(int32_t) * (size_t)m->n_tokens, "positions");
         if (!m->positions)
@@ -357,7 +419,18 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
         for (int t = 0; t < m->n_tokens; t++)
             m->positions[t] = t;
     }
-    return kv_trace_meta_validate(m, path);
+    if ((rc = kv_trace_meta_validate(m, path)))
+        return rc;
+    /* the redundant counts, where present, must agree */
+    long long n_seg = m->n_segments, n_dec = m->n_tokens - m->n_prompt;
+    if ((rc = get_int_attr(f, "n_segments", &n_seg, 0, path)) || (rc = get_int_attr(f, "n_decode", &n_dec, 0, path)))
+        return rc;
+    if (n_seg != m->n_segments || n_dec != m->n_tokens - m->n_prompt)
+        return kv_error(KV_EFORMAT,
+                        "%s: attributes n_segments %lld and n_decode %lld disagree with the %d segment starts and "
+                        "n_tokens - n_prompt = %d",
+                        path, n_seg, n_dec, m->n_segments, m->n_tokens - m->n_prompt);
+    return KV_OK;
 }
 
 static int h5_has(const kv_trace_t *t, kv_tensor_t which)

@@ -2,6 +2,9 @@
  * cmd_info.c: `kvsim info TRACE ...`: shapes, dtype, sizes raw and stored, compression, provenance.
  * `--attrs` prints the root attributes of traces/FORMAT.md instead, one `name=value` per line under
  * the same names, for scripts and for checking a trace against the format description.
+ * The strings shown come from the file: control characters are never printed raw (summary: '?';
+ * --attrs: \n, \\ and \xHH escapes) so a trace cannot drive the terminal, and the prompt is cut
+ * on a UTF-8 character boundary.
  */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
@@ -33,7 +36,8 @@ static void help(void)
            "  kvsim info out/demo/trace.h5\n");
 }
 
-/* One attribute per line; newlines in strings are written as \n so each stays one line. */
+/* One attribute per line; a newline is written as \n, a backslash as \\ and other control characters
+ * as \xHH, so each attribute stays one line and the terminal sees no control codes. */
 static void attr_s(const char *k, const char *v)
 {
     printf("%s=", k);
@@ -42,6 +46,8 @@ static void attr_s(const char *k, const char *v)
             fputs("\\n", stdout);
         else if (*v == '\\')
             fputs("\\\\", stdout);
+        else if ((unsigned char)*v < 0x20 || *v == 0x7f)
+            printf("\\x%02x", (unsigned char)*v);
         else
             putchar(*v);
     }
@@ -72,6 +78,26 @@ static void print_attrs(const kv_trace_meta_t *m)
     attr_s("backend", m->backend);
     attr_s("generator", m->generator);
     attr_s("prompt", m->prompt);
+}
+
+/* `s` with control characters (line breaks included) as '?', at most `max` bytes cut back to the
+ * start of a UTF-8 character, into buf; *cut says whether anything was left out. */
+static const char *shown(const char *s, size_t max, char *buf, size_t len, int *cut)
+{
+    size_t n = strlen(s);
+    if (n > max)
+        n = max;
+    if (n >= len)
+        n = len - 1;
+    if (n < strlen(s))
+        while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80) /* s[n] continues a character: back up */
+            n--;
+    if (cut)
+        *cut = n < strlen(s);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) ? '?' : s[i];
+    buf[n] = 0;
+    return buf;
 }
 
 static int info_one(const char *path, int attrs)
@@ -111,21 +137,25 @@ static int info_one(const char *path, int attrs)
     if (m->has_summaries)
         printf(", pooled map %dx%d", m->pool, m->pool);
     printf("\n  W_O          %s\n", m->has_wo ? "present" : "absent");
-    printf("  source       %s%s%s\n", m->source, m->generator[0] ? ": " : "", m->generator);
+    char s1[sizeof m->generator], s2[sizeof m->model], s3[sizeof m->model_sha256], s4[sizeof m->git_revision];
+    char s5[sizeof m->created], s6[sizeof m->backend];
+    const size_t all = (size_t)-1;
+    printf("  source       %s%s%s\n", shown(m->source, all, s2, sizeof s2, NULL), m->generator[0] ? ": " : "",
+           shown(m->generator, all, s1, sizeof s1, NULL));
     if (m->model[0])
         printf("  model        %s (dim %d, hidden %d, vocab %d, seq_len %d, rope theta %g)\n  sha256       %s\n",
-               m->model, m->model_dim, m->hidden_dim, m->vocab_size, m->seq_len, m->rope_theta, m->model_sha256);
+               shown(m->model, all, s2, sizeof s2, NULL), m->model_dim, m->hidden_dim, m->vocab_size, m->seq_len,
+               m->rope_theta, shown(m->model_sha256, all, s3, sizeof s3, NULL));
     if (m->tokenizer[0])
-        printf("  tokenizer    %s\n", m->tokenizer);
-    printf("  written by   kvsim %s (git %s), %s, backend %s\n", m->tool_version, m->git_revision, m->created,
-           m->backend[0] ? m->backend : "?");
+        printf("  tokenizer    %s\n", shown(m->tokenizer, all, s2, sizeof s2, NULL));
+    printf("  written by   kvsim %s (git %s), %s, backend %s\n", shown(m->tool_version, all, s1, sizeof s1, NULL),
+           shown(m->git_revision, all, s4, sizeof s4, NULL), shown(m->created, all, s5, sizeof s5, NULL),
+           m->backend[0] ? shown(m->backend, all, s6, sizeof s6, NULL) : "?");
     if (m->prompt[0]) {
         char p[81];
-        snprintf(p, sizeof p, "%s", m->prompt);
-        for (char *c = p; *c; c++)
-            if (*c == '\n')
-                *c = ' ';
-        printf("  prompt       \"%s%s\"\n", p, strlen(m->prompt) > 80 ? "..." : "");
+        int cut;
+        shown(m->prompt, 80, p, sizeof p, &cut);
+        printf("  prompt       \"%s%s\"\n", p, cut ? "..." : "");
     }
     kv_trace_close(t);
     return 0;

@@ -58,11 +58,12 @@ static int parse_offsets(const char *spec, int n_prompt, int32_t **segs, int *n_
         return KV_ENOMEM;
     s[n++] = 0; /* implied */
     const char *p = spec;
-    while (*p) {
+    int first = 1;
+    for (;;) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ',')) {
+        if (end == p || errno || (*end && *end != ',') || (*end == ',' && !end[1])) {
             rc = kv_error(KV_EINVAL, "--segments: '%s' is not auto, none or a comma list of token offsets", spec);
             goto fail;
         }
@@ -70,7 +71,7 @@ static int parse_offsets(const char *spec, int n_prompt, int32_t **segs, int *n_
             rc = kv_error(KV_ERANGE, "--segments: offset %ld outside the prompt's %d tokens", v, n_prompt);
             goto fail;
         }
-        if (v != 0 || n > 1) {
+        if (!(first && v == 0)) { /* a leading 0 repeats the implied start */
             if (v <= s[n - 1]) {
                 rc = kv_error(KV_EINVAL, "--segments: offsets must ascend (%ld after %d)", v, s[n - 1]);
                 goto fail;
@@ -86,7 +87,10 @@ static int parse_offsets(const char *spec, int n_prompt, int32_t **segs, int *n_
             }
             s[n++] = (int32_t)v;
         }
-        p = *end ? end + 1 : end;
+        first = 0;
+        if (!*end)
+            break;
+        p = end + 1;
     }
     *segs = s;
     *n_segs = n;
@@ -326,14 +330,14 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         goto done;
     if ((rc = kv_capture_tokenize(tok, o->prompt, o->segments, &tokens, &n_prompt, &segs, &n_segs)))
         goto done;
-    const int T = n_prompt + o->n_decode;
-    if (T > c->seq_len) {
+    if ((long long)n_prompt + o->n_decode > c->seq_len) {
         rc = kv_error(KV_ERANGE,
-                      "the prompt (%d tokens) plus %d decode tokens makes %d, beyond the model's context "
+                      "the prompt (%d tokens) plus %d decode tokens makes %lld, beyond the model's context "
                       "of %d tokens (seq_len of %s)",
-                      n_prompt, o->n_decode, T, c->seq_len, o->model_path);
+                      n_prompt, o->n_decode, (long long)n_prompt + o->n_decode, c->seq_len, o->model_path);
         goto done;
     }
+    const int T = n_prompt + o->n_decode;
     if ((rc = kv_backend_open(o->backend ? o->backend : "auto", o->n_threads, &be)))
         goto done;
     if (!be->ops->attn_stats) {

@@ -10,10 +10,15 @@
  *     above with a positive vocab_size, uint8 shared_classifier, zero padding), then fp32 weights in
  *     the order rms_att, rms_ffn, rms_final, token_embedding, wq, wk, wv, wo, w1, w2, w3 [, wcls].
  *   - version 2 (Q8_0): the version-1 header plus an int32 group_size at byte 37, then the fp32 norms
- *     (rms_att, rms_ffn, rms_final), then int8 values of token_embedding, wq, wk, wv, wo, w1, w2, w3
- *     [, wcls] back to back, then one fp32 scale per group of group_size values over that same
- *     sequence. Weights are dequantised to fp32 at load (value = int8 * scale of its group).
- * The layouts were read from llama2.c's export.py (legacy_export, version1_export, version2_export).
+ *     (rms_att, rms_ffn, rms_final), then the quantised tensors token_embedding, then wq, wk, wv, wo,
+ *     w1, w2, w3 of every layer, [wcls], each as int8 values with one fp32 scale per group of
+ *     group_size values. llama2.c has used two arrangements of the same bytes: each tensor (each
+ *     layer's matrix separately) followed by its own scales (export.py today, and what runq.c
+ *     reads), or all the int8 values first and all the scales after them (export.py as first
+ *     published). Both are read; which one a file uses is told by its scales (model.c). Weights are
+ *     dequantised to fp32 at load (value = int8 * scale of its group).
+ * The layouts were read from llama2.c's export.py (legacy_export, version1_export, version2_export)
+ * and runq.c.
  *
  * Every size is validated against the file before a single weight is touched: impossible or
  * absurd dimensions and files whose size does not match their header are errors naming the file

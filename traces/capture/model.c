@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -183,29 +184,125 @@ static int size_mismatch(const char *path, uint64_t have, uint64_t need, const k
                     have < need ? " (truncated?)" : " (trailing data or wrong header)");
 }
 
-/* Version 2: dequantise the int8 groups into one fp32 allocation in version-1 order. */
+/* Version 2 (Q8_0). llama2.c has written two arrangements of the quantised tensors, of identical
+ * size: export.py as first published put every tensor's int8 values back to back and then all the
+ * scales ("grouped"); export.py since then, and runq.c, which reads them, interleave them: each
+ * tensor (each layer's matrix separately) is its int8 values followed by its own scales. The file
+ * size cannot tell them apart, the scales can: every scale is max|w| / 127, finite and >= 0, while
+ * int8 weights read as floats are negative about half the time. The loader takes the interleaved
+ * arrangement when all its scales are valid, else the grouped one when all of its are, else the
+ * file is corrupt. */
+typedef struct {
+    uint64_t q, s, n; /* byte offsets of the int8 values and of the scales, element count */
+} q80_tensor_t;
+
+/* The quantised tensors in file order (emb, wq, wk, wv, wo, w1, w2, w3 per layer, [wcls]), located
+ * for one arrangement. Returns the count written into t (at most 7 n_layers + 2). */
+static size_t q80_locate(const kv_model_config_t *c, const counts_t *n, uint64_t start, int interleaved,
+                         q80_tensor_t *t)
+{
+    const uint64_t L = (uint64_t)c->n_layers, gs = (uint64_t)c->group_size;
+    const uint64_t per[8] = {n->emb, n->wq / L, n->wkv / L, n->wkv / L, n->wo / L, n->w13 / L, n->w2 / L, n->w13 / L};
+    const uint64_t reps[8] = {1, L, L, L, L, L, L, L};
+    uint64_t q = start, s = start + n->quantised; /* grouped: scales after every int8 value */
+    size_t k = 0;
+    for (int part = 0; part < 9; part++) {
+        uint64_t each = part < 8 ? per[part] : n->cls, r = part < 8 ? reps[part] : (n->cls ? 1 : 0);
+        for (uint64_t i = 0; i < r; i++, k++) {
+            t[k].n = each;
+            t[k].q = q;
+            if (interleaved) {
+                t[k].s = q + each;
+                q += each + 4 * (each / gs);
+            } else {
+                t[k].s = s;
+                q += each;
+                s += 4 * (each / gs);
+            }
+        }
+    }
+    return k;
+}
+
+/* Index of the first tensor with a scale that is not finite and >= 0 (or -1), its value in *bad. */
+static long q80_bad_scale(const unsigned char *b, const q80_tensor_t *t, size_t nt, uint64_t gs, float *bad)
+{
+    for (size_t k = 0; k < nt; k++)
+        for (uint64_t g = 0; g < t[k].n / gs; g++) {
+            float s;
+            memcpy(&s, b + t[k].s + 4 * g, 4);
+            if (!isfinite(s) || s < 0) {
+                *bad = s;
+                return (long)k;
+            }
+        }
+    return -1;
+}
+
+static const char *q80_name(const kv_model_config_t *c, long k, char *buf, size_t len)
+{
+    static const char *names[8] = {"token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    if (k == 0)
+        snprintf(buf, len, "token_embedding");
+    else if (k <= 7L * c->n_layers)
+        snprintf(buf, len, "%s of layer %ld", names[1 + (k - 1) / c->n_layers], (k - 1) % c->n_layers);
+    else
+        snprintf(buf, len, "wcls");
+    return buf;
+}
+
+/* Dequantise the int8 groups into one fp32 allocation in version-1 order. */
 static int load_q80(kv_model_t *m, const unsigned char *b, const counts_t *n)
 {
     const kv_model_config_t *c = &m->cfg;
-    uint64_t norms = 2 * n->norm_l + n->norm_f;
-    size_t total = (size_t)(norms + n->quantised);
-    m->owned = kv_malloc_aligned(total * sizeof(float), "dequantised weights");
-    if (!m->owned)
+    const uint64_t norms = 2 * n->norm_l + n->norm_f, gs = (uint64_t)c->group_size;
+    const size_t max_t = 7 * (size_t)c->n_layers + 2;
+    int rc = KV_OK;
+    q80_tensor_t *t = kv_malloc(max_t * sizeof *t, "Q8_0 tensor table");
+    if (!t)
         return kv_error_context(KV_ENOMEM, "%s", m->path);
+    size_t nt = q80_locate(c, n, VX_HEADER + norms * 4, 1, t);
+    float bad = 0;
+    long k = q80_bad_scale(b, t, nt, gs, &bad);
+    if (k >= 0) {
+        float bad_grouped;
+        size_t ng = q80_locate(c, n, VX_HEADER + norms * 4, 0, t);
+        if (q80_bad_scale(b, t, ng, gs, &bad_grouped) >= 0) {
+            char name[64];
+            nt = q80_locate(c, n, VX_HEADER + norms * 4, 1, t);
+            rc = kv_error(KV_EFORMAT,
+                          "%s: corrupt Q8_0 weights: a scale of %s is %g (scales are max|w|/127, finite and >= 0; "
+                          "neither llama2.c arrangement of the scales fits this file)",
+                          m->path, q80_name(c, k, name, sizeof name), (double)bad);
+            goto done;
+        }
+        nt = ng;
+    }
+    const size_t total = (size_t)(norms + n->quantised);
+    m->owned = kv_malloc_aligned(total * sizeof(float), "dequantised weights");
+    if (!m->owned) {
+        rc = kv_error_context(KV_ENOMEM, "%s", m->path);
+        goto done;
+    }
     memcpy(m->owned, b + VX_HEADER, (size_t)norms * sizeof(float));
-    const int8_t *q = (const int8_t *)(b + VX_HEADER + norms * 4);
-    const unsigned char *scales = b + VX_HEADER + norms * 4 + n->quantised;
     float *dst = m->owned + norms;
-    const size_t gs = (size_t)c->group_size, ngroups = (size_t)(n->quantised / gs);
+    for (size_t i = 0; i < nt; i++) {
+        const int8_t *q = (const int8_t *)(b + t[i].q);
+        const unsigned char *scales = b + t[i].s;
+        const size_t ngroups = (size_t)(t[i].n / gs);
 #pragma omp parallel for schedule(static)
-    for (size_t g = 0; g < ngroups; g++) {
-        float s;
-        memcpy(&s, scales + g * 4, 4); /* the scales may sit at any byte offset */
-        for (size_t i = g * gs; i < (g + 1) * gs; i++)
-            dst[i] = (float)q[i] * s;
+        for (size_t g = 0; g < ngroups; g++) {
+            float s;
+            memcpy(&s, scales + g * 4, 4); /* the scales may sit at any byte offset */
+            for (size_t j = g * gs; j < (g + 1) * gs; j++)
+                dst[j] = (float)q[j] * s;
+        }
+        dst += t[i].n;
     }
     assign_v1_order(m, m->owned, n);
-    return KV_OK;
+done:
+    kv_free(t);
+    return rc;
 }
 
 int kv_model_load(const char *path, kv_model_t **out)

@@ -17,8 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define MAX_PIECE (1 << 16) /* longer pieces mean a corrupt file */
+#define MAX_FILE (1 << 30)  /* 16M tokens of 64 bytes; real tokenizers are a few MB */
 
 static const kv_tokenizer_t *g_sort_tok; /* qsort has no context argument; loading is not concurrent */
 
@@ -63,6 +65,11 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
         return KV_ENOMEM;
     }
     snprintf(t->path, sizeof t->path, "%s", path);
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = kv_error(KV_EIO, "%s: not a regular file", path);
+        goto fail;
+    }
     long size = -1;
     if (fseek(f, 0, SEEK_END) == 0)
         size = ftell(f);
@@ -74,6 +81,24 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
         rc = kv_error(KV_EFORMAT, "%s: tokenizer file is %ld bytes, too short for its header", path, size);
         goto fail;
     }
+    /* The header is checked before the file is read whole: a model checkpoint passed by mistake
+     * must not be read into memory first. */
+    int32_t maxlen;
+    if (fread(&maxlen, 1, 4, f) != 4 || fseek(f, 0, SEEK_SET) != 0) {
+        rc = kv_error(KV_EIO, "%s: cannot read the tokenizer header", path);
+        goto fail;
+    }
+    if (maxlen <= 0 || maxlen > MAX_PIECE) {
+        rc = kv_error(KV_EFORMAT, "%s: max_token_length %d is impossible (corrupt tokenizer?)", path, maxlen);
+        goto fail;
+    }
+    if (size > MAX_FILE) {
+        rc = kv_error(KV_EFORMAT,
+                      "%s: tokenizer file is %ld bytes, more than the %d MiB any tokenizer.bin needs (a model "
+                      "checkpoint?)",
+                      path, size, MAX_FILE >> 20);
+        goto fail;
+    }
     buf = kv_malloc((size_t)size, "tokenizer file");
     if (!buf) {
         rc = kv_error_context(KV_ENOMEM, "%s", path);
@@ -81,12 +106,6 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
     }
     if (fread(buf, 1, (size_t)size, f) != (size_t)size) {
         rc = kv_error(KV_EIO, "%s: short read of the tokenizer", path);
-        goto fail;
-    }
-    int32_t maxlen;
-    memcpy(&maxlen, buf, 4);
-    if (maxlen <= 0 || maxlen > MAX_PIECE) {
-        rc = kv_error(KV_EFORMAT, "%s: max_token_length %d is impossible (corrupt tokenizer?)", path, maxlen);
         goto fail;
     }
     t->max_token_length = maxlen;

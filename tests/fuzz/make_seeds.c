@@ -1,0 +1,160 @@
+/*
+ * make_seeds.c: seed corpora for the harnesses of tests/fuzz/, written into DIR/{model,tokenizer,
+ * trace,trace_file}/ (make fuzz runs it). Small valid inputs of every kind the harnesses take:
+ * checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
+ * GQA), the tests' tokenizer and the real tok512.bin when ../shared has it, small traces (f32 and
+ * f16) and a few change programs for fuzz_trace.
+ */
+#include "sim/common/kv_common.h"
+#include "tests/capture_fixtures.h"
+#include "tests/kv_test.h"
+#include "traces/kv_trace.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static void put(const char *dir, const char *sub, const char *name, const void *b, size_t n);
+
+/* model seeds: the raw file (byte 0 = 0) and the same in "fit" mode (byte 0 = 1) */
+static void put_model(const char *dir, const char *name, const unsigned char *b, size_t n)
+{
+    unsigned char *x = malloc(n + 1);
+    memcpy(x + 1, b, n);
+    char nm[96];
+    for (int fit = 0; fit < 2; fit++) {
+        x[0] = (unsigned char)fit;
+        snprintf(nm, sizeof nm, "%s%s", fit ? "fit-" : "", name);
+        put(dir, "model", nm, x, n + 1);
+    }
+    free(x);
+}
+
+static void put(const char *dir, const char *sub, const char *name, const void *b, size_t n)
+{
+    char p[1024];
+    snprintf(p, sizeof p, "%s/%s", dir, sub);
+    mkdir(p, 0755);
+    snprintf(p, sizeof p, "%s/%s/%s", dir, sub, name);
+    if (fx_write(p, b, n)) {
+        fprintf(stderr, "make_seeds: cannot write %s\n", p);
+        exit(1);
+    }
+}
+
+/* grouped Q8_0 (all int8, then all scales) -> interleaved (each tensor's int8 then its scales) */
+static unsigned char *interleave(const unsigned char *g, size_t len, const fx_model_t *m, int gs)
+{
+    const size_t D = (size_t)m->dim, H = (size_t)m->hidden, KV = D / (size_t)m->heads * (size_t)m->kv_heads;
+    const size_t V = (size_t)m->vocab, L = (size_t)m->layers;
+    size_t n[64], k = 0, total = 0;
+    const size_t per[8] = {V * D, D * D, KV * D, KV * D, D * D, H * D, D * H, H * D};
+    n[k++] = per[0];
+    for (int part = 1; part < 8; part++)
+        for (size_t l = 0; l < L; l++)
+            n[k++] = per[part];
+    if (!m->shared)
+        n[k++] = V * D;
+    for (size_t i = 0; i < k; i++)
+        total += n[i];
+    const size_t start = 256 + 4 * (2 * L * D + D);
+    unsigned char *o = malloc(len);
+    memcpy(o, g, start);
+    size_t q = start, s = start + total, w = start;
+    for (size_t i = 0; i < k; i++) {
+        memcpy(o + w, g + q, n[i]);
+        w += n[i], q += n[i];
+        memcpy(o + w, g + s, 4 * (n[i] / (size_t)gs));
+        w += 4 * (n[i] / (size_t)gs), s += 4 * (n[i] / (size_t)gs);
+    }
+    return o;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 2) {
+        fprintf(stderr, "usage: make_seeds DIR\n");
+        return 2;
+    }
+    const char *dir = argv[1];
+    mkdir(dir, 0755);
+    for (int shared = 0; shared < 2; shared++) {
+        fx_model_t x;
+        fx_model_init(&x, 8, 16, 1 + shared, 2, 1, 32, 8, shared, 3 + shared);
+        size_t n;
+        char name[64];
+        unsigned char *b = fx_model_v0(&x, &n);
+        snprintf(name, sizeof name, "v0-%d.bin", shared);
+        put_model(dir, name, b, n);
+        free(b);
+        b = fx_model_v1(&x, &n);
+        snprintf(name, sizeof name, "v1-%d.bin", shared);
+        put_model(dir, name, b, n);
+        free(b);
+        b = fx_model_v2(&x, 8, &n, NULL);
+        snprintf(name, sizeof name, "v2-grouped-%d.bin", shared);
+        put_model(dir, name, b, n);
+        unsigned char *il = interleave(b, n, &x, 8);
+        snprintf(name, sizeof name, "v2-interleaved-%d.bin", shared);
+        put_model(dir, name, il, n);
+        free(il);
+        free(b);
+        fx_model_free(&x);
+    }
+    /* tokenizer inputs: flags, text length, text, tokenizer file */
+    size_t tn;
+    unsigned char *tok = fx_tokenizer(&tn);
+    const char *texts[] = {"abc ab xx", "a\xc3\xa9 \xff\x80 bc", ""};
+    for (size_t i = 0; i < sizeof texts / sizeof *texts; i++) {
+        size_t tl = strlen(texts[i]);
+        unsigned char *b = malloc(3 + tl + tn);
+        b[0] = (unsigned char)(i == 0 ? 1 : i == 1 ? 3 : 0);
+        b[1] = (unsigned char)tl, b[2] = 0;
+        memcpy(b + 3, texts[i], tl);
+        memcpy(b + 3 + tl, tok, tn);
+        char name[32];
+        snprintf(name, sizeof name, "fixture-%zu", i);
+        put(dir, "tokenizer", name, b, 3 + tl + tn);
+        free(b);
+    }
+    free(tok);
+    char real[512];
+    if (kv_test_shared("models/stories260K/tok512.bin", real, sizeof real)) {
+        FILE *f = fopen(real, "rb");
+        unsigned char *b = malloc(1 << 16);
+        const char *text = "Once upon a time, \xe2\x80\x9cthere\xe2\x80\x9d was";
+        size_t tl = strlen(text);
+        b[0] = 1, b[1] = (unsigned char)tl, b[2] = 0; /* BOS, any vocabulary size */
+        memcpy(b + 3, text, tl);
+        size_t n = fread(b + 3 + tl, 1, (1 << 16) - 3 - tl, f);
+        fclose(f);
+        put(dir, "tokenizer", "tok512", b, 3 + tl + n);
+        free(b);
+    }
+    /* traces */
+    for (int f16 = 0; f16 < 2; f16++) {
+        kv_trace_t *t = kv_test_trace(1, 2, 1, 4, 8, 6, 2, f16, 9);
+        kv_trace_meta_t *m = kv_trace_mem_meta(t);
+        m->has_summaries = 1;
+        m->pool = 4;
+        char p[1024];
+        snprintf(p, sizeof p, "%s/trace_file", dir);
+        mkdir(p, 0755);
+        snprintf(p, sizeof p, "%s/trace_file/small-%d.h5", dir, f16);
+        if (kv_test_write_trace(t, p) != KV_OK) {
+            fprintf(stderr, "make_seeds: %s\n", kv_last_error());
+            return 1;
+        }
+        kv_trace_close(t);
+    }
+    const unsigned char progs[][8] = {
+        {0}, {0, 6, 0, 3, 5}, {1, 31, 0, 1, 9, 0}, {3, 0, 3, 2, 1, 9}, {6, 0, 0, 3, 0, 1, 2}, {4, 0, 14}, {2, 0, 0, 5},
+    };
+    for (size_t i = 0; i < sizeof progs / sizeof *progs; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "prog-%zu", i);
+        put(dir, "trace", name, progs[i], sizeof progs[i]);
+    }
+    return 0;
+}
