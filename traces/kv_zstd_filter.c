@@ -1,10 +1,25 @@
-/* kv_zstd_filter.c: see kv_zstd_filter.h. Also linked into the optional h5py plugin (zstd_plugin.c). */
+/* kv_zstd_filter.c: see kv_zstd_filter.h. Also linked into the optional h5py plugin (zstd_plugin.c).
+ * kv_zstd_compress_chunk is the one place that says how a chunk is compressed; the filter and the
+ * trace writer's direct chunk writes (trace_hdf5.c) both call it, so both make the same frames. */
 #include "traces/kv_zstd_filter.h"
 
 #include "sim/common/kv_common.h"
 
 #include <hdf5.h>
 #include <zstd.h>
+
+size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, const void *src, size_t n)
+{
+    if (level < 1 || level > ZSTD_maxCLevel())
+        level = KV_ZSTD_DEFAULT_LEVEL;
+    /* compress2 with the default parameters writes the content size into the frame header; both
+     * parameters are set on every call, so a reused context compresses exactly like a fresh one. */
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, level)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1)))
+        return 0;
+    size_t got = ZSTD_compress2(cc, dst, cap, src, n);
+    return ZSTD_isError(got) ? 0 : got;
+}
 
 static size_t zstd_filter(unsigned int flags, size_t cd_nelmts, const unsigned int cd_values[], size_t nbytes,
                           size_t *buf_size, void **buf)
@@ -69,8 +84,6 @@ static size_t zstd_filter(unsigned int flags, size_t cd_nelmts, const unsigned i
         return used;
     }
     int level = cd_nelmts >= 1 ? (int)cd_values[0] : KV_ZSTD_DEFAULT_LEVEL;
-    if (level < 1 || level > ZSTD_maxCLevel())
-        level = KV_ZSTD_DEFAULT_LEVEL;
     size_t cap = ZSTD_compressBound(nbytes);
     void *out = H5allocate_memory(cap, 0);
     ZSTD_CCtx *cc = ZSTD_createCCtx();
@@ -79,12 +92,9 @@ static size_t zstd_filter(unsigned int flags, size_t cd_nelmts, const unsigned i
         ZSTD_freeCCtx(cc);
         return 0;
     }
-    /* compress2 with the default parameters writes the content size into the frame header. */
-    ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, level);
-    ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1);
-    size_t got = ZSTD_compress2(cc, out, cap, *buf, nbytes);
+    size_t got = kv_zstd_compress_chunk(cc, level, out, cap, *buf, nbytes);
     ZSTD_freeCCtx(cc);
-    if (ZSTD_isError(got)) {
+    if (got == 0) {
         H5free_memory(out);
         return 0;
     }

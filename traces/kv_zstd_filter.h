@@ -10,12 +10,22 @@
 #ifndef KV_ZSTD_FILTER_H
 #define KV_ZSTD_FILTER_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define KV_ZSTD_FILTER_ID 32015
 #define KV_ZSTD_DEFAULT_LEVEL 3
+
+typedef struct ZSTD_CCtx_s ZSTD_CCtx; /* zstd.h's context type (same typedef) */
+
+/* Compress one chunk as the filter does: one zstd frame at `level` (outside 1..max: the default)
+ * that records its content size. `cc` may be reused from call to call; the frame does not depend on
+ * what it compressed before. dst holds cap bytes (ZSTD_compressBound(n) always suffices).
+ * Returns the frame's size, 0 on any zstd error. */
+size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, const void *src, size_t n);
 
 /* Register the filter with HDF5 (idempotent, thread-safe enough for start-up use). */
 int kv_zstd_filter_register(void);

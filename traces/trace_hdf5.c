@@ -16,11 +16,13 @@
 
 #include <errno.h>
 #include <hdf5.h>
+#include <omp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <zstd.h>
 
 /* ---------------------------------------------------------------- HDF5 helpers */
 
@@ -623,8 +625,15 @@ struct kv_trace_writer {
     kv_write_opts_t opts;
     char path[4096], tmp[4096];
     int slot;
-    uint16_t *half;
-    size_t half_cap;
+    unsigned char *plain; /* staging of the H5Dwrite path: f16 conversion, gathered rows */
+    size_t plain_cap;
+    /* direct chunk writes (write_direct), reused from call to call */
+    int n_ctx;             /* threads the per-thread arrays are sized for */
+    ZSTD_CCtx **zctx;      /* (n_ctx) zstd contexts */
+    unsigned char **stage; /* (n_ctx) 2 x chunk_cap bytes: a chunk's elements, then shuffled */
+    size_t chunk_cap;      /* bytes of one uncompressed chunk the staging holds */
+    unsigned char *frames; /* compressed chunks of the batch being made and the one being stored */
+    size_t frames_cap;
 };
 
 static hid_t make_dcpl(const kv_trace_meta_t *m, kv_tensor_t which, const kv_write_opts_t *o, int *rank_out,
@@ -728,6 +737,311 @@ kv_trace_meta_t *kv_trace_writer_meta(kv_trace_writer_t *w)
     return &w->meta;
 }
 
+/* ---------------------------------------------------------------- writing tensors
+ *
+ * HDF5 runs its filter pipeline (shuffle, zstd) on the calling thread, one chunk after the other,
+ * and that pipeline was two thirds of a trace's write time. So whole chunks are compressed here, in
+ * parallel, exactly as the pipeline would (write_direct), and stored as they are with
+ * H5Dwrite_chunk (filter mask 0: every filter applied). Only rows that fill part of a chunk take
+ * HDF5's own path (write_plain). The stored chunks are the bytes the pipeline makes (a test compares
+ * them), so the format does not change. */
+
+/* What write_direct needs to know about a dataset, from its creation properties: rank 2 is padded
+ * with a unit third axis. */
+typedef struct {
+    int rank;
+    size_t dims[3], chunk[3];
+    size_t esize; /* bytes per element in the file (2: f16, 4: f32) */
+    int level;    /* zstd level (the filter's one cd_value) */
+} direct_plan_t;
+
+/* 1 when the dataset is chunked with exactly shuffle then zstd (one cd_value), and its element type
+ * is `want` (f16_type() or H5T_IEEE_F32LE) in this machine's byte order, so chunks can be made here. */
+static int direct_plan(hid_t d, hid_t want, direct_plan_t *p)
+{
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    (void)d, (void)want, (void)p;
+    return 0; /* the elements would need swapping to the file's little-endian order */
+#else
+    memset(p, 0, sizeof *p);
+    hid_t dcpl = H5Dget_create_plist(d), ft = H5Dget_type(d), sp = H5Dget_space(d);
+    int ok = dcpl >= 0 && ft >= 0 && sp >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED && H5Tequal(ft, want) > 0;
+    hsize_t dims[3] = {1, 1, 1}, chunk[3] = {1, 1, 1};
+    if (ok) {
+        p->rank = H5Sget_simple_extent_ndims(sp);
+        ok = (p->rank == 2 || p->rank == 3) && H5Pget_chunk(dcpl, 3, chunk) == p->rank &&
+             H5Sget_simple_extent_dims(sp, dims, NULL) == p->rank && H5Pget_nfilters(dcpl) == 2;
+        p->esize = H5Tget_size(ft);
+    }
+    unsigned flags, cd[4];
+    size_t ncd = 4;
+    char fname[32];
+    if (ok)
+        ok = H5Pget_filter2(dcpl, 0, &flags, &ncd, cd, sizeof fname, fname, NULL) == H5Z_FILTER_SHUFFLE && ncd >= 1 &&
+             cd[0] == p->esize;
+    ncd = 4;
+    if (ok)
+        ok = H5Pget_filter2(dcpl, 1, &flags, &ncd, cd, sizeof fname, fname, NULL) == KV_ZSTD_FILTER_ID && ncd == 1;
+    p->level = ok ? (int)cd[0] : 0;
+    for (int i = 0; i < 3; i++) {
+        p->dims[i] = (size_t)dims[i];
+        p->chunk[i] = (size_t)chunk[i];
+        ok = ok && chunk[i] > 0;
+    }
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
+    if (ft >= 0)
+        H5Tclose(ft);
+    if (sp >= 0)
+        H5Sclose(sp);
+    H5Eclear2(H5E_DEFAULT);
+    return ok;
+#endif
+}
+
+/* n floats as file elements: f16 (counting overflows, the return value) or f32 copied. */
+static size_t put_run(const float *src, unsigned char *dst, size_t n, size_t esize)
+{
+    if (esize == 2)
+        return kv_f32_to_f16_n(src, (uint16_t *)(void *)dst, n);
+    memcpy(dst, src, n * sizeof(float));
+    return 0;
+}
+
+/* One chunk, whose first element is at `origin` in the dataset, from the slab `src` that holds the
+ * dataset's rows [s0, s0 + S[1]) (S[0] x S[1] x S[2] floats) into out as file elements; the part
+ * past the dataset's edge is zero (HDF5 stores edge chunks whole). Returns f16 overflows. */
+static size_t gather_chunk(const direct_plan_t *p, const float *src, const size_t S[3], size_t s0,
+                           const size_t origin[3], unsigned char *out)
+{
+    const size_t *ch = p->chunk, es = p->esize;
+    size_t v[3];
+    for (int i = 0; i < 3; i++)
+        v[i] = KV_MIN(ch[i], p->dims[i] - origin[i]);
+    if (v[0] < ch[0] || v[1] < ch[1] || v[2] < ch[2])
+        memset(out, 0, ch[0] * ch[1] * ch[2] * es);
+    const size_t r1 = origin[1] - s0;
+    size_t over = 0;
+    if (v[2] == ch[2] && v[2] == S[2]) { /* whole rows: one run per index on the first axis */
+        for (size_t i0 = 0; i0 < v[0]; i0++)
+            over +=
+                put_run(src + ((origin[0] + i0) * S[1] + r1) * S[2], out + i0 * ch[1] * ch[2] * es, v[1] * v[2], es);
+    } else {
+        for (size_t i0 = 0; i0 < v[0]; i0++)
+            for (size_t i1 = 0; i1 < v[1]; i1++)
+                over += put_run(src + ((origin[0] + i0) * S[1] + r1 + i1) * S[2] + origin[2],
+                                out + (i0 * ch[1] + i1) * ch[2] * es, v[2], es);
+    }
+    return over;
+}
+
+/* Byte lanes of 16-byte vectors: the even (odd) bytes of a then b. */
+typedef unsigned char kv_v16u8 __attribute__((vector_size(16)));
+#define EVEN_BYTES(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define ODD_BYTES(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+
+/* HDF5's shuffle filter: for n elements of s bytes, output byte b*n + i is input byte i*s + b.
+ * 16 elements at a time for s = 2 and 4 (s = 4 is two rounds of even/odd splits), which compiles
+ * to a few vector instructions per 16 bytes even for plain SSE2; byte by byte for the rest. */
+static void shuffle_bytes(const unsigned char *restrict in, unsigned char *restrict out, size_t n, size_t s)
+{
+    size_t i = 0;
+    kv_v16u8 a, b, c, d;
+    if (s == 2) {
+        for (; i + 16 <= n; i += 16) {
+            memcpy(&a, in + 2 * i, 16);
+            memcpy(&b, in + 2 * i + 16, 16);
+            kv_v16u8 b0 = EVEN_BYTES(a, b), b1 = ODD_BYTES(a, b);
+            memcpy(out + i, &b0, 16);
+            memcpy(out + n + i, &b1, 16);
+        }
+    } else if (s == 4) {
+        for (; i + 16 <= n; i += 16) {
+            memcpy(&a, in + 4 * i, 16);
+            memcpy(&b, in + 4 * i + 16, 16);
+            memcpy(&c, in + 4 * i + 32, 16);
+            memcpy(&d, in + 4 * i + 48, 16);
+            /* bytes 0 and 2 of each element, then bytes 1 and 3; split again */
+            kv_v16u8 e0 = EVEN_BYTES(a, b), o0 = ODD_BYTES(a, b), e1 = EVEN_BYTES(c, d), o1 = ODD_BYTES(c, d);
+            kv_v16u8 b0 = EVEN_BYTES(e0, e1), b1 = EVEN_BYTES(o0, o1), b2 = ODD_BYTES(e0, e1), b3 = ODD_BYTES(o0, o1);
+            memcpy(out + i, &b0, 16);
+            memcpy(out + n + i, &b1, 16);
+            memcpy(out + 2 * n + i, &b2, 16);
+            memcpy(out + 3 * n + i, &b3, 16);
+        }
+    }
+    for (size_t k = 0; k < s; k++)
+        for (size_t j = i; j < n; j++)
+            out[k * n + j] = in[j * s + k];
+}
+
+/* Per-thread zstd contexts and staging (a chunk's elements, then shuffled) for nt threads and chunks
+ * of chunk_bytes, and frames_bytes for compressed chunks; kept from call to call. */
+static int direct_scratch(kv_trace_writer_t *w, int nt, size_t chunk_bytes, size_t frames_bytes)
+{
+    if (nt > w->n_ctx || chunk_bytes > w->chunk_cap) {
+        for (int i = 0; i < w->n_ctx; i++) {
+            kv_free_aligned(w->stage[i]);
+            w->stage[i] = NULL;
+        }
+        w->chunk_cap = 0;
+        if (nt > w->n_ctx) {
+            ZSTD_CCtx **z = kv_calloc((size_t)nt, sizeof *z, "zstd contexts");
+            unsigned char **st = kv_calloc((size_t)nt, sizeof *st, "chunk staging");
+            if (!z || !st) {
+                kv_free(z);
+                kv_free(st);
+                return KV_ENOMEM;
+            }
+            for (int i = 0; i < w->n_ctx; i++)
+                z[i] = w->zctx[i];
+            kv_free(w->zctx);
+            kv_free(w->stage);
+            w->zctx = z;
+            w->stage = st;
+            w->n_ctx = nt;
+        }
+        for (int i = 0; i < w->n_ctx; i++) {
+            if (!w->zctx[i] && !(w->zctx[i] = ZSTD_createCCtx()))
+                return kv_error(KV_ENOMEM, "%s: cannot create a zstd context", w->path);
+            if (!(w->stage[i] = kv_malloc_aligned(2 * chunk_bytes, "chunk staging")))
+                return KV_ENOMEM;
+        }
+        w->chunk_cap = chunk_bytes;
+    }
+    if (frames_bytes > w->frames_cap) {
+        kv_free_aligned(w->frames);
+        w->frames_cap = 0;
+        if (!(w->frames = kv_malloc_aligned(frames_bytes, "compressed chunks")))
+            return KV_ENOMEM;
+        w->frames_cap = frames_bytes;
+    }
+    return KV_OK;
+}
+
+static void direct_free(kv_trace_writer_t *w)
+{
+    for (int i = 0; i < w->n_ctx; i++) {
+        ZSTD_freeCCtx(w->zctx[i]);
+        kv_free_aligned(w->stage[i]);
+    }
+    kv_free(w->zctx);
+    kv_free(w->stage);
+    kv_free_aligned(w->frames);
+    w->zctx = NULL;
+    w->stage = NULL;
+    w->frames = NULL;
+    w->n_ctx = 0;
+    w->chunk_cap = w->frames_cap = 0;
+}
+
+/* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). */
+#define DIRECT_BATCH_BYTES (1u << 20)
+
+/* Chunks [c_lo, c_hi) along the second axis (all of them along the others) from the slab src, which
+ * holds the dataset's rows [s0, s0 + S[1]) and covers those chunks whole.
+ *
+ * Chunks are made (gathered, converted to f16, shuffled, compressed) by OpenMP tasks, a batch at a
+ * time; while the team makes batch k, the calling thread stores batch k-1 with H5Dwrite_chunk and
+ * then joins in. So HDF5 is only ever called from the calling thread, chunks are stored in index
+ * order whatever the thread count (the file is the same too), and memory is two batches of frames.
+ * kv_error's message is per thread, so tasks only note failures. */
+static int write_direct(kv_trace_writer_t *w, hid_t d, const char *name, const direct_plan_t *p, const float *src,
+                        const size_t S[3], size_t s0, size_t c_lo, size_t c_hi)
+{
+    const size_t *ch = p->chunk;
+    const size_t n0 = (p->dims[0] + ch[0] - 1) / ch[0], n1 = c_hi - c_lo, n2 = (p->dims[2] + ch[2] - 1) / ch[2];
+    const size_t n_chunks = n0 * n1 * n2, chunk_n = ch[0] * ch[1] * ch[2], chunk_bytes = chunk_n * p->esize;
+    const size_t frame_cap = ZSTD_compressBound(chunk_bytes);
+    const int nt = (int)KV_MAX((size_t)1, KV_MIN((size_t)omp_get_max_threads(), n_chunks));
+    const size_t batch = KV_MIN(n_chunks, KV_MAX((size_t)nt, DIRECT_BATCH_BYTES / chunk_bytes));
+    const size_t n_slots = 2 * batch, n_batches = (n_chunks + batch - 1) / batch;
+    int rc = direct_scratch(w, nt, chunk_bytes, n_slots * frame_cap);
+    if (rc)
+        return rc;
+    size_t *fsize = kv_calloc(2 * n_slots, sizeof(size_t), "chunk sizes");
+    if (!fsize)
+        return KV_ENOMEM;
+    size_t *over = fsize + n_slots;
+    (void)kv_f32_to_f16_n(NULL, NULL, 0); /* settles the converter's CPU dispatch before threads use it */
+    int failed = 0;                       /* set by the calling thread: the tasks left skip their work */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp master
+    for (size_t k = 0; k <= n_batches; k++) {
+        for (size_t i = k * batch; k < n_batches && i < KV_MIN((k + 1) * batch, n_chunks); i++) {
+#pragma omp task firstprivate(i)
+            {
+                const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
+                const size_t origin[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
+                unsigned char *elems = w->stage[omp_get_thread_num()], *shuf = elems + chunk_bytes;
+                int stop;
+#pragma omp atomic read
+                stop = failed;
+                fsize[slot] = 0;
+                if (!stop) {
+                    over[slot] = gather_chunk(p, src, S, s0, origin, elems);
+                    shuffle_bytes(elems, shuf, chunk_n, p->esize);
+                    fsize[slot] = kv_zstd_compress_chunk(w->zctx[omp_get_thread_num()], p->level,
+                                                         w->frames + slot * frame_cap, frame_cap, shuf, chunk_bytes);
+                }
+            }
+        }
+        /* store the previous batch while the team makes this one */
+        for (size_t i = k ? (k - 1) * batch : 0; k > 0 && rc == KV_OK && i < KV_MIN(k * batch, n_chunks); i++) {
+            const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
+            const hsize_t off[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
+            if (fsize[slot] == 0)
+                rc = kv_error(KV_EIO, "%s: cannot compress a chunk of %s (zstd level %d)", w->path, name, p->level);
+            else if (H5Dwrite_chunk(d, H5P_DEFAULT, 0, off, fsize[slot], w->frames + slot * frame_cap) < 0)
+                rc = kv_error(KV_EIO, "%s: cannot write a chunk of %s (%s)", w->path, name, h5_reason());
+            else
+                w->meta.f16_overflow += (long)over[slot];
+            if (rc != KV_OK) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+#pragma omp taskwait
+    }
+    kv_free(fsize);
+    return rc;
+}
+
+/* Rows [r0, r0 + rn) of the dataset through H5Dwrite (HDF5's filter pipeline), from the slab src
+ * that holds rows [s0, s0 + S[1]) (S[0] x S[1] x S[2] floats). */
+static int write_plain(kv_trace_writer_t *w, hid_t d, const char *name, int rank, int f16, const float *src,
+                       const size_t S[3], size_t s0, size_t r0, size_t rn)
+{
+    const size_t es = f16 ? 2 : 4, run = rn * S[2], n = S[0] * run;
+    const void *buf = src;
+    long over = 0;
+    if (f16 || rn != S[1]) { /* converted or gathered into (S[0], rn, S[2]) */
+        if (w->plain_cap < n * es) {
+            unsigned char *b = kv_malloc(n * es, "trace write buffer");
+            if (!b)
+                return KV_ENOMEM;
+            kv_free(w->plain);
+            w->plain = b;
+            w->plain_cap = n * es;
+        }
+        for (size_t i0 = 0; i0 < S[0]; i0++)
+            over += (long)put_run(src + (i0 * S[1] + (r0 - s0)) * S[2], w->plain + i0 * run * es, run, es);
+        buf = w->plain;
+    }
+    hsize_t start[3] = {0, r0, 0}, count[3] = {S[0], rn, S[2]};
+    hid_t fs = H5Dget_space(d);
+    H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
+    hid_t ms = H5Screate_simple(rank, count, NULL);
+    int rc = KV_OK;
+    if (H5Dwrite(d, f16 ? f16_type() : H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, buf) < 0)
+        rc = kv_error(KV_EIO, "%s: cannot write %s (%s)", w->path, name, h5_reason());
+    else
+        w->meta.f16_overflow += over;
+    H5Sclose(ms);
+    H5Sclose(fs);
+    return rc;
+}
+
 static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0, int nt, const float *src)
 {
     const kv_trace_meta_t *m = &w->meta;
@@ -741,47 +1055,40 @@ static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0
     dset_path(name, sizeof name, layer, which);
     uint64_t dims[3];
     int rank = kv_tensor_dims(m, which, dims);
-    hsize_t start[3] = {0, 0, 0}, count[3] = {dims[0], dims[1], dims[2]};
+    /* the slab: rows [s0, s0 + S[1]) of the second axis, everything of the others (rank 2: S[2] = 1) */
+    size_t S[3] = {(size_t)dims[0], (size_t)dims[1], rank == 3 ? (size_t)dims[2] : 1}, s0 = 0;
     if (t0 >= 0) {
         if (t0 + nt > m->n_tokens)
             return kv_error(KV_ERANGE, "%s: rows [%d, %d) beyond %d tokens", w->path, t0, t0 + nt, m->n_tokens);
-        start[1] = (hsize_t)t0;
-        count[1] = (hsize_t)nt;
+        s0 = (size_t)t0;
+        S[1] = (size_t)nt;
     }
-    size_t n = 1;
-    for (int i = 0; i < rank; i++)
-        n *= (size_t)count[i];
-    if (n == 0)
+    if (S[0] * S[1] * S[2] == 0)
         return KV_OK;
     hid_t d = H5Dopen2(w->file, name, H5P_DEFAULT);
     if (d < 0)
         return kv_error(KV_EIO, "%s: dataset %s missing (%s)", w->path, name, h5_reason());
-    hid_t fs = H5Dget_space(d);
-    H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
-    hid_t ms = H5Screate_simple(rank, count, NULL);
-    int rc = KV_OK;
-    herr_t e;
-    if (which <= KV_T_V && w->opts.dtype == KV_DTYPE_F16) {
-        if (w->half_cap < n) {
-            uint16_t *b = kv_malloc(n * sizeof(uint16_t), "f16 write buffer");
-            if (!b) {
-                rc = KV_ENOMEM;
-                goto done;
-            }
-            kv_free(w->half);
-            w->half = b;
-            w->half_cap = n;
+    const int f16 = which <= KV_T_V && w->opts.dtype == KV_DTYPE_F16;
+    /* chunks the slab covers whole along the second axis (the last one may end at the dataset's
+     * edge), [c_lo, c_hi); the rows of partly covered chunks before and after them go to write_plain */
+    direct_plan_t p;
+    size_t c_lo = 0, c_hi = 0, a = s0, b = s0;
+    if (direct_plan(d, f16 ? f16_type() : H5T_IEEE_F32LE, &p)) {
+        const size_t ct = p.chunk[1], end = s0 + S[1];
+        c_lo = (s0 + ct - 1) / ct;
+        c_hi = end == p.dims[1] ? (end + ct - 1) / ct : end / ct;
+        if (c_hi > c_lo) {
+            a = c_lo * ct;
+            b = KV_MIN(c_hi * ct, end);
         }
-        w->meta.f16_overflow += (long)kv_f32_to_f16_n(src, w->half, n);
-        e = H5Dwrite(d, f16_type(), ms, fs, H5P_DEFAULT, w->half);
-    } else {
-        e = H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, src);
     }
-    if (e < 0)
-        rc = kv_error(KV_EIO, "%s: cannot write %s (%s)", w->path, name, h5_reason());
-done:
-    H5Sclose(ms);
-    H5Sclose(fs);
+    int rc = KV_OK;
+    if (b > a)
+        rc = write_direct(w, d, name, &p, src, S, s0, c_lo, c_hi);
+    if (rc == KV_OK && a > s0)
+        rc = write_plain(w, d, name, rank, f16, src, S, s0, s0, a - s0);
+    if (rc == KV_OK && s0 + S[1] > b)
+        rc = write_plain(w, d, name, rank, f16, src, S, s0, b, s0 + S[1] - b);
     H5Dclose(d);
     return rc;
 }
@@ -902,7 +1209,8 @@ int kv_trace_commit(kv_trace_writer_t *w)
     }
     pending_remove(w->slot);
     kv_trace_meta_free(&w->meta);
-    kv_free(w->half);
+    kv_free(w->plain);
+    direct_free(w);
     kv_free(w);
     return KV_OK;
 }
@@ -916,6 +1224,7 @@ void kv_trace_abort(kv_trace_writer_t *w)
     unlink(w->tmp);
     pending_remove(w->slot);
     kv_trace_meta_free(&w->meta);
-    kv_free(w->half);
+    kv_free(w->plain);
+    direct_free(w);
     kv_free(w);
 }
