@@ -119,7 +119,8 @@ START_TEST(q80_both_arrangements_load_alike)
         size_t n;
         unsigned char *grouped = fx_model_v2(&x, RG, &n, &deq);
         unsigned char *inter = to_interleaved(grouped, n, shared);
-        ck_assert_msg(memcmp(grouped, inter, n) != 0, "the two arrangements must differ for this test to mean anything");
+        ck_assert_msg(memcmp(grouped, inter, n) != 0,
+                      "the two arrangements must differ for this test to mean anything");
         char pg[256], pi[256];
         tmp_file("q80-grouped.bin", grouped, n, pg, sizeof pg);
         tmp_file("q80-interleaved.bin", inter, n, pi, sizeof pi);
@@ -180,9 +181,9 @@ START_TEST(big_model_headers_state_the_exact_size)
     const struct {
         int dim, hidden, layers, heads, kv_heads, vocab, seq;
     } shapes[] = {
-        {8192, 28672, 80, 64, 8, 128256, 8192},    /* Llama-3-70B */
+        {8192, 28672, 80, 64, 8, 128256, 8192},           /* Llama-3-70B */
         {65536, 1 << 20, 1024, 512, 8, 1 << 24, 1 << 24}, /* every dimension at the loader's limit */
-        {4096, 14336, 32, 32, 8, -128256, 8192},   /* legacy file with a separate classifier */
+        {4096, 14336, 32, 32, 8, -128256, 8192},          /* legacy file with a separate classifier */
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(shapes); i++)
         for (int version = 0; version < 3; version++) {
@@ -221,8 +222,8 @@ START_TEST(big_model_headers_state_the_exact_size)
             ck_assert_int_ne(kv_model_load(path, &m), KV_OK);
             ck_assert_ptr_null(m);
             snprintf(want, sizeof want, "needs %" PRIu64 " (truncated?)", need);
-            ck_assert_msg(strstr(kv_last_error(), path) && strstr(kv_last_error(), want), "shape %zu v%d: want '%s': %s",
-                          i, version, want, kv_last_error());
+            ck_assert_msg(strstr(kv_last_error(), path) && strstr(kv_last_error(), want),
+                          "shape %zu v%d: want '%s': %s", i, version, want, kv_last_error());
         }
 }
 END_TEST
@@ -271,7 +272,7 @@ START_TEST(random_bytes_round_trip)
         size_t len = (size_t)(kv_rng_uniform(&r) * sizeof text);
         for (size_t i = 0; i < len; i++)
             text[i] = (char)(kv_rng_uniform(&r) < 0.5 ? alphabet[(int)(kv_rng_uniform(&r) * sizeof alphabet)]
-                                                       : (int)(kv_rng_uniform(&r) * 256));
+                                                      : (int)(kv_rng_uniform(&r) * 256));
         int32_t *ids;
         int m;
         ck_assert_int_eq(kv_tokenizer_encode(t, text, len, 1, 0, &ids, &m), KV_OK);
@@ -281,7 +282,8 @@ START_TEST(random_bytes_round_trip)
         char *back;
         size_t blen;
         ck_assert_int_eq(kv_tokenizer_decode_all(t, ids, m, &back, &blen), KV_OK);
-        ck_assert_msg(blen == len && !memcmp(back, text, len), "trial %d: %zu bytes came back as %zu", trial, len, blen);
+        ck_assert_msg(blen == len && !memcmp(back, text, len), "trial %d: %zu bytes came back as %zu", trial, len,
+                      blen);
         kv_free(back);
         kv_free(ids);
     }
@@ -297,8 +299,14 @@ START_TEST(no_byte_fallback_and_empty_pieces)
         const struct {
             const char *s;
             float score;
-        } v[] = {{empty_unk ? "" : "<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}, {"", 5}, {"a", 1}, {"", -1},
-                 {"aa", 2},                     {" ", 0}};
+        } v[] = {{empty_unk ? "" : "<unk>", 0},
+                 {"\n<s>\n", 0},
+                 {"\n</s>\n", 0},
+                 {"", 5},
+                 {"a", 1},
+                 {"", -1},
+                 {"aa", 2},
+                 {" ", 0}};
         unsigned char buf[256];
         fx_put_i32(buf, 0, 6);
         size_t off = 4;
@@ -313,7 +321,10 @@ START_TEST(no_byte_fallback_and_empty_pieces)
         kv_tokenizer_t *t;
         ck_assert_msg(kv_tokenizer_load(path, (int)KV_ARRAY_LEN(v), &t) == KV_OK, "%s", kv_last_error());
         ck_assert_int_eq(t->byte_fallback, 0);
-        const char *texts[] = {"aaa", "zz", "a\xff" "a", "", " a a"};
+        const char *texts[] = {"aaa", "zz",
+                               "a\xff"
+                               "a",
+                               "", " a a"};
         for (size_t i = 0; i < KV_ARRAY_LEN(texts); i++) {
             int32_t *ids;
             int m;

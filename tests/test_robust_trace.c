@@ -47,14 +47,14 @@ static void write_base(const char *path)
 }
 
 typedef enum {
-    M_ATTR_INT,   /* attribute `name` = ival as type `type`, npoints values */
-    M_ATTR_F64,   /* attribute `name` = fval (float64) */
-    M_ATTR_STR,   /* attribute `name` = sval or `len` 'x', fixed (type 0) or variable length, npoints */
-    M_ATTR_DEL,   /* attribute removed */
-    M_DSET,       /* dataset `name` replaced: dtype `type`, rank, dims, all values ival */
-    M_DSET_VALS,  /* 1-D int32 dataset `name` = vals[0..npoints) */
-    M_DEL,        /* link `name` removed */
-    M_GROUP,      /* link `name` replaced by an empty group */
+    M_ATTR_INT,  /* attribute `name` = ival as type `type`, npoints values */
+    M_ATTR_F64,  /* attribute `name` = fval (float64) */
+    M_ATTR_STR,  /* attribute `name` = sval or `len` 'x', fixed (type 0) or variable length, npoints */
+    M_ATTR_DEL,  /* attribute removed */
+    M_DSET,      /* dataset `name` replaced: dtype `type`, rank, dims, all values ival */
+    M_DSET_VALS, /* 1-D int32 dataset `name` = vals[0..npoints) */
+    M_DEL,       /* link `name` removed */
+    M_GROUP,     /* link `name` replaced by an empty group */
 } mut_kind_t;
 
 enum { T_I8 = 1, T_I32, T_I64, T_U16, T_F32, T_F64, T_F16, T_VLEN };
@@ -180,11 +180,18 @@ static void apply(const char *path, const mut_t *m)
     H5Fclose(f);
 }
 
-#define AINT(lbl, nm, v, ex) {.label = lbl, .kind = M_ATTR_INT, .name = nm, .type = T_I64, .ival = v, .expect = ex}
+#define AINT(lbl, nm, v, ex)                                                                                           \
+    {                                                                                                                  \
+        .label = lbl, .kind = M_ATTR_INT, .name = nm, .type = T_I64, .ival = v, .expect = ex                           \
+    }
 #define DSET3(lbl, nm, ty, a, b, c, ex)                                                                                \
-    {.label = lbl, .kind = M_DSET, .name = nm, .type = ty, .rank = 3, .dims = {a, b, c}, .expect = ex}
+    {                                                                                                                  \
+        .label = lbl, .kind = M_DSET, .name = nm, .type = ty, .rank = 3, .dims = {a, b, c}, .expect = ex               \
+    }
 #define SEGS(lbl, n, a, b, c, ex)                                                                                      \
-    {.label = lbl, .kind = M_DSET_VALS, .name = "/segments", .npoints = n, .vals = {a, b, c}, .expect = ex}
+    {                                                                                                                  \
+        .label = lbl, .kind = M_DSET_VALS, .name = "/segments", .npoints = n, .vals = {a, b, c}, .expect = ex          \
+    }
 
 static const mut_t muts[] = {
     AINT("n_tokens-negative", "n_tokens", -5, "'n_tokens' = -5 out of range"),
@@ -204,49 +211,125 @@ static const mut_t muts[] = {
     AINT("n_segments-disagrees", "n_segments", 5, "n_segments 5"),
     AINT("n_decode-disagrees", "n_decode", 3, "n_decode 3"),
     AINT("format-version-2", "format_version", 2, "format version 2"),
-    {.label = "n_tokens-float", .kind = M_ATTR_F64, .name = "n_tokens", .fval = 16, .expect = "'n_tokens' is not an integer"},
-    {.label = "n_layers-array", .kind = M_ATTR_INT, .name = "n_layers", .type = T_I64, .ival = 2, .npoints = 64,
+    {.label = "n_tokens-float",
+     .kind = M_ATTR_F64,
+     .name = "n_tokens",
+     .fval = 16,
+     .expect = "'n_tokens' is not an integer"},
+    {.label = "n_layers-array",
+     .kind = M_ATTR_INT,
+     .name = "n_layers",
+     .type = T_I64,
+     .ival = 2,
+     .npoints = 64,
      .expect = "'n_layers' holds 64 values"},
-    {.label = "rope-array", .kind = M_ATTR_F64, .name = "rope_theta", .fval = 1e4, .npoints = 32,
+    {.label = "rope-array",
+     .kind = M_ATTR_F64,
+     .name = "rope_theta",
+     .fval = 1e4,
+     .npoints = 32,
      .expect = "'rope_theta' holds 32 values"},
-    {.label = "n_heads-string", .kind = M_ATTR_STR, .name = "n_heads", .type = T_VLEN, .sval = "4",
+    {.label = "n_heads-string",
+     .kind = M_ATTR_STR,
+     .name = "n_heads",
+     .type = T_VLEN,
+     .sval = "4",
      .expect = "'n_heads' is not an integer"},
-    {.label = "prompt-fixed-array", .kind = M_ATTR_STR, .name = "prompt", .sval = "a prompt", .npoints = 8,
+    {.label = "prompt-fixed-array",
+     .kind = M_ATTR_STR,
+     .name = "prompt",
+     .sval = "a prompt",
+     .npoints = 8,
      .expect = "'prompt' holds 8 values"},
-    {.label = "model-vlen-array", .kind = M_ATTR_STR, .name = "model", .type = T_VLEN, .sval = "m.bin", .npoints = 4,
+    {.label = "model-vlen-array",
+     .kind = M_ATTR_STR,
+     .name = "model",
+     .type = T_VLEN,
+     .sval = "m.bin",
+     .npoints = 4,
      .expect = "'model' holds 4 values"},
-    {.label = "generator-2MiB", .kind = M_ATTR_STR, .name = "generator", .type = T_VLEN, .len = 2 << 20,
+    {.label = "generator-2MiB",
+     .kind = M_ATTR_STR,
+     .name = "generator",
+     .type = T_VLEN,
+     .len = 2 << 20,
      .expect = "'generator' is a string of 2097152 bytes (absurd"},
     {.label = "format-missing", .kind = M_ATTR_DEL, .name = "format", .expect = "not a kvsim trace"},
     {.label = "n_heads-missing", .kind = M_ATTR_DEL, .name = "n_heads", .expect = "'n_heads' missing"},
-    {.label = "dtype-bf16", .kind = M_ATTR_STR, .name = "dtype", .type = T_VLEN, .sval = "bf16",
+    {.label = "dtype-bf16",
+     .kind = M_ATTR_STR,
+     .name = "dtype",
+     .type = T_VLEN,
+     .sval = "bf16",
      .expect = "attribute 'dtype' is 'bf16'"},
-    {.label = "dtype-int", .kind = M_ATTR_INT, .name = "dtype", .type = T_I32, .ival = 1,
+    {.label = "dtype-int",
+     .kind = M_ATTR_INT,
+     .name = "dtype",
+     .type = T_I32,
+     .ival = 1,
      .expect = "'dtype' is not a string"},
     DSET3("q-int32", "/layers/0/q", T_I32, BH, BT, BD, "'/layers/0/q' does not hold floating-point"),
     DSET3("k-short", "/layers/1/k", T_F32, BKV, BT - 1, BD, "'/layers/1/k' has shape (2, 15, 8)"),
     DSET3("pooled-wrong-side", "/layers/0/pooled", T_F32, BH, 7, 7, "'/layers/0/pooled' has shape (4, 7, 7)"),
-    {.label = "v-rank4", .kind = M_DSET, .name = "/layers/0/v", .type = T_F32, .rank = 4, .dims = {BKV, BT, BD, 1},
+    {.label = "v-rank4",
+     .kind = M_DSET,
+     .name = "/layers/0/v",
+     .type = T_F32,
+     .rank = 4,
+     .dims = {BKV, BT, BD, 1},
      .expect = "of rank 4"},
     {.label = "q-scalar", .kind = M_DSET, .name = "/layers/0/q", .type = T_F32, .rank = 0, .expect = "of rank 0"},
     {.label = "lse-missing", .kind = M_DEL, .name = "/layers/1/lse", .expect = "'/layers/1/lse' missing"},
     {.label = "layer-missing", .kind = M_DEL, .name = "/layers/1", .expect = "'/layers/1/q' missing"},
-    {.label = "tokens-float", .kind = M_DSET, .name = "/tokens", .type = T_F32, .ival = 3, .rank = 1, .dims = {BT},
+    {.label = "tokens-float",
+     .kind = M_DSET,
+     .name = "/tokens",
+     .type = T_F32,
+     .ival = 3,
+     .rank = 1,
+     .dims = {BT},
      .expect = "'/tokens' does not hold integers"},
-    {.label = "tokens-2d", .kind = M_DSET, .name = "/tokens", .type = T_I32, .ival = 3, .rank = 2, .dims = {4, 4},
+    {.label = "tokens-2d",
+     .kind = M_DSET,
+     .name = "/tokens",
+     .type = T_I32,
+     .ival = 3,
+     .rank = 2,
+     .dims = {4, 4},
      .expect = "'/tokens' is not one-dimensional"},
-    {.label = "tokens-negative", .kind = M_DSET, .name = "/tokens", .type = T_I32, .ival = -7, .rank = 1,
-     .dims = {BT}, .expect = "token 0 has id -7"},
-    {.label = "positions-short", .kind = M_DSET, .name = "/positions", .type = T_I32, .rank = 1, .dims = {BT - 1},
+    {.label = "tokens-negative",
+     .kind = M_DSET,
+     .name = "/tokens",
+     .type = T_I32,
+     .ival = -7,
+     .rank = 1,
+     .dims = {BT},
+     .expect = "token 0 has id -7"},
+    {.label = "positions-short",
+     .kind = M_DSET,
+     .name = "/positions",
+     .type = T_I32,
+     .rank = 1,
+     .dims = {BT - 1},
      .expect = "'/positions' has 15 entries"},
     {.label = "positions-group", .kind = M_GROUP, .name = "/positions", .expect = "'/positions' is not a dataset"},
     SEGS("segments-unsorted", 3, 0, 5, 3, "segment 2 starts at 3"),
     SEGS("segments-not-from-0", 2, 1, 4, 0, "segment 0 starts at 1"),
     SEGS("segments-beyond-prompt", 3, 0, 4, 12, "segment 2 starts at 12"),
     SEGS("segments-repeated", 3, 0, 4, 4, "segment 2 starts at 4"),
-    {.label = "segments-too-many", .kind = M_DSET, .name = "/segments", .type = T_I32, .rank = 1, .dims = {100},
+    {.label = "segments-too-many",
+     .kind = M_DSET,
+     .name = "/segments",
+     .type = T_I32,
+     .rank = 1,
+     .dims = {100},
      .expect = "'/segments' has 100 entries, at most 12 are possible"},
-    {.label = "segments-float", .kind = M_DSET, .name = "/segments", .type = T_F64, .rank = 1, .dims = {3},
+    {.label = "segments-float",
+     .kind = M_DSET,
+     .name = "/segments",
+     .type = T_F64,
+     .rank = 1,
+     .dims = {3},
      .expect = "'/segments' does not hold integers"},
     /* still valid */
     {.label = "n_layers-int32", .kind = M_ATTR_INT, .name = "n_layers", .type = T_I32, .ival = BL},

@@ -61,9 +61,17 @@ static void check_bounds(const kv_model_t *m)
         uint64_t n;
         const char *name;
     } t[] = {
-        {m->token_embedding, V * D, "token_embedding"}, {m->rms_att, L * D, "rms_att"}, {m->wq, L * D * D, "wq"},
-        {m->wk, L * KV * D, "wk"}, {m->wv, L * KV * D, "wv"}, {m->wo, L * D * D, "wo"}, {m->rms_ffn, L * D, "rms_ffn"},
-        {m->w1, L * H * D, "w1"}, {m->w2, L * D * H, "w2"}, {m->w3, L * H * D, "w3"}, {m->rms_final, D, "rms_final"},
+        {m->token_embedding, V * D, "token_embedding"},
+        {m->rms_att, L * D, "rms_att"},
+        {m->wq, L * D * D, "wq"},
+        {m->wk, L * KV * D, "wk"},
+        {m->wv, L * KV * D, "wv"},
+        {m->wo, L * D * D, "wo"},
+        {m->rms_ffn, L * D, "rms_ffn"},
+        {m->w1, L * H * D, "w1"},
+        {m->w2, L * D * H, "w2"},
+        {m->w3, L * H * D, "w3"},
+        {m->rms_final, D, "rms_final"},
         {m->wcls, V * D, "wcls"},
     };
     for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)

@@ -94,18 +94,46 @@ static unsigned u8(rd_t *r)
 }
 
 static const char *attr_names[] = {
-    "format",     "format_version", "n_layers",   "n_heads",     "n_kv_heads", "head_dim",     "n_tokens",
-    "n_prompt",   "n_decode",       "n_segments", "has_summaries", "pool",     "has_wo",       "model_dim",
-    "hidden_dim", "vocab_size",     "seq_len",    "zstd_level",  "f16_overflow", "rope_theta", "norm_eps",
-    "dtype",      "source",         "model",      "model_sha256", "tokenizer", "tool_version", "git_revision",
+    "format",     "format_version", "n_layers",   "n_heads",       "n_kv_heads",   "head_dim",     "n_tokens",
+    "n_prompt",   "n_decode",       "n_segments", "has_summaries", "pool",         "has_wo",       "model_dim",
+    "hidden_dim", "vocab_size",     "seq_len",    "zstd_level",    "f16_overflow", "rope_theta",   "norm_eps",
+    "dtype",      "source",         "model",      "model_sha256",  "tokenizer",    "tool_version", "git_revision",
     "created",    "backend",        "generator",  "prompt"};
-static const char *dset_names[] = {"/tokens", "/positions", "/segments", "/layers/0/q", "/layers/0/k",
-                                   "/layers/0/v", "/layers/1/q", "/layers/1/k", "/layers/1/v", "/layers/0/lse",
-                                   "/layers/1/entropy", "/layers/0/acc_attn", "/layers/1/pooled", "/layers/0/wo",
-                                   "/layers/1", "/layers/2/q", "/layers"};
-static const long long ints[] = {0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 15, 16, 17, 32, 64, 100, 255, 256, 65535, 65536,
-                                 1 << 24, (1 << 26) + 1, 2147483647LL, 2147483648LL, -1, -2, -2147483648LL,
-                                 4294967296LL, (long long)(1ULL << 62), (long long)0x8000000000000000ULL};
+static const char *dset_names[] = {"/tokens",          "/positions",    "/segments",         "/layers/0/q",
+                                   "/layers/0/k",      "/layers/0/v",   "/layers/1/q",       "/layers/1/k",
+                                   "/layers/1/v",      "/layers/0/lse", "/layers/1/entropy", "/layers/0/acc_attn",
+                                   "/layers/1/pooled", "/layers/0/wo",  "/layers/1",         "/layers/2/q",
+                                   "/layers"};
+static const long long ints[] = {0,
+                                 1,
+                                 2,
+                                 3,
+                                 4,
+                                 7,
+                                 8,
+                                 11,
+                                 12,
+                                 13,
+                                 15,
+                                 16,
+                                 17,
+                                 32,
+                                 64,
+                                 100,
+                                 255,
+                                 256,
+                                 65535,
+                                 65536,
+                                 1 << 24,
+                                 (1 << 26) + 1,
+                                 2147483647LL,
+                                 2147483648LL,
+                                 -1,
+                                 -2,
+                                 -2147483648LL,
+                                 4294967296LL,
+                                 (long long)(1ULL << 62),
+                                 (long long)0x8000000000000000ULL};
 static const size_t lens[] = {0, 1, 2, 3, 8, 63, 64, 65, 1000, 60000, 70000, (1u << 20) + 1, 2u << 20};
 static const hsize_t dimv[] = {0, 1, 2, 3, 4, 7, 8, 12, 15, 16, 17, 32, 100};
 
