@@ -68,11 +68,22 @@ static int spans_decades(const double *v, size_t n)
     return hi > 0 && hi / lo > 30;
 }
 
-/* Up to `max` budgets of the set, evenly picked from the sorted list (first and last kept). */
-static int pick_budgets(const kv_res_set_t *s, int *out, int max)
+/* Up to `max` budgets of the set, evenly picked from the sorted list (first and last kept). With
+ * pols (n_pols of them), only budgets at which one of those policies has per-layer rows: a sweep
+ * merged from several results files need not run every policy at every budget, and a panel of
+ * nothing tells the reader nothing. */
+static int pick_budgets(const kv_res_set_t *s, const int *pols, int n_pols, int *out, int max)
 {
     int all[256];
-    int n = kv_res_set_budgets(s, all, 256);
+    const int n_any = kv_res_set_budgets(s, all, 256);
+    int n = 0;
+    for (int b = 0; b < n_any; b++) {
+        int has = !pols;
+        for (int i = 0; i < n_pols && !has; i++)
+            has = kv_res_set_find(s, pols[i], all[b], 0, -1) != NULL;
+        if (has)
+            all[n++] = all[b];
+    }
     if (n <= max) {
         memcpy(out, all, sizeof(int) * (size_t)n);
         return n;
@@ -603,8 +614,13 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
         if (s->rows[r].pol == strip_pol && s->rows[r].head + 1 > H)
             H = s->rows[r].head + 1;
     const int strips = strip_pol >= 0 && H > 0;
-    int budgets[4];
-    const int nb = pick_budgets(s, budgets, 4);
+    int budgets[4], with[4], n_with = nbar;
+    memcpy(with, bar_pol, sizeof(int) * (size_t)nbar);
+    if (strips)
+        with[n_with++] = strip_pol;
+    const int nb = pick_budgets(s, with, n_with, budgets, 4);
+    if (nb == 0)
+        return kv_error(KV_EUNAVAIL, "no per-layer rows of the allocation policies");
     kv_fig_t *fig = NULL;
     double *v = kv_malloc(sizeof(double) * (size_t)L, "bars");
     float *z = kv_malloc(sizeof(float) * (size_t)(L * (H > 0 ? H : 1)), "strip");
@@ -627,8 +643,9 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
     TRY(kv_fig_legend(fig, KV_LEGEND_RIGHT));
     for (int b = 0; b < nb; b++) {
         kv_axes_t *ax = kv_fig_axes(fig, 0, b);
-        char title[64];
-        snprintf(title, sizeof title, "budget %d tokens per head", budgets[b]);
+        char title[128], bname[96];
+        kv_res_budget_name(s, budgets[b], bname, sizeof bname);
+        snprintf(title, sizeof title, "budget %s", bname);
         TRY(kv_axes_set_title(ax, title));
         TRY(kv_axes_set_xcategories(ax, L, (const char *const *)cats));
         TRY(kv_axes_set_xlabel(ax, "layer"));
@@ -708,8 +725,8 @@ int kv_analyze_fig_recall_heatmap(const kv_res_set_t *s, kv_fig_t **out)
     const int L = kv_res_set_n_layers(s), P = s->n_pol;
     if (L == 0 || P == 0)
         return kv_error(KV_EUNAVAIL, "no per-layer rows in the results");
-    int budgets[4];
-    const int nb = pick_budgets(s, budgets, 4);
+    int budgets[6];
+    const int nb = pick_budgets(s, NULL, 0, budgets, 6);
     int rows, cols;
     grid_shape(nb, &rows, &cols);
     kv_fig_t *fig = NULL;
@@ -732,8 +749,9 @@ int kv_analyze_fig_recall_heatmap(const kv_res_set_t *s, kv_fig_t **out)
     double lo = 1;
     for (int b = 0; b < nb; b++) {
         kv_axes_t *ax = kv_fig_axes(fig, b / cols, b % cols);
-        char title[64];
-        snprintf(title, sizeof title, "budget %d tokens per head", budgets[b]);
+        char title[128], bname[96];
+        kv_res_budget_name(s, budgets[b], bname, sizeof bname);
+        snprintf(title, sizeof title, "budget %s", bname);
         TRY(kv_axes_set_title(ax, title));
         TRY(kv_axes_set_xcategories(ax, L, (const char *const *)lcats));
         TRY(kv_axes_set_ycategories(ax, P, (const char *const *)s->shorts));

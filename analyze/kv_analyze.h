@@ -178,6 +178,10 @@ const kv_res_row_t *kv_res_set_find(const kv_res_set_t *s, int pol, int budget_t
 int kv_res_set_n_layers(const kv_res_set_t *s);
 /* Policy index whose name (the label before '(') is `name`, or -1 (the first such). */
 int kv_res_set_policy_named(const kv_res_set_t *s, const char *name);
+/* A resolved budget as a reader needs it: "64 tokens per head" when it was given in tokens,
+ * "0.1 (43 tokens per head)" or "seq:2048 (102 tokens per head)" when it was given as a fraction or
+ * a total (the text of the first row with that budget_tokens). */
+void kv_res_budget_name(const kv_res_set_t *s, int budget_tokens, char *buf, size_t len);
 
 /* Short legend name of a canonical label: the policy name plus the parameters that differ from
  * its registered defaults ("snapkv(window=16)", "adakv(inner=pyramidkv)"); unknown policies keep

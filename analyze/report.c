@@ -476,6 +476,10 @@ static int results_table(table_t *t, const kv_res_set_t *s)
             if (!r)
                 continue;
             const kv_res_row_t *f = full >= 0 ? kv_res_set_find(s, full, budgets[b], -1, -1) : NULL;
+            /* full keeps every token whatever the budget: its memory at any budget will do when it
+             * was not replayed at this one (another results file, another budget list) */
+            for (int k = 0; !f && full >= 0 && k < nb; k++)
+                f = kv_res_set_find(s, full, budgets[k], -1, -1);
             double mem = r->mem_bytes + (isnan(r->meta_bytes) ? 0 : r->meta_bytes);
             char c[12][48];
             snprintf(c[2], 48, "%d", r->budget_tokens);
@@ -551,7 +555,7 @@ static int files_table(table_t *t, const kv_res_set_t *s, const char *sha)
 
 /* ---------------------------------------------------------------- highlights */
 
-static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv_funnel_t *f)
+static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv_funnel_t *f, const char *sha)
 {
     sbuf_t items = {0};
     /* funnel: normalised entropy and concentration, first vs last layer */
@@ -565,6 +569,12 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d.\n",
             e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1);
     }
+    for (int i = 0; s && sha && sha[0] && i < s->n_files; i++)
+        if (s->file_sha[i][0] && strcmp(s->file_sha[i], sha))
+            sb_printf(&items,
+                      "WARNING: %s holds results of another trace (its trace_sha256 differs from this trace's); "
+                      "its rows are shown anyway.\n",
+                      s->files[i]);
     if (s && s->n_pol) {
         int budgets[256];
         int nb = kv_res_set_budgets(s, budgets, 256);
@@ -584,8 +594,10 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             const int orc = kv_res_set_policy_named(s, "oracle");
             const kv_res_row_t *ro = orc >= 0 ? kv_res_set_find(s, orc, budgets[b], -1, -1) : NULL;
             if (best >= 0) {
-                sb_printf(&items, "Budget %d tokens per head: the best evicting policy by mean recall is %s (%.4f)",
-                          budgets[b], s->shorts[best], br);
+                char bname[96];
+                kv_res_budget_name(s, budgets[b], bname, sizeof bname);
+                sb_printf(&items, "Budget %s: the best evicting policy by mean recall is %s (%.4f)", bname,
+                          s->shorts[best], br);
                 if (ro)
                     sb_printf(&items, "; the per-query oracle reaches %.4f", ro->recall_mean);
                 sb_puts(&items, ".\n");
@@ -850,9 +862,10 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             {kv_analyze_fig_allocation, "budget_allocation", "Budget allocation",
              "Context tokens kept per layer (mean over heads) by the uniform SnapKV, the pyramid-shaped PyramidKV and "
              "the head-adaptive Ada-KV at each budget (dashed: the uniform budget), and below, Ada-KV's tokens per "
-             "query head."},
+             "query head. Up to four budgets at which these policies were replayed are shown."},
             {kv_analyze_fig_recall_heatmap, "recall_heatmap", "Recall per policy and layer",
-             "Mean attention recall of every policy in every layer, one panel per budget."},
+             "Mean attention recall of every policy in every layer, one panel per budget (up to six, evenly picked "
+             "when there are more); a blank row: the policy was not replayed at that budget."},
         };
         for (size_t i = 0; i < KV_ARRAY_LEN(rf); i++) {
             if (i == 0)
@@ -928,7 +941,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_html(&html, o.demo_info);
         sb_puts(&html, "</p>\n");
     }
-    highlights(&md, &html, n_results ? rs : NULL, fs);
+    highlights(&md, &html, n_results ? rs : NULL, fs, sha);
     for (int i = 0; i < n_skip; i++) {
         sb_printf(&md, "- %s\n", skipped[i]);
         sb_puts(&html, "<p class=\"sub\">");

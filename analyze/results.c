@@ -504,3 +504,18 @@ int kv_res_set_policy_named(const kv_res_set_t *s, const char *name)
             return i;
     return -1;
 }
+
+void kv_res_budget_name(const kv_res_set_t *s, int budget_tokens, char *buf, size_t len)
+{
+    char tok[16];
+    snprintf(tok, sizeof tok, "%d", budget_tokens);
+    for (size_t r = 0; r < s->n; r++)
+        if (s->rows[r].budget_tokens == budget_tokens) {
+            if (s->rows[r].budget[0] && strcmp(s->rows[r].budget, tok)) {
+                snprintf(buf, len, "%s (%d tokens per head)", s->rows[r].budget, budget_tokens);
+                return;
+            }
+            break;
+        }
+    snprintf(buf, len, "%d tokens per head", budget_tokens);
+}

@@ -469,13 +469,13 @@ END_TEST
 
 static const char *POLICIES = "full,random,streaming_llm,h2o,snapkv,pyramidkv,adakv,snapkv(window=8)";
 
-/* Replay POLICIES on a small trace and write the TSV (with the trace's checksum when given). */
-static void make_results(kv_trace_t *t, const char *budgets, const char *sha, const char *path)
+/* Replay `policies` on a small trace and write the TSV (with the trace's checksum when given). */
+static void make_results_of(kv_trace_t *t, const char *policies, const char *budgets, const char *sha, const char *path)
 {
     kv_policy_t **ps = NULL;
     int np = 0, nb = 0;
     kv_budget_t *b = NULL;
-    ck_assert_int_eq(kv_policy_create_list(POLICIES, &ps, &np), KV_OK);
+    ck_assert_int_eq(kv_policy_create_list(policies, &ps, &np), KV_OK);
     ck_assert_int_eq(kv_budget_parse_list(budgets, &b, &nb), KV_OK);
     kv_backend_t *be = cpu();
     kv_replay_opts_t o;
@@ -492,6 +492,11 @@ static void make_results(kv_trace_t *t, const char *budgets, const char *sha, co
     kv_free(ps);
     kv_free(b);
     kv_backend_close(be);
+}
+
+static void make_results(kv_trace_t *t, const char *budgets, const char *sha, const char *path)
+{
+    make_results_of(t, POLICIES, budgets, sha, path);
 }
 
 static kv_res_set_t *load_set(const char *path)
@@ -768,6 +773,78 @@ START_TEST(report_names_policies_and_links_files)
 }
 END_TEST
 
+/* A sweep merged from two results files whose second adds one policy at a fraction budget, and
+ * comes from another trace: the highlights name the budget as given and warn about the file, the
+ * memory relative to full is filled from full's rows at other budgets, and the allocation figure
+ * leaves out the budget none of its policies ran at. */
+START_TEST(report_fraction_budget_and_foreign_results)
+{
+    kv_trace_t *mt = kv_test_trace(3, 4, 2, 16, 100, 84, 2, 0, 8);
+    char tpath[256], r1[256], r2[256], dir[256];
+    kv_test_tmp("frac.h5", tpath, sizeof tpath);
+    ck_assert_int_eq(kv_test_write_trace(mt, tpath), KV_OK);
+    kv_trace_close(mt);
+    kv_trace_t *t = NULL;
+    ck_assert_int_eq(kv_trace_open(tpath, &t), KV_OK);
+    char sha[65];
+    ck_assert_int_eq(kv_sha256_file(tpath, sha), KV_OK);
+    kv_test_tmp("frac1.tsv", r1, sizeof r1);
+    kv_test_tmp("frac2.tsv", r2, sizeof r2);
+    make_results(t, "16,32", sha, r1);
+    make_results_of(t, "h2o(mode=decode)", "0.25", "ffff", r2);
+    kv_backend_t *be = cpu();
+    kv_analyze_opts_t o;
+    kv_analyze_opts_init(&o);
+    o.out_dir = kv_test_tmp("frac-report", dir, sizeof dir);
+    o.quiet = 1;
+    const char *files[2] = {r1, r2};
+    kv_analyze_out_t out;
+    kv_log_set_level(KV_LOG_QUIET);
+    ck_assert_msg(kv_analyze_run(t, tpath, files, 2, be, &o, &out) == KV_OK, "%s", kv_last_error());
+    kv_log_set_level(KV_LOG_INFO);
+    char *md = slurp(out.report_md);
+    /* 0.25 of 84 context tokens is 21 tokens per head */
+    ck_assert_msg(strstr(md, "- Budget 0.25 (21 tokens per head): the best evicting policy") != NULL,
+                  "highlights do not name the fraction budget as given");
+    ck_assert_ptr_nonnull(strstr(md, "- Budget 16 tokens per head:"));
+    char warn[512];
+    snprintf(warn, sizeof warn, "- WARNING: %s holds results of another trace", r2);
+    ck_assert_msg(strstr(md, warn) != NULL, "no warning about %s in the highlights", r2);
+    const char *row = strstr(md, "| h2o(mode=decode) | 0.25 | 21 |");
+    ck_assert_ptr_nonnull(row);
+    const char *eol = strchr(row, '\n');
+    ck_assert_ptr_nonnull(eol);
+    ck_assert_msg(!(eol - row > 4 && !strncmp(eol - 4, "| - |", 4)) && !strncmp(eol - 3, "% |", 3),
+                  "memory / full missing: %.*s", (int)(eol - row), row);
+    free(md);
+    /* the allocation figure: budgets 16 and 32 only (snapkv, pyramidkv and adakv never ran at 0.25) */
+    kv_res_set_t *s = NULL;
+    ck_assert_int_eq(kv_res_set_create(&s), KV_OK);
+    kv_log_set_level(KV_LOG_QUIET);
+    ck_assert_int_eq(kv_res_set_load(s, r1, NULL), KV_OK);
+    ck_assert_int_eq(kv_res_set_load(s, r2, NULL), KV_OK);
+    kv_log_set_level(KV_LOG_INFO);
+    ck_assert_int_eq(kv_res_set_finish(s), KV_OK);
+    kv_fig_t *fig = NULL;
+    ck_assert_int_eq(kv_analyze_fig_allocation(s, &fig), KV_OK);
+    ck_assert_ptr_nonnull(kv_fig_axes(fig, 0, 1));
+    ck_assert_ptr_null(kv_fig_axes(fig, 0, 2));
+    kv_fig_free(fig);
+    /* the recall heat map shows all three budgets */
+    ck_assert_int_eq(kv_analyze_fig_recall_heatmap(s, &fig), KV_OK);
+    ck_assert_ptr_nonnull(kv_fig_axes(fig, 0, 2));
+    kv_fig_free(fig);
+    char name[96];
+    kv_res_budget_name(s, 21, name, sizeof name);
+    ck_assert_str_eq(name, "0.25 (21 tokens per head)");
+    kv_res_budget_name(s, 16, name, sizeof name);
+    ck_assert_str_eq(name, "16 tokens per head");
+    kv_res_set_free(s);
+    kv_backend_close(be);
+    kv_trace_close(t);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- the CLI: analyze and demo */
 
 /* Run a shell command, its stdout and stderr into out (truncated); the exit status. */
@@ -900,6 +977,7 @@ Suite *suite_analyze(void)
     tcase_add_test(t, base64_vectors);
     tcase_add_test(t, results_merge_and_missing_column);
     tcase_add_test(t, report_names_policies_and_links_files);
+    tcase_add_test(t, report_fraction_budget_and_foreign_results);
     suite_add_tcase(s, t);
     if (getenv("KVSIM_BIN")) {
         TCase *cli = tcase_create("cli");
