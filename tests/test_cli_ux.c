@@ -255,14 +255,14 @@ START_TEST(quickstart_runs_on_a_synthetic_trace)
     slurp(res, g_out, sizeof g_out);
     ASSERT_HAS(g_out, "# command: kvsim replay ", "results preamble");
     ASSERT_HAS(g_out, "'streaming_llm,h2o,snapkv(window=32),adakv(inner=pyramidkv)' 16,32,64 -o ", "results preamble");
-    /* kvsim replay trace.h5 all 0.1,0.25,0.5 -o results.tsv --json results.json */
+    /* kvsim replay trace.h5 all 0.1,0.25,0.5 -o fractions.tsv --json fractions.json */
     snprintf(args, sizeof args, "replay %s all 0.1,0.25,0.5 -o %s --json %s -q", trace, res2, json);
     ck_assert_msg(kvsim(args) == 0, "kvsim %s: %s", args, g_err);
     ck_assert(exists(res2));
     ck_assert(exists(json));
     ck_assert_msg(file_has(res2, "\nshotkv("), "replay all on a trace with segments: no shotkv rows in %s", res2);
-    /* kvsim analyze trace.h5 results.tsv -o report/ : the trailing slash does not double */
-    snprintf(args, sizeof args, "analyze %s %s -o %s/ -q", trace, res, dir);
+    /* kvsim analyze trace.h5 results.tsv fractions.tsv -o report/ : the trailing slash does not double */
+    snprintf(args, sizeof args, "analyze %s %s %s -o %s/ -q", trace, res, res2, dir);
     ck_assert_msg(kvsim(args) == 0, "kvsim %s: %s", args, g_err);
     char html[300], md[300];
     snprintf(html, sizeof html, "%s/report.html", dir);
@@ -274,6 +274,8 @@ START_TEST(quickstart_runs_on_a_synthetic_trace)
     /* the report says how it was made */
     slurp(md, g_out, sizeof g_out);
     ASSERT_HAS(g_out, "This report was written by: kvsim analyze ", "report.md");
+    /* both files merged: a fraction budget is named as given */
+    ASSERT_HAS(g_out, "- Budget 0.25 (", "report.md highlights");
 }
 END_TEST
 
@@ -313,6 +315,29 @@ START_TEST(replay_all_skips_policies_the_trace_cannot_run)
     ASSERT_HAS(r[3].err, "kvsim replay: build/test-tmp/no-such-folder/r.tsv: ", "missing output folder");
     ck_assert_msg(!strstr(r[3].err, "replay 1/"), "replay ran before finding the output folder missing:\n%s", r[3].err);
     ck_assert_msg(access(res, F_OK) != 0, "a failed replay left %s", res);
+    unlink(trace);
+}
+END_TEST
+
+/* A budget that does not exceed a policy's window leaves its scores nothing to choose: replay says so,
+ * once per policy, naming the budgets, and stays silent for budgets above the window. */
+START_TEST(replay_warns_when_the_budget_is_the_window)
+{
+    char trace[256], args[1024];
+    kv_test_tmp("window.h5", trace, sizeof trace);
+    snprintf(args, sizeof args, "synth -o %s --preset tiny --tokens 160 --decode 8 -q", trace);
+    ck_assert_msg(kvsim(args) == 0, "kvsim %s: %s", args, g_err);
+    snprintf(args, sizeof args,
+             "replay %s 'snapkv,adakv(inner=snapkv(window=8)),h2o,h2o(mode=decode),streaming_llm' 16,32,48 -o - "
+             "--no-head-rows",
+             trace);
+    ck_assert_msg(kvsim(args) == 0, "kvsim %s: %s", args, g_err);
+    ASSERT_HAS(g_err, "snapkv always keeps the last 32 context tokens (its window); at budgets 16, 32 (tokens",
+               "snapkv at budgets within its window");
+    /* window 8 < 16, default h2o window 8, decode-time h2o and streaming_llm have no such window */
+    ck_assert_msg(!strstr(g_err, "adakv") && !strstr(g_err, "h2o") && !strstr(g_err, "streaming_llm"),
+                  "a warning for a policy whose window is below every budget:\n%s", g_err);
+    ck_assert_msg(!strstr(g_err, "16, 32, 48"), "budget 48 exceeds the window:\n%s", g_err);
     unlink(trace);
 }
 END_TEST
@@ -405,6 +430,7 @@ Suite *suite_cli_ux(void)
     tcase_add_test(tc, usage_errors_exit_2_and_name_the_option);
     tcase_add_test(tc, quickstart_runs_on_a_synthetic_trace);
     tcase_add_test(tc, replay_all_skips_policies_the_trace_cannot_run);
+    tcase_add_test(tc, replay_warns_when_the_budget_is_the_window);
     tcase_add_test(tc, info_shows_what_format_md_promises);
     suite_add_tcase(s, tc);
     return s;

@@ -11,6 +11,8 @@
 #ifndef KV_CLI_H
 #define KV_CLI_H
 
+#include "sim/kv_policy.h"
+
 #include <stddef.h>
 
 typedef struct {
@@ -45,6 +47,12 @@ struct kv_policy;
 /* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
  * need segments and were not also named explicitly; *n is updated. */
 void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n);
+/* Warn, once per policy, about the budgets that do not exceed the context tokens the policy always
+ * keeps (the observation window of snapkv, pyramidkv and one-shot h2o, kvcompress's protected
+ * tokens, the inner scorer's window of adakv and chunkkv): there it keeps the last B context tokens
+ * and its scores select nothing. n_ctx: the context tokens of the replay. */
+void kv_cli_warn_window_budgets(const kv_trace_meta_t *m, int n_ctx, struct kv_policy *const *pols, int n_pol,
+                                const kv_budget_t *budgets, int n_bud);
 /* Parse a positive integer option value or fail with a message naming the option. */
 int kv_cli_int(const char *cmd, const char *opt, const char *val, long lo, long hi, long *out);
 

@@ -635,6 +635,7 @@ int kv_cmd_demo(int argc, char **argv)
         goto done;
     }
     kv_info("demo: replaying %d policies x %d budgets (%s)", n_pol, n_bud, budgets);
+    kv_cli_warn_window_budgets(kv_trace_meta(t), kv_trace_meta(t)->n_prompt, pols, n_pol, bud, n_bud);
     kv_replay_opts_t ro;
     kv_replay_defaults(&ro);
     ro.quiet = quiet;

@@ -3,6 +3,7 @@
  * checks before any work, the provenance preamble with the command as typed) and `kvsim policies`
  * (the registry with parameters and defaults).
  */
+#include "analyze/kv_analyze.h"
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
@@ -93,6 +94,56 @@ void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_
         pols[k++] = pols[i];
     }
     *n = k;
+}
+
+/* Context tokens at the end of the prompt that policy p always keeps, from its parameters (0: none):
+ * the observation window of the SnapKV family and of one-shot H2O, KV-Compress's protected tokens,
+ * and for Ada-KV and ChunkKV their inner scorer's. */
+static int kept_window(const kv_policy_t *p)
+{
+    const char *name = p->desc->name;
+    if (!strcmp(name, "kvcompress"))
+        return (int)kv_params_int(&p->params, "protect");
+    if (!strcmp(name, "adakv") || !strcmp(name, "chunkkv")) {
+        kv_policy_t *in = NULL;
+        int w = 0;
+        if (kv_policy_create(kv_params_str(&p->params, "inner"), &in) == KV_OK)
+            w = kept_window(in);
+        kv_policy_free(in);
+        return w;
+    }
+    if (!strcmp(name, "snapkv") || !strcmp(name, "pyramidkv") || (!strcmp(name, "h2o") && !(p->flags & KV_POL_DECODE)))
+        return (int)kv_params_int(&p->params, "window");
+    return 0;
+}
+
+void kv_cli_warn_window_budgets(const kv_trace_meta_t *m, int n_ctx, kv_policy_t *const *pols, int n_pol,
+                                const kv_budget_t *budgets, int n_bud)
+{
+    for (int i = 0; i < n_pol; i++) {
+        const int w = kept_window(pols[i]);
+        if (w <= 0)
+            continue;
+        char list[256] = "";
+        size_t len = 0;
+        int n = 0;
+        for (int b = 0; b < n_bud; b++) {
+            kv_budget_t r = budgets[b];
+            if (kv_budget_resolve(&r, m, n_ctx) != KV_OK || r.tokens > w || r.tokens >= n_ctx)
+                continue;
+            len +=
+                (size_t)snprintf(list + len, len < sizeof list ? sizeof list - len : 0, "%s%s", n ? ", " : "", r.text);
+            if (len >= sizeof list)
+                len = sizeof list - 1;
+            n++;
+        }
+        char name[512];
+        if (n && kv_analyze_short_label(pols[i]->label, name, sizeof name) == KV_OK)
+            kv_warn("%s always keeps the last %d context tokens (its window); at budget%s %s (tokens per head, "
+                    "window included) it keeps only the last B tokens and its scores select nothing (a larger "
+                    "budget or a smaller window makes it choose)",
+                    name, w, n == 1 ? "" : "s", list);
+    }
 }
 
 /* A path we are about to write: its folder must exist and be writable, checked before the work. */
@@ -198,6 +249,7 @@ int kv_cmd_replay(int argc, char **argv)
     }
     const kv_trace_meta_t *m = kv_trace_meta(t);
     kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
+    kv_cli_warn_window_budgets(m, m->n_prompt - ro.eval_tail, pols, n_pol, bud, n_bud);
     if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
