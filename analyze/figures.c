@@ -188,7 +188,7 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
             TRY(kv_axes_set_xlabel(ax, "key position (token)"));
         /* every panel labelled: panels of a row keep the same size (equal aspect shrinks the ones
          * with wider margins) */
-        TRY(kv_axes_set_ylabel(ax, p % cols == 0 ? "query position (token)" : "query (token)"));
+        TRY(kv_axes_set_ylabel(ax, "query position (token)"));
         TRY(kv_axes_set_equal_aspect(ax, 1));
         kv_heat_style_t hs = {.cmap = KV_CMAP_MAGMA,
                               .log = 1,

@@ -566,8 +566,11 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
         sb_printf(
             &items,
             "Normalised attention entropy goes from %.3f in layer 0 to %.3f in layer %d; a query needs %.1f %% of "
-            "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d.\n",
-            e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1);
+            "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d: %s.\n",
+            e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1,
+            e1 < e0 && c1 < c0   ? "attention narrows with depth (the pyramid funneling shape)"
+            : e1 > e0 && c1 > c0 ? "attention is broader in the last layer than in the first (no pyramid funneling)"
+                                 : "entropy and concentration disagree on the trend with depth");
     }
     for (int i = 0; s && sha && sha[0] && i < s->n_files; i++)
         if (s->file_sha[i][0] && strcmp(s->file_sha[i], sha))

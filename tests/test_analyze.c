@@ -807,6 +807,11 @@ START_TEST(report_fraction_budget_and_foreign_results)
     ck_assert_msg(strstr(md, "- Budget 0.25 (21 tokens per head): the best evicting policy") != NULL,
                   "highlights do not name the fraction budget as given");
     ck_assert_ptr_nonnull(strstr(md, "- Budget 16 tokens per head:"));
+    /* the funnel highlight ends with a verdict on the trend with depth */
+    ck_assert_msg(strstr(md, "in layer 2: attention narrows with depth") ||
+                      strstr(md, "in layer 2: attention is broader in the last layer") ||
+                      strstr(md, "in layer 2: entropy and concentration disagree"),
+                  "no verdict on funneling in the highlights");
     char warn[512];
     snprintf(warn, sizeof warn, "- WARNING: %s holds results of another trace", r2);
     ck_assert_msg(strstr(md, warn) != NULL, "no warning about %s in the highlights", r2);
