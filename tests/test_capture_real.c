@@ -514,6 +514,20 @@ START_TEST(cli_commands)
     ck_assert_int_eq(run(cmd, &o1), 0);
     ck_assert_ptr_nonnull(strstr(o1, ", decode 8)"));
     free(o1);
+    /* segments given by hand on a prompt with separator lines: the separators stay text, and capture
+     * says so (the default splits the documents there without a word) */
+    const char *two_docs = "\"$(printf 'Once upon a time\\n<|endoftext|>\\nThe end')\"";
+    snprintf(cmd, sizeof cmd, "%s capture %s -z %s -i %s --segments 3 --decode 2 -o %s 2>&1 >/dev/null", bin, g_model,
+             g_tok, two_docs, out);
+    ck_assert_int_eq(run(cmd, &o1), 0);
+    ck_assert_msg(strstr(o1, "--segments 3: the prompt's <|endoftext|> lines are tokenised as plain text"),
+                  "no warning: %s", o1);
+    free(o1);
+    snprintf(cmd, sizeof cmd, "%s capture %s -z %s -i %s --decode 2 -o %s 2>&1 >/dev/null", bin, g_model, g_tok,
+             two_docs, out);
+    ck_assert_int_eq(run(cmd, &o1), 0);
+    ck_assert_msg(!strstr(o1, "plain text"), "a warning with --segments auto: %s", o1);
+    free(o1);
 }
 END_TEST
 

@@ -348,7 +348,8 @@ static void capture_help(void)
            "                         prompt are tokenised separately, each with BOS, and their starts\n"
            "                         recorded (a prompt without separators has no segments);\n"
            "                         none: the whole prompt is one sequence, no segments;\n"
-           "                         i,j,k: token offsets where segments start (0 implied)\n"
+           "                         i,j,k: token offsets where segments start (0 implied) in the\n"
+           "                         prompt tokenised as one sequence (separator lines stay text)\n"
            "      --pool N           side of the pooled attention map, min(N, T) (default 256)\n"
            "      --zstd-level N     compression level 1..22 (default 3)\n"
            "      --backend B        cpu, cuda or auto (default auto: CUDA when usable, else CPU)\n"
@@ -438,6 +439,10 @@ int kv_cmd_capture(int argc, char **argv)
     if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
         return kv_cli_fail("capture");
     o.prompt = prompt;
+    if (strcmp(o.segments, "auto") && strstr(prompt, KV_DOC_SEPARATOR))
+        kv_warn("capture: --segments %s: the prompt's %s lines are tokenised as plain text, not as document "
+                "boundaries (only --segments auto, the default, splits the documents there, each with BOS)",
+                o.segments, KV_DOC_SEPARATOR);
     /* the generator attribute: a command line that re-creates this trace (options first, so a
      * truncation at the attribute's 511 bytes loses paths that have their own attributes) */
     char gen[512], num[64];
