@@ -13,6 +13,7 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/kv_policy.h"
 
 #include <errno.h>
 #include <math.h>
@@ -606,6 +607,31 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
                 sb_puts(&items, ".\n");
             }
         }
+        /* budgets no larger than a policy's window: a recent-token cache, whatever it scores */
+        sbuf_t win = {0};
+        for (int p = 0; p < s->n_pol; p++) {
+            kv_policy_t *pol = NULL;
+            if (kv_policy_create(s->labels[p], &pol) != KV_OK)
+                continue; /* a label of another kvsim version: nothing to say */
+            const int w = kv_policy_kept_window(pol);
+            kv_policy_free(pol);
+            int n = 0;
+            for (int b = 0; b < nb && w > 0; b++) {
+                const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], -1, -1);
+                if (!r || budgets[b] > w || r->kept < budgets[b] - 0.5)
+                    continue; /* above the window, or the whole context fits (nothing evicted) */
+                if (n++ == 0)
+                    sb_printf(&win, "%s%s (window %d) at %s", win.n ? "; " : "", s->shorts[p], w, r->budget);
+                else
+                    sb_printf(&win, ", %s", r->budget);
+            }
+        }
+        if (win.n)
+            sb_printf(&items,
+                      "At budgets no larger than the window a policy always keeps, it keeps the last B context tokens "
+                      "and its scores select nothing (its numbers there are a recent-token cache's): %s.\n",
+                      win.s);
+        kv_free(win.s);
         double viol = 0;
         for (size_t r = 0; r < s->n; r++)
             if (s->rows[r].layer < 0 && s->rows[r].head < 0 && s->rows[r].violations > 0)

@@ -192,6 +192,11 @@ extern const int kv_policy_n_common_params;
 /* Create a configured policy from "name(k=v,...)"; unknown names list the valid ones. */
 int kv_policy_create(const char *spec, kv_policy_t **out);
 void kv_policy_free(kv_policy_t *p);
+/* Context tokens at the end of the prompt that p always keeps, from its parameters (0: none): the
+ * observation window of the SnapKV family and of one-shot H2O, KV-Compress's protected tokens, and
+ * for Ada-KV and ChunkKV their inner scorer's. At a budget B no larger than this, p keeps the last B
+ * context tokens and its scores select nothing. */
+int kv_policy_kept_window(const kv_policy_t *p);
 /* Expand a policy list ("all" = every registered policy with defaults). *out: kv_free'd array of
  * created policies (free each with kv_policy_free). */
 int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n);

@@ -134,3 +134,22 @@ int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n_out)
     *n_out = n;
     return KV_OK;
 }
+
+/* See kv_policy.h. */
+int kv_policy_kept_window(const kv_policy_t *p)
+{
+    const char *name = p->desc->name;
+    if (!strcmp(name, "kvcompress"))
+        return (int)kv_params_int(&p->params, "protect");
+    if (!strcmp(name, "adakv") || !strcmp(name, "chunkkv")) {
+        kv_policy_t *in = NULL;
+        int w = 0;
+        if (kv_policy_create(kv_params_str(&p->params, "inner"), &in) == KV_OK)
+            w = kv_policy_kept_window(in);
+        kv_policy_free(in);
+        return w;
+    }
+    if (!strcmp(name, "snapkv") || !strcmp(name, "pyramidkv") || (!strcmp(name, "h2o") && !(p->flags & KV_POL_DECODE)))
+        return (int)kv_params_int(&p->params, "window");
+    return 0;
+}

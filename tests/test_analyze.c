@@ -807,6 +807,11 @@ START_TEST(report_fraction_budget_and_foreign_results)
     ck_assert_msg(strstr(md, "- Budget 0.25 (21 tokens per head): the best evicting policy") != NULL,
                   "highlights do not name the fraction budget as given");
     ck_assert_ptr_nonnull(strstr(md, "- Budget 16 tokens per head:"));
+    /* budgets within a policy's window are flagged, once per policy; snapkv(window=8) is not */
+    ck_assert_msg(strstr(md, "select nothing (its numbers there are a recent-token cache's): snapkv (window 32) at "
+                             "16, 32; adakv (window 32) at 16, 32."),
+                  "budgets within the window not flagged");
+    ck_assert_ptr_null(strstr(md, "snapkv(window=8) (window"));
     /* the funnel highlight ends with a verdict on the trend with depth */
     ck_assert_msg(strstr(md, "in layer 2: attention narrows with depth") ||
                       strstr(md, "in layer 2: attention is broader in the last layer") ||

@@ -96,32 +96,11 @@ void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_
     *n = k;
 }
 
-/* Context tokens at the end of the prompt that policy p always keeps, from its parameters (0: none):
- * the observation window of the SnapKV family and of one-shot H2O, KV-Compress's protected tokens,
- * and for Ada-KV and ChunkKV their inner scorer's. */
-static int kept_window(const kv_policy_t *p)
-{
-    const char *name = p->desc->name;
-    if (!strcmp(name, "kvcompress"))
-        return (int)kv_params_int(&p->params, "protect");
-    if (!strcmp(name, "adakv") || !strcmp(name, "chunkkv")) {
-        kv_policy_t *in = NULL;
-        int w = 0;
-        if (kv_policy_create(kv_params_str(&p->params, "inner"), &in) == KV_OK)
-            w = kept_window(in);
-        kv_policy_free(in);
-        return w;
-    }
-    if (!strcmp(name, "snapkv") || !strcmp(name, "pyramidkv") || (!strcmp(name, "h2o") && !(p->flags & KV_POL_DECODE)))
-        return (int)kv_params_int(&p->params, "window");
-    return 0;
-}
-
 void kv_cli_warn_window_budgets(const kv_trace_meta_t *m, int n_ctx, kv_policy_t *const *pols, int n_pol,
                                 const kv_budget_t *budgets, int n_bud)
 {
     for (int i = 0; i < n_pol; i++) {
-        const int w = kept_window(pols[i]);
+        const int w = kv_policy_kept_window(pols[i]);
         if (w <= 0)
             continue;
         char list[256] = "";
