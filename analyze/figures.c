@@ -204,10 +204,8 @@ int kv_analyze_fig_funneling(kv_trace_t *t, kv_backend_t *be, const kv_funneling
          * keeps them visible on dark and light cells alike. */
         kv_style_t under = {.color = {0, 0, 0, 0.35}, .width = 2.6};
         kv_style_t seg = {.label = "segment start", .color = kv_palette(5), .width = 1.6, .dash = KV_DASH_DASHED};
-        kv_style_t dec = {.label = "end of prompt (decode queries below)",
-                          .color = kv_palette(2),
-                          .width = 1.8,
-                          .dash = KV_DASH_DASHDOT};
+        /* solid: a dash-dot pattern reads as dashed at this width, like the segment lines */
+        kv_style_t dec = {.label = "end of prompt (decode queries below)", .color = kv_palette(2), .width = 1.8};
         const double lo = -0.5, hi = T - 0.5;
         for (int s = 1; s < m->n_segments; s++) {
             const double at = m->segments[s] - 0.5;

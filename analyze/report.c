@@ -799,7 +799,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         snprintf(cap, sizeof cap,
                  "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
                  "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
-                 "lines mark segment starts, the dash-dotted line the end of the prompt (decode queries below it). "
+                 "blue lines mark segment starts, the solid green line the end of the prompt (decode queries below it). "
                  "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
                  "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
                  "panels, and the entropy curves below, to see how far this trace follows that shape.",

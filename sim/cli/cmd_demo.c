@@ -77,7 +77,8 @@ static void help(void)
            "options:\n"
            "  -o, --output DIR     output folder (default out/demo): trace.h5, prompt.txt, results.tsv,\n"
            "                       figures, report.md, report.html\n"
-           "      --budgets LIST   budgets in tokens per head (default 16,32,64,128)\n"
+           "      --budgets LIST   budgets in tokens per head (default 48,64,96,128: above\n"
+           "                       the 32-token window SnapKV and its family always keep)\n"
            "      --policies LIST  policies to replay (default all)\n"
            "      --decode N       greedy decode tokens after the prompt (default 64)\n"
            "      --synthetic      use a synthetic trace even when the model is available\n"
@@ -424,7 +425,7 @@ int kv_cmd_demo(int argc, char **argv)
         {"threads", required_argument, 0, 't'},  {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0},
     };
-    const char *out_dir = "out/demo", *budgets = "16,32,64,128", *policies = "all", *backend = "auto", *format = "png";
+    const char *out_dir = "out/demo", *budgets = "48,64,96,128", *policies = "all", *backend = "auto", *format = "png";
     int synthetic = 0, allow_download = 1, quiet = 0, c;
     /* One thread by default: the demo's tensors are tiny (stories260K has head_dim 8), so a second
      * thread only adds synchronisation, and OpenMP/BLAS threads that spin-wait make every stage

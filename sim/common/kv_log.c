@@ -38,8 +38,8 @@ void kv_info(const char *fmt, ...)
 
 void kv_warn(const char *fmt, ...)
 {
-    if (g_level < KV_LOG_INFO)
-        return;
+    /* printed even when quiet: --quiet silences progress and information, never a warning about
+     * the results (a skipped policy, a degenerate budget, a mismatched trace) */
     va_list ap;
     va_start(ap, fmt);
     vlog("warning: ", fmt, ap);

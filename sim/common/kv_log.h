@@ -3,7 +3,8 @@
  *
  * Long work (capture, synth, replay, analyze) reports progress so a user sees it is alive: on a
  * terminal one line is rewritten in place at most ten times a second; when stderr is a file or a
- * pipe a plain line is printed at most every few seconds. --quiet sets the level to 0.
+ * pipe a plain line is printed at most every few seconds. --quiet sets the level to 0: no progress
+ * and no information lines; warnings are still printed.
  */
 #ifndef KV_LOG_H
 #define KV_LOG_H
@@ -18,7 +19,7 @@ void kv_log_set_level(int level);
 int kv_log_get_level(void);
 /* "kvsim: <message>\n" on stderr when level >= KV_LOG_INFO. */
 void kv_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* "kvsim: warning: <message>\n", printed unless quiet. */
+/* "kvsim: warning: <message>\n", printed at every level (quiet included). */
 void kv_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void kv_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
