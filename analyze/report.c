@@ -796,14 +796,15 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             else
                 src = KV_MAP_SAMPLED;
         }
-        snprintf(cap, sizeof cap,
-                 "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
-                 "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
-                 "blue lines mark segment starts, the solid green line the end of the prompt (decode queries below it). "
-                 "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
-                 "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
-                 "panels, and the entropy curves below, to see how far this trace follows that shape.",
-                 m->n_heads, kv_map_src_name(src));
+        snprintf(
+            cap, sizeof cap,
+            "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
+            "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
+            "blue lines mark segment starts, the solid green line the end of the prompt (decode queries below it). "
+            "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
+            "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
+            "panels, and the entropy curves below, to see how far this trace follows that shape.",
+            m->n_heads, kv_map_src_name(src));
     }
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap, o.quiet);
     kv_fig_free(fig);
