@@ -542,6 +542,7 @@ int kv_analyze_fig_bound(const kv_res_set_t *s, kv_fig_t **out)
     TRY(kv_axes_set_ylabel(ax, "measured error ||o - ô||_{1}, mean over queries (L_{1})"));
     TRY(kv_axes_set_legend(ax, KV_LEGEND_RIGHT));
     int nviol = 0, drawn = 0;
+    double lo = INFINITY, hi = 0; /* one range for both axes: y = x is the diagonal, ticks read alike */
     for (int p = 0; p < s->n_pol; p++) {
         int n = 0;
         for (size_t r = 0; r < s->n; r++) {
@@ -550,6 +551,8 @@ int kv_analyze_fig_bound(const kv_res_set_t *s, kv_fig_t **out)
                 continue;
             x[n] = w->bound_mean;
             y[n] = w->err_mean;
+            lo = fmin(lo, fmin(x[n], y[n]));
+            hi = fmax(hi, fmax(x[n], y[n]));
             n++;
             if (w->violations > 0) {
                 vx[nviol] = w->bound_mean;
@@ -575,6 +578,8 @@ int kv_analyze_fig_bound(const kv_res_set_t *s, kv_fig_t **out)
                                           .marker = KV_MARKER_CROSS,
                                           .marker_size = 16,
                                           .width = 2.5}));
+    TRY(kv_axes_set_xlim(ax, lo / 1.5, hi * 1.5));
+    TRY(kv_axes_set_ylim(ax, lo / 1.5, hi * 1.5));
     TRY(kv_plot_identity(ax, &(kv_style_t){.label = "y = x", .dash = KV_DASH_DASHED, .color = {0.25, 0.25, 0.25, 1}}));
     *out = fig;
     fig = NULL;
