@@ -79,11 +79,12 @@ $(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
 	@$(if $(V),,echo "  CC    $<")
 	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
 
+# -lineinfo: source lines for compute-sanitizer and Nsight Compute reports (no effect on the code).
 $(BUILD)/obj/%.cu.o: %.cu $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	@$(if $(V),,echo "  NVCC  $<")
-	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -I. $(filter -I%,$(PKG_CFLAGS)) -Xcompiler -fPIC,-Wall,-Wno-format-truncation \
-	    -MMD -MP -c $< -o $@
+	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -lineinfo -I. $(filter -I%,$(PKG_CFLAGS)) \
+	    -Xcompiler -fPIC,-Wall,-Wno-format-truncation -MMD -MP -c $< -o $@
 
 # The git revision stamped into traces and results: rewritten when it changes, so only
 # kv_common.c recompiles.
