@@ -79,11 +79,12 @@ $(BUILD)/obj/%.o: %.c $(BUILD)/config.mk
 	@$(if $(V),,echo "  CC    $<")
 	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
 
+# -lineinfo: source lines for compute-sanitizer and Nsight Compute reports (no effect on the code).
 $(BUILD)/obj/%.cu.o: %.cu $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	@$(if $(V),,echo "  NVCC  $<")
-	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -I. $(filter -I%,$(PKG_CFLAGS)) -Xcompiler -fPIC,-Wall,-Wno-format-truncation \
-	    -MMD -MP -c $< -o $@
+	$(Q)$(NVCC) -O2 -std=c++17 -arch=$(CUDA_ARCH) -lineinfo -I. $(filter -I%,$(PKG_CFLAGS)) \
+	    -Xcompiler -fPIC,-Wall,-Wno-format-truncation -MMD -MP -c $< -o $@
 
 # The git revision stamped into traces and results: rewritten when it changes, so only
 # kv_common.c recompiles.
@@ -192,8 +193,14 @@ $(BUILD)/emu/%.o: % tests/cuda_emu/cuda_emu.h $(BUILD)/config.mk
 $(BUILD)/gpu_parity_emu: tests/gpu_parity.c $(EMU_OBJ) $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
 	$(Q)$(CC) $(ALL_CFLAGS) -DKV_PARITY_EMU $< $(EMU_OBJ) $(LIBKV) $(LIBS) -lstdc++ -o $@
+# The kernel ops run again under the two most skewed thread orders (tests/cuda_emu/README.md): a
+# missing __syncthreads or __syncwarp changes their results there, not under the default round robin.
+EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,attention,attn_stats,attn_probs,attn_colstats
 test-cuda-emu: $(BUILD)/gpu_parity_emu
 	$(Q)$(BUILD)/gpu_parity_emu --emulated
+	$(Q)for s in lo hi; do KVEMU_SCHED=$$s $(BUILD)/gpu_parity_emu --emulated --only $(EMU_KERNEL_OPS) --max-work 1e7 \
+	    >$(BUILD)/emu-sched-$$s.txt 2>&1 || { cat $(BUILD)/emu-sched-$$s.txt; echo "test-cuda-emu: FAIL (schedule $$s)"; \
+	    exit 1; }; grep -E '^gpu_parity: ([0-9]+ cases|PASS)' $(BUILD)/emu-sched-$$s.txt | sed "s/^/schedule $$s: /"; done
 
 # Fuzzing (not part of make test): the library built by clang with AddressSanitizer and coverage in
 # build-fuzz/, one binary per tests/fuzz/fuzz_*.c, seeds from tests/fuzz/make_seeds.c, corpora kept in

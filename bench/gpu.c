@@ -6,7 +6,7 @@
  *    per second) and dense n^3 cuBLAS products in fp32 and bf16.
  * 2. Every backend op on Llama-3-8B shapes (model dim 4096, 32 query heads, 8 KV heads, head_dim
  *    128, FFN 14336, RoPE theta 500000) at --op-tokens tokens: the CUDA median of --reps timed calls
- *    (CUDA events on the backend's stream, after 2 warm-up calls) and one CPU call (wall clock), the
+ *    (CUDA events on the backend's stream, after --warmup (2) untimed calls) and one CPU call (wall clock), the
  *    speed-up, and
  *      - for memory-bound ops (rmsnorm, rope, swiglu, add, decode attention, decode matmul) the
  *        bandwidth: the fewest bytes the op must move (each input read once, each output written
@@ -48,7 +48,7 @@ enum { DIM = 4096, NH = 32, NKV = 8, HD = 128, FFN = 14336 };
 
 typedef struct {
     const char *tokens; /* replay prompt lengths */
-    int layers, decode, op_tokens, reps;
+    int layers, decode, op_tokens, reps, warmup;
     int no_cpu, cpu_only, ops, replay;
     const char *policies, *budgets, *out;
 } opts_t;
@@ -88,14 +88,15 @@ static int cmp_double(const void *a, const void *b)
 
 typedef int (*op_fn)(kv_backend_t *be, void *arg);
 
-/* Median milliseconds of fn on a CUDA backend (events), or one wall-clock call elsewhere. */
-static double time_ms(kv_backend_t *be, op_fn fn, void *arg, int reps, int *rc)
+/* Median milliseconds of fn on a CUDA backend (events, after `warmup` untimed calls), or one
+ * wall-clock call elsewhere. */
+static double time_ms(kv_backend_t *be, op_fn fn, void *arg, int warmup, int reps, int *rc)
 {
     if (!strcmp(be->name, "cuda")) {
         double t[256];
         if (reps > 256)
             reps = 256;
-        *rc = kv_cuda_time(be, fn, arg, 2, reps, t);
+        *rc = kv_cuda_time(be, fn, arg, warmup, reps, t);
         qsort(t, (size_t)reps, sizeof(double), cmp_double);
         return t[reps / 2];
     }
@@ -382,8 +383,8 @@ static void free_case(kv_backend_t *be, arg_t *a)
 
 static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const ceil_t *cl)
 {
-    printf("\nper op, Llama-3-8B shapes at %d tokens (CUDA: median of %d; CPU: one call%s)\n", o->op_tokens, o->reps,
-           o->no_cpu ? ", skipped" : "");
+    printf("\nper op, Llama-3-8B shapes at %d tokens (CUDA: median of %d after %d warm-up calls; CPU: one call%s)\n",
+           o->op_tokens, o->reps, o->warmup, o->no_cpu ? ", skipped" : "");
     printf("  %-14s %-52s %10s %10s %8s  %s\n", "op", "shape", "cuda ms", "cpu ms", "speed-up", "rate");
     for (int k = 0;; k++) {
         op_case_t oc = {0};
@@ -395,7 +396,7 @@ static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const
                 break;
             if (oc.mm_mode)
                 kv_cuda_set_matmul(gpu, oc.mm_mode);
-            tg = time_ms(gpu, oc.fn, &ag, o->reps, &rc);
+            tg = time_ms(gpu, oc.fn, &ag, o->warmup, o->reps, &rc);
             if (oc.mm_mode)
                 kv_cuda_set_matmul(gpu, "fp32");
             if (rc) {
@@ -412,7 +413,7 @@ static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const
                 free_case(cpu, &ac);
                 continue; /* reduced precision is a CUDA mode */
             }
-            tc = time_ms(cpu, oc.fn, &ac, 1, &rc);
+            tc = time_ms(cpu, oc.fn, &ac, 0, 1, &rc);
             if (rc) {
                 printf("  %-14s %-52s failed on the CPU: %s\n", oc.name, oc.shape, kv_last_error());
                 tc = NAN;
@@ -646,13 +647,14 @@ static void ceilings(kv_backend_t *gpu, ceil_t *cl)
 static void usage(void)
 {
     printf("usage: bench_gpu [--tokens 8192,32768] [--layers 2] [--decode 64] [--op-tokens 8192] [--reps 10]\n"
-           "                 [--policies all] [--budgets 256,512,1024,2048] [--ops-only | --replay-only]\n"
-           "                 [--no-cpu] [--cpu-only] [--out FILE.tsv]\n");
+           "                 [--warmup 2] [--policies all] [--budgets 256,512,1024,2048] [--ops-only | --replay-only]\n"
+           "                 [--no-cpu] [--cpu-only] [--out FILE.tsv]\n"
+           "--warmup 0 --reps 1 calls each CUDA op exactly once (one launch per kernel for a profiler).\n");
 }
 
 int main(int argc, char **argv)
 {
-    opts_t o = {"8192,32768", 2, 64, 8192, 10, 0, 0, 1, 1, "all", "256,512,1024,2048", NULL};
+    opts_t o = {"8192,32768", 2, 64, 8192, 10, 2, 0, 0, 1, 1, "all", "256,512,1024,2048", NULL};
     setvbuf(stdout, NULL, _IOLBF, 0); /* line by line even into a pipe or file: a crash keeps what ran */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -666,6 +668,8 @@ int main(int argc, char **argv)
             o.op_tokens = atoi(argv[++i]);
         else if (!strcmp(a, "--reps") && v)
             o.reps = atoi(argv[++i]);
+        else if (!strcmp(a, "--warmup") && v)
+            o.warmup = atoi(argv[++i]);
         else if (!strcmp(a, "--policies") && v)
             o.policies = argv[++i];
         else if (!strcmp(a, "--budgets") && v)
@@ -688,8 +692,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (o.layers < 1 || o.decode < 1 || o.op_tokens < 64 || o.reps < 1) {
-        fprintf(stderr, "bench_gpu: --layers, --decode >= 1, --op-tokens >= 64, --reps >= 1\n");
+    if (o.layers < 1 || o.decode < 1 || o.op_tokens < 64 || o.reps < 1 || o.warmup < 0) {
+        fprintf(stderr, "bench_gpu: --layers, --decode >= 1, --op-tokens >= 64, --reps >= 1, --warmup >= 0\n");
         return 2;
     }
     kv_log_set_level(KV_LOG_QUIET);

@@ -48,8 +48,9 @@ int kv_cuda_set_matmul(kv_backend_t *be, const char *mode);
 const char *kv_cuda_get_matmul(const kv_backend_t *be);
 
 /* Time `fn(be, arg)` with CUDA events on the backend's stream: `warmup` untimed calls, then `reps`
- * calls, each between two events; times_ms[reps] receives each call's milliseconds. Work that fn
- * queues on other streams is not timed. Returns fn's first error, if any. */
+ * calls, each between two events; times_ms[reps] receives each call's milliseconds (NAN for calls not
+ * timed because an earlier one failed). Work that fn queues on other streams is not timed. Returns
+ * fn's first error, if any. */
 int kv_cuda_time(kv_backend_t *be, int (*fn)(kv_backend_t *be, void *arg), void *arg, int warmup, int reps,
                  double *times_ms);
 

@@ -783,10 +783,29 @@ static void run_ops(ctx_t *c)
     }
     /* n_q, q_pos0, H, Hkv, d, pad */
     const att_shape_t att[] = {
-        {1, 0, 1, 1, 8, 0},     {5, 0, 2, 1, 8, 0},       {37, 0, 4, 4, 64, 0},     {100, 0, 8, 4, 64, 0},
-        {65, 30, 8, 2, 128, 0}, {33, 0, 8, 1, 16, 0},     {70, 3, 4, 2, 40, 0},     {47, 0, 4, 1, 256, 0},
-        {1, 700, 8, 1, 128, 0}, {1, 4095, 32, 8, 128, 0}, {3, 1000, 4, 2, 64, 0},   {50, 77, 8, 2, 64, 8},
-        {300, 0, 4, 2, 64, 0},  {1000, 0, 8, 2, 64, 0},   {1024, 0, 32, 8, 128, 0}, {2, 2047, 8, 8, 8, 4},
+        {1, 0, 1, 1, 8, 0},
+        {5, 0, 2, 1, 8, 0},
+        {37, 0, 4, 4, 64, 0},
+        {100, 0, 8, 4, 64, 0},
+        {65, 30, 8, 2, 128, 0},
+        {33, 0, 8, 1, 16, 0},
+        {70, 3, 4, 2, 40, 0},
+        {47, 0, 4, 1, 256, 0},
+        {1, 700, 8, 1, 128, 0},
+        {1, 4095, 32, 8, 128, 0},
+        {3, 1000, 4, 2, 64, 0},
+        {50, 77, 8, 2, 64, 8},
+        {300, 0, 4, 2, 64, 0},
+        {1000, 0, 8, 2, 64, 0},
+        {1024, 0, 32, 8, 128, 0},
+        {2, 2047, 8, 8, 8, 4},
+        /* head_dim 96 and 200 (zero-padded to 128 and 256, scalar loads), G = 4 with a query tile that
+         * straddles 32; one head decoding over 5001 keys (MAX_SPLIT = 64 splits of 2-3 tiles); two query
+         * tiles of 2 heads with 47 key splits each (tiles that see different numbers of keys) */
+        {33, 31, 12, 3, 96, 0},
+        {3, 5, 4, 2, 200, 0},
+        {1, 5000, 1, 1, 64, 0},
+        {40, 3000, 2, 2, 32, 0},
     };
     if (want(c, "attention"))
         for (size_t i = 0; i < KV_ARRAY_LEN(att); i++)
@@ -822,6 +841,11 @@ static void run_ops(ctx_t *c)
         {10, 0, 40, 2, 2, 64, 1, 10, 40},
         {33, 0, 33, 4, 2, 256, 1, 33, 33},
         {1, 3000, 3001, 8, 2, 64, 1, 3001, 3001},
+        /* non-causal with one key, and with fewer keys than queries; causal with q_pos0 past n_k (every
+         * query sees all keys); head_dim 96 */
+        {1, 0, 1, 2, 1, 96, 0, 1, 1},
+        {5, 0, 2, 4, 4, 32, 0, 5, 2},
+        {5, 10, 8, 2, 1, 64, 1, 15, 8},
     };
     if (want(c, "attn_probs"))
         for (size_t i = 0; i < KV_ARRAY_LEN(qk); i++)

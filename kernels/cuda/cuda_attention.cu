@@ -32,6 +32,11 @@
  *                     (attn_colstats with (m, 1/l); attn_stats's accumulated attention with (lse, 1)).
  *                     Each block owns 32 keys and loops over the queries that can see them, so every
  *                     column is reduced by one warp in a fixed order: no float atomics.
+ * The scaled score s_ij = dot * scale is rounded to float before anything is subtracted from it
+ * (__fmul_rn, PTX mul.rn.f32): a plain `dot * scale - m` becomes PTX mul.f32 + sub.f32 without rounding
+ * modifiers, which ptxas may contract into one fused multiply-add, kernel by kernel as it sees fit; then
+ * the row maximum found by k_fwd would not give exactly expf(0) = 1 in k_probs, and the device would
+ * round differently from the CPU reference and from the host emulator.
  * Passes: attention 1 (+ merge), attn_probs 2 (statistics, then probabilities), attn_colstats 2
  * (statistics, then columns), attn_stats 2 (rows, then columns). The CPU computes the same sums in
  * other orders (BLAS dot products, double softmax sums): tests/gpu_parity.c states the tolerances.
@@ -219,7 +224,7 @@ template <int D, bool WITH_V> __global__ void __launch_bounds__(NT) k_fwd(QK p, 
         const int j = j0 + lane;
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
-            const float sv = j < vr[r] ? s[r] * p.scale : -INFINITY;
+            const float sv = j < vr[r] ? __fmul_rn(s[r], p.scale) : -INFINITY;
             const float mn = fmaxf(m[r], warp_max(sv));
             const float alpha = m[r] == -INFINITY ? 0.f : expf(m[r] - mn); /* nothing summed yet: 0 */
             const float pr = sv == -INFINITY ? 0.f : expf(sv - mn);
@@ -374,7 +379,8 @@ __global__ void __launch_bounds__(NT)
         for (int r = 0; r < RPW; r++) {
             const int i = i0 + warp * RPW + r;
             if (i < p.n_q)
-                probs[((size_t)h * p.n_q + i) * p.n_k + j] = j < vr[r] ? expf(s[r] * p.scale - mi[r]) * inv[r] : 0.f;
+                probs[((size_t)h * p.n_q + i) * p.n_k + j] =
+                    j < vr[r] ? expf(__fmul_rn(s[r], p.scale) - mi[r]) * inv[r] : 0.f;
         }
     }
 }
@@ -448,7 +454,7 @@ __global__ void __launch_bounds__(NT)
             const bool ok = j < vr[r];
             float pr = 0.f;
             if (ok) {
-                const float lp = s[r] * p.scale - li[r];
+                const float lp = __fmul_rn(s[r], p.scale) - li[r];
                 pr = expf(lp);
                 if (pr > 0.f)
                     ent[r] -= pr * lp;
@@ -531,7 +537,7 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
             const int j = j0 + warp * RPW + r;
-            const float pr = j < vi ? expf(s[r] * p.scale - mi) * inv : 0.f;
+            const float pr = j < vi ? expf(__fmul_rn(s[r], p.scale) - mi) * inv : 0.f;
             cs[r] += pr;
             cq[r] += pr * pr;
             cm[r] = fmaxf(cm[r], pr);
@@ -866,6 +872,9 @@ int kv_cuda_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs, fl
         return rc;
     if (a->n_q == 0 || a->n_k == 0)
         return KV_OK;
+    if ((a->n_k + PROBS_CHUNK * BL - 1) / (PROBS_CHUNK * BL) > 65535) /* the chunks of keys are grid.z */
+        return kv_error(KV_EINVAL, "attn_probs: %d keys are above the CUDA backend's limit of %d", a->n_k,
+                        65535 * PROBS_CHUNK * BL);
     switch (pick_d(a->head_dim)) {
     case 32: return run_attn_probs<32>(be, a, probs, lse);
     case 64: return run_attn_probs<64>(be, a, probs, lse);

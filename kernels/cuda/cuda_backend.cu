@@ -66,14 +66,19 @@ void *kv_cuda_scratch(kv_backend_t *be, size_t bytes)
     cuda_ctx_t *c = kv_cuda_ctx(be);
     if (bytes <= c->scratch_bytes)
         return c->scratch;
-    /* the old buffer may still be read by queued work: wait for it before freeing */
-    cudaStreamSynchronize(c->stream);
+    /* the old buffer may still be read by queued work: wait for it before freeing. A failed wait is an
+     * earlier kernel's fault (sticky): report that, not an allocation failure, and keep the buffer */
+    cudaError_t e = cudaStreamSynchronize(c->stream);
+    if (e != cudaSuccess) {
+        kv_error(KV_EIO, "cuda scratch: an earlier operation failed: %s", cudaGetErrorString(e));
+        return NULL;
+    }
     if (c->scratch)
         cudaFree(c->scratch);
     c->scratch = NULL;
     c->scratch_bytes = 0;
     size_t want = bytes + bytes / 4; /* some headroom: shapes grow a little from call to call */
-    cudaError_t e = cudaMalloc(&c->scratch, want);
+    e = cudaMalloc(&c->scratch, want);
     if (e != cudaSuccess) {
         c->scratch = NULL;
         cudaGetLastError();
@@ -277,16 +282,22 @@ extern "C" int kv_backend_cuda_open(kv_backend_t **out)
         e = cudaSetDevice(0);
     if (e == cudaSuccess)
         e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
-    if (e != cudaSuccess || cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
-        snprintf(g_reason, sizeof g_reason, "device setup failed: %s",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "cublasCreate failed");
+    cublasStatus_t bs = CUBLAS_STATUS_NOT_INITIALIZED;
+    if (e == cudaSuccess && (bs = cublasCreate(&c->blas)) == CUBLAS_STATUS_SUCCESS &&
+        (bs = cublasSetStream(c->blas, c->stream)) != CUBLAS_STATUS_SUCCESS)
+        cublasDestroy(c->blas);
+    if (e != cudaSuccess || bs != CUBLAS_STATUS_SUCCESS) {
+        /* the stream (and handle) made so far are released: a failed open leaks nothing */
+        snprintf(g_reason, sizeof g_reason, "device setup failed: %s%s",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "cuBLAS handle: ", e != cudaSuccess ? "" : blas_status(bs));
+        if (c->stream)
+            cudaStreamDestroy(c->stream);
         cudaGetLastError();
         g_ok = 0;
         kv_free(be);
         kv_free(c);
         return kv_error(KV_EUNAVAIL, "%s", g_reason);
     }
-    cublasSetStream(c->blas, c->stream);
     c->device = 0;
     c->sm_count = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
     c->mm_mode = mode;
@@ -386,14 +397,20 @@ extern "C" int kv_cuda_time(kv_backend_t *be, int (*fn)(kv_backend_t *, void *),
         cudaEventDestroy(e0);
         return kv_error(KV_EIO, "cuda event create failed");
     }
+    for (int i = 0; i < reps; i++)
+        times_ms[i] = NAN; /* what a failed call leaves: never a stale or uninitialised time */
     for (int i = 0; i < warmup && rc == KV_OK; i++)
         rc = fn(be, arg);
     for (int i = 0; i < reps && rc == KV_OK; i++) {
         float ms = 0;
-        cudaEventRecord(e0, c->stream);
-        rc = fn(be, arg);
-        cudaEventRecord(e1, c->stream);
-        cudaError_t e = cudaEventSynchronize(e1);
+        cudaError_t e = cudaEventRecord(e0, c->stream);
+        if (e == cudaSuccess) {
+            if ((rc = fn(be, arg)) != KV_OK)
+                break;
+            e = cudaEventRecord(e1, c->stream);
+        }
+        if (e == cudaSuccess)
+            e = cudaEventSynchronize(e1);
         if (e == cudaSuccess)
             e = cudaEventElapsedTime(&ms, e0, e1);
         if (rc == KV_OK && e != cudaSuccess)

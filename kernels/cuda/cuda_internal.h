@@ -32,7 +32,7 @@ typedef void *cublasHandle_t;
 #define kv_cuda_attn_colstats kv_cuda_emu_attn_colstats
 #define kv_cuda_scratch kv_cuda_emu_scratch
 #define kv_cuda_check_launch kv_cuda_emu_check_launch
-#define KV_LAUNCH(grid, block, smem, stream, ...) kvemu::launch(grid, block, smem, __VA_ARGS__)
+#define KV_LAUNCH(grid, block, smem, stream, ...) kvemu::launch(grid, block, smem, __VA_ARGS__, #__VA_ARGS__)
 #define KV_DYN_SMEM(type, name) type *name = reinterpret_cast<type *>(kvemu::dyn_smem())
 #else
 #include <cublas_v2.h>

@@ -114,8 +114,8 @@ extern "C" int kv_backend_cuda_emu_open(kv_backend_t **out)
     be->n_threads = 1;
     be->ctx = e;
     be->host_memory = 0;
-    snprintf(be->device, sizeof be->device, "CUDA kernels emulated on the CPU (fibers, %s context switch)",
-             KVEMU_FAST_SWITCH ? "x86-64" : "ucontext");
+    snprintf(be->device, sizeof be->device, "CUDA kernels emulated on the CPU (fibers, %s context switch, schedule %s)",
+             KVEMU_FAST_SWITCH ? "x86-64" : "ucontext", kvemu::schedule_name());
     *out = be;
     return KV_OK;
 }
