@@ -21,13 +21,14 @@ extern "C" {
 
 /* Where the time went (filled when kv_replay_opts_t.stats is set). */
 typedef struct {
-    double t_total;    /* seconds in kv_replay */
-    double t_read;     /* reading and decompressing layers */
-    double t_attn;     /* attention statistics through the backend (probabilities, column sums) */
-    double attn_flop;  /* multiply-adds x 2 of those statistics' Q.K^T products */
-    double t_policies; /* policy preparation (scoring, sorting) */
-    double t_eval;     /* building caches and measuring them, all (policy, budget) pairs */
-    long layers_read;  /* layer reads, pre-pass included */
+    double t_total;     /* seconds in kv_replay */
+    double t_read;      /* reading and decompressing layers (in the reader thread with prefetch) */
+    double t_read_wait; /* of which the engine waited for (all of t_read without prefetch) */
+    double t_attn;      /* attention statistics through the backend (probabilities, column sums) */
+    double attn_flop;   /* multiply-adds x 2 of those statistics' Q.K^T products */
+    double t_policies;  /* policy preparation (scoring, sorting) */
+    double t_eval;      /* building caches and measuring them, all (policy, budget) pairs */
+    long layers_read;   /* layer reads, pre-pass included */
 } kv_replay_stats_t;
 
 typedef struct {
@@ -36,6 +37,8 @@ typedef struct {
     uint64_t seed;            /* seed of randomised policies */
     int head_rows;            /* 1: emit per-head rows too (default) */
     int quiet;                /* no progress output */
+    int prefetch;             /* 1: a reader thread reads layer l+1 while layer l is computed (one more
+                                 layer of Q/K/V, and W_O, in memory); kv_replay_defaults sets it */
 } kv_replay_opts_t;
 
 void kv_replay_defaults(kv_replay_opts_t *o);

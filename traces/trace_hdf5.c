@@ -1439,7 +1439,7 @@ static int fetch_chunk(h5_impl_t *hi, kv_trace_t *t, hid_t d, const char *name, 
 }
 
 /* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). */
-#define READ_BATCH_BYTES (1u << 20)
+#define READ_BATCH_BYTES (8u << 20)
 
 /* Chunks are fetched a batch at a time by the calling thread (the only one that calls HDF5) and
  * decoded by OpenMP tasks while it fetches the next batch; each task writes only its chunk's part of
