@@ -424,6 +424,10 @@ START_TEST(cli_errors_leave_no_results)
     ck_assert_int_eq(sh("%s replay -q %s full,oracle 8 -o %s", trace, out), 0);
     ck_assert(access(out, F_OK) == 0);
     unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch off %s full,oracle 8 -o %s", trace, out), 0);
+    ck_assert(access(out, F_OK) == 0);
+    unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch maybe %s full 8 -o %s 2>/dev/null", trace, out), 2);
     /* unknown policy, unknown parameter, bad budget, no decode queries, missing segments, bad trace */
     ck_assert_int_ne(sh("%s replay -q %s nosuch 8 -o %s 2>/dev/null", trace, out), 0);
     ck_assert_int_ne(sh("%s replay -q %s 'oracle(x=1)' 8 -o %s 2>/dev/null", trace, out), 0);

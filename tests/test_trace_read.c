@@ -356,6 +356,7 @@ START_TEST(what_the_writer_does_not_make_goes_through_hdf5)
     for (size_t i = 0; i < (size_t)2 * T_TOK * 16; i++)
         ck_assert(x[i] == 0.0f);
     kv_trace_close(t);
+    kv_free(x);
     kv_free(lse);
     count_decodes(0);
     check_all(path, -1, 0);

@@ -46,6 +46,10 @@ static void replay_help(void)
            "      --no-head-rows   only layer and overall rows (default: also one row per query head)\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
            "      --threads N      CPU threads (default: all cores; results do not depend on it)\n"
+           "      --prefetch WHEN  on: a background thread reads and decompresses the next layer while\n"
+           "                       this one is computed, holding two layers of Q/K/V (and W_O) in memory\n"
+           "                       instead of one; off: read each layer when it is needed (default on;\n"
+           "                       results do not depend on it)\n"
            "  -q, --quiet          no progress on stderr\n"
            "  -h, --help           this help\n"
            "\n"
@@ -127,6 +131,7 @@ int kv_cmd_replay(int argc, char **argv)
         {"no-head-rows", no_argument, 0, 'n'},
         {"backend", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 't'},
+        {"prefetch", required_argument, 0, 'p'},
         {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -159,6 +164,14 @@ int kv_cmd_replay(int argc, char **argv)
         case 't':
             if (kv_cli_int("replay", "--threads", optarg, 1, 1024, &threads))
                 return 2;
+            break;
+        case 'p':
+            if (!strcmp(optarg, "on"))
+                ro.prefetch = 1;
+            else if (!strcmp(optarg, "off"))
+                ro.prefetch = 0;
+            else
+                return kv_cli_usage_error("replay", "--prefetch takes on or off, not '%s'", optarg);
             break;
         case 'q':
             ro.quiet = 1;
