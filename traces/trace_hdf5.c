@@ -1438,7 +1438,11 @@ static int fetch_chunk(h5_impl_t *hi, kv_trace_t *t, hid_t d, const char *name, 
     return KV_OK;
 }
 
-/* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). */
+/* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). Larger
+ * than the writer's: each batch ends in a taskwait, which costs most when other processes share the
+ * cores (on a loaded 2-core machine, 1 MiB batches read a 2K Llama-shape trace slower than 8 MiB
+ * ones in each of three interleaved runs: 89-116 against 39-95 ms a layer). Memory: the stored chunks of two batches,
+ * 16 of kvsim's 1 MiB chunks for up to 8 threads, two per thread beyond. */
 #define READ_BATCH_BYTES (8u << 20)
 
 /* Chunks are fetched a batch at a time by the calling thread (the only one that calls HDF5) and
