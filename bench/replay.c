@@ -9,8 +9,9 @@
  *
  *   build/bench_replay [--prompts 2048,8192] [--layers 32] [--budgets 128,256,512,1024]
  *                      [--policies all] [--dir build/bench] [--prefetch 0|1]
- * --prefetch picks the replay's layer prefetch (default: kv_replay_defaults'); with it the read time
- * is the reader thread's and the line also says how long the engine waited for layers.
+ * --prefetch 1 turns the replay's layer prefetch on (default: kv_replay_defaults', off on the CPU
+ * backend); with it the read time is the reader thread's and the line also says how long the engine
+ * waited for layers.
  * Traces are generated once into --dir and reused when their generator label matches.
  */
 #include "sim/replay.h"
@@ -96,7 +97,7 @@ static int run_size(int prompt, int layers, const char *budgets, const char *pol
     printf("  wall            %8.1f s\n", st.t_total);
     printf("    read+decompress %6.1f s  (%ld layer reads, %s stored", st.t_read, st.layers_read,
            kv_fmt_bytes((double)stored, a, sizeof a));
-    if (o.prefetch)
+    if (st.prefetched)
         printf("; prefetched by a reader thread, the engine waited %.1f s", st.t_read_wait);
     printf(")\n");
     printf("    attention stats %6.1f s  %.1f GFLOP -> %.1f GFLOP/s\n", st.t_attn, st.attn_flop / 1e9,
@@ -107,7 +108,7 @@ static int run_size(int prompt, int layers, const char *budgets, const char *pol
     printf("  peak RSS        %s (before replay %s); one layer of Q/K/V as f32 %s%s, evaluation attention %s, "
            "whole trace as f32 %s\n",
            kv_fmt_bytes((double)kv_peak_rss(), b, sizeof b), kv_fmt_bytes((double)rss0, c, sizeof c),
-           kv_fmt_bytes(layer_f32, d, sizeof d), o.prefetch ? " (held twice: prefetch)" : "",
+           kv_fmt_bytes(layer_f32, d, sizeof d), st.prefetched ? " (held twice: prefetch)" : "",
            kv_fmt_bytes(p_eval, e, sizeof e), kv_fmt_bytes(trace_f32, a, sizeof a));
     printf("  mean recall by policy and budget:\n  %-28s", "policy");
     for (int j = 0; j < n_bud; j++)

@@ -33,7 +33,7 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 {
     memset(o, 0, sizeof *o);
     o->head_rows = 1;
-    o->prefetch = 1;
+    o->prefetch = KV_PREFETCH_AUTO;
 }
 
 #define KV_MAX_GROUP 256 /* query heads per KV head */
@@ -825,7 +825,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
     /* the layers in the order they are used: the pre-pass, then the replay */
-    if ((rc = stream_open(&stream, t, L * (cross ? 2 : 1), o.prefetch)))
+    const int prefetch = o.prefetch == KV_PREFETCH_AUTO ? !be->host_memory : o.prefetch != 0;
+    if (o.stats)
+        o.stats->prefetched = prefetch;
+    if ((rc = stream_open(&stream, t, L * (cross ? 2 : 1), prefetch)))
         goto done;
     int seq = 0;
     kv_progress_t prog;

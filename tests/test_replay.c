@@ -427,6 +427,9 @@ START_TEST(cli_errors_leave_no_results)
     ck_assert_int_eq(sh("%s replay -q --prefetch off %s full,oracle 8 -o %s", trace, out), 0);
     ck_assert(access(out, F_OK) == 0);
     unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch on %s full,oracle 8 -o %s", trace, out), 0);
+    ck_assert(access(out, F_OK) == 0);
+    unlink(out);
     ck_assert_int_eq(sh("%s replay -q --prefetch maybe %s full 8 -o %s 2>/dev/null", trace, out), 2);
     /* unknown policy, unknown parameter, bad budget, no decode queries, missing segments, bad trace */
     ck_assert_int_ne(sh("%s replay -q %s nosuch 8 -o %s 2>/dev/null", trace, out), 0);
@@ -476,6 +479,7 @@ static int replay_file(const char *path, const char *pols, int prefetch, const c
         const int cross = strstr(pols, "kvcompress") != NULL;
         ck_assert_int_eq(st.layers_read, (long)kv_trace_meta(t)->n_layers * (cross ? 2 : 1));
         ck_assert(st.t_read_wait <= st.t_read + 1e-3 || prefetch);
+        ck_assert_int_eq(st.prefetched, prefetch);
         if (out) {
             kv_results_add_prov(r, "trace", path);
             ck_assert_int_eq(kv_results_write_tsv(r, out), KV_OK);

@@ -48,8 +48,9 @@ static void replay_help(void)
            "      --threads N      CPU threads (default: all cores; results do not depend on it)\n"
            "      --prefetch WHEN  on: a background thread reads and decompresses the next layer while\n"
            "                       this one is computed, holding two layers of Q/K/V (and W_O) in memory\n"
-           "                       instead of one; off: read each layer when it is needed (default on;\n"
-           "                       results do not depend on it)\n"
+           "                       instead of one; off: read each layer when it is needed; auto: on with\n"
+           "                       a GPU backend, off on the CPU, whose compute already uses every core\n"
+           "                       (default auto; results do not depend on it)\n"
            "  -q, --quiet          no progress on stderr\n"
            "  -h, --help           this help\n"
            "\n"
@@ -170,8 +171,10 @@ int kv_cmd_replay(int argc, char **argv)
                 ro.prefetch = 1;
             else if (!strcmp(optarg, "off"))
                 ro.prefetch = 0;
+            else if (!strcmp(optarg, "auto"))
+                ro.prefetch = KV_PREFETCH_AUTO;
             else
-                return kv_cli_usage_error("replay", "--prefetch takes on or off, not '%s'", optarg);
+                return kv_cli_usage_error("replay", "--prefetch takes on, off or auto, not '%s'", optarg);
             break;
         case 'q':
             ro.quiet = 1;
