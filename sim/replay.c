@@ -824,10 +824,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
-    /* the layers in the order they are used: the pre-pass, then the replay */
     const int prefetch = o.prefetch == KV_PREFETCH_AUTO ? !be->host_memory : o.prefetch != 0;
     if (o.stats)
         o.stats->prefetched = prefetch;
+    /* the layers in the order they are used: the pre-pass, then the replay */
     if ((rc = stream_open(&stream, t, L * (cross ? 2 : 1), prefetch)))
         goto done;
     int seq = 0;
