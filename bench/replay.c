@@ -8,7 +8,10 @@
  * Figures are printed, never asserted.
  *
  *   build/bench_replay [--prompts 2048,8192] [--layers 32] [--budgets 128,256,512,1024]
- *                      [--policies all] [--dir build/bench]
+ *                      [--policies all] [--dir build/bench] [--prefetch 0|1]
+ * --prefetch 1 turns the replay's layer prefetch on (default: kv_replay_defaults', off on the CPU
+ * backend); with it the read time is the reader thread's and the line also says how long the engine
+ * waited for layers.
  * Traces are generated once into --dir and reused when their generator label matches.
  */
 #include "sim/replay.h"
@@ -45,7 +48,7 @@ static int ensure_trace(const kv_synth_params_t *p, const char *path)
     return rc;
 }
 
-static int run_size(int prompt, int layers, const char *budgets, const char *policies, const char *dir)
+static int run_size(int prompt, int layers, const char *budgets, const char *policies, const char *dir, int prefetch)
 {
     kv_synth_params_t p;
     kv_synth_defaults(&p);
@@ -81,6 +84,8 @@ static int run_size(int prompt, int layers, const char *budgets, const char *pol
     kv_replay_defaults(&o);
     o.stats = &st;
     o.quiet = 1;
+    if (prefetch >= 0)
+        o.prefetch = prefetch;
     size_t rss0 = kv_peak_rss();
     if ((rc = kv_replay(t, pols, n_pol, bud, n_bud, be, &o, &res)))
         goto done;
@@ -90,18 +95,21 @@ static int run_size(int prompt, int layers, const char *budgets, const char *pol
     char a[32], b[32], c[32], d[32], e[32];
     printf("  %d policies x %d budgets (%s) on %s\n", n_pol, n_bud, budgets, be->device);
     printf("  wall            %8.1f s\n", st.t_total);
-    printf("    read+decompress %6.1f s  (%ld layer reads, %s stored)\n", st.t_read, st.layers_read,
+    printf("    read+decompress %6.1f s  (%ld layer reads, %s stored", st.t_read, st.layers_read,
            kv_fmt_bytes((double)stored, a, sizeof a));
+    if (st.prefetched)
+        printf("; prefetched by a reader thread, the engine waited %.1f s", st.t_read_wait);
+    printf(")\n");
     printf("    attention stats %6.1f s  %.1f GFLOP -> %.1f GFLOP/s\n", st.t_attn, st.attn_flop / 1e9,
            st.t_attn > 0 ? st.attn_flop / st.t_attn / 1e9 : 0.0);
     printf("    policy scoring  %6.1f s\n", st.t_policies);
     printf("    caches+metrics  %6.1f s  (%d (policy, budget) pairs x %d layers)\n", st.t_eval, n_pol * n_bud,
            m->n_layers);
-    printf("  peak RSS        %s (before replay %s); one layer of Q/K/V as f32 %s, evaluation attention %s, "
+    printf("  peak RSS        %s (before replay %s); one layer of Q/K/V as f32 %s%s, evaluation attention %s, "
            "whole trace as f32 %s\n",
            kv_fmt_bytes((double)kv_peak_rss(), b, sizeof b), kv_fmt_bytes((double)rss0, c, sizeof c),
-           kv_fmt_bytes(layer_f32, d, sizeof d), kv_fmt_bytes(p_eval, e, sizeof e),
-           kv_fmt_bytes(trace_f32, a, sizeof a));
+           kv_fmt_bytes(layer_f32, d, sizeof d), st.prefetched ? " (held twice: prefetch)" : "",
+           kv_fmt_bytes(p_eval, e, sizeof e), kv_fmt_bytes(trace_f32, a, sizeof a));
     printf("  mean recall by policy and budget:\n  %-28s", "policy");
     for (int j = 0; j < n_bud; j++)
         printf(" %8s", bud[j].text);
@@ -130,7 +138,7 @@ done:
 int main(int argc, char **argv)
 {
     const char *prompts = "2048,8192", *budgets = "128,256,512,1024", *policies = "all", *dir = "build/bench";
-    int layers = 32;
+    int layers = 32, prefetch = -1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--prompts"))
             prompts = argv[i + 1];
@@ -142,10 +150,12 @@ int main(int argc, char **argv)
             policies = argv[i + 1];
         else if (!strcmp(argv[i], "--dir"))
             dir = argv[i + 1];
+        else if (!strcmp(argv[i], "--prefetch"))
+            prefetch = atoi(argv[i + 1]);
         else {
             fprintf(stderr,
                     "usage: %s [--prompts 2048,8192] [--layers 32] [--budgets LIST] [--policies LIST] "
-                    "[--dir DIR]\n",
+                    "[--dir DIR] [--prefetch 0|1]\n",
                     argv[0]);
             return 2;
         }
@@ -159,7 +169,7 @@ int main(int argc, char **argv)
         fflush(stdout);
         pid_t pid = fork();
         if (pid == 0) {
-            int rc = run_size(atoi(tok), layers, budgets, policies, dir);
+            int rc = run_size(atoi(tok), layers, budgets, policies, dir, prefetch);
             fflush(stdout);
             _exit(rc ? 1 : 0);
         }

@@ -23,6 +23,8 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +33,7 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 {
     memset(o, 0, sizeof *o);
     o->head_rows = 1;
+    o->prefetch = KV_PREFETCH_AUTO;
 }
 
 #define KV_MAX_GROUP 256 /* query heads per KV head */
@@ -533,23 +536,195 @@ done:
     return rc;
 }
 
-/* ---------------------------------------------------------------- the engine */
+/* ---------------------------------------------------------------- layer streaming
+ *
+ * The engine reads the layers in a fixed sequence (0..L-1, twice with a cross-layer pre-pass). With
+ * prefetch, one reader thread walks that sequence ahead of the engine: it reads and decompresses
+ * layer i+1 into the second of two layer buffers while the engine computes on layer i, and waits
+ * while both buffers are in use. The reader owns every HDF5 call while it runs (libhdf5 here is the
+ * serial build: one thread at a time), the engine only takes filled buffers and gives them back.
+ * A reader failure is kept with its message and handed to the engine at the layer that failed; an
+ * engine failure (or the end) stops the reader and joins it before anything is freed. Without
+ * prefetch the same calls read each layer on the engine's thread into the first buffer, so the
+ * computation, and the results, are the same either way. */
 
-/* Read layer l's Q, K, V and, when wo is given, its W_O; count the time in st (may be NULL). */
-static int read_layer(kv_trace_t *t, int l, kv_layer_t *lay, float *wo, kv_replay_stats_t *st)
+typedef struct {
+    kv_layer_t lay;
+    float *wo; /* W_O of the layer, when the trace has it */
+} layer_buf_t;
+
+typedef struct {
+    kv_trace_t *t;
+    int n_layers, n_seq; /* layer i of the sequence is i % n_layers */
+    int async;           /* a reader thread (prefetch) */
+    int omp_threads;     /* the engine's OpenMP thread count, for the reader's decoding */
+    layer_buf_t buf[2];
+    pthread_t th;
+    int started;
+    pthread_mutex_t mu; /* guards what follows */
+    pthread_cond_t cv;
+    int produced;   /* layers of the sequence read so far */
+    int consumed;   /* layers the engine gave back */
+    int stop;       /* the engine asks the reader to stop */
+    int rc;         /* the reader's failure (at layer `produced` of the sequence) */
+    char msg[1024]; /* its message (kv_error's messages are per thread) */
+    double t_read;  /* seconds the reader spent reading */
+    double t_wait;  /* seconds the engine waited for layers */
+    long layers_read;
+} stream_t;
+
+/* The one place replay allocates the host buffers a layer is read into (twice with prefetch). A GPU
+ * backend uploads Q and K from them every layer; page-locked (pinned) memory would make those copies
+ * faster and asynchronous. kv_backend_ops_t has no host-allocation op yet (its alloc/free are device
+ * memory): when one exists (cudaHostAlloc behind it), allocate with it here and free with its
+ * counterpart in layer_buf_free. The capacities are set so kv_trace_read_layer never reallocates. */
+static int layer_buf_alloc(layer_buf_t *b, const kv_trace_meta_t *m)
 {
-    double t0 = kv_now();
-    int rc = kv_trace_read_layer(t, l, lay);
-    if (rc == KV_OK && wo)
-        rc = kv_trace_read(t, l, KV_T_WO, wo);
-    if (st) {
-        st->t_read += kv_now() - t0;
-        st->layers_read++;
-    }
+    const size_t nq = kv_tensor_numel(m, KV_T_Q), nkv = kv_tensor_numel(m, KV_T_K);
+    memset(b, 0, sizeof *b);
+    b->lay.q = kv_malloc_aligned(nq * sizeof(float), "trace layer buffer");
+    b->lay.k = kv_malloc_aligned(nkv * sizeof(float), "trace layer buffer");
+    b->lay.v = kv_malloc_aligned(nkv * sizeof(float), "trace layer buffer");
+    b->lay.cap_q = nq;
+    b->lay.cap_kv = nkv;
+    if (m->has_wo)
+        b->wo = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_WO), "W_O");
+    if (!b->lay.q || !b->lay.k || !b->lay.v || (m->has_wo && !b->wo))
+        return KV_ENOMEM;
+    return KV_OK;
+}
+
+static void layer_buf_free(layer_buf_t *b)
+{
+    kv_layer_free(&b->lay);
+    kv_free(b->wo);
+    b->wo = NULL;
+}
+
+/* Read layer l's Q, K, V and, when the buffer has room for it, its W_O. */
+static int read_layer(kv_trace_t *t, int l, layer_buf_t *b)
+{
+    int rc = kv_trace_read_layer(t, l, &b->lay);
+    if (rc == KV_OK && b->wo)
+        rc = kv_trace_read(t, l, KV_T_WO, b->wo);
     return rc;
 }
 
-static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, kv_layer_t *L, const float *wo,
+static void *stream_reader(void *arg)
+{
+    stream_t *s = arg;
+    omp_set_num_threads(s->omp_threads); /* a new thread starts from the default */
+    for (int i = 0; i < s->n_seq; i++) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->stop && i - s->consumed >= 2)
+            pthread_cond_wait(&s->cv, &s->mu);
+        const int stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop)
+            break;
+        double t0 = kv_now();
+        int rc = read_layer(s->t, i % s->n_layers, &s->buf[i % 2]);
+        pthread_mutex_lock(&s->mu);
+        s->t_read += kv_now() - t0;
+        s->layers_read++;
+        if (rc) {
+            s->rc = rc;
+            snprintf(s->msg, sizeof s->msg, "%s", kv_last_error());
+        } else {
+            s->produced = i + 1;
+        }
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        if (rc)
+            break;
+    }
+    return NULL;
+}
+
+static int stream_open(stream_t *s, kv_trace_t *t, int n_seq, int async)
+{
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    memset(s, 0, sizeof *s);
+    s->t = t;
+    s->n_layers = m->n_layers;
+    s->n_seq = n_seq;
+    s->async = async;
+    s->omp_threads = omp_get_max_threads();
+    int rc = layer_buf_alloc(&s->buf[0], m);
+    if (rc == KV_OK && async)
+        rc = layer_buf_alloc(&s->buf[1], m);
+    if (rc || !async)
+        return rc;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    int e = pthread_create(&s->th, NULL, stream_reader, s);
+    if (e) {
+        pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->mu);
+        return kv_error(KV_EUNAVAIL, "cannot start the layer reader thread: %s", strerror(e));
+    }
+    s->started = 1;
+    return KV_OK;
+}
+
+/* Layer i of the sequence: *b gets its buffer, which stays the engine's until stream_done(s, i). */
+static int stream_get(stream_t *s, int i, layer_buf_t **b)
+{
+    double t0 = kv_now();
+    int rc = KV_OK;
+    if (!s->async) {
+        rc = read_layer(s->t, i % s->n_layers, &s->buf[0]);
+        s->t_read += kv_now() - t0;
+        s->layers_read++;
+        *b = &s->buf[0];
+    } else {
+        pthread_mutex_lock(&s->mu);
+        while (s->produced <= i && s->rc == KV_OK)
+            pthread_cond_wait(&s->cv, &s->mu);
+        if (s->produced <= i)
+            rc = kv_error(s->rc, "%s", s->msg);
+        pthread_mutex_unlock(&s->mu);
+        *b = &s->buf[i % 2];
+    }
+    s->t_wait += kv_now() - t0;
+    return rc;
+}
+
+static void stream_done(stream_t *s, int i)
+{
+    if (!s->async)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->consumed = i + 1;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Stop and join the reader (it finishes the layer it is reading), add the times to st, free. */
+static void stream_close(stream_t *s, kv_replay_stats_t *st)
+{
+    if (s->started) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = 1;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->th, NULL);
+        pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->mu);
+        s->started = 0;
+    }
+    if (st) {
+        st->t_read += s->t_read;
+        st->t_read_wait += s->t_wait;
+        st->layers_read += s->layers_read;
+    }
+    layer_buf_free(&s->buf[0]);
+    layer_buf_free(&s->buf[1]);
+}
+
+/* ---------------------------------------------------------------- the engine */
+
+static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, const layer_buf_t *b,
                      kv_backend_t *be, engine_t *eng, uint64_t seed)
 {
     memset(c, 0, sizeof *c);
@@ -563,10 +738,10 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->T = m->n_tokens;
     c->n_ctx = n_ctx;
     c->n_eval = m->n_tokens - n_ctx;
-    c->q = L->q;
-    c->k = L->k;
-    c->v = L->v;
-    c->wo = wo;
+    c->q = b->lay.q;
+    c->k = b->lay.k;
+    c->v = b->lay.v;
+    c->wo = b->wo;
     c->be = be;
     c->seed = seed;
     c->engine = eng;
@@ -607,8 +782,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     cfg_t *cfg = kv_calloc((size_t)n_cfg, sizeof *cfg, "replay configurations");
     kv_budget_t *bud = kv_malloc(sizeof *bud * (size_t)n_budgets, "budgets");
     kv_results_t *res = NULL;
-    kv_layer_t lay = {0};
-    float *wo = NULL;
+    stream_t stream = {0};
+    layer_buf_t *lb = NULL;
     engine_t eng = {.be = be, .st = o.stats};
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
@@ -641,10 +816,6 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             if ((rc = cfg_alloc(g, L, H, m->n_kv_heads, E)))
                 goto done;
         }
-    if (m->has_wo && !(wo = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_WO), "W_O"))) {
-        rc = KV_ENOMEM;
-        goto done;
-    }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     if (!p_eval) {
         rc = KV_ENOMEM;
@@ -653,20 +824,29 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
+    const int prefetch = o.prefetch == KV_PREFETCH_AUTO ? !be->host_memory : o.prefetch != 0;
+    if (o.stats)
+        o.stats->prefetched = prefetch;
+    /* the layers in the order they are used: the pre-pass, then the replay */
+    if ((rc = stream_open(&stream, t, L * (cross ? 2 : 1), prefetch)))
+        goto done;
+    int seq = 0;
     kv_progress_t prog;
     kv_progress_begin(&prog, "replay", (long)L * (cross ? 2 : 1));
     long step = 0;
     kv_layer_ctx_t c;
     char detail[128];
     if (cross) {
-        for (int l = 0; l < L && rc == KV_OK; l++) {
-            if ((rc = read_layer(t, l, &lay, wo, o.stats)))
+        for (int l = 0; l < L && rc == KV_OK; l++, seq++) {
+            if ((rc = stream_get(&stream, seq, &lb)))
                 break;
             engine_reset(&eng);
-            fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
+            fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
             for (int i = 0; i < n_pol && rc == KV_OK; i++)
                 if ((pols[i]->flags & KV_POL_CROSS_LAYER) && pols[i]->desc->prescore)
                     rc = pols[i]->desc->prescore(pols[i], &c);
+            engine_reset(&eng); /* nothing of the layer is used after this point */
+            stream_done(&stream, seq);
             snprintf(detail, sizeof detail, "pre-pass layer %d", l);
             if (!o.quiet)
                 kv_progress_update(&prog, ++step, detail);
@@ -675,11 +855,11 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             if ((pols[i]->flags & KV_POL_CROSS_LAYER) && pols[i]->desc->allocate)
                 rc = pols[i]->desc->allocate(pols[i], m, n_ctx, bud, n_budgets);
     }
-    for (int l = 0; l < L && rc == KV_OK; l++) {
-        if ((rc = read_layer(t, l, &lay, wo, o.stats)))
+    for (int l = 0; l < L && rc == KV_OK; l++, seq++) {
+        if ((rc = stream_get(&stream, seq, &lb)))
             break;
         engine_reset(&eng);
-        fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
+        fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
         if ((rc = eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
@@ -714,6 +894,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 rc = kv_error(cfg[k].rc, "%s", cfg[k].msg);
                 break;
             }
+        stream_done(&stream, seq);
         snprintf(detail, sizeof detail, "layer %d, %d policies x %d budgets", l, n_pol, n_budgets);
         if (!o.quiet)
             kv_progress_update(&prog, ++step, detail);
@@ -736,18 +917,16 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         *out = res;
         res = NULL;
     }
-    if (o.stats) {
-        o.stats->t_total = kv_now() - t_start;
-    }
 done:
+    stream_close(&stream, o.stats); /* first: the reader may still be filling a buffer */
+    if (o.stats)
+        o.stats->t_total = kv_now() - t_start;
     if (cfg)
         for (int k = 0; k < n_cfg; k++)
             cfg_free(&cfg[k]);
     kv_free(cfg);
     kv_free(bud);
     kv_results_free(res);
-    kv_layer_free(&lay);
-    kv_free(wo);
     kv_free(p_eval);
     kv_metrics_layer_free(&ml);
     engine_reset(&eng);
@@ -772,24 +951,27 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
     g.p = p;
     g.b = *b;
     int rc = kv_budget_resolve(&g.b, m, n_ctx);
-    kv_layer_t lay = {0};
-    float *wo = NULL, *p_eval = NULL;
+    stream_t stream = {0};
+    layer_buf_t *lb = NULL;
+    float *p_eval = NULL;
     engine_t eng = {.be = be};
     kv_metrics_layer_t ml = {0};
     kv_layer_ctx_t c;
     if (rc || (rc = cfg_alloc(&g, L, m->n_heads, m->n_kv_heads, E)))
         goto done;
     p_eval = kv_malloc(sizeof(float) * (size_t)m->n_heads * E * m->n_tokens, "evaluation attention");
-    if (!p_eval || (m->has_wo && !(wo = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_WO), "W_O")))) {
+    if (!p_eval) {
         rc = KV_ENOMEM;
         goto done;
     }
     /* layers before `layer` run too: policies may carry state across layers (ChunkKV reuse) */
+    if ((rc = stream_open(&stream, t, layer + 1, 0)))
+        goto done;
     for (int l = 0; l <= layer && rc == KV_OK; l++) {
-        if ((rc = read_layer(t, l, &lay, wo, NULL)))
+        if ((rc = stream_get(&stream, l, &lb)))
             break;
         engine_reset(&eng);
-        fill_ctx(&c, m, l, n_ctx, &lay, wo, be, &eng, o.seed);
+        fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
         if ((rc = eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
@@ -801,9 +983,8 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         rc = eval_cfg(&g, &c, &ml, 2);
     }
 done:
+    stream_close(&stream, NULL);
     cfg_free(&g);
-    kv_layer_free(&lay);
-    kv_free(wo);
     kv_free(p_eval);
     kv_metrics_layer_free(&ml);
     engine_reset(&eng);

@@ -21,13 +21,15 @@ extern "C" {
 
 /* Where the time went (filled when kv_replay_opts_t.stats is set). */
 typedef struct {
-    double t_total;    /* seconds in kv_replay */
-    double t_read;     /* reading and decompressing layers */
-    double t_attn;     /* attention statistics through the backend (probabilities, column sums) */
-    double attn_flop;  /* multiply-adds x 2 of those statistics' Q.K^T products */
-    double t_policies; /* policy preparation (scoring, sorting) */
-    double t_eval;     /* building caches and measuring them, all (policy, budget) pairs */
-    long layers_read;  /* layer reads, pre-pass included */
+    double t_total;     /* seconds in kv_replay */
+    double t_read;      /* reading and decompressing layers (in the reader thread with prefetch) */
+    double t_read_wait; /* of which the engine waited for (all of t_read without prefetch) */
+    double t_attn;      /* attention statistics through the backend (probabilities, column sums) */
+    double attn_flop;   /* multiply-adds x 2 of those statistics' Q.K^T products */
+    double t_policies;  /* policy preparation (scoring, sorting) */
+    double t_eval;      /* building caches and measuring them, all (policy, budget) pairs */
+    long layers_read;   /* layer reads, pre-pass included */
+    int prefetched;     /* 1 when a reader thread read the layers ahead */
 } kv_replay_stats_t;
 
 typedef struct {
@@ -36,7 +38,16 @@ typedef struct {
     uint64_t seed;            /* seed of randomised policies */
     int head_rows;            /* 1: emit per-head rows too (default) */
     int quiet;                /* no progress output */
+    int prefetch;             /* 1: a reader thread reads layer l+1 while layer l is computed (one more
+                                 layer of Q/K/V, and W_O, in memory); 0: each layer is read when it is
+                                 needed; KV_PREFETCH_AUTO (the default): see below */
 } kv_replay_opts_t;
+
+/* Prefetch by default when the backend computes off the host CPU (a GPU): the cores are idle while
+ * it computes, and the reader's decompression overlaps it. Not with the CPU backend, whose compute
+ * threads already occupy every core the reader would use: on a quiet 2-core machine prefetch made
+ * a replay 2-5 % slower (bench/results/trace-read-cpu.txt). */
+#define KV_PREFETCH_AUTO (-1)
 
 void kv_replay_defaults(kv_replay_opts_t *o);
 

@@ -1,7 +1,8 @@
 /*
  * test_replay.c: the replay engine. Metrics against a brute-force double-precision recomputation;
  * budgets; results files; hand-computed kept sets of the basic policies (full, oracle,
- * streaming_llm, knorm, random) on tiny traces; CLI error handling.
+ * streaming_llm, knorm, random) on tiny traces; layer prefetch (the same bytes with and without
+ * it, failures in the reader or the engine stop both); CLI error handling.
  */
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
@@ -11,6 +12,7 @@
 #include "sim/result.h"
 #include "tests/kv_test.h"
 
+#include <hdf5.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -422,6 +424,13 @@ START_TEST(cli_errors_leave_no_results)
     ck_assert_int_eq(sh("%s replay -q %s full,oracle 8 -o %s", trace, out), 0);
     ck_assert(access(out, F_OK) == 0);
     unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch off %s full,oracle 8 -o %s", trace, out), 0);
+    ck_assert(access(out, F_OK) == 0);
+    unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch on %s full,oracle 8 -o %s", trace, out), 0);
+    ck_assert(access(out, F_OK) == 0);
+    unlink(out);
+    ck_assert_int_eq(sh("%s replay -q --prefetch maybe %s full 8 -o %s 2>/dev/null", trace, out), 2);
     /* unknown policy, unknown parameter, bad budget, no decode queries, missing segments, bad trace */
     ck_assert_int_ne(sh("%s replay -q %s nosuch 8 -o %s 2>/dev/null", trace, out), 0);
     ck_assert_int_ne(sh("%s replay -q %s 'oracle(x=1)' 8 -o %s 2>/dev/null", trace, out), 0);
@@ -443,6 +452,154 @@ START_TEST(cli_errors_leave_no_results)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- layer prefetch */
+
+/* Replay `pols` at budgets 8 and 0.5 on the trace at `path`, prefetch on or off; the results as TSV
+ * into `out` (NULL: not written). Returns kv_replay's status. */
+static int replay_file(const char *path, const char *pols, int prefetch, const char *out)
+{
+    kv_trace_t *t;
+    ck_assert_msg(kv_trace_open(path, &t) == KV_OK, "%s", kv_last_error());
+    kv_backend_t *be;
+    ck_assert_int_eq(kv_backend_cpu_open(2, &be), KV_OK);
+    kv_policy_t **ps;
+    int np, nb;
+    ck_assert_msg(kv_policy_create_list(pols, &ps, &np) == KV_OK, "%s", kv_last_error());
+    kv_budget_t *b;
+    ck_assert_int_eq(kv_budget_parse_list("8,0.5", &b, &nb), KV_OK);
+    kv_replay_opts_t o;
+    kv_replay_defaults(&o);
+    o.quiet = 1;
+    o.prefetch = prefetch;
+    kv_replay_stats_t st;
+    o.stats = &st;
+    kv_results_t *r = NULL;
+    int rc = kv_replay(t, ps, np, b, nb, be, &o, &r);
+    if (rc == KV_OK) {
+        const int cross = strstr(pols, "kvcompress") != NULL;
+        ck_assert_int_eq(st.layers_read, (long)kv_trace_meta(t)->n_layers * (cross ? 2 : 1));
+        ck_assert(st.t_read_wait <= st.t_read + 1e-3 || prefetch);
+        ck_assert_int_eq(st.prefetched, prefetch);
+        if (out) {
+            kv_results_add_prov(r, "trace", path);
+            ck_assert_int_eq(kv_results_write_tsv(r, out), KV_OK);
+        }
+    } else {
+        ck_assert_ptr_null(r);
+    }
+    kv_results_free(r);
+    for (int i = 0; i < np; i++)
+        kv_policy_free(ps[i]);
+    kv_free(ps);
+    kv_free(b);
+    kv_backend_close(be);
+    kv_trace_close(t);
+    return rc;
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = kv_malloc((size_t)n + 1, "test");
+    ck_assert_uint_eq(fread(b, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    *len = (size_t)n;
+    return b;
+}
+
+#define PREFETCH_POLICIES "full,streaming_llm(sinks=2),h2o,snapkv(window=4),kvcompress,chunkkv,quest,shotkv,random"
+
+START_TEST(prefetch_gives_the_same_bytes)
+{
+    char path[256], a[256], b[256];
+    kv_test_tmp("prefetch.h5", path, sizeof path);
+    kv_test_tmp("prefetch-off.tsv", a, sizeof a);
+    kv_test_tmp("prefetch-on.tsv", b, sizeof b);
+    /* 5 layers (odd: the buffers alternate unevenly), W_O, segments (ShotKV), a cross-layer policy
+     * (KV-Compress: the layers are read twice) */
+    kv_trace_t *t = kv_test_trace(5, 4, 2, 8, 48, 40, 2, 1, 9);
+    ck_assert_int_eq(kv_test_write_trace(t, path), KV_OK);
+    kv_trace_close(t);
+    for (int cross = 0; cross < 2; cross++) {
+        const char *pols = cross ? PREFETCH_POLICIES : "full,streaming_llm(sinks=2),h2o,snapkv(window=4),quest";
+        ck_assert_int_eq(replay_file(path, pols, 0, a), KV_OK);
+        ck_assert_int_eq(replay_file(path, pols, 1, b), KV_OK);
+        size_t na, nb;
+        char *ba = slurp(a, &na), *bb = slurp(b, &nb);
+        ck_assert_msg(na == nb && !memcmp(ba, bb, na), "%s: results differ with prefetch", pols);
+        kv_free(ba);
+        kv_free(bb);
+    }
+}
+END_TEST
+
+/* Everything after the zstd frame header of K's first chunk in `layer` set to 0xff (the reserved
+ * block type: a decoding error whatever the zstd version). */
+static void corrupt_k(const char *path, int layer)
+{
+    char name[64];
+    snprintf(name, sizeof name, "/layers/%d/k", layer);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    ck_assert(d >= 0);
+    hsize_t off[3] = {0, 0, 0}, size = 0;
+    ck_assert(H5Dget_chunk_storage_size(d, off, &size) >= 0);
+    unsigned char *raw = kv_malloc(size, "test");
+    uint32_t mask = 0;
+    ck_assert(H5Dread_chunk(d, H5P_DEFAULT, off, &mask, raw) >= 0);
+    const unsigned fhd = raw[4], fcs = fhd >> 6, single = (fhd >> 5) & 1;
+    static const size_t did_bytes[4] = {0, 1, 2, 4}, fcs_bytes[4] = {0, 2, 4, 8};
+    size_t hdr = 5 + !single + did_bytes[fhd & 3] + (fcs == 0 ? single : fcs_bytes[fcs]);
+    ck_assert(hdr + 3 < size);
+    memset(raw + hdr, 0xff, size - hdr);
+    ck_assert(H5Dwrite_chunk(d, H5P_DEFAULT, 0, off, size, raw) >= 0);
+    kv_free(raw);
+    H5Dclose(d);
+    H5Fclose(f);
+}
+
+START_TEST(a_reader_failure_stops_the_replay_with_its_message)
+{
+    char path[256];
+    kv_test_tmp("prefetch-bad.h5", path, sizeof path);
+    kv_trace_t *t = kv_test_trace(5, 4, 2, 8, 48, 40, 0, 0, 9);
+    ck_assert_int_eq(kv_test_write_trace(t, path), KV_OK);
+    kv_trace_close(t);
+    corrupt_k(path, 3);
+    for (int prefetch = 0; prefetch < 2; prefetch++)
+        for (int cross = 0; cross < 2; cross++) {
+            kv_clear_error();
+            ck_assert_int_ne(replay_file(path, cross ? "full,kvcompress" : "full,h2o", prefetch, NULL), KV_OK);
+            ck_assert_msg(strstr(kv_last_error(), "layers/3/k") && strstr(kv_last_error(), path),
+                          "prefetch %d: message '%s'", prefetch, kv_last_error());
+        }
+}
+END_TEST
+
+START_TEST(an_engine_failure_stops_the_reader)
+{
+    char path[256];
+    kv_test_tmp("prefetch-engine.h5", path, sizeof path);
+    kv_trace_t *t = kv_test_trace(6, 4, 2, 8, 48, 40, 0, 0, 9);
+    ck_assert_int_eq(kv_test_write_trace(t, path), KV_OK);
+    kv_trace_close(t);
+    /* nine observation windows in one layer (the engine keeps eight) fail in layer 0, while the
+     * reader is ahead */
+    const char *pols = "snapkv(window=1),snapkv(window=2),snapkv(window=3),snapkv(window=4),snapkv(window=5),"
+                       "snapkv(window=6),snapkv(window=7),snapkv(window=8),snapkv(window=9)";
+    for (int prefetch = 0; prefetch < 2; prefetch++) {
+        kv_clear_error();
+        ck_assert_int_ne(replay_file(path, pols, prefetch, NULL), KV_OK);
+        ck_assert_msg(strstr(kv_last_error(), "observation windows"), "prefetch %d: message '%s'", prefetch,
+                      kv_last_error());
+    }
+}
+END_TEST
+
 Suite *suite_replay(void)
 {
     Suite *s = suite_create("replay");
@@ -456,6 +613,11 @@ Suite *suite_replay(void)
     tcase_add_test(tc, random_is_seeded_and_uniform);
     tcase_add_test(tc, results_tsv_round_trip);
     suite_add_tcase(s, tc);
+    TCase *pf = tcase_create("prefetch");
+    tcase_add_test(pf, prefetch_gives_the_same_bytes);
+    tcase_add_test(pf, a_reader_failure_stops_the_replay_with_its_message);
+    tcase_add_test(pf, an_engine_failure_stops_the_reader);
+    suite_add_tcase(s, pf);
     if (getenv("KVSIM_BIN")) {
         TCase *cli = tcase_create("cli");
         tcase_add_test(cli, cli_errors_leave_no_results);

@@ -1,8 +1,10 @@
 /*
  * trace_hdf5.c: HDF5 storage of traces (layout in traces/FORMAT.md).
  *
- * Reading: every tensor is read with a hyperslab (whole tensor or a token range) and converted to
- * float32 here (f16 -> f32 through kv_f16, not HDF5's slow soft conversion).
+ * Reading: whole tensors and chunk-aligned token ranges are fetched as stored chunks and decoded here,
+ * in parallel (read_direct, the mirror of the writer's direct chunk writes); anything else is read
+ * with a hyperslab through HDF5's pipeline. Either way values come back as float32 (f16 -> f32
+ * through kv_f16, not HDF5's slow soft conversion).
  * Writing: datasets are created with their full shape up front, chunked along tokens, filtered by
  * shuffle then zstd (id 32015, one cd_value: the level). The file is written under a temporary name
  * beside the target and renamed on commit, so an interrupted write never leaves a file under the
@@ -223,7 +225,22 @@ typedef struct {
     int has[KV_T_COUNT];
     uint16_t *half; /* scratch for f16 reads */
     size_t half_cap;
+    /* direct chunk reads (read_direct), reused from call to call */
+    int n_dctx;            /* threads the per-thread arrays are sized for */
+    ZSTD_DCtx **dctx;      /* (n_dctx) zstd contexts */
+    unsigned char **stage; /* (n_dctx) 2 x stage_cap bytes: a decompressed chunk, then un-shuffled */
+    size_t stage_cap;      /* bytes of one uncompressed chunk the staging holds */
+    int n_raw;             /* slots for stored chunks: the batch being decompressed and the one fetched */
+    unsigned char **raw;   /* (n_raw) stored (compressed) chunks */
+    size_t *raw_cap;       /* (n_raw) bytes each slot holds */
 } h5_impl_t;
+
+/* A whole tensor or a chunk-aligned row range straight from the stored chunks (defined with the
+ * writer's direct path below): KV_OK, an error, or READ_FALLBACK when the dataset or one of its
+ * chunks is not as kvsim writes them and HDF5's own pipeline must read it. */
+#define READ_FALLBACK 1
+static int read_direct(kv_trace_t *t, hid_t d, const char *name, int f16, int t0, int nt, float *dst);
+static void read_direct_free(h5_impl_t *hi);
 
 /* An integer vector: exactly `expect` entries (expect >= 0), or at most `max` (expect < 0; *count
  * gets the length). Sizes are checked before anything is allocated. */
@@ -463,8 +480,11 @@ static int h5_read_hyperslab(kv_trace_t *t, int layer, kv_tensor_t which, int t0
     hid_t ms = H5Screate_simple(rank, count, NULL);
     hid_t ft = H5Dget_type(d);
     int half = H5Tget_class(ft) == H5T_FLOAT && H5Tget_size(ft) == 2;
-    int rc = KV_OK;
+    int rc = read_direct(t, d, name, half, t0, nt, dst);
     herr_t e;
+    if (rc != READ_FALLBACK)
+        goto done;
+    rc = KV_OK;
     if (half) {
         if (hi->half_cap < n) {
             uint16_t *b = kv_malloc(n * sizeof(uint16_t), "f16 read buffer");
@@ -532,6 +552,7 @@ static void h5_close(kv_trace_t *t)
     if (hi->file >= 0)
         H5Fclose(hi->file);
     kv_free(hi->half);
+    read_direct_free(hi);
     kv_free(hi);
 }
 
@@ -1227,4 +1248,281 @@ void kv_trace_abort(kv_trace_writer_t *w)
     kv_free(w->plain);
     direct_free(w);
     kv_free(w);
+}
+
+/* ---------------------------------------------------------------- reading whole chunks
+ *
+ * The mirror image of write_direct: HDF5 would decompress and un-shuffle one chunk after the other
+ * on the calling thread (a fifth of a replay's time on a 2-core machine, most of it on a GPU host).
+ * So whole chunks are fetched as stored with H5Dread_chunk and decoded here, in parallel: zstd (one
+ * frame per chunk that records its size, kv_zstd_filter.h), un-shuffle, f16 -> f32, and only the
+ * part inside the dataset copied to the destination (edge chunks are stored padded). The result is
+ * the bytes HDF5's pipeline gives (the decoding is the same; a test compares them). Anything the
+ * writer does not make goes back to H5Dread: another pipeline, a chunk stored with a filter
+ * skipped (mask not 0) or never written, a frame without content size or of another size, rows
+ * that cut chunks. */
+
+/* Inverse of shuffle_bytes: output byte i*s + b is input byte b*n + i (interleaving byte lanes). */
+#define LO_HALVES(a, b) __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define HI_HALVES(a, b) __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+static void unshuffle_bytes(const unsigned char *restrict in, unsigned char *restrict out, size_t n, size_t s)
+{
+    size_t i = 0;
+    kv_v16u8 a, b, c, d;
+    if (s == 2) {
+        for (; i + 16 <= n; i += 16) {
+            memcpy(&a, in + i, 16);
+            memcpy(&b, in + n + i, 16);
+            kv_v16u8 o0 = LO_HALVES(a, b), o1 = HI_HALVES(a, b);
+            memcpy(out + 2 * i, &o0, 16);
+            memcpy(out + 2 * i + 16, &o1, 16);
+        }
+    } else if (s == 4) {
+        for (; i + 16 <= n; i += 16) {
+            memcpy(&a, in + i, 16);
+            memcpy(&b, in + n + i, 16);
+            memcpy(&c, in + 2 * n + i, 16);
+            memcpy(&d, in + 3 * n + i, 16);
+            /* bytes 0 and 2 of each element side by side, bytes 1 and 3 too; then those pairs */
+            kv_v16u8 x0 = LO_HALVES(a, c), x1 = HI_HALVES(a, c), y0 = LO_HALVES(b, d), y1 = HI_HALVES(b, d);
+            kv_v16u8 o0 = LO_HALVES(x0, y0), o1 = HI_HALVES(x0, y0), o2 = LO_HALVES(x1, y1), o3 = HI_HALVES(x1, y1);
+            memcpy(out + 4 * i, &o0, 16);
+            memcpy(out + 4 * i + 16, &o1, 16);
+            memcpy(out + 4 * i + 32, &o2, 16);
+            memcpy(out + 4 * i + 48, &o3, 16);
+        }
+    }
+    for (size_t k = 0; k < s; k++)
+        for (size_t j = i; j < n; j++)
+            out[j * s + k] = in[k * n + j];
+}
+
+/* n file elements as floats: f16 converted, f32 copied. */
+static void get_run(const unsigned char *src, float *dst, size_t n, size_t esize)
+{
+    if (esize == 2)
+        kv_f16_to_f32_n((const uint16_t *)(const void *)src, dst, n);
+    else
+        memcpy(dst, src, n * sizeof(float));
+}
+
+/* Inverse of gather_chunk: the part inside the dataset of the chunk at `origin` (file elements in
+ * `in`) into dst, which holds the dataset's rows [r0, r0 + D[1]) (D[0] x D[1] x D[2] floats). */
+static void scatter_chunk(const direct_plan_t *p, const unsigned char *in, float *dst, const size_t D[3], size_t r0,
+                          const size_t origin[3])
+{
+    const size_t *ch = p->chunk, es = p->esize;
+    size_t v[3];
+    for (int i = 0; i < 3; i++)
+        v[i] = KV_MIN(ch[i], p->dims[i] - origin[i]);
+    const size_t r1 = origin[1] - r0;
+    if (v[2] == ch[2] && v[2] == D[2]) { /* whole rows: one run per index on the first axis */
+        for (size_t i0 = 0; i0 < v[0]; i0++)
+            get_run(in + i0 * ch[1] * ch[2] * es, dst + ((origin[0] + i0) * D[1] + r1) * D[2], v[1] * v[2], es);
+    } else {
+        for (size_t i0 = 0; i0 < v[0]; i0++)
+            for (size_t i1 = 0; i1 < v[1]; i1++)
+                get_run(in + (i0 * ch[1] + i1) * ch[2] * es,
+                        dst + ((origin[0] + i0) * D[1] + r1 + i1) * D[2] + origin[2], v[2], es);
+    }
+}
+
+/* Per-thread zstd contexts and staging for nt threads and chunks of chunk_bytes, and n_raw slots
+ * for stored chunks; kept from call to call. */
+static int read_scratch(h5_impl_t *hi, int nt, size_t chunk_bytes, int n_raw, const char *path)
+{
+    if (nt > hi->n_dctx || chunk_bytes > hi->stage_cap) {
+        for (int i = 0; i < hi->n_dctx; i++) {
+            kv_free_aligned(hi->stage[i]);
+            hi->stage[i] = NULL;
+        }
+        hi->stage_cap = 0;
+        if (nt > hi->n_dctx) {
+            ZSTD_DCtx **z = kv_calloc((size_t)nt, sizeof *z, "zstd contexts");
+            unsigned char **st = kv_calloc((size_t)nt, sizeof *st, "chunk staging");
+            if (!z || !st) {
+                kv_free(z);
+                kv_free(st);
+                return KV_ENOMEM;
+            }
+            for (int i = 0; i < hi->n_dctx; i++)
+                z[i] = hi->dctx[i];
+            kv_free(hi->dctx);
+            kv_free(hi->stage);
+            hi->dctx = z;
+            hi->stage = st;
+            hi->n_dctx = nt;
+        }
+        for (int i = 0; i < hi->n_dctx; i++) {
+            if (!hi->dctx[i] && !(hi->dctx[i] = ZSTD_createDCtx()))
+                return kv_error(KV_ENOMEM, "%s: cannot create a zstd context", path);
+            if (!(hi->stage[i] = kv_malloc_aligned(2 * chunk_bytes, "chunk staging")))
+                return KV_ENOMEM;
+        }
+        hi->stage_cap = chunk_bytes;
+    }
+    if (n_raw > hi->n_raw) {
+        unsigned char **r = kv_calloc((size_t)n_raw, sizeof *r, "stored chunks");
+        size_t *cap = kv_calloc((size_t)n_raw, sizeof *cap, "stored chunks");
+        if (!r || !cap) {
+            kv_free(r);
+            kv_free(cap);
+            return KV_ENOMEM;
+        }
+        for (int i = 0; i < hi->n_raw; i++) {
+            r[i] = hi->raw[i];
+            cap[i] = hi->raw_cap[i];
+        }
+        kv_free(hi->raw);
+        kv_free(hi->raw_cap);
+        hi->raw = r;
+        hi->raw_cap = cap;
+        hi->n_raw = n_raw;
+    }
+    return KV_OK;
+}
+
+static void read_direct_free(h5_impl_t *hi)
+{
+    for (int i = 0; i < hi->n_dctx; i++) {
+        ZSTD_freeDCtx(hi->dctx[i]);
+        kv_free_aligned(hi->stage[i]);
+    }
+    for (int i = 0; i < hi->n_raw; i++)
+        kv_free(hi->raw[i]);
+    kv_free(hi->dctx);
+    kv_free(hi->stage);
+    kv_free(hi->raw);
+    kv_free(hi->raw_cap);
+    hi->dctx = NULL;
+    hi->stage = NULL;
+    hi->raw = NULL;
+    hi->raw_cap = NULL;
+    hi->n_dctx = hi->n_raw = 0;
+    hi->stage_cap = 0;
+}
+
+/* Fetch the stored chunk at `off` into slot `slot` (calling thread: HDF5). Returns KV_OK,
+ * READ_FALLBACK when the chunk is not one kvsim writes, or an error. *size gets its bytes. */
+static int fetch_chunk(h5_impl_t *hi, kv_trace_t *t, hid_t d, const char *name, const hsize_t off[3],
+                       size_t chunk_bytes, size_t slot, size_t *size)
+{
+    hsize_t stored = 0;
+    uint32_t mask = 0;
+    *size = 0;
+    if (H5Dget_chunk_storage_size(d, off, &stored) < 0 || stored == 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return READ_FALLBACK; /* never written: HDF5 gives the fill value */
+    }
+    if (stored > hi->raw_cap[slot]) {
+        kv_free(hi->raw[slot]);
+        hi->raw_cap[slot] = 0;
+        if (!(hi->raw[slot] = kv_malloc((size_t)stored, "stored chunk")))
+            return KV_ENOMEM;
+        hi->raw_cap[slot] = (size_t)stored;
+    }
+    if (H5Dread_chunk(d, H5P_DEFAULT, off, &mask, hi->raw[slot]) < 0)
+        return kv_error(KV_EIO, "%s: cannot read a chunk of '%s' at (%llu, %llu, %llu) (%s)", t->path, name,
+                        (unsigned long long)off[0], (unsigned long long)off[1], (unsigned long long)off[2],
+                        h5_reason());
+    if (mask != 0)
+        return READ_FALLBACK; /* a filter was skipped for this chunk: the pipeline knows which */
+    unsigned long long content = ZSTD_getFrameContentSize(hi->raw[slot], (size_t)stored);
+    if (content == ZSTD_CONTENTSIZE_ERROR)
+        return kv_error(KV_EFORMAT, "%s: '%s': the chunk at (%llu, %llu, %llu) is not a zstd frame (corrupt file)",
+                        t->path, name, (unsigned long long)off[0], (unsigned long long)off[1],
+                        (unsigned long long)off[2]);
+    if (content != (unsigned long long)chunk_bytes)
+        return READ_FALLBACK; /* no content size (another writer's convention) or another size */
+    *size = (size_t)stored;
+    return KV_OK;
+}
+
+/* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). Larger
+ * than the writer's: each batch ends in a taskwait, which costs most when other processes share the
+ * cores (on a loaded 2-core machine, 1 MiB batches read a 2K Llama-shape trace slower than 8 MiB
+ * ones in each of three interleaved runs: 89-116 against 39-95 ms a layer). Memory: the stored chunks of two batches,
+ * 16 of kvsim's 1 MiB chunks for up to 8 threads, two per thread beyond. */
+#define READ_BATCH_BYTES (8u << 20)
+
+/* Chunks are fetched a batch at a time by the calling thread (the only one that calls HDF5) and
+ * decoded by OpenMP tasks while it fetches the next batch; each task writes only its chunk's part of
+ * dst, so the result does not depend on the thread count. Tasks note zstd failures in their slot
+ * (kv_error's message is per thread) and the calling thread reports them. */
+static int read_direct(kv_trace_t *t, hid_t d, const char *name, int f16, int t0, int nt, float *dst)
+{
+    h5_impl_t *hi = t->impl;
+    direct_plan_t p;
+    if (!direct_plan(d, f16 ? f16_type() : H5T_IEEE_F32LE, &p))
+        return READ_FALLBACK;
+    const size_t *ch = p.chunk, ct = ch[1];
+    /* rows [r0, r1): whole chunks only (the last may end at the dataset's edge) */
+    const size_t r0 = t0 >= 0 ? (size_t)t0 : 0, r1 = t0 >= 0 ? (size_t)t0 + (size_t)nt : p.dims[1];
+    if (r0 % ct || (r1 % ct && r1 != p.dims[1]) || r1 <= r0)
+        return READ_FALLBACK;
+    const size_t c_lo = r0 / ct, n0 = (p.dims[0] + ch[0] - 1) / ch[0], n1 = (r1 + ct - 1) / ct - c_lo,
+                 n2 = (p.dims[2] + ch[2] - 1) / ch[2];
+    const size_t n_chunks = n0 * n1 * n2, chunk_n = ch[0] * ch[1] * ch[2], chunk_bytes = chunk_n * p.esize;
+    const size_t D[3] = {p.dims[0], r1 - r0, p.dims[2]};
+    const int nt_omp = (int)KV_MAX((size_t)1, KV_MIN((size_t)omp_get_max_threads(), n_chunks));
+    const size_t batch = KV_MIN(n_chunks, KV_MAX((size_t)nt_omp, READ_BATCH_BYTES / chunk_bytes));
+    const size_t n_slots = 2 * batch, n_batches = (n_chunks + batch - 1) / batch;
+    int rc = read_scratch(hi, nt_omp, chunk_bytes, (int)n_slots, t->path);
+    if (rc)
+        return rc;
+    size_t *fsize = kv_calloc(2 * n_slots, sizeof(size_t), "chunk sizes");
+    if (!fsize)
+        return KV_ENOMEM;
+    size_t *zret = fsize + n_slots; /* per slot: what ZSTD_decompressDCtx returned */
+    kv_f16_to_f32_n(NULL, NULL, 0); /* settles the converter's CPU dispatch before threads use it */
+    int failed = 0;                 /* set by the calling thread: the tasks left skip their work */
+#pragma omp parallel num_threads(nt_omp) if (nt_omp > 1)
+#pragma omp master
+    for (size_t k = 0; k <= n_batches; k++) {
+        /* fetch batch k while the team decodes batch k-1 */
+        for (size_t i = k * batch; k < n_batches && rc == KV_OK && i < KV_MIN((k + 1) * batch, n_chunks); i++) {
+            const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
+            const hsize_t off[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
+            rc = fetch_chunk(hi, t, d, name, off, chunk_bytes, slot, &fsize[slot]);
+        }
+        if (rc != KV_OK) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp taskwait
+        /* batch k-1 is decoded: report its failures */
+        for (size_t i = k ? (k - 1) * batch : 0; k > 0 && rc == KV_OK && i < KV_MIN(k * batch, n_chunks); i++) {
+            const size_t slot = i % n_slots;
+            if (zret[slot] != chunk_bytes) {
+                const size_t c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
+                rc = kv_error(KV_EFORMAT, "%s: '%s': cannot decompress the chunk at (%zu, %zu, %zu): %s (corrupt file)",
+                              t->path, name, c0 * ch[0], c1 * ch[1], c2 * ch[2],
+                              ZSTD_isError(zret[slot]) ? ZSTD_getErrorName(zret[slot]) : "wrong size");
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        for (size_t i = k * batch; k < n_batches && rc == KV_OK && i < KV_MIN((k + 1) * batch, n_chunks); i++) {
+#pragma omp task firstprivate(i)
+            {
+                const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
+                const size_t origin[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
+                const int me = omp_get_thread_num();
+                unsigned char *shuf = hi->stage[me], *elems = shuf + chunk_bytes;
+                int stop;
+#pragma omp atomic read
+                stop = failed;
+                zret[slot] = 0;
+                if (!stop) {
+                    zret[slot] = ZSTD_decompressDCtx(hi->dctx[me], shuf, chunk_bytes, hi->raw[slot], fsize[slot]);
+                    if (zret[slot] == chunk_bytes) {
+                        unshuffle_bytes(shuf, elems, chunk_n, p.esize);
+                        scatter_chunk(&p, elems, dst, D, r0, origin);
+                    }
+                }
+            }
+        }
+    }
+    kv_free(fsize);
+    return rc;
 }

@@ -47,6 +47,11 @@ static void replay_help(void)
            "      --no-head-rows   only layer and overall rows (default: also one row per query head)\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
            "      --threads N      CPU threads (default: all cores; results do not depend on it)\n"
+           "      --prefetch WHEN  on: a background thread reads and decompresses the next layer while\n"
+           "                       this one is computed, holding two layers of Q/K/V (and W_O) in memory\n"
+           "                       instead of one; off: read each layer when it is needed; auto: on with\n"
+           "                       a GPU backend, off on the CPU, whose compute already uses every core\n"
+           "                       (default auto; results do not depend on it)\n"
            "  -q, --quiet          no progress on stderr\n"
            "  -h, --help           this help\n"
            "\n"
@@ -157,6 +162,7 @@ int kv_cmd_replay(int argc, char **argv)
         {"no-head-rows", no_argument, 0, 'n'},
         {"backend", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 't'},
+        {"prefetch", required_argument, 0, 'p'},
         {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -189,6 +195,16 @@ int kv_cmd_replay(int argc, char **argv)
         case 't':
             if (kv_cli_int("replay", "--threads", optarg, 1, 1024, &threads))
                 return 2;
+            break;
+        case 'p':
+            if (!strcmp(optarg, "on"))
+                ro.prefetch = 1;
+            else if (!strcmp(optarg, "off"))
+                ro.prefetch = 0;
+            else if (!strcmp(optarg, "auto"))
+                ro.prefetch = KV_PREFETCH_AUTO;
+            else
+                return kv_cli_usage_error("replay", "--prefetch takes on, off or auto, not '%s'", optarg);
             break;
         case 'q':
             ro.quiet = 1;
