@@ -895,7 +895,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 break;
             }
         stream_done(&stream, seq);
-        snprintf(detail, sizeof detail, "layer %d, %d policies x %d budgets", l, n_pol, n_budgets);
+        snprintf(detail, sizeof detail, "layer %d, %d polic%s x %d budget%s", l, n_pol, n_pol == 1 ? "y" : "ies",
+                 n_budgets, n_budgets == 1 ? "" : "s");
         if (!o.quiet)
             kv_progress_update(&prog, ++step, detail);
     }

@@ -9,9 +9,11 @@
 
 #include <hdf5.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void small_meta(kv_trace_meta_t *m, int T, int n_prompt)
@@ -247,6 +249,48 @@ START_TEST(abort_leaves_nothing)
 }
 END_TEST
 
+/* The writer removes its temporary file on SIGTERM/SIGINT, but leaves a signal the process inherited
+ * as ignored alone (a background job of a script ignores SIGINT and must not become killable by it).
+ * Run in a child: SIGINT ignored there, a writer opened, SIGINT raised (survived), SIGTERM raised
+ * (killed by it, no temporary file and no final file left). */
+START_TEST(signals_remove_the_temporary_file)
+{
+    char path[256];
+    kv_test_tmp("signalled.h5", path, sizeof path);
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert(pid >= 0);
+    if (pid == 0) {
+        signal(SIGINT, SIG_IGN);
+        kv_trace_meta_t m;
+        small_meta(&m, 40, 30);
+        kv_trace_writer_t *w;
+        if (kv_trace_create(path, &m, NULL, &w) != KV_OK)
+            _exit(10);
+        struct sigaction cur;
+        if (sigaction(SIGINT, NULL, &cur) != 0 || cur.sa_handler != SIG_IGN)
+            _exit(11); /* the ignored SIGINT was replaced */
+        if (sigaction(SIGTERM, NULL, &cur) != 0 || cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)
+            _exit(12); /* SIGTERM has no clean-up handler */
+        raise(SIGINT);
+        raise(SIGTERM);
+        _exit(13); /* not reached: SIGTERM ends the process */
+    }
+    int status = 0;
+    ck_assert(waitpid(pid, &status, 0) == pid);
+    ck_assert_msg(!WIFEXITED(status),
+                  "child exited with status %d (10: create failed, 11: SIGINT handled, "
+                  "12: SIGTERM not handled, 13: SIGTERM did not end it)",
+                  WEXITSTATUS(status));
+    ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM, "child ended by signal %d",
+                  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    char tmp[300];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)pid);
+    ck_assert_msg(access(tmp, F_OK) != 0, "temporary file %s left behind", tmp);
+    ck_assert(access(path, F_OK) != 0);
+}
+END_TEST
+
 START_TEST(corrupt_files_are_named)
 {
     char path[256];
@@ -317,6 +361,7 @@ Suite *suite_trace(void)
     tcase_add_test(tc, f16_conversion_edges);
     tcase_add_test(tc, zstd_filter_conventions);
     tcase_add_test(tc, abort_leaves_nothing);
+    tcase_add_test(tc, signals_remove_the_temporary_file);
     tcase_add_test(tc, corrupt_files_are_named);
     tcase_add_test(tc, memory_trace_reads_like_a_file);
     suite_add_tcase(s, tc);

@@ -619,11 +619,17 @@ static int pending_add(const char *p)
 {
     static int installed = 0;
     if (!installed) {
-        struct sigaction sa;
+        struct sigaction sa, old;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_signal;
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGTERM, &sa, NULL);
+        /* a signal the process inherited as ignored (a job started with `cmd &` by a non-interactive
+         * shell ignores SIGINT) stays ignored: handling it would make the writer killable by a signal
+         * the rest of the run ignores */
+        for (int i = 0; i < 2; i++) {
+            const int sig = i ? SIGTERM : SIGINT;
+            if (sigaction(sig, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
+                sigaction(sig, &sa, NULL);
+        }
         installed = 1;
     }
     for (int i = 0; i < MAX_PENDING; i++)
