@@ -29,6 +29,12 @@ struct kv_trace *kv_test_trace(int L, int H, int Hkv, int d, int T, int n_prompt
 /* Copy any trace into an HDF5 file (f32, with whatever tensors it has). */
 int kv_test_write_trace(struct kv_trace *t, const char *path);
 
+/* A stand-in for kvsim's zstd filter (same id, same bytes) that counts how often HDF5 runs it in
+ * each direction, so a test can prove which path (kvsim's direct chunk I/O or HDF5's pipeline)
+ * moved the data: on = 1 registers it, on = 0 puts kvsim's filter back; both reset the counters. */
+extern long kv_test_filter_encodes, kv_test_filter_decodes;
+void kv_test_count_filter(int on);
+
 /* Assert |a - b| <= atol + rtol*|b| with a message naming the quantity. */
 #define kv_assert_close(a, b, atol, rtol, what)                                                                        \
     do {                                                                                                               \

@@ -29,29 +29,6 @@
 #include <string.h>
 #include <zstd.h>
 
-extern const H5Z_class2_t kv_zstd_filter_class; /* kv_zstd_filter.c */
-
-/* ---- a stand-in for the zstd filter that counts how often HDF5 decompresses through it */
-static long g_decodes;
-
-static size_t counting_filter(unsigned int flags, size_t cd_nelmts, const unsigned int cd_values[], size_t nbytes,
-                              size_t *buf_size, void **buf)
-{
-    if (flags & H5Z_FLAG_REVERSE)
-        g_decodes++;
-    return kv_zstd_filter_class.filter(flags, cd_nelmts, cd_values, nbytes, buf_size, buf);
-}
-
-static void count_decodes(int on)
-{
-    ck_assert_int_eq(kv_trace_init(), KV_OK);
-    H5Z_class2_t c = kv_zstd_filter_class;
-    c.filter = counting_filter;
-    /* registering an id that is already registered replaces its class */
-    ck_assert(H5Zregister(on ? &c : &kv_zstd_filter_class) >= 0);
-    g_decodes = 0;
-}
-
 /* T = 200 tokens in chunks of 64 (an edge chunk of 8); W_O has 100 rows in chunks of 64. */
 #define T_TOK 200
 #define CHUNK_T 64
@@ -161,9 +138,9 @@ static int check_all(const char *path, int t0, int nt)
             char name[64];
             snprintf(name, sizeof name, "/layers/%d/%s", l, kv_tensor_name((kv_tensor_t)w));
             size_t n = 0;
-            const long decodes = g_decodes; /* counts kvsim's reads only */
+            const long decodes = kv_test_filter_decodes; /* counts kvsim's reads only */
             float *want = pipeline_read(path, name, rows ? t0 : -1, nt, &n);
-            g_decodes = decodes;
+            kv_test_filter_decodes = decodes;
             ck_assert_msg(want != NULL, "%s: the pipeline cannot read it", name);
             float *got = kv_malloc(n * sizeof(float), "test");
             int rc =
@@ -188,7 +165,7 @@ START_TEST(whole_tensors_equal_the_pipeline)
     write_trace(path, dt, 21, -1);
     const int old = omp_get_max_threads();
     omp_set_num_threads(threads);
-    count_decodes(1);
+    kv_test_count_filter(1);
     kv_trace_t *t;
     ck_assert_int_eq(kv_trace_open(path, &t), KV_OK);
     float *x = kv_malloc(sizeof(float) * 4 * T_TOK * 16, "test"); /* Q, the largest */
@@ -197,8 +174,8 @@ START_TEST(whole_tensors_equal_the_pipeline)
     kv_free(x);
     kv_trace_close(t);
     /* every whole-tensor read decoded its chunks itself */
-    ck_assert_int_eq(g_decodes, 0);
-    count_decodes(0);
+    ck_assert_int_eq(kv_test_filter_decodes, 0);
+    kv_test_count_filter(0);
     ck_assert_int_eq(check_all(path, -1, 0), 2 * KV_T_COUNT);
     omp_set_num_threads(old);
 }
@@ -215,7 +192,7 @@ START_TEST(chunks_from_the_pipeline_read_directly)
     meta_for(&m);
     hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
     ck_assert(f >= 0);
-    count_decodes(1);
+    kv_test_count_filter(1);
     for (int w = 0; w < KV_T_COUNT; w++) {
         char name[64];
         snprintf(name, sizeof name, "/layers/0/%s", kv_tensor_name((kv_tensor_t)w));
@@ -237,13 +214,13 @@ START_TEST(chunks_from_the_pipeline_read_directly)
         H5Dclose(d);
     }
     H5Fclose(f);
-    g_decodes = 0; /* (HDF5 read the edge chunks back to complete them) */
+    kv_test_filter_decodes = 0; /* (HDF5 read the edge chunks back to complete them) */
     kv_trace_t *t;
     ck_assert_int_eq(kv_trace_open(path, &t), KV_OK);
     float *x = kv_malloc(sizeof(float) * 4 * T_TOK * 16, "test");
     for (int w = 0; w < KV_T_COUNT; w++)
         ck_assert_int_eq(kv_trace_read(t, 0, (kv_tensor_t)w, x), KV_OK);
-    ck_assert_int_eq(g_decodes, 0);
+    ck_assert_int_eq(kv_test_filter_decodes, 0);
     /* and the values are the data (through f16 for Q, K, V) */
     float *want = make_data(kv_tensor_numel(&m, KV_T_LSE), 500 + KV_T_LSE);
     ck_assert_int_eq(kv_trace_read(t, 0, KV_T_LSE, x), KV_OK);
@@ -251,7 +228,7 @@ START_TEST(chunks_from_the_pipeline_read_directly)
     kv_free(want);
     kv_free(x);
     kv_trace_close(t);
-    count_decodes(0);
+    kv_test_count_filter(0);
     check_all(path, -1, 0);
 }
 END_TEST
@@ -264,16 +241,17 @@ START_TEST(row_reads_direct_when_they_cover_whole_chunks)
     /* (t0, nt, direct): aligned inside, aligned to the edge (the padded edge chunk), cut chunks */
     static const int cases[][3] = {{64, 128, 1}, {128, 72, 1}, {192, 8, 1}, {0, 200, 1}, {10, 100, 0}, {64, 70, 0}};
     for (size_t c = 0; c < KV_ARRAY_LEN(cases); c++) {
-        count_decodes(1);
+        kv_test_count_filter(1);
         int reads = check_all(path, cases[c][0], cases[c][1]);
         ck_assert_int_eq(reads, 2 * 6); /* Q, K, V, LSE, entropy, acc_attn of 2 layers */
         if (cases[c][2])
-            ck_assert_msg(g_decodes == 0, "rows %d + %d: %ld chunks went through the filter", cases[c][0], cases[c][1],
-                          g_decodes);
+            ck_assert_msg(kv_test_filter_decodes == 0, "rows %d + %d: %ld chunks went through the filter", cases[c][0],
+                          cases[c][1], kv_test_filter_decodes);
         else
-            ck_assert_msg(g_decodes > 0, "rows %d + %d: expected HDF5's pipeline", cases[c][0], cases[c][1]);
+            ck_assert_msg(kv_test_filter_decodes > 0, "rows %d + %d: expected HDF5's pipeline", cases[c][0],
+                          cases[c][1]);
     }
-    count_decodes(0);
+    kv_test_count_filter(0);
 }
 END_TEST
 
@@ -340,25 +318,25 @@ START_TEST(what_the_writer_does_not_make_goes_through_hdf5)
     H5Pclose(dcpl);
     H5Sclose(sp);
     H5Fclose(f);
-    count_decodes(1);
+    kv_test_count_filter(1);
     kv_trace_t *t;
     ck_assert_int_eq(kv_trace_open(path, &t), KV_OK);
     float *x = kv_malloc(sizeof(float) * 4 * T_TOK * 16, "test");
     ck_assert_int_eq(kv_trace_read(t, 0, KV_T_LSE, x), KV_OK);
     ck_assert(!memcmp(x, lse, sizeof(float) * n_lse));
-    ck_assert_int_eq(g_decodes, 0); /* deflate: not the zstd filter */
+    ck_assert_int_eq(kv_test_filter_decodes, 0); /* deflate: not the zstd filter */
     ck_assert_int_eq(kv_trace_read(t, 0, KV_T_Q, x), KV_OK);
-    ck_assert_int_gt(g_decodes, 0); /* the frame without content size sent Q to the pipeline */
-    g_decodes = 0;
+    ck_assert_int_gt(kv_test_filter_decodes, 0); /* the frame without content size sent Q to the pipeline */
+    kv_test_filter_decodes = 0;
     ck_assert_int_eq(kv_trace_read(t, 1, KV_T_Q, x), KV_OK);
-    ck_assert_int_gt(g_decodes, 0); /* the chunk stored with zstd skipped too */
+    ck_assert_int_gt(kv_test_filter_decodes, 0); /* the chunk stored with zstd skipped too */
     ck_assert_int_eq(kv_trace_read(t, 1, KV_T_V, x), KV_OK);
     for (size_t i = 0; i < (size_t)2 * T_TOK * 16; i++)
         ck_assert(x[i] == 0.0f);
     kv_trace_close(t);
     kv_free(x);
     kv_free(lse);
-    count_decodes(0);
+    kv_test_count_filter(0);
     check_all(path, -1, 0);
     check_all(path, 64, 136);
 }

@@ -31,29 +31,6 @@
 #include <unistd.h>
 #include <zstd.h>
 
-extern const H5Z_class2_t kv_zstd_filter_class; /* kv_zstd_filter.c */
-
-/* ---- a stand-in for the zstd filter that counts how often HDF5 compresses through it */
-static long g_encodes;
-
-static size_t counting_filter(unsigned int flags, size_t cd_nelmts, const unsigned int cd_values[], size_t nbytes,
-                              size_t *buf_size, void **buf)
-{
-    if (!(flags & H5Z_FLAG_REVERSE))
-        g_encodes++;
-    return kv_zstd_filter_class.filter(flags, cd_nelmts, cd_values, nbytes, buf_size, buf);
-}
-
-static void count_encodes(int on)
-{
-    ck_assert_int_eq(kv_trace_init(), KV_OK);
-    H5Z_class2_t c = kv_zstd_filter_class;
-    c.filter = counting_filter;
-    /* registering an id that is already registered replaces its class */
-    ck_assert(H5Zregister(on ? &c : &kv_zstd_filter_class) >= 0);
-    g_encodes = 0;
-}
-
 /* T = 200 tokens in chunks of 64 (64, 64, 64 and an edge chunk of 8); W_O has 100 rows in chunks of
  * 64 (an edge chunk of 36 rows); pooled 8 x 8 per head. */
 #define T_TOK 200
@@ -274,13 +251,13 @@ START_TEST(whole_tensors_match_the_pipeline)
     char path[256], ref[256];
     kv_test_tmp("direct.h5", path, sizeof path);
     kv_test_tmp("direct-ref.h5", ref, sizeof ref);
-    count_encodes(1);
+    kv_test_count_filter(1);
     write_with(path, dt, &D, NULL);
     /* every tensor was written whole: no chunk went through the filter's encoder */
-    ck_assert_int_eq(g_encodes, 0);
+    ck_assert_int_eq(kv_test_filter_encodes, 0);
     write_reference(path, ref, dt, &D);
-    ck_assert_int_gt(g_encodes, 0); /* the stand-in does count HDF5's own compression */
-    count_encodes(0);
+    ck_assert_int_gt(kv_test_filter_encodes, 0); /* the stand-in does count HDF5's own compression */
+    kv_test_count_filter(0);
     check_round_trip(path, dt, &D);
     compare_with_reference(path, ref);
     data_free(&D);
@@ -392,13 +369,13 @@ START_TEST(row_pieces_mix_both_paths)
         char path[256], ref[256];
         kv_test_tmp("rows.h5", path, sizeof path);
         kv_test_tmp("rows-ref.h5", ref, sizeof ref);
-        count_encodes(1);
+        kv_test_count_filter(1);
         write_with(path, dt, &D, cut_sets[s]);
         if (s == 0)
-            ck_assert_int_gt(g_encodes, 0); /* partly covered chunks went through HDF5 */
+            ck_assert_int_gt(kv_test_filter_encodes, 0); /* partly covered chunks went through HDF5 */
         else
-            ck_assert_int_eq(g_encodes, 0); /* chunk-aligned pieces: all direct */
-        count_encodes(0);
+            ck_assert_int_eq(kv_test_filter_encodes, 0); /* chunk-aligned pieces: all direct */
+        kv_test_count_filter(0);
         check_round_trip(path, dt, &D);
         write_reference(path, ref, dt, &D);
         compare_with_reference(path, ref);

@@ -220,19 +220,79 @@ static int put_str(hid_t obj, const char *name, const char *s)
 
 /* ---------------------------------------------------------------- reader */
 
+/* Per-thread state of the direct chunk paths (the writer compresses whole chunks, the reader
+ * decompresses them, both on an OpenMP team): one zstd context and one staging area of 2 x cap bytes
+ * (a chunk's elements and their shuffled form) per thread, grown on demand and kept from call to
+ * call. `decode` picks decompression contexts (reader) or compression contexts (writer). */
+typedef struct {
+    int n;                 /* threads the arrays are sized for */
+    int decode;            /* contexts are ZSTD_DCtx (1) or ZSTD_CCtx (0) */
+    void **zctx;           /* (n) zstd contexts */
+    unsigned char **stage; /* (n) 2 x cap bytes */
+    size_t cap;            /* bytes of one uncompressed chunk the staging holds */
+} chunk_pool_t;
+
+static int chunk_pool_reserve(chunk_pool_t *cp, int nt, size_t chunk_bytes, const char *path)
+{
+    if (nt <= cp->n && chunk_bytes <= cp->cap)
+        return KV_OK;
+    for (int i = 0; i < cp->n; i++) {
+        kv_free_aligned(cp->stage[i]);
+        cp->stage[i] = NULL;
+    }
+    cp->cap = 0;
+    if (nt > cp->n) {
+        void **z = kv_calloc((size_t)nt, sizeof *z, "zstd contexts");
+        unsigned char **st = kv_calloc((size_t)nt, sizeof *st, "chunk staging");
+        if (!z || !st) {
+            kv_free(z);
+            kv_free(st);
+            return KV_ENOMEM;
+        }
+        for (int i = 0; i < cp->n; i++)
+            z[i] = cp->zctx[i];
+        kv_free(cp->zctx);
+        kv_free(cp->stage);
+        cp->zctx = z;
+        cp->stage = st;
+        cp->n = nt;
+    }
+    for (int i = 0; i < cp->n; i++) {
+        if (!cp->zctx[i] && !(cp->zctx[i] = cp->decode ? (void *)ZSTD_createDCtx() : (void *)ZSTD_createCCtx()))
+            return kv_error(KV_ENOMEM, "%s: cannot create a zstd context", path);
+        if (!(cp->stage[i] = kv_malloc_aligned(2 * chunk_bytes, "chunk staging")))
+            return KV_ENOMEM;
+    }
+    cp->cap = chunk_bytes;
+    return KV_OK;
+}
+
+static void chunk_pool_free(chunk_pool_t *cp)
+{
+    for (int i = 0; i < cp->n; i++) {
+        if (cp->decode)
+            ZSTD_freeDCtx(cp->zctx[i]);
+        else
+            ZSTD_freeCCtx(cp->zctx[i]);
+        kv_free_aligned(cp->stage[i]);
+    }
+    kv_free(cp->zctx);
+    kv_free(cp->stage);
+    const int decode = cp->decode;
+    memset(cp, 0, sizeof *cp);
+    cp->decode = decode;
+}
+
 typedef struct {
     hid_t file;
     int has[KV_T_COUNT];
     uint16_t *half; /* scratch for f16 reads */
     size_t half_cap;
     /* direct chunk reads (read_direct), reused from call to call */
-    int n_dctx;            /* threads the per-thread arrays are sized for */
-    ZSTD_DCtx **dctx;      /* (n_dctx) zstd contexts */
-    unsigned char **stage; /* (n_dctx) 2 x stage_cap bytes: a decompressed chunk, then un-shuffled */
-    size_t stage_cap;      /* bytes of one uncompressed chunk the staging holds */
-    int n_raw;             /* slots for stored chunks: the batch being decompressed and the one fetched */
-    unsigned char **raw;   /* (n_raw) stored (compressed) chunks */
-    size_t *raw_cap;       /* (n_raw) bytes each slot holds */
+    chunk_pool_t pool;   /* per thread: a zstd decompression context, a decompressed and an un-shuffled chunk */
+    int n_raw;           /* slots for stored chunks: the batch being decompressed and the one fetched */
+    unsigned char **raw; /* (n_raw) stored (compressed) chunks */
+    size_t *raw_cap;     /* (n_raw) bytes each slot holds */
 } h5_impl_t;
 
 /* A whole tensor or a chunk-aligned row range straight from the stored chunks (defined with the
@@ -577,6 +637,7 @@ int kv_trace_hdf5_open(const char *path, kv_trace_t **out)
         kv_free(hi);
         return KV_ENOMEM;
     }
+    hi->pool.decode = 1;
     t->vt = &h5_vt;
     t->impl = hi;
     snprintf(t->path, sizeof t->path, "%s", path);
@@ -655,10 +716,7 @@ struct kv_trace_writer {
     unsigned char *plain; /* staging of the H5Dwrite path: f16 conversion, gathered rows */
     size_t plain_cap;
     /* direct chunk writes (write_direct), reused from call to call */
-    int n_ctx;             /* threads the per-thread arrays are sized for */
-    ZSTD_CCtx **zctx;      /* (n_ctx) zstd contexts */
-    unsigned char **stage; /* (n_ctx) 2 x chunk_cap bytes: a chunk's elements, then shuffled */
-    size_t chunk_cap;      /* bytes of one uncompressed chunk the staging holds */
+    chunk_pool_t pool;     /* per thread: a zstd compression context, a chunk's elements and their shuffled form */
     unsigned char *frames; /* compressed chunks of the batch being made and the one being stored */
     size_t frames_cap;
 };
@@ -906,36 +964,9 @@ static void shuffle_bytes(const unsigned char *restrict in, unsigned char *restr
  * of chunk_bytes, and frames_bytes for compressed chunks; kept from call to call. */
 static int direct_scratch(kv_trace_writer_t *w, int nt, size_t chunk_bytes, size_t frames_bytes)
 {
-    if (nt > w->n_ctx || chunk_bytes > w->chunk_cap) {
-        for (int i = 0; i < w->n_ctx; i++) {
-            kv_free_aligned(w->stage[i]);
-            w->stage[i] = NULL;
-        }
-        w->chunk_cap = 0;
-        if (nt > w->n_ctx) {
-            ZSTD_CCtx **z = kv_calloc((size_t)nt, sizeof *z, "zstd contexts");
-            unsigned char **st = kv_calloc((size_t)nt, sizeof *st, "chunk staging");
-            if (!z || !st) {
-                kv_free(z);
-                kv_free(st);
-                return KV_ENOMEM;
-            }
-            for (int i = 0; i < w->n_ctx; i++)
-                z[i] = w->zctx[i];
-            kv_free(w->zctx);
-            kv_free(w->stage);
-            w->zctx = z;
-            w->stage = st;
-            w->n_ctx = nt;
-        }
-        for (int i = 0; i < w->n_ctx; i++) {
-            if (!w->zctx[i] && !(w->zctx[i] = ZSTD_createCCtx()))
-                return kv_error(KV_ENOMEM, "%s: cannot create a zstd context", w->path);
-            if (!(w->stage[i] = kv_malloc_aligned(2 * chunk_bytes, "chunk staging")))
-                return KV_ENOMEM;
-        }
-        w->chunk_cap = chunk_bytes;
-    }
+    int rc = chunk_pool_reserve(&w->pool, nt, chunk_bytes, w->path);
+    if (rc)
+        return rc;
     if (frames_bytes > w->frames_cap) {
         kv_free_aligned(w->frames);
         w->frames_cap = 0;
@@ -948,18 +979,10 @@ static int direct_scratch(kv_trace_writer_t *w, int nt, size_t chunk_bytes, size
 
 static void direct_free(kv_trace_writer_t *w)
 {
-    for (int i = 0; i < w->n_ctx; i++) {
-        ZSTD_freeCCtx(w->zctx[i]);
-        kv_free_aligned(w->stage[i]);
-    }
-    kv_free(w->zctx);
-    kv_free(w->stage);
+    chunk_pool_free(&w->pool);
     kv_free_aligned(w->frames);
-    w->zctx = NULL;
-    w->stage = NULL;
     w->frames = NULL;
-    w->n_ctx = 0;
-    w->chunk_cap = w->frames_cap = 0;
+    w->frames_cap = 0;
 }
 
 /* Raw bytes per batch of chunks, at least (a batch is also at least one chunk per thread). */
@@ -1000,7 +1023,7 @@ static int write_direct(kv_trace_writer_t *w, hid_t d, const char *name, const d
             {
                 const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
                 const size_t origin[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
-                unsigned char *elems = w->stage[omp_get_thread_num()], *shuf = elems + chunk_bytes;
+                unsigned char *elems = w->pool.stage[omp_get_thread_num()], *shuf = elems + chunk_bytes;
                 int stop;
 #pragma omp atomic read
                 stop = failed;
@@ -1008,7 +1031,7 @@ static int write_direct(kv_trace_writer_t *w, hid_t d, const char *name, const d
                 if (!stop) {
                     over[slot] = gather_chunk(p, src, S, s0, origin, elems);
                     shuffle_bytes(elems, shuf, chunk_n, p->esize);
-                    fsize[slot] = kv_zstd_compress_chunk(w->zctx[omp_get_thread_num()], p->level,
+                    fsize[slot] = kv_zstd_compress_chunk((ZSTD_CCtx *)w->pool.zctx[omp_get_thread_num()], p->level,
                                                          w->frames + slot * frame_cap, frame_cap, shuf, chunk_bytes);
                 }
             }
@@ -1337,36 +1360,9 @@ static void scatter_chunk(const direct_plan_t *p, const unsigned char *in, float
  * for stored chunks; kept from call to call. */
 static int read_scratch(h5_impl_t *hi, int nt, size_t chunk_bytes, int n_raw, const char *path)
 {
-    if (nt > hi->n_dctx || chunk_bytes > hi->stage_cap) {
-        for (int i = 0; i < hi->n_dctx; i++) {
-            kv_free_aligned(hi->stage[i]);
-            hi->stage[i] = NULL;
-        }
-        hi->stage_cap = 0;
-        if (nt > hi->n_dctx) {
-            ZSTD_DCtx **z = kv_calloc((size_t)nt, sizeof *z, "zstd contexts");
-            unsigned char **st = kv_calloc((size_t)nt, sizeof *st, "chunk staging");
-            if (!z || !st) {
-                kv_free(z);
-                kv_free(st);
-                return KV_ENOMEM;
-            }
-            for (int i = 0; i < hi->n_dctx; i++)
-                z[i] = hi->dctx[i];
-            kv_free(hi->dctx);
-            kv_free(hi->stage);
-            hi->dctx = z;
-            hi->stage = st;
-            hi->n_dctx = nt;
-        }
-        for (int i = 0; i < hi->n_dctx; i++) {
-            if (!hi->dctx[i] && !(hi->dctx[i] = ZSTD_createDCtx()))
-                return kv_error(KV_ENOMEM, "%s: cannot create a zstd context", path);
-            if (!(hi->stage[i] = kv_malloc_aligned(2 * chunk_bytes, "chunk staging")))
-                return KV_ENOMEM;
-        }
-        hi->stage_cap = chunk_bytes;
-    }
+    int rc = chunk_pool_reserve(&hi->pool, nt, chunk_bytes, path);
+    if (rc)
+        return rc;
     if (n_raw > hi->n_raw) {
         unsigned char **r = kv_calloc((size_t)n_raw, sizeof *r, "stored chunks");
         size_t *cap = kv_calloc((size_t)n_raw, sizeof *cap, "stored chunks");
@@ -1390,22 +1386,14 @@ static int read_scratch(h5_impl_t *hi, int nt, size_t chunk_bytes, int n_raw, co
 
 static void read_direct_free(h5_impl_t *hi)
 {
-    for (int i = 0; i < hi->n_dctx; i++) {
-        ZSTD_freeDCtx(hi->dctx[i]);
-        kv_free_aligned(hi->stage[i]);
-    }
+    chunk_pool_free(&hi->pool);
     for (int i = 0; i < hi->n_raw; i++)
         kv_free(hi->raw[i]);
-    kv_free(hi->dctx);
-    kv_free(hi->stage);
     kv_free(hi->raw);
     kv_free(hi->raw_cap);
-    hi->dctx = NULL;
-    hi->stage = NULL;
     hi->raw = NULL;
     hi->raw_cap = NULL;
-    hi->n_dctx = hi->n_raw = 0;
-    hi->stage_cap = 0;
+    hi->n_raw = 0;
 }
 
 /* Fetch the stored chunk at `off` into slot `slot` (calling thread: HDF5). Returns KV_OK,
@@ -1514,13 +1502,14 @@ static int read_direct(kv_trace_t *t, hid_t d, const char *name, int f16, int t0
                 const size_t slot = i % n_slots, c0 = i / (n1 * n2), c1 = c_lo + i / n2 % n1, c2 = i % n2;
                 const size_t origin[3] = {c0 * ch[0], c1 * ch[1], c2 * ch[2]};
                 const int me = omp_get_thread_num();
-                unsigned char *shuf = hi->stage[me], *elems = shuf + chunk_bytes;
+                unsigned char *shuf = hi->pool.stage[me], *elems = shuf + chunk_bytes;
                 int stop;
 #pragma omp atomic read
                 stop = failed;
                 zret[slot] = 0;
                 if (!stop) {
-                    zret[slot] = ZSTD_decompressDCtx(hi->dctx[me], shuf, chunk_bytes, hi->raw[slot], fsize[slot]);
+                    zret[slot] = ZSTD_decompressDCtx((ZSTD_DCtx *)hi->pool.zctx[me], shuf, chunk_bytes, hi->raw[slot],
+                                                     fsize[slot]);
                     if (zret[slot] == chunk_bytes) {
                         unshuffle_bytes(shuf, elems, chunk_n, p.esize);
                         scatter_chunk(&p, elems, dst, D, r0, origin);
