@@ -24,7 +24,7 @@
 #include <string.h>
 #include <unistd.h>
 
-/* kvsim info, linked in with the two CLI helpers it calls */
+/* kvsim info, linked in with stand-ins for the CLI helpers it calls (sim/cli/main.c has main) */
 #include "sim/cli/cmd_info.c"
 int kv_cli_fail(const char *cmd)
 {
@@ -34,6 +34,11 @@ int kv_cli_fail(const char *cmd)
 int kv_cli_usage_error(const char *cmd, const char *fmt, ...)
 {
     (void)cmd, (void)fmt;
+    return 2;
+}
+int kv_cli_bad_option(const char *cmd, int c, char **argv)
+{
+    (void)cmd, (void)c, (void)argv;
     return 2;
 }
 
