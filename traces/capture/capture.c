@@ -398,7 +398,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
                  o->segments ? o->segments : "auto", o->pool, o->zstd_level, o->backend ? o->backend : "auto",
                  o->n_threads, kv_model_describe(m, d, sizeof d));
     }
-    rc = kv_sha256_file(o->model_path, meta.model_sha256);
+    rc = kv_model_sha256(m, meta.model_sha256);
     if (rc == KV_OK) {
         kv_write_opts_t wo = {o->dtype, o->zstd_level, 0};
         rc = kv_trace_create(o->out_path, &meta, &wo, &w);
