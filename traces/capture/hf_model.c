@@ -420,13 +420,13 @@ static int st_get(const st_set_t *s, const char *name, uint64_t rows, uint64_t c
     }
     *dtype_seen |= 1u << t->dtype;
     const uint64_t ncol = cols ? cols : 1;
-    const int half = head_dim / 2;
+    const uint64_t hd = head_dim > 0 ? (uint64_t)head_dim : 2, half = hd / 2; /* head_dim is even (config check) */
 #pragma omp parallel for schedule(static) if (rows * ncol > 65536)
     for (uint64_t r = 0; r < rows; r++) {
         uint64_t to = r;
         if (head_dim > 0) {
-            uint64_t h = r / (uint64_t)head_dim, i = r % (uint64_t)head_dim;
-            to = h * (uint64_t)head_dim + 2 * (i % (uint64_t)half) + i / (uint64_t)half;
+            uint64_t h = r / hd, i = r % hd;
+            to = h * hd + 2 * (i % half) + i / half;
         }
         const unsigned char *src = t->data + r * ncol * dt_size[t->dtype];
         float *out = dst + to * ncol;
