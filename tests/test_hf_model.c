@@ -13,8 +13,10 @@
  *  - a safetensors file written by the `safetensors` Python package (when importable) loads to the
  *    same logits: the writer here and the reader must not share a misreading of the format;
  *  - broken files and configurations give errors naming the file and the problem;
+ *  - F16 weights are the f16 rounding of the originals;
  *  - a small SentencePiece-BPE tokenizer.json encodes known strings to ids worked out by hand from
- *    the BPE definition (lowest-rank listed pair first); a Llama-3-style one is refused.
+ *    the BPE definition (lowest-rank listed pair first; the same ids came out of Hugging Face's
+ *    `tokenizers` 0.23.3 on this file when the test was written); a Llama-3-style one is refused.
  */
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
@@ -24,6 +26,7 @@
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
 #include "traces/capture/kv_tokenizer.h"
+#include "traces/kv_f16.h"
 #include "traces/kv_trace.h"
 
 #include <math.h>
@@ -37,7 +40,7 @@ static char g_model[512], g_tok[512];
 
 /* ---------------------------------------------------------------- writer */
 
-enum { W_F32, W_BF16 };
+enum { W_F32, W_BF16, W_F16 };
 enum { C_NONE, C_OFFSETS, C_DTYPE, C_SHAPE, C_MISSING, C_OVERLAP };
 
 typedef struct {
@@ -82,7 +85,7 @@ static unsigned char *tensor_bytes(const wtensor_t *t, int dtype, size_t *nbytes
             if (dtype == W_F32) {
                 memcpy(b + (r * nc + c) * 4, &src[c], 4);
             } else {
-                uint16_t h = to_bf16(src[c]);
+                uint16_t h = dtype == W_F16 ? kv_f32_to_f16(src[c]) : to_bf16(src[c]);
                 memcpy(b + (r * nc + c) * 2, &h, 2);
             }
         }
@@ -145,7 +148,7 @@ static void write_safetensors(const char *path, const wtensor_t *t, int n, int d
         if (corrupt == C_MISSING && i == n - 1)
             break;
         uint64_t b = total, e = total + nb[i], rows = t[i].rows;
-        const char *dt = dtype == W_F32 ? "F32" : "BF16";
+        const char *dt = dtype == W_F32 ? "F32" : dtype == W_F16 ? "F16" : "BF16";
         if (i == 1 && corrupt == C_OFFSETS)
             e += 1u << 20;
         if (i == 1 && corrupt == C_DTYPE)
@@ -343,6 +346,17 @@ START_TEST(loader_undoes_permutation)
     ck_assert_int_eq(kv_model_sha256(m2, h2), KV_OK);
     ck_assert_str_eq(h1, h2); /* config.json + model.safetensors either way */
     kv_model_free(m2);
+    kv_model_free(m);
+    /* F16: every weight is the f16 rounding of the original (the writer's kv_f32_to_f16 and the
+     * loader's kv_f16_to_f32 are exact inverses on f16 values), permuted back like F32 */
+    o.dtype = W_F16;
+    write_hf(&x.m, &o, "hf-tiny-f16", dir, sizeof dir);
+    ck_assert_msg(kv_model_load(dir, &m) == KV_OK, "%s", kv_last_error());
+    ck_assert_str_eq(m->hf_dtype, "F16");
+    for (size_t i = 0; i < L * KV * D; i++)
+        ck_assert(m->wk[i] == kv_f16_to_f32(kv_f32_to_f16(x.m.wk[i])));
+    for (size_t i = 0; i < L * D * D; i++)
+        ck_assert(m->wq[i] == kv_f16_to_f32(kv_f32_to_f16(x.m.wq[i])));
     kv_model_free(m);
     free(x.buf);
 }
@@ -577,6 +591,38 @@ START_TEST(broken_inputs_are_errors)
     expect_error(dir, "model.safetensors", "header length");
     ck_assert_int_eq(truncate(p, 5), 0);
     expect_error(dir, "model.safetensors", "shorter than the 8-byte");
+    /* any truncation or flipped header byte is an error or a valid load, never a crash */
+    write_hf(&x.m, &o, "hf-mangle", dir, sizeof dir);
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    FILE *f = fopen(p, "rb");
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *img = malloc((size_t)size);
+    ck_assert_int_eq(fread(img, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | img[i];
+    unsigned long long seed = 99;
+    for (int k = 0; k < 300; k++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        size_t at = (size_t)((seed >> 33) % (8 + hlen)), len = (size_t)size;
+        unsigned char keep = img[at];
+        if (k < 60)
+            len = (size_t)((seed >> 20) % (uint64_t)size); /* truncated */
+        else
+            img[at] = (unsigned char)(seed >> 13); /* one byte of the length or header changed */
+        write_file(p, img, len);
+        img[at] = keep;
+        kv_model_t *m = NULL;
+        if (kv_model_load(dir, &m) == KV_OK)
+            kv_model_free(m);
+        else
+            ck_assert_ptr_nonnull(strstr(kv_last_error(), dir));
+    }
+    write_file(p, img, (size_t)size);
+    free(img);
     /* no weights at all */
     ck_assert_int_eq(unlink(p), 0);
     expect_error(dir, "model.safetensors", "cannot open");
