@@ -500,12 +500,12 @@ static int open_weights(kv_model_t *m, const char *dir, const char *given, st_se
     const size_t nfiles = names ? nn : 1;
     s->f = kv_calloc(nfiles, sizeof *s->f, "safetensors files");
     char(*files)[1024] = kv_realloc(m->files, (nfiles + 2) * sizeof *files, "file list");
+    if (files)
+        m->files = files; /* the old block is gone once realloc succeeds */
     if (!s->f || !files) {
-        kv_free(files == m->files ? NULL : files);
         rc = KV_ENOMEM;
         goto done;
     }
-    m->files = files;
     if (names) {
         snprintf(m->files[m->n_files++], 1024, "%s", index);
         for (size_t k = 0; k < nn; k++) {
