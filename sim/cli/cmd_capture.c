@@ -3,6 +3,8 @@
  *   kvsim capture   MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [...]   record an attention trace
  *   kvsim generate  MODEL -z TOKENIZER [-i PROMPT] [-n STEPS]         greedy (or sampled) continuation
  *   kvsim nll       MODEL -z TOKENIZER TEXTFILE                       teacher-forced mean NLL
+ * MODEL is a llama2.c checkpoint or a Hugging Face folder (kv_model.h); -z may then be left out when
+ * the folder has a tokenizer.json.
  * A prompt is given as text (-i "Once upon a time"), as -i @FILE, or with --prompt-file FILE.
  */
 #include "kernels/kv_backend.h"
@@ -93,16 +95,21 @@ static void generate_help(void)
 {
     printf("usage: kvsim generate MODEL -z TOKENIZER [-i PROMPT] [-n STEPS] [options]\n"
            "\n"
-           "Continue PROMPT with a llama2.c model and print the prompt and the continuation on stdout.\n"
+           "Continue PROMPT with MODEL and print the prompt and the continuation on stdout.\n"
            "Greedy (deterministic) unless --temperature is given. Generation stops after STEPS tokens,\n"
            "at the end of the model's context, or when the model emits BOS or EOS. A timing line goes to\n"
            "stderr.\n"
            "\n"
            "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
+           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
+           "                         model.safetensors or shards with their index), its config.json or\n"
+           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
            "\n"
            "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
+           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
+           "                         tokenizer.json beside its config.json (the default then)\n"
            "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
            "      --prompt-file F    read the prompt from file F\n"
            "  -n, --steps N          tokens to generate (default 256, capped by the context)\n"
@@ -185,8 +192,10 @@ int kv_cmd_generate(int argc, char **argv)
     }
     if (optind + 1 != argc)
         return kv_cli_usage_error("generate", "expected exactly one MODEL argument");
-    if (!tok_path)
-        return kv_cli_usage_error("generate", "-z TOKENIZER is required");
+    char deftok[1100];
+    if (!tok_path && !(tok_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
+        return kv_cli_usage_error("generate",
+                                  "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
     kv_model_t *m;
     kv_tokenizer_t *tok;
     kv_backend_t *be;
@@ -229,11 +238,16 @@ static void nll_help(void)
            "nll=<mean nats per predicted token>.\n"
            "\n"
            "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
+           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
+           "                         model.safetensors or shards with their index), its config.json or\n"
+           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
            "  TEXTFILE               the text to score\n"
            "\n"
            "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
+           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
+           "                         tokenizer.json beside its config.json (the default then)\n"
            "      --backend B        cpu, cuda or auto (default auto)\n"
            "      --threads N        CPU threads (default: all cores)\n"
            "  -q, --quiet            no per-document lines (default: one per document)\n"
@@ -280,8 +294,9 @@ int kv_cmd_nll(int argc, char **argv)
     }
     if (optind + 2 != argc)
         return kv_cli_usage_error("nll", "expected MODEL and TEXTFILE");
-    if (!tok_path)
-        return kv_cli_usage_error("nll", "-z TOKENIZER is required");
+    char deftok[1100];
+    if (!tok_path && !(tok_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
+        return kv_cli_usage_error("nll", "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
     char *text = NULL;
     size_t len = 0;
     if (read_text(argv[optind + 1], &text, &len) != KV_OK)
@@ -331,10 +346,15 @@ static void capture_help(void)
            "decode queries and the summaries.\n"
            "\n"
            "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0)\n"
+           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
+           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
+           "                         model.safetensors or shards with their index), its config.json or\n"
+           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
            "\n"
            "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin (required)\n"
+           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
+           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
+           "                         tokenizer.json beside its config.json (the default then)\n"
            "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (required, or --prompt-file)\n"
            "      --prompt-file F    read the prompt from file F\n"
            "  -o, --output FILE      trace file to write (required)\n"
@@ -428,8 +448,10 @@ int kv_cmd_capture(int argc, char **argv)
     }
     if (optind + 1 != argc)
         return kv_cli_usage_error("capture", "expected exactly one MODEL argument");
-    if (!o.tokenizer_path)
-        return kv_cli_usage_error("capture", "-z TOKENIZER is required");
+    char deftok[1100];
+    if (!o.tokenizer_path && !(o.tokenizer_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
+        return kv_cli_usage_error("capture",
+                                  "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
     if (!o.out_path)
         return kv_cli_usage_error("capture", "-o TRACE.h5 is required");
     if (!prompt_arg && !prompt_file)

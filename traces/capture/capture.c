@@ -317,7 +317,11 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     memset(&s, 0, sizeof s);
     double t0 = kv_now();
 
-    if (!o->model_path || !o->tokenizer_path || !o->prompt || !o->out_path)
+    char deftok[1100];
+    const char *tok_path = o->tokenizer_path;
+    if (!tok_path && o->model_path) /* a Hugging Face folder's own tokenizer.json */
+        tok_path = kv_model_default_tokenizer(o->model_path, deftok, sizeof deftok);
+    if (!o->model_path || !tok_path || !o->prompt || !o->out_path)
         return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt and output are all required");
     if (o->n_decode < 0)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
@@ -326,7 +330,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     if ((rc = kv_model_load(o->model_path, &m)))
         goto done;
     const kv_model_config_t *c = &m->cfg;
-    if ((rc = kv_tokenizer_load(o->tokenizer_path, c->vocab_size, &tok)))
+    if ((rc = kv_tokenizer_load(tok_path, c->vocab_size, &tok)))
         goto done;
     if ((rc = kv_capture_tokenize(tok, o->prompt, o->segments, &tokens, &n_prompt, &segs, &n_segs)))
         goto done;
@@ -383,7 +387,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     }
     snprintf(meta.source, sizeof meta.source, "capture");
     snprintf(meta.model, sizeof meta.model, "%s", o->model_path);
-    snprintf(meta.tokenizer, sizeof meta.tokenizer, "%s", o->tokenizer_path);
+    snprintf(meta.tokenizer, sizeof meta.tokenizer, "%s", tok_path);
     snprintf(meta.backend, sizeof meta.backend, "%s", res->device);
     snprintf(meta.prompt, sizeof meta.prompt, "%s", o->prompt);
     kv_iso_time(meta.created, sizeof meta.created);
@@ -398,7 +402,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
                  o->segments ? o->segments : "auto", o->pool, o->zstd_level, o->backend ? o->backend : "auto",
                  o->n_threads, kv_model_describe(m, d, sizeof d));
     }
-    rc = kv_sha256_file(o->model_path, meta.model_sha256);
+    rc = kv_model_sha256(m, meta.model_sha256);
     if (rc == KV_OK) {
         kv_write_opts_t wo = {o->dtype, o->zstd_level, 0};
         rc = kv_trace_create(o->out_path, &meta, &wo, &w);

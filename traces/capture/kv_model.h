@@ -17,6 +17,8 @@
  *     reads), or all the int8 values first and all the scales after them (export.py as first
  *     published). Both are read; which one a file uses is told by its scales (model.c). Weights are
  *     dequantised to fp32 at load (value = int8 * scale of its group).
+ * Hugging Face checkpoints (a folder with config.json and safetensors weights) are read by hf_model.c,
+ * described in kv_hf_model_load below; they come out in the same kv_model_t.
  * The layouts were read from llama2.c's export.py (legacy_export, version1_export, version2_export)
  * and runq.c.
  *
@@ -69,12 +71,38 @@ typedef struct {
     /* storage */
     void *map; /* mmap of the file (fp32 layouts) */
     size_t map_len;
-    float *owned;    /* dequantised weights (version 2) */
+    float *owned;    /* dequantised weights (version 2), converted weights (Hugging Face) */
     size_t n_params; /* weights counted once (no freq_cis, no duplicate classifier) */
+    /* Hugging Face checkpoints only (hf == 0 for llama2.c) */
+    int hf;              /* 1: loaded from config.json + safetensors */
+    char hf_dtype[16];   /* dtype of the weights in the files: "F32", "F16", "BF16" or "mixed" */
+    int n_files;         /* files of the checkpoint, in kv_model_sha256 order */
+    char (*files)[1024]; /* config.json, [model.safetensors.index.json], the safetensors files by name */
 } kv_model_t;
 
-/* Load a checkpoint. On failure *out is NULL and the message names the file and the problem. */
+/* Load a checkpoint: a llama2.c file, or a Hugging Face checkpoint when kv_model_is_hf_path(path).
+ * On failure *out is NULL and the message names the file and the problem. */
 int kv_model_load(const char *path, kv_model_t **out);
+
+/* 1 when `path` names a Hugging Face checkpoint: a directory, a .json file (its config.json or
+ * index) or a .safetensors file (config.json beside it). Decided by the path alone. */
+int kv_model_is_hf_path(const char *path);
+
+/* Hugging Face Llama-family checkpoint (LlamaForCausalLM, MistralForCausalLM): config.json and
+ * model.safetensors, or shards listed in model.safetensors.index.json; F32, F16 and BF16 weights
+ * are converted to fp32 at load and the q_proj/k_proj rows are put back in llama2.c's RoPE order
+ * (hf_model.c says why and how). `path` is the folder, its config.json, the index or one
+ * .safetensors file. */
+int kv_hf_model_load(const char *path, kv_model_t **out);
+
+/* The tokenizer.json beside a Hugging Face checkpoint's config.json, into buf; NULL when `path` is
+ * not a Hugging Face path or there is no such file. */
+const char *kv_model_default_tokenizer(const char *path, char *buf, size_t len);
+
+/* SHA-256 (hex) identifying the checkpoint: of the file for llama2.c; for Hugging Face, of the bytes
+ * of m->files concatenated in order (config.json, the index when sharded, the safetensors files in
+ * file-name order). */
+int kv_model_sha256(const kv_model_t *m, char hex[65]);
 void kv_model_free(kv_model_t *m);
 
 /* Validate dimensions (positive, bounded, divisible: dim by n_heads, n_heads by n_kv_heads, even

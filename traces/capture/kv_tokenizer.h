@@ -12,6 +12,13 @@
  * (the leftmost pair on ties) until no pair merges. The merge loop uses a priority queue, so long
  * prompts encode in O(n log n) with exactly the result of the quadratic scan.
  * Decoding maps <0xXX> tokens to the raw byte and drops the leading space of the piece after BOS.
+ *
+ * A Hugging Face tokenizer.json of the SentencePiece-BPE kind (Llama 1/2, Mistral v0.1: model.type
+ * BPE with byte_fallback, '▁' for spaces, a merges list) loads into the same structure
+ * (hf_tokenizer.c): its pieces with '▁' turned back into ' ', and its merges as a table of
+ * (left id, right id) -> rank. With a merge table the encoder merges the adjacent pair of lowest
+ * rank (the leftmost on ties) among the pairs listed, which is Hugging Face's BPE; without one it
+ * merges by the score of the concatenation, as above.
  */
 #ifndef KV_TOKENIZER_H
 #define KV_TOKENIZER_H
@@ -33,11 +40,23 @@ typedef struct {
     int byte_fallback;    /* 1 when ids 3..258 are <0x00>..<0xFF> */
     char path[1024];
     char *blob; /* storage of the pieces */
+    /* Hugging Face BPE merges sorted by key (merge_keys NULL for tokenizer.bin) */
+    int n_merges;
+    uint64_t *merge_keys; /* (uint64_t)left id << 32 | right id */
+    int *merge_rank;      /* position in tokenizer.json's merges list: lower merges first */
+    int *merge_id;        /* id of the concatenation */
 } kv_tokenizer_t;
 
-/* Load `path`. expect_vocab > 0: the file must hold exactly that many tokens (the model's vocab);
- * 0: read tokens up to the end of the file. Errors name the file and the problem. */
+/* Load `path` (a tokenizer.json when its name ends in .json, else a tokenizer.bin). expect_vocab > 0:
+ * the file must hold exactly that many tokens (the model's vocab; a tokenizer.json may hold fewer,
+ * never more); 0: read tokens up to the end of the file. Errors name the file and the problem. */
 int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out);
+
+/* The Hugging Face tokenizer.json loader behind kv_tokenizer_load (hf_tokenizer.c). */
+int kv_hf_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out);
+
+/* For loaders: build t->sorted and t->byte_fallback once pieces, lens and vocab_size are set. */
+void kv_tokenizer_index(kv_tokenizer_t *t);
 void kv_tokenizer_free(kv_tokenizer_t *t);
 
 /* Id of a piece (exact bytes), or -1. */

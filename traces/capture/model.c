@@ -308,6 +308,8 @@ done:
 int kv_model_load(const char *path, kv_model_t **out)
 {
     *out = NULL;
+    if (kv_model_is_hf_path(path))
+        return kv_hf_model_load(path, out);
     int rc = KV_OK, fd = -1;
     kv_model_t *m = kv_calloc(1, sizeof *m, "model");
     if (!m)
@@ -461,13 +463,17 @@ void kv_model_free(kv_model_t *m)
     if (m->map)
         munmap(m->map, m->map_len);
     kv_free_aligned(m->owned);
+    kv_free(m->files);
     kv_free(m);
 }
 
 const char *kv_model_describe(const kv_model_t *m, char *buf, size_t len)
 {
     const kv_model_config_t *c = &m->cfg;
-    if (c->version == 2)
+    if (m->hf)
+        snprintf(buf, len, "Hugging Face safetensors (%s%s, %d file%s)", m->hf_dtype,
+                 strcmp(m->hf_dtype, "F32") ? " converted to fp32" : "", m->n_files - 1, m->n_files == 2 ? "" : "s");
+    else if (c->version == 2)
         snprintf(buf, len, "llama2.c v2 (Q8_0, group %d, dequantised to fp32)", c->group_size);
     else
         snprintf(buf, len, "llama2.c v%d (%sfp32)", c->version, c->version == 0 ? "legacy " : "");

@@ -54,6 +54,9 @@ static int is_byte_piece(const char *p, int len, int *byte)
 int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
 {
     *out = NULL;
+    size_t plen = strlen(path);
+    if (plen >= 5 && !strcmp(path + plen - 5, ".json"))
+        return kv_hf_tokenizer_load(path, expect_vocab, out);
     int rc = KV_OK;
     unsigned char *buf = NULL;
     FILE *f = fopen(path, "rb");
@@ -190,16 +193,8 @@ int kv_tokenizer_load(const char *path, int expect_vocab, kv_tokenizer_t **out)
         t->lens[i] = len;
         p += len + 1;
         off += (size_t)len;
-        t->sorted[i] = (int)i;
     }
-    g_sort_tok = t;
-    qsort(t->sorted, n, sizeof(int), cmp_ids);
-    g_sort_tok = NULL;
-    t->byte_fallback = n >= 259;
-    for (int b = 0; b < 256 && t->byte_fallback; b++) {
-        int v;
-        t->byte_fallback = is_byte_piece(t->pieces[3 + b], t->lens[3 + b], &v) && v == b;
-    }
+    kv_tokenizer_index(t);
     kv_free(buf);
     fclose(f);
     *out = t;
@@ -211,10 +206,28 @@ fail:
     return rc;
 }
 
+void kv_tokenizer_index(kv_tokenizer_t *t)
+{
+    const int n = t->vocab_size;
+    for (int i = 0; i < n; i++)
+        t->sorted[i] = i;
+    g_sort_tok = t;
+    qsort(t->sorted, (size_t)n, sizeof(int), cmp_ids);
+    g_sort_tok = NULL;
+    t->byte_fallback = n >= 259;
+    for (int b = 0; b < 256 && t->byte_fallback; b++) {
+        int v;
+        t->byte_fallback = is_byte_piece(t->pieces[3 + b], t->lens[3 + b], &v) && v == b;
+    }
+}
+
 void kv_tokenizer_free(kv_tokenizer_t *t)
 {
     if (!t)
         return;
+    kv_free(t->merge_keys);
+    kv_free(t->merge_rank);
+    kv_free(t->merge_id);
     kv_free(t->pieces);
     kv_free(t->lens);
     kv_free(t->scores);
@@ -307,10 +320,27 @@ static cand_t heap_pop(heap_t *h)
     return top;
 }
 
-/* Push the merge of symbols l and r if their concatenation is a token. */
+/* Push the merge of symbols l and r: with a merge table when the pair is listed (score -rank, so
+ * the lowest rank pops first), else when their concatenation is a token (its score). */
 static int try_pair(const kv_tokenizer_t *t, heap_t *h, const int *ids, int l, int r, char *scratch)
 {
     int a = ids[l], b = ids[r];
+    if (t->merge_keys) {
+        uint64_t key = (uint64_t)a << 32 | (uint32_t)b;
+        int lo = 0, hi = t->n_merges - 1;
+        while (lo <= hi) {
+            int mid = lo + (hi - lo) / 2;
+            if (t->merge_keys[mid] == key) {
+                cand_t c = {-(float)t->merge_rank[mid], l, r, a, b, t->merge_id[mid]};
+                return heap_push(h, c);
+            }
+            if (t->merge_keys[mid] < key)
+                lo = mid + 1;
+            else
+                hi = mid - 1;
+        }
+        return KV_OK;
+    }
     int la = t->lens[a], lb = t->lens[b];
     if (la + lb > t->max_token_length)
         return KV_OK;
