@@ -227,6 +227,7 @@ typedef struct {
     int probe_e;                  /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
     int rc;
+    double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
 } cfg_t;
 
@@ -281,6 +282,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
     float *fq = kv_malloc(sizeof(float) * (size_t)H, "recalls");
     float *attn = d->observe ? kv_calloc((size_t)H * T, sizeof(float), "renormalised attention") : NULL;
     double *peak_s = kv_calloc((size_t)S, sizeof(double), "cache peaks");
+    kv_metrics_scratch_t ws = {0};
     int rc = KV_OK;
     if (!keep.mask || (has_wo && (!evec || !eq)) || !fq || (d->observe && !attn) || !peak_s) {
         rc = KV_ENOMEM;
@@ -332,7 +334,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 }
                 if ((rc = kv_metrics_query_group(ml, h0, nh, e, keep.mask + (size_t)s * T, (fl & KV_POL_PER_QUERY) != 0,
                                                  rr, ee, bb, has_wo ? eq + (size_t)h0 * c->d : NULL,
-                                                 attn ? attn + (size_t)h0 * T : NULL)))
+                                                 attn ? attn + (size_t)h0 * T : NULL, &ws)))
                     goto done;
                 for (int hh = 0; hh < nh; hh++) {
                     size_t o = (size_t)(h0 + hh) * E + e;
@@ -400,7 +402,27 @@ done:
     kv_free(fq);
     kv_free(attn);
     kv_free(peak_s);
+    kv_metrics_scratch_free(&ws);
     return rc;
+}
+
+/* The order in which the parallel loop hands out the (policy, budget) pairs of a layer: longest
+ * first by what each took on the previous layer (layers have the same shape, so that is a good
+ * estimate), ties and the first layer by the order on entry (initially the configuration order).
+ * Costs differ by an order of magnitude (per-query caches at large budgets against one-shot masks),
+ * and in configuration order a long pair often started last and left the other threads idle.
+ * Each pair writes only its own slots, so the order changes no result. */
+static void schedule_order(const cfg_t *cfg, int n_cfg, int *order)
+{
+    for (int x = 1; x < n_cfg; x++) { /* stable insertion sort: a few dozen pairs */
+        const int k = order[x];
+        int y = x;
+        while (y > 0 && cfg[order[y - 1]].t_layer < cfg[k].t_layer) {
+            order[y] = order[y - 1];
+            y--;
+        }
+        order[y] = k;
+    }
 }
 
 /* ---------------------------------------------------------------- aggregation */
@@ -787,6 +809,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     engine_t eng = {.be = be, .st = o.stats};
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
+    int *order = NULL;
     double t_start = kv_now(), t_mark;
     if (o.stats)
         memset(o.stats, 0, sizeof *o.stats);
@@ -817,10 +840,13 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 goto done;
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
-    if (!p_eval) {
+    order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
+    if (!p_eval || !order) {
         rc = KV_ENOMEM;
         goto done;
     }
+    for (int k = 0; k < n_cfg; k++)
+        order[k] = k;
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
@@ -876,12 +902,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             o.stats->t_policies += (kv_now() - t_mark) - (o.stats->t_attn - attn0);
         t_mark = kv_now();
         int old = kv_blas_set_threads(1);
+        schedule_order(cfg, n_cfg, order);
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int k = 0; k < n_cfg; k++) {
-            cfg_t *g = &cfg[k];
+        for (int x = 0; x < n_cfg; x++) {
+            cfg_t *g = &cfg[order[x]];
             if (g->rc)
                 continue;
+            double t0 = kv_now();
             g->rc = eval_cfg(g, &c, &ml, dtype_bytes);
+            g->t_layer = kv_now() - t0;
             if (g->rc)
                 snprintf(g->msg, sizeof g->msg, "%s at budget %s, layer %d: %s", g->p->label, g->b.text, l,
                          kv_last_error());
@@ -929,6 +958,7 @@ done:
     kv_free(bud);
     kv_results_free(res);
     kv_free(p_eval);
+    kv_free(order);
     kv_metrics_layer_free(&ml);
     engine_reset(&eng);
     return rc;
