@@ -269,6 +269,11 @@ static int scratch_reserve(kv_metrics_scratch_t *ws, size_t bytes)
     return KV_OK;
 }
 
+static void *scratch_at(const kv_metrics_scratch_t *ws, size_t offset)
+{
+    return (unsigned char *)ws->buf + offset;
+}
+
 int kv_metrics_query_group(const kv_metrics_layer_t *m, int h0, int nh, int e, const uint8_t *mask, int append,
                            float *recall, float *err, float *bound, float *evec, float *attn, kv_metrics_scratch_t *ws)
 {
@@ -295,11 +300,10 @@ int kv_metrics_query_group(const kv_metrics_layer_t *m, int h0, int nh, int e, c
 #undef KV_ALIGN64
     if (scratch_reserve(ws, total) != KV_OK)
         return KV_ENOMEM;
-    char *base = ws->buf;
-    int *idx = (int *)base;
-    float *Vs = (float *)(base + o_vs), *Ps = (float *)(base + o_ps), *Os = (float *)(base + o_os);
-    double *psum = (double *)(base + o_sum);
-    const float **rows = (const float **)(base + o_rows);
+    int *idx = scratch_at(ws, 0);
+    float *Vs = scratch_at(ws, o_vs), *Ps = scratch_at(ws, o_ps), *Os = scratch_at(ws, o_os);
+    double *psum = scratch_at(ws, o_sum);
+    const float **rows = scratch_at(ws, o_rows);
     int k = 0;
     collect(mask, 0, n, use_kept, idx, &k);
     if (!append)
