@@ -497,19 +497,29 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
     r->n_queries = (long)k;
 }
 
-static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int head_rows, kv_results_t *res)
+/* Rows emitted per (policy, budget): the overall row, then per layer a layer row and its head rows. */
+static size_t rows_per_cfg(int L, int H, int head_rows)
+{
+    return 1 + (size_t)L * (1 + (head_rows ? (size_t)H : 0));
+}
+
+/* The rows of one (policy, budget) into out[0, rows_per_cfg) in emission order. Pure: the pairs
+ * are aggregated in parallel (sorting the samples for the quantiles takes a while) and appended
+ * to the results in configuration order afterwards. */
+static int emit_rows(const cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int head_rows, kv_result_row_t *out)
 {
     const int L = m->n_layers, H = m->n_heads, G = m->n_heads / m->n_kv_heads, S = g->S;
     agg_scratch_t sc;
     sc.rec = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
     sc.err = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
     int rc = KV_OK;
+    size_t nr = 0;
     if (!sc.rec || !sc.err) {
         rc = KV_ENOMEM;
         goto done;
     }
     kv_result_row_t r;
-    for (int l = -1; l < L && rc == KV_OK; l++) {
+    for (int l = -1; l < L; l++) {
         /* l == -1: the overall row */
         memset(&r, 0, sizeof r);
         r.policy = g->pi;
@@ -533,10 +543,10 @@ static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int 
         r.wo_bound_mean = has_wo ? wb / ((double)(l1 - l0) * E) : NAN;
         r.mem_bytes = mem;
         r.meta_bytes = meta;
-        rc = kv_results_append(res, &r);
+        out[nr++] = r;
         if (l < 0 || !head_rows)
             continue;
-        for (int h = 0; h < H && rc == KV_OK; h++) {
+        for (int h = 0; h < H; h++) {
             memset(&r, 0, sizeof r);
             r.policy = g->pi;
             r.budget = g->bi;
@@ -549,7 +559,7 @@ static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int 
             int s = kv_policy_store_of(g->p, h, G);
             r.mem_bytes = g->mem[(size_t)l * S + s] / (g->p->gran == KV_GRAN_KV ? G : 1);
             r.meta_bytes = g->meta[l] / H;
-            rc = kv_results_append(res, &r);
+            out[nr++] = r;
         }
     }
 done:
@@ -810,6 +820,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
     int *order = NULL;
+    kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
     if (o.stats)
         memset(o.stats, 0, sizeof *o.stats);
@@ -933,8 +944,23 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         goto done;
     if (!o.quiet)
         kv_progress_end(&prog, NULL);
+    const size_t per_cfg = rows_per_cfg(L, H, o.head_rows);
+    rows = kv_malloc(sizeof *rows * per_cfg * (size_t)n_cfg, "result rows");
+    if (!rows) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int k = 0; k < n_cfg; k++)
+        cfg[k].rc = emit_rows(&cfg[k], m, E, m->has_wo, o.head_rows, rows + (size_t)k * per_cfg);
     for (int k = 0; k < n_cfg && rc == KV_OK; k++) {
-        rc = emit_rows(&cfg[k], m, E, m->has_wo, o.head_rows, res);
+        if (cfg[k].rc) {
+            rc = kv_error(cfg[k].rc, "aggregating the samples of %s at budget %s: out of memory", cfg[k].p->label,
+                          cfg[k].b.text);
+            break;
+        }
+        for (size_t x = 0; x < per_cfg && rc == KV_OK; x++)
+            rc = kv_results_append(res, &rows[(size_t)k * per_cfg + x]);
         long v = 0;
         for (size_t x = 0; x < (size_t)L * H; x++)
             v += cfg[k].viol[x];
@@ -959,6 +985,7 @@ done:
     kv_results_free(res);
     kv_free(p_eval);
     kv_free(order);
+    kv_free(rows);
     kv_metrics_layer_free(&ml);
     engine_reset(&eng);
     return rc;
