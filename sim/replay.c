@@ -8,9 +8,10 @@
  *   3. every policy prepares once (shared statistics such as accumulated attention or window
  *      probabilities are computed on first request and reused by every policy of the layer);
  *   4. every (policy, budget) pair builds the caches its evaluation queries read and measures them,
- *      in parallel, each writing only its own slot.
+ *      in parallel, each writing only its own slot (handed out longest first by the previous
+ *      layer's times: see schedule_order).
  * Rows are produced at the end in a fixed order: per (policy, budget) an overall row, then per
- * layer a layer row followed by its head rows.
+ * layer a layer row followed by its head rows (aggregated in parallel, appended in that order).
  *
  * Trace-driven caveat (true of every offline replay): evaluation queries are the ones recorded
  * with the full cache; after a real eviction the model's later queries would differ slightly.
