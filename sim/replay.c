@@ -446,8 +446,64 @@ static double quantile(const float *sorted, size_t n, double q)
     return sorted[lo] * (1 - f) + sorted[hi] * f;
 }
 
+/* Rearrange a[0, n) so that a[k] holds the value sorting would put there, with nothing larger
+ * before it and nothing smaller after it (Hoare quickselect). Only for values that order totally:
+ * no NaN, and no -0 (which compares equal to +0 and would make "the" value ambiguous). */
+static void select_kth(float *a, size_t n, size_t k)
+{
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1;
+    const ptrdiff_t kk = (ptrdiff_t)k;
+    while (lo < hi) {
+        const float piv = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < piv)
+                i++;
+            while (a[j] > piv)
+                j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (kk <= j)
+            hi = j;
+        else if (kk >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* The same value as quantile() after a full sort, from a partial order: the samples of an overall
+ * row number L x H x E and were sorted twice per row, a serial cost worth avoiding. Falls back to
+ * sorting when a value is NaN or -0 (see select_kth). */
+static double quantile_select(float *a, size_t n, double q)
+{
+    if (n == 0)
+        return NAN;
+    for (size_t x = 0; x < n; x++)
+        if (isnan(a[x]) || (a[x] == 0 && signbit(a[x]))) {
+            qsort(a, n, sizeof(float), cmp_float);
+            return quantile(a, n, q);
+        }
+    double pos = q * (double)(n - 1);
+    size_t lo = (size_t)floor(pos);
+    size_t hi = lo + 1 < n ? lo + 1 : lo;
+    double f = pos - (double)lo;
+    select_kth(a, n, lo);
+    float vlo = a[lo], vhi = vlo;
+    if (hi != lo) { /* the next order statistic: the smallest of what follows a[lo] */
+        vhi = a[hi];
+        for (size_t x = hi + 1; x < n; x++)
+            vhi = a[x] < vhi ? a[x] : vhi;
+    }
+    return vlo * (1 - f) + vhi * f;
+}
+
 typedef struct {
-    float *rec, *err; /* scratch for sorting */
+    float *rec, *err; /* scratch for the quantiles (reordered) */
 } agg_scratch_t;
 
 /* Fill the sample statistics of a row from the (layer, head) blocks [l0, l1) x [h0, h1). */
@@ -481,16 +537,14 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
             }
         }
     size_t cells = (size_t)(l1 - l0) * (h1 - h0);
-    qsort(sc->rec, k, sizeof(float), cmp_float);
-    qsort(sc->err, k, sizeof(float), cmp_float);
     r->kept = kept / (double)cells;
     r->cache_mean = cmean / (double)cells;
     r->cache_peak = cpeak;
     r->recall_mean = rs / (double)k;
-    r->recall_p10 = quantile(sc->rec, k, 0.10);
+    r->recall_p10 = quantile_select(sc->rec, k, 0.10);
     r->recall_min = rmin;
     r->err_mean = es / (double)k;
-    r->err_p90 = quantile(sc->err, k, 0.90);
+    r->err_p90 = quantile_select(sc->err, k, 0.90);
     r->err_max = emax;
     r->bound_mean = bs / (double)k;
     r->bound_gap_min = gap;
