@@ -57,11 +57,22 @@ int kv_metrics_oneshot(const kv_metrics_layer_t *m, int h0, int nh, const uint8_
 void kv_metrics_query(const kv_metrics_layer_t *m, int h, int e, const uint8_t *mask, int append, float *recall,
                       float *err, float *bound, float *evec, float *attn);
 
+/* Scratch memory of kv_metrics_query_group, reused from call to call by one thread (replay makes
+ * one call per evaluation query and storage head: E x S per (policy, budget) and layer, too many
+ * to allocate for each). Zero-initialise; kv_metrics_scratch_free releases it. */
+typedef struct {
+    void *buf;
+    size_t cap;
+} kv_metrics_scratch_t;
+
+void kv_metrics_scratch_free(kv_metrics_scratch_t *ws);
+
 /* The same for query heads h0..h0+nh-1, which share the cache mask (one KV group): the cached (or
  * evicted) values are gathered once. Outputs per head: recall/err/bound (nh), evec (nh, d),
- * attn (nh, T). KV_ENOMEM on allocation failure. */
+ * attn (nh, T). ws: scratch reused across calls, or NULL to allocate for this call.
+ * KV_ENOMEM on allocation failure. */
 int kv_metrics_query_group(const kv_metrics_layer_t *m, int h0, int nh, int e, const uint8_t *mask, int append,
-                           float *recall, float *err, float *bound, float *evec, float *attn);
+                           float *recall, float *err, float *bound, float *evec, float *attn, kv_metrics_scratch_t *ws);
 
 /* Model-space error and bound of one evaluation query from the per-head error vectors
  * evec (H, d) and recalls F (H). */

@@ -8,9 +8,10 @@
  *   3. every policy prepares once (shared statistics such as accumulated attention or window
  *      probabilities are computed on first request and reused by every policy of the layer);
  *   4. every (policy, budget) pair builds the caches its evaluation queries read and measures them,
- *      in parallel, each writing only its own slot.
+ *      in parallel, each writing only its own slot (handed out longest first by the previous
+ *      layer's times: see schedule_order).
  * Rows are produced at the end in a fixed order: per (policy, budget) an overall row, then per
- * layer a layer row followed by its head rows.
+ * layer a layer row followed by its head rows (aggregated in parallel, appended in that order).
  *
  * Trace-driven caveat (true of every offline replay): evaluation queries are the ones recorded
  * with the full cache; after a real eviction the model's later queries would differ slightly.
@@ -227,6 +228,7 @@ typedef struct {
     int probe_e;                  /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
     int rc;
+    double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
 } cfg_t;
 
@@ -281,6 +283,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
     float *fq = kv_malloc(sizeof(float) * (size_t)H, "recalls");
     float *attn = d->observe ? kv_calloc((size_t)H * T, sizeof(float), "renormalised attention") : NULL;
     double *peak_s = kv_calloc((size_t)S, sizeof(double), "cache peaks");
+    kv_metrics_scratch_t ws = {0};
     int rc = KV_OK;
     if (!keep.mask || (has_wo && (!evec || !eq)) || !fq || (d->observe && !attn) || !peak_s) {
         rc = KV_ENOMEM;
@@ -332,7 +335,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 }
                 if ((rc = kv_metrics_query_group(ml, h0, nh, e, keep.mask + (size_t)s * T, (fl & KV_POL_PER_QUERY) != 0,
                                                  rr, ee, bb, has_wo ? eq + (size_t)h0 * c->d : NULL,
-                                                 attn ? attn + (size_t)h0 * T : NULL)))
+                                                 attn ? attn + (size_t)h0 * T : NULL, &ws)))
                     goto done;
                 for (int hh = 0; hh < nh; hh++) {
                     size_t o = (size_t)(h0 + hh) * E + e;
@@ -400,7 +403,27 @@ done:
     kv_free(fq);
     kv_free(attn);
     kv_free(peak_s);
+    kv_metrics_scratch_free(&ws);
     return rc;
+}
+
+/* The order in which the parallel loop hands out the (policy, budget) pairs of a layer: longest
+ * first by what each took on the previous layer (layers have the same shape, so that is a good
+ * estimate), ties and the first layer by the order on entry (initially the configuration order).
+ * Costs differ by an order of magnitude (per-query caches at large budgets against one-shot masks),
+ * and in configuration order a long pair often started last and left the other threads idle.
+ * Each pair writes only its own slots, so the order changes no result. */
+static void schedule_order(const cfg_t *cfg, int n_cfg, int *order)
+{
+    for (int x = 1; x < n_cfg; x++) { /* stable insertion sort: a few dozen pairs */
+        const int k = order[x];
+        int y = x;
+        while (y > 0 && cfg[order[y - 1]].t_layer < cfg[k].t_layer) {
+            order[y] = order[y - 1];
+            y--;
+        }
+        order[y] = k;
+    }
 }
 
 /* ---------------------------------------------------------------- aggregation */
@@ -423,8 +446,64 @@ static double quantile(const float *sorted, size_t n, double q)
     return sorted[lo] * (1 - f) + sorted[hi] * f;
 }
 
+/* Rearrange a[0, n) so that a[k] holds the value sorting would put there, with nothing larger
+ * before it and nothing smaller after it (Hoare quickselect). Only for values that order totally:
+ * no NaN, and no -0 (which compares equal to +0 and would make "the" value ambiguous). */
+static void select_kth(float *a, size_t n, size_t k)
+{
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1;
+    const ptrdiff_t kk = (ptrdiff_t)k;
+    while (lo < hi) {
+        const float piv = a[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < piv)
+                i++;
+            while (a[j] > piv)
+                j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (kk <= j)
+            hi = j;
+        else if (kk >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* The same value as quantile() after a full sort, from a partial order: the samples of an overall
+ * row number L x H x E and were sorted twice per row, a serial cost worth avoiding. Falls back to
+ * sorting when a value is NaN or -0 (see select_kth). */
+static double quantile_select(float *a, size_t n, double q)
+{
+    if (n == 0)
+        return NAN;
+    for (size_t x = 0; x < n; x++)
+        if (isnan(a[x]) || (a[x] == 0 && signbit(a[x]))) {
+            qsort(a, n, sizeof(float), cmp_float);
+            return quantile(a, n, q);
+        }
+    double pos = q * (double)(n - 1);
+    size_t lo = (size_t)floor(pos);
+    size_t hi = lo + 1 < n ? lo + 1 : lo;
+    double f = pos - (double)lo;
+    select_kth(a, n, lo);
+    float vlo = a[lo], vhi = vlo;
+    if (hi != lo) { /* the next order statistic: the smallest of what follows a[lo] */
+        vhi = a[hi];
+        for (size_t x = hi + 1; x < n; x++)
+            vhi = a[x] < vhi ? a[x] : vhi;
+    }
+    return vlo * (1 - f) + vhi * f;
+}
+
 typedef struct {
-    float *rec, *err; /* scratch for sorting */
+    float *rec, *err; /* scratch for the quantiles (reordered) */
 } agg_scratch_t;
 
 /* Fill the sample statistics of a row from the (layer, head) blocks [l0, l1) x [h0, h1). */
@@ -458,16 +537,14 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
             }
         }
     size_t cells = (size_t)(l1 - l0) * (h1 - h0);
-    qsort(sc->rec, k, sizeof(float), cmp_float);
-    qsort(sc->err, k, sizeof(float), cmp_float);
     r->kept = kept / (double)cells;
     r->cache_mean = cmean / (double)cells;
     r->cache_peak = cpeak;
     r->recall_mean = rs / (double)k;
-    r->recall_p10 = quantile(sc->rec, k, 0.10);
+    r->recall_p10 = quantile_select(sc->rec, k, 0.10);
     r->recall_min = rmin;
     r->err_mean = es / (double)k;
-    r->err_p90 = quantile(sc->err, k, 0.90);
+    r->err_p90 = quantile_select(sc->err, k, 0.90);
     r->err_max = emax;
     r->bound_mean = bs / (double)k;
     r->bound_gap_min = gap;
@@ -475,19 +552,29 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
     r->n_queries = (long)k;
 }
 
-static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int head_rows, kv_results_t *res)
+/* Rows emitted per (policy, budget): the overall row, then per layer a layer row and its head rows. */
+static size_t rows_per_cfg(int L, int H, int head_rows)
+{
+    return 1 + (size_t)L * (1 + (head_rows ? (size_t)H : 0));
+}
+
+/* The rows of one (policy, budget) into out[0, rows_per_cfg) in emission order. Pure: the pairs
+ * are aggregated in parallel (sorting the samples for the quantiles takes a while) and appended
+ * to the results in configuration order afterwards. */
+static int emit_rows(const cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int head_rows, kv_result_row_t *out)
 {
     const int L = m->n_layers, H = m->n_heads, G = m->n_heads / m->n_kv_heads, S = g->S;
     agg_scratch_t sc;
     sc.rec = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
     sc.err = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
     int rc = KV_OK;
+    size_t nr = 0;
     if (!sc.rec || !sc.err) {
         rc = KV_ENOMEM;
         goto done;
     }
     kv_result_row_t r;
-    for (int l = -1; l < L && rc == KV_OK; l++) {
+    for (int l = -1; l < L; l++) {
         /* l == -1: the overall row */
         memset(&r, 0, sizeof r);
         r.policy = g->pi;
@@ -511,10 +598,10 @@ static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int 
         r.wo_bound_mean = has_wo ? wb / ((double)(l1 - l0) * E) : NAN;
         r.mem_bytes = mem;
         r.meta_bytes = meta;
-        rc = kv_results_append(res, &r);
+        out[nr++] = r;
         if (l < 0 || !head_rows)
             continue;
-        for (int h = 0; h < H && rc == KV_OK; h++) {
+        for (int h = 0; h < H; h++) {
             memset(&r, 0, sizeof r);
             r.policy = g->pi;
             r.budget = g->bi;
@@ -527,7 +614,7 @@ static int emit_rows(cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int 
             int s = kv_policy_store_of(g->p, h, G);
             r.mem_bytes = g->mem[(size_t)l * S + s] / (g->p->gran == KV_GRAN_KV ? G : 1);
             r.meta_bytes = g->meta[l] / H;
-            rc = kv_results_append(res, &r);
+            out[nr++] = r;
         }
     }
 done:
@@ -787,6 +874,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     engine_t eng = {.be = be, .st = o.stats};
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
+    int *order = NULL;
+    kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
     if (o.stats)
         memset(o.stats, 0, sizeof *o.stats);
@@ -817,10 +906,13 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 goto done;
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
-    if (!p_eval) {
+    order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
+    if (!p_eval || !order) {
         rc = KV_ENOMEM;
         goto done;
     }
+    for (int k = 0; k < n_cfg; k++)
+        order[k] = k;
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
@@ -876,12 +968,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             o.stats->t_policies += (kv_now() - t_mark) - (o.stats->t_attn - attn0);
         t_mark = kv_now();
         int old = kv_blas_set_threads(1);
+        schedule_order(cfg, n_cfg, order);
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int k = 0; k < n_cfg; k++) {
-            cfg_t *g = &cfg[k];
+        for (int x = 0; x < n_cfg; x++) {
+            cfg_t *g = &cfg[order[x]];
             if (g->rc)
                 continue;
+            double t0 = kv_now();
             g->rc = eval_cfg(g, &c, &ml, dtype_bytes);
+            g->t_layer = kv_now() - t0;
             if (g->rc)
                 snprintf(g->msg, sizeof g->msg, "%s at budget %s, layer %d: %s", g->p->label, g->b.text, l,
                          kv_last_error());
@@ -904,8 +999,23 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         goto done;
     if (!o.quiet)
         kv_progress_end(&prog, NULL);
+    const size_t per_cfg = rows_per_cfg(L, H, o.head_rows);
+    rows = kv_malloc(sizeof *rows * per_cfg * (size_t)n_cfg, "result rows");
+    if (!rows) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int k = 0; k < n_cfg; k++)
+        cfg[k].rc = emit_rows(&cfg[k], m, E, m->has_wo, o.head_rows, rows + (size_t)k * per_cfg);
     for (int k = 0; k < n_cfg && rc == KV_OK; k++) {
-        rc = emit_rows(&cfg[k], m, E, m->has_wo, o.head_rows, res);
+        if (cfg[k].rc) {
+            rc = kv_error(cfg[k].rc, "aggregating the samples of %s at budget %s: out of memory", cfg[k].p->label,
+                          cfg[k].b.text);
+            break;
+        }
+        for (size_t x = 0; x < per_cfg && rc == KV_OK; x++)
+            rc = kv_results_append(res, &rows[(size_t)k * per_cfg + x]);
         long v = 0;
         for (size_t x = 0; x < (size_t)L * H; x++)
             v += cfg[k].viol[x];
@@ -929,6 +1039,8 @@ done:
     kv_free(bud);
     kv_results_free(res);
     kv_free(p_eval);
+    kv_free(order);
+    kv_free(rows);
     kv_metrics_layer_free(&ml);
     engine_reset(&eng);
     return rc;

@@ -109,6 +109,25 @@ START_TEST(metrics_match_brute_force)
                 sa += attn[j];
             kv_assert_close(sa, 1.0, 1e-5, 0, "renormalised attention sums to 1");
         }
+    /* a scratch reused across calls (growing, shrinking, contiguous runs that skip the gather) gives
+     * the same bits as a fresh one per call */
+    {
+        kv_metrics_scratch_t ws = {0};
+        for (int v = 0; v < 4; v++) {
+            uint8_t mk[T];
+            for (int j = 0; j < T; j++)
+                mk[j] = v == 0 ? mask[j] : v == 1 ? j >= 5 : v == 2 ? (j >= 10 && j < 14) : (j % 2 == 0);
+            for (int e = 0; e < E; e++)
+                for (int app = 0; app < 2; app++) {
+                    float r1[2], e1[2], b1[2], v1[2 * D], a1[2 * T], r2[2], e2[2], b2[2], v2[2 * D], a2[2 * T];
+                    ck_assert_int_eq(kv_metrics_query_group(&ml, 0, 2, e, mk, app, r1, e1, b1, v1, a1, NULL), KV_OK);
+                    ck_assert_int_eq(kv_metrics_query_group(&ml, 0, 2, e, mk, app, r2, e2, b2, v2, a2, &ws), KV_OK);
+                    ck_assert(!memcmp(r1, r2, sizeof r1) && !memcmp(e1, e2, sizeof e1) && !memcmp(b1, b2, sizeof b1));
+                    ck_assert(!memcmp(v1, v2, sizeof v1) && !memcmp(a1, a2, sizeof a1));
+                }
+        }
+        kv_metrics_scratch_free(&ws);
+    }
     /* model-space error: ||sum_h W_O^h (o_h - o_hat_h)||_1 over all four heads */
     uint8_t mask_all[T];
     for (int j = 0; j < T; j++)
