@@ -61,6 +61,10 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len);
 
 /* SHA-256 of a whole file as 64 lowercase hex chars + NUL. */
 int kv_sha256_file(const char *path, char hex[65]);
+/* Map a regular file read-only into *map (*len bytes; release with munmap). Errors name the file:
+ * "cannot open <what>", "not a regular file", and when it is shorter than min_size bytes "file is N
+ * bytes, shorter than the <min_what>". */
+int kv_map_file(const char *path, const char *what, size_t min_size, const char *min_what, void **map, size_t *len);
 
 /* Git revision the binary was built from ("unknown" outside a checkout). */
 const char *kv_git_revision(void);

@@ -210,29 +210,10 @@ static int st_open(st_set_t *s, const char *path)
     memset(f, 0, sizeof *f);
     snprintf(f->path, sizeof f->path, "%s", path);
     const int fi = s->nf++;
-    int fd = open(path, O_RDONLY), rc = KV_OK;
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        rc = kv_error(KV_EIO, "%s: cannot open safetensors file: %s", path, strerror(errno));
-        goto done;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        rc = kv_error(KV_EIO, "%s: not a regular file", path);
-        goto done;
-    }
-    const uint64_t size = (uint64_t)st.st_size;
-    if (size < 8) {
-        rc = kv_error(KV_EFORMAT, "%s: file is %llu bytes, shorter than the 8-byte safetensors header length", path,
-                      (unsigned long long)size);
-        goto done;
-    }
-    f->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (f->map == MAP_FAILED) {
-        f->map = NULL;
-        rc = kv_error(KV_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)size, strerror(errno));
-        goto done;
-    }
-    f->len = (size_t)size;
+    int rc = kv_map_file(path, "safetensors file", 8, "8-byte safetensors header length", &f->map, &f->len);
+    if (rc)
+        return rc;
+    const uint64_t size = f->len;
     const unsigned char *b = f->map;
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
@@ -369,8 +350,6 @@ static int st_open(st_set_t *s, const char *path)
         kv_free(byoff);
     }
 done:
-    if (fd >= 0)
-        close(fd);
     return rc;
 }
 

@@ -310,34 +310,14 @@ int kv_model_load(const char *path, kv_model_t **out)
     *out = NULL;
     if (kv_model_is_hf_path(path))
         return kv_hf_model_load(path, out);
-    int rc = KV_OK, fd = -1;
+    int rc = KV_OK;
     kv_model_t *m = kv_calloc(1, sizeof *m, "model");
     if (!m)
         return KV_ENOMEM;
     snprintf(m->path, sizeof m->path, "%s", path);
-    fd = open(path, O_RDONLY);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        rc = kv_error(KV_EIO, "%s: cannot open model: %s", path, strerror(errno));
+    if ((rc = kv_map_file(path, "model", V0_HEADER, "28-byte llama2.c header", &m->map, &m->map_len)))
         goto fail;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        rc = kv_error(KV_EIO, "%s: not a regular file", path);
-        goto fail;
-    }
-    const uint64_t size = (uint64_t)st.st_size;
-    if (size < V0_HEADER) {
-        rc = kv_error(KV_EFORMAT, "%s: file is %llu bytes, shorter than the 28-byte llama2.c header", path,
-                      (unsigned long long)size);
-        goto fail;
-    }
-    m->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (m->map == MAP_FAILED) {
-        m->map = NULL;
-        rc = kv_error(KV_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)size, strerror(errno));
-        goto fail;
-    }
-    m->map_len = (size_t)size;
+    const uint64_t size = m->map_len;
     const unsigned char *b = m->map;
     kv_model_config_t *c = &m->cfg;
     uint32_t magic;
@@ -446,12 +426,9 @@ int kv_model_load(const char *path, kv_model_t **out)
         m->map = NULL;
         m->map_len = 0;
     }
-    close(fd);
     *out = m;
     return KV_OK;
 fail:
-    if (fd >= 0)
-        close(fd);
     kv_model_free(m);
     return rc;
 }
