@@ -30,6 +30,12 @@ unsigned char *fx_model_v0(const fx_model_t *m, size_t *len);
 unsigned char *fx_model_v1(const fx_model_t *m, size_t *len);
 unsigned char *fx_model_v2(const fx_model_t *m, int group, size_t *len, fx_model_t *deq);
 
+/* A Hugging Face safetensors file of the same weights (F32, Hugging Face tensor names, rows as
+ * stored here: the rotate_half permutation of q/k is left out, so logits differ from fx_model_v1's;
+ * for loaders' robustness, not for numerical checks) and its config.json text (malloc'd). */
+unsigned char *fx_model_safetensors(const fx_model_t *m, size_t *len);
+char *fx_model_hf_config(const fx_model_t *m);
+
 /* The tiny tokenizer of the tests: <unk>, BOS, EOS, 256 byte tokens, then FX_EXTRA pieces with
  * the scores below (vocab = 259 + FX_EXTRA). */
 #define FX_EXTRA 13

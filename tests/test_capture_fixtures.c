@@ -150,6 +150,85 @@ unsigned char *fx_model_v1(const fx_model_t *m, size_t *len)
     return b.b;
 }
 
+unsigned char *fx_model_safetensors(const fx_model_t *m, size_t *len)
+{
+    const int L = m->layers, D = m->dim, H = m->hidden, KV = m->dim / m->heads * m->kv_heads;
+    struct {
+        char name[64];
+        const float *x;
+        int rows, cols; /* cols 0: a vector */
+    } t[3 + 9 * 64 + 1];
+    if (L > 64)
+        return NULL;
+    int k = 0;
+#define T(nm, p, r, c)                                                                                                 \
+    (snprintf(t[k].name, sizeof t[k].name, "%s", nm), t[k].x = (p), t[k].rows = (r), t[k++].cols = (c))
+    T("model.embed_tokens.weight", m->emb, m->vocab, D);
+    T("model.norm.weight", m->rms_final, D, 0);
+    if (!m->shared)
+        T("lm_head.weight", m->wcls, m->vocab, D);
+    char nm[64];
+    for (int l = 0; l < L; l++) {
+        const size_t dd = (size_t)D * D, kd = (size_t)KV * D, hd = (size_t)H * D;
+#define TL(suffix, p, r, c) (snprintf(nm, sizeof nm, "model.layers.%d.%s", l, suffix), T(nm, p, r, c))
+        TL("input_layernorm.weight", m->rms_att + (size_t)l * D, D, 0);
+        TL("self_attn.q_proj.weight", m->wq + l * dd, D, D);
+        TL("self_attn.k_proj.weight", m->wk + l * kd, KV, D);
+        TL("self_attn.v_proj.weight", m->wv + l * kd, KV, D);
+        TL("self_attn.o_proj.weight", m->wo + l * dd, D, D);
+        TL("post_attention_layernorm.weight", m->rms_ffn + (size_t)l * D, D, 0);
+        TL("mlp.gate_proj.weight", m->w1 + l * hd, H, D);
+        TL("mlp.down_proj.weight", m->w2 + l * hd, D, H);
+        TL("mlp.up_proj.weight", m->w3 + l * hd, H, D);
+#undef TL
+    }
+#undef T
+    const int nt = k;
+    /* header: {"name":{"dtype":"F32","shape":[r(,c)],"data_offsets":[b,e]},...} */
+    buf_t h = {0};
+    size_t off = 0;
+    char item[256];
+    put(&h, "{", 1);
+    for (int i = 0; i < nt; i++) {
+        const size_t n = (size_t)t[i].rows * (size_t)(t[i].cols ? t[i].cols : 1);
+        int w = t[i].cols ? snprintf(item, sizeof item,
+                                     "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[%zu,%zu]}",
+                                     i ? "," : "", t[i].name, t[i].rows, t[i].cols, off, off + 4 * n)
+                          : snprintf(item, sizeof item,
+                                     "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]}",
+                                     i ? "," : "", t[i].name, t[i].rows, off, off + 4 * n);
+        put(&h, item, (size_t)w);
+        off += 4 * n;
+    }
+    put(&h, "}", 1);
+    while (h.n % 8)
+        put(&h, " ", 1);
+    buf_t b = {0};
+    const uint64_t hl = h.n;
+    unsigned char le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (unsigned char)(hl >> (8 * i));
+    put(&b, le, 8);
+    put(&b, h.b, h.n);
+    free(h.b);
+    for (int i = 0; i < nt; i++)
+        put_f(&b, t[i].x, (size_t)t[i].rows * (size_t)(t[i].cols ? t[i].cols : 1));
+    *len = b.n;
+    return b.b;
+}
+
+char *fx_model_hf_config(const fx_model_t *m)
+{
+    char *c = malloc(1024);
+    snprintf(c, 1024,
+             "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": %d, \"intermediate_size\": %d, "
+             "\"num_hidden_layers\": %d, \"num_attention_heads\": %d, \"num_key_value_heads\": %d, "
+             "\"vocab_size\": %d, \"max_position_embeddings\": %d, \"rms_norm_eps\": 1e-05, "
+             "\"rope_theta\": 10000.0, \"hidden_act\": \"silu\", \"tie_word_embeddings\": %s}\n",
+             m->dim, m->hidden, m->layers, m->heads, m->kv_heads, m->vocab, m->seq_len, m->shared ? "true" : "false");
+    return c;
+}
+
 static float *copyf(const float *x, size_t n)
 {
     float *y = malloc(n * sizeof(float));

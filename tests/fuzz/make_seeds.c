@@ -102,6 +102,29 @@ int main(int argc, char **argv)
         free(b);
         fx_model_free(&x);
     }
+    /* Hugging Face inputs: byte 0 = 0 and a safetensors file, byte 0 = 1 and a config.json */
+    for (int shared = 0; shared < 2; shared++) {
+        fx_model_t x;
+        fx_model_init(&x, 8, 16, 2, 2, 1, 32, 8, shared, 5 + shared); /* fuzz_hf.c's shape */
+        size_t n;
+        unsigned char *st = fx_model_safetensors(&x, &n);
+        char *cfg = fx_model_hf_config(&x);
+        const size_t cn = strlen(cfg);
+        unsigned char *b = malloc(1 + (n > cn ? n : cn));
+        char name[64];
+        b[0] = 0;
+        memcpy(b + 1, st, n);
+        snprintf(name, sizeof name, "safetensors-%s", shared ? "tied" : "lm-head");
+        put(dir, "hf", name, b, 1 + n);
+        b[0] = 1;
+        memcpy(b + 1, cfg, cn);
+        snprintf(name, sizeof name, "config-%s", shared ? "tied" : "lm-head");
+        put(dir, "hf", name, b, 1 + cn);
+        free(b);
+        free(cfg);
+        free(st);
+        fx_model_free(&x);
+    }
     /* tokenizer inputs: flags, text length, text, tokenizer file */
     size_t tn;
     unsigned char *tok = fx_tokenizer(&tn);
