@@ -150,39 +150,46 @@ unsigned char *fx_model_v1(const fx_model_t *m, size_t *len)
     return b.b;
 }
 
+typedef struct {
+    char name[64];
+    const float *x;
+    int rows, cols; /* cols 0: a vector */
+} st_tensor_t;
+
+static void st_add(st_tensor_t *t, int *k, const char *name, const float *x, int rows, int cols)
+{
+    snprintf(t[*k].name, sizeof t[*k].name, "%s", name);
+    t[*k].x = x;
+    t[*k].rows = rows;
+    t[*k].cols = cols;
+    (*k)++;
+}
+
 unsigned char *fx_model_safetensors(const fx_model_t *m, size_t *len)
 {
     const int L = m->layers, D = m->dim, H = m->hidden, KV = m->dim / m->heads * m->kv_heads;
-    struct {
-        char name[64];
-        const float *x;
-        int rows, cols; /* cols 0: a vector */
-    } t[3 + 9 * 64 + 1];
     if (L > 64)
         return NULL;
+    st_tensor_t t[3 + 9 * 64];
     int k = 0;
-#define T(nm, p, r, c)                                                                                                 \
-    (snprintf(t[k].name, sizeof t[k].name, "%s", nm), t[k].x = (p), t[k].rows = (r), t[k++].cols = (c))
-    T("model.embed_tokens.weight", m->emb, m->vocab, D);
-    T("model.norm.weight", m->rms_final, D, 0);
+    st_add(t, &k, "model.embed_tokens.weight", m->emb, m->vocab, D);
+    st_add(t, &k, "model.norm.weight", m->rms_final, D, 0);
     if (!m->shared)
-        T("lm_head.weight", m->wcls, m->vocab, D);
-    char nm[64];
+        st_add(t, &k, "lm_head.weight", m->wcls, m->vocab, D);
+    static const char *names[9] = {"input_layernorm",  "self_attn.q_proj", "self_attn.k_proj",
+                                   "self_attn.v_proj", "self_attn.o_proj", "post_attention_layernorm",
+                                   "mlp.gate_proj",    "mlp.down_proj",    "mlp.up_proj"};
     for (int l = 0; l < L; l++) {
         const size_t dd = (size_t)D * D, kd = (size_t)KV * D, hd = (size_t)H * D;
-#define TL(suffix, p, r, c) (snprintf(nm, sizeof nm, "model.layers.%d.%s", l, suffix), T(nm, p, r, c))
-        TL("input_layernorm.weight", m->rms_att + (size_t)l * D, D, 0);
-        TL("self_attn.q_proj.weight", m->wq + l * dd, D, D);
-        TL("self_attn.k_proj.weight", m->wk + l * kd, KV, D);
-        TL("self_attn.v_proj.weight", m->wv + l * kd, KV, D);
-        TL("self_attn.o_proj.weight", m->wo + l * dd, D, D);
-        TL("post_attention_layernorm.weight", m->rms_ffn + (size_t)l * D, D, 0);
-        TL("mlp.gate_proj.weight", m->w1 + l * hd, H, D);
-        TL("mlp.down_proj.weight", m->w2 + l * hd, D, H);
-        TL("mlp.up_proj.weight", m->w3 + l * hd, H, D);
-#undef TL
+        const float *x[9] = {m->rms_att + (size_t)l * D, m->wq + l * dd, m->wk + l * kd, m->wv + l * kd, m->wo + l * dd,
+                             m->rms_ffn + (size_t)l * D, m->w1 + l * hd, m->w2 + l * hd, m->w3 + l * hd};
+        const int rows[9] = {D, D, KV, KV, D, D, H, D, H}, cols[9] = {0, D, D, D, D, 0, D, H, D};
+        for (int i = 0; i < 9; i++) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "model.layers.%d.%s.weight", l, names[i]);
+            st_add(t, &k, nm, x[i], rows[i], cols[i]);
+        }
     }
-#undef T
     const int nt = k;
     /* header: {"name":{"dtype":"F32","shape":[r(,c)],"data_offsets":[b,e]},...} */
     buf_t h = {0};
