@@ -11,7 +11,7 @@
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "tests/capture_fixtures.h"
-#include "traces/capture/kv_forward.h"
+#include "tests/fuzz/fuzz_forward.h"
 #include "traces/capture/kv_model.h"
 
 #include <stdint.h>
@@ -61,18 +61,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         return 0;
     }
-    const int T = m->cfg.seq_len < 4 ? m->cfg.seq_len : 4;
-    kv_fwd_t *fw = NULL;
-    if (kv_fwd_create(m, g_be, T, T, &fw) == KV_OK) {
-        int32_t tok[4];
-        for (int i = 0; i < T; i++)
-            tok[i] = (int32_t)((i == 0 ? KV_BOS : (size ? data[i % size] : 0)) % m->cfg.vocab_size);
-        float *logits = kv_malloc(sizeof(float) * (size_t)m->cfg.vocab_size * (size_t)T, "logits");
-        if (logits && kv_fwd_run(fw, tok, T, 0, logits, 1, NULL, NULL) != KV_OK)
-            abort(); /* a loaded model must run */
-        kv_free(logits);
-        kv_fwd_free(fw);
-    }
+    fuzz_forward(m, g_be, data, size);
     kv_model_free(m);
     return 0;
 }
