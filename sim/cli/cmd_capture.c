@@ -23,6 +23,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Help lines the three subcommands share: the MODEL argument and the -z option. */
+#define HELP_MODEL                                                                                                     \
+    "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"                  \
+    "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"                            \
+    "                         model.safetensors or shards with their index), its config.json or\n"                     \
+    "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
+#define HELP_TOKENIZER                                                                                                 \
+    "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"              \
+    "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"                   \
+    "                         tokenizer.json beside its config.json (the default then)\n"
+
+/* -z as given, else the tokenizer.json beside a Hugging Face MODEL (into buf); 0, or the usage
+ * error's exit status when there is neither. */
+static int tokenizer_or_default(const char *cmd, const char *model, const char **tok, char *buf, size_t len)
+{
+    if (!*tok && !(*tok = kv_model_default_tokenizer(model, buf, len)))
+        return kv_cli_usage_error(cmd, "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
+    return 0;
+}
+
 /* Whole file into a NUL-terminated string (kv_free). */
 static int read_text(const char *path, char **out, size_t *len)
 {
@@ -100,16 +120,8 @@ static void generate_help(void)
            "at the end of the model's context, or when the model emits BOS or EOS. A timing line goes to\n"
            "stderr.\n"
            "\n"
-           "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
-           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
-           "                         model.safetensors or shards with their index), its config.json or\n"
-           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
-           "\n"
-           "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
-           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
-           "                         tokenizer.json beside its config.json (the default then)\n"
+           "arguments:\n" HELP_MODEL "\n"
+           "options:\n" HELP_TOKENIZER
            "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
            "      --prompt-file F    read the prompt from file F\n"
            "  -n, --steps N          tokens to generate (default 256, capped by the context)\n"
@@ -193,9 +205,9 @@ int kv_cmd_generate(int argc, char **argv)
     if (optind + 1 != argc)
         return kv_cli_usage_error("generate", "expected exactly one MODEL argument");
     char deftok[1100];
-    if (!tok_path && !(tok_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
-        return kv_cli_usage_error("generate",
-                                  "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
+    int urc = tokenizer_or_default("generate", argv[optind], &tok_path, deftok, sizeof deftok);
+    if (urc)
+        return urc;
     kv_model_t *m;
     kv_tokenizer_t *tok;
     kv_backend_t *be;
@@ -237,18 +249,9 @@ static void nll_help(void)
            "overlap by one token. Prints one line per document, then the totals; the last line is\n"
            "nll=<mean nats per predicted token>.\n"
            "\n"
-           "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
-           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
-           "                         model.safetensors or shards with their index), its config.json or\n"
-           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
-           "  TEXTFILE               the text to score\n"
+           "arguments:\n" HELP_MODEL "  TEXTFILE               the text to score\n"
            "\n"
-           "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
-           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
-           "                         tokenizer.json beside its config.json (the default then)\n"
-           "      --backend B        cpu, cuda or auto (default auto)\n"
+           "options:\n" HELP_TOKENIZER "      --backend B        cpu, cuda or auto (default auto)\n"
            "      --threads N        CPU threads (default: all cores)\n"
            "  -q, --quiet            no per-document lines (default: one per document)\n"
            "  -h, --help             this help\n"
@@ -295,8 +298,9 @@ int kv_cmd_nll(int argc, char **argv)
     if (optind + 2 != argc)
         return kv_cli_usage_error("nll", "expected MODEL and TEXTFILE");
     char deftok[1100];
-    if (!tok_path && !(tok_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
-        return kv_cli_usage_error("nll", "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
+    int urc = tokenizer_or_default("nll", argv[optind], &tok_path, deftok, sizeof deftok);
+    if (urc)
+        return urc;
     char *text = NULL;
     size_t len = 0;
     if (read_text(argv[optind + 1], &text, &len) != KV_OK)
@@ -345,16 +349,8 @@ static void capture_help(void)
            "and renamed at the end. Memory: the model, its KV cache, one layer of Q/K/V staging, the\n"
            "decode queries and the summaries.\n"
            "\n"
-           "arguments:\n"
-           "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"
-           "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"
-           "                         model.safetensors or shards with their index), its config.json or\n"
-           "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
-           "\n"
-           "options:\n"
-           "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"
-           "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"
-           "                         tokenizer.json beside its config.json (the default then)\n"
+           "arguments:\n" HELP_MODEL "\n"
+           "options:\n" HELP_TOKENIZER
            "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (required, or --prompt-file)\n"
            "      --prompt-file F    read the prompt from file F\n"
            "  -o, --output FILE      trace file to write (required)\n"
@@ -449,9 +445,9 @@ int kv_cmd_capture(int argc, char **argv)
     if (optind + 1 != argc)
         return kv_cli_usage_error("capture", "expected exactly one MODEL argument");
     char deftok[1100];
-    if (!o.tokenizer_path && !(o.tokenizer_path = kv_model_default_tokenizer(argv[optind], deftok, sizeof deftok)))
-        return kv_cli_usage_error("capture",
-                                  "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
+    int urc = tokenizer_or_default("capture", argv[optind], &o.tokenizer_path, deftok, sizeof deftok);
+    if (urc)
+        return urc;
     if (!o.out_path)
         return kv_cli_usage_error("capture", "-o TRACE.h5 is required");
     if (!prompt_arg && !prompt_file)
