@@ -17,6 +17,7 @@
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
 #include "tests/kv_test.h"
+#include "tests/trace_chunk_fixture.h"
 #include "traces/kv_f16.h"
 #include "traces/kv_trace.h"
 #include "traces/kv_zstd_filter.h"
@@ -28,25 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
-
-/* T = 200 tokens in chunks of 64 (an edge chunk of 8); W_O has 100 rows in chunks of 64. */
-#define T_TOK 200
-#define CHUNK_T 64
-static void meta_for(kv_trace_meta_t *m)
-{
-    memset(m, 0, sizeof *m);
-    m->n_layers = 2;
-    m->n_heads = 4;
-    m->n_kv_heads = 2;
-    m->head_dim = 16;
-    m->n_tokens = T_TOK;
-    m->n_prompt = 150;
-    m->has_summaries = 1;
-    m->pool = 8;
-    m->has_wo = 1;
-    m->model_dim = 100;
-    snprintf(m->source, sizeof m->source, "test");
-}
 
 /* Smooth data plus noise, a few values beyond the f16 range (infinities once stored as f16). */
 static float *make_data(size_t n, uint64_t seed)

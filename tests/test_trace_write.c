@@ -18,6 +18,7 @@
 #include "sim/common/kv_log.h"
 #include "sim/common/kv_rng.h"
 #include "tests/kv_test.h"
+#include "tests/trace_chunk_fixture.h"
 #include "traces/kv_f16.h"
 #include "traces/kv_trace.h"
 #include "traces/kv_zstd_filter.h"
@@ -30,26 +31,6 @@
 #include <string.h>
 #include <unistd.h>
 #include <zstd.h>
-
-/* T = 200 tokens in chunks of 64 (64, 64, 64 and an edge chunk of 8); W_O has 100 rows in chunks of
- * 64 (an edge chunk of 36 rows); pooled 8 x 8 per head. */
-#define T_TOK 200
-#define CHUNK_T 64
-static void meta_for(kv_trace_meta_t *m)
-{
-    memset(m, 0, sizeof *m);
-    m->n_layers = 2;
-    m->n_heads = 4;
-    m->n_kv_heads = 2;
-    m->head_dim = 16;
-    m->n_tokens = T_TOK;
-    m->n_prompt = 150;
-    m->has_summaries = 1;
-    m->pool = 8;
-    m->has_wo = 1;
-    m->model_dim = 100;
-    snprintf(m->source, sizeof m->source, "test");
-}
 
 /* Smooth data plus noise (compresses somewhat, like activations); `n_big` values beyond the f16
  * range at seeded places of Q (their count is the expected f16_overflow per tensor). */
