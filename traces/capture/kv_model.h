@@ -1,34 +1,38 @@
 /*
- * kv_model.h: Llama-family model weights from llama2.c checkpoints.
+ * kv_model.h: Llama-family model weights, whatever file they come from.
  *
- * Three checkpoint layouts are read (all little-endian):
- *   - version 0 ("legacy"): a header of 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
- *     vocab_size, seq_len), then fp32 weights in the order token_embedding, rms_att, wq, wk, wv, wo,
- *     rms_ffn, w1, w2, w3, rms_final, the unused freq_cis tables (2 x seq_len x head_dim/2 floats,
- *     skipped) and, when vocab_size is negative, a separate classifier wcls of |vocab_size| x dim.
- *   - version 1: a 256-byte header (uint32 magic 0x616b3432 "ak42", int32 version 1, the 7 int32
- *     above with a positive vocab_size, uint8 shared_classifier, zero padding), then fp32 weights in
- *     the order rms_att, rms_ffn, rms_final, token_embedding, wq, wk, wv, wo, w1, w2, w3 [, wcls].
- *   - version 2 (Q8_0): the version-1 header plus an int32 group_size at byte 37, then the fp32 norms
- *     (rms_att, rms_ffn, rms_final), then the quantised tensors token_embedding, then wq, wk, wv, wo,
- *     w1, w2, w3 of every layer, [wcls], each as int8 values with one fp32 scale per group of
- *     group_size values. llama2.c has used two arrangements of the same bytes: each tensor (each
- *     layer's matrix separately) followed by its own scales (export.py today, and what runq.c
- *     reads), or all the int8 values first and all the scales after them (export.py as first
- *     published). Both are read; which one a file uses is told by its scales (model.c). Weights are
- *     dequantised to fp32 at load (value = int8 * scale of its group).
- * Hugging Face checkpoints (a folder with config.json and safetensors weights) are read by hf_model.c,
- * described in kv_hf_model_load below; they come out in the same kv_model_t.
- * The layouts were read from llama2.c's export.py (legacy_export, version1_export, version2_export)
- * and runq.c.
+ * The model family is a core (model.c: the dispatch table, the configuration check, hashing, free)
+ * and one file per checkpoint format, each a {probe, load, default tokenizer} row of the table in
+ * model.c (kv_model_internal.h). Formats, in the order they are probed:
+ *   - GGUF (model_gguf.c): llama.cpp's single-file format, versions 2 and 3, architectures llama and
+ *     qwen2; weights dequantised to fp32 at load; the tokenizer is read from the same file;
+ *   - Hugging Face (model_hf.c): a folder with config.json and safetensors weights (a directory, a
+ *     .json or a .safetensors path); F32, F16 and BF16 weights converted to fp32 at load, q/k rows
+ *     put back in the interleaved RoPE order;
+ *   - llama2.c (model_llama2c.c), anything else:
+ *     - version 0 ("legacy"): a header of 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+ *       vocab_size, seq_len), then fp32 weights in the order token_embedding, rms_att, wq, wk, wv, wo,
+ *       rms_ffn, w1, w2, w3, rms_final, the unused freq_cis tables (2 x seq_len x head_dim/2 floats,
+ *       skipped) and, when vocab_size is negative, a separate classifier wcls of |vocab_size| x dim.
+ *     - version 1: a 256-byte header (uint32 magic 0x616b3432 "ak42", int32 version 1, the 7 int32
+ *       above with a positive vocab_size, uint8 shared_classifier, zero padding), then fp32 weights in
+ *       the order rms_att, rms_ffn, rms_final, token_embedding, wq, wk, wv, wo, w1, w2, w3 [, wcls].
+ *     - version 2 (Q8_0): the version-1 header plus an int32 group_size at byte 37, then the fp32
+ *       norms (rms_att, rms_ffn, rms_final), then the quantised tensors token_embedding, then wq, wk,
+ *       wv, wo, w1, w2, w3 of every layer, [wcls], each as int8 values with one fp32 scale per group
+ *       of group_size values, in one of the two arrangements llama2.c has written (model_llama2c.c).
+ *     The layouts were read from llama2.c's export.py and runq.c.
  *
  * Every size is validated against the file before a single weight is touched: impossible or
  * absurd dimensions and files whose size does not match their header are errors naming the file
- * and the problem. fp32 files are mapped read-only (no copy); Q8_0 files are dequantised into one
- * allocation. Weight matrices are row-major W[out][in], as matmul in kv_backend.h expects.
+ * and the problem. Weight matrices are row-major W[out][in], as matmul in kv_backend.h expects, and
+ * the q/k rows of every head are in the interleaved RoPE order (pairs 2i, 2i + 1) the forward pass
+ * rotates.
  */
 #ifndef KV_MODEL_H
 #define KV_MODEL_H
+
+#include "kernels/kv_rope.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -43,13 +47,17 @@ extern "C" {
 
 typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
-    int head_dim;          /* dim / n_heads */
+    int head_dim;          /* dim / n_heads unless the checkpoint gives it (set before the check) */
+    int q_dim;             /* n_heads * head_dim: width of wq's output and of wo's input */
     int kv_dim;            /* n_kv_heads * head_dim */
     int shared_classifier; /* 1: logits use token_embedding */
-    int version;           /* 0, 1 or 2 */
-    int group_size;        /* Q8_0 group size (version 2), else 0 */
-    float rope_theta;      /* 10000 for llama2.c models */
-    float norm_eps;        /* 1e-5 */
+    int version;           /* llama2.c: 0, 1 or 2; -1 for other formats */
+    int group_size;        /* Q8_0 group size (llama2.c version 2), else 0 */
+    float rope_theta;      /* == rope.theta (10000 for llama2.c models), as recorded in traces */
+    float norm_eps;        /* RMSNorm epsilon, 1e-5 for llama2.c */
+    kv_rope_t rope;        /* theta and scaling; rope.theta 0 before the check means plain(rope_theta) */
+    int qkv_bias;          /* 1: bq, bk, bv are added after the q/k/v projections (Qwen2) */
+    char arch[32];         /* "llama" (llama2.c, Llama, SmolLM2), "mistral", "qwen2" */
 } kv_model_config_t;
 
 typedef struct {
@@ -58,55 +66,56 @@ typedef struct {
     /* fp32 weights (host memory, read-only) */
     const float *token_embedding; /* (vocab_size, dim) */
     const float *rms_att;         /* (n_layers, dim) */
-    const float *wq;              /* (n_layers, n_heads*head_dim, dim) */
+    const float *wq;              /* (n_layers, q_dim, dim) */
     const float *wk;              /* (n_layers, kv_dim, dim) */
     const float *wv;              /* (n_layers, kv_dim, dim) */
-    const float *wo;              /* (n_layers, dim, n_heads*head_dim) */
+    const float *wo;              /* (n_layers, dim, q_dim) */
     const float *rms_ffn;         /* (n_layers, dim) */
     const float *w1;              /* (n_layers, hidden_dim, dim) */
     const float *w2;              /* (n_layers, dim, hidden_dim) */
     const float *w3;              /* (n_layers, hidden_dim, dim) */
     const float *rms_final;       /* (dim) */
     const float *wcls;            /* (vocab_size, dim); == token_embedding when shared */
+    const float *bq;              /* (n_layers, q_dim) or NULL (cfg.qkv_bias == 0) */
+    const float *bk, *bv;         /* (n_layers, kv_dim) or NULL */
     /* storage */
     void *map; /* mmap of the file (fp32 layouts) */
     size_t map_len;
     float *owned;    /* dequantised weights (version 2), converted weights (Hugging Face) */
-    size_t n_params; /* weights counted once (no freq_cis, no duplicate classifier) */
-    /* Hugging Face checkpoints only (hf == 0 for llama2.c) */
+    size_t n_params;    /* weights counted once (no freq_cis, no duplicate classifier) */
+    const char *format; /* "llama2.c", "safetensors" or "gguf" (static string) */
+    char dtypes[128];   /* the weights' dtypes as stored, most frequent first: "Q4_1 x210, F32 x61, Q8_0 x1" */
+    /* Hugging Face checkpoints only (hf == 0 otherwise) */
     int hf;              /* 1: loaded from config.json + safetensors */
     char hf_dtype[16];   /* dtype of the weights in the files: "F32", "F16", "BF16" or "mixed" */
-    int n_files;         /* files of the checkpoint, in kv_model_sha256 order */
+    int n_files;         /* files of the checkpoint, in kv_model_sha256 order (0: the one file at path) */
     char (*files)[1024]; /* config.json, [model.safetensors.index.json], the safetensors files by name */
 } kv_model_t;
 
-/* Load a checkpoint: a llama2.c file, or a Hugging Face checkpoint when kv_model_is_hf_path(path).
- * On failure *out is NULL and the message names the file and the problem. */
+/* Load a checkpoint of any supported format (probed in the order above). On failure *out is NULL and
+ * the message names the file and the problem. */
 int kv_model_load(const char *path, kv_model_t **out);
+
+/* Name of the format `path` would be loaded as ("gguf", "safetensors", "llama2.c"). */
+const char *kv_model_format_of(const char *path);
 
 /* 1 when `path` names a Hugging Face checkpoint: a directory, a .json file (its config.json or
  * index) or a .safetensors file (config.json beside it). Decided by the path alone. */
 int kv_model_is_hf_path(const char *path);
 
-/* Hugging Face Llama-family checkpoint (LlamaForCausalLM, MistralForCausalLM): config.json and
- * model.safetensors, or shards listed in model.safetensors.index.json; F32, F16 and BF16 weights
- * are converted to fp32 at load and the q_proj/k_proj rows are put back in llama2.c's RoPE order
- * (hf_model.c says why and how). `path` is the folder, its config.json, the index or one
- * .safetensors file. */
-int kv_hf_model_load(const char *path, kv_model_t **out);
-
-/* The tokenizer.json beside a Hugging Face checkpoint's config.json, into buf; NULL when `path` is
- * not a Hugging Face path or there is no such file. */
+/* The tokenizer that comes with the checkpoint, into buf: a Hugging Face folder's tokenizer.json,
+ * the GGUF file itself; NULL when the format has none (llama2.c) or the file is absent. */
 const char *kv_model_default_tokenizer(const char *path, char *buf, size_t len);
 
-/* SHA-256 (hex) identifying the checkpoint: of the file for llama2.c; for Hugging Face, of the bytes
- * of m->files concatenated in order (config.json, the index when sharded, the safetensors files in
- * file-name order). */
+/* SHA-256 (hex) identifying the checkpoint: of the file for llama2.c and GGUF; for Hugging Face, of
+ * the bytes of m->files concatenated in order (config.json, the index when sharded, the safetensors
+ * files in file-name order). */
 int kv_model_sha256(const kv_model_t *m, char hex[65]);
 void kv_model_free(kv_model_t *m);
 
-/* Validate dimensions (positive, bounded, divisible: dim by n_heads, n_heads by n_kv_heads, even
- * head_dim) and fill head_dim/kv_dim. `path` names the file in messages. */
+/* Validate dimensions (positive, bounded, divisible: n_heads by n_kv_heads, even head_dim; dim by
+ * n_heads unless head_dim was given) and fill head_dim (when 0), q_dim, kv_dim and rope (when
+ * rope.theta is 0: plain RoPE with rope_theta). `path` names the file in messages. */
 int kv_model_config_check(kv_model_config_t *c, const char *path);
 
 /* Per-layer strides (floats) and pointers. */
@@ -115,7 +124,7 @@ static inline const float *kv_layer_ptr(const float *base, int layer, size_t per
     return base + (size_t)layer * per_layer;
 }
 
-/* "llama2.c v0 (legacy fp32)", "llama2.c v2 (Q8_0, group 64)", ... into buf. */
+/* "llama2.c v0 (legacy fp32)", "llama2.c v2 (Q8_0, group 64)", "GGUF v3 (Q4_1 x210, ...)" into buf. */
 const char *kv_model_describe(const kv_model_t *m, char *buf, size_t len);
 
 #ifdef __cplusplus

@@ -1,26 +1,22 @@
 /*
- * model.c: llama2.c checkpoint loaders (versions 0, 1 and 2; layouts in kv_model.h).
+ * model.c: the model family's core: the format dispatch table, the configuration check shared by
+ * every loader, the checkpoint hash, describe and free (kv_model.h).
  *
- * The loader never trusts the header: it bounds every dimension, checks divisibility, computes the
- * exact file size the header implies with overflow-checked 64-bit arithmetic and compares it with
- * the real size before mapping a single weight. Only then are the weight pointers set, so a
- * malformed file can produce an error message but never an out-of-bounds read.
+ * Formats are probed in table order and the first that claims the path loads it; the last row
+ * (llama2.c, whose files have no magic in version 0) claims everything, so a file of an unknown
+ * kind gets the llama2.c loader's size and header checks, which name what is wrong.
  */
 #include "traces/capture/kv_model.h"
 
 #include "sim/common/kv_common.h"
+#include "traces/capture/kv_model_internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <math.h>
+#include <openssl/evp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#define V0_HEADER 28u
-#define VX_HEADER 256u
 
 /* Upper bounds well beyond any Llama model; larger values mean a corrupt header. */
 #define MAX_DIM 65536
@@ -29,24 +25,51 @@
 #define MAX_VOCAB (1 << 24)
 #define MAX_SEQ (1 << 24)
 
-/* Checked a*b and a+b on uint64 (0 on overflow, with *ok cleared). */
-static uint64_t cmul(uint64_t a, uint64_t b, int *ok)
+static const kv_model_format_t *const formats[] = {
+    &kv_model_format_hf,
+    &kv_model_format_llama2c,
+};
+
+static const kv_model_format_t *format_of(const char *path)
 {
-    uint64_t r;
-    if (__builtin_mul_overflow(a, b, &r)) {
-        *ok = 0;
-        return 0;
-    }
-    return r;
+    for (size_t i = 0; i < KV_ARRAY_LEN(formats); i++)
+        if (formats[i]->probe(path))
+            return formats[i];
+    return formats[KV_ARRAY_LEN(formats) - 1];
 }
-static uint64_t cadd(uint64_t a, uint64_t b, int *ok)
+
+const char *kv_model_format_of(const char *path)
 {
-    uint64_t r;
-    if (__builtin_add_overflow(a, b, &r)) {
-        *ok = 0;
+    return format_of(path)->name;
+}
+
+int kv_model_load(const char *path, kv_model_t **out)
+{
+    *out = NULL;
+    const kv_model_format_t *f = format_of(path);
+    int rc = f->load(path, out);
+    if (rc == KV_OK && !(*out)->format)
+        (*out)->format = f->name;
+    return rc;
+}
+
+const char *kv_model_default_tokenizer(const char *path, char *buf, size_t len)
+{
+    const kv_model_format_t *f = format_of(path);
+    return f->default_tokenizer ? f->default_tokenizer(path, buf, len) : NULL;
+}
+
+int kv_model_file_starts_with(const char *path, const void *magic, size_t n)
+{
+    unsigned char buf[16];
+    if (n > sizeof buf)
         return 0;
-    }
-    return r;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 0;
+    int ok = fread(buf, 1, n, f) == n && !memcmp(buf, magic, n);
+    fclose(f);
+    return ok;
 }
 
 int kv_model_config_check(kv_model_config_t *c, const char *path)
@@ -71,365 +94,105 @@ int kv_model_config_check(kv_model_config_t *c, const char *path)
             return kv_error(KV_EFORMAT, "%s: absurd dimensions: %s is %d (at most %d is accepted)", path, dims[i].name,
                             dims[i].v, dims[i].max);
     }
-    if (c->dim % c->n_heads)
-        return kv_error(KV_EFORMAT, "%s: impossible dimensions: n_heads %d does not divide dim %d", path, c->n_heads,
-                        c->dim);
+    if (c->head_dim < 0 || c->head_dim > 4096)
+        return kv_error(KV_EFORMAT, "%s: impossible dimensions: head_dim %d", path, c->head_dim);
+    if (c->head_dim == 0) {
+        if (c->dim % c->n_heads)
+            return kv_error(KV_EFORMAT, "%s: impossible dimensions: n_heads %d does not divide dim %d", path,
+                            c->n_heads, c->dim);
+        c->head_dim = c->dim / c->n_heads;
+    }
     if (c->n_heads % c->n_kv_heads)
         return kv_error(KV_EFORMAT, "%s: impossible dimensions: n_kv_heads %d does not divide n_heads %d", path,
                         c->n_kv_heads, c->n_heads);
-    c->head_dim = c->dim / c->n_heads;
     if (c->head_dim % 2)
-        return kv_error(KV_EFORMAT,
-                        "%s: impossible dimensions: head_dim %d (dim %d / n_heads %d) is odd, RoPE needs "
-                        "pairs",
-                        path, c->head_dim, c->dim, c->n_heads);
+        return kv_error(KV_EFORMAT, "%s: impossible dimensions: head_dim %d (n_heads %d) is odd, RoPE needs pairs",
+                        path, c->head_dim, c->n_heads);
+    if ((long long)c->n_heads * c->head_dim > 4 * MAX_DIM)
+        return kv_error(KV_EFORMAT, "%s: absurd dimensions: n_heads %d x head_dim %d", path, c->n_heads, c->head_dim);
+    c->q_dim = c->n_heads * c->head_dim;
     c->kv_dim = c->n_kv_heads * c->head_dim;
     if (c->rope_theta <= 0)
         c->rope_theta = 10000.0f;
     if (c->norm_eps <= 0)
         c->norm_eps = 1e-5f;
-    return KV_OK;
-}
-
-/* Element counts of every tensor of a checkpoint (all layers). */
-typedef struct {
-    uint64_t emb, norm_l, wq, wkv, wo, w13, w2, norm_f, freq, cls;
-    uint64_t quantised; /* emb + wq + 2 wkv + wo + 2 w13 + w2 + cls */
-    uint64_t params;
-} counts_t;
-
-static int count_tensors(const kv_model_config_t *c, counts_t *n, const char *path)
-{
-    int ok = 1;
-    uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
-    uint64_t V = (uint64_t)c->vocab_size, KV = (uint64_t)c->kv_dim;
-    n->emb = cmul(V, D, &ok);
-    n->norm_l = cmul(L, D, &ok);
-    n->wq = cmul(L, cmul(D, D, &ok), &ok);
-    n->wkv = cmul(L, cmul(KV, D, &ok), &ok);
-    n->wo = n->wq;
-    n->w13 = cmul(L, cmul(H, D, &ok), &ok);
-    n->w2 = n->w13;
-    n->norm_f = D;
-    n->freq = cmul((uint64_t)c->seq_len, (uint64_t)c->head_dim, &ok); /* cos and sin, head_dim/2 each */
-    n->cls = c->shared_classifier ? 0 : n->emb;
-    uint64_t q = n->emb;
-    q = cadd(q, n->wq, &ok);
-    q = cadd(q, cmul(2, n->wkv, &ok), &ok);
-    q = cadd(q, n->wo, &ok);
-    q = cadd(q, cmul(2, n->w13, &ok), &ok);
-    q = cadd(q, n->w2, &ok);
-    q = cadd(q, n->cls, &ok);
-    n->quantised = q;
-    n->params = cadd(q, cadd(cmul(2, n->norm_l, &ok), n->norm_f, &ok), &ok);
-    if (!ok)
-        return kv_error(KV_EFORMAT, "%s: absurd dimensions: the weight count overflows 64 bits", path);
-    return KV_OK;
-}
-
-/* Point the weights at consecutive tensors of `p` in llama2.c's version-1 order. */
-static void assign_v1_order(kv_model_t *m, const float *p, const counts_t *n)
-{
-    m->rms_att = p, p += n->norm_l;
-    m->rms_ffn = p, p += n->norm_l;
-    m->rms_final = p, p += n->norm_f;
-    m->token_embedding = p, p += n->emb;
-    m->wq = p, p += n->wq;
-    m->wk = p, p += n->wkv;
-    m->wv = p, p += n->wkv;
-    m->wo = p, p += n->wo;
-    m->w1 = p, p += n->w13;
-    m->w2 = p, p += n->w2;
-    m->w3 = p, p += n->w13;
-    m->wcls = m->cfg.shared_classifier ? m->token_embedding : p;
-}
-
-static void assign_v0_order(kv_model_t *m, const float *p, const counts_t *n)
-{
-    m->token_embedding = p, p += n->emb;
-    m->rms_att = p, p += n->norm_l;
-    m->wq = p, p += n->wq;
-    m->wk = p, p += n->wkv;
-    m->wv = p, p += n->wkv;
-    m->wo = p, p += n->wo;
-    m->rms_ffn = p, p += n->norm_l;
-    m->w1 = p, p += n->w13;
-    m->w2 = p, p += n->w2;
-    m->w3 = p, p += n->w13;
-    m->rms_final = p, p += n->norm_f;
-    p += n->freq; /* legacy freq_cis_real / freq_cis_imag: unused (RoPE is computed) */
-    m->wcls = m->cfg.shared_classifier ? m->token_embedding : p;
-}
-
-static int32_t rd_i32(const unsigned char *b, size_t off)
-{
-    int32_t v;
-    memcpy(&v, b + off, 4);
-    return v;
-}
-
-static const char *cfg_text(const kv_model_config_t *c, char *buf, size_t len)
-{
-    snprintf(buf, len, "dim %d, hidden_dim %d, n_layers %d, n_heads %d, n_kv_heads %d, vocab_size %d, seq_len %d",
-             c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size, c->seq_len);
-    return buf;
-}
-
-static int size_mismatch(const char *path, uint64_t have, uint64_t need, const kv_model_config_t *c)
-{
-    char h[256];
-    return kv_error(KV_EFORMAT, "%s: file is %llu bytes, its version-%d header (%s%s) needs %llu%s", path,
-                    (unsigned long long)have, c->version, cfg_text(c, h, sizeof h),
-                    c->shared_classifier ? ", shared classifier" : ", separate classifier", (unsigned long long)need,
-                    have < need ? " (truncated?)" : " (trailing data or wrong header)");
-}
-
-/* Version 2 (Q8_0). llama2.c has written two arrangements of the quantised tensors, of identical
- * size: export.py as first published put every tensor's int8 values back to back and then all the
- * scales ("grouped"); export.py since then, and runq.c, which reads them, interleave them: each
- * tensor (each layer's matrix separately) is its int8 values followed by its own scales. The file
- * size cannot tell them apart, the scales can: every scale is max|w| / 127, finite and >= 0, while
- * int8 weights read as floats are negative about half the time. The loader takes the interleaved
- * arrangement when all its scales are valid, else the grouped one when all of its are, else the
- * file is corrupt. */
-typedef struct {
-    uint64_t q, s, n; /* byte offsets of the int8 values and of the scales, element count */
-} q80_tensor_t;
-
-/* The quantised tensors in file order (emb, wq, wk, wv, wo, w1, w2, w3 per layer, [wcls]), located
- * for one arrangement. Returns the count written into t (at most 7 n_layers + 2). */
-static size_t q80_locate(const kv_model_config_t *c, const counts_t *n, uint64_t start, int interleaved,
-                         q80_tensor_t *t)
-{
-    const uint64_t L = (uint64_t)c->n_layers, gs = (uint64_t)c->group_size;
-    const uint64_t per[8] = {n->emb, n->wq / L, n->wkv / L, n->wkv / L, n->wo / L, n->w13 / L, n->w2 / L, n->w13 / L};
-    const uint64_t reps[8] = {1, L, L, L, L, L, L, L};
-    uint64_t q = start, s = start + n->quantised; /* grouped: scales after every int8 value */
-    size_t k = 0;
-    for (int part = 0; part < 9; part++) {
-        uint64_t each = part < 8 ? per[part] : n->cls, r = part < 8 ? reps[part] : (n->cls ? 1 : 0);
-        for (uint64_t i = 0; i < r; i++, k++) {
-            t[k].n = each;
-            t[k].q = q;
-            if (interleaved) {
-                t[k].s = q + each;
-                q += each + 4 * (each / gs);
-            } else {
-                t[k].s = s;
-                q += each;
-                s += 4 * (each / gs);
-            }
-        }
+    if (c->rope.theta <= 0) {
+        c->rope = kv_rope_plain(c->rope_theta);
+    } else if (c->rope.type != KV_ROPE_DEFAULT &&
+               !(c->rope.factor > 0 && (c->rope.type != KV_ROPE_LLAMA3 ||
+                                        (c->rope.original_max_pos > 0 && c->rope.low_freq_factor > 0 &&
+                                         c->rope.high_freq_factor > c->rope.low_freq_factor)))) {
+        return kv_error(KV_EFORMAT,
+                        "%s: impossible RoPE scaling: factor %g, low_freq_factor %g, high_freq_factor %g, "
+                        "original_max_position_embeddings %g",
+                        path, c->rope.factor, c->rope.low_freq_factor, c->rope.high_freq_factor,
+                        c->rope.original_max_pos);
     }
-    return k;
+    if (!c->arch[0])
+        snprintf(c->arch, sizeof c->arch, "llama");
+    return KV_OK;
 }
 
-/* Index of the first tensor with a scale that is not finite and >= 0 (or -1), its value in *bad. */
-static long q80_bad_scale(const unsigned char *b, const q80_tensor_t *t, size_t nt, uint64_t gs, float *bad)
+typedef struct {
+    const char *name;
+    int count;
+} dtype_count_t;
+
+static int cmp_count(const void *a, const void *b)
 {
-    for (size_t k = 0; k < nt; k++)
-        for (uint64_t g = 0; g < t[k].n / gs; g++) {
-            float s;
-            memcpy(&s, b + t[k].s + 4 * g, 4);
-            if (!isfinite(s) || s < 0) {
-                *bad = s;
-                return (long)k;
-            }
-        }
-    return -1;
+    const dtype_count_t *x = a, *y = b;
+    return (y->count > x->count) - (y->count < x->count);
 }
 
-static const char *q80_name(const kv_model_config_t *c, long k, char *buf, size_t len)
+void kv_model_set_dtypes(kv_model_t *m, const char *const *names, const int *counts, int n)
 {
-    static const char *names[8] = {"token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    if (k == 0)
-        snprintf(buf, len, "token_embedding");
-    else if (k <= 7L * c->n_layers)
-        snprintf(buf, len, "%s of layer %ld", names[1 + (k - 1) / c->n_layers], (k - 1) % c->n_layers);
-    else
-        snprintf(buf, len, "wcls");
-    return buf;
+    dtype_count_t d[32];
+    int k = 0;
+    for (int i = 0; i < n && k < 32; i++)
+        if (counts[i] > 0)
+            d[k++] = (dtype_count_t){names[i], counts[i]};
+    qsort(d, (size_t)k, sizeof *d, cmp_count); /* equal counts: any order (qsort is not stable) */
+    size_t o = 0;
+    m->dtypes[0] = 0;
+    for (int i = 0; i < k && o < sizeof m->dtypes; i++)
+        o += (size_t)snprintf(m->dtypes + o, sizeof m->dtypes - o, "%s%s x%d", i ? ", " : "", d[i].name, d[i].count);
 }
 
-/* Dequantise the int8 groups into one fp32 allocation in version-1 order. */
-static int load_q80(kv_model_t *m, const unsigned char *b, const counts_t *n)
+int kv_model_sha256(const kv_model_t *m, char hex[65])
 {
-    const kv_model_config_t *c = &m->cfg;
-    const uint64_t norms = 2 * n->norm_l + n->norm_f, gs = (uint64_t)c->group_size;
-    const size_t max_t = 7 * (size_t)c->n_layers + 2;
+    if (m->n_files == 0)
+        return kv_sha256_file(m->path, hex);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     int rc = KV_OK;
-    q80_tensor_t *t = kv_malloc(max_t * sizeof *t, "Q8_0 tensor table");
-    if (!t)
-        return kv_error_context(KV_ENOMEM, "%s", m->path);
-    size_t nt = q80_locate(c, n, VX_HEADER + norms * 4, 1, t);
-    float bad = 0;
-    long k = q80_bad_scale(b, t, nt, gs, &bad);
-    if (k >= 0) {
-        float bad_grouped;
-        size_t ng = q80_locate(c, n, VX_HEADER + norms * 4, 0, t);
-        if (q80_bad_scale(b, t, ng, gs, &bad_grouped) >= 0) {
-            char name[64];
-            nt = q80_locate(c, n, VX_HEADER + norms * 4, 1, t);
-            rc = kv_error(KV_EFORMAT,
-                          "%s: corrupt Q8_0 weights: a scale of %s is %g (scales are max|w|/127, finite and >= 0; "
-                          "neither llama2.c arrangement of the scales fits this file)",
-                          m->path, q80_name(c, k, name, sizeof name), (double)bad);
-            goto done;
-        }
-        nt = ng;
-    }
-    const size_t total = (size_t)(norms + n->quantised);
-    m->owned = kv_malloc_aligned(total * sizeof(float), "dequantised weights");
-    if (!m->owned) {
-        rc = kv_error_context(KV_ENOMEM, "%s", m->path);
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    unsigned char *buf = kv_malloc(1 << 20, "hash buffer");
+    if (!ctx || !buf || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+        rc = kv_error(KV_EINTERNAL, "sha256: cannot initialise digest");
         goto done;
     }
-    memcpy(m->owned, b + VX_HEADER, (size_t)norms * sizeof(float));
-    float *dst = m->owned + norms;
-    for (size_t i = 0; i < nt; i++) {
-        const int8_t *q = (const int8_t *)(b + t[i].q);
-        const unsigned char *scales = b + t[i].s;
-        const size_t ngroups = (size_t)(t[i].n / gs);
-#pragma omp parallel for schedule(static)
-        for (size_t g = 0; g < ngroups; g++) {
-            float s;
-            memcpy(&s, scales + g * 4, 4); /* the scales may sit at any byte offset */
-            for (size_t j = g * gs; j < (g + 1) * gs; j++)
-                dst[j] = (float)q[j] * s;
+    for (int i = 0; i < m->n_files && rc == KV_OK; i++) {
+        FILE *f = fopen(m->files[i], "rb");
+        if (!f) {
+            rc = kv_error(KV_EIO, "%s: cannot open: %s", m->files[i], strerror(errno));
+            break;
         }
-        dst += t[i].n;
+        size_t n;
+        while ((n = fread(buf, 1, 1 << 20, f)) > 0)
+            EVP_DigestUpdate(ctx, buf, n);
+        if (ferror(f))
+            rc = kv_error(KV_EIO, "%s: read error: %s", m->files[i], strerror(errno));
+        fclose(f);
     }
-    assign_v1_order(m, m->owned, n);
+    if (rc == KV_OK) {
+        EVP_DigestFinal_ex(ctx, md, &mdlen);
+        for (unsigned i = 0; i < mdlen && i < 32; i++)
+            sprintf(hex + 2 * i, "%02x", md[i]);
+        hex[64] = 0;
+    }
 done:
-    kv_free(t);
-    return rc;
-}
-
-int kv_model_load(const char *path, kv_model_t **out)
-{
-    *out = NULL;
-    if (kv_model_is_hf_path(path))
-        return kv_hf_model_load(path, out);
-    int rc = KV_OK;
-    kv_model_t *m = kv_calloc(1, sizeof *m, "model");
-    if (!m)
-        return KV_ENOMEM;
-    snprintf(m->path, sizeof m->path, "%s", path);
-    if ((rc = kv_map_file(path, "model", V0_HEADER, "28-byte llama2.c header", &m->map, &m->map_len)))
-        goto fail;
-    const uint64_t size = m->map_len;
-    const unsigned char *b = m->map;
-    kv_model_config_t *c = &m->cfg;
-    uint32_t magic;
-    memcpy(&magic, b, 4);
-    size_t hdr = 0; /* offset of the 7 int32 */
-    if (magic == KV_LLAMA2C_MAGIC) {
-        if (size < VX_HEADER) {
-            rc = kv_error(KV_EFORMAT,
-                          "%s: file is %llu bytes, shorter than the 256-byte header of a versioned "
-                          "llama2.c checkpoint",
-                          path, (unsigned long long)size);
-            goto fail;
-        }
-        c->version = rd_i32(b, 4);
-        if (c->version != 1 && c->version != 2) {
-            rc = kv_error(KV_EFORMAT,
-                          "%s: unsupported llama2.c checkpoint version %d (kvsim reads versions 0, 1 "
-                          "and 2)",
-                          path, c->version);
-            goto fail;
-        }
-        hdr = 8;
-    }
-    c->dim = rd_i32(b, hdr + 0);
-    c->hidden_dim = rd_i32(b, hdr + 4);
-    c->n_layers = rd_i32(b, hdr + 8);
-    c->n_heads = rd_i32(b, hdr + 12);
-    c->n_kv_heads = rd_i32(b, hdr + 16);
-    c->vocab_size = rd_i32(b, hdr + 20);
-    c->seq_len = rd_i32(b, hdr + 24);
-    c->rope_theta = 10000.0f;
-    c->norm_eps = 1e-5f;
-    if (c->version == 0) {
-        c->shared_classifier = c->vocab_size > 0;
-        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN)
-            c->vocab_size = -c->vocab_size;
-    } else {
-        if (b[36] > 1) {
-            rc = kv_error(KV_EFORMAT, "%s: shared_classifier flag is %u (expected 0 or 1)", path, b[36]);
-            goto fail;
-        }
-        c->shared_classifier = b[36];
-        if (c->version == 2) {
-            memcpy(&c->group_size, b + 37, 4);
-            if (c->group_size <= 0 || c->group_size > (1 << 20)) {
-                rc = kv_error(KV_EFORMAT, "%s: impossible Q8_0 group size %d", path, c->group_size);
-                goto fail;
-            }
-        }
-    }
-    if ((rc = kv_model_config_check(c, path)))
-        goto fail;
-    counts_t n;
-    if ((rc = count_tensors(c, &n, path)))
-        goto fail;
-    m->n_params = (size_t)n.params;
-    int ok = 1;
-    uint64_t need;
-    if (c->version == 0) {
-        uint64_t floats = cadd(n.params, n.freq, &ok); /* every tensor + the freq_cis tables */
-        need = cadd(V0_HEADER, cmul(floats, 4, &ok), &ok);
-    } else if (c->version == 1) {
-        need = cadd(VX_HEADER, cmul(n.params, 4, &ok), &ok);
-    } else {
-        const uint64_t gs = (uint64_t)c->group_size;
-        struct {
-            const char *name;
-            uint64_t rows, cols;
-        } mats[] = {
-            {"token_embedding", (uint64_t)c->vocab_size, (uint64_t)c->dim},
-            {"wq/wo", (uint64_t)c->dim, (uint64_t)c->dim},
-            {"wk/wv", (uint64_t)c->kv_dim, (uint64_t)c->dim},
-            {"w1/w2/w3", (uint64_t)c->hidden_dim, (uint64_t)c->dim},
-        };
-        for (size_t i = 0; i < KV_ARRAY_LEN(mats); i++)
-            if ((mats[i].rows * mats[i].cols) % gs) {
-                rc = kv_error(KV_EFORMAT, "%s: Q8_0 group size %d does not divide the %s matrix (%llu x %llu)", path,
-                              c->group_size, mats[i].name, (unsigned long long)mats[i].rows,
-                              (unsigned long long)mats[i].cols);
-                goto fail;
-            }
-        uint64_t norms = 2 * n.norm_l + n.norm_f;
-        need = cadd(VX_HEADER, cmul(norms, 4, &ok), &ok);
-        need = cadd(need, n.quantised, &ok);
-        need = cadd(need, cmul(n.quantised / gs, 4, &ok), &ok);
-    }
-    if (!ok) {
-        rc = kv_error(KV_EFORMAT, "%s: absurd dimensions: the file size implied by the header overflows", path);
-        goto fail;
-    }
-    if (need != size) {
-        rc = size_mismatch(path, size, need, c);
-        goto fail;
-    }
-    /* The weights are little-endian fp32 at offsets 28 and 256 of a page-aligned map: 4-byte aligned. */
-    if (c->version == 0) {
-        // cppcheck-suppress invalidPointerCast
-        assign_v0_order(m, (const float *)(b + V0_HEADER), &n);
-    } else if (c->version == 1) {
-        // cppcheck-suppress invalidPointerCast
-        assign_v1_order(m, (const float *)(b + VX_HEADER), &n);
-    } else {
-        if ((rc = load_q80(m, b, &n)))
-            goto fail;
-        munmap(m->map, m->map_len); /* everything needed is now in m->owned */
-        m->map = NULL;
-        m->map_len = 0;
-    }
-    *out = m;
-    return KV_OK;
-fail:
-    kv_model_free(m);
+    kv_free(buf);
+    EVP_MD_CTX_free(ctx);
     return rc;
 }
 
@@ -450,6 +213,8 @@ const char *kv_model_describe(const kv_model_t *m, char *buf, size_t len)
     if (m->hf)
         snprintf(buf, len, "Hugging Face safetensors (%s%s, %d file%s)", m->hf_dtype,
                  strcmp(m->hf_dtype, "F32") ? " converted to fp32" : "", m->n_files - 1, m->n_files == 2 ? "" : "s");
+    else if (m->format && !strcmp(m->format, "gguf"))
+        snprintf(buf, len, "GGUF (%s, dequantised to fp32)", m->dtypes);
     else if (c->version == 2)
         snprintf(buf, len, "llama2.c v2 (Q8_0, group %d, dequantised to fp32)", c->group_size);
     else

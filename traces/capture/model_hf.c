@@ -1,5 +1,5 @@
 /*
- * hf_model.c: Hugging Face Llama-family checkpoints (config.json + safetensors) into kv_model_t.
+ * model_hf.c: Hugging Face Llama-family checkpoints (config.json + safetensors) into kv_model_t.
  *
  * safetensors (one file): 8 bytes little-endian u64 N, then N bytes of JSON
  *   {"__metadata__": {...}, NAME: {"dtype": "F32"|"F16"|"BF16"|..., "shape": [..],
@@ -29,12 +29,12 @@
 #include "traces/capture/kv_model.h"
 
 #include "sim/common/kv_common.h"
+#include "traces/capture/kv_model_internal.h"
 #include "traces/kv_f16.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <json.h>
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,10 +107,8 @@ static void hf_dir(const char *path, char *buf, size_t len)
         snprintf(buf, len, "%.*s", (int)(slash - path), path);
 }
 
-const char *kv_model_default_tokenizer(const char *path, char *buf, size_t len)
+static const char *hf_default_tokenizer(const char *path, char *buf, size_t len)
 {
-    if (!kv_model_is_hf_path(path))
-        return NULL;
     char dir[1024];
     hf_dir(path, dir, sizeof dir);
     snprintf(buf, len, "%s/tokenizer.json", dir);
@@ -383,9 +381,9 @@ static float bf16_to_f32(uint16_t h)
 
 /* Tensor `name` of shape [rows, cols] (cols 0: [rows]) converted to fp32 into dst. When head_dim > 0
  * the rows are reordered from Hugging Face's rotate_half order to llama2.c's interleaved order
- * (top-of-file comment). `dtype_seen` accumulates a bit per dtype met. */
+ * (top-of-file comment). `dtype_count` counts the tensors read, per dtype. */
 static int st_get(const st_set_t *s, const char *name, uint64_t rows, uint64_t cols, int head_dim, float *dst,
-                  unsigned *dtype_seen)
+                  int *dtype_count)
 {
     const st_tensor_t *t = st_find(s, name);
     if (!t)
@@ -397,7 +395,7 @@ static int st_get(const st_set_t *s, const char *name, uint64_t rows, uint64_t c
         return kv_error(KV_EFORMAT, "%s: tensor %s has shape %s, config.json implies %s", s->f[t->file].path, name,
                         shape_text(t->shape, t->ndim, a, sizeof a), shape_text(want, wnd, b, sizeof b));
     }
-    *dtype_seen |= 1u << t->dtype;
+    dtype_count[t->dtype]++;
     const uint64_t ncol = cols ? cols : 1;
     const uint64_t hd = head_dim > 0 ? (uint64_t)head_dim : 2, half = hd / 2; /* head_dim is even (config check) */
 #pragma omp parallel for schedule(static) if (rows * ncol > 65536)
@@ -629,7 +627,7 @@ static int parse_config(const char *path, json_object *j, kv_model_config_t *c)
 
 /* ---- the loader ---- */
 
-int kv_hf_model_load(const char *path, kv_model_t **out)
+static int hf_load(const char *path, kv_model_t **out)
 {
     *out = NULL;
     int rc;
@@ -689,9 +687,9 @@ int kv_hf_model_load(const char *path, kv_model_t **out)
     m->token_embedding = p[0], m->rms_att = p[1], m->wq = p[2], m->wk = p[3], m->wv = p[4], m->wo = p[5];
     m->rms_ffn = p[6], m->w1 = p[7], m->w2 = p[8], m->w3 = p[9], m->rms_final = p[10];
     m->wcls = c->shared_classifier ? p[0] : p[11];
-    unsigned seen = 0;
+    int seen[3] = {0, 0, 0};
     const int hd = c->head_dim;
-    if ((rc = st_get(&s, "model.embed_tokens.weight", V, D, 0, p[0], &seen)))
+    if ((rc = st_get(&s, "model.embed_tokens.weight", V, D, 0, p[0], seen)))
         goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         char n[128];
@@ -709,19 +707,21 @@ int kv_hf_model_load(const char *path, kv_model_t **out)
         };
         for (int i = 0; i < 9; i++) {
             snprintf(n, sizeof n, "model.layers.%d.%s.weight", l, w[i].name);
-            if ((rc = st_get(&s, n, w[i].rows, w[i].cols, w[i].perm, w[i].dst, &seen)))
+            if ((rc = st_get(&s, n, w[i].rows, w[i].cols, w[i].perm, w[i].dst, seen)))
                 goto fail;
         }
     }
-    if ((rc = st_get(&s, "model.norm.weight", D, 0, 0, p[10], &seen)))
+    if ((rc = st_get(&s, "model.norm.weight", D, 0, 0, p[10], seen)))
         goto fail;
-    if (!c->shared_classifier && (rc = st_get(&s, "lm_head.weight", V, D, 0, p[11], &seen)))
+    if (!c->shared_classifier && (rc = st_get(&s, "lm_head.weight", V, D, 0, p[11], seen)))
         goto fail;
+    const int kinds = (seen[DT_F32] > 0) + (seen[DT_F16] > 0) + (seen[DT_BF16] > 0);
     snprintf(m->hf_dtype, sizeof m->hf_dtype, "%s",
-             seen == 1u << DT_F32    ? "F32"
-             : seen == 1u << DT_F16  ? "F16"
-             : seen == 1u << DT_BF16 ? "BF16"
-                                     : "mixed");
+             kinds > 1          ? "mixed"
+             : seen[DT_F16]     ? "F16"
+             : seen[DT_BF16]    ? "BF16"
+                                : "F32");
+    kv_model_set_dtypes(m, dt_names, seen, 3);
     st_close(&s);
     json_object_put(cfgj);
     *out = m;
@@ -733,40 +733,4 @@ fail:
     return rc;
 }
 
-int kv_model_sha256(const kv_model_t *m, char hex[65])
-{
-    if (!m->hf)
-        return kv_sha256_file(m->path, hex);
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    int rc = KV_OK;
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    unsigned char *buf = kv_malloc(1 << 20, "hash buffer");
-    if (!ctx || !buf || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
-        rc = kv_error(KV_EINTERNAL, "sha256: cannot initialise digest");
-        goto done;
-    }
-    for (int i = 0; i < m->n_files && rc == KV_OK; i++) {
-        FILE *f = fopen(m->files[i], "rb");
-        if (!f) {
-            rc = kv_error(KV_EIO, "%s: cannot open: %s", m->files[i], strerror(errno));
-            break;
-        }
-        size_t n;
-        while ((n = fread(buf, 1, 1 << 20, f)) > 0)
-            EVP_DigestUpdate(ctx, buf, n);
-        if (ferror(f))
-            rc = kv_error(KV_EIO, "%s: read error: %s", m->files[i], strerror(errno));
-        fclose(f);
-    }
-    if (rc == KV_OK) {
-        EVP_DigestFinal_ex(ctx, md, &mdlen);
-        for (unsigned i = 0; i < mdlen && i < 32; i++)
-            sprintf(hex + 2 * i, "%02x", md[i]);
-        hex[64] = 0;
-    }
-done:
-    kv_free(buf);
-    EVP_MD_CTX_free(ctx);
-    return rc;
-}
+const kv_model_format_t kv_model_format_hf = {"safetensors", kv_model_is_hf_path, hf_load, hf_default_tokenizer};

@@ -1,0 +1,40 @@
+/*
+ * kv_model_internal.h: what a checkpoint format file provides to the model core (model.c).
+ *
+ * A format is one row of the dispatch table in model.c: probe decides from the path (and at most
+ * the first bytes of the file) whether the format is this one, load fills a kv_model_t (calling
+ * kv_model_config_check before it trusts any dimension), default_tokenizer names the tokenizer
+ * that travels with the checkpoint. Format files call the core (kv_model_config_check,
+ * kv_model_free, kv_model_set_dtypes); the core calls formats only through the table.
+ */
+#ifndef KV_MODEL_INTERNAL_H
+#define KV_MODEL_INTERNAL_H
+
+#include "traces/capture/kv_model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char *name;                      /* "gguf", "safetensors", "llama2.c" */
+    int (*probe)(const char *path);        /* 1: this format */
+    int (*load)(const char *path, kv_model_t **out);
+    const char *(*default_tokenizer)(const char *path, char *buf, size_t len); /* NULL: none */
+} kv_model_format_t;
+
+extern const kv_model_format_t kv_model_format_gguf;
+extern const kv_model_format_t kv_model_format_hf;
+extern const kv_model_format_t kv_model_format_llama2c;
+
+/* m->dtypes from counts of tensors per dtype name (n entries): "Q4_1 x210, F32 x61, Q8_0 x1", most
+ * frequent first. */
+void kv_model_set_dtypes(kv_model_t *m, const char *const *names, const int *counts, int n);
+
+/* 1 when the file at `path` starts with the `n` bytes of `magic` (regular file, readable). */
+int kv_model_file_starts_with(const char *path, const void *magic, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
