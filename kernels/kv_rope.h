@@ -12,6 +12,8 @@
  *        w_i > low_wl             -> f_i / factor          (low frequencies interpolated)
  *        otherwise, with s = (original_max_pos / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor):
  *                                 -> (1 - s) f_i / factor + s f_i
+ *   - factors (GGUF files of Llama 3.1 / 3.2: llama.cpp stores the llama3 scaling as a tensor
+ *     rope_freqs.weight of head_dim / 2 divisors): f_i / factors[i].
  * Frequencies and angles are computed in double and the cos/sin rounded to float, on the CPU and
  * on the GPU alike (so the backends agree to the last bit on the angle). The struct is plain data,
  * passed by value or through a host pointer; it holds no backend memory.
@@ -31,7 +33,9 @@ extern "C" {
 #define KV_ROPE_FN static inline
 #endif
 
-typedef enum { KV_ROPE_DEFAULT = 0, KV_ROPE_LINEAR = 1, KV_ROPE_LLAMA3 = 2 } kv_rope_type_t;
+typedef enum { KV_ROPE_DEFAULT = 0, KV_ROPE_LINEAR = 1, KV_ROPE_LLAMA3 = 2, KV_ROPE_FACTORS = 3 } kv_rope_type_t;
+
+#define KV_ROPE_MAX_PAIRS 256 /* head_dim <= 512 */
 
 typedef struct {
     double theta;            /* base (rope_theta), > 0 */
@@ -40,12 +44,19 @@ typedef struct {
     double low_freq_factor;  /* llama3 */
     double high_freq_factor; /* llama3, > low_freq_factor */
     double original_max_pos; /* llama3: original_max_position_embeddings */
+    float factors[KV_ROPE_MAX_PAIRS]; /* factors: divisor of pair i's frequency, > 0 */
 } kv_rope_t;
 
 /* Plain RoPE with base theta. */
 KV_ROPE_FN kv_rope_t kv_rope_plain(double theta)
 {
-    kv_rope_t r = {theta, KV_ROPE_DEFAULT, 1.0, 0.0, 0.0, 0.0};
+    kv_rope_t r;
+    for (int i = 0; i < KV_ROPE_MAX_PAIRS; i++)
+        r.factors[i] = 1.0f;
+    r.theta = theta;
+    r.type = KV_ROPE_DEFAULT;
+    r.factor = 1.0;
+    r.low_freq_factor = r.high_freq_factor = r.original_max_pos = 0.0;
     return r;
 }
 
@@ -53,7 +64,9 @@ KV_ROPE_FN kv_rope_t kv_rope_plain(double theta)
 KV_ROPE_FN double kv_rope_freq(const kv_rope_t *r, int i, int head_dim)
 {
     double f = pow(r->theta, -(double)i / head_dim);
-    if (r->type == KV_ROPE_LINEAR) {
+    if (r->type == KV_ROPE_FACTORS) {
+        f /= (double)r->factors[i / 2];
+    } else if (r->type == KV_ROPE_LINEAR) {
         f /= r->factor;
     } else if (r->type == KV_ROPE_LLAMA3) {
         const double two_pi = 6.283185307179586476925286766559;

@@ -12,6 +12,7 @@
 #include "traces/capture/kv_model_internal.h"
 
 #include <errno.h>
+#include <math.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,8 +117,16 @@ int kv_model_config_check(kv_model_config_t *c, const char *path)
         c->rope_theta = 10000.0f;
     if (c->norm_eps <= 0)
         c->norm_eps = 1e-5f;
+    if (c->head_dim > 2 * KV_ROPE_MAX_PAIRS)
+        return kv_error(KV_EFORMAT, "%s: head_dim %d is beyond the %d RoPE supports here", path, c->head_dim,
+                        2 * KV_ROPE_MAX_PAIRS);
     if (c->rope.theta <= 0) {
         c->rope = kv_rope_plain(c->rope_theta);
+    } else if (c->rope.type == KV_ROPE_FACTORS) {
+        for (int i = 0; i < c->head_dim / 2; i++)
+            if (!(c->rope.factors[i] > 0) || !isfinite(c->rope.factors[i]))
+                return kv_error(KV_EFORMAT, "%s: RoPE frequency factor %d is %g (must be positive and finite)", path,
+                                i, (double)c->rope.factors[i]);
     } else if (c->rope.type != KV_ROPE_DEFAULT &&
                !(c->rope.factor > 0 && (c->rope.type != KV_ROPE_LLAMA3 ||
                                         (c->rope.original_max_pos > 0 && c->rope.low_freq_factor > 0 &&
