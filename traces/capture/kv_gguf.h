@@ -104,7 +104,9 @@ const kv_gguf_tensor_t *kv_gguf_tensor(const kv_gguf_t *g, int i);
 const kv_gguf_tensor_t *kv_gguf_find_tensor(const kv_gguf_t *g, const char *name); /* NULL when absent */
 
 /* "Q4_K", "F16", ... for every type ggml defines (NULL for an unknown number); whether kvsim can
- * dequantise it; elements per block and bytes per block (0 for types it cannot). */
+ * dequantise it; elements per block and bytes per block: known for every type whose layout ggml
+ * defines, dequantised by kvsim or not (the directory of a file holding Q2_K tensors is validated
+ * with them); 0 and KV_EUNAVAIL for unknown numbers and layouts ggml removed (Q4_0_4_4, ...). */
 const char *kv_gguf_type_name(int type);
 int kv_gguf_type_supported(int type);
 int kv_gguf_type_block(int type, int *block_elems, int *block_bytes);
