@@ -17,7 +17,7 @@ Q := $(if $(V),,@)
 NO_CONFIG_GOALS := clean help
 
 # ---- configuration: Debian packages and compiler flags, resolved once into $(BUILD)/config.mk
-PKGS := hdf5 libzstd cairo openblas libcrypto json-c check
+PKGS := hdf5 libzstd cairo openblas libcrypto json-c libpcre2-8 icu-uc check
 ifeq ($(filter $(NO_CONFIG_GOALS),$(MAKECMDGOALS)),)
 include $(BUILD)/config.mk
 endif
@@ -25,7 +25,7 @@ $(BUILD)/config.mk: scripts/install-deps.sh Makefile
 	$(Q)scripts/install-deps.sh
 	$(Q)mkdir -p $(BUILD)
 	$(Q){ echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))"; \
-	     echo "PKG_LIBS := $$(pkg-config --libs hdf5 libzstd cairo openblas libcrypto json-c)"; \
+	     echo "PKG_LIBS := $$(pkg-config --libs hdf5 libzstd cairo openblas libcrypto json-c libpcre2-8 icu-uc)"; \
 	     echo "CHECK_LIBS := $$(pkg-config --libs check)"; \
 	     nv=$$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; }); \
 	     echo "NVCC_FOUND := $$nv"; } > $@
@@ -156,7 +156,8 @@ BUNDLE_CPU_ARCH ?= -march=x86-64-v3
 BUNDLE_BIN := $(BUILD)/gpu-bundle-bin
 BUNDLE_LIBS = -Wl,--gc-sections -Wl,-Bstatic $(filter -L%,$(PKG_LIBS)) -lhdf5 -lsz -laec -lz -lzstd \
     $(filter-out -lm -lrt -ldl -pthread -lpthread,$(shell pkg-config --static --libs cairo)) \
-    -lopenblas -lgfortran -lquadmath -lcrypto -ljson-c $(shell $(CC) -print-file-name=libgomp.a) -lstdc++ -Wl,-Bdynamic \
+    -lopenblas -lgfortran -lquadmath -lcrypto -ljson-c -lpcre2-8 -licuuc -licudata $(shell $(CC) -print-file-name=libgomp.a) \
+    -lstdc++ -Wl,-Bdynamic \
     $(if $(NVCC),$(BUNDLE_CUDA)) -lm -ldl -lrt -lpthread -static-libgcc
 BUNDLE_CUDA = -L$(CUDA_HOME)/lib64 -lcublas -lcudart_static -Wl,-rpath,/usr/local/cuda/lib64
 $(BUNDLE_BIN)/gpu_parity: $(BUILD)/obj/tests/gpu_parity.o $(LIBKV)

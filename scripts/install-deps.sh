@@ -3,7 +3,7 @@
 # Installs what is missing when it may (root with apt-get); otherwise prints the exact command to
 # run and fails. Called by the Makefile before the first build, and by .ci/run.
 set -u
-PKGS="pkg-config libhdf5-dev libzstd-dev libcairo2-dev check libsubunit-dev libopenblas-dev libssl-dev libjson-c-dev"
+PKGS="pkg-config libhdf5-dev libzstd-dev libcairo2-dev check libsubunit-dev libopenblas-dev libssl-dev libjson-c-dev libpcre2-dev libicu-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
