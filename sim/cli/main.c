@@ -22,6 +22,7 @@ static const kv_cmd_t commands[] = {
     {"generate", kv_cmd_generate, "greedy text continuation with a llama2.c model"},
     {"nll", kv_cmd_nll, "mean negative log-likelihood of a text under a model"},
     {"synth", kv_cmd_synth, "write a synthetic trace with planted attention structure"},
+    {"tokenize", kv_cmd_tokenize, "print the token ids (or pieces) of a text under a model's tokenizer"},
     {"info", kv_cmd_info, "describe a trace: shapes, dtype, sizes, compression, provenance"},
     {"replay", kv_cmd_replay, "replay eviction policies x budgets against a trace"},
     {"policies", kv_cmd_policies, "list every policy with its parameters and defaults"},

@@ -138,7 +138,9 @@ typedef struct kv_tok_bpe {
     int n_steps;          /* the last one is ByteLevel */
     int nfc;              /* normalizer: NFC (else none) */
     int ignore_merges;    /* a pre-token that is a vocabulary entry is one token */
-    int fuse_unk;         /* consecutive unknown bytes are one unk_id (when t->unk_id >= 0) */
+    int unk_byte;         /* the BPE model's unk_token id for a byte missing from the vocabulary, -1: none
+                             (tokenizer.json's model.unk_token; GGUF: none, llama.cpp drops the byte) */
+    int fuse_unk;         /* consecutive unknown bytes are one unk_byte */
     int byte_id[256];     /* id of each byte's character, -1 when the vocabulary lacks it */
     unsigned char *attr;  /* (vocab_size) KV_TOK_ATTR_* */
     void *compiled;       /* tok_bpe.c: compiled regexes and the added-token index */

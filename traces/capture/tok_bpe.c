@@ -18,8 +18,8 @@
  *     crate's find_iter does: from the end of the previous match, an empty match right where the
  *     previous one ended skipped by one character.
  *  4. Each piece's bytes become their byte-alphabet tokens (a byte whose character is missing from
- *     the vocabulary becomes unk_id when the model has one, fused with a preceding one under
- *     fuse_unk, else nothing, as HF drops it), and are merged by rank with the core's merge loop
+ *     the vocabulary becomes the BPE model's unk_token when it has one, fused with a preceding one
+ *     under fuse_unk, else nothing, as HF and llama.cpp drop it), and are merged by rank with the core's merge loop
  *     (the pair of lowest rank, leftmost on ties: HF's Word::merge_all). With ignore_merges a piece
  *     whose byte string is a vocabulary entry is that one token.
  *
@@ -298,9 +298,9 @@ static int bpe_piece(enc_t *e, const char *s, size_t len)
         if (id >= 0) {
             e->ids[n++] = id;
             prev_unk = 0;
-        } else if (t->unk_id >= 0) {
+        } else if (b->unk_byte >= 0) {
             if (!(b->fuse_unk && prev_unk))
-                e->ids[n++] = t->unk_id;
+                e->ids[n++] = b->unk_byte;
             prev_unk = 1;
         }
     }

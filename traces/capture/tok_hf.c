@@ -567,7 +567,7 @@ static int bpe_load(const char *path, int expect_vocab, kv_tokenizer_t *t, json_
         t->bpe->byte_id[b] = vocab_id(vocab, NULL, s);
     }
     const char *unk = get_str(model, "unk_token");
-    if (unk && (t->unk_id = vocab_id(vocab, NULL, unk)) < 0) {
+    if (unk && (t->unk_id = t->bpe->unk_byte = vocab_id(vocab, NULL, unk)) < 0) {
         rc = kv_error(KV_EFORMAT, "%s: model.unk_token \"%s\" is not in the vocabulary", path, unk);
         goto done;
     }

@@ -238,6 +238,7 @@ int kv_tok_bpe_new(kv_tokenizer_t *t)
         return KV_ENOMEM;
     for (int b = 0; b < 256; b++)
         t->bpe->byte_id[b] = -1;
+    t->bpe->unk_byte = -1;
     t->bpe->attr = kv_calloc((size_t)(t->vocab_size ? t->vocab_size : 1), 1, "token attributes");
     return t->bpe->attr ? KV_OK : KV_ENOMEM;
 }
