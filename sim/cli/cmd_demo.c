@@ -289,7 +289,7 @@ static int paragraph_segments(const kv_tokenizer_t *tok, const char *text, char 
     size_t pos = 0;
     for (int t = 0; t < n; t++) {
         size_t bl = 0;
-        if (ids[t] != KV_BOS)
+        if (ids[t] != tok->bos_id)
             kv_tokenizer_decode(tok, t ? ids[t - 1] : -1, ids[t], &bl);
         start[t] = pos;
         pos += bl;

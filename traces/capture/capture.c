@@ -127,7 +127,7 @@ int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char 
         }
         for (int d = 0; d < nd; d++) {
             int m;
-            if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, 1, 0, &ids, &m)))
+            if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, tok->add_bos, 0, &ids, &m)))
                 break;
             starts[d] = n;
             rc = append(&all, &n, &cap, ids, m);
@@ -148,8 +148,20 @@ int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char 
         *n_segs = nd;
         return KV_OK;
     }
-    if ((rc = kv_tokenizer_encode(tok, text, len, 1, 0, tokens, n_tokens)))
+    if ((rc = kv_tokenizer_encode(tok, text, len, tok->add_bos, 0, tokens, n_tokens)))
         return rc;
+    if (*n_tokens == 0) { /* an empty prompt of a model that adds no BOS: BOS alone when it has one */
+        if (tok->bos_id < 0) {
+            kv_free(*tokens);
+            *tokens = NULL;
+            return kv_error(KV_EINVAL, "the prompt encodes to no tokens (and %s has no BOS token)", tok->path);
+        }
+        kv_free(*tokens);
+        if (!(*tokens = kv_malloc(sizeof(int32_t), "tokens")))
+            return KV_ENOMEM;
+        (*tokens)[0] = tok->bos_id;
+        *n_tokens = 1;
+    }
     if (!strcmp(segments, "auto") || !strcmp(segments, "none"))
         return KV_OK;
     if ((rc = parse_offsets(segments, *n_tokens, segs, n_segs))) {

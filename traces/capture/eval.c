@@ -127,7 +127,7 @@ int kv_nll_text(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *text, size_t
         int n = 0;
         kv_free(ids);
         ids = NULL;
-        if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, 1, 0, &ids, &n)))
+        if ((rc = kv_tokenizer_encode(tok, docs[d].text, docs[d].len, tok->add_bos, 0, &ids, &n)))
             goto done;
         double sum = 0;
         long pred = 0;
@@ -183,9 +183,18 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
     const int V = kv_fwd_model(f)->cfg.vocab_size, W = kv_fwd_max_tokens(f);
     int32_t *p = NULL;
     int np = 0;
-    int rc = kv_tokenizer_encode(tok, prompt, strlen(prompt), 1, 0, &p, &np);
+    int rc = kv_tokenizer_encode(tok, prompt, strlen(prompt), tok->add_bos, 0, &p, &np);
     if (rc)
         return rc;
+    if (np == 0) { /* an empty prompt, and the model adds no BOS: start from BOS when it has one */
+        if (tok->bos_id < 0) {
+            kv_free(p);
+            return kv_error(KV_EINVAL, "generate: the prompt is empty and %s has no BOS token to start from",
+                            tok->path);
+        }
+        p[0] = tok->bos_id; /* an empty encoding still has room for one id */
+        np = 1;
+    }
     if (np > W) {
         kv_free(p);
         return kv_error(KV_ERANGE, "generate: the prompt is %d tokens, the context holds %d", np, W);
@@ -207,7 +216,7 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
     res->prefill_s = kv_now() - t0;
     if (out) {
         for (int i = 0; i < np; i++) {
-            if (all[i] == KV_BOS || all[i] == KV_EOS)
+            if (all[i] == tok->bos_id || all[i] == tok->eos_id)
                 continue;
             size_t l;
             const char *s = kv_tokenizer_decode(tok, i ? all[i - 1] : -1, all[i], &l);
@@ -219,7 +228,7 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
     t0 = kv_now();
     for (int s = 0; s < steps; s++) {
         int next = kv_sample(logits, V, temperature, kv_rng_uniform(&rng));
-        if (next == KV_BOS || next == KV_EOS)
+        if (next == tok->bos_id || next == tok->eos_id)
             break;
         all[n++] = next;
         if (out) {

@@ -50,9 +50,12 @@ typedef struct {
 
 int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res);
 
-/* Tokenise a prompt for capture. segments "auto": when the text holds <|endoftext|>, every
- * document is tokenised separately with its own BOS and the start of each is a segment; otherwise
- * (and for "none") the whole text is one BOS-led sequence without segments. "i,j,k": the whole
+/* Tokenise a prompt for capture. BOS leads each sequence when the model adds one (tok->add_bos);
+ * an empty prompt is BOS alone. segments "auto": when the text holds <|endoftext|>, every
+ * document is tokenised separately and the start of each is a segment (the separator is text
+ * split off before tokenization: it is no token of the trace even where the vocabulary has it, as
+ * SmolLM2's id 0); otherwise (and for "none") the whole text is one sequence without segments.
+ * "i,j,k": the whole
  * text, segments starting at those token offsets (0 is implied, ascending, inside the prompt).
  * Outputs are kv_free'd by the caller; *segs is NULL when *n_segs is 0. */
 int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char *segments, int32_t **tokens,

@@ -127,7 +127,8 @@ void kv_tokenizer_free(kv_tokenizer_t *t); /* accepts NULL */
 int kv_tokenizer_lookup(const kv_tokenizer_t *t, const char *s, size_t len);
 
 /* Encode `len` bytes of text; bos/eos: put bos_id/eos_id around it (nothing when the tokenizer has
- * none); pass t->add_bos for the model's own rule. *out (kv_free) gets the ids, *n_out their count.
+ * none); pass t->add_bos for the model's own rule. *out (kv_free) gets the ids, *n_out their count;
+ * *out has room for at least one id, even when *n_out is 0.
  * Text that is not valid UTF-8 is encoded too (byte-level kind: each byte of an invalid sequence is a
  * pre-token of its own; SentencePiece kinds: byte fallback). */
 int kv_tokenizer_encode(const kv_tokenizer_t *t, const char *text, size_t len, int bos, int eos, int32_t **out,
