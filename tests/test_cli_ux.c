@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 static const char *const COMMANDS[] = {"capture", "generate", "nll",     "synth", "info",
-                                       "replay",  "policies", "analyze", "demo"};
+                                       "replay",  "policies", "analyze", "demo",  "tokenize"};
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 
 /* Output of the last run (stdout and stderr), NUL-terminated, at most 64 KiB each. */
