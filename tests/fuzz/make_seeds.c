@@ -3,10 +3,12 @@
  * trace,trace_file}/ (make fuzz runs it). Small valid inputs of every kind the harnesses take:
  * checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
  * GQA), the tests' tokenizer and the real tok512.bin when ../shared has it, small traces (f32 and
- * f16) and a few change programs for fuzz_trace.
+ * f16) and a few change programs for fuzz_trace; for fuzz_bpe (DIR/bpe/) texts for every mode, the
+ * synthetic tokenizer.json files and chat templates (ChatML, Llama 3.0 and 3.1, one refused).
  */
 #include "sim/common/kv_common.h"
 #include "tests/capture_fixtures.h"
+#include "tests/fuzz/fuzz_bpe_vocab.h"
 #include "tests/kv_test.h"
 #include "traces/kv_trace.h"
 
@@ -153,6 +155,59 @@ int main(int argc, char **argv)
         size_t n = fread(b + 3 + tl, 1, (1 << 16) - 3 - tl, f);
         fclose(f);
         put(dir, "tokenizer", "tok512", b, 3 + tl + n);
+        free(b);
+    }
+    /* byte-level BPE: byte 0 = mode (fuzz_bpe.c), then text, a tokenizer.json or a chat template */
+    static const char *const bpe_texts[] = {
+        "Hello, world! I'm 12345 years old.  <|s|>user\nH\xc3\xa9llo \xe4\xbd\xa0\xe5\xa5\xbd \xf0\x9f\x98\x80<|e|>",
+        "a\xff\xc3" "b\xe2\x82 \xed\xa0\x80 \x00\x01\n\n\n   \t x-y--z 1-2 aaaa ing the",
+        "e\xcc\x81 w\xc3\xa9 we\xcc\x81 <|s|>  <|s|>\t'S 'll \xe2\x80\x99s \xe2\x80\xa8 \xc2\x85",
+    };
+    for (int mode = 0; mode <= 5; mode++)
+        for (size_t i = 0; i < sizeof bpe_texts / sizeof *bpe_texts; i++) {
+            size_t tl = strlen(bpe_texts[i]) + (i == 1 ? 6 : 0); /* the second holds NUL bytes */
+            unsigned char *b = malloc(1 + tl);
+            b[0] = (unsigned char)mode;
+            memcpy(b + 1, bpe_texts[i], tl);
+            char name[32];
+            snprintf(name, sizeof name, "text-%d-%zu", mode, i);
+            put(dir, "bpe", name, b, 1 + tl);
+            free(b);
+        }
+    for (int c = 0; c < FZ_BPE_CONFIGS; c++) {
+        char *json = NULL;
+        size_t jl = 0;
+        FILE *f = open_memstream(&json, &jl);
+        fputc(6, f);
+        fz_bpe_json(f, c);
+        fclose(f);
+        char name[32];
+        snprintf(name, sizeof name, "json-%d", c);
+        put(dir, "bpe", name, json, jl);
+        free(json);
+    }
+    static const char *const templates[] = {
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+        "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+        "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n"
+        "{%- endif %}\n{#- System message #}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- "
+        "\"Cutting Knowledge Date: December 2023\\n\" }}\n{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+        "{{- system_message }}\n{{- \"<|eot_id|>\" }}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>' }}",
+        "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}",
+    };
+    for (size_t i = 0; i < sizeof templates / sizeof *templates; i++) {
+        size_t tl = strlen(templates[i]);
+        unsigned char *b = malloc(1 + tl);
+        b[0] = 7;
+        memcpy(b + 1, templates[i], tl);
+        char name[32];
+        snprintf(name, sizeof name, "template-%zu", i);
+        put(dir, "bpe", name, b, 1 + tl);
         free(b);
     }
     /* traces */
