@@ -20,7 +20,8 @@ tokenizers' Tokenizer.encode(text, add_special_tokens=False) (the llama3 variant
 add_special_tokens=True, as variant "llama3+bos"), texts from a built-in list and each TEXTFILE (every
 line, and the whole file); and OUTDIR/chat.txt, "dir<TAB>hex(system or '-')<TAB>hex(user)<TAB>hex(text)"
 with the text transformers' apply_chat_template(add_generation_prompt=True, tokenize=False) renders
-(jinja2 directly, the way transformers sets it up, when transformers is missing).
+(jinja2 directly, the way transformers sets it up, when transformers is missing; no chat.txt without
+either).
 """
 import datetime
 import json
@@ -178,20 +179,22 @@ CHATS = [(None, "Hello!"), ("You are a pirate.", "Tell me a story about 3 cats."
 
 
 def render(template, msgs, bos, eos):
+    """transformers' apply_chat_template, else jinja2 set up as transformers sets it up, else None."""
     try:
         from transformers import PreTrainedTokenizerFast
-        from tokenizers import Tokenizer as T
-        tok = PreTrainedTokenizerFast(tokenizer_object=T.from_str(json.dumps(render.tj)), chat_template=template,
-                                      bos_token=bos, eos_token=eos)
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(render.tj)),
+                                      chat_template=template, bos_token=bos, eos_token=eos)
         return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     except ImportError:
-        import jinja2
+        pass
+    try:
+        import jinja2.sandbox
         from jinja2.ext import loopcontrols
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=[loopcontrols])
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        return env.from_string(template).render(messages=msgs, add_generation_prompt=True, bos_token=bos,
-                                                eos_token=eos)
+    except ImportError:
+        return None
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
 def main():
@@ -244,21 +247,26 @@ def main():
     render.tj = variants["smollm"]
     templates = {"smollm": meta["tokenizer.chat_template"], "chat30": LLAMA30,
                  "chat31": LLAMA31.replace("DATE", DATE31), "chat32": LLAMA31.replace("DATE", DATE32)}
+    lines = []
+    for name, tmpl in templates.items():
+        if name != "smollm":
+            os.makedirs(os.path.join(out, name), exist_ok=True)
+            with open(os.path.join(out, name, "tokenizer.json"), "w", encoding="utf-8") as g:
+                json.dump(variants["smollm"], g, ensure_ascii=False)
+            with open(os.path.join(out, name, "tokenizer_config.json"), "w", encoding="utf-8") as g:
+                json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": tmpl}, g)
+        bos = "<|endoftext|>" if name != "smollm" else "<|im_start|>"
+        for system, user in CHATS:
+            msgs = ([{"role": "system", "content": system}] if system is not None else []) + \
+                   [{"role": "user", "content": user}]
+            text = render(tmpl, msgs, bos, "<|im_end|>")
+            if text is None:
+                print("tokenizer_ref.py: neither transformers nor jinja2: no chat.txt", file=sys.stderr)
+                return
+            sh = "-" if system is None else system.encode("utf-8").hex()
+            lines.append(f"{name}\t{sh}\t{user.encode('utf-8').hex()}\t{text.encode('utf-8').hex()}\n")
     with open(os.path.join(out, "chat.txt"), "w") as f:
-        for name, tmpl in templates.items():
-            if name != "smollm":
-                os.makedirs(os.path.join(out, name), exist_ok=True)
-                with open(os.path.join(out, name, "tokenizer.json"), "w", encoding="utf-8") as g:
-                    json.dump(variants["smollm"], g, ensure_ascii=False)
-                with open(os.path.join(out, name, "tokenizer_config.json"), "w", encoding="utf-8") as g:
-                    json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": tmpl}, g)
-            bos = "<|endoftext|>" if name != "smollm" else "<|im_start|>"
-            for system, user in CHATS:
-                msgs = ([{"role": "system", "content": system}] if system is not None else []) + \
-                       [{"role": "user", "content": user}]
-                text = render(tmpl, msgs, bos, "<|im_end|>")
-                sh = "-" if system is None else system.encode("utf-8").hex()
-                f.write(f"{name}\t{sh}\t{user.encode('utf-8').hex()}\t{text.encode('utf-8').hex()}\n")
+        f.writelines(lines)
 
 
 if __name__ == "__main__":

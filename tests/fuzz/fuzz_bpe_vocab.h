@@ -47,16 +47,28 @@ static const char *const FZ_PRE[FZ_BPE_CONFIGS] = {
     "false, \"trim_offsets\": true, \"use_regex\": false}]}",
 };
 
-static void fz_put_byte_char(FILE *f, int b)
+/* UTF-8 of byte b's character in GPT-2's byte alphabet into o (2 bytes); returns its length. */
+static int fz_byte_utf8(int b, char *o)
 {
     unsigned c = b <= 0x20 ? 256u + (unsigned)b : b >= 0x7f && b <= 0xa0 ? 256u + 33u + (unsigned)(b - 0x7f)
                                                 : b == 0xad ? 256u + 67u : (unsigned)b;
-    if (c == '"' || c == '\\')
-        fprintf(f, "\\%c", c);
-    else if (c < 0x80)
-        fputc((int)c, f);
-    else
-        fprintf(f, "%c%c", 0xc0 | (c >> 6), 0x80 | (c & 0x3f));
+    if (c < 0x80) {
+        o[0] = (char)c;
+        return 1;
+    }
+    o[0] = (char)(0xc0 | (c >> 6));
+    o[1] = (char)(0x80 | (c & 0x3f));
+    return 2;
+}
+
+/* the same as JSON string content */
+static void fz_put_byte_char(FILE *f, int b)
+{
+    char s[2];
+    int n = fz_byte_utf8(b, s);
+    if (n == 1 && (s[0] == '"' || s[0] == '\\'))
+        fputc('\\', f);
+    fwrite(s, 1, (size_t)n, f);
 }
 
 /* The tokenizer.json of configuration `cfg`, written to f. */

@@ -73,6 +73,118 @@ static unsigned char *interleave(const unsigned char *g, size_t len, const fx_mo
     return o;
 }
 
+/* ---- a GGUF file holding only a tokenizer (seeds of fuzz_tokenizer, which probes the magic) ---- */
+
+typedef struct {
+    unsigned char *b;
+    size_t n, cap;
+    uint64_t n_kv;
+} gw_t;
+
+static void gw_put(gw_t *w, const void *p, size_t n)
+{
+    if (w->n + n > w->cap) {
+        w->cap = (w->n + n) * 2 + 4096;
+        w->b = realloc(w->b, w->cap);
+    }
+    memcpy(w->b + w->n, p, n);
+    w->n += n;
+}
+
+static void gw_str(gw_t *w, const char *s, size_t n)
+{
+    uint64_t l = n;
+    gw_put(w, &l, 8);
+    gw_put(w, s, n);
+}
+
+static void gw_key(gw_t *w, const char *k, uint32_t type)
+{
+    gw_str(w, k, strlen(k));
+    gw_put(w, &type, 4);
+    w->n_kv++;
+}
+
+static void gw_arr(gw_t *w, const char *k, uint32_t type, uint64_t n)
+{
+    gw_key(w, k, 9);
+    gw_put(w, &type, 4);
+    gw_put(w, &n, 8);
+}
+
+/* byte-level ("gpt2", the vocabulary of fuzz_bpe_vocab.h) or SentencePiece ("llama") */
+static unsigned char *gguf_tokenizer(int spm, const char *pre, size_t *len)
+{
+    gw_t w = {0};
+    const int nm = (int)(sizeof FZ_MERGES / sizeof FZ_MERGES[0]);
+    const int n = spm ? 263 : 256 + nm + 1;
+    gw_key(&w, "tokenizer.ggml.model", 8);
+    gw_str(&w, spm ? "llama" : "gpt2", spm ? 5 : 4);
+    gw_arr(&w, "tokenizer.ggml.tokens", 8, (uint64_t)n);
+    for (int i = 0; i < n; i++) {
+        char s[64];
+        size_t sl;
+        if (spm) {
+            static const char *const head[] = {"<unk>", "<s>", "</s>"};
+            static const char *const tail[] = {"\xe2\x96\x81", "a", "b", ("\xe2\x96\x81" "a")};
+            if (i < 3)
+                sl = (size_t)snprintf(s, sizeof s, "%s", head[i]);
+            else if (i < 259)
+                sl = (size_t)snprintf(s, sizeof s, "<0x%02X>", i - 3);
+            else
+                sl = (size_t)snprintf(s, sizeof s, "%s", tail[i - 259]);
+        } else if (i < 256) {
+            sl = (size_t)fz_byte_utf8(i, s);
+        } else if (i < 256 + nm) {
+            sl = (size_t)snprintf(s, sizeof s, "%s%s", FZ_MERGES[i - 256][0], FZ_MERGES[i - 256][1]);
+        } else {
+            sl = (size_t)snprintf(s, sizeof s, "<|im_start|>");
+        }
+        gw_str(&w, s, sl);
+    }
+    gw_arr(&w, "tokenizer.ggml.token_type", 5, (uint64_t)n);
+    for (int i = 0; i < n; i++) {
+        int32_t ty = spm ? (i < 3 ? 3 : i < 259 ? 6 : 1) : i == n - 1 ? 3 : 1;
+        gw_put(&w, &ty, 4);
+    }
+    if (spm) {
+        gw_arr(&w, "tokenizer.ggml.scores", 6, (uint64_t)n);
+        for (int i = 0; i < n; i++) {
+            float sc = i < 259 ? 0.0f : -(float)(i - 258);
+            gw_put(&w, &sc, 4);
+        }
+    } else {
+        gw_arr(&w, "tokenizer.ggml.merges", 8, (uint64_t)nm);
+        for (int i = 0; i < nm; i++) {
+            char s[64];
+            gw_str(&w, s, (size_t)snprintf(s, sizeof s, "%s %s", FZ_MERGES[i][0], FZ_MERGES[i][1]));
+        }
+        gw_key(&w, "tokenizer.ggml.pre", 8);
+        gw_str(&w, pre, strlen(pre));
+        const char *tmpl = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>"
+                           "\\n'}}{% endfor %}{{ '<|im_start|>assistant\\n' }}";
+        gw_key(&w, "tokenizer.chat_template", 8);
+        gw_str(&w, tmpl, strlen(tmpl));
+    }
+    uint32_t id = (uint32_t)(spm ? 1 : n - 1);
+    gw_key(&w, "tokenizer.ggml.bos_token_id", 4);
+    gw_put(&w, &id, 4);
+    unsigned char t = 1;
+    gw_key(&w, "tokenizer.ggml.add_bos_token", 7);
+    gw_put(&w, &t, 1);
+    unsigned char *out = malloc(24 + w.n);
+    uint32_t version = 3;
+    uint64_t zero = 0;
+    memcpy(out, "GGUF", 4);
+    memcpy(out + 4, &version, 4);
+    memcpy(out + 8, &zero, 8);
+    memcpy(out + 16, &w.n_kv, 8);
+    memcpy(out + 24, w.b, w.n);
+    *len = 24 + w.n;
+    free(w.b);
+    return out;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -144,6 +256,22 @@ int main(int argc, char **argv)
         free(b);
     }
     free(tok);
+    static const char *const gguf_seeds[][2] = {{"gguf-smollm", "smollm"}, {"gguf-llama3", "llama-bpe"},
+                                                {"gguf-qwen2", "qwen2"},   {"gguf-default", "default"},
+                                                {"gguf-spm", NULL}};
+    for (size_t i = 0; i < sizeof gguf_seeds / sizeof *gguf_seeds; i++) {
+        size_t gn;
+        unsigned char *g = gguf_tokenizer(!gguf_seeds[i][1], gguf_seeds[i][1] ? gguf_seeds[i][1] : "", &gn);
+        const char *text = "Hello <|im_start|>wor-ld 12345 \xc3\xa9\xff ab";
+        size_t tl = strlen(text);
+        unsigned char *b = malloc(3 + tl + gn);
+        b[0] = 3, b[1] = (unsigned char)tl, b[2] = 0; /* BOS, EOS, any vocabulary size */
+        memcpy(b + 3, text, tl);
+        memcpy(b + 3 + tl, g, gn);
+        put(dir, "tokenizer", gguf_seeds[i][0], b, 3 + tl + gn);
+        free(b);
+        free(g);
+    }
     char real[512];
     if (kv_test_shared("models/stories260K/tok512.bin", real, sizeof real)) {
         FILE *f = fopen(real, "rb");
@@ -158,20 +286,25 @@ int main(int argc, char **argv)
         free(b);
     }
     /* byte-level BPE: byte 0 = mode (fuzz_bpe.c), then text, a tokenizer.json or a chat template */
-    static const char *const bpe_texts[] = {
-        "Hello, world! I'm 12345 years old.  <|s|>user\nH\xc3\xa9llo \xe4\xbd\xa0\xe5\xa5\xbd \xf0\x9f\x98\x80<|e|>",
-        "a\xff\xc3" "b\xe2\x82 \xed\xa0\x80 \x00\x01\n\n\n   \t x-y--z 1-2 aaaa ing the",
-        "e\xcc\x81 w\xc3\xa9 we\xcc\x81 <|s|>  <|s|>\t'S 'll \xe2\x80\x99s \xe2\x80\xa8 \xc2\x85",
+#define TXT(x) {x, sizeof(x) - 1}
+    static const struct {
+        const char *s;
+        size_t n;
+    } bpe_texts[] = {
+        TXT("Hello, world! I'm 12345 years old.  <|s|>user\nH\xc3\xa9llo \xe4\xbd\xa0\xe5\xa5\xbd \xf0\x9f\x98\x80<|e|>"),
+        TXT("a\xff\xc3"
+            "b\xe2\x82 \xed\xa0\x80 \x00\x01\n\n\n   \t x-y--z 1-2 aaaa ing the"),
+        TXT("e\xcc\x81 w\xc3\xa9 we\xcc\x81 <|s|>  <|s|>\t'S 'll \xe2\x80\x99s \xe2\x80\xa8 \xc2\x85"),
     };
+#undef TXT
     for (int mode = 0; mode <= 5; mode++)
         for (size_t i = 0; i < sizeof bpe_texts / sizeof *bpe_texts; i++) {
-            size_t tl = strlen(bpe_texts[i]) + (i == 1 ? 6 : 0); /* the second holds NUL bytes */
-            unsigned char *b = malloc(1 + tl);
+            unsigned char *b = malloc(1 + bpe_texts[i].n);
             b[0] = (unsigned char)mode;
-            memcpy(b + 1, bpe_texts[i], tl);
+            memcpy(b + 1, bpe_texts[i].s, bpe_texts[i].n);
             char name[32];
             snprintf(name, sizeof name, "text-%d-%zu", mode, i);
-            put(dir, "bpe", name, b, 1 + tl);
+            put(dir, "bpe", name, b, 1 + bpe_texts[i].n);
             free(b);
         }
     for (int c = 0; c < FZ_BPE_CONFIGS; c++) {
