@@ -232,7 +232,7 @@ static inline void gf_tensor_f(gf_writer_t *w, const char *name, const float *x,
     float *y = (float *)malloc(n * sizeof(float) + 4);
     for (uint64_t r = 0; r < rows; r++) {
         uint64_t from = r;
-        if (perm_d > 0) {
+        if (perm_d > 1) { /* head_dim is even, at least 2 */
             const uint64_t d = (uint64_t)perm_d, h = r / d, k = r % d;
             from = h * d + 2 * (k % (d / 2)) + k / (d / 2);
         }
@@ -246,7 +246,7 @@ static inline void gf_tensor_f(gf_writer_t *w, const char *name, const float *x,
     if (deq) {
         for (uint64_t r = 0; r < rows; r++) { /* back to x's order */
             uint64_t from = r;
-            if (perm_d > 0) {
+            if (perm_d > 1) { /* head_dim is even, at least 2 */
                 const uint64_t d = (uint64_t)perm_d, h = r / d, k = r % d;
                 from = h * d + 2 * (k % (d / 2)) + k / (d / 2);
             }

@@ -354,6 +354,8 @@ START_TEST(metadata_getters)
         ck_assert_int_eq(kv_gguf_get_int(g, "u64big", &v), KV_ERANGE);
         ck_assert_ptr_nonnull(strstr(kv_last_error(), "u64big"));
         double d;
+        ck_assert_int_eq(kv_gguf_get_float(g, "u64big", &d), KV_OK);
+        ck_assert(d == 18446744073709551615.0);
         ck_assert_int_eq(kv_gguf_get_float(g, "f32", &d), KV_OK);
         ck_assert(d == 0.25);
         ck_assert_int_eq(kv_gguf_get_float(g, "f64", &d), KV_OK);
