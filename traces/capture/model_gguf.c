@@ -255,7 +255,8 @@ typedef struct {
     uint64_t ne0, ne1; /* expected shape, ne1 = 0 for a vector */
     int perm;          /* > 0: rows (a vector: elements) in NEOX order, this head_dim */
     int optional;      /* absent is fine (the destination is then zeros) */
-    float *dst;        /* (ne1, ne0) row-major */
+    int part;          /* destination: part `part` of the weights (kv_model.h order), */
+    uint64_t off;      /* at this offset (floats); (ne1, ne0) row-major */
     const kv_gguf_tensor_t *t;
 } want_t;
 
@@ -339,15 +340,17 @@ static uint64_t neox_to_interleaved(uint64_t r, uint64_t d)
     return h * d + 2 * (i % half) + i / half;
 }
 
-/* Dequantise w->t into w->dst, reordering rows (or a vector's elements) when w->perm > 0. */
-static int load_want(const src_t *s, const want_t *w)
+/* Dequantise w->t into its place among the parts p, reordering rows (or a vector's elements) when
+ * w->perm > 0. */
+static int load_want(const src_t *s, const want_t *w, float *const *p)
 {
     const kv_gguf_tensor_t *t = w->t;
+    float *const dst = p[w->part] + w->off;
     int rc = KV_OK;
     if (!t)
         return KV_OK; /* optional and absent: dst stays zero */
     if (w->perm <= 0)
-        return kv_gguf_dequant(t->type, t->data, t->n_elements, w->dst);
+        return kv_gguf_dequant(t->type, t->data, t->n_elements, dst);
     const uint64_t d = (uint64_t)w->perm;
     if (!w->ne1) { /* a bias: via a scratch vector */
         float *tmp = kv_malloc(w->ne0 * sizeof(float), "bias");
@@ -355,7 +358,7 @@ static int load_want(const src_t *s, const want_t *w)
             return kv_error_context(KV_ENOMEM, "%s", s->path);
         if ((rc = kv_gguf_dequant(t->type, t->data, w->ne0, tmp)) == KV_OK)
             for (uint64_t r = 0; r < w->ne0; r++)
-                w->dst[neox_to_interleaved(r, d)] = tmp[r];
+                dst[neox_to_interleaved(r, d)] = tmp[r];
         kv_free(tmp);
         return rc;
     }
@@ -366,7 +369,7 @@ static int load_want(const src_t *s, const want_t *w)
 #pragma omp parallel for schedule(static) reduction(| : bad)
     for (int64_t r = 0; r < (int64_t)w->ne1; r++)
         bad |= kv_gguf_dequant(t->type, t->data + (uint64_t)r * row_bytes, w->ne0,
-                               w->dst + neox_to_interleaved((uint64_t)r, d) * w->ne0) != KV_OK;
+                               dst + neox_to_interleaved((uint64_t)r, d) * w->ne0) != KV_OK;
     return bad ? kv_error(KV_EINTERNAL, "%s: tensor %s: dequantisation failed", s->path, w->name) : KV_OK;
 }
 
@@ -374,7 +377,7 @@ static int load_want(const src_t *s, const want_t *w)
 static int read_rope_freqs(const src_t *s, kv_model_config_t *c, const kv_gguf_tensor_t *t)
 {
     const int n = c->head_dim / 2;
-    want_t w = {"rope_freqs.weight", (uint64_t)n, 0, 0, 0, NULL, NULL};
+    want_t w = {"rope_freqs.weight", (uint64_t)n, 0, 0, 0, 0, 0, NULL};
     int rc = check_want(s, &w);
     if (rc)
         return rc;
@@ -445,7 +448,7 @@ static int gguf_load(const char *path, kv_model_t **out)
     }
     c->qkv_bias = qwen2 || has_bias;
 
-    /* the plan: one fp32 allocation in the layout of kv_model.h */
+    /* sizes of the parts of the fp32 weights, in the order of kv_model.h */
     const uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
     const uint64_t V = (uint64_t)c->vocab_size, Q = (uint64_t)c->q_dim, KV = (uint64_t)c->kv_dim;
     const uint64_t B = c->qkv_bias ? 1 : 0;
@@ -457,10 +460,47 @@ static int gguf_load(const char *path, kv_model_t **out)
     uint64_t total = 0;
     for (int i = 0; i < NP; i++)
         total += sizes[i]; /* bounded by kv_model_config_check: no overflow for accepted dimensions */
+    /* the plan: every tensor's name, shape and place, validated before the allocation */
     const int n_want = 3 + (int)L * 12;
     w = kv_calloc((size_t)n_want, sizeof *w, "tensor plan");
+    if (!w) {
+        rc = kv_error_context(KV_ENOMEM, "%s", path);
+        goto fail;
+    }
+    int nw = 0;
+    w[nw++] = (want_t){"token_embd.weight", D, V, 0, 0, EMB, 0, NULL};
+    w[nw++] = (want_t){"output_norm.weight", D, 0, 0, 0, RMS_FINAL, 0, NULL};
+    if (!c->shared_classifier)
+        w[nw++] = (want_t){"output.weight", D, V, 0, 0, WCLS, 0, NULL};
+    const int perm = qwen2 ? c->head_dim : 0;
+    for (uint64_t l = 0; l < L; l++) {
+        const want_t lw[12] = {
+            {"", D, 0, 0, 0, RMS_ATT, l * D, NULL},      {"", D, Q, perm, 0, WQ, l * Q * D, NULL},
+            {"", D, KV, perm, 0, WK, l * KV * D, NULL},  {"", D, KV, 0, 0, WV, l * KV * D, NULL},
+            {"", Q, D, 0, 0, WO, l * D * Q, NULL},       {"", D, 0, 0, 0, RMS_FFN, l * D, NULL},
+            {"", D, H, 0, 0, W1, l * H * D, NULL},       {"", D, H, 0, 0, W3, l * H * D, NULL},
+            {"", H, D, 0, 0, W2, l * D * H, NULL},       {"", Q, 0, perm, !qwen2, BQ, l * Q, NULL},
+            {"", KV, 0, perm, !qwen2, BK, l * KV, NULL}, {"", KV, 0, 0, !qwen2, BV, l * KV, NULL},
+        };
+        for (int i = 0; i < (B ? 12 : N_LAYER_WEIGHTS); i++) {
+            w[nw] = lw[i];
+            snprintf(w[nw].name, sizeof w[nw].name, "blk.%d.%s", (int)l, layer_suffix[i]);
+            nw++;
+        }
+    }
+    int counts[N_GGML_TYPES] = {0};
+    for (int i = 0; i < nw; i++) {
+        if ((rc = check_want(&s, &w[i])))
+            goto fail;
+        if (w[i].t)
+            counts[w[i].t->type]++; /* supported types are < N_GGML_TYPES */
+    }
+    if (rf)
+        counts[rf->type]++;
+
+    /* one fp32 allocation in the layout of kv_model.h (its size is now backed by tensors in the file) */
     m->owned = kv_malloc_aligned((size_t)total * sizeof(float), "model weights");
-    if (!w || !m->owned) {
+    if (!m->owned) {
         rc = kv_error_context(KV_ENOMEM, "%s", path);
         goto fail;
     }
@@ -471,52 +511,14 @@ static int gguf_load(const char *path, kv_model_t **out)
         p[i] = p[i - 1] + sizes[i - 1];
     if (B)
         memset(p[BQ], 0, (size_t)(sizes[BQ] + sizes[BK] + sizes[BV]) * sizeof(float)); /* absent llama biases */
-    int nw = 0;
-    w[nw++] = (want_t){"token_embd.weight", D, V, 0, 0, p[EMB], NULL};
-    w[nw++] = (want_t){"output_norm.weight", D, 0, 0, 0, p[RMS_FINAL], NULL};
-    if (!c->shared_classifier)
-        w[nw++] = (want_t){"output.weight", D, V, 0, 0, p[WCLS], NULL};
-    const int perm = qwen2 ? c->head_dim : 0;
-    for (uint64_t l = 0; l < L; l++) {
-        const want_t lw[12] = {
-            {"", D, 0, 0, 0, p[RMS_ATT] + l * D, NULL},
-            {"", D, Q, perm, 0, p[WQ] + l * Q * D, NULL},
-            {"", D, KV, perm, 0, p[WK] + l * KV * D, NULL},
-            {"", D, KV, 0, 0, p[WV] + l * KV * D, NULL},
-            {"", Q, D, 0, 0, p[WO] + l * D * Q, NULL},
-            {"", D, 0, 0, 0, p[RMS_FFN] + l * D, NULL},
-            {"", D, H, 0, 0, p[W1] + l * H * D, NULL},
-            {"", D, H, 0, 0, p[W3] + l * H * D, NULL},
-            {"", H, D, 0, 0, p[W2] + l * D * H, NULL},
-            {"", Q, 0, perm, !qwen2, B ? p[BQ] + l * Q : NULL, NULL},
-            {"", KV, 0, perm, !qwen2, B ? p[BK] + l * KV : NULL, NULL},
-            {"", KV, 0, 0, !qwen2, B ? p[BV] + l * KV : NULL, NULL},
-        };
-        for (int i = 0; i < (B ? 12 : N_LAYER_WEIGHTS); i++) {
-            w[nw] = lw[i];
-            snprintf(w[nw].name, sizeof w[nw].name, "blk.%d.%s", (int)l, layer_suffix[i]);
-            nw++;
-        }
-    }
     m->token_embedding = p[EMB], m->rms_att = p[RMS_ATT], m->wq = p[WQ], m->wk = p[WK], m->wv = p[WV];
     m->wo = p[WO], m->rms_ffn = p[RMS_FFN], m->w1 = p[W1], m->w2 = p[W2], m->w3 = p[W3];
     m->rms_final = p[RMS_FINAL];
     m->wcls = c->shared_classifier ? p[EMB] : p[WCLS];
     if (B)
         m->bq = p[BQ], m->bk = p[BK], m->bv = p[BV];
-
-    /* validate every tensor before reading any */
-    int counts[N_GGML_TYPES] = {0};
-    for (int i = 0; i < nw; i++) {
-        if ((rc = check_want(&s, &w[i])))
-            goto fail;
-        if (w[i].t)
-            counts[w[i].t->type]++; /* supported types are < N_GGML_TYPES */
-    }
-    if (rf)
-        counts[rf->type]++;
     for (int i = 0; i < nw; i++)
-        if ((rc = load_want(&s, &w[i])))
+        if ((rc = load_want(&s, &w[i], p)))
             goto fail;
     const char *names[N_GGML_TYPES];
     int cnt[N_GGML_TYPES], k = 0;
