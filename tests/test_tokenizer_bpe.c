@@ -23,6 +23,7 @@
  *  - `kvsim tokenize`: ids, --pieces, exit statuses.
  */
 #include "sim/common/kv_common.h"
+#include "tests/gguf_fixture.h"
 #include "tests/kv_test.h"
 #include "traces/capture/kv_tokenizer.h"
 
@@ -357,100 +358,46 @@ START_TEST(decode_pieces_and_describe)
 }
 END_TEST
 
-/* ---- a GGUF writer (metadata only) ---- */
+/* ---- GGUF files of the vocabulary (tests/gguf_fixture.h, written from the specification) ---- */
 
-typedef struct {
-    unsigned char *b;
-    size_t n, cap;
-    uint64_t n_kv;
-} gw_t;
-
-static void gw_put(gw_t *w, const void *p, size_t n)
+/* The synthetic vocabulary's tokens ("<m>" added as a control token when with_added), and n_types
+ * token types. */
+static void gw_tokens(gf_writer_t *w, int with_added, int n_types)
 {
-    if (w->n + n > w->cap) {
-        w->cap = (w->n + n) * 2 + 4096;
-        w->b = realloc(w->b, w->cap);
-        ck_assert_ptr_nonnull(w->b);
-    }
-    memcpy(w->b + w->n, p, n);
-    w->n += n;
-}
-static void gw_u32(gw_t *w, uint32_t v) { gw_put(w, &v, 4); }
-static void gw_u64(gw_t *w, uint64_t v) { gw_put(w, &v, 8); }
-static void gw_strn(gw_t *w, const char *s, size_t n)
-{
-    gw_u64(w, n);
-    gw_put(w, s, n);
-}
-static void gw_key(gw_t *w, const char *k, uint32_t type)
-{
-    gw_strn(w, k, strlen(k));
-    gw_u32(w, type);
-    w->n_kv++;
-}
-static void gw_kv_str(gw_t *w, const char *k, const char *v)
-{
-    gw_key(w, k, 8);
-    gw_strn(w, v, strlen(v));
-}
-static void gw_kv_u32(gw_t *w, const char *k, uint32_t v)
-{
-    gw_key(w, k, 4);
-    gw_u32(w, v);
-}
-static void gw_kv_bool(gw_t *w, const char *k, int v)
-{
-    unsigned char c = (unsigned char)v;
-    gw_key(w, k, 7);
-    gw_put(w, &c, 1);
-}
-
-/* The synthetic vocabulary's tokens ("<m>" added as a control token when with_added) */
-static void gw_tokens(gw_t *w, int with_added, int n_types)
-{
-    int n = N_VOCAB + with_added;
-    gw_key(w, "tokenizer.ggml.tokens", 9);
-    gw_u32(w, 8);
-    gw_u64(w, (uint64_t)n);
+    static char bytes[256][3];
+    const char *tok[N_VOCAB + 1];
+    uint64_t types[N_VOCAB + 1];
     for (int b = 0; b < 256; b++) {
-        char s[2];
-        gw_strn(w, s, (size_t)byte_utf8(b, s));
+        bytes[b][byte_utf8(b, bytes[b])] = 0;
+        tok[b] = bytes[b];
     }
     for (int i = 0; i < (int)KV_ARRAY_LEN(EXTRA); i++)
-        gw_strn(w, EXTRA[i], strlen(EXTRA[i]));
-    if (with_added)
-        gw_strn(w, "<m>", 3);
-    gw_key(w, "tokenizer.ggml.token_type", 9);
-    gw_u32(w, 5);
-    gw_u64(w, (uint64_t)n_types);
-    for (int i = 0; i < n_types; i++)
-        gw_u32(w, i >= N_VOCAB ? 3u : 1u);
+        tok[256 + i] = EXTRA[i];
+    tok[N_VOCAB] = "<m>";
+    for (int i = 0; i <= N_VOCAB; i++)
+        types[i] = i >= N_VOCAB ? 3 : 1;
+    gf_kv_arr_str(w, "tokenizer.ggml.tokens", tok, (uint64_t)(N_VOCAB + with_added));
+    gf_kv_arr(w, "tokenizer.ggml.token_type", KV_GGUF_INT32, types, (uint64_t)n_types, 4);
 }
 
-static void gw_merges(gw_t *w, const char *const *m, int n)
+static void gw_kv_bool(gf_writer_t *w, const char *key, int v)
 {
-    gw_key(w, "tokenizer.ggml.merges", 9);
-    gw_u32(w, 8);
-    gw_u64(w, (uint64_t)n);
-    for (int i = 0; i < n; i++)
-        gw_strn(w, m[i], strlen(m[i]));
+    gf_kv_scalar(w, key, KV_GGUF_BOOL, (uint64_t)v, 1);
 }
 
-static const char *gw_write(gw_t *w, const char *name, char *buf, size_t len)
+/* Write the file, then start a new one in w. */
+static const char *gw_write(gf_writer_t *w, const char *name, char *buf, size_t len)
 {
     kv_test_tmp(name, buf, len);
+    size_t n;
+    unsigned char *b = gf_finish(w, &n);
     FILE *f = fopen(buf, "wb");
     ck_assert_ptr_nonnull(f);
-    uint32_t v = 3;
-    uint64_t zero = 0;
-    fwrite("GGUF", 1, 4, f);
-    fwrite(&v, 4, 1, f);
-    fwrite(&zero, 8, 1, f);
-    fwrite(&w->n_kv, 8, 1, f);
-    fwrite(w->b, 1, w->n, f);
+    ck_assert_int_eq(fwrite(b, 1, n, f), n);
     fclose(f);
-    free(w->b);
-    memset(w, 0, sizeof *w);
+    free(b);
+    gf_free(w);
+    gf_init(w, 3);
     return buf;
 }
 
@@ -459,16 +406,17 @@ static const char *const MERGES[] = {"b c", "a b", "ab c", "a a", "1 2", "12 3"}
 START_TEST(gguf_vocabulary_encodes_like_json)
 {
     char p[512];
-    gw_t w = {0};
-    gw_kv_str(&w, "general.architecture", "llama");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
-    gw_kv_str(&w, "tokenizer.ggml.pre", "smollm");
+    gf_writer_t w;
+    gf_init(&w, 3);
+    gf_kv_str(&w, "general.architecture", "llama");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.pre", "smollm");
     gw_tokens(&w, 1, N_VOCAB + 1);
-    gw_merges(&w, MERGES, (int)KV_ARRAY_LEN(MERGES));
-    gw_kv_u32(&w, "tokenizer.ggml.bos_token_id", 256);
-    gw_kv_u32(&w, "tokenizer.ggml.eos_token_id", N_VOCAB);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, KV_ARRAY_LEN(MERGES));
+    gf_kv_u32(&w, "tokenizer.ggml.bos_token_id", 256);
+    gf_kv_u32(&w, "tokenizer.ggml.eos_token_id", N_VOCAB);
     gw_kv_bool(&w, "tokenizer.ggml.add_bos_token", 1);
-    gw_kv_str(&w, "tokenizer.chat_template", "{{ '<|im_start|>' }}{{ '<|im_end|>' }}{{ '<|im_start|>assistant\n' }}");
+    gf_kv_str(&w, "tokenizer.chat_template", "{{ '<|im_start|>' }}{{ '<|im_end|>' }}{{ '<|im_start|>assistant\n' }}");
     kv_tokenizer_t *t = load_ok(gw_write(&w, "vocab.gguf", p, sizeof p));
     ck_assert_int_eq(t->kind, KV_TOK_BYTE_BPE);
     ck_assert_str_eq(t->format, "gguf");
@@ -492,12 +440,13 @@ START_TEST(gguf_vocabulary_encodes_like_json)
     kv_free(chat);
     kv_tokenizer_free(t);
     /* llama3's pre-tokenizer: digits in threes, ignore_merges and BOS by default */
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
-    gw_kv_str(&w, "tokenizer.ggml.pre", "llama-bpe");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.pre", "llama-bpe");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, MERGES, (int)KV_ARRAY_LEN(MERGES));
-    gw_kv_u32(&w, "tokenizer.ggml.bos_token_id", 0);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, KV_ARRAY_LEN(MERGES));
+    gf_kv_u32(&w, "tokenizer.ggml.bos_token_id", 0);
     t = load_ok(gw_write(&w, "vocab-llama3.gguf", p, sizeof p));
+    gf_free(&w);
     ck_assert_int_eq(t->add_bos, 1);
     CHECK(t, "abc a1234", "258 260 263 52"); /* ignore_merges: "abc", " a", then "123" and "4" */
     kv_tokenizer_free(t);
@@ -571,66 +520,66 @@ END_TEST
 START_TEST(broken_gguf_vocabulary)
 {
     char p[512];
-    gw_t w = {0};
-    gw_kv_str(&w, "tokenizer.ggml.model", "bert");
+    gf_writer_t w;
+    gf_init(&w, 3);
+    gf_kv_str(&w, "tokenizer.ggml.model", "bert");
     expect_fail(gw_write(&w, "bert.gguf", p, sizeof p), "tokenizer.ggml.model \"bert\" is not supported");
-    gw_kv_str(&w, "general.architecture", "llama");
+    gf_kv_str(&w, "general.architecture", "llama");
     expect_fail(gw_write(&w, "none.gguf", p, sizeof p), "no tokenizer.ggml.model");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     expect_fail(gw_write(&w, "notokens.gguf", p, sizeof p), "no tokenizer.ggml.tokens");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
-    gw_kv_str(&w, "tokenizer.ggml.pre", "bogus-pre");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.pre", "bogus-pre");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, MERGES, 2);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
     expect_fail(gw_write(&w, "pre.gguf", p, sizeof p), "tokenizer.ggml.pre \"bogus-pre\" is not a pre-tokenizer "
                                                        "kvsim knows (known: default");
     static const char *const bad_merges[] = {"a b", "a zz"};
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, bad_merges, 2);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", bad_merges, 2);
     expect_fail(gw_write(&w, "merge.gguf", p, sizeof p), "tokenizer.ggml.merges[1] \"a zz\" is not two vocabulary");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, MERGES, 2);
-    gw_kv_u32(&w, "tokenizer.ggml.eos_token_id", 100000);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
+    gf_kv_u32(&w, "tokenizer.ggml.eos_token_id", 100000);
     expect_fail(gw_write(&w, "eos.gguf", p, sizeof p), "tokenizer.ggml.eos_token_id is 100000, outside the "
                                                        "vocabulary [0, 270)");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, 10);
-    gw_merges(&w, MERGES, 2);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
     expect_fail(gw_write(&w, "types.gguf", p, sizeof p), "tokenizer.ggml.token_type has 10 entries, the vocabulary 270");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
     expect_fail(gw_write(&w, "nomerges.gguf", p, sizeof p), "no tokenizer.ggml.merges");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
-    gw_kv_u32(&w, "tokenizer.ggml.tokens", 7);
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_u32(&w, "tokenizer.ggml.tokens", 7);
     expect_fail(gw_write(&w, "tokentype.gguf", p, sizeof p), "tokenizer.ggml.tokens");
     /* a token listed twice */
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
-    gw_key(&w, "tokenizer.ggml.tokens", 9);
-    gw_u32(&w, 8);
-    gw_u64(&w, 3);
-    gw_strn(&w, "a", 1);
-    gw_strn(&w, "b", 1);
-    gw_strn(&w, "a", 1);
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    static const char *const dup[] = {"a", "b", "a"};
+    gf_kv_arr_str(&w, "tokenizer.ggml.tokens", dup, 3);
     expect_fail(gw_write(&w, "dup.gguf", p, sizeof p), "\"a\" is token 0 and token 2");
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, MERGES, 2);
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
     gw_kv_bool(&w, "tokenizer.ggml.add_bos_token", 1);
     expect_fail(gw_write(&w, "nobos.gguf", p, sizeof p), "add_bos_token is true but there is no");
+    gf_free(&w);
 }
 END_TEST
 
 START_TEST(chat_templates_refused_by_name)
 {
     char p[512];
-    gw_t w = {0};
-    gw_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+    gf_writer_t w;
+    gf_init(&w, 3);
+    gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
-    gw_merges(&w, MERGES, 2);
-    gw_kv_str(&w, "tokenizer.chat_template", "{% for m in messages %}[INST] {{ m.content }}{% endfor %}");
+    gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
+    gf_kv_str(&w, "tokenizer.chat_template", "{% for m in messages %}[INST] {{ m.content }}{% endfor %}");
     kv_tokenizer_t *t = load_ok(gw_write(&w, "mistral.gguf", p, sizeof p));
+    gf_free(&w);
     char *out = (char *)1;
     ck_assert_int_ne(kv_tokenizer_chat(t, NULL, "hi", &out), KV_OK);
     ck_assert_ptr_null(out);

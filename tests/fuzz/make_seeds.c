@@ -1,14 +1,18 @@
 /*
  * make_seeds.c: seed corpora for the harnesses of tests/fuzz/, written into DIR/{model,tokenizer,
- * trace,trace_file}/ (make fuzz runs it). Small valid inputs of every kind the harnesses take:
- * checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
+ * trace,trace_file,hf,gguf}/ (make fuzz runs it). Small valid inputs of every kind the harnesses
+ * take: checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
  * GQA), the tests' tokenizer and the real tok512.bin when ../shared has it, small traces (f32 and
- * f16) and a few change programs for fuzz_trace; for fuzz_bpe (DIR/bpe/) texts for every mode, the
- * synthetic tokenizer.json files and chat templates (ChatML, Llama 3.0 and 3.1, one refused).
+ * f16), a few change programs for fuzz_trace, GGUF files (tests/gguf_fixture.h): llama models
+ * in F32, F16 and Q8_0, a qwen2 model with biases and head_dim != dim / heads, one file of every
+ * metadata type; GGUF files holding only a tokenizer (byte-level with four pre-tokenizers, and
+ * SentencePiece) for fuzz_tokenizer; for fuzz_bpe (DIR/bpe/) texts for every mode, the synthetic
+ * tokenizer.json files and chat templates (ChatML, Llama 3.0 and 3.1, one refused).
  */
 #include "sim/common/kv_common.h"
 #include "tests/capture_fixtures.h"
 #include "tests/fuzz/fuzz_bpe_vocab.h"
+#include "tests/gguf_fixture.h"
 #include "tests/kv_test.h"
 #include "traces/kv_trace.h"
 
@@ -73,116 +77,161 @@ static unsigned char *interleave(const unsigned char *g, size_t len, const fx_mo
     return o;
 }
 
-/* ---- a GGUF file holding only a tokenizer (seeds of fuzz_tokenizer, which probes the magic) ---- */
-
-typedef struct {
-    unsigned char *b;
-    size_t n, cap;
-    uint64_t n_kv;
-} gw_t;
-
-static void gw_put(gw_t *w, const void *p, size_t n)
+/* A GGUF file holding only a tokenizer (seeds of fuzz_tokenizer, which probes the magic): byte-level
+ * ("gpt2", the vocabulary of fuzz_bpe_vocab.h and <|im_start|>) with tokenizer.ggml.pre `pre`, or
+ * SentencePiece ("llama": <unk> <s> </s>, the byte tokens, four pieces with scores) when pre is NULL. */
+static unsigned char *gguf_tokenizer(const char *pre, size_t *len)
 {
-    if (w->n + n > w->cap) {
-        w->cap = (w->n + n) * 2 + 4096;
-        w->b = realloc(w->b, w->cap);
-    }
-    memcpy(w->b + w->n, p, n);
-    w->n += n;
-}
-
-static void gw_str(gw_t *w, const char *s, size_t n)
-{
-    uint64_t l = n;
-    gw_put(w, &l, 8);
-    gw_put(w, s, n);
-}
-
-static void gw_key(gw_t *w, const char *k, uint32_t type)
-{
-    gw_str(w, k, strlen(k));
-    gw_put(w, &type, 4);
-    w->n_kv++;
-}
-
-static void gw_arr(gw_t *w, const char *k, uint32_t type, uint64_t n)
-{
-    gw_key(w, k, 9);
-    gw_put(w, &type, 4);
-    gw_put(w, &n, 8);
-}
-
-/* byte-level ("gpt2", the vocabulary of fuzz_bpe_vocab.h) or SentencePiece ("llama") */
-static unsigned char *gguf_tokenizer(int spm, const char *pre, size_t *len)
-{
-    gw_t w = {0};
-    const int nm = (int)(sizeof FZ_MERGES / sizeof FZ_MERGES[0]);
+    const int spm = pre == NULL, nm = (int)(sizeof FZ_MERGES / sizeof FZ_MERGES[0]);
     const int n = spm ? 263 : 256 + nm + 1;
-    gw_key(&w, "tokenizer.ggml.model", 8);
-    gw_str(&w, spm ? "llama" : "gpt2", spm ? 5 : 4);
-    gw_arr(&w, "tokenizer.ggml.tokens", 8, (uint64_t)n);
+    char(*s)[64] = calloc((size_t)n, 64);
+    const char **tok = calloc((size_t)n, sizeof *tok);
+    uint64_t *types = calloc((size_t)n, sizeof *types), *scores = calloc((size_t)n, sizeof *scores);
     for (int i = 0; i < n; i++) {
-        char s[64];
-        size_t sl;
-        if (spm) {
-            static const char *const head[] = {"<unk>", "<s>", "</s>"};
-            static const char *const tail[] = {"\xe2\x96\x81", "a", "b", ("\xe2\x96\x81" "a")};
-            if (i < 3)
-                sl = (size_t)snprintf(s, sizeof s, "%s", head[i]);
-            else if (i < 259)
-                sl = (size_t)snprintf(s, sizeof s, "<0x%02X>", i - 3);
-            else
-                sl = (size_t)snprintf(s, sizeof s, "%s", tail[i - 259]);
-        } else if (i < 256) {
-            sl = (size_t)fz_byte_utf8(i, s);
-        } else if (i < 256 + nm) {
-            sl = (size_t)snprintf(s, sizeof s, "%s%s", FZ_MERGES[i - 256][0], FZ_MERGES[i - 256][1]);
-        } else {
-            sl = (size_t)snprintf(s, sizeof s, "<|im_start|>");
-        }
-        gw_str(&w, s, sl);
+        static const char *const head[] = {"<unk>", "<s>", "</s>"};
+        static const char *const tail[] = {"\xe2\x96\x81", "a", "b", ("\xe2\x96\x81" "a")};
+        if (spm && i < 3)
+            snprintf(s[i], 64, "%s", head[i]);
+        else if (spm && i < 259)
+            snprintf(s[i], 64, "<0x%02X>", i - 3);
+        else if (spm)
+            snprintf(s[i], 64, "%s", tail[i - 259]);
+        else if (i < 256)
+            s[i][fz_byte_utf8(i, s[i])] = 0;
+        else if (i < 256 + nm)
+            snprintf(s[i], 64, "%s%s", FZ_MERGES[i - 256][0], FZ_MERGES[i - 256][1]);
+        else
+            snprintf(s[i], 64, "<|im_start|>");
+        tok[i] = s[i];
+        types[i] = spm ? (i < 3 ? 3 : i < 259 ? 6 : 1) : i == n - 1 ? 3 : 1;
+        float sc = spm && i >= 259 ? -(float)(i - 258) : 0.0f;
+        uint32_t u;
+        memcpy(&u, &sc, 4);
+        scores[i] = u;
     }
-    gw_arr(&w, "tokenizer.ggml.token_type", 5, (uint64_t)n);
-    for (int i = 0; i < n; i++) {
-        int32_t ty = spm ? (i < 3 ? 3 : i < 259 ? 6 : 1) : i == n - 1 ? 3 : 1;
-        gw_put(&w, &ty, 4);
-    }
+    gf_writer_t w;
+    gf_init(&w, 3);
+    gf_kv_str(&w, "tokenizer.ggml.model", spm ? "llama" : "gpt2");
+    gf_kv_arr_str(&w, "tokenizer.ggml.tokens", tok, (uint64_t)n);
+    gf_kv_arr(&w, "tokenizer.ggml.token_type", KV_GGUF_INT32, types, (uint64_t)n, 4);
     if (spm) {
-        gw_arr(&w, "tokenizer.ggml.scores", 6, (uint64_t)n);
-        for (int i = 0; i < n; i++) {
-            float sc = i < 259 ? 0.0f : -(float)(i - 258);
-            gw_put(&w, &sc, 4);
-        }
+        gf_kv_arr(&w, "tokenizer.ggml.scores", KV_GGUF_FLOAT32, scores, (uint64_t)n, 4);
     } else {
-        gw_arr(&w, "tokenizer.ggml.merges", 8, (uint64_t)nm);
+        const char **mg = calloc((size_t)nm, sizeof *mg);
+        char(*ms)[64] = calloc((size_t)nm, 64);
         for (int i = 0; i < nm; i++) {
-            char s[64];
-            gw_str(&w, s, (size_t)snprintf(s, sizeof s, "%s %s", FZ_MERGES[i][0], FZ_MERGES[i][1]));
+            snprintf(ms[i], 64, "%s %s", FZ_MERGES[i][0], FZ_MERGES[i][1]);
+            mg[i] = ms[i];
         }
-        gw_key(&w, "tokenizer.ggml.pre", 8);
-        gw_str(&w, pre, strlen(pre));
-        const char *tmpl = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>"
-                           "\\n'}}{% endfor %}{{ '<|im_start|>assistant\\n' }}";
-        gw_key(&w, "tokenizer.chat_template", 8);
-        gw_str(&w, tmpl, strlen(tmpl));
+        gf_kv_arr_str(&w, "tokenizer.ggml.merges", mg, (uint64_t)nm);
+        free(mg);
+        free(ms);
+        gf_kv_str(&w, "tokenizer.ggml.pre", pre);
+        gf_kv_str(&w, "tokenizer.chat_template",
+                  "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}"
+                  "{% endfor %}{{ '<|im_start|>assistant\\n' }}");
     }
-    uint32_t id = (uint32_t)(spm ? 1 : n - 1);
-    gw_key(&w, "tokenizer.ggml.bos_token_id", 4);
-    gw_put(&w, &id, 4);
-    unsigned char t = 1;
-    gw_key(&w, "tokenizer.ggml.add_bos_token", 7);
-    gw_put(&w, &t, 1);
-    unsigned char *out = malloc(24 + w.n);
-    uint32_t version = 3;
-    uint64_t zero = 0;
-    memcpy(out, "GGUF", 4);
-    memcpy(out + 4, &version, 4);
-    memcpy(out + 8, &zero, 8);
-    memcpy(out + 16, &w.n_kv, 8);
-    memcpy(out + 24, w.b, w.n);
-    *len = 24 + w.n;
-    free(w.b);
+    gf_kv_u32(&w, "tokenizer.ggml.bos_token_id", (uint32_t)(spm ? 1 : n - 1));
+    gf_kv_scalar(&w, "tokenizer.ggml.add_bos_token", KV_GGUF_BOOL, 1, 1);
+    unsigned char *out = gf_finish(&w, len);
+    gf_free(&w);
+    free(s);
+    free(tok);
+    free(types);
+    free(scores);
     return out;
+}
+
+/* GGUF seeds: small models (well under the 64 KiB -max_len) and a metadata-only file. */
+static void put_gguf_seeds(const char *dir)
+{
+    static float bias[2 * 64];
+    for (int i = 0; i < 2 * 64; i++)
+        bias[i] = 0.01f * (float)(i % 7) - 0.03f;
+    const struct {
+        const char *name, *arch;
+        int dim, hidden, heads, kv_heads, head_dim, vocab, type, shared, neox, bias;
+    } s[] = {
+        {"llama-f32-tiny", "llama", 8, 16, 2, 1, 0, 16, KV_GGML_F32, 1, 0, 0},
+        {"llama-f16-lmhead", "llama", 8, 16, 2, 1, 0, 16, KV_GGML_F16, 0, 0, 0},
+        {"llama-q8_0", "llama", 32, 64, 4, 2, 0, 16, KV_GGML_Q8_0, 1, 0, 0},
+        {"qwen2-bias-headdim", "qwen2", 8, 16, 2, 1, 8, 16, KV_GGML_F32, 1, 1, 1},
+    };
+    for (size_t i = 0; i < sizeof s / sizeof s[0]; i++) {
+        fx_model_t x;
+        fx_model_init(&x, s[i].dim, s[i].hidden, 1, s[i].heads, s[i].kv_heads, s[i].vocab, 8, s[i].shared, 11 + i);
+        const int hd = s[i].head_dim ? s[i].head_dim : s[i].dim / s[i].heads;
+        const size_t D = (size_t)s[i].dim, Q = (size_t)(s[i].heads * hd), KV = (size_t)(s[i].kv_heads * hd);
+        /* head_dim != dim / heads: wq, wk, wv, wo of the new shapes (any values will do) */
+        float *w = calloc(2 * Q * D + 2 * KV * D, sizeof(float));
+        for (size_t k = 0; k < 2 * Q * D + 2 * KV * D; k++)
+            w[k] = 0.02f * (float)((k * 7919) % 101) - 1.0f;
+        gf_model_t g = {s[i].arch,
+                        s[i].dim,
+                        s[i].hidden,
+                        1,
+                        s[i].heads,
+                        s[i].kv_heads,
+                        s[i].vocab,
+                        8,
+                        s[i].head_dim,
+                        s[i].shared,
+                        10000.0f,
+                        1e-5f,
+                        x.emb,
+                        x.rms_att,
+                        s[i].head_dim ? w : x.wq,
+                        s[i].head_dim ? w + Q * D : x.wk,
+                        s[i].head_dim ? w + Q * D + KV * D : x.wv,
+                        s[i].head_dim ? w + Q * D + 2 * KV * D : x.wo,
+                        x.rms_ffn,
+                        x.w1,
+                        x.w2,
+                        x.w3,
+                        x.rms_final,
+                        x.wcls,
+                        s[i].bias ? bias : NULL,
+                        s[i].bias ? bias + 64 : NULL,
+                        s[i].bias ? bias + 32 : NULL,
+                        s[i].type,
+                        s[i].neox,
+                        1};
+        gf_writer_t wr;
+        gf_init(&wr, i == 1 ? 2 : 3);
+        gf_add_model(&wr, &g, NULL);
+        size_t n;
+        unsigned char *b = gf_finish(&wr, &n);
+        put(dir, "gguf", s[i].name, b, n);
+        free(b);
+        gf_free(&wr);
+        free(w);
+        fx_model_free(&x);
+    }
+    gf_writer_t wr;
+    gf_init(&wr, 3);
+    gf_align(&wr, 64);
+    gf_kv_scalar(&wr, "u8", KV_GGUF_UINT8, 7, 1);
+    gf_kv_scalar(&wr, "i16", KV_GGUF_INT16, 0xfff0, 2);
+    gf_kv_scalar(&wr, "u64", KV_GGUF_UINT64, ~0ull, 8);
+    gf_kv_scalar(&wr, "f64", KV_GGUF_FLOAT64, 0x3ff0000000000000ull, 8);
+    gf_kv_scalar(&wr, "bool", KV_GGUF_BOOL, 1, 1);
+    gf_kv_f32(&wr, "f32", 0.5f);
+    gf_kv_str(&wr, "str", "x");
+    const char *strs[3] = {"a", "", "bc"};
+    gf_kv_arr_str(&wr, "tokenizer.ggml.tokens", strs, 3);
+    const uint64_t iv[3] = {1, 2, 3};
+    gf_kv_arr(&wr, "ints", KV_GGUF_INT32, iv, 3, 4);
+    const float q[32] = {1, -2, 3};
+    size_t nb;
+    unsigned char *qb = gf_encode(q, 32, KV_GGML_Q8_0, &nb, NULL);
+    const uint64_t ne[2] = {32, 1};
+    gf_tensor(&wr, "q8", KV_GGML_Q8_0, 2, ne, qb, nb);
+    free(qb);
+    size_t n;
+    unsigned char *b = gf_finish(&wr, &n);
+    put(dir, "gguf", "metadata", b, n);
+    free(b);
+    gf_free(&wr);
 }
 
 int main(int argc, char **argv)
@@ -261,7 +310,7 @@ int main(int argc, char **argv)
                                                 {"gguf-spm", NULL}};
     for (size_t i = 0; i < sizeof gguf_seeds / sizeof *gguf_seeds; i++) {
         size_t gn;
-        unsigned char *g = gguf_tokenizer(!gguf_seeds[i][1], gguf_seeds[i][1] ? gguf_seeds[i][1] : "", &gn);
+        unsigned char *g = gguf_tokenizer(gguf_seeds[i][1], &gn);
         const char *text = "Hello <|im_start|>wor-ld 12345 \xc3\xa9\xff ab";
         size_t tl = strlen(text);
         unsigned char *b = malloc(3 + tl + gn);
@@ -367,5 +416,6 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "prog-%zu", i);
         put(dir, "trace", name, progs[i], sizeof progs[i]);
     }
+    put_gguf_seeds(dir);
     return 0;
 }

@@ -660,6 +660,12 @@ int kv_gguf_version(const kv_gguf_t *g)
     return g->version;
 }
 
+const unsigned char *kv_gguf_mapping(const kv_gguf_t *g, size_t *len)
+{
+    *len = g->size;
+    return g->map;
+}
+
 /* ---------------------------------------------------------------- metadata getters */
 
 int kv_gguf_n_kv(const kv_gguf_t *g)
@@ -734,6 +740,15 @@ static int int_at(const unsigned char *p, int t, int64_t *out)
     }
 }
 
+/* An integer of type t at p as a double (uint64 beyond int64 included). */
+static double int_as_double(const unsigned char *p, int t)
+{
+    int64_t v;
+    if (int_at(p, t, &v))
+        return (double)v;
+    return (double)le(p, 8); /* an unsigned value beyond int64 */
+}
+
 static double float_at(const unsigned char *p, int t)
 {
     if (t == KV_GGUF_FLOAT32) {
@@ -770,11 +785,8 @@ int kv_gguf_get_float(const kv_gguf_t *g, const char *key, double *out)
         *out = float_at(g->map + e->val, e->type);
         return KV_OK;
     }
-    int64_t v;
     if (vt_is_int(e->type)) {
-        if (!int_at(g->map + e->val, e->type, &v))
-            v = INT64_MAX;
-        *out = (double)v;
+        *out = int_as_double(g->map + e->val, e->type);
         return KV_OK;
     }
     return wrong_type(g, e, "a number");
@@ -878,10 +890,7 @@ int kv_gguf_arr_float(const kv_gguf_t *g, const char *key, uint64_t i, double *o
     }
     if (!vt_is_int(e->elem_type))
         return wrong_type(g, e, "an array of numbers");
-    int64_t v;
-    if (!int_at(p, e->elem_type, &v))
-        v = INT64_MAX;
-    *out = (double)v;
+    *out = int_as_double(p, e->elem_type);
     return KV_OK;
 }
 

@@ -76,6 +76,9 @@ int kv_gguf_open(const char *path, kv_gguf_t **out);
 void kv_gguf_close(kv_gguf_t *g); /* accepts NULL */
 const char *kv_gguf_path(const kv_gguf_t *g);
 int kv_gguf_version(const kv_gguf_t *g);
+/* The mapped file (read-only, *len bytes): every string and tensor the getters return lies inside
+ * it (the fuzz harness checks that). */
+const unsigned char *kv_gguf_mapping(const kv_gguf_t *g, size_t *len);
 
 /* ---- metadata ----
  * Getters return KV_OK, KV_EUNAVAIL when the key is absent (no message recorded, so callers can
