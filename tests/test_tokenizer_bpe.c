@@ -38,19 +38,21 @@
 
 /* ids 0..255: byte b's character; then these pieces (as byte-level strings) */
 static const char *const EXTRA[] = {
-    "ab",     /* 256 */
-    "bc",     /* 257 */
-    "abc",    /* 258 */
-    "aa",     /* 259 */
-    "\xc4\xa0" "a", /* 260 "Ġa": " a" */
-    "\xc4\xa0" "b", /* 261 "Ġb" */
-    "12",     /* 262 */
-    "123",    /* 263 */
-    "a-",     /* 264 */
-    "-b",     /* 265 */
-    "--",     /* 266 */
-    "b-",     /* 267 */
-    "-c",     /* 268 */
+    "ab",  /* 256 */
+    "bc",  /* 257 */
+    "abc", /* 258 */
+    "aa",  /* 259 */
+    "\xc4\xa0"
+    "a", /* 260 "Ġa": " a" */
+    "\xc4\xa0"
+    "b",                /* 261 "Ġb" */
+    "12",               /* 262 */
+    "123",              /* 263 */
+    "a-",               /* 264 */
+    "-b",               /* 265 */
+    "--",               /* 266 */
+    "b-",               /* 267 */
+    "-c",               /* 268 */
     "\xc3\x83\xc2\xa9", /* 269 "Ã©": the bytes of é */
 };
 #define N_VOCAB (256 + (int)KV_ARRAY_LEN(EXTRA)) /* 270; added tokens from here */
@@ -58,8 +60,10 @@ static const char *const EXTRA[] = {
 /* UTF-8 of byte b's character in GPT-2's byte alphabet (written from the definition, not kvsim's) */
 static int byte_utf8(int b, char *o)
 {
-    unsigned c = b <= 0x20 ? 256u + (unsigned)b : b >= 0x7f && b <= 0xa0 ? 256u + 33u + (unsigned)(b - 0x7f)
-                                                : b == 0xad ? 256u + 67u : (unsigned)b;
+    unsigned c = b <= 0x20                ? 256u + (unsigned)b
+                 : b >= 0x7f && b <= 0xa0 ? 256u + 33u + (unsigned)(b - 0x7f)
+                 : b == 0xad              ? 256u + 67u
+                                          : (unsigned)b;
     if (c < 0x80) {
         o[0] = (char)c;
         return 1;
@@ -108,13 +112,14 @@ static const char *write_json(const char *name, const char *pre, const char *nor
     kv_test_tmp(name, buf, len);
     FILE *f = fopen(buf, "w");
     ck_assert_ptr_nonnull(f);
-    fprintf(f,
-            "{\"version\": \"1.0\", \"truncation\": null, \"padding\": null, \"added_tokens\": [%s], "
-            "\"normalizer\": %s, \"pre_tokenizer\": %s, \"post_processor\": null, \"decoder\": " BL("true", "true")
-            ", \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, "
-            "\"continuing_subword_prefix\": null, \"end_of_word_suffix\": null, \"fuse_unk\": false, "
-            "\"byte_fallback\": false, \"ignore_merges\": %s, ",
-            added ? added : "", norm ? norm : "null", pre, ignore_merges ? "true" : "false");
+    fprintf(
+        f,
+        "{\"version\": \"1.0\", \"truncation\": null, \"padding\": null, \"added_tokens\": [%s], "
+        "\"normalizer\": %s, \"pre_tokenizer\": %s, \"post_processor\": null, \"decoder\": " BL(
+            "true", "true") ", \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, "
+                            "\"continuing_subword_prefix\": null, \"end_of_word_suffix\": null, \"fuse_unk\": false, "
+                            "\"byte_fallback\": false, \"ignore_merges\": %s, ",
+        added ? added : "", norm ? norm : "null", pre, ignore_merges ? "true" : "false");
     put_vocab(f);
     fprintf(f, ", \"merges\": [%s]}}\n", merges);
     fclose(f);
@@ -167,20 +172,20 @@ START_TEST(merges_by_rank_leftmost_first)
     ck_assert_int_eq(t->kind, KV_TOK_BYTE_BPE);
     ck_assert_int_eq(t->vocab_size, N_VOCAB);
     ck_assert_int_eq(t->n_merges, 4);
-    CHECK(t, "abc", "97 257");      /* b c (rank 0) before a b; "a bc" is no merge */
-    CHECK(t, "abab", "256 256");    /* a b twice */
-    CHECK(t, "aaa", "259 97");      /* the leftmost of two equal-rank pairs first */
+    CHECK(t, "abc", "97 257");   /* b c (rank 0) before a b; "a bc" is no merge */
+    CHECK(t, "abab", "256 256"); /* a b twice */
+    CHECK(t, "aaa", "259 97");   /* the leftmost of two equal-rank pairs first */
     CHECK(t, "aaaa", "259 259");
     CHECK(t, "x abc", "120 32 97 257"); /* the GPT-2 regex: "x", " abc"; no "Ġ a" merge */
     kv_tokenizer_free(t);
-    t = load_ok(write_json("rank2.json", BL("false", "true"), NULL, "\"a b\", \"b c\", \"ab c\"", NULL, 0, p,
-                           sizeof p));
+    t = load_ok(
+        write_json("rank2.json", BL("false", "true"), NULL, "\"a b\", \"b c\", \"ab c\"", NULL, 0, p, sizeof p));
     CHECK(t, "abc", "258"); /* a b (rank 0), then ab c (rank 2) */
     CHECK(t, "bcab", "257 256");
     kv_tokenizer_free(t);
     /* a pair listed twice keeps its last rank, as Hugging Face's merge map does */
-    t = load_ok(write_json("rank3.json", BL("false", "true"), NULL, "\"a b\", \"b c\", \"a b\", \"ab c\"", NULL, 0,
-                           p, sizeof p));
+    t = load_ok(write_json("rank3.json", BL("false", "true"), NULL, "\"a b\", \"b c\", \"a b\", \"ab c\"", NULL, 0, p,
+                           sizeof p));
     CHECK(t, "abc", "97 257");
     kv_tokenizer_free(t);
 }
@@ -193,7 +198,7 @@ START_TEST(ignore_merges_takes_whole_pieces)
     CHECK(t, "abc", "97 257");
     kv_tokenizer_free(t);
     t = load_ok(write_json("ign1.json", BL("false", "true"), NULL, "\"b c\"", NULL, 1, p, sizeof p));
-    CHECK(t, "abc", "258");          /* "abc" is a vocabulary entry: one token */
+    CHECK(t, "abc", "258");              /* "abc" is a vocabulary entry: one token */
     CHECK(t, "abcabc", "97 257 97 257"); /* not an entry: merged as usual */
     CHECK(t, "12 abc", "262 32 97 257"); /* "12" is an entry; " abc" is not */
     kv_tokenizer_free(t);
@@ -203,11 +208,10 @@ END_TEST
 START_TEST(added_tokens_options)
 {
     char p[512];
-    kv_tokenizer_t *t = load_ok(write_json(
-        "added0.json", BL("false", "true"), NULL, "\"a b\"",
-        ADDED(270, "<m>", "true", "false", "false", "false", "false") ", " ADDED(256, "ab", "false", "false", "false",
-                                                                              "true", "false"),
-        0, p, sizeof p));
+    kv_tokenizer_t *t = load_ok(write_json("added0.json", BL("false", "true"), NULL, "\"a b\"",
+                                           ADDED(270, "<m>", "true", "false", "false", "false", "false") ", " ADDED(
+                                               256, "ab", "false", "false", "false", "true", "false"),
+                                           0, p, sizeof p));
     ck_assert_int_eq(t->vocab_size, N_VOCAB + 1); /* "ab" is in the vocabulary already (its id must agree) */
     ck_assert_int_eq(t->n_added, 2);
     CHECK(t, "x <m> y", "120 32 270 32 121");
@@ -244,9 +248,9 @@ END_TEST
 START_TEST(digits_and_prefix_space)
 {
     char p[512];
-    kv_tokenizer_t *t = load_ok(write_json(
-        "digits1.json", SEQ("{\"type\": \"Digits\", \"individual_digits\": true}", BL("false", "true")), NULL,
-        "\"1 2\", \"12 3\"", NULL, 0, p, sizeof p));
+    kv_tokenizer_t *t = load_ok(
+        write_json("digits1.json", SEQ("{\"type\": \"Digits\", \"individual_digits\": true}", BL("false", "true")),
+                   NULL, "\"1 2\", \"12 3\"", NULL, 0, p, sizeof p));
     CHECK(t, "a123", "97 49 50 51");
     kv_tokenizer_free(t);
     t = load_ok(write_json("digits0.json",
@@ -255,8 +259,8 @@ START_TEST(digits_and_prefix_space)
     CHECK(t, "a123", "97 263");
     kv_tokenizer_free(t);
     /* add_prefix_space: a space before every piece that does not start with one */
-    t = load_ok(write_json("prefix.json", BL("true", "true"), NULL, "\"\xc4\xa0 a\", \"\xc4\xa0 b\"", NULL, 0, p,
-                           sizeof p));
+    t = load_ok(
+        write_json("prefix.json", BL("true", "true"), NULL, "\"\xc4\xa0 a\", \"\xc4\xa0 b\"", NULL, 0, p, sizeof p));
     int32_t *ids;
     int n;
     ck_assert_int_eq(kv_tokenizer_encode(t, "a b", 3, 0, 0, &ids, &n), KV_OK);
@@ -289,8 +293,8 @@ START_TEST(split_behaviors)
         char p[512], pre[512];
         snprintf(pre, sizeof pre, "{\"type\": \"Sequence\", \"pretokenizers\": [%s, %s]}", cases[i].pre,
                  BL("false", "false"));
-        kv_tokenizer_t *t = load_ok(write_json(cases[i].name, pre, NULL,
-                                               "\"a -\", \"- b\", \"- -\", \"b -\", \"- c\"", NULL, 0, p, sizeof p));
+        kv_tokenizer_t *t = load_ok(
+            write_json(cases[i].name, pre, NULL, "\"a -\", \"- b\", \"- -\", \"b -\", \"- c\"", NULL, 0, p, sizeof p));
         char got[256];
         enc_str(t, "a-b--c", 6, got, sizeof got);
         ck_assert_msg(!strcmp(got, cases[i].want), "%s: got [%s], expected [%s]", cases[i].name, got, cases[i].want);
@@ -315,7 +319,10 @@ START_TEST(nfc_and_invalid_utf8)
     t = load_ok(write_json("nonfc.json", BL("false", "true"), NULL, "\"\xc3\x83 \xc2\xa9\"", NULL, 0, p, sizeof p));
     CHECK(t, "e\xcc\x81", "101 204 129");
     /* bytes that are not UTF-8: each its own token, the valid stretches around them as usual */
-    check_enc(t, "a\xff\xc3" "b", 4, "97 255 195 98");
+    check_enc(t,
+              "a\xff\xc3"
+              "b",
+              4, "97 255 195 98");
     check_enc(t, "\xe2\x82", 2, "226 130");
     check_enc(t, "\xc3\xa9\xc3", 3, "269 195");
     check_enc(t, "x\xed\xa0\x80y", 5, "120 237 160 128 121"); /* a UTF-16 surrogate is not UTF-8 */
@@ -327,9 +334,9 @@ END_TEST
 START_TEST(decode_pieces_and_describe)
 {
     char p[512];
-    kv_tokenizer_t *t = load_ok(write_json("decode.json", BL("false", "true"), NULL, "\"a b\"",
-                                           ADDED(270, "<|x y|>", "true", "false", "false", "false", "false"), 0, p,
-                                           sizeof p));
+    kv_tokenizer_t *t =
+        load_ok(write_json("decode.json", BL("false", "true"), NULL, "\"a b\"",
+                           ADDED(270, "<|x y|>", "true", "false", "false", "false", "false"), 0, p, sizeof p));
     size_t l;
     const char *s = kv_tokenizer_decode(t, -1, 32, &l); /* "Ġ" */
     ck_assert_int_eq(l, 1);
@@ -344,8 +351,9 @@ START_TEST(decode_pieces_and_describe)
     CHECK(t, "ab<|x y|>ab", "256 270 256");
     char d[512];
     kv_tokenizer_describe(t, d, sizeof d);
-    ck_assert_msg(strstr(d, "byte-level BPE") && strstr(d, "tokenizer.json") && strstr(d, "ByteLevel(no prefix space, "
-                                                                                          "gpt2 regex)"),
+    ck_assert_msg(strstr(d, "byte-level BPE") && strstr(d, "tokenizer.json") &&
+                      strstr(d, "ByteLevel(no prefix space, "
+                                "gpt2 regex)"),
                   "%s", d);
     ck_assert_int_eq(t->bos_id, -1);
     ck_assert_int_eq(t->add_bos, 0);
@@ -469,24 +477,23 @@ START_TEST(broken_tokenizer_json)
     char p[512];
     expect_fail(write_json("bad-merge.json", BL("false", "true"), NULL, "\"a b\", \"q zz\"", NULL, 0, p, sizeof p),
                 "merge 1 (\"q zz\") is not two vocabulary pieces joining into a third");
-    expect_fail(write_json("bad-merge2.json", BL("false", "true"), NULL, "\"c a\"", NULL, 0, p, sizeof p),
-                "merge 0");
-    expect_fail(write_json("bad-regex.json", SEQ(SPLIT("{\"Regex\": \"(ab\"}", "Isolated", "false"),
-                                                 BL("false", "false")),
-                           NULL, "\"a b\"", NULL, 0, p, sizeof p),
+    expect_fail(write_json("bad-merge2.json", BL("false", "true"), NULL, "\"c a\"", NULL, 0, p, sizeof p), "merge 0");
+    expect_fail(write_json("bad-regex.json",
+                           SEQ(SPLIT("{\"Regex\": \"(ab\"}", "Isolated", "false"), BL("false", "false")), NULL,
+                           "\"a b\"", NULL, 0, p, sizeof p),
                 "invalid regex \"(ab\"");
     expect_fail(write_json("bad-pre.json", SEQ("{\"type\": \"Whitespace\"}", BL("false", "false")), NULL, "\"a b\"",
                            NULL, 0, p, sizeof p),
                 "pre_tokenizer Whitespace is not supported");
-    expect_fail(write_json("bad-order.json", SEQ(BL("false", "false"), "{\"type\": \"Digits\"}"), NULL, "\"a b\"",
-                           NULL, 0, p, sizeof p),
+    expect_fail(write_json("bad-order.json", SEQ(BL("false", "false"), "{\"type\": \"Digits\"}"), NULL, "\"a b\"", NULL,
+                           0, p, sizeof p),
                 "comes after ByteLevel");
-    expect_fail(write_json("bad-norm.json", BL("false", "true"), "{\"type\": \"Lowercase\"}", "\"a b\"", NULL, 0, p,
-                           sizeof p),
-                "normalizer Lowercase is not supported");
-    expect_fail(write_json("bad-behavior.json", SEQ(SPLIT("{\"String\": \"-\"}", "Sideways", "false"),
-                                                    BL("false", "false")),
-                           NULL, "\"a b\"", NULL, 0, p, sizeof p),
+    expect_fail(
+        write_json("bad-norm.json", BL("false", "true"), "{\"type\": \"Lowercase\"}", "\"a b\"", NULL, 0, p, sizeof p),
+        "normalizer Lowercase is not supported");
+    expect_fail(write_json("bad-behavior.json",
+                           SEQ(SPLIT("{\"String\": \"-\"}", "Sideways", "false"), BL("false", "false")), NULL,
+                           "\"a b\"", NULL, 0, p, sizeof p),
                 "behavior Sideways");
     expect_fail(write_json("bad-added-id.json", BL("false", "true"), NULL, "\"a b\"",
                            ADDED(275, "<m>", "true", "false", "false", "false", "false"), 0, p, sizeof p),
@@ -548,7 +555,8 @@ START_TEST(broken_gguf_vocabulary)
     gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, 10);
     gf_kv_arr_str(&w, "tokenizer.ggml.merges", MERGES, 2);
-    expect_fail(gw_write(&w, "types.gguf", p, sizeof p), "tokenizer.ggml.token_type has 10 entries, the vocabulary 270");
+    expect_fail(gw_write(&w, "types.gguf", p, sizeof p),
+                "tokenizer.ggml.token_type has 10 entries, the vocabulary 270");
     gf_kv_str(&w, "tokenizer.ggml.model", "gpt2");
     gw_tokens(&w, 0, N_VOCAB);
     expect_fail(gw_write(&w, "nomerges.gguf", p, sizeof p), "no tokenizer.ggml.merges");
@@ -699,8 +707,9 @@ START_TEST(smollm_speed)
     double t0 = kv_now();
     ck_assert_int_eq(kv_tokenizer_encode(t, text, len, 0, 0, &ids, &n), KV_OK);
     double dt = kv_now() - t0;
-    fprintf(stderr, "kvsim tests: byte-level BPE encodes %d tokens (%zu bytes of TinyStories) in %.3f s: %.0f tokens/s\n",
-            n, len, dt, n / dt);
+    fprintf(stderr,
+            "kvsim tests: byte-level BPE encodes %d tokens (%zu bytes of TinyStories) in %.3f s: %.0f tokens/s\n", n,
+            len, dt, n / dt);
     kv_free(ids);
     /* a 3,000-token prompt */
     size_t cut = (size_t)((double)len * 3000 / n);
@@ -791,8 +800,8 @@ START_TEST(interop_hf_tokenizers)
         }
     }
     fclose(f);
-    static const char *const slots[] = {"smollm", "llama3", "qwen2+NFC", "added-token options", "llama3+BOS",
-                                        "smollm from the GGUF"};
+    static const char *const slots[] = {
+        "smollm", "llama3", "qwen2+NFC", "added-token options", "llama3+BOS", "smollm from the GGUF"};
     for (int s = 0; s < 6; s++) {
         fprintf(stderr, "kvsim tests: interop %-20s %d/%d texts give Hugging Face's ids\n", slots[s], agree[s],
                 total[s]);
@@ -826,8 +835,7 @@ START_TEST(interop_hf_tokenizers)
             t = load_ok(path);
         }
         char *out;
-        ck_assert_msg(kv_tokenizer_chat(t, strcmp(c[1], "-") ? sys : NULL, user, &out) == KV_OK, "%s",
-                      kv_last_error());
+        ck_assert_msg(kv_tokenizer_chat(t, strcmp(c[1], "-") ? sys : NULL, user, &out) == KV_OK, "%s", kv_last_error());
         ck_assert_msg(!strcmp(out, want), "%s chat:\nkvsim:\n%s\ntransformers:\n%s", c[0], out, want);
         kv_free(out);
         if (t != tok[4])

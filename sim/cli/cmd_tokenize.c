@@ -205,8 +205,7 @@ int kv_cmd_tokenize(int argc, char **argv)
             len = strlen(wrapped);
     }
     if (rc == KV_OK)
-        rc = kv_tokenizer_encode(t, wrapped ? wrapped : text, len, bos >= 0 ? bos : chat ? 0 : t->add_bos, 0, &ids,
-                                 &n);
+        rc = kv_tokenizer_encode(t, wrapped ? wrapped : text, len, bos >= 0 ? bos : chat ? 0 : t->add_bos, 0, &ids, &n);
     if (rc == KV_OK) {
         if (describe) {
             char d[1024];

@@ -46,7 +46,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         }
         unlink(path);
     }
-    const char *gguf = kv_test_shared("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf", real, sizeof real);
+    const char *gguf =
+        kv_test_shared("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf", real, sizeof real);
     if (!gguf || kv_tokenizer_load(gguf, 0, &g_tok[FZ_BPE_CONFIGS]) != KV_OK)
         fprintf(stderr, "fuzz_bpe: SmolLM2 not found, mode 5 uses configuration 0\n");
     snprintf(g_json, sizeof g_json, "/tmp/kvsim-fuzz-bpe-%d.json", (int)getpid());

@@ -20,9 +20,24 @@
 
 /* left and right of each merge, as byte-level strings ("\xc4\xa0" is the space's character) */
 static const char *const FZ_MERGES[][2] = {
-    {"\xc4\xa0", "t"}, {"h", "e"},  {"\xc4\xa0t", "he"}, {"i", "n"},  {"e", "r"},       {"a", "n"},
-    {"\xc4\xa0", "a"}, {"o", "n"},  {"\xc4\xa0", "\xc4\xa0"}, {"1", "2"}, {"12", "3"}, {"\xc3\x83", "\xc2\xa9"},
-    {"in", "g"},       {"\xc4\x8a", "\xc4\x8a"}, {"<", "|"}, {"|", ">"}, {"a", "a"},  {"aa", "aa"},
+    {"\xc4\xa0", "t"},
+    {"h", "e"},
+    {"\xc4\xa0t", "he"},
+    {"i", "n"},
+    {"e", "r"},
+    {"a", "n"},
+    {"\xc4\xa0", "a"},
+    {"o", "n"},
+    {"\xc4\xa0", "\xc4\xa0"},
+    {"1", "2"},
+    {"12", "3"},
+    {"\xc3\x83", "\xc2\xa9"},
+    {"in", "g"},
+    {"\xc4\x8a", "\xc4\x8a"},
+    {"<", "|"},
+    {"|", ">"},
+    {"a", "a"},
+    {"aa", "aa"},
 };
 
 static const char *const FZ_PRE[FZ_BPE_CONFIGS] = {
@@ -50,8 +65,10 @@ static const char *const FZ_PRE[FZ_BPE_CONFIGS] = {
 /* UTF-8 of byte b's character in GPT-2's byte alphabet into o (2 bytes); returns its length. */
 static int fz_byte_utf8(int b, char *o)
 {
-    unsigned c = b <= 0x20 ? 256u + (unsigned)b : b >= 0x7f && b <= 0xa0 ? 256u + 33u + (unsigned)(b - 0x7f)
-                                                : b == 0xad ? 256u + 67u : (unsigned)b;
+    unsigned c = b <= 0x20                ? 256u + (unsigned)b
+                 : b >= 0x7f && b <= 0xa0 ? 256u + 33u + (unsigned)(b - 0x7f)
+                 : b == 0xad              ? 256u + 67u
+                                          : (unsigned)b;
     if (c < 0x80) {
         o[0] = (char)c;
         return 1;
@@ -85,8 +102,9 @@ static void fz_bpe_json(FILE *f, int cfg)
                                    "false, \"normalized\": false, \"special\": true}";
     fputs("{\"version\": \"1.0\", \"added_tokens\": [", f);
     fprintf(f, added, 256 + nm, 257 + nm);
-    fprintf(f, "], \"normalizer\": %s, \"pre_tokenizer\": %s, \"post_processor\": null, \"decoder\": {\"type\": "
-               "\"ByteLevel\"}, \"model\": {\"type\": \"BPE\", \"ignore_merges\": %s, \"vocab\": {",
+    fprintf(f,
+            "], \"normalizer\": %s, \"pre_tokenizer\": %s, \"post_processor\": null, \"decoder\": {\"type\": "
+            "\"ByteLevel\"}, \"model\": {\"type\": \"BPE\", \"ignore_merges\": %s, \"vocab\": {",
             cfg == 2 ? "{\"type\": \"NFC\"}" : "null", FZ_PRE[cfg], cfg == 1 ? "true" : "false");
     for (int b = 0; b < 256; b++) {
         fputs(b ? ", \"" : "\"", f);

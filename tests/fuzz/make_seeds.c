@@ -89,7 +89,9 @@ static unsigned char *gguf_tokenizer(const char *pre, size_t *len)
     uint64_t *types = calloc((size_t)n, sizeof *types), *scores = calloc((size_t)n, sizeof *scores);
     for (int i = 0; i < n; i++) {
         static const char *const head[] = {"<unk>", "<s>", "</s>"};
-        static const char *const tail[] = {"\xe2\x96\x81", "a", "b", ("\xe2\x96\x81" "a")};
+        static const char *const tail[] = {"\xe2\x96\x81", "a", "b",
+                                           ("\xe2\x96\x81"
+                                            "a")};
         if (spm && i < 3)
             snprintf(s[i], 64, "%s", head[i]);
         else if (spm && i < 259)
@@ -305,8 +307,10 @@ int main(int argc, char **argv)
         free(b);
     }
     free(tok);
-    static const char *const gguf_seeds[][2] = {{"gguf-smollm", "smollm"}, {"gguf-llama3", "llama-bpe"},
-                                                {"gguf-qwen2", "qwen2"},   {"gguf-default", "default"},
+    static const char *const gguf_seeds[][2] = {{"gguf-smollm", "smollm"},
+                                                {"gguf-llama3", "llama-bpe"},
+                                                {"gguf-qwen2", "qwen2"},
+                                                {"gguf-default", "default"},
                                                 {"gguf-spm", NULL}};
     for (size_t i = 0; i < sizeof gguf_seeds / sizeof *gguf_seeds; i++) {
         size_t gn;
@@ -335,12 +339,16 @@ int main(int argc, char **argv)
         free(b);
     }
     /* byte-level BPE: byte 0 = mode (fuzz_bpe.c), then text, a tokenizer.json or a chat template */
-#define TXT(x) {x, sizeof(x) - 1}
+#define TXT(x)                                                                                                         \
+    {                                                                                                                  \
+        x, sizeof(x) - 1                                                                                               \
+    }
     static const struct {
         const char *s;
         size_t n;
     } bpe_texts[] = {
-        TXT("Hello, world! I'm 12345 years old.  <|s|>user\nH\xc3\xa9llo \xe4\xbd\xa0\xe5\xa5\xbd \xf0\x9f\x98\x80<|e|>"),
+        TXT("Hello, world! I'm 12345 years old.  <|s|>user\nH\xc3\xa9llo \xe4\xbd\xa0\xe5\xa5\xbd "
+            "\xf0\x9f\x98\x80<|e|>"),
         TXT("a\xff\xc3"
             "b\xe2\x82 \xed\xa0\x80 \x00\x01\n\n\n   \t x-y--z 1-2 aaaa ing the"),
         TXT("e\xcc\x81 w\xc3\xa9 we\xcc\x81 <|s|>  <|s|>\t'S 'll \xe2\x80\x99s \xe2\x80\xa8 \xc2\x85"),

@@ -98,16 +98,16 @@ typedef struct {
     int *merge_id;        /* id of the concatenation */
 
     /* ---- every kind ---- */
-    int kind;              /* KV_TOK_* */
-    const char *format;    /* "llama2.c", "tokenizer.json" or "gguf" (static string) */
-    int bos_id, eos_id;    /* -1 when the tokenizer has none */
-    int unk_id, pad_id;    /* -1 when none */
-    int add_bos, add_eos;  /* 1: the model's prompts start with BOS (end with EOS) */
-    char *chat_template;   /* the model's chat template (Jinja text, NUL-terminated), NULL when none */
-    int n_added;           /* added / special tokens, in id order */
-    kv_tok_added_t *added; /* byte-level: matched in the text before anything else; SentencePiece kinds:
-                              the control tokens (<unk>, BOS, EOS), which text never encodes to */
-    char pretok[256];      /* one line: normalizer and pre-tokenizer ("none" for SentencePiece) */
+    int kind;               /* KV_TOK_* */
+    const char *format;     /* "llama2.c", "tokenizer.json" or "gguf" (static string) */
+    int bos_id, eos_id;     /* -1 when the tokenizer has none */
+    int unk_id, pad_id;     /* -1 when none */
+    int add_bos, add_eos;   /* 1: the model's prompts start with BOS (end with EOS) */
+    char *chat_template;    /* the model's chat template (Jinja text, NUL-terminated), NULL when none */
+    int n_added;            /* added / special tokens, in id order */
+    kv_tok_added_t *added;  /* byte-level: matched in the text before anything else; SentencePiece kinds:
+                               the control tokens (<unk>, BOS, EOS), which text never encodes to */
+    char pretok[256];       /* one line: normalizer and pre-tokenizer ("none" for SentencePiece) */
     struct kv_tok_bpe *bpe; /* byte-level kind only (NULL otherwise) */
 } kv_tokenizer_t;
 

@@ -51,8 +51,8 @@ typedef struct {
     void (*release)(kv_tokenizer_t *t);
 } kv_tok_kind_t;
 
-extern const kv_tok_kind_t kv_tok_kind_spm;  /* KV_TOK_SPM and KV_TOK_SPM_HF (tok_spm.c) */
-extern const kv_tok_kind_t kv_tok_kind_bpe;  /* KV_TOK_BYTE_BPE (tok_bpe.c) */
+extern const kv_tok_kind_t kv_tok_kind_spm; /* KV_TOK_SPM and KV_TOK_SPM_HF (tok_spm.c) */
+extern const kv_tok_kind_t kv_tok_kind_bpe; /* KV_TOK_BYTE_BPE (tok_bpe.c) */
 
 /* ---- the BPE merge loop (tokenizer.c), shared by the encoders ---- */
 
@@ -135,15 +135,15 @@ enum {
 
 typedef struct kv_tok_bpe {
     kv_tok_step_t steps[KV_TOK_MAX_STEPS];
-    int n_steps;          /* the last one is ByteLevel */
-    int nfc;              /* normalizer: NFC (else none) */
-    int ignore_merges;    /* a pre-token that is a vocabulary entry is one token */
-    int unk_byte;         /* the BPE model's unk_token id for a byte missing from the vocabulary, -1: none
-                             (tokenizer.json's model.unk_token; GGUF: none, llama.cpp drops the byte) */
-    int fuse_unk;         /* consecutive unknown bytes are one unk_byte */
-    int byte_id[256];     /* id of each byte's character, -1 when the vocabulary lacks it */
-    unsigned char *attr;  /* (vocab_size) KV_TOK_ATTR_* */
-    void *compiled;       /* tok_bpe.c: compiled regexes and the added-token index */
+    int n_steps;         /* the last one is ByteLevel */
+    int nfc;             /* normalizer: NFC (else none) */
+    int ignore_merges;   /* a pre-token that is a vocabulary entry is one token */
+    int unk_byte;        /* the BPE model's unk_token id for a byte missing from the vocabulary, -1: none
+                            (tokenizer.json's model.unk_token; GGUF: none, llama.cpp drops the byte) */
+    int fuse_unk;        /* consecutive unknown bytes are one unk_byte */
+    int byte_id[256];    /* id of each byte's character, -1 when the vocabulary lacks it */
+    unsigned char *attr; /* (vocab_size) KV_TOK_ATTR_* */
+    void *compiled;      /* tok_bpe.c: compiled regexes and the added-token index */
 } kv_tok_bpe_t;
 
 /* Allocate t->bpe (byte_id all -1, attr for t->vocab_size tokens, which must be set). */

@@ -64,10 +64,10 @@ typedef struct {
     pcre2_code *re[KV_TOK_MAX_STEPS]; /* Split and Digits steps; ByteLevel's GPT-2 regex */
     pcre2_code *space, *word;         /* \p{White_Space} and Rust's \w, one character, anchored */
     const UNormalizer2 *nfc;
-    int *raw_idx, n_raw;   /* added tokens matched in the raw text (indices into t->added) */
-    int *norm_idx, n_norm; /* matched in the normalized text */
+    int *raw_idx, n_raw;         /* added tokens matched in the raw text (indices into t->added) */
+    int *norm_idx, n_norm;       /* matched in the normalized text */
     unsigned char first[2][256]; /* 1: some raw (0) / normalized (1) added token starts with this byte */
-    char **norm_text;      /* (n_added) the normalized content of normalized tokens (NULL: as is) */
+    char **norm_text;            /* (n_added) the normalized content of normalized tokens (NULL: as is) */
     int n_added;
     int *norm_len;
 } compiled_t;
@@ -234,12 +234,12 @@ typedef struct {
     kv_tok_scratch_t merge;
     span_t *spans[KV_TOK_MAX_STEPS + 1]; /* per step level */
     int span_cap[KV_TOK_MAX_STEPS + 1];
-    char *pre;      /* ByteLevel's " " + piece */
+    char *pre; /* ByteLevel's " " + piece */
     size_t pre_cap;
-    int32_t *ids;   /* one piece's symbols */
+    int32_t *ids; /* one piece's symbols */
     size_t ids_cap;
-    char *norm;     /* a normalized stretch */
-    UChar *u16[2];  /* NFC's UTF-16 buffers */
+    char *norm;    /* a normalized stretch */
+    UChar *u16[2]; /* NFC's UTF-16 buffers */
     int32_t u16_cap[2];
 } enc_t;
 
@@ -430,8 +430,8 @@ static int pretokenize(enc_t *e, int level, const char *s, size_t len)
     int n, rc;
     if ((rc = find_matches(e, e->c->re[level], s, len, level, &n)))
         return rc;
-    int behavior = st->type == KV_STEP_DIGITS ? (st->individual ? KV_SPLIT_ISOLATED : KV_SPLIT_CONTIGUOUS)
-                                              : st->behavior;
+    int behavior =
+        st->type == KV_STEP_DIGITS ? (st->individual ? KV_SPLIT_ISOLATED : KV_SPLIT_CONTIGUOUS) : st->behavior;
     n = apply_behavior(e->spans[level], n, behavior, st->type == KV_STEP_SPLIT && st->invert);
     for (int i = 0; i < n && rc == KV_OK; i++) {
         span_t sp = e->spans[level][i]; /* a copy: deeper levels use their own arrays */
@@ -481,7 +481,8 @@ static int split_added(enc_t *e, const int *idx, int n_idx, int normalized, cons
         }
         if (a->flags & KV_TOK_LSTRIP) {
             size_t ns = start;
-            for (int lc; ns > 0 && (lc = last_char(s, (int)ns)) >= 0 && char_is(c->space, e->md, s + lc, ns - (size_t)lc);)
+            for (int lc;
+                 ns > 0 && (lc = last_char(s, (int)ns)) >= 0 && char_is(c->space, e->md, s + lc, ns - (size_t)lc);)
                 ns = (size_t)lc;
             start = ns > start_offset ? ns : start_offset;
         }
@@ -623,7 +624,8 @@ static char *nfc_of(const UNormalizer2 *nfc, const char *s, int len, int *out_le
 {
     UErrorCode err = U_ZERO_ERROR;
     int32_t n16 = 0, nn = 0, n8 = 0;
-    UChar *a = kv_malloc(sizeof(UChar) * ((size_t)len * 3 + 16), "NFC"), *b = kv_malloc(sizeof(UChar) * ((size_t)len * 3 + 16), "NFC");
+    UChar *a = kv_malloc(sizeof(UChar) * ((size_t)len * 3 + 16), "NFC"),
+          *b = kv_malloc(sizeof(UChar) * ((size_t)len * 3 + 16), "NFC");
     char *o = kv_malloc((size_t)len * 9 + 16, "NFC");
     if (a && b && o) {
         u_strFromUTF8(a, len * 3 + 16, &n16, s, len, &err);
@@ -648,8 +650,7 @@ static void describe(kv_tokenizer_t *t)
     static const char *const behaviors[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext",
                                             "Contiguous"};
     char buf[sizeof t->pretok];
-    size_t k = (size_t)snprintf(buf, sizeof buf, "%s%s%s", t->pretok, t->pretok[0] ? ": " : "",
-                                b->nfc ? "NFC, " : "");
+    size_t k = (size_t)snprintf(buf, sizeof buf, "%s%s%s", t->pretok, t->pretok[0] ? ": " : "", b->nfc ? "NFC, " : "");
     for (int i = 0; i < b->n_steps && k < sizeof buf; i++) {
         const kv_tok_step_t *s = &b->steps[i];
         const char *sep = i ? " > " : "";
@@ -688,7 +689,9 @@ static int prepare(kv_tokenizer_t *t)
         const kv_tok_step_t *s = &b->steps[i];
         char what[64];
         snprintf(what, sizeof what, "pre-tokenizer step %d (%s)", i + 1,
-                 s->type == KV_STEP_SPLIT ? "Split" : s->type == KV_STEP_DIGITS ? "Digits" : "ByteLevel");
+                 s->type == KV_STEP_SPLIT    ? "Split"
+                 : s->type == KV_STEP_DIGITS ? "Digits"
+                                             : "ByteLevel");
         if (s->type == KV_STEP_SPLIT)
             rc = compile(t, what, s->pattern, s->literal, 0, &c->re[i]);
         else if (s->type == KV_STEP_DIGITS)

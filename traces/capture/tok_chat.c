@@ -175,7 +175,7 @@ static size_t space_at(const unsigned char *s, size_t n)
     if (n >= 3 && s[0] == 0xe1 && s[1] == 0x9a && s[2] == 0x80) /* U+1680 */
         return 3;
     if (n >= 3 && s[0] == 0xe2 && s[1] == 0x80 && (s[2] <= 0x8a || s[2] == 0xa8 || s[2] == 0xa9 || s[2] == 0xaf))
-        return 3; /* U+2000..200A, 2028, 2029, 202F */
+        return 3;                                               /* U+2000..200A, 2028, 2029, 202F */
     if (n >= 3 && s[0] == 0xe2 && s[1] == 0x81 && s[2] == 0x9f) /* U+205F */
         return 3;
     if (n >= 3 && s[0] == 0xe3 && s[1] == 0x80 && s[2] == 0x80) /* U+3000 */
@@ -254,7 +254,8 @@ static int llama3(const kv_tokenizer_t *t, const lits_t *l, const char *system, 
     if (strstr(tmpl, "bos_token") && t->bos_id >= 0 && (rc = put(b, t->pieces[t->bos_id], (size_t)t->lens[t->bos_id])))
         return rc;
     if (strstr(tmpl, "Cutting Knowledge Date")) {
-        const char *know = find_lit(l, "Cutting Knowledge Date:", NULL, 0), *today = find_lit(l, "Today Date: ", NULL, 0);
+        const char *know = find_lit(l, "Cutting Knowledge Date:", NULL, 0),
+                   *today = find_lit(l, "Today Date: ", NULL, 0);
         char date[64] = "";
         if (strstr(tmpl, "strftime_now")) {
             time_t now = time(NULL);

@@ -43,10 +43,10 @@
 #define RE_DEFAULT_WORDS "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
 
 typedef struct {
-    const char *family;      /* the name shown */
-    const char *names;       /* tokenizer.ggml.pre values, space-separated */
-    const char *regex[4];    /* Split(Isolated) steps in order */
-    const char *label[4];    /* their names in descriptions */
+    const char *family;   /* the name shown */
+    const char *names;    /* tokenizer.ggml.pre values, space-separated */
+    const char *regex[4]; /* Split(Isolated) steps in order */
+    const char *label[4]; /* their names in descriptions */
     int ignore_merges, add_bos;
 } pre_t;
 
@@ -61,8 +61,12 @@ static const pre_t pres[] = {
     {"llama3", "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral", {kv_tok_re_llama3}, {"llama3"}, 1, 1},
     {"llama3 (dbrx)", "dbrx smaug-bpe", {kv_tok_re_llama3}, {"llama3"}, 0, 0},
     {"qwen2", "qwen2 deepseek-r1-qwen megrez stablelm2", {kv_tok_re_qwen2}, {"qwen2"}, 0, 0},
-    {"smollm", "smollm starcoder refact command-r codeshell exaone minerva-7b", {"\\p{N}", kv_tok_re_gpt2},
-     {"\\p{N}", "gpt2"}, 0, 0},
+    {"smollm",
+     "smollm starcoder refact command-r codeshell exaone minerva-7b",
+     {"\\p{N}", kv_tok_re_gpt2},
+     {"\\p{N}", "gpt2"},
+     0,
+     0},
 };
 
 static const pre_t *find_pre(const char *name, size_t len)
@@ -165,8 +169,7 @@ static int load_merges(kv_tokenizer_t *t, const kv_gguf_t *g, const strmap_t *ma
     if (rc)
         return rc;
     if (et != KV_GGUF_STRING || nm >= KV_TOK_MAX_TOKENS)
-        return kv_error(KV_EFORMAT, "%s: %s is not an array of fewer than %d strings", t->path, key,
-                        KV_TOK_MAX_TOKENS);
+        return kv_error(KV_EFORMAT, "%s: %s is not an array of fewer than %d strings", t->path, key, KV_TOK_MAX_TOKENS);
     kv_tok_merge_t *mg = kv_malloc((nm ? nm : 1) * sizeof *mg, "merges");
     char *both = kv_malloc((size_t)t->max_token_length * 4 + 8, "merge");
     if (!mg || !both) {

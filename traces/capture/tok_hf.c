@@ -491,8 +491,9 @@ static int bpe_load(const char *path, int expect_vocab, kv_tokenizer_t *t, json_
     if (n == 0 || n > KV_TOK_MAX_TOKENS)
         return kv_error(KV_EFORMAT, "%s: %zu tokens", path, n);
     if (expect_vocab > 0 && n > (size_t)expect_vocab)
-        return kv_error(KV_EFORMAT, "%s: %zu tokens, more than the model's vocabulary of %d (a tokenizer for another model?)",
-                        path, n, expect_vocab);
+        return kv_error(KV_EFORMAT,
+                        "%s: %zu tokens, more than the model's vocabulary of %d (a tokenizer for another model?)", path,
+                        n, expect_vocab);
     strs = kv_calloc(n, sizeof *strs, "token strings");
     if (!strs)
         return KV_ENOMEM;
