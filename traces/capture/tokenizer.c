@@ -564,12 +564,13 @@ static const char *chat_style(const char *tmpl)
 
 const char *kv_tokenizer_describe(const kv_tokenizer_t *t, char *buf, size_t len)
 {
-    char bos[64], eos[64];
+    char bos[64], eos[64], merges[32] = "";
     id_text(t, t->bos_id, bos, sizeof bos);
     id_text(t, t->eos_id, eos, sizeof eos);
-    snprintf(buf, len, "%s (%s, %d tokens%s%.0d%s; pre-tokenizer %s; BOS %s%s; EOS %s; %d added tokens; chat %s)",
-             kv_tokenizer_kind_name(t->kind), t->format, t->vocab_size, t->merge_keys ? ", " : "",
-             t->merge_keys ? t->n_merges : 0, t->merge_keys ? " merges" : "", t->pretok, bos,
+    if (t->merge_keys)
+        snprintf(merges, sizeof merges, ", %d merges", t->n_merges);
+    snprintf(buf, len, "%s (%s, %d tokens%s; pre-tokenizer %s; BOS %s%s; EOS %s; %d added tokens; chat %s)",
+             kv_tokenizer_kind_name(t->kind), t->format, t->vocab_size, merges, t->pretok, bos,
              t->add_bos ? ", added" : ", not added", eos, t->n_added, chat_style(t->chat_template));
     return buf;
 }
