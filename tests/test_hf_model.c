@@ -292,7 +292,8 @@ START_TEST(permutation_turns_interleaved_into_rotate_half)
     }
     kv_backend_t *be;
     ck_assert_int_eq(kv_backend_open("cpu", 1, &be), KV_OK);
-    ck_assert_int_eq(be->ops->rope(be, q, pos, T, n_heads, d, 10000.0f), KV_OK);
+    const kv_rope_t rope = kv_rope_plain(10000.0);
+    ck_assert_int_eq(be->ops->rope(be, q, pos, T, n_heads, d, &rope), KV_OK);
     kv_backend_close(be);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < n_heads; h++) {
