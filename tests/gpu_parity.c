@@ -10,8 +10,9 @@
  * both backends: result rows must agree within tolerance, and the kept sets of every
  * (policy, budget, layer, evaluation query) are compared as sets; differences can only come from
  * near-ties in backend-computed scores, they are counted and fail the run above a small number.
- * Then capture (when traces/capture/kv_forward.h is in the tree and the stories260K model is found):
- * logits and per-layer Q, K, V, lse of a forward pass (prefill and decode steps) on both backends.
+ * Then capture (when traces/capture/kv_forward.h is in the tree): logits and per-layer Q, K, V, lse of a
+ * forward pass (prefill and decode steps) on both backends, of the stories260K model (when found) and
+ * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE.
  *
  * Without a usable CUDA device it prints `CUDA unavailable: <why>` and exits 0 having run nothing.
  * Exit status 1 when any comparison fails. Options:
@@ -1217,23 +1218,10 @@ static const char *find_shared(const char *rel, char *buf, size_t len)
     return NULL;
 }
 
-static void run_capture(ctx_t *c)
+/* Logits and per-layer Q, K, V, lse of a forward pass of m (a prefill of up to 96 tokens, then 6
+ * decode steps) on both backends. */
+static void capture_parity(ctx_t *c, const kv_model_t *m, const char *label)
 {
-    if (!want(c, "capture"))
-        return;
-    char path[1024];
-    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
-        printf("  capture: NOT RUN: models/stories260K/stories260K.bin not found under $KVSIM_SHARED, ../shared, "
-               "shared or . (copy it beside the binary's working directory; see bench/README.md)\n");
-        c->not_run++;
-        return;
-    }
-    kv_model_t *m = NULL;
-    if (kv_model_load(path, &m) != KV_OK) {
-        printf("  capture: cannot load %s: %s\n", path, kv_last_error());
-        verdict(c, "capture", path, 0, NAN, NAN);
-        return;
-    }
     const kv_model_config_t *cf = &m->cfg;
     const int P = cf->seq_len < 96 ? cf->seq_len - 8 : 96, ND = 6, T = P + ND, V = cf->vocab_size;
     int32_t *tok = kv_malloc(sizeof(int32_t) * (size_t)T, "tokens");
@@ -1301,7 +1289,7 @@ static void run_capture(ctx_t *c)
         }
     }
     char shape[256];
-    snprintf(shape, sizeof shape, "stories260K prefill %d + %d decode, argmax differs at %d", P, ND, argmax_diff);
+    snprintf(shape, sizeof shape, "%s prefill %d + %d decode, argmax differs at %d", label, P, ND, argmax_diff);
     verdict(c, "capture", shape, ok, worst, worst_nmse);
     for (int s = 0; s < 2; s++) {
         kv_fwd_free(f[s]);
@@ -1312,9 +1300,75 @@ static void run_capture(ctx_t *c)
         kv_free_aligned(logits[s]);
     }
     kv_free(tok);
+}
+
+static void run_capture(ctx_t *c)
+{
+    if (!want(c, "capture"))
+        return;
+    char path[1024];
+    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
+        printf("  capture: NOT RUN: models/stories260K/stories260K.bin not found under $KVSIM_SHARED, ../shared, "
+               "shared or . (copy it beside the binary's working directory; see bench/README.md)\n");
+        c->not_run++;
+        return;
+    }
+    kv_model_t *m = NULL;
+    if (kv_model_load(path, &m) != KV_OK) {
+        printf("  capture: cannot load %s: %s\n", path, kv_last_error());
+        verdict(c, "capture", path, 0, NAN, NAN);
+        return;
+    }
+    capture_parity(c, m, "stories260K");
     kv_model_free(m);
 }
+
+/* A random model with what stories260K lacks: Qwen2's q/k/v biases, an explicit head_dim (q_dim 96 on a
+ * model width of 64), GQA 4/2, llama3 RoPE (theta 500000, factor 8, original context 64, so every band
+ * occurs among the 12 pairs), an untied classifier. Built in memory (no file). */
+static void run_capture_synth(ctx_t *c)
+{
+    if (!want(c, "capture"))
+        return;
+    kv_model_t m;
+    memset(&m, 0, sizeof m);
+    kv_model_config_t *cf = &m.cfg;
+    cf->dim = 64, cf->hidden_dim = 96, cf->n_layers = 2, cf->n_heads = 4, cf->n_kv_heads = 2, cf->head_dim = 24;
+    cf->vocab_size = 300, cf->seq_len = 256, cf->norm_eps = 1e-5f, cf->qkv_bias = 1, cf->version = -1;
+    cf->rope = kv_rope_plain(500000.0);
+    cf->rope.type = KV_ROPE_LLAMA3, cf->rope.factor = 8, cf->rope.low_freq_factor = 1, cf->rope.high_freq_factor = 4;
+    cf->rope.original_max_pos = 64;
+    cf->rope_theta = 500000.0f;
+    snprintf(m.path, sizeof m.path, "synthetic");
+    if (kv_model_config_check(cf, "synthetic") != KV_OK) {
+        printf("  capture: synthetic model: %s\n", kv_last_error());
+        verdict(c, "capture", "synthetic", 0, NAN, NAN);
+        return;
+    }
+    const size_t L = 2, D = 64, H = 96, V = 300, Q = (size_t)cf->q_dim, KV = (size_t)cf->kv_dim;
+    const size_t n[15] = {V * D,     L * D,     L * Q * D, L * KV * D, L * KV * D, L * D * Q, L * D, L * H * D,
+                          L * D * H, L * H * D, D,         V * D,      L * Q,      L * KV,    L * KV};
+    const float **dst[15] = {
+        &m.token_embedding, &m.rms_att, &m.wq, &m.wk, &m.wv, &m.wo, &m.rms_ffn, &m.w1, &m.w2, &m.w3,
+        &m.rms_final,       &m.wcls,    &m.bq, &m.bk, &m.bv};
+    float *buf[15];
+    for (int i = 0; i < 15; i++) {
+        buf[i] = hnew(n[i]);
+        const int norm = i == 1 || i == 6 || i == 10;
+        fill_normal(c, buf[i], n[i], norm ? 0.1 : i >= 12 ? 0.5 : 0.25);
+        for (size_t j = 0; norm && j < n[i]; j++)
+            buf[i][j] += 1.0f;
+        *dst[i] = buf[i];
+    }
+    capture_parity(c, &m, "synthetic qwen2+llama3+q_dim");
+    for (int i = 0; i < 15; i++)
+        kv_free_aligned(buf[i]);
+}
 #else
+static void run_capture_synth(ctx_t *c)
+{
+    (void)c;
+}
 static void run_capture(ctx_t *c)
 {
     if (!want(c, "capture"))
@@ -1415,6 +1469,7 @@ int main(int argc, char **argv)
     run_replay(&c);
     printf("capture:\n");
     run_capture(&c);
+    run_capture_synth(&c);
     printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
            c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
            c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"

@@ -943,6 +943,7 @@ static int rope_nested(const rope_src_t *src, json_object *rp, const char *const
 {
     int have = 0;
     const char *first = NULL;
+    *r = kv_rope_plain(10000.0);
     for (int i = 0; i < n; i++) {
         if (first && !strcmp(types[i], first))
             continue;
@@ -999,7 +1000,7 @@ static int parse_rope(const char *path, json_object *j, int max_pos, const char 
     json_object *rs = cfg_get(j, "rope_scaling"), *rp = cfg_get(j, "rope_parameters");
     if (rs && json_object_is_type(rs, json_type_object) && json_object_object_length(rs) == 0)
         rs = NULL; /* transformers: an empty rope_scaling is no rope_scaling */
-    kv_rope_t a, b;
+    kv_rope_t a = kv_rope_plain(10000.0), b = a;
     if (rp && rope_is_nested(rp)) {
         if (!types)
             return kv_error(KV_EFORMAT,
