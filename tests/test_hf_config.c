@@ -14,6 +14,8 @@
  *    known keys warns about nothing;
  *  - every key whose value would change the computation in a way kvsim does not implement is refused
  *    with a message naming it, and the neutral values are accepted;
+ *  - the config.json files of published Llama 3.1/3.2, SmolLM2, TinyLlama, Qwen2.5, Mistral and
+ *    Mistral-Nemo checkpoints are read without a warning;
  *  - llama3 frequencies equal values worked out independently (40-digit decimals, below), and the
  *    per-pair factor RoPE (GGUF's rope_freqs) rotates by theta^(-2i/d) / factor_i;
  *  - the forward pass with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE equals a plain
@@ -534,6 +536,97 @@ START_TEST(refused_keys_are_named)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- real configurations */
+
+/* config.json of published checkpoints (copied from their Hugging Face repositories; transformers 4
+ * wrote them): every key is known, so they load without a single warning. Only config.json is
+ * written, so the load stops at the missing weights, after the whole configuration was read and
+ * checked. */
+static const struct {
+    const char *name, *json;
+} real_configs[] = {
+    {"SmolLM2-135M-Instruct",
+     "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0, "
+     "\"bos_token_id\": 1, \"eos_token_id\": 2, \"head_dim\": 64, \"hidden_act\": \"silu\", \"hidden_size\": 576, "
+     "\"initializer_range\": 0.041666666666666664, \"intermediate_size\": 1536, \"is_llama_config\": true, "
+     "\"max_position_embeddings\": 8192, \"mlp_bias\": false, \"model_type\": \"llama\", \"num_attention_heads\": 9, "
+     "\"num_hidden_layers\": 30, \"num_key_value_heads\": 3, \"pad_token_id\": 2, \"pretraining_tp\": 1, "
+     "\"rms_norm_eps\": 1e-05, \"rope_interleaved\": false, \"rope_scaling\": null, \"rope_theta\": 100000, "
+     "\"tie_word_embeddings\": true, \"torch_dtype\": \"bfloat16\", \"transformers.js_config\": {\"kv_cache_dtype\": "
+     "{\"q4f16\": \"float16\", \"fp16\": \"float16\"}}, \"transformers_version\": \"4.42.3\", \"use_cache\": true, "
+     "\"vocab_size\": 49152}"},
+    {"Llama-3.2-1B",
+     "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0, "
+     "\"bos_token_id\": 128000, \"eos_token_id\": 128001, \"head_dim\": 64, \"hidden_act\": \"silu\", "
+     "\"hidden_size\": 2048, \"initializer_range\": 0.02, \"intermediate_size\": 8192, \"max_position_embeddings\": "
+     "131072, \"mlp_bias\": false, \"model_type\": \"llama\", \"num_attention_heads\": 32, \"num_hidden_layers\": 16, "
+     "\"num_key_value_heads\": 8, \"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, \"rope_scaling\": {\"factor\": 32.0, "
+     "\"high_freq_factor\": 4.0, \"low_freq_factor\": 1.0, \"original_max_position_embeddings\": 8192, "
+     "\"rope_type\": \"llama3\"}, \"rope_theta\": 500000.0, \"tie_word_embeddings\": true, \"torch_dtype\": "
+     "\"bfloat16\", \"transformers_version\": \"4.45.0.dev0\", \"use_cache\": true, \"vocab_size\": 128256}"},
+    {"Llama-3.1-8B-Instruct",
+     "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, \"attention_dropout\": 0.0, "
+     "\"bos_token_id\": 128000, \"eos_token_id\": [128001, 128008, 128009], \"hidden_act\": \"silu\", "
+     "\"hidden_size\": 4096, \"initializer_range\": 0.02, \"intermediate_size\": 14336, \"max_position_embeddings\": "
+     "131072, \"mlp_bias\": false, \"model_type\": \"llama\", \"num_attention_heads\": 32, \"num_hidden_layers\": 32, "
+     "\"num_key_value_heads\": 8, \"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, \"rope_scaling\": {\"factor\": 8.0, "
+     "\"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192, "
+     "\"rope_type\": \"llama3\"}, \"rope_theta\": 500000.0, \"tie_word_embeddings\": false, \"torch_dtype\": "
+     "\"bfloat16\", \"transformers_version\": \"4.42.3\", \"use_cache\": true, \"vocab_size\": 128256}"},
+    {"Qwen2.5-0.5B-Instruct",
+     "{\"architectures\": [\"Qwen2ForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 151643, "
+     "\"eos_token_id\": 151645, \"hidden_act\": \"silu\", \"hidden_size\": 896, \"initializer_range\": 0.02, "
+     "\"intermediate_size\": 4864, \"max_position_embeddings\": 32768, \"max_window_layers\": 21, \"model_type\": "
+     "\"qwen2\", \"num_attention_heads\": 14, \"num_hidden_layers\": 24, \"num_key_value_heads\": 2, "
+     "\"rms_norm_eps\": 1e-06, \"rope_theta\": 1000000.0, \"sliding_window\": 32768, \"tie_word_embeddings\": true, "
+     "\"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.43.1\", \"use_cache\": true, "
+     "\"use_sliding_window\": false, \"vocab_size\": 151936}"},
+    {"Mistral-7B-v0.1",
+     "{\"architectures\": [\"MistralForCausalLM\"], \"bos_token_id\": 1, \"eos_token_id\": 2, \"hidden_act\": "
+     "\"silu\", \"hidden_size\": 4096, \"initializer_range\": 0.02, \"intermediate_size\": 14336, "
+     "\"max_position_embeddings\": 32768, \"model_type\": \"mistral\", \"num_attention_heads\": 32, "
+     "\"num_hidden_layers\": 32, \"num_key_value_heads\": 8, \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0, "
+     "\"sliding_window\": 4096, \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\", "
+     "\"transformers_version\": \"4.34.0.dev0\", \"use_cache\": true, \"vocab_size\": 32000}"},
+    {"Mistral-Nemo-Instruct-2407",
+     "{\"architectures\": [\"MistralForCausalLM\"], \"attention_dropout\": 0.0, \"bos_token_id\": 1, "
+     "\"eos_token_id\": 2, \"head_dim\": 128, \"hidden_act\": \"silu\", \"hidden_size\": 5120, "
+     "\"initializer_range\": 0.02, \"intermediate_size\": 14336, \"max_position_embeddings\": 1024000, "
+     "\"model_type\": \"mistral\", \"num_attention_heads\": 32, \"num_hidden_layers\": 40, \"num_key_value_heads\": "
+     "8, \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000.0, \"sliding_window\": null, \"tie_word_embeddings\": "
+     "false, \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.43.0.dev0\", \"use_cache\": true, "
+     "\"vocab_size\": 131072}"},
+    {"TinyLlama-1.1B-Chat-v1.0",
+     "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, \"bos_token_id\": 1, \"eos_token_id\": 2, "
+     "\"hidden_act\": \"silu\", \"hidden_size\": 2048, \"initializer_range\": 0.02, \"intermediate_size\": 5632, "
+     "\"max_position_embeddings\": 2048, \"model_type\": \"llama\", \"num_attention_heads\": 32, "
+     "\"num_hidden_layers\": 22, \"num_key_value_heads\": 4, \"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, "
+     "\"rope_scaling\": null, \"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"torch_dtype\": "
+     "\"bfloat16\", \"transformers_version\": \"4.35.0\", \"use_cache\": true, \"vocab_size\": 32000}"},
+};
+
+START_TEST(real_configs_read_without_warnings)
+{
+    for (size_t i = 0; i < KV_ARRAY_LEN(real_configs); i++) {
+        char dir[512], path[700];
+        kv_test_tmp(real_configs[i].name, dir, sizeof dir);
+        ck_assert_int_eq(mkdir(dir, 0755), 0);
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        FILE *f = fopen(path, "w");
+        ck_assert_ptr_nonnull(f);
+        fputs(real_configs[i].json, f);
+        fclose(f);
+        int rc;
+        char *err = load_stderr(dir, &rc);
+        ck_assert_int_ne(rc, KV_OK);
+        ck_assert_msg(strstr(kv_last_error(), "model.safetensors") && strstr(kv_last_error(), "cannot open"),
+                      "%s: the load stopped before the weights: %s", real_configs[i].name, kv_last_error());
+        ck_assert_msg(err[0] == 0, "%s: %s", real_configs[i].name, err);
+        free(err);
+    }
+}
+END_TEST
+
 /* ---------------------------------------------------------------- RoPE frequencies */
 
 /* Llama 3.1 8B (theta 500000, head_dim 128, factor 8, low_freq_factor 1, high_freq_factor 4,
@@ -875,6 +968,7 @@ Suite *suite_hf_config(void)
     tcase_add_test(tc, config_styles_give_identical_traces);
     tcase_add_test(tc, unknown_keys_warned_once);
     tcase_add_test(tc, refused_keys_are_named);
+    tcase_add_test(tc, real_configs_read_without_warnings);
     tcase_add_test(tc, llama3_frequencies_known_values);
     tcase_add_test(tc, factors_rope);
     tcase_add_test(tc, forward_biases_head_dim_llama3_match_reference);
