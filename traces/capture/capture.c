@@ -396,7 +396,8 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         snprintf(meta.generator, sizeof meta.generator, "%s", o->generator);
     } else {
         /* the RoPE scaling is named here when there is one: the trace's rope_theta attribute alone
-         * does not say that a llama3 or linear scaling was applied */
+         * does not say that a llama3 or linear scaling was applied (the CLI passes its command line
+         * as the generator instead, which must stay a command that re-creates the trace) */
         char d[96], r[256] = "";
         if (c->rope.type != KV_ROPE_DEFAULT) {
             char rd[240];
