@@ -388,6 +388,18 @@ START_TEST(unknown_keys_warned_once)
     ck_assert_int_eq(count_of(err, "\"rope_parameters.beta_fast\" is not read for RoPE type llama3"), 1);
     ck_assert_ptr_nonnull(strstr(err, "config.json"));
     free(err);
+    /* Qwen2, rope_parameters by layer type: the dict of a type that several layers share is read once */
+    hm_t q;
+    hm_init(&q, 16, 24, 2, 2, 1, 8, 1, 1, 8);
+    write_ckpt(&q, "Qwen2ForCausalLM",
+               ", \"rope_parameters\": {\"sliding_attention\": {\"rope_theta\": 1e6, \"mscale\": 1}}",
+               ", \"layer_types\": [\"sliding_attention\", \"sliding_attention\"]", "nested", dir, sizeof dir);
+    err = load_stderr(dir, &rc);
+    ck_assert_msg(rc == KV_OK, "%s", kv_last_error());
+    ck_assert_int_eq(count_of(err, "warning: "), 1);
+    ck_assert_int_eq(count_of(err, "\"rope_parameters.sliding_attention.mscale\" is not read"), 1);
+    free(err);
+    free(q.buf);
     /* a tensor the forward pass does not read */
     kv_test_tmp("extra-tensor", dir, sizeof dir);
     ck_assert_int_eq(mkdir(dir, 0755), 0);

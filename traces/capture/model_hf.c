@@ -941,12 +941,14 @@ static int rope_same(const kv_rope_t *a, const kv_rope_t *b)
  * layers differ): the layers' types in `types` (n); every type used must give the same RoPE. */
 static int rope_nested(const rope_src_t *src, json_object *rp, const char *const *types, int n, kv_rope_t *r)
 {
-    int have = 0;
-    const char *first = NULL;
+    int first = -1; /* the layer whose type was read first */
     *r = kv_rope_plain(10000.0);
     for (int i = 0; i < n; i++) {
-        if (first && !strcmp(types[i], first))
-            continue;
+        int seen = 0;
+        for (int j = 0; j < i && !seen; j++)
+            seen = !strcmp(types[j], types[i]);
+        if (seen)
+            continue; /* each layer type's dict is read (and warned about) once */
         json_object *d = cfg_get(rp, types[i]);
         char where[96];
         snprintf(where, sizeof where, "rope_parameters.%s", types[i]);
@@ -957,18 +959,18 @@ static int rope_nested(const rope_src_t *src, json_object *rp, const char *const
         int rc = rope_from_dict(src, d, where, &x);
         if (rc)
             return rc;
-        if (have && !rope_same(&x, r)) {
+        if (first >= 0 && !rope_same(&x, r)) {
             char a[240], b[240];
             return kv_error(KV_EFORMAT,
                             "%s: \"rope_parameters\" gives layer types %s and %s different RoPE (%s; %s): kvsim "
                             "applies one RoPE to every layer",
-                            src->path, first, types[i], kv_rope_describe(r, a, sizeof a),
+                            src->path, types[first], types[i], kv_rope_describe(r, a, sizeof a),
                             kv_rope_describe(&x, b, sizeof b));
         }
-        *r = x;
-        have = 1;
-        if (!first)
-            first = types[i];
+        if (first < 0) {
+            *r = x;
+            first = i;
+        }
     }
     return KV_OK;
 }
