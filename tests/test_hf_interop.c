@@ -16,14 +16,17 @@
  *
  * Tolerance. Both sides compute in float32 and differ only in rounding: summation orders (OpenBLAS vs
  * torch's matrix products; softmax sums in double here), and RoPE angles, which transformers forms in
- * float32 (inv_freq = 1 / theta^(2i/d) rounded to float, times the position in float: relative error
- * ~1e-7, so ~4e-6 rad at position 39) while kvsim forms them in double. Those are errors of a few
- * 1e-7 relative per operation, growing through 2 layers to ~1e-6 of the logits' scale (|logit| up to
- * ~9 here). The bound, 2e-5 x max|logit| absolute + 1e-5 relative (about 2e-4 for these models), is
- * ~10x the largest difference observed (printed by each test: 1.9e-5 for llama, 1.1e-5 for qwen2,
- * 1.1e-5 for mistral, transformers 5.25 / torch 2.15 CPU) and 1000x below what a misread
- * configuration gives: theta 10000 instead of 100000 (the bug that started this) moves logits by ~1,
- * a missing bias or an unpermuted head by more. Q and K: 2e-5 x max|x| + 1e-5 relative.
+ * float32 (inv_freq = 1 / theta^(2i/d) rounded to float, the llama3 rule applied in float, times the
+ * position in float: ~1e-7 relative, so up to ~4e-6 rad at position 39) while kvsim forms them in
+ * double. Those are errors of a few 1e-7 relative per operation, growing through 2 layers to a few
+ * 1e-6 of the logits' scale (|logit| up to ~9 here). The bound, 2e-5 x max|logit| absolute + 1e-5
+ * relative (1.4e-4 to 1.9e-4 for these models), is 6 to 8 times the largest difference observed
+ * (printed by each test; transformers 5.25, torch 2.15, CPU: logits 2.9e-5 llama, 2.2e-5 qwen2,
+ * 1.7e-5 mistral; layer 1 Q/K at most 1.9e-5) and far below what a misread configuration gives: on
+ * the llama model, theta 10000 instead of 100000 (the misreading that started this work) moves the
+ * logits by up to 9.3, dropping the llama3 scaling by 7.4; an unapplied bias moves qwen2's by 1.1, an
+ * unpermuted q bias by 0.17 (all measured by breaking the code on purpose). Q and K: the same rule
+ * with their own scale.
  *
  * Registered only where python3 finds torch, transformers and safetensors (looked up without
  * importing them, so the check is cheap); otherwise said on stderr.
