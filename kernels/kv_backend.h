@@ -102,8 +102,9 @@ typedef struct kv_backend_ops {
      * layout) by the angle pos[t] * f, f = kv_rope_freq(rope, 2i, head_dim) (kernels/kv_rope.h: plain,
      * linear, llama3 or per-pair factors). pos (T) is backend memory; rope is a host struct read during
      * the call (not kept). The angle is computed in double (f in double, times pos[t]), its cos and
-     * sin rounded to float, then a*c - b*s and a*s + b*c in float with each product rounded (no fused
-     * multiply-add). head_dim even and at most 2 * KV_ROPE_MAX_PAIRS. */
+     * sin rounded to float, then a*c - b*s and a*s + b*c in float (the CUDA kernel rounds each product;
+     * the CPU build, gcc -O3 -march=native, fuses them into multiply-adds where it vectorises: the last
+     * bit may differ between backends). head_dim even and at most 2 * KV_ROPE_MAX_PAIRS. */
     int (*rope)(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
                 const kv_rope_t *rope);
     /* h (n) = silu(h) * g */

@@ -10,8 +10,10 @@
  *            y = (x * r) * w in float;
  *   rope     frequency kv_rope_freq (kernels/kv_rope.h, the CPU's own code, compiled for the device)
  *            and angle pos * freq in double, (float)cos and (float)sin, then a*c - b*s and
- *            a*s + b*c with separately rounded products (no fused multiply-add), as the CPU build
- *            computes them, so equal angles give equal bits;
+ *            a*s + b*c with separately rounded products (no fused multiply-add). The CPU build
+ *            (gcc -O3 -march=native) does fuse them where it vectorises the loop (vfmaddsub in
+ *            cpu_rope: measured), so equal angles give outputs within 1 ulp, not always equal bits;
+ *            the CPU is kept as it is because its captures must not change;
  *   swiglu   v / (1 + expf(-v)) * g in float (CUDA's expf is within 2 ulp of the C library's);
  *   add, add_bias   x + y (exact).
  * Pointers are device pointers; rope's positions are in device memory too (backend memory, as the
