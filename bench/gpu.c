@@ -411,7 +411,7 @@ static void free_case(kv_backend_t *be, arg_t *a)
 
 static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const ceil_t *cl)
 {
-    printf("\nper op, Llama-3-8B shapes at %d tokens (CUDA: median of %d after %d warm-up calls; CPU: one call%s)\n",
+    printf("\nper op, Llama-3.1-8B shapes at %d tokens (CUDA: median of %d after %d warm-up calls; CPU: one call%s)\n",
            o->op_tokens, o->reps, o->warmup, o->no_cpu ? ", skipped" : "");
     printf("  %-14s %-52s %10s %10s %8s  %s\n", "op", "shape", "cuda ms", "cpu ms", "speed-up", "rate");
     for (int k = 0;; k++) {
