@@ -125,12 +125,12 @@ int kv_model_config_check(kv_model_config_t *c, const char *path)
     } else if (c->rope.type == KV_ROPE_FACTORS) {
         for (int i = 0; i < c->head_dim / 2; i++)
             if (!(c->rope.factors[i] > 0) || !isfinite(c->rope.factors[i]))
-                return kv_error(KV_EFORMAT, "%s: RoPE frequency factor %d is %g (must be positive and finite)", path,
-                                i, (double)c->rope.factors[i]);
+                return kv_error(KV_EFORMAT, "%s: RoPE frequency factor %d is %g (must be positive and finite)", path, i,
+                                (double)c->rope.factors[i]);
     } else if (c->rope.type != KV_ROPE_DEFAULT &&
-               !(c->rope.factor > 0 && (c->rope.type != KV_ROPE_LLAMA3 ||
-                                        (c->rope.original_max_pos > 0 && c->rope.low_freq_factor > 0 &&
-                                         c->rope.high_freq_factor > c->rope.low_freq_factor)))) {
+               !(c->rope.factor > 0 &&
+                 (c->rope.type != KV_ROPE_LLAMA3 || (c->rope.original_max_pos > 0 && c->rope.low_freq_factor > 0 &&
+                                                     c->rope.high_freq_factor > c->rope.low_freq_factor)))) {
         return kv_error(KV_EFORMAT,
                         "%s: impossible RoPE scaling: factor %g, low_freq_factor %g, high_freq_factor %g, "
                         "original_max_position_embeddings %g",
@@ -155,7 +155,7 @@ static int cmp_count(const void *a, const void *b)
 
 void kv_model_set_dtypes(kv_model_t *m, const char *const *names, const int *counts, int n)
 {
-    dtype_count_t d[32];
+    dtype_count_t d[32] = {{NULL, 0}};
     int k = 0;
     for (int i = 0; i < n && k < 32; i++)
         if (counts[i] > 0)
