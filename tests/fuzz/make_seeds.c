@@ -1,12 +1,15 @@
 /*
  * make_seeds.c: seed corpora for the harnesses of tests/fuzz/, written into DIR/{model,tokenizer,
- * trace,trace_file}/ (make fuzz runs it). Small valid inputs of every kind the harnesses take:
- * checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
+ * trace,trace_file,hf,gguf}/ (make fuzz runs it). Small valid inputs of every kind the harnesses
+ * take: checkpoints of versions 0, 1 and 2 (both Q8_0 arrangements, shared and separate classifier,
  * GQA), the tests' tokenizer and the real tok512.bin when ../shared has it, small traces (f32 and
- * f16) and a few change programs for fuzz_trace.
+ * f16), a few change programs for fuzz_trace, and GGUF files (tests/gguf_fixture.h): llama models
+ * in F32, F16 and Q8_0, a qwen2 model with biases and head_dim != dim / heads, one file of every
+ * metadata type.
  */
 #include "sim/common/kv_common.h"
 #include "tests/capture_fixtures.h"
+#include "tests/gguf_fixture.h"
 #include "tests/kv_test.h"
 #include "traces/kv_trace.h"
 
@@ -69,6 +72,98 @@ static unsigned char *interleave(const unsigned char *g, size_t len, const fx_mo
         w += 4 * (n[i] / (size_t)gs), s += 4 * (n[i] / (size_t)gs);
     }
     return o;
+}
+
+/* GGUF seeds: small models (well under the 64 KiB -max_len) and a metadata-only file. */
+static void put_gguf_seeds(const char *dir)
+{
+    static float bias[2 * 64];
+    for (int i = 0; i < 2 * 64; i++)
+        bias[i] = 0.01f * (float)(i % 7) - 0.03f;
+    const struct {
+        const char *name, *arch;
+        int dim, hidden, heads, kv_heads, head_dim, vocab, type, shared, neox, bias;
+    } s[] = {
+        {"llama-f32-tiny", "llama", 8, 16, 2, 1, 0, 16, KV_GGML_F32, 1, 0, 0},
+        {"llama-f16-lmhead", "llama", 8, 16, 2, 1, 0, 16, KV_GGML_F16, 0, 0, 0},
+        {"llama-q8_0", "llama", 32, 64, 4, 2, 0, 16, KV_GGML_Q8_0, 1, 0, 0},
+        {"qwen2-bias-headdim", "qwen2", 8, 16, 2, 1, 8, 16, KV_GGML_F32, 1, 1, 1},
+    };
+    for (size_t i = 0; i < sizeof s / sizeof s[0]; i++) {
+        fx_model_t x;
+        fx_model_init(&x, s[i].dim, s[i].hidden, 1, s[i].heads, s[i].kv_heads, s[i].vocab, 8, s[i].shared, 11 + i);
+        const int hd = s[i].head_dim ? s[i].head_dim : s[i].dim / s[i].heads;
+        const size_t D = (size_t)s[i].dim, Q = (size_t)(s[i].heads * hd), KV = (size_t)(s[i].kv_heads * hd);
+        /* head_dim != dim / heads: wq, wk, wv, wo of the new shapes (any values will do) */
+        float *w = calloc(2 * Q * D + 2 * KV * D, sizeof(float));
+        for (size_t k = 0; k < 2 * Q * D + 2 * KV * D; k++)
+            w[k] = 0.02f * (float)((k * 7919) % 101) - 1.0f;
+        gf_model_t g = {s[i].arch,
+                        s[i].dim,
+                        s[i].hidden,
+                        1,
+                        s[i].heads,
+                        s[i].kv_heads,
+                        s[i].vocab,
+                        8,
+                        s[i].head_dim,
+                        s[i].shared,
+                        10000.0f,
+                        1e-5f,
+                        x.emb,
+                        x.rms_att,
+                        s[i].head_dim ? w : x.wq,
+                        s[i].head_dim ? w + Q * D : x.wk,
+                        s[i].head_dim ? w + Q * D + KV * D : x.wv,
+                        s[i].head_dim ? w + Q * D + 2 * KV * D : x.wo,
+                        x.rms_ffn,
+                        x.w1,
+                        x.w2,
+                        x.w3,
+                        x.rms_final,
+                        x.wcls,
+                        s[i].bias ? bias : NULL,
+                        s[i].bias ? bias + 64 : NULL,
+                        s[i].bias ? bias + 32 : NULL,
+                        s[i].type,
+                        s[i].neox,
+                        1};
+        gf_writer_t wr;
+        gf_init(&wr, i == 1 ? 2 : 3);
+        gf_add_model(&wr, &g, NULL);
+        size_t n;
+        unsigned char *b = gf_finish(&wr, &n);
+        put(dir, "gguf", s[i].name, b, n);
+        free(b);
+        gf_free(&wr);
+        free(w);
+        fx_model_free(&x);
+    }
+    gf_writer_t wr;
+    gf_init(&wr, 3);
+    gf_align(&wr, 64);
+    gf_kv_scalar(&wr, "u8", KV_GGUF_UINT8, 7, 1);
+    gf_kv_scalar(&wr, "i16", KV_GGUF_INT16, 0xfff0, 2);
+    gf_kv_scalar(&wr, "u64", KV_GGUF_UINT64, ~0ull, 8);
+    gf_kv_scalar(&wr, "f64", KV_GGUF_FLOAT64, 0x3ff0000000000000ull, 8);
+    gf_kv_scalar(&wr, "bool", KV_GGUF_BOOL, 1, 1);
+    gf_kv_f32(&wr, "f32", 0.5f);
+    gf_kv_str(&wr, "str", "x");
+    const char *strs[3] = {"a", "", "bc"};
+    gf_kv_arr_str(&wr, "tokenizer.ggml.tokens", strs, 3);
+    const uint64_t iv[3] = {1, 2, 3};
+    gf_kv_arr(&wr, "ints", KV_GGUF_INT32, iv, 3, 4);
+    const float q[32] = {1, -2, 3};
+    size_t nb;
+    unsigned char *qb = gf_encode(q, 32, KV_GGML_Q8_0, &nb, NULL);
+    const uint64_t ne[2] = {32, 1};
+    gf_tensor(&wr, "q8", KV_GGML_Q8_0, 2, ne, qb, nb);
+    free(qb);
+    size_t n;
+    unsigned char *b = gf_finish(&wr, &n);
+    put(dir, "gguf", "metadata", b, n);
+    free(b);
+    gf_free(&wr);
 }
 
 int main(int argc, char **argv)
@@ -179,5 +274,6 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "prog-%zu", i);
         put(dir, "trace", name, progs[i], sizeof progs[i]);
     }
+    put_gguf_seeds(dir);
     return 0;
 }

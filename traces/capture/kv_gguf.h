@@ -76,6 +76,9 @@ int kv_gguf_open(const char *path, kv_gguf_t **out);
 void kv_gguf_close(kv_gguf_t *g); /* accepts NULL */
 const char *kv_gguf_path(const kv_gguf_t *g);
 int kv_gguf_version(const kv_gguf_t *g);
+/* The mapped file (read-only, *len bytes): every string and tensor the getters return lies inside
+ * it (the fuzz harness checks that). */
+const unsigned char *kv_gguf_mapping(const kv_gguf_t *g, size_t *len);
 
 /* ---- metadata ----
  * Getters return KV_OK, KV_EUNAVAIL when the key is absent (no message recorded, so callers can
@@ -104,7 +107,9 @@ const kv_gguf_tensor_t *kv_gguf_tensor(const kv_gguf_t *g, int i);
 const kv_gguf_tensor_t *kv_gguf_find_tensor(const kv_gguf_t *g, const char *name); /* NULL when absent */
 
 /* "Q4_K", "F16", ... for every type ggml defines (NULL for an unknown number); whether kvsim can
- * dequantise it; elements per block and bytes per block (0 for types it cannot). */
+ * dequantise it; elements per block and bytes per block: known for every type whose layout ggml
+ * defines, dequantised by kvsim or not (the directory of a file holding Q2_K tensors is validated
+ * with them); 0 and KV_EUNAVAIL for unknown numbers and layouts ggml removed (Q4_0_4_4, ...). */
 const char *kv_gguf_type_name(int type);
 int kv_gguf_type_supported(int type);
 int kv_gguf_type_block(int type, int *block_elems, int *block_bytes);

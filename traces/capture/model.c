@@ -27,6 +27,7 @@
 #define MAX_SEQ (1 << 24)
 
 static const kv_model_format_t *const formats[] = {
+    &kv_model_format_gguf,
     &kv_model_format_hf,
     &kv_model_format_llama2c,
 };
