@@ -196,7 +196,7 @@ $(BUILD)/gpu_parity_emu: tests/gpu_parity.c $(EMU_OBJ) $(LIBKV)
 	$(Q)$(CC) $(ALL_CFLAGS) -DKV_PARITY_EMU $< $(EMU_OBJ) $(LIBKV) $(LIBS) -lstdc++ -o $@
 # The kernel ops run again under the two most skewed thread orders (tests/cuda_emu/README.md): a
 # missing __syncthreads or __syncwarp changes their results there, not under the default round robin.
-EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,attention,attn_stats,attn_probs,attn_colstats
+EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,add_bias,attention,attn_stats,attn_probs,attn_colstats
 test-cuda-emu: $(BUILD)/gpu_parity_emu
 	$(Q)$(BUILD)/gpu_parity_emu --emulated
 	$(Q)for s in lo hi; do KVEMU_SCHED=$$s $(BUILD)/gpu_parity_emu --emulated --only $(EMU_KERNEL_OPS) --max-work 1e7 \

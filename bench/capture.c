@@ -243,9 +243,12 @@ static void bound_report(const kv_model_t *m, int n_prompt, int n_decode, int po
     const double P = KV_MIN(pool, (int)T);
     const double model = (double)m->map_len + (m->owned ? 4.0 * (double)m->n_params : 0);
     const double cache = 2 * L * T * c->kv_dim * f;
-    const double layer = 2 * n_prompt * (double)c->dim * f + 2 * n_prompt * H * f;
-    const double act = n_prompt * (4.0 * c->dim + 2.0 * c->hidden_dim + H) * f + 64.0 * c->vocab_size * f;
-    const double dec = L * n_decode * c->dim * f;
+    /* staging of Q rows (q_dim = n_heads * head_dim wide, which is dim except with an explicit
+     * head_dim); activations x, xb (dim) and q, att (q_dim) */
+    const double layer = 2 * n_prompt * (double)c->q_dim * f + 2 * n_prompt * H * f;
+    const double act =
+        n_prompt * (2.0 * c->dim + 2.0 * c->q_dim + 2.0 * c->hidden_dim + H) * f + 64.0 * c->vocab_size * f;
+    const double dec = L * n_decode * c->q_dim * f;
     const double summ = L * H * (3 * T + P * P) * f;
     char a[32], b[32], d[32], e[32], g[32], h[32], i[32], j[32];
     printf("    peak RSS %s (process before the capture %s, capture's own %s)\n", mib((double)r->peak_rss, a, 32),

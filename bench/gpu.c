@@ -4,11 +4,12 @@
  * 1. The device and its ceilings: datasheet peaks looked up by name (printed with the figure used)
  *    and the two ceilings measured here (METHOD.md): a device-to-device copy (bytes read + written
  *    per second) and dense n^3 cuBLAS products in fp32 and bf16.
- * 2. Every backend op on Llama-3-8B shapes (model dim 4096, 32 query heads, 8 KV heads, head_dim
- *    128, FFN 14336, RoPE theta 500000) at --op-tokens tokens: the CUDA median of --reps timed calls
- *    (CUDA events on the backend's stream, after --warmup (2) untimed calls) and one CPU call (wall clock), the
- *    speed-up, and
- *      - for memory-bound ops (rmsnorm, rope, swiglu, add, decode attention, decode matmul) the
+ * 2. Every backend op on Llama-3.1-8B shapes (model dim 4096, 32 query heads, 8 KV heads, head_dim
+ *    128, FFN 14336, RoPE theta 500000 with the llama3 scaling: factor 8, low/high frequency factors
+ *    1 and 4, original context 8192; add_bias on a Qwen2-style q projection) at --op-tokens tokens: the CUDA median of
+ * --reps timed calls (CUDA events on the backend's stream, after --warmup (2) untimed calls) and one CPU call (wall
+ * clock), the speed-up, and
+ *      - for memory-bound ops (rmsnorm, rope, swiglu, add, add_bias, decode attention, decode matmul) the
  *        bandwidth: the fewest bytes the op must move (each input read once, each output written
  *        once) over the time, as a fraction of the datasheet HBM bandwidth and of the measured copy;
  *      - for the attention family the arithmetic rate: QK^T and PV count 2 flops per multiply-add,
@@ -42,9 +43,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Llama-3-8B */
+/* Llama-3.1-8B */
 enum { DIM = 4096, NH = 32, NKV = 8, HD = 128, FFN = 14336 };
-#define THETA 500000.0f
+
+/* Its RoPE: theta 500000, llama3 scaling (config.json's rope_scaling / rope_parameters) */
+static kv_rope_t llama31_rope(void)
+{
+    kv_rope_t r = kv_rope_plain(500000.0);
+    r.type = KV_ROPE_LLAMA3;
+    r.factor = 8.0;
+    r.low_freq_factor = 1.0;
+    r.high_freq_factor = 4.0;
+    r.original_max_pos = 8192.0;
+    return r;
+}
 
 typedef struct {
     const char *tokens; /* replay prompt lengths */
@@ -161,7 +173,13 @@ static int f_rmsnorm(kv_backend_t *be, void *p)
 static int f_rope(kv_backend_t *be, void *p)
 {
     arg_t *a = p;
-    return be->ops->rope(be, a->a, a->pos, a->T, NH, HD, THETA);
+    const kv_rope_t r = llama31_rope();
+    return be->ops->rope(be, a->a, a->pos, a->T, NH, HD, &r);
+}
+static int f_add_bias(kv_backend_t *be, void *p)
+{
+    arg_t *a = p;
+    return be->ops->add_bias(be, a->a, a->b, a->T, NH * HD);
 }
 static int f_swiglu(kv_backend_t *be, void *p)
 {
@@ -232,7 +250,7 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         return 1;
     case 1: {
         oc->name = "rope";
-        snprintf(oc->shape, sizeof oc->shape, "T=%d H=%d d=%d", T, NH, HD);
+        snprintf(oc->shape, sizeof oc->shape, "T=%d H=%d d=%d llama3", T, NH, HD);
         oc->fn = f_rope;
         oc->metric = M_BYTES;
         oc->work = 2.0 * T * NH * HD * 4 + T * 4.0;
@@ -369,6 +387,16 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         }
         return 1;
     }
+    case 14:
+        oc->name = "add_bias";
+        snprintf(oc->shape, sizeof oc->shape, "rows=%d cols=%d", T, NH * HD);
+        oc->fn = f_add_bias;
+        oc->metric = M_BYTES;
+        oc->work = (2.0 * T * NH * HD + NH * HD) * 4;
+        a->T = T;
+        a->a = be_random(be, (size_t)T * NH * HD, 33, 1.0);
+        a->b = be_random(be, (size_t)NH * HD, 34, 1.0);
+        return 1;
     default: return 0;
     }
 }
@@ -383,7 +411,7 @@ static void free_case(kv_backend_t *be, arg_t *a)
 
 static void run_ops(kv_backend_t *cpu, kv_backend_t *gpu, const opts_t *o, const ceil_t *cl)
 {
-    printf("\nper op, Llama-3-8B shapes at %d tokens (CUDA: median of %d after %d warm-up calls; CPU: one call%s)\n",
+    printf("\nper op, Llama-3.1-8B shapes at %d tokens (CUDA: median of %d after %d warm-up calls; CPU: one call%s)\n",
            o->op_tokens, o->reps, o->warmup, o->no_cpu ? ", skipped" : "");
     printf("  %-14s %-52s %10s %10s %8s  %s\n", "op", "shape", "cuda ms", "cpu ms", "speed-up", "rate");
     for (int k = 0;; k++) {

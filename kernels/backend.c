@@ -79,6 +79,7 @@ const char *kv_backend_missing_op(const kv_backend_t *be)
         {(const void *)o->rope, "rope"},
         {(const void *)o->swiglu, "swiglu"},
         {(const void *)o->add, "add"},
+        {(const void *)o->add_bias, "add_bias"},
         {(const void *)o->attention, "attention"},
         {(const void *)o->attn_stats, "attn_stats"},
         {(const void *)o->attn_probs, "attn_probs"},

@@ -19,6 +19,8 @@
 #ifndef KV_BACKEND_H
 #define KV_BACKEND_H
 
+#include "kernels/kv_rope.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -96,13 +98,22 @@ typedef struct kv_backend_ops {
     int (*matmul)(kv_backend_t *be, float *y, const float *x, const float *w, int M, int N, int K);
     /* y (T, dim) = x / sqrt(mean(x^2) + eps) * w (dim) */
     int (*rmsnorm)(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps);
-    /* in place on x (T, n_heads, head_dim): rotate pairs (2i, 2i+1) of each head by
-     * pos[t] * theta^(-2i/head_dim) (llama2.c / Meta layout) */
-    int (*rope)(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta);
+    /* in place on x (T, n_heads, head_dim): rotate the pair (2i, 2i+1) of each head (llama2.c / Meta
+     * layout) by the angle pos[t] * f, f = kv_rope_freq(rope, 2i, head_dim) (kernels/kv_rope.h: plain,
+     * linear, llama3 or per-pair factors). pos (T) is backend memory; rope is a host struct read during
+     * the call (not kept). The angle is computed in double (f in double, times pos[t]), its cos and
+     * sin rounded to float, then a*c - b*s and a*s + b*c in float (the CUDA kernel rounds each product;
+     * the CPU build, gcc -O3 -march=native, fuses them into multiply-adds where it vectorises: the last
+     * bit may differ between backends). head_dim even and at most 2 * KV_ROPE_MAX_PAIRS. */
+    int (*rope)(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
+                const kv_rope_t *rope);
     /* h (n) = silu(h) * g */
     int (*swiglu)(kv_backend_t *be, float *h, const float *g, size_t n);
     /* x (n) += y */
     int (*add)(kv_backend_t *be, float *x, const float *y, size_t n);
+    /* y (rows, cols) += b (cols) broadcast over the rows (the q/k/v biases of Qwen2): one float
+     * addition per element, so every backend gives the same bits */
+    int (*add_bias)(kv_backend_t *be, float *y, const float *b, int rows, int cols);
     int (*attention)(kv_backend_t *be, const kv_attn_args_t *a);
     int (*attn_stats)(kv_backend_t *be, const kv_attn_stats_args_t *a);
 

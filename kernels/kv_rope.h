@@ -22,6 +22,8 @@
 #define KV_ROPE_H
 
 #include <math.h>
+#include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -38,12 +40,12 @@ typedef enum { KV_ROPE_DEFAULT = 0, KV_ROPE_LINEAR = 1, KV_ROPE_LLAMA3 = 2, KV_R
 #define KV_ROPE_MAX_PAIRS 256 /* head_dim <= 512 */
 
 typedef struct {
-    double theta;            /* base (rope_theta), > 0 */
-    int type;                /* kv_rope_type_t */
-    double factor;           /* linear, llama3: > 0 (1 when unused) */
-    double low_freq_factor;  /* llama3 */
-    double high_freq_factor; /* llama3, > low_freq_factor */
-    double original_max_pos; /* llama3: original_max_position_embeddings */
+    double theta;                     /* base (rope_theta), > 0 */
+    int type;                         /* kv_rope_type_t */
+    double factor;                    /* linear, llama3: > 0 (1 when unused) */
+    double low_freq_factor;           /* llama3 */
+    double high_freq_factor;          /* llama3, > low_freq_factor */
+    double original_max_pos;          /* llama3: original_max_position_embeddings */
     float factors[KV_ROPE_MAX_PAIRS]; /* factors: divisor of pair i's frequency, > 0 */
 } kv_rope_t;
 
@@ -81,6 +83,24 @@ KV_ROPE_FN double kv_rope_freq(const kv_rope_t *r, int i, int head_dim)
         }
     }
     return f;
+}
+
+/* "llama3 (theta 500000, factor 8, low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings
+ * 8192)" and the like into buf (host code: messages and provenance). */
+static inline const char *kv_rope_describe(const kv_rope_t *r, char *buf, size_t len)
+{
+    if (r->type == KV_ROPE_LINEAR)
+        snprintf(buf, len, "linear (theta %.9g, factor %.9g)", r->theta, r->factor);
+    else if (r->type == KV_ROPE_LLAMA3)
+        snprintf(buf, len,
+                 "llama3 (theta %.9g, factor %.9g, low_freq_factor %.9g, high_freq_factor %.9g, "
+                 "original_max_position_embeddings %.9g)",
+                 r->theta, r->factor, r->low_freq_factor, r->high_freq_factor, r->original_max_pos);
+    else if (r->type == KV_ROPE_FACTORS)
+        snprintf(buf, len, "per-pair factors (theta %.9g)", r->theta);
+    else
+        snprintf(buf, len, "default (theta %.9g)", r->theta);
+    return buf;
 }
 
 #ifdef __cplusplus

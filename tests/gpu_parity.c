@@ -10,13 +10,14 @@
  * both backends: result rows must agree within tolerance, and the kept sets of every
  * (policy, budget, layer, evaluation query) are compared as sets; differences can only come from
  * near-ties in backend-computed scores, they are counted and fail the run above a small number.
- * Then capture (when traces/capture/kv_forward.h is in the tree and the stories260K model is found):
- * logits and per-layer Q, K, V, lse of a forward pass (prefill and decode steps) on both backends.
+ * Then capture (when traces/capture/kv_forward.h is in the tree): logits and per-layer Q, K, V, lse of a
+ * forward pass (prefill and decode steps) on both backends, of the stories260K model (when found) and
+ * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE.
  *
  * Without a usable CUDA device it prints `CUDA unavailable: <why>` and exits 0 having run nothing.
  * Exit status 1 when any comparison fails. Options:
- *   --only a,b        run only these ops (matmul, rmsnorm, rope, swiglu, add, attention, attn_stats,
- *                     attn_probs, attn_colstats, replay, capture)
+ *   --only a,b        run only these ops (matmul, rmsnorm, rope, swiglu, add, add_bias, attention,
+ *                     attn_stats, attn_probs, attn_colstats, replay, capture)
  *   --seed N          random data seed (default 1)
  *   --verbose         print every case, not only failures and the summary table
  *   --cpu-vs-cpu      compare the CPU backend with a second, single-threaded CPU backend instead of
@@ -82,13 +83,16 @@ static const tol_t TOL_MM_FP16 = {5e-3, 0, 1e-5, 1};
 /* rmsnorm: double sum of squares and double 1/sqrt on both sides, then the same two float products:
  * equal bits except when the differently ordered double sums round to different floats (1 ulp). */
 static const tol_t TOL_RMSNORM = {0, 3e-7, 0, 0};
-/* rope: the same double angles, cos and sin rounded to float, and the same unfused float products:
- * equal bits unless the device's double cos/sin (within 2 ulp in double) round to a different float
- * (1 ulp of c or s, so ~1e-7 of |a| + |b|; near-cancelling outputs get an absolute allowance). */
+/* rope: the same double frequencies (kv_rope_freq, one source for both) and angles, cos and sin rounded
+ * to float; the device rounds each product of a*c - b*s, the CPU build fuses them where it vectorises
+ * (1 ulp of the result: the 2.4e-7 seen in emulation), and the device's double pow/cos/sin (within
+ * 2 ulp in double) may round to a different float (1 ulp of c or s): ~1e-7 of |a| + |b|, and
+ * near-cancelling outputs get an absolute allowance. The llama3, linear and per-pair-factor
+ * frequencies are a few more double operations on the same pow: the same allowance holds. */
 static const tol_t TOL_ROPE = {1e-6, 1e-6, 0, 1};
 /* swiglu: CUDA's expf is within 2 ulp of the C library's; one division and one product more. */
 static const tol_t TOL_SWIGLU = {1e-7, 1e-6, 0, 0};
-/* add: one correctly rounded float addition on both sides: exact. */
+/* add, add_bias: one correctly rounded float addition on both sides: exact. */
 static const tol_t TOL_ADD = {0, 0, 0, 0};
 /* attention output: scores are float dot products over head_dim in different orders (~1e-7 relative
  * each), softmax sums in double (CPU) vs float per lane plus a butterfly (GPU) over up to a few
@@ -383,10 +387,11 @@ static void case_rmsnorm(ctx_t *c, int T, int dim)
     kv_free_aligned(g2);
 }
 
-static void case_rope(ctx_t *c, int T, int H, int d, float theta, int pos0, int random_pos)
+static void case_rope(ctx_t *c, int T, int H, int d, const kv_rope_t *rope, int pos0, int random_pos)
 {
-    char shape[128];
-    snprintf(shape, sizeof shape, "T=%d H=%d d=%d theta=%g pos%s%d", T, H, d, theta, random_pos ? "<" : "0=", pos0);
+    char shape[200], rd[200];
+    snprintf(shape, sizeof shape, "T=%d H=%d d=%d pos%s%d %s", T, H, d, random_pos ? "<" : "0=", pos0,
+             kv_rope_describe(rope, rd, sizeof rd));
     size_t n = (size_t)T * H * d;
     if (too_big(c, (double)n))
         return;
@@ -396,21 +401,26 @@ static void case_rope(ctx_t *c, int T, int H, int d, float theta, int pos0, int 
     for (int t = 0; t < T; t++)
         pos[t] = random_pos ? (int32_t)kv_rng_below(&c->rng, (uint64_t)pos0) : pos0 + t;
     memcpy(y, x, sizeof(float) * n);
-    c->ref->ops->rope(c->ref, y, pos, T, H, d, theta);
+    c->ref->ops->rope(c->ref, y, pos, T, H, d, rope);
     float *dx = dnew(c, x, n);
     int32_t *dpos = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)T);
     if (!dpos || c->dev->ops->upload(c->dev, dpos, pos, sizeof(int32_t) * (size_t)T)) {
         fprintf(stderr, "gpu_parity: positions upload failed: %s\n", kv_last_error());
         exit(2);
     }
-    if (!op_error(c, "rope", shape, c->dev->ops->rope(c->dev, dx, dpos, T, H, d, theta))) {
+    /* the op reads the struct during the call only: a copy that is spoiled right after the call must
+     * not change what the device computed */
+    kv_rope_t tmp = *rope;
+    int rc = c->dev->ops->rope(c->dev, dx, dpos, T, H, d, &tmp);
+    memset(&tmp, 0xff, sizeof tmp);
+    if (!op_error(c, "rope", shape, rc)) {
         dget(c, g, dx, n);
         cmp_t r;
         int dims[3] = {T, H, d};
         int ok = compare("x", g, y, n, dims, &TOL_ROPE, &r);
         /* determinism: rotate the original again and expect the same bits */
         c->dev->ops->upload(c->dev, dx, x, sizeof(float) * n);
-        c->dev->ops->rope(c->dev, dx, dpos, T, H, d, theta);
+        c->dev->ops->rope(c->dev, dx, dpos, T, H, d, rope);
         dget(c, y, dx, n);
         ok &= same_bits("x", g, y, n);
         verdict(c, "rope", shape, ok, r.max_abs, r.nmse);
@@ -421,6 +431,41 @@ static void case_rope(ctx_t *c, int T, int H, int d, float theta, int pos0, int 
     kv_free_aligned(x);
     kv_free_aligned(y);
     kv_free_aligned(g);
+}
+
+/* add_bias on a view `off` floats into its buffer (misaligned for off % 4): exact on both sides, and
+ * the elements before the view untouched. */
+static void case_add_bias(ctx_t *c, int rows, int cols, int off)
+{
+    char shape[128];
+    snprintf(shape, sizeof shape, "rows=%d cols=%d offset=%d", rows, cols, off);
+    const size_t n = (size_t)rows * cols + (size_t)off;
+    if (too_big(c, (double)n))
+        return;
+    float *y = hnew(n), *b = hnew((size_t)cols), *ref = hnew(n), *got = hnew(n), *got2 = hnew(n);
+    fill_normal(c, y, n, 2.0);
+    fill_normal(c, b, (size_t)cols, 1.0);
+    memcpy(ref, y, sizeof(float) * n);
+    c->ref->ops->add_bias(c->ref, ref + off, b, rows, cols);
+    float *dy = dnew(c, y, n), *db = dnew(c, b, (size_t)cols);
+    if (!op_error(c, "add_bias", shape, c->dev->ops->add_bias(c->dev, dy + off, db, rows, cols))) {
+        dget(c, got, dy, n);
+        c->dev->ops->upload(c->dev, dy, y, sizeof(float) * n);
+        c->dev->ops->add_bias(c->dev, dy + off, db, rows, cols);
+        dget(c, got2, dy, n);
+        cmp_t r;
+        int dims[3] = {0, 0, 0};
+        int ok = compare("y", got, ref, n, dims, &TOL_ADD, &r);
+        ok &= same_bits("y", got, got2, n);
+        verdict(c, "add_bias", shape, ok, r.max_abs, r.nmse);
+    }
+    dfree(c, dy);
+    dfree(c, db);
+    kv_free_aligned(y);
+    kv_free_aligned(b);
+    kv_free_aligned(ref);
+    kv_free_aligned(got);
+    kv_free_aligned(got2);
 }
 
 /* swiglu and add on views that start `off` floats into their buffers (misaligned for off % 4). */
@@ -764,12 +809,43 @@ static void run_ops(ctx_t *c)
             case_rmsnorm(c, rn[i][0], rn[i][1]);
     }
     if (want(c, "rope")) {
-        case_rope(c, 1, 1, 2, 10000.f, 0, 0);
-        case_rope(c, 7, 3, 8, 10000.f, 0, 0);
-        case_rope(c, 33, 8, 64, 10000.f, 5, 0);
-        case_rope(c, 1, 32, 128, 500000.f, 8191, 0);
-        case_rope(c, 17, 32, 128, 500000.f, 131072, 1);
-        case_rope(c, 9, 4, 256, 10000.f, 40000, 1);
+        const kv_rope_t r1e4 = kv_rope_plain(10000.0), r5e5 = kv_rope_plain(500000.0);
+        case_rope(c, 1, 1, 2, &r1e4, 0, 0);
+        case_rope(c, 7, 3, 8, &r1e4, 0, 0);
+        case_rope(c, 33, 8, 64, &r1e4, 5, 0);
+        case_rope(c, 1, 32, 128, &r5e5, 8191, 0);
+        case_rope(c, 17, 32, 128, &r5e5, 131072, 1);
+        case_rope(c, 9, 4, 256, &r1e4, 40000, 1);
+        /* Llama 3.1 8B (transformers' llama3 scaling: factor 8, low 1, high 4, original context 8192):
+         * pairs in all three bands (untouched, interpolated, divided) at long positions */
+        kv_rope_t l31 = kv_rope_plain(500000.0);
+        l31.type = KV_ROPE_LLAMA3, l31.factor = 8, l31.low_freq_factor = 1, l31.high_freq_factor = 4;
+        l31.original_max_pos = 8192;
+        case_rope(c, 17, 32, 128, &l31, 131072, 1);
+        case_rope(c, 1, 8, 128, &l31, 100000, 0);
+        /* Llama 3.2 1B (factor 32, head_dim 64) */
+        kv_rope_t l32 = l31;
+        l32.factor = 32;
+        case_rope(c, 33, 8, 64, &l32, 5, 0);
+        /* linear (position interpolation, factor 4) */
+        kv_rope_t lin = kv_rope_plain(10000.0);
+        lin.type = KV_ROPE_LINEAR, lin.factor = 4;
+        case_rope(c, 9, 4, 128, &lin, 40000, 1);
+        /* per-pair factors (GGUF's rope_freqs): 1 for high frequencies rising to 8, odd values between,
+         * and the largest head_dim the struct holds */
+        kv_rope_t fac = kv_rope_plain(500000.0);
+        fac.type = KV_ROPE_FACTORS;
+        for (int i = 0; i < KV_ROPE_MAX_PAIRS; i++)
+            fac.factors[i] = i < 20 ? 1.0f : i < 44 ? 1.0f + 7.0f * (float)(i - 20) / 24.0f + 0.013f * (float)i : 8.0f;
+        case_rope(c, 17, 8, 128, &fac, 131072, 1);
+        case_rope(c, 5, 2, 2 * KV_ROPE_MAX_PAIRS, &fac, 70000, 1);
+    }
+    if (want(c, "add_bias")) {
+        /* (rows, cols): one token of Qwen2.5-0.5B's q (14 x 64) and k (2 x 64), a prefill block, odd sizes */
+        const int ab[][2] = {{1, 1}, {7, 33}, {1, 896}, {37, 128}, {300, 896}, {64, 4096}};
+        for (size_t i = 0; i < KV_ARRAY_LEN(ab); i++)
+            for (int off = 0; off < 2; off++)
+                case_add_bias(c, ab[i][0], ab[i][1], off);
     }
     if (want(c, "swiglu") || want(c, "add")) {
         const size_t ns[] = {1, 3, 4, 1000, 4099, (1u << 20) + 3};
@@ -1143,23 +1219,10 @@ static const char *find_shared(const char *rel, char *buf, size_t len)
     return NULL;
 }
 
-static void run_capture(ctx_t *c)
+/* Logits and per-layer Q, K, V, lse of a forward pass of m (a prefill of up to 96 tokens, then 6
+ * decode steps) on both backends. */
+static void capture_parity(ctx_t *c, const kv_model_t *m, const char *label)
 {
-    if (!want(c, "capture"))
-        return;
-    char path[1024];
-    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
-        printf("  capture: NOT RUN: models/stories260K/stories260K.bin not found under $KVSIM_SHARED, ../shared, "
-               "shared or . (copy it beside the binary's working directory; see bench/README.md)\n");
-        c->not_run++;
-        return;
-    }
-    kv_model_t *m = NULL;
-    if (kv_model_load(path, &m) != KV_OK) {
-        printf("  capture: cannot load %s: %s\n", path, kv_last_error());
-        verdict(c, "capture", path, 0, NAN, NAN);
-        return;
-    }
     const kv_model_config_t *cf = &m->cfg;
     const int P = cf->seq_len < 96 ? cf->seq_len - 8 : 96, ND = 6, T = P + ND, V = cf->vocab_size;
     int32_t *tok = kv_malloc(sizeof(int32_t) * (size_t)T, "tokens");
@@ -1227,7 +1290,7 @@ static void run_capture(ctx_t *c)
         }
     }
     char shape[256];
-    snprintf(shape, sizeof shape, "stories260K prefill %d + %d decode, argmax differs at %d", P, ND, argmax_diff);
+    snprintf(shape, sizeof shape, "%s prefill %d + %d decode, argmax differs at %d", label, P, ND, argmax_diff);
     verdict(c, "capture", shape, ok, worst, worst_nmse);
     for (int s = 0; s < 2; s++) {
         kv_fwd_free(f[s]);
@@ -1238,9 +1301,75 @@ static void run_capture(ctx_t *c)
         kv_free_aligned(logits[s]);
     }
     kv_free(tok);
+}
+
+static void run_capture(ctx_t *c)
+{
+    if (!want(c, "capture"))
+        return;
+    char path[1024];
+    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
+        printf("  capture: NOT RUN: models/stories260K/stories260K.bin not found under $KVSIM_SHARED, ../shared, "
+               "shared or . (copy it beside the binary's working directory; see bench/README.md)\n");
+        c->not_run++;
+        return;
+    }
+    kv_model_t *m = NULL;
+    if (kv_model_load(path, &m) != KV_OK) {
+        printf("  capture: cannot load %s: %s\n", path, kv_last_error());
+        verdict(c, "capture", path, 0, NAN, NAN);
+        return;
+    }
+    capture_parity(c, m, "stories260K");
     kv_model_free(m);
 }
+
+/* A random model with what stories260K lacks: Qwen2's q/k/v biases, an explicit head_dim (q_dim 96 on a
+ * model width of 64), GQA 4/2, llama3 RoPE (theta 500000, factor 8, original context 64, so every band
+ * occurs among the 12 pairs), an untied classifier. Built in memory (no file). */
+static void run_capture_synth(ctx_t *c)
+{
+    if (!want(c, "capture"))
+        return;
+    kv_model_t m;
+    memset(&m, 0, sizeof m);
+    kv_model_config_t *cf = &m.cfg;
+    cf->dim = 64, cf->hidden_dim = 96, cf->n_layers = 2, cf->n_heads = 4, cf->n_kv_heads = 2, cf->head_dim = 24;
+    cf->vocab_size = 300, cf->seq_len = 256, cf->norm_eps = 1e-5f, cf->qkv_bias = 1, cf->version = -1;
+    cf->rope = kv_rope_plain(500000.0);
+    cf->rope.type = KV_ROPE_LLAMA3, cf->rope.factor = 8, cf->rope.low_freq_factor = 1, cf->rope.high_freq_factor = 4;
+    cf->rope.original_max_pos = 64;
+    cf->rope_theta = 500000.0f;
+    snprintf(m.path, sizeof m.path, "synthetic");
+    if (kv_model_config_check(cf, "synthetic") != KV_OK) {
+        printf("  capture: synthetic model: %s\n", kv_last_error());
+        verdict(c, "capture", "synthetic", 0, NAN, NAN);
+        return;
+    }
+    const size_t L = 2, D = 64, H = 96, V = 300, Q = (size_t)cf->q_dim, KV = (size_t)cf->kv_dim;
+    const size_t n[15] = {V * D,     L * D,     L * Q * D, L * KV * D, L * KV * D, L * D * Q, L * D, L * H * D,
+                          L * D * H, L * H * D, D,         V * D,      L * Q,      L * KV,    L * KV};
+    const float **dst[15] = {
+        &m.token_embedding, &m.rms_att, &m.wq, &m.wk, &m.wv, &m.wo, &m.rms_ffn, &m.w1, &m.w2, &m.w3,
+        &m.rms_final,       &m.wcls,    &m.bq, &m.bk, &m.bv};
+    float *buf[15];
+    for (int i = 0; i < 15; i++) {
+        buf[i] = hnew(n[i]);
+        const int norm = i == 1 || i == 6 || i == 10;
+        fill_normal(c, buf[i], n[i], norm ? 0.1 : i >= 12 ? 0.5 : 0.25);
+        for (size_t j = 0; norm && j < n[i]; j++)
+            buf[i][j] += 1.0f;
+        *dst[i] = buf[i];
+    }
+    capture_parity(c, &m, "synthetic qwen2+llama3+q_dim");
+    for (int i = 0; i < 15; i++)
+        kv_free_aligned(buf[i]);
+}
 #else
+static void run_capture_synth(ctx_t *c)
+{
+    (void)c;
+}
 static void run_capture(ctx_t *c)
 {
     if (!want(c, "capture"))
@@ -1341,6 +1470,7 @@ int main(int argc, char **argv)
     run_replay(&c);
     printf("capture:\n");
     run_capture(&c);
+    run_capture_synth(&c);
     printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
            c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
            c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"

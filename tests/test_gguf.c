@@ -633,7 +633,8 @@ START_TEST(qwen2_rows_and_biases_reordered)
                     rope_neox(ref + h * d, d, pos, 10000.0);
                 affine(got, mw, mb, x, rows, D);
                 const int32_t p = pos;
-                ck_assert_int_eq(be->ops->rope(be, got, &p, 1, nh, d, 10000.0f), KV_OK);
+                const kv_rope_t rope = kv_rope_plain(10000.0);
+                ck_assert_int_eq(be->ops->rope(be, got, &p, 1, nh, d, &rope), KV_OK);
                 for (int h = 0; h < nh; h++)
                     for (int i = 0; i < d / 2; i++)
                         for (int j = 0; j < 2; j++)

@@ -293,7 +293,8 @@ START_TEST(permutation_turns_interleaved_into_rotate_half)
     }
     kv_backend_t *be;
     ck_assert_int_eq(kv_backend_open("cpu", 1, &be), KV_OK);
-    ck_assert_int_eq(be->ops->rope(be, q, pos, T, n_heads, d, 10000.0f), KV_OK);
+    const kv_rope_t rope = kv_rope_plain(10000.0);
+    ck_assert_int_eq(be->ops->rope(be, q, pos, T, n_heads, d, &rope), KV_OK);
     kv_backend_close(be);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < n_heads; h++) {
@@ -571,12 +572,18 @@ START_TEST(broken_inputs_are_errors)
          "has shape [24, 16], config.json implies [32, 16]"},
         {{W_F32, 1, 0, C_NONE, NULL, ", \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}", 0},
          "config.json",
-         "rope_scaling of type llama3 is not supported"},
+         "\"rope_scaling\" of rope_type llama3 has no \"low_freq_factor\""},
+        {{W_F32, 1, 0, C_NONE, NULL, ", \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 8.0}", 0},
+         "config.json",
+         "RoPE type yarn is not implemented"},
         {{W_F32, 1, 0, C_NONE, "GPT2LMHeadModel", NULL, 0}, "config.json", "architecture GPT2LMHeadModel"},
         {{W_F32, 1, 0, C_NONE, NULL, ", \"x\": {", 0}, "config.json", "not valid JSON"},
-        {{W_F32, 1, 0, C_NONE, NULL, ", \"attention_bias\": true", 0}, "config.json", "attention biases are not"},
-        {{W_F32, 1, 0, C_NONE, NULL, ", \"hidden_act\": \"gelu\"", 0}, "config.json", "hidden_act gelu"},
-        {{W_F32, 1, 0, C_NONE, NULL, ", \"head_dim\": 8", 0}, "config.json", "head_dim 8 differs"},
+        {{W_F32, 1, 0, C_NONE, NULL, ", \"attention_bias\": true", 0}, "config.json", "\"attention_bias\" is true"},
+        {{W_F32, 1, 0, C_NONE, NULL, ", \"hidden_act\": \"gelu\"", 0}, "config.json", "\"hidden_act\" is \"gelu\""},
+        /* an explicit head_dim is honoured: q_proj must then have n_heads x head_dim rows */
+        {{W_F32, 1, 0, C_NONE, NULL, ", \"head_dim\": 8", 0},
+         "model.safetensors",
+         "self_attn.q_proj.weight has shape [16, 16], config.json implies [32, 16]"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char dir[512];

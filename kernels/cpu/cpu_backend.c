@@ -96,16 +96,23 @@ static int cpu_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *
     return KV_OK;
 }
 
-static int cpu_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta)
+static int cpu_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
+                    const kv_rope_t *rope)
 {
     (void)be;
-    if (head_dim % 2)
-        return kv_error(KV_EINVAL, "rope: head_dim %d is odd", head_dim);
+    if (!rope)
+        return kv_error(KV_EINVAL, "rope: no RoPE parameters");
+    if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * KV_ROPE_MAX_PAIRS)
+        return kv_error(KV_EINVAL, "rope: head_dim %d (must be even, at most %d)", head_dim, 2 * KV_ROPE_MAX_PAIRS);
+    /* each pair's frequency once: the same double for every token, so the same bits as computing it
+     * per token */
+    double freq[KV_ROPE_MAX_PAIRS];
+    for (int i = 0; i < head_dim; i += 2)
+        freq[i / 2] = kv_rope_freq(rope, i, head_dim);
 #pragma omp parallel for schedule(static) if (T > 16)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < head_dim; i += 2) {
-            double freq = pow((double)theta, -(double)i / head_dim);
-            double ang = (double)pos[t] * freq;
+            double ang = (double)pos[t] * freq[i / 2];
             float c = (float)cos(ang), s = (float)sin(ang);
             for (int h = 0; h < n_heads; h++) {
                 float *p = x + ((size_t)t * n_heads + h) * head_dim + i;
@@ -134,6 +141,20 @@ static int cpu_add(kv_backend_t *be, float *x, const float *y, size_t n)
     (void)be;
     for (size_t i = 0; i < n; i++)
         x[i] += y[i];
+    return KV_OK;
+}
+
+static int cpu_add_bias(kv_backend_t *be, float *y, const float *b, int rows, int cols)
+{
+    (void)be;
+    if (rows < 0 || cols <= 0)
+        return kv_error(KV_EINVAL, "add_bias: bad shape rows=%d cols=%d", rows, cols);
+#pragma omp parallel for schedule(static) if ((size_t)rows * cols > 65536)
+    for (int r = 0; r < rows; r++) {
+        float *yr = y + (size_t)r * cols;
+        for (int c = 0; c < cols; c++)
+            yr[c] += b[c];
+    }
     return KV_OK;
 }
 
@@ -470,6 +491,7 @@ static const kv_backend_ops_t cpu_ops = {
     .rope = cpu_rope,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
+    .add_bias = cpu_add_bias,
     .attention = cpu_attention,
     .attn_stats = cpu_attn_stats,
     .attn_probs = cpu_attn_probs,

@@ -242,22 +242,30 @@ static int cu_matmul(kv_backend_t *be, float *y, const float *x, const float *w,
 
 /* ---------------------------------------------------------------- the table */
 
-static const kv_backend_ops_t cuda_ops = {
-    cu_alloc,
-    cu_free,
-    cu_upload,
-    cu_download,
-    cu_sync,
-    cu_matmul,
-    kv_cuda_rmsnorm,
-    kv_cuda_rope,
-    kv_cuda_swiglu,
-    kv_cuda_add,
-    kv_cuda_attention,
-    kv_cuda_attn_stats,
-    kv_cuda_attn_probs,
-    kv_cuda_attn_colstats,
-};
+/* Filled field by field (not positionally), so a reordered or extended kv_backend_ops_t cannot put
+ * an op in another's slot; ops left out stay NULL and kv_backend_missing_op names them. */
+static kv_backend_ops_t cuda_ops_table(void)
+{
+    kv_backend_ops_t o;
+    memset(&o, 0, sizeof o);
+    o.alloc = cu_alloc;
+    o.free = cu_free;
+    o.upload = cu_upload;
+    o.download = cu_download;
+    o.sync = cu_sync;
+    o.matmul = cu_matmul;
+    o.rmsnorm = kv_cuda_rmsnorm;
+    o.rope = kv_cuda_rope;
+    o.swiglu = kv_cuda_swiglu;
+    o.add = kv_cuda_add;
+    o.add_bias = kv_cuda_add_bias;
+    o.attention = kv_cuda_attention;
+    o.attn_stats = kv_cuda_attn_stats;
+    o.attn_probs = kv_cuda_attn_probs;
+    o.attn_colstats = kv_cuda_attn_colstats;
+    return o;
+}
+static const kv_backend_ops_t cuda_ops = cuda_ops_table();
 
 extern "C" int kv_backend_cuda_open(kv_backend_t **out)
 {

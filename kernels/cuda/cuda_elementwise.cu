@@ -8,14 +8,21 @@
  *   rmsnorm  sum of squares in double (a fixed tree: per-thread strided sums, then a warp and a
  *            block reduction in a fixed order), r = (float)(1 / sqrt(ss / dim + eps)) in double,
  *            y = (x * r) * w in float;
- *   rope     angle pos * theta^(-2i/head_dim) in double, (float)cos and (float)sin, then
- *            a*c - b*s and a*s + b*c with separately rounded products (no fused multiply-add), as
- *            the CPU build computes them, so equal angles give equal bits;
+ *   rope     frequency kv_rope_freq (kernels/kv_rope.h, the CPU's own code, compiled for the device)
+ *            and angle pos * freq in double, (float)cos and (float)sin, then a*c - b*s and
+ *            a*s + b*c with separately rounded products (no fused multiply-add). The CPU build
+ *            (gcc -O3 -march=native) does fuse them where it vectorises the loop (vfmaddsub in
+ *            cpu_rope: measured), so equal angles give outputs within 1 ulp, not always equal bits;
+ *            the CPU is kept as it is because its captures must not change;
  *   swiglu   v / (1 + expf(-v)) * g in float (CUDA's expf is within 2 ulp of the C library's);
- *   add      x + y (exact).
+ *   add, add_bias   x + y (exact).
  * Pointers are device pointers; rope's positions are in device memory too (backend memory, as the
- * op table says). Vector (16-byte) loads are used when pointers are 16-byte aligned, with a scalar
- * tail.
+ * op table says). rope's parameters (kv_rope_t, 1072 bytes with its 256 per-pair factors) are passed
+ * to the kernel BY VALUE as a kernel parameter: they land in the kernel's constant parameter bank
+ * (4 KiB allowed, 32 KiB since CUDA 12.1 on Volta and later), are captured at launch (the host struct
+ * may change or go right after the call) and need no upload, no device allocation and no
+ * __constant__ symbol shared between calls. Vector (16-byte) loads are used when pointers are 16-byte
+ * aligned, with a scalar tail.
  */
 #include "kernels/cuda/cuda_internal.h"
 
@@ -74,17 +81,17 @@ __global__ void __launch_bounds__(RMS_THREADS)
 /* ---------------------------------------------------------------- rope: one block per token */
 
 constexpr int ROPE_THREADS = 128;
-constexpr int ROPE_MAX_PAIRS = 512; /* head_dim <= 1024 */
+constexpr int ROPE_MAX_PAIRS = KV_ROPE_MAX_PAIRS; /* head_dim <= 512 */
+static_assert(sizeof(kv_rope_t) <= 4000, "kv_rope_t must fit the 4 KiB of kernel parameters");
 
 __global__ void __launch_bounds__(ROPE_THREADS)
-    k_rope(float *__restrict__ x, const int32_t *__restrict__ pos, int n_heads, int head_dim, float theta)
+    k_rope(float *__restrict__ x, const int32_t *__restrict__ pos, int n_heads, int head_dim, const kv_rope_t rope)
 {
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const int t = blockIdx.x, half = head_dim / 2;
     const double p = (double)pos[t];
     for (int k = threadIdx.x; k < half; k += blockDim.x) {
-        double freq = pow((double)theta, -(double)(2 * k) / head_dim);
-        double ang = p * freq;
+        double ang = p * kv_rope_freq(&rope, 2 * k, head_dim);
         cs[k] = (float)cos(ang);
         sn[k] = (float)sin(ang);
     }
@@ -143,6 +150,14 @@ __global__ void k_add1(float *__restrict__ x, const float *__restrict__ y, size_
         x[i] += y[i];
 }
 
+/* y (rows, cols) += b (cols): grid-stride over the elements; the bias row is small and read through
+ * the cache */
+__global__ void k_add_bias(float *__restrict__ y, const float *__restrict__ b, size_t n, int cols)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += __ldg(b + i % (size_t)cols);
+}
+
 } // namespace
 
 int kv_cuda_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps)
@@ -157,17 +172,20 @@ int kv_cuda_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *w, 
     return kv_cuda_check_launch("rmsnorm");
 }
 
-int kv_cuda_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta)
+int kv_cuda_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
+                 const kv_rope_t *rope)
 {
+    if (!rope)
+        return kv_error(KV_EINVAL, "rope: no RoPE parameters");
     if (head_dim % 2)
         return kv_error(KV_EINVAL, "rope: head_dim %d is odd", head_dim);
     if (T < 0 || n_heads <= 0 || head_dim <= 0 || head_dim / 2 > ROPE_MAX_PAIRS)
-        return kv_error(KV_EINVAL, "rope: bad shape T=%d n_heads=%d head_dim=%d (CUDA supports head_dim <= %d)", T,
-                        n_heads, head_dim, 2 * ROPE_MAX_PAIRS);
+        return kv_error(KV_EINVAL, "rope: bad shape T=%d n_heads=%d head_dim=%d (head_dim at most %d)", T, n_heads,
+                        head_dim, 2 * ROPE_MAX_PAIRS);
     if (T == 0)
         return KV_OK;
     cuda_ctx_t *c = kv_cuda_ctx(be);
-    KV_LAUNCH(T, ROPE_THREADS, 0, c->stream, k_rope)(x, pos, n_heads, head_dim, theta);
+    KV_LAUNCH(T, ROPE_THREADS, 0, c->stream, k_rope)(x, pos, n_heads, head_dim, *rope);
     return kv_cuda_check_launch("rope");
 }
 
@@ -197,4 +215,16 @@ int kv_cuda_add(kv_backend_t *be, float *x, const float *y, size_t n)
         KV_LAUNCH(blocks_for(n - 4 * n4, 256, c->sm_count), 256, 0, c->stream, k_add1)
         (x + 4 * n4, y + 4 * n4, n - 4 * n4);
     return kv_cuda_check_launch("add");
+}
+
+int kv_cuda_add_bias(kv_backend_t *be, float *y, const float *b, int rows, int cols)
+{
+    if (rows < 0 || cols <= 0)
+        return kv_error(KV_EINVAL, "add_bias: bad shape rows=%d cols=%d", rows, cols);
+    const size_t n = (size_t)rows * (size_t)cols;
+    if (n == 0)
+        return KV_OK;
+    cuda_ctx_t *c = kv_cuda_ctx(be);
+    KV_LAUNCH(blocks_for(n, 256, c->sm_count), 256, 0, c->stream, k_add_bias)(y, b, n, cols);
+    return kv_cuda_check_launch("add_bias");
 }

@@ -4,7 +4,7 @@
  * The backend is split by kind of work:
  *   cuda_backend.cu      probe, memory ops, cuBLAS matmul (fp32 / tf32 / bf16 / fp16), the op
  *                        table, device facts and event timing (kernels/kv_cuda.h);
- *   cuda_elementwise.cu  rmsnorm, rope, swiglu, add (memory-bound, one pass each);
+ *   cuda_elementwise.cu  rmsnorm, rope, swiglu, add, add_bias (memory-bound, one pass each);
  *   cuda_attention.cu    attention, attn_stats, attn_probs, attn_colstats (tiled, never T x T).
  * Every op runs on the context's one stream, in order, so scratch memory can be reused from op to
  * op without further synchronisation. Each launch is followed by a check of cudaGetLastError();
@@ -26,6 +26,7 @@ typedef void *cublasHandle_t;
 #define kv_cuda_rope kv_cuda_emu_rope
 #define kv_cuda_swiglu kv_cuda_emu_swiglu
 #define kv_cuda_add kv_cuda_emu_add
+#define kv_cuda_add_bias kv_cuda_emu_add_bias
 #define kv_cuda_attention kv_cuda_emu_attention
 #define kv_cuda_attn_stats kv_cuda_emu_attn_stats
 #define kv_cuda_attn_probs kv_cuda_emu_attn_probs
@@ -77,9 +78,11 @@ int kv_cuda_check_launch(const char *what);
 
 /* Op bodies (kv_backend_ops_t signatures). */
 int kv_cuda_rmsnorm(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps);
-int kv_cuda_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim, float theta);
+int kv_cuda_rope(kv_backend_t *be, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
+                 const kv_rope_t *rope);
 int kv_cuda_swiglu(kv_backend_t *be, float *h, const float *g, size_t n);
 int kv_cuda_add(kv_backend_t *be, float *x, const float *y, size_t n);
+int kv_cuda_add_bias(kv_backend_t *be, float *y, const float *b, int rows, int cols);
 int kv_cuda_attention(kv_backend_t *be, const kv_attn_args_t *a);
 int kv_cuda_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a);
 int kv_cuda_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs, float *lse);

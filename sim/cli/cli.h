@@ -21,6 +21,7 @@ typedef struct {
     const char *summary;
 } kv_cmd_t;
 
+int kv_cmd_model(int argc, char **argv);
 int kv_cmd_capture(int argc, char **argv);
 int kv_cmd_generate(int argc, char **argv);
 int kv_cmd_nll(int argc, char **argv);

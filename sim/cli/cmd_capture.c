@@ -26,7 +26,7 @@
 /* Help lines the three subcommands share: the MODEL argument and the -z option. */
 #define HELP_MODEL                                                                                                     \
     "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"                  \
-    "                         Face Llama/Mistral checkpoint: its folder (config.json and\n"                            \
+    "                         Face Llama/Mistral/Qwen2 checkpoint: its folder (config.json and\n"                      \
     "                         model.safetensors or shards with their index), its config.json or\n"                     \
     "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
 #define HELP_TOKENIZER                                                                                                 \

@@ -18,6 +18,7 @@
 #include <string.h>
 
 static const kv_cmd_t commands[] = {
+    {"model", kv_cmd_model, "what kvsim understood of a checkpoint and its tokenizer"},
     {"capture", kv_cmd_capture, "run a model on a prompt and record its attention trace (HDF5)"},
     {"generate", kv_cmd_generate, "greedy text continuation with a llama2.c model"},
     {"nll", kv_cmd_nll, "mean negative log-likelihood of a text under a model"},

@@ -92,11 +92,29 @@ static int emu_matmul(kv_backend_t *be, float *y, const float *x, const float *w
     return cpu->ops->matmul(cpu, y, x, w, M, N, K);
 }
 
-static const kv_backend_ops_t emu_ops = {
-    emu_alloc,         emu_free,          emu_copy,           emu_copy,           emu_sync,
-    emu_matmul,        kv_cuda_rmsnorm,   kv_cuda_rope,       kv_cuda_swiglu,     kv_cuda_add,
-    kv_cuda_attention, kv_cuda_attn_stats, kv_cuda_attn_probs, kv_cuda_attn_colstats,
-};
+/* Filled field by field, like the CUDA backend's table (cuda_backend.cu). */
+static kv_backend_ops_t emu_ops_table(void)
+{
+    kv_backend_ops_t o;
+    memset(&o, 0, sizeof o);
+    o.alloc = emu_alloc;
+    o.free = emu_free;
+    o.upload = emu_copy;
+    o.download = emu_copy;
+    o.sync = emu_sync;
+    o.matmul = emu_matmul;
+    o.rmsnorm = kv_cuda_rmsnorm;
+    o.rope = kv_cuda_rope;
+    o.swiglu = kv_cuda_swiglu;
+    o.add = kv_cuda_add;
+    o.add_bias = kv_cuda_add_bias;
+    o.attention = kv_cuda_attention;
+    o.attn_stats = kv_cuda_attn_stats;
+    o.attn_probs = kv_cuda_attn_probs;
+    o.attn_colstats = kv_cuda_attn_colstats;
+    return o;
+}
+static const kv_backend_ops_t emu_ops = emu_ops_table();
 
 extern "C" int kv_backend_cuda_emu_open(kv_backend_t **out)
 {

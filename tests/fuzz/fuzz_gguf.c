@@ -8,9 +8,8 @@
  * inside the mapping (the map is not watched by AddressSanitizer, so a reader that points past the
  * end would otherwise go unnoticed), and every tensor of a supported type up to 2^20 values
  * dequantised into a heap buffer of exactly its size. Then the model loader runs on the same file;
- * a model it accepts must have every weight inside its fp32 allocation and, when its shape is one
- * the forward pass of this branch computes (q_dim == dim), run a forward pass of up to 4 tokens on
- * the CPU backend, which reads every weight. A failure must name the file.
+ * a model it accepts must have every weight inside its fp32 allocation and run a forward pass of up
+ * to 4 tokens on the CPU backend, which reads every weight (biases and q_dim != dim included). A failure must name the file.
  * Not part of `make test`: `make fuzz FUZZ_NAMES=gguf` (seeds from make_seeds.c: small valid files
  * of both architectures, F32, F16 and Q8_0, and one of every metadata type).
  */
@@ -154,8 +153,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     check_weights(m);
-    if (m->cfg.q_dim == m->cfg.dim) /* the forward pass of this branch sizes wq and wo as dim x dim */
-        fuzz_forward(m, g_be, data, size);
+    fuzz_forward(m, g_be, data, size);
     kv_model_free(m);
     return 0;
 }

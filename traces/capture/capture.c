@@ -188,8 +188,8 @@ typedef struct {
     float *lse_all; /* (n_layers, n_heads, T) */
     float *ent_all; /* (n_layers, n_heads, T) */
     float *dec_q;   /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
-    float *tm;      /* (max(n_prompt, n_decode), dim) token-major staging */
-    float *hm;      /* (max(n_prompt, n_decode), dim) head-major staging */
+    float *tm;      /* (max(n_prompt, n_decode), q_dim) token-major staging (Q rows; K/V rows are kv_dim <= q_dim) */
+    float *hm;      /* (max(n_prompt, n_decode), q_dim) head-major staging */
     float *small;   /* (n_heads, max(n_prompt, 1)) */
     kv_progress_t prog;
     long done;
@@ -262,9 +262,9 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
         snprintf(detail, sizeof detail, "prefill layer %d/%d", l + 1, c->n_layers);
         kv_progress_update(&s->prog, s->done, detail);
     } else {
-        const size_t dim = (size_t)H * c->head_dim;
-        float *q = s->dec_q + ((size_t)l * s->n_decode + (size_t)(p0 - s->n_prompt)) * dim;
-        if ((rc = s->be->ops->download(s->be, q, L->q, sizeof(float) * dim * (size_t)n)))
+        const size_t qd = (size_t)c->q_dim; /* n_heads * head_dim */
+        float *q = s->dec_q + ((size_t)l * s->n_decode + (size_t)(p0 - s->n_prompt)) * qd;
+        if ((rc = s->be->ops->download(s->be, q, L->q, sizeof(float) * qd * (size_t)n)))
             return rc;
     }
     return KV_OK;
@@ -297,7 +297,8 @@ static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
                                        sizeof(float) * (size_t)H * P * P)) ||
             (rc = kv_trace_write(s->w, l, KV_T_POOLED, host)))
             break;
-        if (with_wo && (rc = kv_trace_write(s->w, l, KV_T_WO, m->wo + (size_t)l * c->dim * c->dim)))
+        /* W_O of layer l: (dim, q_dim), the trace's (model_dim, n_heads * head_dim) */
+        if (with_wo && (rc = kv_trace_write(s->w, l, KV_T_WO, m->wo + (size_t)l * c->dim * c->q_dim)))
             break;
     }
     kv_free(host);
@@ -406,13 +407,20 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     if (o->generator) {
         snprintf(meta.generator, sizeof meta.generator, "%s", o->generator);
     } else {
-        char d[96];
+        /* the RoPE scaling is named here when there is one: the trace's rope_theta attribute alone
+         * does not say that a llama3 or linear scaling was applied (the CLI passes its command line
+         * as the generator instead, which must stay a command that re-creates the trace) */
+        char d[96], r[256] = "";
+        if (c->rope.type != KV_ROPE_DEFAULT) {
+            char rd[240];
+            snprintf(r, sizeof r, ", RoPE %s", kv_rope_describe(&c->rope, rd, sizeof rd));
+        }
         snprintf(meta.generator, sizeof meta.generator,
                  "kvsim capture --decode %d --dtype %s%s --segments %s --pool %d --zstd-level %d --backend %s "
-                 "--threads %d; model %s",
+                 "--threads %d; model %s%s",
                  o->n_decode, o->dtype == KV_DTYPE_F16 ? "f16" : "f32", o->with_wo ? " --with-wo" : "",
                  o->segments ? o->segments : "auto", o->pool, o->zstd_level, o->backend ? o->backend : "auto",
-                 o->n_threads, kv_model_describe(m, d, sizeof d));
+                 o->n_threads, kv_model_describe(m, d, sizeof d), r);
     }
     rc = kv_model_sha256(m, meta.model_sha256);
     if (rc == KV_OK) {
@@ -441,9 +449,9 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     s.ent = kv_be_alloc(be, (size_t)H * n_prompt * sizeof(float));
     s.lse_all = kv_calloc(LHT, sizeof(float), "lse");
     s.ent_all = kv_calloc(LHT, sizeof(float), "entropy");
-    s.dec_q = kv_malloc(sizeof(float) * (size_t)c->n_layers * (size_t)(N ? N : 1) * c->dim, "decode queries");
-    s.tm = kv_malloc(sizeof(float) * rows * c->dim, "staging");
-    s.hm = kv_malloc(sizeof(float) * rows * c->dim, "staging");
+    s.dec_q = kv_malloc(sizeof(float) * (size_t)c->n_layers * (size_t)(N ? N : 1) * c->q_dim, "decode queries");
+    s.tm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
+    s.hm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.small = kv_malloc(sizeof(float) * (size_t)H * n_prompt, "staging");
     logits = kv_malloc(sizeof(float) * (size_t)c->vocab_size, "logits");
     if (!s.acc || !s.pooled || !s.ent || !s.lse_all || !s.ent_all || !s.dec_q || !s.tm || !s.hm || !s.small ||

@@ -2,9 +2,14 @@
  * forward.c: the Llama forward pass over the backend op table (see kv_forward.h).
  *
  * Memory: the KV cache (2 x n_layers x max_tokens x kv_dim floats), activations for one block of
- * max_batch tokens (x, xb, q, att: max_batch x dim; hb, hb2: max_batch x hidden_dim), the lse of
- * one block and LOGIT_ROWS rows of logits (all-token logits are produced LOGIT_ROWS rows at a time,
- * so a 32000-token vocabulary never needs a max_batch x vocab buffer).
+ * max_batch tokens (x, xb: max_batch x dim; q, att: max_batch x q_dim; hb, hb2: max_batch x
+ * hidden_dim), the lse of one block and LOGIT_ROWS rows of logits (all-token logits are produced
+ * LOGIT_ROWS rows at a time, so a 32000-token vocabulary never needs a max_batch x vocab buffer).
+ *
+ * Widths: the attention works in q_dim = n_heads x head_dim, which is the model width dim for
+ * llama2.c, Llama 1/2/3 and Qwen2, but not when config.json gives head_dim explicitly (Mistral-Nemo:
+ * dim 5120, 32 heads of 128, q_dim 4096): wq maps dim -> q_dim, wo maps q_dim -> dim, and every
+ * buffer and stride of Q and of the attention output is q_dim wide.
  */
 #include "traces/capture/kv_forward.h"
 
@@ -21,16 +26,18 @@ struct kv_fwd {
     int max_tokens, max_batch;
     /* weights in backend memory (aliases of the model's on the CPU backend) */
     const float *rms_att, *wq, *wk, *wv, *wo, *rms_ffn, *w1, *w2, *w3, *rms_final, *wcls;
-    float *wbuf;       /* uploaded weights (non-CPU backends) */
-    float *k_cache;    /* (n_layers, max_tokens, kv_dim) */
-    float *v_cache;    /* (n_layers, max_tokens, kv_dim) */
-    float *x, *xb, *q; /* (max_batch, dim) */
-    float *att;        /* (max_batch, n_heads*head_dim) */
-    float *hb, *hb2;   /* (max_batch, hidden_dim) */
-    float *lse;        /* (n_heads, max_batch) */
-    float *logits;     /* (LOGIT_ROWS, vocab_size) */
-    int32_t *pos;      /* (max_batch) backend copy of the positions */
-    int32_t *pos_host; /* (max_batch) */
+    const float *bq, *bk, *bv; /* (n_layers, q_dim), (n_layers, kv_dim) x 2; NULL without biases */
+    float *wbuf;               /* uploaded weights (non-CPU backends) */
+    float *k_cache;            /* (n_layers, max_tokens, kv_dim) */
+    float *v_cache;            /* (n_layers, max_tokens, kv_dim) */
+    float *x, *xb;             /* (max_batch, dim) */
+    float *q;                  /* (max_batch, q_dim) */
+    float *att;                /* (max_batch, q_dim) */
+    float *hb, *hb2;           /* (max_batch, hidden_dim) */
+    float *lse;                /* (n_heads, max_batch) */
+    float *logits;             /* (LOGIT_ROWS, vocab_size) */
+    int32_t *pos;              /* (max_batch) backend copy of the positions */
+    int32_t *pos_host;         /* (max_batch) */
     size_t bytes;
 };
 
@@ -92,16 +99,17 @@ static int upload_weights(kv_fwd_t *f)
     const kv_model_t *m = f->m;
     const kv_model_config_t *c = &m->cfg;
     const size_t L = (size_t)c->n_layers, D = (size_t)c->dim, H = (size_t)c->hidden_dim, KV = (size_t)c->kv_dim;
-    const size_t V = (size_t)c->vocab_size;
+    const size_t V = (size_t)c->vocab_size, Q = (size_t)c->q_dim, nb = c->qkv_bias ? 1 : 0;
     struct {
         const float *src;
         size_t n;
         const float **dst;
     } t[] = {
-        {m->rms_att, L * D, &f->rms_att}, {m->wq, L * D * D, &f->wq}, {m->wk, L * KV * D, &f->wk},
-        {m->wv, L * KV * D, &f->wv},      {m->wo, L * D * D, &f->wo}, {m->rms_ffn, L * D, &f->rms_ffn},
-        {m->w1, L * H * D, &f->w1},       {m->w2, L * D * H, &f->w2}, {m->w3, L * H * D, &f->w3},
-        {m->rms_final, D, &f->rms_final}, {m->wcls, V * D, &f->wcls},
+        {m->rms_att, L * D, &f->rms_att}, {m->wq, L * Q * D, &f->wq},   {m->wk, L * KV * D, &f->wk},
+        {m->wv, L * KV * D, &f->wv},      {m->wo, L * D * Q, &f->wo},   {m->rms_ffn, L * D, &f->rms_ffn},
+        {m->w1, L * H * D, &f->w1},       {m->w2, L * D * H, &f->w2},   {m->w3, L * H * D, &f->w3},
+        {m->rms_final, D, &f->rms_final}, {m->wcls, V * D, &f->wcls},   {m->bq, nb * L * Q, &f->bq},
+        {m->bk, nb * L * KV, &f->bk},     {m->bv, nb * L * KV, &f->bv},
     };
     size_t total = 0;
     for (size_t i = 0; i < KV_ARRAY_LEN(t); i++)
@@ -112,6 +120,8 @@ static int upload_weights(kv_fwd_t *f)
         return kv_error_context(rc, "uploading %zu weights to the %s backend", total, f->be->name);
     size_t off = 0;
     for (size_t i = 0; i < KV_ARRAY_LEN(t); i++) {
+        if (!t[i].n)
+            continue; /* no biases: the pointer stays NULL */
         if ((rc = f->be->ops->upload(f->be, f->wbuf + off, t[i].src, t[i].n * sizeof(float))))
             return rc;
         *t[i].dst = f->wbuf + off;
@@ -135,6 +145,14 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
         if (!need[i].fn)
             return kv_error(KV_ENOTIMPL, "backend %s has no '%s' op (needed by the forward pass)", be->name,
                             need[i].name);
+    if (c->qkv_bias && !o->add_bias)
+        return kv_error(KV_ENOTIMPL, "backend %s has no 'add_bias' op (needed by %s's q/k/v biases)", be->name,
+                        m->path);
+    if (c->qkv_bias && (!m->bq || !m->bk || !m->bv))
+        return kv_error(KV_EINVAL, "%s: the configuration has q/k/v biases but the model holds none", m->path);
+    if (c->q_dim != c->n_heads * c->head_dim || c->kv_dim != c->n_kv_heads * c->head_dim)
+        return kv_error(KV_EINVAL, "%s: q_dim %d / kv_dim %d do not match %d heads (%d KV heads) of %d", m->path,
+                        c->q_dim, c->kv_dim, c->n_heads, c->n_kv_heads, c->head_dim);
     if (max_tokens <= 0 || max_tokens > c->seq_len)
         return kv_error(KV_ERANGE, "%s: %d tokens do not fit the model's context of %d (seq_len)", m->path, max_tokens,
                         c->seq_len);
@@ -152,6 +170,7 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
         f->rms_att = m->rms_att, f->wq = m->wq, f->wk = m->wk, f->wv = m->wv, f->wo = m->wo;
         f->rms_ffn = m->rms_ffn, f->w1 = m->w1, f->w2 = m->w2, f->w3 = m->w3;
         f->rms_final = m->rms_final, f->wcls = m->wcls;
+        f->bq = m->bq, f->bk = m->bk, f->bv = m->bv;
     } else if ((rc = upload_weights(f))) {
         goto fail;
     }
@@ -161,8 +180,8 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     f->v_cache = be_buf(f, cache, sizeof(float), &rc);
     f->x = be_buf(f, B * c->dim, sizeof(float), &rc);
     f->xb = be_buf(f, B * c->dim, sizeof(float), &rc);
-    f->q = be_buf(f, B * c->dim, sizeof(float), &rc);
-    f->att = be_buf(f, B * c->dim, sizeof(float), &rc);
+    f->q = be_buf(f, B * c->q_dim, sizeof(float), &rc);
+    f->att = be_buf(f, B * c->q_dim, sizeof(float), &rc);
     f->hb = be_buf(f, B * c->hidden_dim, sizeof(float), &rc);
     f->hb2 = be_buf(f, B * c->hidden_dim, sizeof(float), &rc);
     f->lse = be_buf(f, B * c->n_heads, sizeof(float), &rc);
@@ -208,8 +227,8 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
     const kv_model_config_t *c = &m->cfg;
     kv_backend_t *be = f->be;
     const kv_backend_ops_t *o = be->ops;
-    const int D = c->dim, H = c->hidden_dim, KV = c->kv_dim, hd = c->head_dim;
-    const size_t Dz = (size_t)D;
+    const int D = c->dim, H = c->hidden_dim, KV = c->kv_dim, hd = c->head_dim, Q = c->q_dim;
+    const size_t Dz = (size_t)D, Qz = (size_t)Q;
     int rc;
     for (int i = 0; i < nb; i++) {
         f->pos_host[i] = pos0 + i;
@@ -220,11 +239,17 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
         const size_t lc = (size_t)l * f->max_tokens * KV;
         float *kc = f->k_cache + lc, *vc = f->v_cache + lc; /* (max_tokens, kv_dim) */
         TRY(o->rmsnorm(be, f->xb, f->x, f->rms_att + (size_t)l * Dz, nb, D, c->norm_eps));
-        TRY(o->matmul(be, f->q, f->xb, f->wq + (size_t)l * Dz * Dz, nb, D, D));
-        TRY(o->matmul(be, kc + (size_t)pos0 * KV, f->xb, f->wk + (size_t)l * KV * Dz, nb, KV, D));
-        TRY(o->matmul(be, vc + (size_t)pos0 * KV, f->xb, f->wv + (size_t)l * KV * Dz, nb, KV, D));
-        TRY(o->rope(be, f->q, f->pos, nb, c->n_heads, hd, c->rope_theta));
-        TRY(o->rope(be, kc + (size_t)pos0 * KV, f->pos, nb, c->n_kv_heads, hd, c->rope_theta));
+        float *kn = kc + (size_t)pos0 * KV, *vn = vc + (size_t)pos0 * KV; /* (nb, kv_dim): this block's rows */
+        TRY(o->matmul(be, f->q, f->xb, f->wq + (size_t)l * Qz * Dz, nb, Q, D));
+        TRY(o->matmul(be, kn, f->xb, f->wk + (size_t)l * KV * Dz, nb, KV, D));
+        TRY(o->matmul(be, vn, f->xb, f->wv + (size_t)l * KV * Dz, nb, KV, D));
+        if (c->qkv_bias) { /* Qwen2: q, k, v = xb w^T + b, before RoPE */
+            TRY(o->add_bias(be, f->q, f->bq + (size_t)l * Qz, nb, Q));
+            TRY(o->add_bias(be, kn, f->bk + (size_t)l * KV, nb, KV));
+            TRY(o->add_bias(be, vn, f->bv + (size_t)l * KV, nb, KV));
+        }
+        TRY(o->rope(be, f->q, f->pos, nb, c->n_heads, hd, &c->rope));
+        TRY(o->rope(be, kn, f->pos, nb, c->n_kv_heads, hd, &c->rope));
         kv_attn_args_t a = {
             .out = f->att,
             .lse = f->lse,
@@ -244,7 +269,7 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
             kv_fwd_layer_t v = {l, nb, pos0, f->q, kc, vc, (size_t)KV, f->lse};
             TRY(hook(hook_ctx, &v));
         }
-        TRY(o->matmul(be, f->xb, f->att, f->wo + (size_t)l * Dz * Dz, nb, D, D));
+        TRY(o->matmul(be, f->xb, f->att, f->wo + (size_t)l * Dz * Qz, nb, D, Q));
         TRY(o->add(be, f->x, f->xb, (size_t)nb * Dz));
         TRY(o->rmsnorm(be, f->xb, f->x, f->rms_ffn + (size_t)l * Dz, nb, D, c->norm_eps));
         TRY(o->matmul(be, f->hb, f->xb, f->w1 + (size_t)l * H * Dz, nb, H, D));

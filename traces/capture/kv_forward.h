@@ -5,12 +5,17 @@
  * products; or one token: a decode step with matrix-vector products) and appends their keys and
  * values to a token-major KV cache:
  *
- *   x = emb[tok]
- *   per layer: xb = rmsnorm(x, rms_att); q = xb wq^T; k, v = xb wk^T, xb wv^T (into the cache);
- *              rope(q), rope(k) with theta 10000 on pairs (2i, 2i+1) of each head;
- *              att = causal GQA attention (scale 1/sqrt(head_dim)); x += att wo^T;
+ *   x = emb[tok]                                                    (T, dim)
+ *   per layer: xb = rmsnorm(x, rms_att); q = xb wq^T                (T, q_dim)
+ *              k, v = xb wk^T, xb wv^T (into the cache)             (T, kv_dim)
+ *              q += bq; k += bk; v += bv    (Qwen2: cfg.qkv_bias; before RoPE)
+ *              rope(q), rope(k) on pairs (2i, 2i+1) of each head, frequencies from cfg.rope
+ *              (kernels/kv_rope.h: plain theta, linear, llama3 or per-pair factors);
+ *              att = causal GQA attention (scale 1/sqrt(head_dim))  (T, q_dim)
+ *              x += att wo^T                                        (T, dim)
  *              xb = rmsnorm(x, rms_ffn); x += (silu(xb w1^T) * xb w3^T) w2^T
  *   logits = rmsnorm(x, rms_final) wcls^T (wcls = emb when shared).
+ * q_dim = n_heads * head_dim equals dim except where the checkpoint gives head_dim (Mistral-Nemo).
  *
  * After each layer's attention an optional hook sees that layer's post-RoPE queries, the KV cache
  * and the attention's log-sum-exp (all backend memory), which is how capture records traces
@@ -33,7 +38,7 @@ typedef struct kv_fwd kv_fwd_t;
 typedef struct {
     int layer;
     int n_q, q_pos0;
-    const float *q;       /* (n_q, n_heads, head_dim) post-RoPE queries */
+    const float *q;       /* (n_q, n_heads, head_dim) post-RoPE queries (row stride q_dim) */
     const float *k_cache; /* (max_tokens, kv_dim) post-RoPE keys of this layer, rows [0, q_pos0 + n_q) valid */
     const float *v_cache; /* (max_tokens, kv_dim) values of this layer */
     size_t kv_stride;     /* kv_dim */

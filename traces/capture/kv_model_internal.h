@@ -17,8 +17,8 @@ extern "C" {
 #endif
 
 typedef struct {
-    const char *name;                      /* "gguf", "safetensors", "llama2.c" */
-    int (*probe)(const char *path);        /* 1: this format */
+    const char *name;               /* "gguf", "safetensors", "llama2.c" */
+    int (*probe)(const char *path); /* 1: this format */
     int (*load)(const char *path, kv_model_t **out);
     const char *(*default_tokenizer)(const char *path, char *buf, size_t len); /* NULL: none */
 } kv_model_format_t;
@@ -33,6 +33,15 @@ void kv_model_set_dtypes(kv_model_t *m, const char *const *names, const int *cou
 
 /* 1 when the file at `path` starts with the `n` bytes of `magic` (regular file, readable). */
 int kv_model_file_starts_with(const char *path, const void *magic, size_t n);
+
+/* How the Hugging Face loader treats config.json key `key` for the architecture class `arch_class`
+ * ("LlamaForCausalLM", ...): read and used, ignored as harmless, or checked (a value that changes
+ * the computation is refused by name); -1 for a key it does not know (a warning names it) or an
+ * architecture it does not run. model_hf.c's key table; for tests. */
+enum { KV_HF_KEY_USED = 0, KV_HF_KEY_IGNORED = 1, KV_HF_KEY_CHECKED = 2 };
+int kv_model_hf_key_kind(const char *key, const char *arch_class);
+/* Entry i of that table (its key and treatment); 0 past the end. */
+int kv_model_hf_key_at(int i, const char **key, int *kind);
 
 #ifdef __cplusplus
 }
