@@ -559,19 +559,38 @@ static int files_table(table_t *t, const kv_res_set_t *s, const char *sha)
 static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv_funnel_t *f, const char *sha)
 {
     sbuf_t items = {0};
-    /* funnel: normalised entropy and concentration, first vs last layer */
+    /* funnel: normalised entropy, concentration and sink mass, the first third of the layers against
+     * the rest (means over layers, so one odd layer does not decide), and whether the last layers
+     * broaden again after the narrowest one */
     if (f && f->n_layers > 1) {
-        double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0),
-               e1 = kv_funnel_layer_mean(f, f->norm_entropy, f->n_layers - 1);
-        double c0 = kv_funnel_layer_mean(f, f->frac, 0), c1 = kv_funnel_layer_mean(f, f->frac, f->n_layers - 1);
-        sb_printf(
-            &items,
-            "Normalised attention entropy goes from %.3f in layer 0 to %.3f in layer %d; a query needs %.1f %% of "
-            "its visible keys for %.0f %% of its attention in layer 0 and %.1f %% in layer %d: %s.\n",
-            e0, e1, f->n_layers - 1, 100 * c0, 100 * f->mass, 100 * c1, f->n_layers - 1,
-            e1 < e0 && c1 < c0   ? "attention narrows with depth (the pyramid funneling shape)"
-            : e1 > e0 && c1 > c0 ? "attention is broader in the last layer than in the first (no pyramid funneling)"
-                                 : "entropy and concentration disagree on the trend with depth");
+        const int L = f->n_layers, k = L >= 3 ? L / 3 : 1;
+        double e_lo = 0, e_hi = 0, c_lo = 0, c_hi = 0, s_lo = 0, s_hi = 0, e_min = INFINITY;
+        int l_min = 0;
+        for (int l = 0; l < L; l++) {
+            const double e = kv_funnel_layer_mean(f, f->norm_entropy, l), c = kv_funnel_layer_mean(f, f->frac, l),
+                         sk = kv_funnel_layer_mean(f, f->sink, l);
+            *(l < k ? &e_lo : &e_hi) += e / (l < k ? k : L - k);
+            *(l < k ? &c_lo : &c_hi) += c / (l < k ? k : L - k);
+            *(l < k ? &s_lo : &s_hi) += sk / (l < k ? k : L - k);
+            if (e < e_min)
+                e_min = e, l_min = l;
+        }
+        const double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0), e_last = kv_funnel_layer_mean(f, f->norm_entropy, L - 1);
+        char lo[32], hi[32];
+        snprintf(lo, sizeof lo, k == 1 ? "layer 0" : "layers 0-%d", k - 1);
+        snprintf(hi, sizeof hi, L - k == 1 ? "layer %d" : "layers %d-%d", k, L - 1);
+        sb_printf(&items,
+                  "Normalised attention entropy averages %.2f in %s (%.2f in layer 0) and %.2f in %s (lowest %.2f in "
+                  "layer %d, %.2f in the last); a query needs %.1f %% of its visible keys for %.0f %% of its attention "
+                  "in %s and %.1f %% in %s; the attention on token 0 goes from %.3f to %.3f: %s%s.\n",
+                  e_lo, lo, e0, e_hi, hi, e_min, l_min, e_last, 100 * c_lo, 100 * f->mass, lo, 100 * c_hi, hi, s_lo,
+                  s_hi,
+                  e_hi < e_lo && c_hi < c_lo   ? "attention narrows with depth (the pyramid funneling shape)"
+                  : e_hi > e_lo && c_hi > c_lo ? "attention is no narrower in the deeper layers (no pyramid funneling)"
+                                               : "entropy and concentration disagree on the trend with depth",
+                  e_hi < e_lo && l_min < L - 2 && e_last > e_min + 0.5 * (e_hi - e_min) + 0.02
+                      ? ", and broadens again in the last layers"
+                      : "");
     }
     for (int i = 0; s && sha && sha[0] && i < s->n_files; i++)
         if (s->file_sha[i][0] && strcmp(s->file_sha[i], sha))

@@ -61,6 +61,57 @@ static const char BUILTIN_TEXT[] =
     "From that day on, Pip and the rabbit met by the oak tree every morning, and the red ball was their "
     "favourite toy.";
 
+/* Short documents of our own, distinct in kind, for the instruct model's multi-document prompt
+ * (interleaved with the TinyStories stories when the sample is there, alone otherwise). The question
+ * asks about the library notice, whose answer sits in one sentence of it. */
+static const char *const BUILTIN_DOCS[] = {
+    "Recipe: red lentil soup for four people. Rinse two cups of red lentils under cold water until the water runs "
+    "clear. In a large pot, warm two spoons of olive oil and cook one chopped onion, two carrots cut into small cubes "
+    "and three cloves of garlic for about eight minutes, until they are soft. Add a spoon of ground cumin and half a "
+    "spoon of paprika and stir for one minute. Pour in the lentils, six cups of vegetable stock and a can of chopped "
+    "tomatoes. Bring everything to a boil, then lower the heat and let it simmer for twenty-five minutes. When the "
+    "lentils have fallen apart, blend half of the soup and stir it back in. Finish with the juice of one lemon, salt "
+    "and pepper, and serve it hot with bread.",
+    "Email from Marta to her brother Paul. Hi Paul, my train to the coast was cancelled this morning because a tree "
+    "fell on the line, so I will arrive one day later than planned. I booked a seat on the Saturday train that leaves "
+    "the central station at eight fifteen and reaches Port Alden at half past eleven. Could you pick me up at the "
+    "station? If you are busy, I can take bus number twelve, which stops near your house. I am bringing the blue "
+    "tent, two sleeping bags and Grandma's old camera, which still works. Please tell Lina that I did not forget her "
+    "birthday present. See you soon, Marta.",
+    "Notice from the Riverside Public Library. From the first of March the library changes its opening hours. On "
+    "Mondays the building stays closed for cleaning and for sorting returned books. From Tuesday to Friday the doors "
+    "open at nine in the morning and close at seven in the evening, except on Thursdays, when the reading room stays "
+    "open until nine at night for the study club. On Saturdays the library opens at ten and closes at four. Books can "
+    "still be returned at any hour through the slot beside the main entrance. The children's corner moves to the "
+    "second floor, next to the map room, and the old computers near the stairs will be replaced by six new ones. "
+    "Members with questions may ask at the front desk or call the library office.",
+    "The honeybee lives in colonies that can hold tens of thousands of insects. Each colony has one queen, which lays "
+    "the eggs, a few hundred male drones, and a large number of female workers. Workers change their tasks as they "
+    "grow older: young bees clean the cells and feed the larvae, middle-aged bees build wax comb and guard the "
+    "entrance, and the oldest bees fly out to collect nectar, pollen and water. A forager that finds a rich patch of "
+    "flowers returns to the hive and performs a waggle dance, whose direction and length tell the other bees where "
+    "the flowers are. Honey is made from nectar that the bees dry by fanning their wings until most of the water has "
+    "gone. In winter the colony forms a tight cluster and keeps warm by shivering its flight muscles.",
+    "Instructions for the TrailBright 300 bicycle lamp. Before the first ride, charge the lamp for four hours with "
+    "the cable in the box; the small light under the switch turns green when the battery is full. Press the switch "
+    "once for the high mode, twice for the low mode and three times for the flashing mode. Hold the switch for two "
+    "seconds to turn the lamp off. On high the battery lasts about two hours, on low about six hours and in flashing "
+    "mode about twelve hours. Fix the bracket to the handlebar with the rubber strap, then slide the lamp onto the "
+    "bracket until it clicks. Point the beam slightly down so that it does not blind people coming the other way. "
+    "The lamp is splash-proof but should not be put under water.",
+    "Local news: more than two thousand runners took part in the city marathon on Sunday, despite strong wind along "
+    "the river. The men's race was won by Daniel Okoro in two hours and fourteen minutes, and the women's race by "
+    "Sofia Lind, who finished in two hours and thirty-one minutes and broke the course record by almost a minute. The "
+    "oldest finisher was a seventy-eight-year-old retired teacher who said he had run the race every year since it "
+    "started. Volunteers handed out water at eleven stations, and the organisers thanked the bakery on Market Street, "
+    "which gave a free roll to every runner at the finish. Next year the route will cross the new bridge for the "
+    "first time.",
+};
+#define QUESTION_DOC 2 /* BUILTIN_DOCS index the question is about */
+#define QUESTION                                                                                                       \
+    "According to the notice from the library, until what time does the reading room stay open on Thursdays? "     \
+    "Answer in one sentence."
+
 static void help(void)
 {
     printf("usage: kvsim demo [-o DIR] [options]\n"
@@ -589,10 +640,10 @@ static int build_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
     return rc;
 }
 
-/* An instruct model's prompt: whole stories, numbered, until about CHAT_TOKENS tokens (never past
- * `room`), then a question about the middle one, all as the user's turn of the model's chat
- * template (with the generation prompt). Each story and the question start a segment. */
-#define CHAT_TOKENS 2000
+/* An instruct model's prompt: numbered documents (the TinyStories stories interleaved with
+ * BUILTIN_DOCS, in a fixed order, or BUILTIN_DOCS alone without the sample), then a question about
+ * one of them, all as the user's turn of the model's chat template with the generation prompt.
+ * Every document and the question start a segment. About 2,000 tokens for SmolLM2 with the sample. */
 static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
 {
     memset(pr, 0, sizeof *pr);
@@ -602,73 +653,75 @@ static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
     for (size_t i = 0; i < 2 && !all; i++)
         if ((all = read_text(paths[i])))
             src = paths[i];
-    kv_doc_t *docs = NULL;
-    int nd = 0, rc = KV_OK;
-    if (all)
-        rc = kv_split_docs(all, strlen(all), &docs, &nd);
-    else
-        rc = kv_split_docs(BUILTIN_TEXT, strlen(BUILTIN_TEXT), &docs, &nd);
-    if (rc)
+    kv_doc_t *stories = NULL;
+    int ns = 0, rc = KV_OK;
+    if (all && (rc = kv_split_docs(all, strlen(all), &stories, &ns)))
         goto done;
-    const char *intro = "Read the stories below, then answer the question that follows them.\n\n";
-    size_t cap = strlen(intro) + 256, used = (size_t)doc_tokens(tok, intro, strlen(intro)) + 60;
-    int taken = 0;
-    for (int d = 0; d < nd && used < CHAT_TOKENS; d++) {
-        int n = doc_tokens(tok, docs[d].text, docs[d].len);
-        if (n <= 0 || used + (size_t)n + 8 > (size_t)room)
-            break;
-        used += (size_t)n + 8;
+    /* the documents in order: a story, then one of ours, while either lasts */
+    enum { MAX_DOCS = 64 };
+    kv_doc_t docs[MAX_DOCS];
+    int nd = 0, asked = 0, n_own = (int)KV_ARRAY_LEN(BUILTIN_DOCS);
+    for (int i = 0; (i < ns || i < n_own) && nd + 2 <= MAX_DOCS; i++) {
+        if (i < ns)
+            docs[nd++] = stories[i];
+        if (i < n_own) {
+            if (i == QUESTION_DOC)
+                asked = nd + 1; /* 1-based number in the prompt */
+            docs[nd++] = (kv_doc_t){BUILTIN_DOCS[i], strlen(BUILTIN_DOCS[i])};
+        }
+    }
+    const char *intro = "Read the documents below, then answer the question that follows them.\n\n";
+    size_t cap = strlen(intro) + strlen(QUESTION) + 64;
+    for (int d = 0; d < nd; d++)
         cap += docs[d].len + 32;
-        taken = d + 1;
-    }
-    if (taken == 0) {
-        rc = kv_error(KV_ERANGE, "demo: no story fits the model's context of %d tokens", room);
-        goto done;
-    }
-    const int asked = (taken + 1) / 2; /* 1-based: the middle story */
     user = kv_malloc(cap, "prompt");
     if (!user) {
         rc = KV_ENOMEM;
         goto done;
     }
     size_t k = (size_t)snprintf(user, cap, "%s", intro);
-    for (int d = 0; d < taken; d++)
-        k += (size_t)snprintf(user + k, cap - k, "Story %d:\n%.*s\n\n", d + 1, (int)docs[d].len, docs[d].text);
-    snprintf(user + k, cap - k, "Question: What happens at the end of Story %d? Answer in one sentence.", asked);
+    for (int d = 0; d < nd; d++)
+        k += (size_t)snprintf(user + k, cap - k, "Document %d:\n%.*s\n\n", d + 1, (int)docs[d].len, docs[d].text);
+    snprintf(user + k, cap - k, "Question: %s", QUESTION);
     if ((rc = kv_tokenizer_chat(tok, NULL, user, &chat)))
         goto done;
-    /* segment starts: every "Story N:" and the question, found in the wrapped text in order */
-    size_t starts[KV_ARRAY_LEN(pr->segments) / 4];
-    int ns = 0;
+    const int nt = doc_tokens(tok, chat, strlen(chat));
+    if (nt > room) {
+        rc = kv_error(KV_ERANGE, "demo: the %d-token prompt does not fit the model's context (%d tokens left)", nt, room);
+        goto done;
+    }
+    /* segment starts: every "Document N:" and the question, found in the wrapped text in order */
+    size_t starts[MAX_DOCS + 1];
+    int n_starts = 0;
     const char *p = chat;
-    for (int d = 0; d <= taken && ns < (int)KV_ARRAY_LEN(starts); d++) {
+    for (int d = 0; d <= nd; d++) {
         char mark[32];
-        if (d < taken)
-            snprintf(mark, sizeof mark, "Story %d:\n", d + 1);
+        if (d < nd)
+            snprintf(mark, sizeof mark, "Document %d:\n", d + 1);
         else
             snprintf(mark, sizeof mark, "Question: ");
         const char *at = strstr(p, mark);
         if (!at)
             break;
-        starts[ns++] = (size_t)(at - chat);
+        starts[n_starts++] = (size_t)(at - chat);
         p = at + 1;
     }
     int n_seg = 1;
-    if ((rc = segments_at(tok, chat, starts, ns, pr->segments, sizeof pr->segments, &n_seg)))
+    if ((rc = segments_at(tok, chat, starts, n_starts, pr->segments, sizeof pr->segments, &n_seg)))
         goto done;
     if (!pr->segments[0])
         snprintf(pr->segments, sizeof pr->segments, "none");
-    const int nt = doc_tokens(tok, chat, strlen(chat));
     snprintf(pr->desc, sizeof pr->desc,
-             "a question about story %d of %d whole stories from %s, in the model's chat template (%d prompt tokens, "
-             "%d segments: the instruction, each story, the question)",
-             asked, taken, src ? src : "kvsim's built-in text", nt, n_seg);
+             "a question about document %d of %d (%d TinyStories stories from %s and %d short documents of kvsim's "
+             "own: a recipe, an email, a library notice, an encyclopedia paragraph, a lamp manual, a news item), in "
+             "the model's chat template: %d prompt tokens, %d segments (the instruction, each document, the question)",
+             asked, nd, ns, src ? src : "(not found)", n_own, nt, n_seg);
     pr->text = chat;
     chat = NULL;
 done:
     kv_free(chat);
     kv_free(user);
-    kv_free(docs);
+    kv_free(stories);
     kv_free(all);
     return rc;
 }

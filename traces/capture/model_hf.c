@@ -648,6 +648,7 @@ static const cfg_key_t cfg_keys[] = {
     /* ignored: no effect on the logits of a forward pass */
     {"layer_types", A_MISTRAL, KEY_IGNORED, NULL, "not read by transformers' MistralForCausalLM"},
     {"_name_or_path", A_ALL, KEY_IGNORED, NULL, "provenance"},
+    {"_model_name_or_path", A_ALL, KEY_IGNORED, NULL, "provenance (transformers' GGUF conversion writes it)"},
     {"_commit_hash", A_ALL, KEY_IGNORED, NULL, "provenance"},
     {"transformers_version", A_ALL, KEY_IGNORED, NULL, "provenance"},
     {"torch_dtype", A_ALL, KEY_IGNORED, NULL, "kvsim computes in fp32 whatever the stored dtype"},
@@ -657,6 +658,7 @@ static const cfg_key_t cfg_keys[] = {
     {"eos_token_id", A_ALL, KEY_IGNORED, NULL, "token ids: the tokenizer's business"},
     {"pad_token_id", A_ALL, KEY_IGNORED, NULL, "token ids: the tokenizer's business"},
     {"sep_token_id", A_ALL, KEY_IGNORED, NULL, "token ids: the tokenizer's business"},
+    {"unk_token_id", A_ALL, KEY_IGNORED, NULL, "token ids: the tokenizer's business"},
     {"decoder_start_token_id", A_ALL, KEY_IGNORED, NULL, "token ids: the tokenizer's business"},
     {"tokenizer_class", A_ALL, KEY_IGNORED, NULL, "the tokenizer's business"},
     {"use_cache", A_ALL, KEY_IGNORED, NULL, "a KV cache gives the same logits"},
