@@ -25,21 +25,35 @@
 
 /* Help lines the three subcommands share: the MODEL argument and the -z option. */
 #define HELP_MODEL                                                                                                     \
-    "  MODEL                  llama2.c checkpoint (version 0 legacy, 1 fp32, 2 Q8_0), or a Hugging\n"                  \
-    "                         Face Llama/Mistral/Qwen2 checkpoint: its folder (config.json and\n"                      \
-    "                         model.safetensors or shards with their index), its config.json or\n"                     \
-    "                         a .safetensors file; F32, F16, BF16 weights (run in fp32)\n"
+    "  MODEL                  a GGUF file (llama.cpp's format: llama and qwen2 architectures, F32,\n"                  \
+    "                         F16, BF16 and the Q4_0..Q8_0, Q4_K..Q6_K quantisations), a Hugging Face\n"               \
+    "                         Llama/Mistral/Qwen2 checkpoint (its folder, its config.json or a\n"                      \
+    "                         .safetensors file; F32, F16, BF16 weights) or a llama2.c checkpoint\n"                   \
+    "                         (version 0 legacy, 1 fp32, 2 Q8_0); weights run in fp32\n"
 #define HELP_TOKENIZER                                                                                                 \
-    "  -z, --tokenizer FILE   llama2.c tokenizer.bin or Hugging Face tokenizer.json (SentencePiece-BPE\n"              \
-    "                         kind, as Llama 2); required, except for a Hugging Face MODEL with a\n"                   \
-    "                         tokenizer.json beside its config.json (the default then)\n"
+    "  -z, --tokenizer FILE   tokenizer: a GGUF file's vocabulary, a Hugging Face tokenizer.json\n"                    \
+    "                         (SentencePiece-BPE as Llama 2, or byte-level BPE as Llama 3, Qwen2,\n"                   \
+    "                         SmolLM2) or a llama2.c tokenizer.bin (default: the checkpoint's own:\n"                  \
+    "                         the GGUF file, the folder's tokenizer.json; required for llama2.c)\n"
+#define HELP_IDS                                                                                                       \
+    "      --ids FILE         the prompt as token ids instead of text: integers separated by spaces,\n"                \
+    "                         newlines or commas, or a JSON list ('-': standard input); used as\n"                     \
+    "                         given (no BOS added), each checked against the vocabulary\n"
+#define HELP_CHAT                                                                                                      \
+    "      --chat             wrap the prompt in the model's chat template as the user's turn, with\n"                 \
+    "                         the assistant's header after it (ChatML and Llama 3 templates; others\n"                 \
+    "                         are refused by name); special tokens written in any prompt, such as\n"                   \
+    "                         <|im_start|>, become their ids with or without it\n"                                     \
+    "      --system TEXT      with --chat: the system message (default: the template's own, if any)\n"
 
-/* -z as given, else the tokenizer.json beside a Hugging Face MODEL (into buf); 0, or the usage
- * error's exit status when there is neither. */
-static int tokenizer_or_default(const char *cmd, const char *model, const char **tok, char *buf, size_t len)
+/* -z as given, else the checkpoint's own tokenizer (into buf); 0, or the usage error's exit status
+ * when there is neither (unless optional: token ids need no tokenizer). */
+static int tokenizer_or_default(const char *cmd, const char *model, const char **tok, char *buf, size_t len,
+                                int optional)
 {
-    if (!*tok && !(*tok = kv_model_default_tokenizer(model, buf, len)))
-        return kv_cli_usage_error(cmd, "-z TOKENIZER is required (a Hugging Face folder without tokenizer.json too)");
+    if (!*tok && !(*tok = kv_model_default_tokenizer(model, buf, len)) && !optional)
+        return kv_cli_usage_error(cmd, "-z TOKENIZER is required (a llama2.c checkpoint, or a Hugging Face folder "
+                                       "without tokenizer.json)");
     return 0;
 }
 
@@ -106,24 +120,27 @@ enum {
     OPT_WO,
     OPT_SEGMENTS,
     OPT_POOL,
-    OPT_ZSTD
+    OPT_ZSTD,
+    OPT_IDS,
+    OPT_CHAT,
+    OPT_SYSTEM
 };
 
 /* ---------------------------------------------------------------- generate */
 
 static void generate_help(void)
 {
-    printf("usage: kvsim generate MODEL -z TOKENIZER [-i PROMPT] [-n STEPS] [options]\n"
+    printf("usage: kvsim generate MODEL [-z TOKENIZER] [-i PROMPT | --ids FILE] [-n STEPS] [options]\n"
            "\n"
            "Continue PROMPT with MODEL and print the prompt and the continuation on stdout.\n"
            "Greedy (deterministic) unless --temperature is given. Generation stops after STEPS tokens,\n"
-           "at the end of the model's context, or when the model emits BOS or EOS. A timing line goes to\n"
-           "stderr.\n"
+           "at the end of the model's context, or when the model emits its BOS or EOS token. A timing\n"
+           "line goes to stderr.\n"
            "\n"
            "arguments:\n" HELP_MODEL "\n"
            "options:\n" HELP_TOKENIZER
            "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (default: empty, BOS only)\n"
-           "      --prompt-file F    read the prompt from file F\n"
+           "      --prompt-file F    read the prompt from file F\n" HELP_IDS HELP_CHAT
            "  -n, --steps N          tokens to generate (default 256, capped by the context)\n"
            "      --temperature T    sample from softmax(logits / T) (default 0 = greedy)\n"
            "      --seed S           sampling seed (default 42)\n"
@@ -133,7 +150,8 @@ static void generate_help(void)
            "  -h, --help             this help\n"
            "\n"
            "example:\n"
-           "  kvsim generate stories260K.bin -z tok512.bin -i \"Once upon a time\" -n 64\n");
+           "  kvsim generate stories260K.bin -z tok512.bin -i \"Once upon a time\" -n 64\n"
+           "  kvsim generate SmolLM2-135M-Instruct.Q4_1.gguf --chat -i \"What is the capital of France?\"\n");
 }
 
 static int open_model(const char *cmd, const char *model_path, const char *tok_path, const char *backend, int threads,
@@ -159,6 +177,9 @@ int kv_cmd_generate(int argc, char **argv)
     static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
                                          {"prompt", required_argument, 0, 'i'},
                                          {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"ids", required_argument, 0, OPT_IDS},
+                                         {"chat", no_argument, 0, OPT_CHAT},
+                                         {"system", required_argument, 0, OPT_SYSTEM},
                                          {"steps", required_argument, 0, 'n'},
                                          {"temperature", required_argument, 0, OPT_TEMP},
                                          {"seed", required_argument, 0, OPT_SEED},
@@ -167,16 +188,20 @@ int kv_cmd_generate(int argc, char **argv)
                                          {"quiet", no_argument, 0, 'q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
-    const char *tok_path = NULL, *prompt_arg = NULL, *prompt_file = NULL, *backend = "auto";
+    const char *tok_path = NULL, *prompt_arg = NULL, *prompt_file = NULL, *backend = "auto", *ids_path = NULL;
+    const char *system = NULL;
     long steps = 256, threads = 0, seed = 42;
     double temperature = 0;
-    int c;
+    int c, chat = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":z:i:n:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'z': tok_path = optarg; break;
         case 'i': prompt_arg = optarg; break;
         case OPT_PROMPT_FILE: prompt_file = optarg; break;
+        case OPT_IDS: ids_path = optarg; break;
+        case OPT_CHAT: chat = 1; break;
+        case OPT_SYSTEM: system = optarg; break;
         case 'n':
             if (kv_cli_int("generate", "--steps", optarg, 0, 1L << 24, &steps))
                 return 2;
@@ -204,8 +229,13 @@ int kv_cmd_generate(int argc, char **argv)
     }
     if (optind + 1 != argc)
         return kv_cli_usage_error("generate", "expected exactly one MODEL argument");
+    if (ids_path && (prompt_arg || prompt_file || chat))
+        return kv_cli_usage_error("generate", "--ids replaces the prompt text: it goes without -i, --prompt-file and "
+                                              "--chat");
+    if (system && !chat)
+        return kv_cli_usage_error("generate", "--system needs --chat");
     char deftok[1100];
-    int urc = tokenizer_or_default("generate", argv[optind], &tok_path, deftok, sizeof deftok);
+    int urc = tokenizer_or_default("generate", argv[optind], &tok_path, deftok, sizeof deftok, 0);
     if (urc)
         return urc;
     kv_model_t *m;
@@ -213,14 +243,23 @@ int kv_cmd_generate(int argc, char **argv)
     kv_backend_t *be;
     if (open_model("generate", argv[optind], tok_path, backend, (int)threads, &m, &tok, &be))
         return 1;
-    char *prompt = NULL;
+    char *prompt = NULL, *wrapped = NULL;
+    int32_t *ids = NULL;
+    int n_ids = 0;
     kv_fwd_t *f = NULL;
     kv_gen_result_t r = {0};
-    int rc = load_prompt(prompt_arg, prompt_file, &prompt);
+    int rc = ids_path ? kv_ids_read(ids_path, &ids, &n_ids) : load_prompt(prompt_arg, prompt_file, &prompt);
+    if (rc == KV_OK && ids)
+        rc = kv_ids_check(ids, n_ids, m->cfg.vocab_size, tok, ids_path);
+    if (rc == KV_OK && chat)
+        rc = kv_tokenizer_chat(tok, system, prompt, &wrapped);
     if (rc == KV_OK)
         rc = kv_fwd_create(m, be, m->cfg.seq_len, m->cfg.seq_len, &f);
-    if (rc == KV_OK)
-        rc = kv_generate(f, tok, prompt, (int)steps, (float)temperature, (uint64_t)seed, stdout, &r);
+    if (rc == KV_OK && ids)
+        rc = kv_generate_ids(f, tok, ids, n_ids, (int)steps, (float)temperature, (uint64_t)seed, stdout, &r);
+    else if (rc == KV_OK)
+        rc =
+            kv_generate(f, tok, wrapped ? wrapped : prompt, (int)steps, (float)temperature, (uint64_t)seed, stdout, &r);
     if (rc == KV_OK) {
         printf("\n");
         int gen = r.n_tokens - r.n_prompt;
@@ -230,6 +269,8 @@ int kv_cmd_generate(int argc, char **argv)
     int status = rc == KV_OK ? 0 : kv_cli_fail("generate");
     kv_free(r.tokens);
     kv_free(prompt);
+    kv_free(wrapped);
+    kv_free(ids);
     kv_fwd_free(f);
     kv_backend_close(be);
     kv_tokenizer_free(tok);
@@ -241,17 +282,18 @@ int kv_cmd_generate(int argc, char **argv)
 
 static void nll_help(void)
 {
-    printf("usage: kvsim nll MODEL -z TOKENIZER TEXTFILE [options]\n"
+    printf("usage: kvsim nll MODEL [-z TOKENIZER] TEXTFILE | --ids FILE [options]\n"
            "\n"
            "Teacher-forced negative log-likelihood of TEXTFILE under MODEL, in nats per predicted token.\n"
            "Documents separated by <|endoftext|> lines are scored as separate sequences, each starting\n"
-           "with BOS; a document longer than the model's context (seq_len) is split into windows that\n"
-           "overlap by one token. Prints one line per document, then the totals; the last line is\n"
-           "nll=<mean nats per predicted token>.\n"
+           "with BOS when the model adds one; a document longer than the model's context (seq_len) is\n"
+           "split into windows that overlap by one token. Prints one line per document, then the totals;\n"
+           "the last line is nll=<mean nats per predicted token>. With --ids, the token ids are scored as\n"
+           "one sequence, as given.\n"
            "\n"
-           "arguments:\n" HELP_MODEL "  TEXTFILE               the text to score\n"
+           "arguments:\n" HELP_MODEL "  TEXTFILE               the text to score (not with --ids)\n"
            "\n"
-           "options:\n" HELP_TOKENIZER "      --backend B        cpu, cuda or auto (default auto)\n"
+           "options:\n" HELP_TOKENIZER HELP_IDS "      --backend B        cpu, cuda or auto (default auto)\n"
            "      --threads N        CPU threads (default: all cores)\n"
            "  -q, --quiet            no per-document lines (default: one per document)\n"
            "  -h, --help             this help\n"
@@ -270,18 +312,20 @@ static void nll_doc(void *ctx, int doc, int n_tokens, double sum, long pred)
 int kv_cmd_nll(int argc, char **argv)
 {
     static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
+                                         {"ids", required_argument, 0, OPT_IDS},
                                          {"backend", required_argument, 0, OPT_BACKEND},
                                          {"threads", required_argument, 0, OPT_THREADS},
                                          {"quiet", no_argument, 0, 'q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
-    const char *tok_path = NULL, *backend = "auto";
+    const char *tok_path = NULL, *backend = "auto", *ids_path = NULL;
     long threads = 0;
     int c, verbose = 1;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":z:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'z': tok_path = optarg; break;
+        case OPT_IDS: ids_path = optarg; break;
         case OPT_BACKEND: backend = optarg; break;
         case OPT_THREADS:
             if (kv_cli_int("nll", "--threads", optarg, 0, 4096, &threads))
@@ -295,29 +339,46 @@ int kv_cmd_nll(int argc, char **argv)
         default: return kv_cli_bad_option("nll", c, argv);
         }
     }
-    if (optind + 2 != argc)
-        return kv_cli_usage_error("nll", "expected MODEL and TEXTFILE");
+    if (optind + (ids_path ? 1 : 2) != argc)
+        return kv_cli_usage_error("nll", ids_path ? "expected MODEL (and no TEXTFILE with --ids)"
+                                                  : "expected MODEL and TEXTFILE (or --ids FILE)");
     char deftok[1100];
-    int urc = tokenizer_or_default("nll", argv[optind], &tok_path, deftok, sizeof deftok);
+    int urc = tokenizer_or_default("nll", argv[optind], &tok_path, deftok, sizeof deftok, ids_path != NULL);
     if (urc)
         return urc;
     char *text = NULL;
     size_t len = 0;
-    if (read_text(argv[optind + 1], &text, &len) != KV_OK)
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    if (ids_path ? kv_ids_read(ids_path, &ids, &n_ids) != KV_OK : read_text(argv[optind + 1], &text, &len) != KV_OK)
         return kv_cli_fail("nll");
-    kv_model_t *m;
-    kv_tokenizer_t *tok;
-    kv_backend_t *be;
-    if (open_model("nll", argv[optind], tok_path, backend, (int)threads, &m, &tok, &be)) {
+    kv_model_t *m = NULL;
+    kv_tokenizer_t *tok = NULL;
+    kv_backend_t *be = NULL;
+    int open_failed =
+        tok_path ? open_model("nll", argv[optind], tok_path, backend, (int)threads, &m, &tok, &be)
+                 : (kv_model_load(argv[optind], &m) != KV_OK || kv_backend_open(backend, (int)threads, &be) != KV_OK);
+    if (open_failed) {
+        if (!tok_path)
+            kv_cli_fail("nll");
+        kv_model_free(m);
         kv_free(text);
+        kv_free(ids);
         return 1;
     }
     kv_fwd_t *f = NULL;
     kv_nll_result_t r;
     double t0 = kv_now();
-    int rc = kv_fwd_create(m, be, m->cfg.seq_len, m->cfg.seq_len, &f);
+    int rc = ids ? kv_ids_check(ids, n_ids, m->cfg.vocab_size, tok, ids_path) : KV_OK;
     if (rc == KV_OK)
+        rc = kv_fwd_create(m, be, m->cfg.seq_len, m->cfg.seq_len, &f);
+    if (rc == KV_OK && ids) {
+        rc = kv_nll_ids(f, ids, n_ids, &r);
+        if (rc == KV_OK)
+            nll_doc(&verbose, 0, n_ids, r.nll_sum, r.n_predicted);
+    } else if (rc == KV_OK) {
         rc = kv_nll_text(f, tok, text, len, &r, nll_doc, &verbose);
+    }
     if (rc == KV_OK) {
         double el = kv_now() - t0;
         printf("docs=%d tokens=%ld predicted=%ld windows=%d seconds=%.3f\n", r.n_docs, r.n_tokens, r.n_predicted,
@@ -330,6 +391,7 @@ int kv_cmd_nll(int argc, char **argv)
     kv_tokenizer_free(tok);
     kv_model_free(m);
     kv_free(text);
+    kv_free(ids);
     return status;
 }
 
@@ -337,7 +399,7 @@ int kv_cmd_nll(int argc, char **argv)
 
 static void capture_help(void)
 {
-    printf("usage: kvsim capture MODEL -z TOKENIZER -i PROMPT -o TRACE.h5 [options]\n"
+    printf("usage: kvsim capture MODEL [-z TOKENIZER] -i PROMPT | --ids FILE -o TRACE.h5 [options]\n"
            "\n"
            "Run MODEL on PROMPT, then decode greedily, and record the attention trace in HDF5\n"
            "(traces/FORMAT.md): per layer the post-RoPE Q (n_heads, T, head_dim), K and V (n_kv_heads, T,\n"
@@ -351,8 +413,9 @@ static void capture_help(void)
            "\n"
            "arguments:\n" HELP_MODEL "\n"
            "options:\n" HELP_TOKENIZER
-           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (required, or --prompt-file)\n"
-           "      --prompt-file F    read the prompt from file F\n"
+           "  -i, --prompt TEXT      prompt text; -i @FILE reads it from FILE (required, or --prompt-file\n"
+           "                         or --ids)\n"
+           "      --prompt-file F    read the prompt from file F\n" HELP_IDS HELP_CHAT
            "  -o, --output FILE      trace file to write (required)\n"
            "      --decode N         greedy decode tokens recorded after the prompt (default 64);\n"
            "                         exactly N are generated (EOS does not stop); prompt + N must fit\n"
@@ -361,8 +424,9 @@ static void capture_help(void)
            "                         counted in the f16_overflow attribute)\n"
            "      --with-wo          also store W_O (model_dim x n_heads*head_dim) per layer (default: no)\n"
            "      --segments S       auto (default): documents separated by <|endoftext|> lines in the\n"
-           "                         prompt are tokenised separately, each with BOS, and their starts\n"
-           "                         recorded (a prompt without separators has no segments);\n"
+           "                         prompt are tokenised separately, each with BOS when the model adds\n"
+           "                         one, and their starts recorded (a prompt without separators, one\n"
+           "                         with --chat and token ids have no segments);\n"
            "                         none: the whole prompt is one sequence, no segments;\n"
            "                         i,j,k: token offsets where segments start (0 implied) in the\n"
            "                         prompt tokenised as one sequence (separator lines stay text)\n"
@@ -374,7 +438,8 @@ static void capture_help(void)
            "  -h, --help             this help\n"
            "\n"
            "example:\n"
-           "  kvsim capture stories260K.bin -z tok512.bin -i @prompt.txt -o trace.h5 --decode 64\n");
+           "  kvsim capture stories260K.bin -z tok512.bin -i @prompt.txt -o trace.h5 --decode 64\n"
+           "  kvsim capture SmolLM2-135M-Instruct.Q4_1.gguf --chat -i @question.txt -o trace.h5\n");
 }
 
 int kv_cmd_capture(int argc, char **argv)
@@ -382,6 +447,9 @@ int kv_cmd_capture(int argc, char **argv)
     static const struct option opts[] = {{"tokenizer", required_argument, 0, 'z'},
                                          {"prompt", required_argument, 0, 'i'},
                                          {"prompt-file", required_argument, 0, OPT_PROMPT_FILE},
+                                         {"ids", required_argument, 0, OPT_IDS},
+                                         {"chat", no_argument, 0, OPT_CHAT},
+                                         {"system", required_argument, 0, OPT_SYSTEM},
                                          {"output", required_argument, 0, 'o'},
                                          {"decode", required_argument, 0, OPT_DECODE},
                                          {"dtype", required_argument, 0, OPT_DTYPE},
@@ -396,7 +464,7 @@ int kv_cmd_capture(int argc, char **argv)
                                          {0, 0, 0, 0}};
     kv_capture_opts_t o;
     kv_capture_opts_init(&o);
-    const char *prompt_arg = NULL, *prompt_file = NULL;
+    const char *prompt_arg = NULL, *prompt_file = NULL, *ids_path = NULL;
     long v;
     int c;
     optind = 1;
@@ -405,6 +473,9 @@ int kv_cmd_capture(int argc, char **argv)
         case 'z': o.tokenizer_path = optarg; break;
         case 'i': prompt_arg = optarg; break;
         case OPT_PROMPT_FILE: prompt_file = optarg; break;
+        case OPT_IDS: ids_path = optarg; break;
+        case OPT_CHAT: o.chat = 1; break;
+        case OPT_SYSTEM: o.system = optarg; break;
         case 'o': o.out_path = optarg; break;
         case OPT_DECODE:
             if (kv_cli_int("capture", "--decode", optarg, 0, 1L << 24, &v))
@@ -444,20 +515,34 @@ int kv_cmd_capture(int argc, char **argv)
     }
     if (optind + 1 != argc)
         return kv_cli_usage_error("capture", "expected exactly one MODEL argument");
+    if (ids_path && (prompt_arg || prompt_file || o.chat))
+        return kv_cli_usage_error("capture", "--ids replaces the prompt text: it goes without -i, --prompt-file and "
+                                             "--chat");
+    if (o.system && !o.chat)
+        return kv_cli_usage_error("capture", "--system needs --chat");
     char deftok[1100];
-    int urc = tokenizer_or_default("capture", argv[optind], &o.tokenizer_path, deftok, sizeof deftok);
+    int urc = tokenizer_or_default("capture", argv[optind], &o.tokenizer_path, deftok, sizeof deftok, ids_path != NULL);
     if (urc)
         return urc;
     if (!o.out_path)
         return kv_cli_usage_error("capture", "-o TRACE.h5 is required");
-    if (!prompt_arg && !prompt_file)
-        return kv_cli_usage_error("capture", "a prompt is required (-i TEXT, -i @FILE or --prompt-file FILE)");
+    if (!prompt_arg && !prompt_file && !ids_path)
+        return kv_cli_usage_error("capture",
+                                  "a prompt is required (-i TEXT, -i @FILE, --prompt-file FILE or --ids FILE)");
     o.model_path = argv[optind];
     char *prompt = NULL;
-    if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
-        return kv_cli_fail("capture");
-    o.prompt = prompt;
-    if (strcmp(o.segments, "auto") && strstr(prompt, KV_DOC_SEPARATOR))
+    int32_t *ids = NULL;
+    if (ids_path) {
+        if (kv_ids_read(ids_path, &ids, &o.n_ids) != KV_OK)
+            return kv_cli_fail("capture");
+        o.ids = ids;
+        o.ids_source = ids_path;
+    } else {
+        if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
+            return kv_cli_fail("capture");
+        o.prompt = prompt;
+    }
+    if (prompt && strcmp(o.segments, "auto") && strstr(prompt, KV_DOC_SEPARATOR))
         kv_warn("capture: --segments %s: the prompt's %s lines are tokenised as plain text, not as document "
                 "boundaries (only --segments auto, the default, splits the documents there, each with BOS)",
                 o.segments, KV_DOC_SEPARATOR);
@@ -482,10 +567,20 @@ int kv_cmd_capture(int argc, char **argv)
     kv_cli_append_arg(gen, sizeof gen, num);
     kv_cli_append_arg(gen, sizeof gen, "--backend");
     kv_cli_append_arg(gen, sizeof gen, o.backend);
-    kv_cli_append_arg(gen, sizeof gen, "-z");
-    kv_cli_append_arg(gen, sizeof gen, o.tokenizer_path);
-    kv_cli_append_arg(gen, sizeof gen, "-i");
-    if (prompt_file || (prompt_arg && prompt_arg[0] == '@')) {
+    if (o.tokenizer_path) {
+        kv_cli_append_arg(gen, sizeof gen, "-z");
+        kv_cli_append_arg(gen, sizeof gen, o.tokenizer_path);
+    }
+    if (o.chat)
+        kv_cli_append_arg(gen, sizeof gen, "--chat");
+    if (o.system) {
+        kv_cli_append_arg(gen, sizeof gen, "--system");
+        kv_cli_append_arg(gen, sizeof gen, strlen(o.system) <= 80 ? o.system : "<system message>");
+    }
+    kv_cli_append_arg(gen, sizeof gen, ids_path ? "--ids" : "-i");
+    if (ids_path) {
+        kv_cli_append_arg(gen, sizeof gen, ids_path);
+    } else if (prompt_file || (prompt_arg && prompt_arg[0] == '@')) {
         char at[1100];
         snprintf(at, sizeof at, "@%s", prompt_file ? prompt_file : prompt_arg + 1);
         kv_cli_append_arg(gen, sizeof gen, at);
@@ -501,6 +596,7 @@ int kv_cmd_capture(int argc, char **argv)
     kv_capture_result_t r;
     int rc = kv_capture_run(&o, &r);
     kv_free(prompt);
+    kv_free(ids);
     if (rc != KV_OK)
         return kv_cli_fail("capture");
     char a[32];

@@ -133,9 +133,12 @@ int kv_cmd_model(int argc, char **argv)
         rc = kv_cli_fail("model");
         goto done;
     } else {
+        char d[1024];
         printf("tokenizer:    ");
         put_safe(tok_path);
-        printf("\n              %d tokens\n", tok->vocab_size);
+        printf("\n              ");
+        put_safe(kv_tokenizer_describe(tok, d, sizeof d));
+        printf("\n");
     }
     if (fflush(stdout) != 0 || ferror(stdout)) {
         fprintf(stderr, "kvsim model: standard output: write error\n");

@@ -325,6 +325,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     kv_trace_writer_t *w = NULL;
     int32_t *tokens = NULL, *segs = NULL;
     float *logits = NULL;
+    char *chat_text = NULL; /* the prompt in the chat template (o->chat) */
     int n_prompt = 0, n_segs = 0, rc;
     cap_t s;
     memset(&s, 0, sizeof s);
@@ -334,8 +335,10 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     const char *tok_path = o->tokenizer_path;
     if (!tok_path && o->model_path) /* a Hugging Face folder's own tokenizer.json */
         tok_path = kv_model_default_tokenizer(o->model_path, deftok, sizeof deftok);
-    if (!o->model_path || !tok_path || !o->prompt || !o->out_path)
-        return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt and output are all required");
+    if (!o->model_path || (!tok_path && !o->ids) || (!o->prompt && !o->ids) || !o->out_path)
+        return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt (or token ids) and output are all required");
+    if (o->ids && o->n_ids <= 0)
+        return kv_error(KV_EINVAL, "capture: the token id list is empty");
     if (o->n_decode < 0)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
     if (o->pool <= 0)
@@ -343,10 +346,29 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     if ((rc = kv_model_load(o->model_path, &m)))
         goto done;
     const kv_model_config_t *c = &m->cfg;
-    if ((rc = kv_tokenizer_load(tok_path, c->vocab_size, &tok)))
+    if (tok_path && (rc = kv_tokenizer_load(tok_path, c->vocab_size, &tok)))
         goto done;
-    if ((rc = kv_capture_tokenize(tok, o->prompt, o->segments, &tokens, &n_prompt, &segs, &n_segs)))
+    if (o->ids) {
+        if ((rc = kv_ids_check(o->ids, o->n_ids, c->vocab_size, tok, o->ids_source ? o->ids_source : "--ids")))
+            goto done;
+        if (!(tokens = kv_malloc(sizeof(int32_t) * (size_t)o->n_ids, "prompt tokens"))) {
+            rc = KV_ENOMEM;
+            goto done;
+        }
+        memcpy(tokens, o->ids, sizeof(int32_t) * (size_t)o->n_ids);
+        n_prompt = o->n_ids;
+        const char *sg = o->segments ? o->segments : "auto";
+        if (strcmp(sg, "auto") && strcmp(sg, "none") && (rc = parse_offsets(sg, n_prompt, &segs, &n_segs)))
+            goto done;
+    } else if (o->chat) {
+        if ((rc = kv_tokenizer_chat(tok, o->system, o->prompt, &chat_text)))
+            goto done;
+        const char *sg = o->segments && strcmp(o->segments, "auto") ? o->segments : "none";
+        if ((rc = kv_capture_tokenize(tok, chat_text, sg, &tokens, &n_prompt, &segs, &n_segs)))
+            goto done;
+    } else if ((rc = kv_capture_tokenize(tok, o->prompt, o->segments, &tokens, &n_prompt, &segs, &n_segs))) {
         goto done;
+    }
     if ((long long)n_prompt + o->n_decode > c->seq_len) {
         rc = kv_error(KV_ERANGE,
                       "the prompt (%d tokens) plus %d decode tokens makes %lld, beyond the model's context "
@@ -400,9 +422,21 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     }
     snprintf(meta.source, sizeof meta.source, "capture");
     snprintf(meta.model, sizeof meta.model, "%s", o->model_path);
-    snprintf(meta.tokenizer, sizeof meta.tokenizer, "%s", tok_path);
+    snprintf(meta.tokenizer, sizeof meta.tokenizer, "%s", tok_path ? tok_path : "(none: token ids given)");
     snprintf(meta.backend, sizeof meta.backend, "%s", res->device);
-    snprintf(meta.prompt, sizeof meta.prompt, "%s", o->prompt);
+    if (o->prompt) {
+        snprintf(meta.prompt, sizeof meta.prompt, "%s", chat_text ? chat_text : o->prompt);
+    } else if (tok) { /* token ids: their text, as the tokenizer decodes it */
+        char *text = NULL;
+        size_t tl = 0;
+        if (kv_tokenizer_decode_all(tok, tokens, n_prompt, &text, &tl) == KV_OK)
+            snprintf(meta.prompt, sizeof meta.prompt, "%s", text);
+        kv_free(text);
+    } else {
+        size_t k = (size_t)snprintf(meta.prompt, sizeof meta.prompt, "(token ids)");
+        for (int i = 0; i < n_prompt && k + 16 < sizeof meta.prompt; i++)
+            k += (size_t)snprintf(meta.prompt + k, sizeof meta.prompt - k, " %d", tokens[i]);
+    }
     kv_iso_time(meta.created, sizeof meta.created);
     if (o->generator) {
         snprintf(meta.generator, sizeof meta.generator, "%s", o->generator);
@@ -519,6 +553,7 @@ done:
     kv_free(logits);
     kv_free(tokens);
     kv_free(segs);
+    kv_free(chat_text);
     kv_fwd_free(f);
     kv_backend_close(be);
     kv_tokenizer_free(tok);

@@ -10,6 +10,8 @@
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -180,7 +182,6 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
                 FILE *out, kv_gen_result_t *res)
 {
     memset(res, 0, sizeof *res);
-    const int V = kv_fwd_model(f)->cfg.vocab_size, W = kv_fwd_max_tokens(f);
     int32_t *p = NULL;
     int np = 0;
     int rc = kv_tokenizer_encode(tok, prompt, strlen(prompt), tok->add_bos, 0, &p, &np);
@@ -195,10 +196,23 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
         p[0] = tok->bos_id; /* an empty encoding still has room for one id */
         np = 1;
     }
-    if (np > W) {
-        kv_free(p);
+    rc = kv_generate_ids(f, tok, p, np, steps, temperature, seed, out, res);
+    kv_free(p);
+    return rc;
+}
+
+int kv_generate_ids(kv_fwd_t *f, const kv_tokenizer_t *tok, const int32_t *p, int np, int steps, float temperature,
+                    uint64_t seed, FILE *out, kv_gen_result_t *res)
+{
+    memset(res, 0, sizeof *res);
+    const int V = kv_fwd_model(f)->cfg.vocab_size, W = kv_fwd_max_tokens(f);
+    int rc = KV_OK;
+    if (np <= 0)
+        return kv_error(KV_EINVAL, "generate: no prompt tokens");
+    if (!tok)
+        out = NULL; /* nothing to decode with */
+    if (np > W)
         return kv_error(KV_ERANGE, "generate: the prompt is %d tokens, the context holds %d", np, W);
-    }
     if (steps < 0 || steps > W - np)
         steps = W - np;
     float *logits = kv_malloc(sizeof(float) * (size_t)V, "logits");
@@ -228,7 +242,7 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
     t0 = kv_now();
     for (int s = 0; s < steps; s++) {
         int next = kv_sample(logits, V, temperature, kv_rng_uniform(&rng));
-        if (next == tok->bos_id || next == tok->eos_id)
+        if (tok && (next == tok->bos_id || next == tok->eos_id))
             break;
         all[n++] = next;
         if (out) {
@@ -244,12 +258,168 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
     res->tokens = all;
     res->n_tokens = n;
     res->n_prompt = np;
-    kv_free(p);
     kv_free(logits);
     return KV_OK;
 fail:
-    kv_free(p);
     kv_free(logits);
     kv_free(all);
     return rc;
+}
+
+int kv_nll_ids(kv_fwd_t *f, const int32_t *ids, int n, kv_nll_result_t *res)
+{
+    memset(res, 0, sizeof *res);
+    const int W = kv_fwd_max_tokens(f);
+    if (W < 2)
+        return kv_error(KV_EINVAL, "nll: a context of %d tokens predicts nothing", W);
+    if (n < 2)
+        return kv_error(KV_EINVAL, "nll: %d token%s predict nothing", n, n == 1 ? "" : "s");
+    float *logits = kv_malloc(sizeof(float) * NLL_BLOCK * (size_t)kv_fwd_model(f)->cfg.vocab_size, "logits");
+    if (!logits)
+        return KV_ENOMEM;
+    int rc = KV_OK;
+    double sum = 0;
+    long pred = 0;
+    for (int s = 0;;) {
+        int e = KV_MIN(s + W, n);
+        if (e - s >= 2) {
+            if ((rc = nll_window(f, ids + s, e - s, logits, &sum)))
+                break;
+            pred += e - s - 1;
+            res->n_windows++;
+        }
+        if (e >= n)
+            break;
+        s = e - 1;
+    }
+    kv_free(logits);
+    if (rc)
+        return rc;
+    res->nll_sum = sum;
+    res->n_predicted = pred;
+    res->n_tokens = n;
+    res->n_docs = 1;
+    return KV_OK;
+}
+
+int kv_ids_parse(const char *text, size_t len, const char *where, int32_t **ids, int *n)
+{
+    *ids = NULL;
+    *n = 0;
+    size_t i = 0, cap = 0;
+    int32_t *v = NULL;
+    int json = 0, closed = 0;
+    while (i < len && strchr(" \t\r\n", text[i]))
+        i++;
+    if (i < len && text[i] == '[')
+        json = 1, i++;
+    for (;;) {
+        while (i < len && (strchr(" \t\r\n", text[i]) || (!json && text[i] == ',')))
+            i++;
+        if (i >= len || text[i] == 0)
+            break;
+        if (json && text[i] == ']') {
+            closed = 1;
+            i++;
+            break;
+        }
+        if (text[i] < '0' || text[i] > '9') {
+            kv_free(v);
+            return kv_error(KV_EFORMAT, "%s: byte %zu: expected a token id (a non-negative integer), found '%c'", where,
+                            i, text[i] >= 32 && text[i] < 127 ? text[i] : '?');
+        }
+        long long x = 0;
+        while (i < len && text[i] >= '0' && text[i] <= '9') {
+            x = x * 10 + (text[i++] - '0');
+            if (x > INT32_MAX) {
+                kv_free(v);
+                return kv_error(KV_EFORMAT, "%s: byte %zu: token id beyond 2^31", where, i);
+            }
+        }
+        if ((size_t)*n == cap) {
+            cap = cap ? 2 * cap : 256;
+            int32_t *g = kv_realloc(v, cap * sizeof *v, "token ids");
+            if (!g) {
+                kv_free(v);
+                return KV_ENOMEM;
+            }
+            v = g;
+        }
+        v[(*n)++] = (int32_t)x;
+        if (json) { /* a comma or the closing bracket */
+            while (i < len && strchr(" \t\r\n", text[i]))
+                i++;
+            if (i < len && text[i] == ',')
+                i++;
+            else if (!(i < len && text[i] == ']')) {
+                kv_free(v);
+                *n = 0;
+                return kv_error(KV_EFORMAT, "%s: byte %zu: expected ',' or ']' in the JSON list", where, i);
+            }
+        }
+    }
+    while (i < len && strchr(" \t\r\n", text[i]))
+        i++;
+    if ((json && !closed) || i < len) {
+        kv_free(v);
+        *n = 0;
+        return kv_error(KV_EFORMAT, "%s: byte %zu: %s", where, i,
+                        json && !closed ? "the JSON list is not closed with ']'" : "text after the JSON list");
+    }
+    if (*n == 0) {
+        kv_free(v);
+        return kv_error(KV_EFORMAT, "%s: no token ids", where);
+    }
+    *ids = v;
+    return KV_OK;
+}
+
+int kv_ids_read(const char *path, int32_t **ids, int *n)
+{
+    *ids = NULL;
+    *n = 0;
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f)
+        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 1 << 16, len = 0;
+    char *b = kv_malloc(cap, "token id file");
+    int rc = b ? KV_OK : KV_ENOMEM;
+    while (rc == KV_OK) {
+        size_t r = fread(b + len, 1, cap - len, f);
+        len += r;
+        if (r == 0)
+            break;
+        if (len == cap) {
+            if (cap >= (size_t)1 << 30) {
+                rc = kv_error(KV_EFORMAT, "%s: more than 1 GiB of token ids", path);
+                break;
+            }
+            char *g = kv_realloc(b, cap * 2, "token id file");
+            if (!g)
+                rc = KV_ENOMEM;
+            else
+                b = g, cap *= 2;
+        }
+    }
+    if (rc == KV_OK && ferror(f))
+        rc = kv_error(KV_EIO, "%s: read error: %s", path, strerror(errno));
+    if (f != stdin)
+        fclose(f);
+    if (rc == KV_OK)
+        rc = kv_ids_parse(b, len, path, ids, n);
+    kv_free(b);
+    return rc;
+}
+
+int kv_ids_check(const int32_t *ids, int n, int vocab, const kv_tokenizer_t *tok, const char *where)
+{
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= vocab)
+            return kv_error(KV_ERANGE, "%s: token %d is id %d, outside the model's vocabulary [0, %d)", where, i,
+                            ids[i], vocab);
+        if (tok && ids[i] >= tok->vocab_size)
+            return kv_error(KV_ERANGE, "%s: token %d is id %d, outside the tokenizer's vocabulary [0, %d) (%s)", where,
+                            i, ids[i], tok->vocab_size, tok->path);
+    }
+    return KV_OK;
 }

@@ -24,8 +24,16 @@ extern "C" {
 
 typedef struct {
     const char *model_path;     /* llama2.c checkpoint */
-    const char *tokenizer_path; /* llama2.c tokenizer.bin */
-    const char *prompt;         /* prompt text */
+    const char *tokenizer_path; /* tokenizer.bin, tokenizer.json or GGUF; NULL: the checkpoint's own
+                                   (kv_model_default_tokenizer); optional with ids */
+    const char *prompt;         /* prompt text (NULL when ids are given) */
+    const int32_t *ids;         /* (n_ids) the prompt as token ids instead of text, used as given (no
+                                   BOS added); checked against the model's and the tokenizer's vocabulary */
+    int n_ids;
+    const char *ids_source;     /* where the ids came from, for messages (default "--ids") */
+    int chat;                   /* 1: wrap the prompt text in the tokenizer's chat template (as the user's
+                                   turn, with the generation prompt), tokenised as one sequence */
+    const char *system;         /* with chat: the system message, NULL for the template's default */
     const char *out_path;       /* trace file (.h5) */
     int n_decode;               /* greedy decode tokens recorded after the prompt (default 64) */
     kv_dtype_t dtype;           /* Q, K, V storage */

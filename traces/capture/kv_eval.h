@@ -63,6 +63,23 @@ typedef struct {
 int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int steps, float temperature, uint64_t seed,
                 FILE *out, kv_gen_result_t *res);
 
+/* The same from token ids (used as given: no BOS is added); tok may be NULL (nothing is written). */
+int kv_generate_ids(kv_fwd_t *f, const kv_tokenizer_t *tok, const int32_t *ids, int n_ids, int steps,
+                    float temperature, uint64_t seed, FILE *out, kv_gen_result_t *res);
+
+/* Teacher-forced NLL of one sequence of token ids (one document, split into windows as above). */
+int kv_nll_ids(kv_fwd_t *f, const int32_t *ids, int n, kv_nll_result_t *res);
+
+/* Token ids written as text: integers separated by whitespace and/or commas ("1 2 3", "1,2,3"), or a
+ * JSON list ("[1, 2, 3]"). *ids (kv_free) gets them; errors name `where` and the offending byte
+ * offset. At least one id; each in [0, 2^31). */
+int kv_ids_parse(const char *text, size_t len, const char *where, int32_t **ids, int *n);
+/* kv_ids_parse of a whole file ("-": standard input). */
+int kv_ids_read(const char *path, int32_t **ids, int *n);
+/* Every id inside the model's vocabulary [0, vocab) and, when tok is given, the tokenizer's;
+ * errors name `where`, the position and the id. */
+int kv_ids_check(const int32_t *ids, int n, int vocab, const kv_tokenizer_t *tok, const char *where);
+
 /* Index drawn from softmax(logits / temperature) with uniform variate u in [0, 1). */
 int kv_sample(const float *logits, int n, float temperature, double u);
 
