@@ -3,7 +3,8 @@
  * policy in sim/policy_registry.c) and the per-layer context the replay engine gives them.
  *
  * The engine (sim/replay.c) reads one layer of a trace at a time and, for every configured policy,
- * calls `prepare` once (scores for all budgets), then for every budget builds the cache that an
+ * calls `prepare` once (scores for all budgets; statistics several policies share come from
+ * sim/layer_stats.h: kv_ctx_colstats, kv_ctx_window_probs), then for every budget builds the cache that an
  * evaluation query would really see and measures it (sim/metrics.c). Most policies are *scorers*
  * (the kvpress split): `prepare` writes one score per (query head, context token) and marks the
  * tokens they protect; the shared selection code (sim/select.c) aggregates scores over a KV group
@@ -31,6 +32,7 @@
 
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_params.h"
+#include "sim/layer_stats.h"
 #include "traces/kv_trace.h"
 
 #include <stddef.h>
@@ -67,23 +69,29 @@ struct kv_layer_ctx {
     int layer, n_layers;
     int H, Hkv, G, d; /* query heads, KV heads, group size, head_dim */
     int T, n_ctx, n_eval;
-    const float *q;      /* (H, T, d) post-RoPE queries */
+    const float *q;      /* post-RoPE queries of tokens [q0, T): query i of head h at q + h*q_hs + (i-q0)*d
+                            (use kv_ctx_query); q0 = 0 and q_hs = T*d unless the trace is lean */
+    int q0;              /* first token whose query is held (0, or a lean trace's first stored query) */
+    size_t q_hs;         /* floats between heads of q */
     const float *k;      /* (Hkv, T, d) post-RoPE keys */
     const float *v;      /* (Hkv, T, d) values */
     const float *wo;     /* (model_dim, H*d) or NULL */
     const float *p_eval; /* (H, n_eval, T): softmax of evaluation query n_ctx+e over keys [0, n_ctx+e] */
     kv_backend_t *be;
-    uint64_t seed; /* replay seed (for random policies: derive per layer/head) */
-    void *engine;  /* private to replay.c */
+    uint64_t seed;           /* replay seed (for random policies: derive per layer/head) */
+    kv_layer_stats_t *stats; /* the shared statistics of the layer (sim/layer_stats.h) */
 };
 
-/* Shared statistics, computed on first use and reused by every policy of the layer. Call them only
- * from `prepare` (they are not thread-safe). Pointers stay valid until the next layer. */
-/* Column statistics of causal attention of context queries [0, n_ctx) over context keys: (H, n_ctx). */
-int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, const float **max);
-/* Probabilities of the last w context queries over context keys (causal): (H, w, n_ctx); row r is
- * query n_ctx - w + r. Window columns are included (policies drop them after the softmax). */
-int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs);
+/* Query i (a token index) of query head h, (d) floats; NULL when the trace does not hold it (a lean
+ * trace keeps only the last prompt queries and the decode queries: i < q0). Evaluation queries
+ * (i >= n_ctx) are always held. */
+static inline const float *kv_ctx_query(const kv_layer_ctx_t *c, int h, int i)
+{
+    return i < c->q0 ? NULL : c->q + (size_t)h * c->q_hs + (size_t)(i - c->q0) * c->d;
+}
+
+/* Shared statistics (accumulated attention, observation windows): sim/layer_stats.h, included
+ * above; policies call kv_ctx_colstats and kv_ctx_window_probs from `prepare`. */
 
 /* ---- caches ---- */
 typedef struct {

@@ -2,16 +2,17 @@
  * replay.c: the replay engine (see replay.h).
  *
  * Per layer:
- *   1. read Q, K, V (and W_O) once;
- *   2. p_eval = softmax of every evaluation query over its keys (backend attn_probs), exact head
- *      outputs and value norms (metrics.c);
- *   3. every policy prepares once (shared statistics such as accumulated attention or window
- *      probabilities are computed on first request and reused by every policy of the layer);
+ *   1. read Q, K, V (and W_O) once (sim/stream.c: in a reader thread with prefetch);
+ *   2. p_eval = softmax of every evaluation query over its keys (sim/layer_stats.c, through the
+ *      backend), exact head outputs and value norms (metrics.c);
+ *   3. every policy prepares once; the statistics several policies share (accumulated attention,
+ *      window probabilities) come from sim/layer_stats.c, computed on first request and reused by
+ *      every policy of the layer;
  *   4. every (policy, budget) pair builds the caches its evaluation queries read and measures them,
  *      in parallel, each writing only its own slot (handed out longest first by the previous
  *      layer's times: see schedule_order).
  * Rows are produced at the end in a fixed order: per (policy, budget) an overall row, then per
- * layer a layer row followed by its head rows (aggregated in parallel, appended in that order).
+ * layer a layer row followed by its head rows (sim/aggregate.c, in parallel, appended in that order).
  *
  * Trace-driven caveat (true of every offline replay): evaluation queries are the ones recorded
  * with the full cache; after a real eviction the model's later queries would differ slightly.
@@ -20,12 +21,12 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/layer_stats.h"
 #include "sim/metrics.h"
+#include "sim/replay_internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <omp.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,178 +40,6 @@ void kv_replay_defaults(kv_replay_opts_t *o)
 
 #define KV_MAX_GROUP 256 /* query heads per KV head */
 
-/* ---------------------------------------------------------------- shared statistics */
-
-#define MAX_WINDOWS 8
-
-typedef struct {
-    kv_backend_t *be;
-    kv_replay_stats_t *st;          /* may be NULL */
-    const float *hq, *hk;           /* host Q and K of the layer */
-    void *dq, *dk;                  /* backend views of them (the host arrays on the CPU) */
-    float *colsum, *colsq, *colmax; /* (H, n_ctx) */
-    int have_col;
-    struct {
-        int w;
-        float *probs; /* (H, w, n_ctx) */
-    } win[MAX_WINDOWS];
-    int n_win;
-} engine_t;
-
-static void engine_reset(engine_t *e)
-{
-    kv_be_unview(e->be, e->hq, e->dq);
-    kv_be_unview(e->be, e->hk, e->dk);
-    e->hq = e->hk = NULL;
-    e->dq = e->dk = NULL;
-    kv_free(e->colsum);
-    kv_free(e->colsq);
-    kv_free(e->colmax);
-    e->colsum = e->colsq = e->colmax = NULL;
-    e->have_col = 0;
-    for (int i = 0; i < e->n_win; i++)
-        kv_free(e->win[i].probs);
-    e->n_win = 0;
-}
-
-/* Backend views of the layer's Q and K (uploaded once per layer on device backends). */
-static int engine_views(engine_t *e, const kv_layer_ctx_t *c)
-{
-    if (e->dq)
-        return KV_OK;
-    int rc = kv_be_view(e->be, c->q, sizeof(float) * (size_t)c->H * c->T * c->d, &e->dq);
-    if (rc == KV_OK)
-        rc = kv_be_view(e->be, c->k, sizeof(float) * (size_t)c->Hkv * c->T * c->d, &e->dk);
-    e->hq = c->q;
-    e->hk = c->k;
-    return rc;
-}
-
-static kv_qk_args_t qk_args(const kv_layer_ctx_t *c, int q0, int nq, int nk)
-{
-    const engine_t *e = c->engine;
-    kv_qk_args_t a = {0};
-    a.q = (const float *)e->dq + (size_t)q0 * c->d;
-    a.q_head_stride = (size_t)c->T * c->d;
-    a.k = (const float *)e->dk;
-    a.k_head_stride = (size_t)c->T * c->d;
-    a.n_heads = c->H;
-    a.n_kv_heads = c->Hkv;
-    a.head_dim = c->d;
-    a.n_q = nq;
-    a.q_pos0 = q0;
-    a.n_k = nk;
-    a.causal = 1;
-    a.scale = 1.0f / sqrtf((float)c->d);
-    return a;
-}
-
-int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, const float **max)
-{
-    engine_t *e = c->engine;
-    if (!e->have_col) {
-        size_t n = (size_t)c->H * (size_t)(c->n_ctx ? c->n_ctx : 1);
-        e->colsum = kv_malloc(n * sizeof(float), "accumulated attention");
-        e->colsq = kv_malloc(n * sizeof(float), "accumulated squared attention");
-        e->colmax = kv_malloc(n * sizeof(float), "max attention");
-        if (!e->colsum || !e->colsq || !e->colmax)
-            return KV_ENOMEM;
-        int rc = engine_views(e, c);
-        if (rc)
-            return rc;
-        kv_qk_args_t a = qk_args(c, 0, c->n_ctx, c->n_ctx);
-        kv_colstats_out_t o = {0};
-        size_t bytes = n * sizeof(float);
-        if ((rc = kv_be_out(e->be, e->colsum, bytes, (void **)&o.sum)) ||
-            (rc = kv_be_out(e->be, e->colsq, bytes, (void **)&o.sumsq)) ||
-            (rc = kv_be_out(e->be, e->colmax, bytes, (void **)&o.max)))
-            return rc;
-        double t0 = kv_now();
-        rc = e->be->ops->attn_colstats(e->be, &a, &o);
-        if (e->st) {
-            e->st->t_attn += kv_now() - t0;
-            e->st->attn_flop += (double)c->H * c->n_ctx * (c->n_ctx + 1) / 2.0 * c->d * 2.0;
-        }
-        int rc2 = kv_be_fetch(e->be, e->colsum, o.sum, bytes);
-        int rc3 = kv_be_fetch(e->be, e->colsq, o.sumsq, bytes);
-        int rc4 = kv_be_fetch(e->be, e->colmax, o.max, bytes);
-        if (rc || (rc = rc2) || (rc = rc3) || (rc = rc4))
-            return rc;
-        e->have_col = 1;
-    }
-    if (sum)
-        *sum = e->colsum;
-    if (sumsq)
-        *sumsq = e->colsq;
-    if (max)
-        *max = e->colmax;
-    return KV_OK;
-}
-
-int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
-{
-    engine_t *e = c->engine;
-    if (w < 1 || w > c->n_ctx)
-        return kv_error(KV_ERANGE, "observation window %d outside [1, %d] (context length)", w, c->n_ctx);
-    for (int i = 0; i < e->n_win; i++)
-        if (e->win[i].w == w) {
-            *probs = e->win[i].probs;
-            return KV_OK;
-        }
-    if (e->n_win == MAX_WINDOWS)
-        return kv_error(KV_EINTERNAL, "more than %d observation windows in one layer", MAX_WINDOWS);
-    size_t bytes = sizeof(float) * (size_t)c->H * w * c->n_ctx;
-    float *p = kv_malloc(bytes, "window attention");
-    if (!p)
-        return KV_ENOMEM;
-    void *dp = NULL;
-    int rc = engine_views(e, c);
-    if (rc == KV_OK)
-        rc = kv_be_out(e->be, p, bytes, &dp);
-    if (rc == KV_OK) {
-        kv_qk_args_t a = qk_args(c, c->n_ctx - w, w, c->n_ctx);
-        double t0 = kv_now();
-        rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
-        if (e->st) {
-            e->st->t_attn += kv_now() - t0;
-            e->st->attn_flop += (double)c->H * w * c->n_ctx * c->d * 2.0;
-        }
-        int rc2 = kv_be_fetch(e->be, p, dp, bytes);
-        rc = rc ? rc : rc2;
-    }
-    if (rc) {
-        kv_free(p);
-        return rc;
-    }
-    e->win[e->n_win].w = w;
-    e->win[e->n_win].probs = p;
-    e->n_win++;
-    *probs = p;
-    return KV_OK;
-}
-
-/* p_eval (H, n_eval, T): every evaluation query's softmax over its keys, through the backend. */
-static int eval_probs(kv_layer_ctx_t *c, float *p_eval)
-{
-    engine_t *e = c->engine;
-    size_t bytes = sizeof(float) * (size_t)c->H * c->n_eval * c->T;
-    void *dp = NULL;
-    int rc = engine_views(e, c);
-    if (rc == KV_OK)
-        rc = kv_be_out(e->be, p_eval, bytes, &dp);
-    if (rc)
-        return rc;
-    kv_qk_args_t a = qk_args(c, c->n_ctx, c->n_eval, c->T);
-    double t0 = kv_now();
-    rc = e->be->ops->attn_probs(e->be, &a, dp, NULL);
-    if (e->st) {
-        e->st->t_attn += kv_now() - t0;
-        e->st->attn_flop += (double)c->H * c->n_eval * c->T * c->d * 2.0;
-    }
-    int rc2 = kv_be_fetch(e->be, p_eval, dp, bytes);
-    return rc ? rc : rc2;
-}
-
 /* ---------------------------------------------------------------- per (policy, budget) state */
 
 typedef struct {
@@ -218,14 +47,8 @@ typedef struct {
     int pi, bi;
     kv_budget_t b;
     void *cstate;
-    int S;                        /* storage heads */
-    float *rec, *err, *bnd;       /* (L, H, E) */
-    float *wo_err, *wo_bnd;       /* (L, E) */
-    double *kept, *cmean, *cpeak; /* (L, H) */
-    long *viol;                   /* (L, H) */
-    double *mem;                  /* (L, S) bytes per storage head */
-    double *meta;                 /* (L) */
-    int probe_e;                  /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
+    kv_samples_t smp; /* what it measured, every layer */
+    int probe_e;      /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
     int rc;
     double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
@@ -236,38 +59,12 @@ static void cfg_free(cfg_t *g)
 {
     if (g->cstate && g->p->desc->cstate_free)
         g->p->desc->cstate_free(g->cstate);
-    kv_free(g->rec);
-    kv_free(g->err);
-    kv_free(g->bnd);
-    kv_free(g->wo_err);
-    kv_free(g->wo_bnd);
-    kv_free(g->kept);
-    kv_free(g->cmean);
-    kv_free(g->cpeak);
-    kv_free(g->viol);
-    kv_free(g->mem);
-    kv_free(g->meta);
+    kv_samples_free(&g->smp);
 }
 
 static int cfg_alloc(cfg_t *g, int L, int H, int Hkv, int E)
 {
-    g->S = g->p->gran == KV_GRAN_KV ? Hkv : H;
-    size_t lhe = (size_t)L * H * E, lh = (size_t)L * H;
-    g->rec = kv_calloc(lhe, sizeof(float), "recall samples");
-    g->err = kv_calloc(lhe, sizeof(float), "error samples");
-    g->bnd = kv_calloc(lhe, sizeof(float), "bound samples");
-    g->wo_err = kv_calloc((size_t)L * E, sizeof(float), "model-space errors");
-    g->wo_bnd = kv_calloc((size_t)L * E, sizeof(float), "model-space bounds");
-    g->kept = kv_calloc(lh, sizeof(double), "kept tokens");
-    g->cmean = kv_calloc(lh, sizeof(double), "cache sizes");
-    g->cpeak = kv_calloc(lh, sizeof(double), "cache peaks");
-    g->viol = kv_calloc(lh, sizeof(long), "violations");
-    g->mem = kv_calloc((size_t)L * g->S, sizeof(double), "memory");
-    g->meta = kv_calloc((size_t)L, sizeof(double), "metadata");
-    if (!g->rec || !g->err || !g->bnd || !g->wo_err || !g->wo_bnd || !g->kept || !g->cmean || !g->cpeak || !g->viol ||
-        !g->mem || !g->meta)
-        return KV_ENOMEM;
-    return KV_OK;
+    return kv_samples_alloc(&g->smp, L, H, E, g->p->gran == KV_GRAN_KV ? Hkv : H);
 }
 
 /* Evaluate one (policy, budget) on one layer. Runs inside the parallel loop: touches only g. */
@@ -275,7 +72,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
 {
     kv_policy_t *p = g->p;
     const kv_policy_desc_t *d = p->desc;
-    const int H = c->H, E = c->n_eval, T = c->T, n = c->n_ctx, G = c->G, S = g->S, l = c->layer;
+    const int H = c->H, E = c->n_eval, T = c->T, n = c->n_ctx, G = c->G, S = g->smp.S, l = c->layer;
     const int has_wo = ml->C_wo != NULL;
     kv_keep_t keep = {S, T, kv_calloc((size_t)S * T, 1, "cache mask")};
     float *evec = has_wo ? kv_calloc((size_t)H * E * c->d, sizeof(float), "error vectors") : NULL; /* (H, E, d) */
@@ -289,7 +86,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
         rc = KV_ENOMEM;
         goto done;
     }
-    float *rec = g->rec + (size_t)l * H * E, *err = g->err + (size_t)l * H * E, *bnd = g->bnd + (size_t)l * H * E;
+    float *rec = g->smp.rec + (size_t)l * H * E, *err = g->smp.err + (size_t)l * H * E,
+          *bnd = g->smp.bnd + (size_t)l * H * E;
     const unsigned fl = p->flags;
     if (fl & (KV_POL_DECODE | KV_POL_PER_QUERY)) {
         if (fl & KV_POL_DECODE) {
@@ -320,10 +118,10 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                     peak_s[s] = tot;
                 for (int h = (p->gran == KV_GRAN_KV ? s * G : s); h < (p->gran == KV_GRAN_KV ? (s + 1) * G : s + 1);
                      h++) {
-                    g->kept[(size_t)l * H + h] += ctx / (double)E;
-                    g->cmean[(size_t)l * H + h] += tot / (double)E;
-                    if (tot > g->cpeak[(size_t)l * H + h])
-                        g->cpeak[(size_t)l * H + h] = tot;
+                    g->smp.kept[(size_t)l * H + h] += ctx / (double)E;
+                    g->smp.cmean[(size_t)l * H + h] += tot / (double)E;
+                    if (tot > g->smp.cpeak[(size_t)l * H + h])
+                        g->smp.cpeak[(size_t)l * H + h] = tot;
                 }
             }
             for (int s = 0; s < S; s++) {
@@ -346,7 +144,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 }
             }
             if (has_wo)
-                kv_metrics_wo(ml, eq, fq, &g->wo_err[(size_t)l * E + e], &g->wo_bnd[(size_t)l * E + e]);
+                kv_metrics_wo(ml, eq, fq, &g->smp.wo_err[(size_t)l * E + e], &g->smp.wo_bnd[(size_t)l * E + e]);
             if (d->observe && (rc = d->observe(p, c, &g->b, &g->cstate, i, &keep, attn)))
                 goto done;
         }
@@ -368,9 +166,9 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
             if (rc)
                 goto done;
             for (int h = h0; h < h0 + nh; h++) {
-                g->kept[(size_t)l * H + h] = ctx;
-                g->cmean[(size_t)l * H + h] = ctx + (E + 1) / 2.0;
-                g->cpeak[(size_t)l * H + h] = ctx + E;
+                g->smp.kept[(size_t)l * H + h] = ctx;
+                g->smp.cmean[(size_t)l * H + h] = ctx + (E + 1) / 2.0;
+                g->smp.cpeak[(size_t)l * H + h] = ctx + E;
             }
         }
         if (has_wo)
@@ -379,7 +177,7 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                     memcpy(eq + (size_t)h * c->d, evec + ((size_t)h * E + e) * c->d, sizeof(float) * c->d);
                     fq[h] = rec[(size_t)h * E + e];
                 }
-                kv_metrics_wo(ml, eq, fq, &g->wo_err[(size_t)l * E + e], &g->wo_bnd[(size_t)l * E + e]);
+                kv_metrics_wo(ml, eq, fq, &g->smp.wo_err[(size_t)l * E + e], &g->smp.wo_bnd[(size_t)l * E + e]);
             }
     }
     for (int h = 0; h < H; h++) {
@@ -389,13 +187,13 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
             size_t o = (size_t)h * E + e;
             v += kv_bound_violated(err[o], bnd[o], rec[o], C, c->d);
         }
-        g->viol[(size_t)l * H + h] = v;
+        g->smp.viol[(size_t)l * H + h] = v;
     }
     for (int s = 0; s < S; s++) {
         double tokens = (fl & KV_POL_NO_EVICT) ? T : peak_s[s];
-        g->mem[(size_t)l * S + s] = tokens * c->d * 2.0 * (double)dtype_bytes;
+        g->smp.mem[(size_t)l * S + s] = tokens * c->d * 2.0 * (double)dtype_bytes;
     }
-    g->meta[l] = d->meta_bytes ? (double)d->meta_bytes(p, c, &g->b, &keep) : 0.0;
+    g->smp.meta[l] = d->meta_bytes ? (double)d->meta_bytes(p, c, &g->b, &keep) : 0.0;
 done:
     kv_free(keep.mask);
     kv_free(evec);
@@ -426,393 +224,10 @@ static void schedule_order(const cfg_t *cfg, int n_cfg, int *order)
     }
 }
 
-/* ---------------------------------------------------------------- aggregation */
-
-static int cmp_float(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
-/* Linear-interpolated quantile of a sorted array. */
-static double quantile(const float *sorted, size_t n, double q)
-{
-    if (n == 0)
-        return NAN;
-    double pos = q * (double)(n - 1);
-    size_t lo = (size_t)floor(pos);
-    size_t hi = lo + 1 < n ? lo + 1 : lo;
-    double f = pos - (double)lo;
-    return sorted[lo] * (1 - f) + sorted[hi] * f;
-}
-
-/* Rearrange a[0, n) so that a[k] holds the value sorting would put there, with nothing larger
- * before it and nothing smaller after it (Hoare quickselect). Only for values that order totally:
- * no NaN, and no -0 (which compares equal to +0 and would make "the" value ambiguous). */
-static void select_kth(float *a, size_t n, size_t k)
-{
-    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1;
-    const ptrdiff_t kk = (ptrdiff_t)k;
-    while (lo < hi) {
-        const float piv = a[lo + (hi - lo) / 2];
-        ptrdiff_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] < piv)
-                i++;
-            while (a[j] > piv)
-                j--;
-            if (i <= j) {
-                const float t = a[i];
-                a[i++] = a[j];
-                a[j--] = t;
-            }
-        }
-        if (kk <= j)
-            hi = j;
-        else if (kk >= i)
-            lo = i;
-        else
-            break;
-    }
-}
-
-/* The same value as quantile() after a full sort, from a partial order: the samples of an overall
- * row number L x H x E and were sorted twice per row, a serial cost worth avoiding. Falls back to
- * sorting when a value is NaN or -0 (see select_kth). */
-static double quantile_select(float *a, size_t n, double q)
-{
-    if (n == 0)
-        return NAN;
-    for (size_t x = 0; x < n; x++)
-        if (isnan(a[x]) || (a[x] == 0 && signbit(a[x]))) {
-            qsort(a, n, sizeof(float), cmp_float);
-            return quantile(a, n, q);
-        }
-    double pos = q * (double)(n - 1);
-    size_t lo = (size_t)floor(pos);
-    size_t hi = lo + 1 < n ? lo + 1 : lo;
-    double f = pos - (double)lo;
-    select_kth(a, n, lo);
-    float vlo = a[lo], vhi = vlo;
-    if (hi != lo) { /* the next order statistic: the smallest of what follows a[lo] */
-        vhi = a[hi];
-        for (size_t x = hi + 1; x < n; x++)
-            vhi = a[x] < vhi ? a[x] : vhi;
-    }
-    return vlo * (1 - f) + vhi * f;
-}
-
-typedef struct {
-    float *rec, *err; /* scratch for the quantiles (reordered) */
-} agg_scratch_t;
-
-/* Fill the sample statistics of a row from the (layer, head) blocks [l0, l1) x [h0, h1). */
-static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int h1, kv_result_row_t *r,
-                       agg_scratch_t *sc)
-{
-    size_t k = 0;
-    double rs = 0, es = 0, bs = 0, gap = INFINITY;
-    float rmin = INFINITY, emax = 0;
-    long viol = 0;
-    double kept = 0, cmean = 0, cpeak = 0;
-    for (int l = l0; l < l1; l++)
-        for (int h = h0; h < h1; h++) {
-            kept += g->kept[(size_t)l * H + h];
-            cmean += g->cmean[(size_t)l * H + h];
-            if (g->cpeak[(size_t)l * H + h] > cpeak)
-                cpeak = g->cpeak[(size_t)l * H + h];
-            viol += g->viol[(size_t)l * H + h];
-            for (int e = 0; e < E; e++) {
-                size_t o = ((size_t)l * H + h) * E + e;
-                float rr = g->rec[o], ee = g->err[o], bb = g->bnd[o];
-                sc->rec[k] = rr;
-                sc->err[k] = ee;
-                k++;
-                rs += rr;
-                es += ee;
-                bs += bb;
-                rmin = rr < rmin ? rr : rmin;
-                emax = ee > emax ? ee : emax;
-                gap = (bb - ee) < gap ? (bb - ee) : gap;
-            }
-        }
-    size_t cells = (size_t)(l1 - l0) * (h1 - h0);
-    r->kept = kept / (double)cells;
-    r->cache_mean = cmean / (double)cells;
-    r->cache_peak = cpeak;
-    r->recall_mean = rs / (double)k;
-    r->recall_p10 = quantile_select(sc->rec, k, 0.10);
-    r->recall_min = rmin;
-    r->err_mean = es / (double)k;
-    r->err_p90 = quantile_select(sc->err, k, 0.90);
-    r->err_max = emax;
-    r->bound_mean = bs / (double)k;
-    r->bound_gap_min = gap;
-    r->violations = viol;
-    r->n_queries = (long)k;
-}
-
-/* Rows emitted per (policy, budget): the overall row, then per layer a layer row and its head rows. */
-static size_t rows_per_cfg(int L, int H, int head_rows)
-{
-    return 1 + (size_t)L * (1 + (head_rows ? (size_t)H : 0));
-}
-
-/* The rows of one (policy, budget) into out[0, rows_per_cfg) in emission order. Pure: the pairs
- * are aggregated in parallel (sorting the samples for the quantiles takes a while) and appended
- * to the results in configuration order afterwards. */
-static int emit_rows(const cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo, int head_rows, kv_result_row_t *out)
-{
-    const int L = m->n_layers, H = m->n_heads, G = m->n_heads / m->n_kv_heads, S = g->S;
-    agg_scratch_t sc;
-    sc.rec = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
-    sc.err = kv_malloc(sizeof(float) * (size_t)L * H * E, "aggregation");
-    int rc = KV_OK;
-    size_t nr = 0;
-    if (!sc.rec || !sc.err) {
-        rc = KV_ENOMEM;
-        goto done;
-    }
-    kv_result_row_t r;
-    for (int l = -1; l < L; l++) {
-        /* l == -1: the overall row */
-        memset(&r, 0, sizeof r);
-        r.policy = g->pi;
-        r.budget = g->bi;
-        r.budget_tokens = g->b.tokens;
-        r.layer = l < 0 ? KV_ALL : l;
-        r.head = r.kv_head = KV_ALL;
-        int l0 = l < 0 ? 0 : l, l1 = l < 0 ? L : l + 1;
-        fill_stats(g, H, E, l0, l1, 0, H, &r, &sc);
-        double we = 0, wb = 0, mem = 0, meta = 0;
-        for (int ll = l0; ll < l1; ll++) {
-            for (int e = 0; e < E; e++) {
-                we += g->wo_err[(size_t)ll * E + e];
-                wb += g->wo_bnd[(size_t)ll * E + e];
-            }
-            for (int s = 0; s < S; s++)
-                mem += g->mem[(size_t)ll * S + s];
-            meta += g->meta[ll];
-        }
-        r.wo_err_mean = has_wo ? we / ((double)(l1 - l0) * E) : NAN;
-        r.wo_bound_mean = has_wo ? wb / ((double)(l1 - l0) * E) : NAN;
-        r.mem_bytes = mem;
-        r.meta_bytes = meta;
-        out[nr++] = r;
-        if (l < 0 || !head_rows)
-            continue;
-        for (int h = 0; h < H; h++) {
-            memset(&r, 0, sizeof r);
-            r.policy = g->pi;
-            r.budget = g->bi;
-            r.budget_tokens = g->b.tokens;
-            r.layer = l;
-            r.head = h;
-            r.kv_head = h / G;
-            fill_stats(g, H, E, l, l + 1, h, h + 1, &r, &sc);
-            r.wo_err_mean = r.wo_bound_mean = NAN;
-            int s = kv_policy_store_of(g->p, h, G);
-            r.mem_bytes = g->mem[(size_t)l * S + s] / (g->p->gran == KV_GRAN_KV ? G : 1);
-            r.meta_bytes = g->meta[l] / H;
-            out[nr++] = r;
-        }
-    }
-done:
-    kv_free(sc.rec);
-    kv_free(sc.err);
-    return rc;
-}
-
-/* ---------------------------------------------------------------- layer streaming
- *
- * The engine reads the layers in a fixed sequence (0..L-1, twice with a cross-layer pre-pass). With
- * prefetch, one reader thread walks that sequence ahead of the engine: it reads and decompresses
- * layer i+1 into the second of two layer buffers while the engine computes on layer i, and waits
- * while both buffers are in use. The reader owns every HDF5 call while it runs (libhdf5 here is the
- * serial build: one thread at a time), the engine only takes filled buffers and gives them back.
- * A reader failure is kept with its message and handed to the engine at the layer that failed; an
- * engine failure (or the end) stops the reader and joins it before anything is freed. Without
- * prefetch the same calls read each layer on the engine's thread into the first buffer, so the
- * computation, and the results, are the same either way. */
-
-typedef struct {
-    kv_layer_t lay;
-    float *wo; /* W_O of the layer, when the trace has it */
-} layer_buf_t;
-
-typedef struct {
-    kv_trace_t *t;
-    int n_layers, n_seq; /* layer i of the sequence is i % n_layers */
-    int async;           /* a reader thread (prefetch) */
-    int omp_threads;     /* the engine's OpenMP thread count, for the reader's decoding */
-    layer_buf_t buf[2];
-    pthread_t th;
-    int started;
-    pthread_mutex_t mu; /* guards what follows */
-    pthread_cond_t cv;
-    int produced;   /* layers of the sequence read so far */
-    int consumed;   /* layers the engine gave back */
-    int stop;       /* the engine asks the reader to stop */
-    int rc;         /* the reader's failure (at layer `produced` of the sequence) */
-    char msg[1024]; /* its message (kv_error's messages are per thread) */
-    double t_read;  /* seconds the reader spent reading */
-    double t_wait;  /* seconds the engine waited for layers */
-    long layers_read;
-} stream_t;
-
-/* The one place replay allocates the host buffers a layer is read into (twice with prefetch). A GPU
- * backend uploads Q and K from them every layer; page-locked (pinned) memory would make those copies
- * faster and asynchronous. kv_backend_ops_t has no host-allocation op yet (its alloc/free are device
- * memory): when one exists (cudaHostAlloc behind it), allocate with it here and free with its
- * counterpart in layer_buf_free. The capacities are set so kv_trace_read_layer never reallocates. */
-static int layer_buf_alloc(layer_buf_t *b, const kv_trace_meta_t *m)
-{
-    const size_t nq = kv_tensor_numel(m, KV_T_Q), nkv = kv_tensor_numel(m, KV_T_K);
-    memset(b, 0, sizeof *b);
-    b->lay.q = kv_malloc_aligned(nq * sizeof(float), "trace layer buffer");
-    b->lay.k = kv_malloc_aligned(nkv * sizeof(float), "trace layer buffer");
-    b->lay.v = kv_malloc_aligned(nkv * sizeof(float), "trace layer buffer");
-    b->lay.cap_q = nq;
-    b->lay.cap_kv = nkv;
-    if (m->has_wo)
-        b->wo = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_WO), "W_O");
-    if (!b->lay.q || !b->lay.k || !b->lay.v || (m->has_wo && !b->wo))
-        return KV_ENOMEM;
-    return KV_OK;
-}
-
-static void layer_buf_free(layer_buf_t *b)
-{
-    kv_layer_free(&b->lay);
-    kv_free(b->wo);
-    b->wo = NULL;
-}
-
-/* Read layer l's Q, K, V and, when the buffer has room for it, its W_O. */
-static int read_layer(kv_trace_t *t, int l, layer_buf_t *b)
-{
-    int rc = kv_trace_read_layer(t, l, &b->lay);
-    if (rc == KV_OK && b->wo)
-        rc = kv_trace_read(t, l, KV_T_WO, b->wo);
-    return rc;
-}
-
-static void *stream_reader(void *arg)
-{
-    stream_t *s = arg;
-    omp_set_num_threads(s->omp_threads); /* a new thread starts from the default */
-    for (int i = 0; i < s->n_seq; i++) {
-        pthread_mutex_lock(&s->mu);
-        while (!s->stop && i - s->consumed >= 2)
-            pthread_cond_wait(&s->cv, &s->mu);
-        const int stop = s->stop;
-        pthread_mutex_unlock(&s->mu);
-        if (stop)
-            break;
-        double t0 = kv_now();
-        int rc = read_layer(s->t, i % s->n_layers, &s->buf[i % 2]);
-        pthread_mutex_lock(&s->mu);
-        s->t_read += kv_now() - t0;
-        s->layers_read++;
-        if (rc) {
-            s->rc = rc;
-            snprintf(s->msg, sizeof s->msg, "%s", kv_last_error());
-        } else {
-            s->produced = i + 1;
-        }
-        pthread_cond_broadcast(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        if (rc)
-            break;
-    }
-    return NULL;
-}
-
-static int stream_open(stream_t *s, kv_trace_t *t, int n_seq, int async)
-{
-    const kv_trace_meta_t *m = kv_trace_meta(t);
-    memset(s, 0, sizeof *s);
-    s->t = t;
-    s->n_layers = m->n_layers;
-    s->n_seq = n_seq;
-    s->async = async;
-    s->omp_threads = omp_get_max_threads();
-    int rc = layer_buf_alloc(&s->buf[0], m);
-    if (rc == KV_OK && async)
-        rc = layer_buf_alloc(&s->buf[1], m);
-    if (rc || !async)
-        return rc;
-    pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->cv, NULL);
-    int e = pthread_create(&s->th, NULL, stream_reader, s);
-    if (e) {
-        pthread_cond_destroy(&s->cv);
-        pthread_mutex_destroy(&s->mu);
-        return kv_error(KV_EUNAVAIL, "cannot start the layer reader thread: %s", strerror(e));
-    }
-    s->started = 1;
-    return KV_OK;
-}
-
-/* Layer i of the sequence: *b gets its buffer, which stays the engine's until stream_done(s, i). */
-static int stream_get(stream_t *s, int i, layer_buf_t **b)
-{
-    double t0 = kv_now();
-    int rc = KV_OK;
-    if (!s->async) {
-        rc = read_layer(s->t, i % s->n_layers, &s->buf[0]);
-        s->t_read += kv_now() - t0;
-        s->layers_read++;
-        *b = &s->buf[0];
-    } else {
-        pthread_mutex_lock(&s->mu);
-        while (s->produced <= i && s->rc == KV_OK)
-            pthread_cond_wait(&s->cv, &s->mu);
-        if (s->produced <= i)
-            rc = kv_error(s->rc, "%s", s->msg);
-        pthread_mutex_unlock(&s->mu);
-        *b = &s->buf[i % 2];
-    }
-    s->t_wait += kv_now() - t0;
-    return rc;
-}
-
-static void stream_done(stream_t *s, int i)
-{
-    if (!s->async)
-        return;
-    pthread_mutex_lock(&s->mu);
-    s->consumed = i + 1;
-    pthread_cond_broadcast(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-}
-
-/* Stop and join the reader (it finishes the layer it is reading), add the times to st, free. */
-static void stream_close(stream_t *s, kv_replay_stats_t *st)
-{
-    if (s->started) {
-        pthread_mutex_lock(&s->mu);
-        s->stop = 1;
-        pthread_cond_broadcast(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->th, NULL);
-        pthread_cond_destroy(&s->cv);
-        pthread_mutex_destroy(&s->mu);
-        s->started = 0;
-    }
-    if (st) {
-        st->t_read += s->t_read;
-        st->t_read_wait += s->t_wait;
-        st->layers_read += s->layers_read;
-    }
-    layer_buf_free(&s->buf[0]);
-    layer_buf_free(&s->buf[1]);
-}
-
 /* ---------------------------------------------------------------- the engine */
 
-static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, const layer_buf_t *b,
-                     kv_backend_t *be, engine_t *eng, uint64_t seed)
+static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, int q0, const kv_layer_buf_t *b,
+                     kv_backend_t *be, kv_layer_stats_t *ls, uint64_t seed)
 {
     memset(c, 0, sizeof *c);
     c->meta = m;
@@ -825,13 +240,15 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->T = m->n_tokens;
     c->n_ctx = n_ctx;
     c->n_eval = m->n_tokens - n_ctx;
-    c->q = b->lay.q;
-    c->k = b->lay.k;
-    c->v = b->lay.v;
+    c->q = b->q;
+    c->q0 = q0;
+    c->q_hs = (size_t)(m->n_tokens - q0) * m->head_dim;
+    c->k = b->k;
+    c->v = b->v;
     c->wo = b->wo;
     c->be = be;
     c->seed = seed;
-    c->engine = eng;
+    kv_layer_stats_begin(ls, c, NULL);
 }
 
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
@@ -869,9 +286,9 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     cfg_t *cfg = kv_calloc((size_t)n_cfg, sizeof *cfg, "replay configurations");
     kv_budget_t *bud = kv_malloc(sizeof *bud * (size_t)n_budgets, "budgets");
     kv_results_t *res = NULL;
-    stream_t stream = {0};
-    layer_buf_t *lb = NULL;
-    engine_t eng = {.be = be, .st = o.stats};
+    kv_stream_t stream = {0};
+    kv_layer_buf_t *lb = NULL;
+    kv_layer_stats_t *ls = NULL;
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
     int *order = NULL;
@@ -883,6 +300,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         rc = KV_ENOMEM;
         goto done;
     }
+    if ((rc = kv_layer_stats_create(be, KV_STATS_RECOMPUTE, &ls)))
+        goto done;
     for (int b = 0; b < n_budgets; b++) {
         bud[b] = budgets[b];
         if ((rc = kv_budget_resolve(&bud[b], m, n_ctx)))
@@ -920,7 +339,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     if (o.stats)
         o.stats->prefetched = prefetch;
     /* the layers in the order they are used: the pre-pass, then the replay */
-    if ((rc = stream_open(&stream, t, L * (cross ? 2 : 1), prefetch)))
+    const kv_stream_want_t want = {.q0 = 0, .wo = m->has_wo};
+    if ((rc = kv_stream_open(&stream, t, &want, L * (cross ? 2 : 1), prefetch)))
         goto done;
     int seq = 0;
     kv_progress_t prog;
@@ -930,15 +350,14 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     char detail[128];
     if (cross) {
         for (int l = 0; l < L && rc == KV_OK; l++, seq++) {
-            if ((rc = stream_get(&stream, seq, &lb)))
+            if ((rc = kv_stream_get(&stream, seq, &lb)))
                 break;
-            engine_reset(&eng);
-            fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
+            fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
             for (int i = 0; i < n_pol && rc == KV_OK; i++)
                 if ((pols[i]->flags & KV_POL_CROSS_LAYER) && pols[i]->desc->prescore)
                     rc = pols[i]->desc->prescore(pols[i], &c);
-            engine_reset(&eng); /* nothing of the layer is used after this point */
-            stream_done(&stream, seq);
+            kv_layer_stats_end(ls); /* nothing of the layer is used after this point */
+            kv_stream_done(&stream, seq);
             snprintf(detail, sizeof detail, "pre-pass layer %d", l);
             if (!o.quiet)
                 kv_progress_update(&prog, ++step, detail);
@@ -948,24 +367,27 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 rc = pols[i]->desc->allocate(pols[i], m, n_ctx, bud, n_budgets);
     }
     for (int l = 0; l < L && rc == KV_OK; l++, seq++) {
-        if ((rc = stream_get(&stream, seq, &lb)))
+        if ((rc = kv_stream_get(&stream, seq, &lb)))
             break;
-        engine_reset(&eng);
-        fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
-        if ((rc = eval_probs(&c, p_eval)))
+        fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
+        if ((rc = kv_layer_stats_eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
         kv_metrics_layer_free(&ml);
         if ((rc = kv_metrics_layer_init(&ml, &c)))
             break;
         t_mark = kv_now();
-        double attn0 = o.stats ? o.stats->t_attn : 0;
+        double attn0;
+        kv_layer_stats_time(ls, &attn0, NULL);
         for (int i = 0; i < n_pol && rc == KV_OK; i++)
             rc = kv_policy_prepare(pols[i], &c);
         if (rc)
             break;
-        if (o.stats) /* shared statistics computed on a policy's request count as attention time */
-            o.stats->t_policies += (kv_now() - t_mark) - (o.stats->t_attn - attn0);
+        if (o.stats) { /* shared statistics computed on a policy's request count as attention time */
+            double attn1;
+            kv_layer_stats_time(ls, &attn1, NULL);
+            o.stats->t_policies += (kv_now() - t_mark) - (attn1 - attn0);
+        }
         t_mark = kv_now();
         int old = kv_blas_set_threads(1);
         schedule_order(cfg, n_cfg, order);
@@ -989,7 +411,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 rc = kv_error(cfg[k].rc, "%s", cfg[k].msg);
                 break;
             }
-        stream_done(&stream, seq);
+        kv_stream_done(&stream, seq);
         snprintf(detail, sizeof detail, "layer %d, %d polic%s x %d budget%s", l, n_pol, n_pol == 1 ? "y" : "ies",
                  n_budgets, n_budgets == 1 ? "" : "s");
         if (!o.quiet)
@@ -999,7 +421,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         goto done;
     if (!o.quiet)
         kv_progress_end(&prog, NULL);
-    const size_t per_cfg = rows_per_cfg(L, H, o.head_rows);
+    const size_t per_cfg = kv_rows_per_cfg(L, H, o.head_rows);
     rows = kv_malloc(sizeof *rows * per_cfg * (size_t)n_cfg, "result rows");
     if (!rows) {
         rc = KV_ENOMEM;
@@ -1007,7 +429,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int k = 0; k < n_cfg; k++)
-        cfg[k].rc = emit_rows(&cfg[k], m, E, m->has_wo, o.head_rows, rows + (size_t)k * per_cfg);
+        cfg[k].rc = kv_emit_rows(&cfg[k].smp, cfg[k].p, cfg[k].pi, cfg[k].bi, cfg[k].b.tokens,
+                                 m->n_heads / m->n_kv_heads, m->has_wo, o.head_rows, rows + (size_t)k * per_cfg);
     for (int k = 0; k < n_cfg && rc == KV_OK; k++) {
         if (cfg[k].rc) {
             rc = kv_error(cfg[k].rc, "aggregating the samples of %s at budget %s: out of memory", cfg[k].p->label,
@@ -1018,7 +441,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             rc = kv_results_append(res, &rows[(size_t)k * per_cfg + x]);
         long v = 0;
         for (size_t x = 0; x < (size_t)L * H; x++)
-            v += cfg[k].viol[x];
+            v += cfg[k].smp.viol[x];
         if (v)
             kv_warn("BOUND VIOLATED: %s at budget %s: %ld queries have an output error above the Ada-KV bound "
                     "(beyond float tolerance); this is a bug, please report it",
@@ -1029,9 +452,14 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         res = NULL;
     }
 done:
-    stream_close(&stream, o.stats); /* first: the reader may still be filling a buffer */
-    if (o.stats)
+    /* first: the reader may still be filling a buffer */
+    kv_stream_close(&stream, o.stats ? &o.stats->t_read : NULL, o.stats ? &o.stats->t_read_wait : NULL,
+                    o.stats ? &o.stats->layers_read : NULL);
+    if (o.stats) {
+        if (ls)
+            kv_layer_stats_time(ls, &o.stats->t_attn, &o.stats->attn_flop);
         o.stats->t_total = kv_now() - t_start;
+    }
     if (cfg)
         for (int k = 0; k < n_cfg; k++)
             cfg_free(&cfg[k]);
@@ -1042,7 +470,7 @@ done:
     kv_free(order);
     kv_free(rows);
     kv_metrics_layer_free(&ml);
-    engine_reset(&eng);
+    kv_layer_stats_free(ls);
     return rc;
 }
 
@@ -1064,13 +492,14 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
     g.p = p;
     g.b = *b;
     int rc = kv_budget_resolve(&g.b, m, n_ctx);
-    stream_t stream = {0};
-    layer_buf_t *lb = NULL;
+    kv_stream_t stream = {0};
+    kv_layer_buf_t *lb = NULL;
     float *p_eval = NULL;
-    engine_t eng = {.be = be};
+    kv_layer_stats_t *ls = NULL;
     kv_metrics_layer_t ml = {0};
     kv_layer_ctx_t c;
-    if (rc || (rc = cfg_alloc(&g, L, m->n_heads, m->n_kv_heads, E)))
+    if (rc || (rc = cfg_alloc(&g, L, m->n_heads, m->n_kv_heads, E)) ||
+        (rc = kv_layer_stats_create(be, KV_STATS_RECOMPUTE, &ls)))
         goto done;
     p_eval = kv_malloc(sizeof(float) * (size_t)m->n_heads * E * m->n_tokens, "evaluation attention");
     if (!p_eval) {
@@ -1078,14 +507,14 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         goto done;
     }
     /* layers before `layer` run too: policies may carry state across layers (ChunkKV reuse) */
-    if ((rc = stream_open(&stream, t, layer + 1, 0)))
+    const kv_stream_want_t want = {.q0 = 0, .wo = m->has_wo};
+    if ((rc = kv_stream_open(&stream, t, &want, layer + 1, 0)))
         goto done;
     for (int l = 0; l <= layer && rc == KV_OK; l++) {
-        if ((rc = stream_get(&stream, l, &lb)))
+        if ((rc = kv_stream_get(&stream, l, &lb)))
             break;
-        engine_reset(&eng);
-        fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
-        if ((rc = eval_probs(&c, p_eval)))
+        fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
+        if ((rc = kv_layer_stats_eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
         kv_metrics_layer_free(&ml);
@@ -1096,10 +525,10 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         rc = eval_cfg(&g, &c, &ml, 2);
     }
 done:
-    stream_close(&stream, NULL);
+    kv_stream_close(&stream, NULL, NULL, NULL);
     cfg_free(&g);
     kv_free(p_eval);
     kv_metrics_layer_free(&ml);
-    engine_reset(&eng);
+    kv_layer_stats_free(ls);
     return rc;
 }

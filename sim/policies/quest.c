@@ -128,7 +128,7 @@ static int quest_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
                 float a = 0;
                 for (int h = h0; h < h0 + nh; h++) {
                     const int g = h / G;
-                    float x = kv_quest_page_bound(c->q + ((size_t)h * T + i) * d, kmin + ((size_t)g * npg + pg) * d,
+                    float x = kv_quest_page_bound(kv_ctx_query(c, h, i), kmin + ((size_t)g * npg + pg) * d,
                                                   kmax + ((size_t)g * npg + pg) * d, d);
                     a = h == h0 ? x : p->agg == KV_AGG_MAX ? (x > a ? x : a) : a + x;
                 }
