@@ -46,7 +46,11 @@ typedef struct {
 } kv_attn_args_t;
 
 /* Second pass over the same attention, given the lse of the first: per-query entropy, accumulated
- * attention per key and a max-pooled map of the probabilities. Any output may be NULL. */
+ * attention per key and a max-pooled map of the probabilities, and the statistics a trace stores for
+ * replay and analysis (traces/FORMAT.md, "Statistics"): per key the sum of squares and the maximum
+ * of p_ij (also over the queries before head_end only), per query the keys needed for a share of its
+ * attention, its attention on key 0 and on its own segment. Any output may be NULL; p_ij = exp(s_ij -
+ * lse_i) with s_ij the scaled score rounded to float. */
 typedef struct {
     const float *q, *k; /* as kv_attn_args_t */
     const float *lse;   /* (n_heads, n_q) from the attention op */
@@ -60,6 +64,20 @@ typedef struct {
     float *pooled;    /* (n_heads, pool, pool): cell (r, c) = max(cell, p_ij) over i, j with
                          r = (q_pos0 + i) * pool / pool_T, c = j * pool / pool_T */
     int pool, pool_T; /* pool <= pool_T; pool_T = total number of tokens the map spans */
+    /* per key, (n_heads, acc_stride) like acc, over the same queries: */
+    float *acc_sq;  /* acc_sq[h, j] += sum_i p_ij^2 */
+    float *acc_max; /* acc_max[h, j] = max(acc_max[h, j], max_i p_ij) (start from 0) */
+    /* the same three over the queries at positions q_pos0 + i < head_end only */
+    float *acc_head, *acc_sq_head, *acc_max_head;
+    int head_end;
+    /* per query, (n_heads, n_q): */
+    float *keys_mass;      /* the smallest k such that the k largest p_ij (j <= q_pos0 + i) sum to at least
+                              mass x (1 - 1e-6) x sum_j p_ij (the 1e-6 absorbs the rounding of the sums) */
+    float mass;            /* in (0, 1] */
+    float *sink;           /* p_i0 */
+    float *seg;            /* sum of p_ij over j in [seg_lo[q_pos0 + i], q_pos0 + i] */
+    const int32_t *seg_lo; /* (q_pos0 + n_q) first key of each position's segment (backend memory); NULL:
+                              0 for every position, so seg is the whole row's mass */
 } kv_attn_stats_args_t;
 
 /* Scaled scores of a head-major query block against head-major keys (the trace layout, used by

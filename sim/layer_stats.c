@@ -111,8 +111,8 @@ static int qk_args(const kv_layer_ctx_t *c, int q_first, int nq, int nk, const c
     const kv_layer_stats_t *s = c->stats;
     if (q_first < c->q0)
         return kv_error(KV_EUNAVAIL,
-                        "%s needs the queries of tokens [%d, %d), and this trace stores queries only from token %d on "
-                        "(a lean trace: captured with --q-tail %d)",
+                        "%s needs the queries of tokens [%d, %d), and this lean trace stores queries only from token "
+                        "%d on (captured with --q-tail %d)",
                         what, q_first, q_first + nq, c->q0, c->meta ? c->meta->n_prompt - c->q0 : c->n_ctx - c->q0);
     memset(a, 0, sizeof *a);
     a->q = (const float *)s->dq + (size_t)(q_first - c->q0) * c->d;

@@ -36,6 +36,7 @@ void kv_replay_defaults(kv_replay_opts_t *o)
     memset(o, 0, sizeof *o);
     o->head_rows = 1;
     o->prefetch = KV_PREFETCH_AUTO;
+    o->stats_source = KV_STATS_AUTO;
 }
 
 #define KV_MAX_GROUP 256 /* query heads per KV head */
@@ -248,7 +249,83 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->wo = b->wo;
     c->be = be;
     c->seed = seed;
-    kv_layer_stats_begin(ls, c, NULL);
+    const kv_stored_colstats_t stored = {b->col[0], b->col[1], b->col[2], b->col[3], b->col[4], b->col[5],
+                                         m->stats_split};
+    kv_layer_stats_begin(ls, c, &stored);
+}
+
+int kv_replay_stats_source(const kv_trace_meta_t *m, int eval_tail, int requested, int *source, char *note)
+{
+    const int n_ctx = m->n_prompt - eval_tail, lean = m->q_start > 0;
+    if (note)
+        note[0] = 0;
+    if (lean && n_ctx < m->q_start)
+        return kv_error(KV_EUNAVAIL,
+                        "--eval-tail %d needs the queries of prompt tokens %d..%d, and this lean trace stores the "
+                        "queries of its last %d prompt tokens only (from token %d; captured with --q-tail %d)",
+                        eval_tail, n_ctx, m->n_prompt - 1, m->n_prompt - m->q_start, m->q_start,
+                        m->n_prompt - m->q_start);
+    /* the stored statistics serve a context that is the whole prompt, or ends after stats_split */
+    const int covered = m->has_stats && (n_ctx == m->n_prompt || n_ctx >= m->stats_split);
+    if (requested == KV_STATS_RECOMPUTE) {
+        if (lean)
+            return kv_error(KV_EUNAVAIL,
+                            "--stats recompute needs the query of every prompt token, and this lean trace stores "
+                            "them from token %d on only (captured with --q-tail %d); use --stats trace",
+                            m->q_start, m->n_prompt - m->q_start);
+        *source = KV_STATS_RECOMPUTE;
+        return KV_OK;
+    }
+    if (requested == KV_STATS_TRACE) {
+        if (!m->has_stats)
+            return kv_error(KV_EUNAVAIL,
+                            "--stats trace: the trace stores no statistics (format version 1, or synth --summaries "
+                            "no); use --stats recompute");
+        if (!covered)
+            return kv_error(KV_EUNAVAIL,
+                            "--stats trace: the trace's statistics cover the prompt queries [0, %d) and [0, %d), and "
+                            "--eval-tail %d leaves a context of %d tokens, before %d; use --stats recompute",
+                            m->stats_split, m->n_prompt, eval_tail, n_ctx, m->stats_split);
+        *source = KV_STATS_TRACE;
+        return KV_OK;
+    }
+    if (requested != KV_STATS_AUTO)
+        return kv_error(KV_EINVAL, "unknown statistics source %d", requested);
+    if (covered) {
+        *source = KV_STATS_TRACE;
+        return KV_OK;
+    }
+    if (lean) /* n_ctx >= q_start = stats_split in the traces kvsim writes: not reached for those */
+        return kv_error(KV_EUNAVAIL, "the lean trace's statistics do not cover a context of %d tokens", n_ctx);
+    *source = KV_STATS_RECOMPUTE;
+    if (note && m->has_stats)
+        snprintf(note, 256,
+                 "--eval-tail %d goes beyond the %d prompt queries after the trace's statistics split (token %d): "
+                 "recomputing the column statistics from Q and K (O(T^2))",
+                 eval_tail, m->n_prompt - m->stats_split, m->stats_split);
+    return KV_OK;
+}
+
+/* What the engine reads of each layer for this source and context. */
+static kv_stream_want_t want_for(const kv_trace_meta_t *m, int source, int n_ctx)
+{
+    kv_stream_want_t w = {.q0 = m->q_start, .wo = m->has_wo};
+    if (source == KV_STATS_TRACE) {
+        w.col_full = n_ctx == m->n_prompt;
+        w.col_head = !w.col_full;
+    }
+    return w;
+}
+
+/* Prepare every policy for the layer (kv_policy_prepare's errors name the policy and the layer). */
+static int prepare_all(kv_policy_t **pols, int n_pol, kv_layer_ctx_t *c)
+{
+    for (int i = 0; i < n_pol; i++) {
+        int rc = kv_policy_prepare(pols[i], c);
+        if (rc)
+            return rc;
+    }
+    return KV_OK;
 }
 
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
@@ -275,6 +352,17 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     const char *missing = kv_backend_missing_op(be);
     if (missing && (!be->ops->attn_probs || !be->ops->attn_colstats))
         return kv_error(KV_EUNAVAIL, "backend %s lacks the '%s' op needed by replay", be->name, missing);
+    int source;
+    char note[256];
+    int rc0 = kv_replay_stats_source(m, o.eval_tail, o.stats_source, &source, note);
+    if (rc0)
+        return kv_error_context(rc0, "%s", path);
+    if (note[0] && !o.quiet)
+        kv_info("replay: %s", note);
+    if (o.stats)
+        memset(o.stats, 0, sizeof *o.stats);
+    if (o.stats)
+        o.stats->stats_source = source;
     for (int i = 0; i < n_pol; i++)
         if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && m->n_segments < 1)
             return kv_error(KV_EINVAL,
@@ -294,13 +382,11 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     int *order = NULL;
     kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
-    if (o.stats)
-        memset(o.stats, 0, sizeof *o.stats);
     if (!cfg || !bud || kv_results_create(&res) != KV_OK) {
         rc = KV_ENOMEM;
         goto done;
     }
-    if ((rc = kv_layer_stats_create(be, KV_STATS_RECOMPUTE, &ls)))
+    if ((rc = kv_layer_stats_create(be, (kv_layer_stats_source_t)source, &ls)))
         goto done;
     for (int b = 0; b < n_budgets; b++) {
         bud[b] = budgets[b];
@@ -339,7 +425,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     if (o.stats)
         o.stats->prefetched = prefetch;
     /* the layers in the order they are used: the pre-pass, then the replay */
-    const kv_stream_want_t want = {.q0 = 0, .wo = m->has_wo};
+    const kv_stream_want_t want = want_for(m, source, n_ctx);
     if ((rc = kv_stream_open(&stream, t, &want, L * (cross ? 2 : 1), prefetch)))
         goto done;
     int seq = 0;
@@ -354,8 +440,9 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                 break;
             fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
             for (int i = 0; i < n_pol && rc == KV_OK; i++)
-                if ((pols[i]->flags & KV_POL_CROSS_LAYER) && pols[i]->desc->prescore)
-                    rc = pols[i]->desc->prescore(pols[i], &c);
+                if ((pols[i]->flags & KV_POL_CROSS_LAYER) && pols[i]->desc->prescore &&
+                    (rc = pols[i]->desc->prescore(pols[i], &c)))
+                    kv_error_context(rc, "%s", pols[i]->label);
             kv_layer_stats_end(ls); /* nothing of the layer is used after this point */
             kv_stream_done(&stream, seq);
             snprintf(detail, sizeof detail, "pre-pass layer %d", l);
@@ -379,9 +466,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         t_mark = kv_now();
         double attn0;
         kv_layer_stats_time(ls, &attn0, NULL);
-        for (int i = 0; i < n_pol && rc == KV_OK; i++)
-            rc = kv_policy_prepare(pols[i], &c);
-        if (rc)
+        if ((rc = prepare_all(pols, n_pol, &c)))
             break;
         if (o.stats) { /* shared statistics computed on a policy's request count as attention time */
             double attn1;
@@ -488,6 +573,10 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         return kv_error(KV_ERANGE, "probe: layer %d / evaluation query %d out of range", layer, eval_index);
     if (p->flags & KV_POL_CROSS_LAYER)
         return kv_error(KV_EINVAL, "probe: cross-layer policies need a full replay");
+    int source;
+    int rc0 = kv_replay_stats_source(m, o.eval_tail, o.stats_source, &source, NULL);
+    if (rc0)
+        return rc0;
     cfg_t g = {0};
     g.p = p;
     g.b = *b;
@@ -499,7 +588,7 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
     kv_metrics_layer_t ml = {0};
     kv_layer_ctx_t c;
     if (rc || (rc = cfg_alloc(&g, L, m->n_heads, m->n_kv_heads, E)) ||
-        (rc = kv_layer_stats_create(be, KV_STATS_RECOMPUTE, &ls)))
+        (rc = kv_layer_stats_create(be, (kv_layer_stats_source_t)source, &ls)))
         goto done;
     p_eval = kv_malloc(sizeof(float) * (size_t)m->n_heads * E * m->n_tokens, "evaluation attention");
     if (!p_eval) {
@@ -507,7 +596,7 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         goto done;
     }
     /* layers before `layer` run too: policies may carry state across layers (ChunkKV reuse) */
-    const kv_stream_want_t want = {.q0 = 0, .wo = m->has_wo};
+    const kv_stream_want_t want = want_for(m, source, n_ctx);
     if ((rc = kv_stream_open(&stream, t, &want, layer + 1, 0)))
         goto done;
     for (int l = 0; l <= layer && rc == KV_OK; l++) {
@@ -530,5 +619,62 @@ done:
     kv_free(p_eval);
     kv_metrics_layer_free(&ml);
     kv_layer_stats_free(ls);
+    return rc;
+}
+
+int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_backend_t *be, const kv_replay_opts_t *opts,
+                             int *ok, char (*why)[1024])
+{
+    kv_replay_opts_t o;
+    if (opts)
+        o = *opts;
+    else
+        kv_replay_defaults(&o);
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    for (int i = 0; i < n_pol; i++) {
+        ok[i] = 1;
+        if (why)
+            why[i][0] = 0;
+    }
+    if (m->q_start == 0)
+        return KV_OK; /* every query is there */
+    const int n_ctx = m->n_prompt - o.eval_tail;
+    int source, rc = kv_replay_stats_source(m, o.eval_tail, o.stats_source, &source, NULL);
+    if (rc)
+        return rc;
+    kv_stream_t stream = {0};
+    kv_layer_buf_t *lb = NULL;
+    kv_layer_stats_t *ls = NULL;
+    float *p_eval = kv_malloc(sizeof(float) * (size_t)m->n_heads * (m->n_tokens - n_ctx) * m->n_tokens, "evaluation attention");
+    const kv_stream_want_t want = want_for(m, source, n_ctx);
+    kv_layer_ctx_t c;
+    if (!p_eval) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    if ((rc = kv_layer_stats_create(be, (kv_layer_stats_source_t)source, &ls)) ||
+        (rc = kv_stream_open(&stream, t, &want, 1, 0)) || (rc = kv_stream_get(&stream, 0, &lb)))
+        goto done;
+    fill_ctx(&c, m, 0, n_ctx, want.q0, lb, be, ls, o.seed);
+    if ((rc = kv_layer_stats_eval_probs(&c, p_eval)))
+        goto done;
+    c.p_eval = p_eval;
+    for (int i = 0; i < n_pol && rc == KV_OK; i++) {
+        kv_policy_t *p = pols[i];
+        /* cross-layer policies read their statistics in the pre-pass (prescore), the others in prepare */
+        const int pre = (p->flags & KV_POL_CROSS_LAYER) && p->desc->prescore;
+        int prc = pre ? p->desc->prescore(p, &c) : kv_policy_prepare(p, &c);
+        if (prc == KV_EUNAVAIL) {
+            ok[i] = 0;
+            if (why)
+                snprintf(why[i], sizeof why[i], "%s", kv_last_error());
+        } else if (prc) {
+            rc = pre ? kv_error_context(prc, "%s", p->label) : prc;
+        }
+    }
+done:
+    kv_stream_close(&stream, NULL, NULL, NULL);
+    kv_layer_stats_free(ls);
+    kv_free(p_eval);
     return rc;
 }

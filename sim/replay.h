@@ -6,6 +6,12 @@
  * (policy, budget) pair is evaluated on it in parallel with results in its own slot, so the output
  * is identical whatever the thread count. Policies that allocate across layers (KV-Compress) get a
  * pre-pass over the layers first.
+ *
+ * Cost per layer: O(T x (observation windows + evaluation queries) x head_dim) for the attention
+ * the policies and the metrics read, when the column statistics over the prompt queries (H2O's
+ * accumulated attention and the like) come from the trace (stats source KV_STATS_TRACE, the default
+ * when the trace stores them); recomputing them from Q and K (KV_STATS_RECOMPUTE, traces of format
+ * version 1) is O(T^2 x head_dim). See sim/layer_stats.h.
  */
 #ifndef KV_REPLAY_H
 #define KV_REPLAY_H
@@ -30,6 +36,7 @@ typedef struct {
     double t_eval;      /* building caches and measuring them, all (policy, budget) pairs */
     long layers_read;   /* layer reads, pre-pass included */
     int prefetched;     /* 1 when a reader thread read the layers ahead */
+    int stats_source;   /* the column statistics' source used: KV_STATS_TRACE or KV_STATS_RECOMPUTE */
 } kv_replay_stats_t;
 
 typedef struct {
@@ -41,7 +48,19 @@ typedef struct {
     int prefetch;             /* 1: a reader thread reads layer l+1 while layer l is computed (one more
                                  layer of Q/K/V, and W_O, in memory); 0: each layer is read when it is
                                  needed; KV_PREFETCH_AUTO (the default): see below */
+    int stats_source;         /* where the column statistics come from: KV_STATS_TRACE, KV_STATS_RECOMPUTE
+                                 (sim/layer_stats.h) or KV_STATS_AUTO (the default): from the trace when it
+                                 stores them and they cover the context (--eval-tail within the trace's
+                                 stats_split), else recomputed (a lean trace cannot: then an error) */
 } kv_replay_opts_t;
+
+#define KV_STATS_AUTO (-1)
+
+/* The source kv_replay would use for this trace and eval tail (resolves KV_STATS_AUTO), or an error
+ * saying why the requested one cannot serve (no stored statistics; a lean trace that lacks the
+ * queries; an eval tail beyond what the stored statistics or the stored queries cover). *note (may be
+ * NULL; 256 bytes) gets a sentence for the log when AUTO had to fall back to recomputing. */
+int kv_replay_stats_source(const kv_trace_meta_t *m, int eval_tail, int requested, int *source, char *note);
 
 /* Prefetch by default when the backend computes off the host CPU (a GPU): the cores are idle while
  * it computes, and the reader's decompression overlaps it. Not with the CPU backend, whose compute
@@ -50,6 +69,15 @@ typedef struct {
 #define KV_PREFETCH_AUTO (-1)
 
 void kv_replay_defaults(kv_replay_opts_t *o);
+
+/* Which policies can run on this trace: a lean trace stores only the last prompt queries, and a
+ * policy whose preparation needs earlier ones (an observation window longer than the stored tail)
+ * cannot. Runs every policy's preparation on layer 0 (cheap with the trace's statistics); ok[i] = 1
+ * when policy i prepared, 0 when it needs queries the trace lacks (why[i], 1024 bytes each, gets the
+ * message; may be NULL). Other failures are returned. On traces that store every query all are ok
+ * without reading anything. */
+int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_backend_t *be, const kv_replay_opts_t *o,
+                             int *ok, char (*why)[1024]);
 
 /* Budgets are copied and resolved against the trace. On failure nothing is returned. */
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,

@@ -28,14 +28,17 @@ extern "C" {
 
 /* What a layer read brings in besides K and V. */
 typedef struct {
-    int q0; /* first token whose query is read (queries of tokens [q0, T)) */
-    int wo; /* W_O, when the trace has it */
+    int q0;       /* first token whose query is read (queries of tokens [q0, T)) */
+    int wo;       /* W_O, when the trace has it */
+    int col_full; /* the stored per-key statistics over the prompt: ACC, ACC_SQ, MAX */
+    int col_head; /* the stored per-key statistics over the prompt queries [0, stats_split) */
 } kv_stream_want_t;
 
 typedef struct {
-    float *q;     /* (H, T - q0, d) queries of tokens [q0, T) */
-    float *k, *v; /* (Hkv, T, d) */
-    float *wo;    /* (model_dim, H*d), when wanted */
+    float *q;      /* (H, T - q0, d) queries of tokens [q0, T) */
+    float *k, *v;  /* (Hkv, T, d) */
+    float *wo;     /* (model_dim, H*d), when wanted */
+    float *col[6]; /* (H, T) each, when wanted: ACC, ACC_SQ, MAX, then ACC_HEAD, ACC_SQ_HEAD, MAX_HEAD */
 } kv_layer_buf_t;
 
 typedef struct {

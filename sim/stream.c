@@ -31,6 +31,10 @@ static int buf_alloc(kv_layer_buf_t *b, const kv_trace_meta_t *m, const kv_strea
         b->wo = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_WO), "W_O");
     if (!b->q || !b->k || !b->v || (w->wo && !b->wo))
         return KV_ENOMEM;
+    for (int c = 0; c < 6; c++)
+        if ((c < 3 ? w->col_full : w->col_head) &&
+            !(b->col[c] = kv_malloc(sizeof(float) * kv_tensor_numel(m, KV_T_ACC), "stored statistics")))
+            return KV_ENOMEM;
     return KV_OK;
 }
 
@@ -40,6 +44,8 @@ static void buf_free(kv_layer_buf_t *b)
     kv_free_aligned(b->k);
     kv_free_aligned(b->v);
     kv_free(b->wo);
+    for (int c = 0; c < 6; c++)
+        kv_free(b->col[c]);
     memset(b, 0, sizeof *b);
 }
 
@@ -55,6 +61,10 @@ static int read_layer(kv_trace_t *t, const kv_stream_want_t *w, int l, kv_layer_
         rc = kv_trace_read(t, l, KV_T_V, b->v);
     if (rc == KV_OK && w->wo)
         rc = kv_trace_read(t, l, KV_T_WO, b->wo);
+    static const kv_tensor_t col[6] = {KV_T_ACC, KV_T_ACC_SQ, KV_T_MAX, KV_T_ACC_HEAD, KV_T_ACC_SQ_HEAD, KV_T_MAX_HEAD};
+    for (int c = 0; c < 6 && rc == KV_OK; c++)
+        if (b->col[c])
+            rc = kv_trace_read(t, l, col[c], b->col[c]);
     return rc;
 }
 

@@ -210,7 +210,7 @@ static const mut_t muts[] = {
     AINT("vocab-below-token-ids", "vocab_size", 20, "token 10 has id 20"),
     AINT("n_segments-disagrees", "n_segments", 5, "n_segments 5"),
     AINT("n_decode-disagrees", "n_decode", 3, "n_decode 3"),
-    AINT("format-version-2", "format_version", 2, "format version 2"),
+    AINT("format-version-3", "format_version", 3, "format version 3"),
     {.label = "n_tokens-float",
      .kind = M_ATTR_F64,
      .name = "n_tokens",

@@ -28,6 +28,8 @@ static void small_meta(kv_trace_meta_t *m, int T, int n_prompt)
     m->has_summaries = 1;
     m->pool = 8;
     m->has_wo = 1;
+    m->has_stats = 1;
+    m->stats_split = n_prompt - 10;
     m->model_dim = 64;
     snprintf(m->source, sizeof m->source, "test");
     snprintf(m->model, sizeof m->model, "model.bin");

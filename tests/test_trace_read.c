@@ -225,7 +225,7 @@ START_TEST(row_reads_direct_when_they_cover_whole_chunks)
     for (size_t c = 0; c < KV_ARRAY_LEN(cases); c++) {
         kv_test_count_filter(1);
         int reads = check_all(path, cases[c][0], cases[c][1]);
-        ck_assert_int_eq(reads, 2 * 6); /* Q, K, V, LSE, entropy, acc_attn of 2 layers */
+        ck_assert_int_eq(reads, 2 * 14); /* Q, K, V, LSE, entropy, acc_attn and the 8 statistics of 2 layers */
         if (cases[c][2])
             ck_assert_msg(kv_test_filter_decodes == 0, "rows %d + %d: %ld chunks went through the filter", cases[c][0],
                           cases[c][1], kv_test_filter_decodes);

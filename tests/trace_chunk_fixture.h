@@ -26,6 +26,8 @@ static inline void meta_for(kv_trace_meta_t *m)
     m->has_summaries = 1;
     m->pool = 8;
     m->has_wo = 1;
+    m->has_stats = 1;
+    m->stats_split = 100;
     m->model_dim = 100;
     snprintf(m->source, sizeof m->source, "test");
 }

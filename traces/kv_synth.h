@@ -14,8 +14,10 @@
  * The model and its formulas are documented at the top of traces/synth.c and in `kvsim synth --help`.
  *
  * Generation is O(T * head_dim) per head and layer (no T x T work) and streams one layer at a
- * time. Attention summaries (LSE, entropy, accumulated attention, pooled map) are O(T^2) and are
- * computed through the backend op table only when asked (or, with `auto`, for small traces).
+ * time. Attention summaries (LSE, entropy, accumulated attention, pooled map) and the statistics
+ * replay and analyze read (traces/FORMAT.md, "Statistics") are O(T^2) and are computed through the
+ * backend op table only when asked (or, with `auto`, for small traces), one layer at a time: synth
+ * never holds more than one layer's tensors (and one layer's token-major copies for the backend).
  * Output is a deterministic function of the parameters (seed included), whatever the thread count.
  *
  * Parameters have a schema (kv_params.h): every generation parameter has a key, a default and a
@@ -75,6 +77,9 @@ typedef struct {
     int pool;         /* pooled map side, 0 = KV_TRACE_DEFAULT_POOL (clipped to T) */
     char backend[16]; /* backend for the summaries: "cpu" (default), "cuda" or "auto" */
     int n_threads;    /* generation and CPU backend threads, <= 0: all cores */
+    int q_tail;       /* >= 0: a lean trace, queries stored only for the last q_tail prompt tokens and the
+                         decode tokens (summaries and statistics are then always written); -1 (the
+                         default): every query */
 } kv_synth_params_t;
 
 /* Roles of tokens (bit flags) returned by kv_synth_roles. */
@@ -131,12 +136,21 @@ const kv_synth_params_t *kv_synth_params(const kv_synth_t *s);
 int kv_synth_layer(const kv_synth_t *s, int layer, float *q /* (n_heads, T, head_dim) */,
                    float *k /* (n_kv_heads, T, head_dim) */, float *v /* (n_kv_heads, T, head_dim) */);
 
+/* The statistics of one layer besides the summaries, (n_heads, T) each (traces/kv_trace.h): per key
+ * over the prompt queries (acc_sq, max) and over those before m->stats_split (the *_head ones), per
+ * query keys90, sink and seg (segments from m). Any may be NULL. */
+typedef struct {
+    float *acc_sq, *max, *acc_head, *acc_sq_head, *max_head;
+    float *keys90, *sink, *seg;
+} kv_synth_stats_t;
+
 /* Attention summaries of one head-major layer through a backend (attention + attn_stats):
  * lse, entropy (n_heads, T); acc (n_heads, T) summed over prompt queries; pooled
- * (n_heads, pool, pool) max-pooled causal probabilities. Any output may be NULL. */
+ * (n_heads, pool, pool) max-pooled causal probabilities; st (may be NULL) the statistics. Any output
+ * may be NULL. q is (n_heads, T, head_dim): every query, whatever m->q_start says. */
 struct kv_backend;
 int kv_synth_summarize(struct kv_backend *be, const kv_trace_meta_t *m, const float *q, const float *k, const float *v,
-                       float *lse, float *entropy, float *acc, float *pooled);
+                       float *lse, float *entropy, float *acc, float *pooled, const kv_synth_stats_t *st);
 
 /* ---- whole traces ---- */
 /* Write an HDF5 trace (atomically, via kv_trace_create/commit), one layer at a time, with

@@ -10,13 +10,21 @@
  * Whatever the storage dtype, readers always return float32.
  *
  * Tensor layouts (per layer), all head-major:
- *   Q        (n_heads,    n_tokens, head_dim)
+ *   Q        (n_heads, n_tokens - q_start, head_dim)   queries of tokens [q_start, n_tokens); q_start
+ *            is 0 except in lean traces (capture --q-tail N), which store only the last N prompt
+ *            queries and the decode queries; kv_trace_read_rows takes token indices >= q_start
  *   K, V     (n_kv_heads, n_tokens, head_dim)
  *   LSE      (n_heads, n_tokens)   natural log-sum-exp of query t's scaled scores over keys [0, t]
  *   ENTROPY  (n_heads, n_tokens)   attention entropy of query t in nats
  *   ACC      (n_heads, n_tokens)   sum over prompt queries i of p_ij (H2O's accumulated attention)
  *   POOLED   (n_heads, pool, pool) max-pooled causal attention probabilities (for figures)
  *   WO       (model_dim, n_heads * head_dim) output projection, W[out][in]
+ * Statistics (has_stats; traces/FORMAT.md, "Statistics"), each (n_heads, n_tokens), f32:
+ *   ACC_SQ, MAX            per key j: sum over prompt queries i of p_ij^2, max over them of p_ij
+ *   ACC_HEAD, ACC_SQ_HEAD, MAX_HEAD   ACC, ACC_SQ, MAX over the prompt queries [0, stats_split)
+ *   KEYS90                 per query: keys (largest first) holding 90 % of its attention
+ *   SINK                   per query: p_i0, the attention on the first token
+ *   SEG                    per query: attention on the keys of its own segment, [start, i]
  */
 #ifndef KV_TRACE_H
 #define KV_TRACE_H
@@ -29,7 +37,9 @@ extern "C" {
 #endif
 
 #define KV_TRACE_FORMAT "kvsim-trace"
-#define KV_TRACE_FORMAT_VERSION 1
+#define KV_TRACE_FORMAT_VERSION 2 /* written; version 1 files are read too */
+#define KV_TRACE_DEFAULT_STATS_TAIL 64 /* prompt queries after stats_split in traces that store every query */
+#define KV_TRACE_KEYS_MASS 0.9         /* the attention share KEYS90 counts keys for */
 #define KV_TRACE_DEFAULT_POOL 256
 
 typedef enum { KV_DTYPE_F32 = 0, KV_DTYPE_F16 = 1 } kv_dtype_t;
@@ -43,6 +53,14 @@ typedef enum {
     KV_T_ACC,
     KV_T_POOLED,
     KV_T_WO,
+    KV_T_ACC_SQ,
+    KV_T_MAX,
+    KV_T_ACC_HEAD,
+    KV_T_ACC_SQ_HEAD,
+    KV_T_MAX_HEAD,
+    KV_T_KEYS90,
+    KV_T_SINK,
+    KV_T_SEG,
     KV_T_COUNT
 } kv_tensor_t;
 
@@ -60,6 +78,9 @@ typedef struct {
     int has_summaries; /* LSE, ENTROPY, ACC, POOLED present */
     int pool;          /* POOLED side (0 when absent) */
     int has_wo;        /* WO present */
+    int has_stats;     /* the statistics ACC_SQ .. SEG present (and LSE, ENTROPY, ACC: has_summaries) */
+    int stats_split;   /* the *_HEAD statistics cover the prompt queries [0, stats_split) */
+    int q_start;       /* queries are stored for tokens [q_start, n_tokens): 0, or lean traces */
     /* model configuration (0 where unknown) */
     int model_dim, hidden_dim, vocab_size, seq_len;
     float rope_theta, norm_eps;
@@ -89,8 +110,12 @@ int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where);
 size_t kv_tensor_numel(const kv_trace_meta_t *m, kv_tensor_t which);
 int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3]);
 const char *kv_tensor_name(kv_tensor_t which); /* "q", "k", ... (the HDF5 dataset name) */
-/* 1 for Q, K, V, LSE, ENTROPY, ACC: tensors indexed by token on their second axis. */
+/* 1 for Q, K, V, LSE, ENTROPY, ACC and the statistics: tensors indexed by token on their second
+ * axis (Q's starts at token q_start). */
 int kv_tensor_per_token(kv_tensor_t which);
+/* 1 when a trace with this meta holds the tensor (Q, K, V always; the rest by has_summaries,
+ * has_wo, has_stats): the one place that decides which datasets exist. */
+int kv_tensor_present(const kv_trace_meta_t *m, kv_tensor_t which);
 /* Segment index of token t (0 when the trace has no segments). */
 int kv_trace_segment_of(const kv_trace_meta_t *m, int t);
 
@@ -102,9 +127,10 @@ void kv_trace_close(kv_trace_t *t);
 const kv_trace_meta_t *kv_trace_meta(const kv_trace_t *t);
 const char *kv_trace_path(const kv_trace_t *t); /* "(memory)" for in-memory traces */
 int kv_trace_has(const kv_trace_t *t, kv_tensor_t which);
-/* Tokens [t0, t0+nt) of a per-token tensor for every head into dst (heads, nt[, head_dim]). */
+/* Tokens [t0, t0+nt) of a per-token tensor for every head into dst (heads, nt[, head_dim]). For Q,
+ * t0 >= q_start (KV_EUNAVAIL with a message otherwise: a lean trace does not store those queries). */
 int kv_trace_read_rows(kv_trace_t *t, int layer, kv_tensor_t which, int t0, int nt, float *dst);
-/* A whole tensor of one layer into dst (kv_tensor_numel floats). */
+/* A whole tensor of one layer into dst (kv_tensor_numel floats; Q: the stored rows). */
 int kv_trace_read(kv_trace_t *t, int layer, kv_tensor_t which, float *dst);
 /* Bytes of Q/K/V (and everything) as float32 and as stored (for `kvsim info`). */
 int kv_trace_storage(kv_trace_t *t, uint64_t *raw_bytes, uint64_t *stored_bytes);
@@ -143,9 +169,10 @@ int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_writ
 /* The writer's copy of the meta: tokens, positions, segments and provenance may be updated before
  * commit (capture learns the decoded tokens at the end). Shapes must not change. */
 kv_trace_meta_t *kv_trace_writer_meta(kv_trace_writer_t *w);
-/* Write tokens [t0, t0+nt) of a per-token tensor: src (heads, nt[, head_dim]). */
+/* Write tokens [t0, t0+nt) of a per-token tensor: src (heads, nt[, head_dim]). Q rows of tokens
+ * before q_start are dropped (a lean trace does not store them). */
 int kv_trace_write_rows(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0, int nt, const float *src);
-/* Write a whole tensor of one layer. */
+/* Write a whole tensor of one layer (kv_tensor_numel floats; Q: the rows of tokens [q_start, T)). */
 int kv_trace_write(kv_trace_writer_t *w, int layer, kv_tensor_t which, const float *src);
 /* Write the metadata, close and rename to the final name. Frees w (also on failure, after
  * removing the temporary file). */

@@ -220,6 +220,7 @@ void kv_synth_defaults(kv_synth_params_t *p)
     p->pool = 0;
     snprintf(p->backend, sizeof p->backend, "cpu");
     p->n_threads = 0;
+    p->q_tail = -1;
 }
 
 /* Resolve `given` on top of the current values of p. */
@@ -344,6 +345,12 @@ int kv_synth_validate(const kv_synth_params_t *p)
                         "decode tokens together",
                         p->n_decode, p->n_tokens);
     int n_prompt = p->n_tokens - p->n_decode;
+    if (p->q_tail > n_prompt)
+        return kv_error(KV_EINVAL, "synth: --q-tail %d is longer than the prompt (%d tokens)", p->q_tail, n_prompt);
+    if (p->q_tail >= 0 && p->summaries == KV_SYNTH_SUMMARIES_NO)
+        return kv_error(KV_EINVAL,
+                        "synth: a lean trace (--q-tail) stores its statistics, which are computed with the summaries "
+                        "(leave --summaries at auto or yes)");
     if (p->n_sinks >= n_prompt)
         return kv_error(KV_EINVAL, "synth: %d sink tokens leave no ordinary token in a prompt of %d", p->n_sinks,
                         n_prompt);
@@ -371,7 +378,7 @@ int kv_synth_validate(const kv_synth_params_t *p)
 
 int kv_synth_want_summaries(const kv_synth_params_t *p)
 {
-    if (p->summaries == KV_SYNTH_SUMMARIES_YES)
+    if (p->summaries == KV_SYNTH_SUMMARIES_YES || p->q_tail >= 0) /* a lean trace needs its statistics */
         return 1;
     if (p->summaries == KV_SYNTH_SUMMARIES_NO)
         return 0;
@@ -480,6 +487,12 @@ int kv_synth_meta(const kv_synth_params_t *p, kv_trace_meta_t *m)
     m->n_tokens = T;
     m->n_prompt = T - p->n_decode;
     m->has_summaries = kv_synth_want_summaries(p);
+    m->has_stats = m->has_summaries; /* computed in the same pass */
+    m->q_start = p->q_tail >= 0 ? m->n_prompt - p->q_tail : 0;
+    /* the head statistics end where the stored queries of the prompt begin, or 64 queries before the
+     * prompt's end when every query is stored (as capture) */
+    m->stats_split =
+        !m->has_stats ? 0 : p->q_tail >= 0 ? m->q_start : KV_MAX(0, m->n_prompt - KV_TRACE_DEFAULT_STATS_TAIL);
     m->pool = m->has_summaries ? KV_MIN(p->pool > 0 ? p->pool : KV_TRACE_DEFAULT_POOL, T) : 0;
     m->dtype = KV_DTYPE_F32;
     m->tokens = kv_malloc(sizeof(int32_t) * (size_t)T, "synth tokens");
@@ -969,34 +982,50 @@ static void to_token_major(float *dst, const float *src, int heads, int T, int d
 }
 
 int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *q, const float *k, const float *v,
-                       float *lse, float *entropy, float *acc, float *pooled)
+                       float *lse, float *entropy, float *acc, float *pooled, const kv_synth_stats_t *st)
 {
     const int H = m->n_heads, Hkv = m->n_kv_heads, d = m->head_dim, T = m->n_tokens, np = m->n_prompt;
     const int nd = T - np, pool = m->pool > 0 ? m->pool : KV_MIN(KV_TRACE_DEFAULT_POOL, T);
     if (!be->ops->attention || !be->ops->attn_stats)
         return kv_error(KV_ENOTIMPL, "synth summaries: backend %s lacks %s", be->name,
                         be->ops->attention ? "attn_stats" : "attention");
+    const kv_synth_stats_t none = {0};
+    if (!st)
+        st = &none;
     const int host = !strcmp(be->name, "cpu"); /* CPU backend memory is host memory */
-    const size_t nq = (size_t)T * H * d, nkv = (size_t)T * Hkv * d;
+    const size_t nq = (size_t)T * H * d, nkv = (size_t)T * Hkv * d, HT = (size_t)H * T;
+    /* per-key outputs (prompt queries): acc, acc_sq, max, then the three over [0, stats_split);
+     * per-query outputs, packed [prompt block (H, np)][decode block (H, nd)]: lse, entropy, keys90,
+     * sink, seg */
+    enum { N_COL = 6, N_ROW = 5 };
+    float *col_out[N_COL] = {acc, st->acc_sq, st->max, st->acc_head, st->acc_sq_head, st->max_head};
+    float *row_out[N_ROW] = {lse, entropy, st->keys90, st->sink, st->seg};
+    float *dcol[N_COL] = {NULL}, *drow[N_ROW] = {NULL};
     int rc = KV_OK;
-    float *stage = NULL, *dq = NULL, *dk = NULL, *dv = NULL, *dout = NULL, *dlse = NULL, *dent = NULL, *dacc = NULL,
-          *dpool = NULL, *hbuf = NULL;
+    float *stage = NULL, *dq = NULL, *dk = NULL, *dv = NULL, *dout = NULL, *dpool = NULL, *hbuf = NULL;
+    int32_t *dseg = NULL, *seg_lo = NULL;
     dq = kv_be_alloc(be, nq * sizeof(float));
     dk = kv_be_alloc(be, nkv * sizeof(float));
     dv = kv_be_alloc(be, nkv * sizeof(float));
     dout = kv_be_alloc(be, nq * sizeof(float));
-    dlse = kv_be_alloc(be, (size_t)H * T * sizeof(float));
-    dent = kv_be_alloc(be, (size_t)H * T * sizeof(float));
-    dacc = kv_be_alloc(be, (size_t)H * T * sizeof(float));
     dpool = kv_be_alloc(be, (size_t)H * pool * pool * sizeof(float));
+    dseg = kv_be_alloc(be, (size_t)T * sizeof(int32_t));
+    int nomem = !dq || !dk || !dv || !dout || !dpool || !dseg;
+    for (int c = 0; c < N_COL; c++)
+        if (col_out[c])
+            nomem |= !(dcol[c] = kv_be_alloc(be, HT * sizeof(float)));
+    for (int r = 0; r < N_ROW; r++) /* lse is always needed (attn_stats reads it) */
+        if (row_out[r] || r == 0)
+            nomem |= !(drow[r] = kv_be_alloc(be, HT * sizeof(float)));
     hbuf = kv_calloc((size_t)H * KV_MAX((size_t)T, (size_t)pool * pool), sizeof(float), "summaries");
+    seg_lo = kv_malloc(sizeof(int32_t) * (size_t)T, "segment starts");
     if (!host)
         stage = kv_malloc(nq * sizeof(float), "summaries staging");
-    if (!dq || !dk || !dv || !dout || !dlse || !dent || !dacc || !dpool || !hbuf || (!host && !stage)) {
+    if (nomem || !hbuf || !seg_lo || (!host && !stage)) {
         rc = kv_error(KV_ENOMEM, "synth summaries: out of memory for one layer of %d tokens", T);
         goto done;
     }
-    /* Token-major copies of Q, K, V in backend memory; zeroed accumulators. */
+    /* Token-major copies of Q, K, V in backend memory; zeroed accumulators; segment starts. */
     const struct {
         float *dst;
         const float *src;
@@ -1011,19 +1040,26 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
             rc = be->ops->upload(be, tm[i].dst, stage, n * sizeof(float));
         }
     }
-    if (rc == KV_OK)
-        rc = be->ops->upload(be, dacc, hbuf, (size_t)H * T * sizeof(float));
+    for (int c = 0; c < N_COL && rc == KV_OK; c++)
+        if (dcol[c])
+            rc = be->ops->upload(be, dcol[c], hbuf, HT * sizeof(float));
     if (rc == KV_OK)
         rc = be->ops->upload(be, dpool, hbuf, (size_t)H * pool * pool * sizeof(float));
-    /* Prompt queries then decode queries, so that lse and entropy are packed (heads, n_q) per call
-     * and the accumulated attention sums prompt queries only. */
+    for (int t = 0; t < T; t++)
+        seg_lo[t] = m->n_segments > 0 ? m->segments[kv_trace_segment_of(m, KV_MIN(t, np - 1))] : 0;
+    if (rc == KV_OK)
+        rc = be->ops->upload(be, dseg, seg_lo, (size_t)T * sizeof(int32_t));
+    /* Prompt queries then decode queries, so that the per-query outputs are packed (heads, n_q) per
+     * call and the per-key statistics sum prompt queries only. */
     for (int part = 0; part < 2 && rc == KV_OK; part++) {
         const int q0 = part ? np : 0, n_q = part ? nd : np;
         if (n_q == 0)
             continue;
-        float *lse_p = dlse + (size_t)H * q0, *ent_p = dent + (size_t)H * q0;
+        float *rp[N_ROW];
+        for (int r = 0; r < N_ROW; r++)
+            rp[r] = drow[r] ? drow[r] + (size_t)H * q0 : NULL;
         kv_attn_args_t a = {.out = dout,
-                            .lse = lse_p,
+                            .lse = rp[0],
                             .q = dq + (size_t)q0 * H * d,
                             .k = dk,
                             .v = dv,
@@ -1036,9 +1072,9 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
                             .scale = (float)(1.0 / sqrt((double)d))};
         if ((rc = be->ops->attention(be, &a)))
             break;
-        kv_attn_stats_args_t st = {.q = a.q,
+        kv_attn_stats_args_t sa = {.q = a.q,
                                    .k = dk,
-                                   .lse = lse_p,
+                                   .lse = rp[0],
                                    .kv_stride = a.kv_stride,
                                    .n_q = n_q,
                                    .q_pos0 = q0,
@@ -1046,31 +1082,43 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
                                    .n_kv_heads = Hkv,
                                    .head_dim = d,
                                    .scale = a.scale,
-                                   .entropy = ent_p,
-                                   .acc = part ? NULL : dacc,
+                                   .entropy = rp[1],
+                                   .acc = part ? NULL : dcol[0],
                                    .acc_stride = (size_t)T,
                                    .pooled = dpool,
                                    .pool = pool,
-                                   .pool_T = T};
-        rc = be->ops->attn_stats(be, &st);
+                                   .pool_T = T,
+                                   .acc_sq = part ? NULL : dcol[1],
+                                   .acc_max = part ? NULL : dcol[2],
+                                   .acc_head = part ? NULL : dcol[3],
+                                   .acc_sq_head = part ? NULL : dcol[4],
+                                   .acc_max_head = part ? NULL : dcol[5],
+                                   .head_end = m->stats_split,
+                                   .keys_mass = rp[2],
+                                   .mass = (float)KV_TRACE_KEYS_MASS,
+                                   .sink = rp[3],
+                                   .seg = rp[4],
+                                   .seg_lo = dseg};
+        rc = be->ops->attn_stats(be, &sa);
     }
     if (rc == KV_OK)
         rc = be->ops->sync(be);
-    /* lse/entropy are stored as [prompt block (H, np)][decode block (H, nd)]: unpack to (H, T). */
-    for (int which = 0; which < 2 && rc == KV_OK; which++) {
-        float *dst = which ? entropy : lse;
-        if (!dst)
+    /* per-query outputs are stored as [prompt block (H, np)][decode block (H, nd)]: unpack to (H, T) */
+    for (int r = 0; r < N_ROW && rc == KV_OK; r++) {
+        if (!row_out[r])
             continue;
-        if ((rc = be->ops->download(be, hbuf, which ? dent : dlse, (size_t)H * T * sizeof(float))))
+        if ((rc = be->ops->download(be, hbuf, drow[r], HT * sizeof(float))))
             break;
         for (int h = 0; h < H; h++) {
-            memcpy(dst + (size_t)h * T, hbuf + (size_t)h * np, sizeof(float) * (size_t)np);
+            memcpy(row_out[r] + (size_t)h * T, hbuf + (size_t)h * np, sizeof(float) * (size_t)np);
             if (nd)
-                memcpy(dst + (size_t)h * T + np, hbuf + (size_t)H * np + (size_t)h * nd, sizeof(float) * (size_t)nd);
+                memcpy(row_out[r] + (size_t)h * T + np, hbuf + (size_t)H * np + (size_t)h * nd,
+                       sizeof(float) * (size_t)nd);
         }
     }
-    if (rc == KV_OK && acc)
-        rc = be->ops->download(be, acc, dacc, (size_t)H * T * sizeof(float));
+    for (int c = 0; c < N_COL && rc == KV_OK; c++)
+        if (col_out[c])
+            rc = be->ops->download(be, col_out[c], dcol[c], HT * sizeof(float));
     if (rc == KV_OK && pooled)
         rc = be->ops->download(be, pooled, dpool, (size_t)H * pool * pool * sizeof(float));
     if (rc)
@@ -1080,11 +1128,14 @@ done:
     kv_be_free(be, dk);
     kv_be_free(be, dv);
     kv_be_free(be, dout);
-    kv_be_free(be, dlse);
-    kv_be_free(be, dent);
-    kv_be_free(be, dacc);
     kv_be_free(be, dpool);
+    kv_be_free(be, dseg);
+    for (int c = 0; c < N_COL; c++)
+        kv_be_free(be, dcol[c]);
+    for (int r = 0; r < N_ROW; r++)
+        kv_be_free(be, drow[r]);
     kv_free(hbuf);
+    kv_free(seg_lo);
     kv_free(stage);
     return rc;
 }
@@ -1097,16 +1148,33 @@ typedef struct {
     kv_trace_t *mem;
 } sink_t;
 
+/* The statistics of one layer: the 8 tensors KV_T_ACC_SQ .. KV_T_SEG, in kv_synth_stats_t's order. */
+#define N_STATS 8
+static kv_synth_stats_t stats_of(float *const st[N_STATS])
+{
+    kv_synth_stats_t x = {st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]};
+    return x;
+}
+
+/* (H, T, d) -> the rows of tokens [q0, T) of each head, packed (H, T - q0, d), in place. */
+static void keep_tail_rows(float *q, int H, int T, int d, int q0)
+{
+    for (int h = 0; h < H; h++)
+        memmove(q + (size_t)h * (T - q0) * d, q + ((size_t)h * T + q0) * d, sizeof(float) * (size_t)(T - q0) * d);
+}
+
 /* Generate every layer into `out`; `what` names the progress line (NULL: no progress). */
 static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, const char *what)
 {
     kv_synth_t *s = NULL;
     kv_backend_t *be = NULL;
-    float *q = NULL, *k = NULL, *v = NULL, *sum[4] = {NULL, NULL, NULL, NULL};
+    float *q = NULL, *k = NULL, *v = NULL, *sum[4] = {NULL, NULL, NULL, NULL}, *st[N_STATS] = {NULL};
+    float *qfull = NULL; /* lean traces: every query of the layer, for the statistics */
     int rc = kv_synth_create(p, &s);
     if (rc)
         return rc;
-    const size_t nq = kv_tensor_numel(meta, KV_T_Q), nkv = kv_tensor_numel(meta, KV_T_K);
+    const int lean = meta->q_start > 0, H = meta->n_heads, T = meta->n_tokens, d = meta->head_dim;
+    const size_t nq_all = (size_t)H * T * d, nkv = kv_tensor_numel(meta, KV_T_K);
     if (meta->has_summaries) {
         if ((rc = kv_backend_open(p->backend, p->n_threads, &be)))
             goto done;
@@ -1114,8 +1182,12 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
         if (out->w)
             snprintf(kv_trace_writer_meta(out->w)->backend, sizeof meta->backend, "%s", be->device);
     }
+    if (lean && !(qfull = kv_malloc_aligned(nq_all * sizeof(float), "synth layer Q"))) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
     if (out->w) {
-        q = kv_malloc_aligned(nq * sizeof(float), "synth layer Q");
+        q = lean ? qfull : kv_malloc_aligned(nq_all * sizeof(float), "synth layer Q");
         k = kv_malloc_aligned(nkv * sizeof(float), "synth layer K");
         v = kv_malloc_aligned(nkv * sizeof(float), "synth layer V");
         if (!q || !k || !v) {
@@ -1128,6 +1200,12 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
                 rc = KV_ENOMEM;
                 goto done;
             }
+        for (int w = 0; w < N_STATS && meta->has_stats; w++)
+            if (!(st[w] = kv_malloc(kv_tensor_numel(meta, (kv_tensor_t)(KV_T_ACC_SQ + w)) * sizeof(float),
+                                    "synth statistics"))) {
+                rc = KV_ENOMEM;
+                goto done;
+            }
     }
     kv_progress_t pg;
     const int level = kv_log_get_level();
@@ -1136,13 +1214,20 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
     kv_progress_begin(&pg, what ? what : "synth", p->n_layers);
     double t_gen = 0, t_sum = 0, t_write = 0, t0;
     for (int l = 0; l < p->n_layers && rc == KV_OK; l++) {
+        float *qdst = q; /* where the stored queries go */
         if (out->mem) {
-            q = kv_trace_mem_tensor(out->mem, l, KV_T_Q);
+            qdst = kv_trace_mem_tensor(out->mem, l, KV_T_Q);
+            q = lean ? qfull : qdst;
             k = kv_trace_mem_tensor(out->mem, l, KV_T_K);
             v = kv_trace_mem_tensor(out->mem, l, KV_T_V);
             for (int w = 0; w < 4 && meta->has_summaries; w++)
                 sum[w] = kv_trace_mem_tensor(out->mem, l, (kv_tensor_t)(KV_T_LSE + w));
-            if (!q || !k || !v || (meta->has_summaries && (!sum[0] || !sum[1] || !sum[2] || !sum[3]))) {
+            for (int w = 0; w < N_STATS && meta->has_stats; w++)
+                st[w] = kv_trace_mem_tensor(out->mem, l, (kv_tensor_t)(KV_T_ACC_SQ + w));
+            int missing = !qdst || !k || !v || (meta->has_summaries && (!sum[0] || !sum[1] || !sum[2] || !sum[3]));
+            for (int w = 0; w < N_STATS && meta->has_stats; w++)
+                missing |= !st[w];
+            if (missing) {
                 rc = KV_ENOMEM;
                 break;
             }
@@ -1152,9 +1237,16 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
             break;
         t_gen += kv_now() - t0;
         t0 = kv_now();
-        if (meta->has_summaries && (rc = kv_synth_summarize(be, meta, q, k, v, sum[0], sum[1], sum[2], sum[3])))
+        const kv_synth_stats_t sst = stats_of(st);
+        if (meta->has_summaries && (rc = kv_synth_summarize(be, meta, q, k, v, sum[0], sum[1], sum[2], sum[3],
+                                                            meta->has_stats ? &sst : NULL)))
             break;
         t_sum += kv_now() - t0;
+        if (lean) { /* keep the queries of tokens [q_start, T) */
+            keep_tail_rows(q, H, T, d, meta->q_start);
+            if (out->mem)
+                memcpy(qdst, q, sizeof(float) * kv_tensor_numel(meta, KV_T_Q));
+        }
         t0 = kv_now();
         if (out->w) {
             if ((rc = kv_trace_write(out->w, l, KV_T_Q, q)) || (rc = kv_trace_write(out->w, l, KV_T_K, k)) ||
@@ -1162,6 +1254,8 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
                 break;
             for (int w = 0; w < 4 && meta->has_summaries && rc == KV_OK; w++)
                 rc = kv_trace_write(out->w, l, (kv_tensor_t)(KV_T_LSE + w), sum[w]);
+            for (int w = 0; w < N_STATS && meta->has_stats && rc == KV_OK; w++)
+                rc = kv_trace_write(out->w, l, (kv_tensor_t)(KV_T_ACC_SQ + w), st[w]);
         }
         t_write += kv_now() - t0;
         char detail[64];
@@ -1177,12 +1271,16 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
     kv_log_set_level(level);
 done:
     if (out->w) {
-        kv_free_aligned(q);
+        if (q != qfull)
+            kv_free_aligned(q);
         kv_free_aligned(k);
         kv_free_aligned(v);
         for (int w = 0; w < 4; w++)
             kv_free(sum[w]);
+        for (int w = 0; w < N_STATS; w++)
+            kv_free(st[w]);
     }
+    kv_free_aligned(qfull);
     kv_backend_close(be);
     kv_synth_free(s);
     return rc;

@@ -9,7 +9,12 @@
 #include <stdio.h>
 #include <string.h>
 
-static const char *tensor_names[KV_T_COUNT] = {"q", "k", "v", "lse", "entropy", "acc_attn", "pooled", "wo"};
+static const char *tensor_names[KV_T_COUNT] = {"q",          "k",           "v",
+                                               "lse",        "entropy",     "acc_attn",
+                                               "pooled",     "wo",          "acc_attn_sq",
+                                               "max_attn",   "acc_attn_head", "acc_attn_sq_head",
+                                               "max_attn_head", "keys90",   "sink_mass",
+                                               "seg_mass"};
 
 const char *kv_tensor_name(kv_tensor_t which)
 {
@@ -18,14 +23,25 @@ const char *kv_tensor_name(kv_tensor_t which)
 
 int kv_tensor_per_token(kv_tensor_t which)
 {
-    return which <= KV_T_ACC;
+    return which <= KV_T_ACC || (which >= KV_T_ACC_SQ && which < KV_T_COUNT);
+}
+
+int kv_tensor_present(const kv_trace_meta_t *m, kv_tensor_t which)
+{
+    if (which <= KV_T_V)
+        return 1;
+    if (which == KV_T_WO)
+        return m->has_wo != 0;
+    if (which <= KV_T_POOLED)
+        return m->has_summaries != 0;
+    return which < KV_T_COUNT && m->has_stats != 0;
 }
 
 int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3])
 {
     switch (which) {
     case KV_T_Q:
-        dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->n_tokens, dims[2] = (uint64_t)m->head_dim;
+        dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)(m->n_tokens - m->q_start), dims[2] = (uint64_t)m->head_dim;
         return 3;
     case KV_T_K:
     case KV_T_V:
@@ -33,7 +49,15 @@ int kv_tensor_dims(const kv_trace_meta_t *m, kv_tensor_t which, uint64_t dims[3]
         return 3;
     case KV_T_LSE:
     case KV_T_ENTROPY:
-    case KV_T_ACC: dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->n_tokens, dims[2] = 1; return 2;
+    case KV_T_ACC:
+    case KV_T_ACC_SQ:
+    case KV_T_MAX:
+    case KV_T_ACC_HEAD:
+    case KV_T_ACC_SQ_HEAD:
+    case KV_T_MAX_HEAD:
+    case KV_T_KEYS90:
+    case KV_T_SINK:
+    case KV_T_SEG: dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->n_tokens, dims[2] = 1; return 2;
     case KV_T_POOLED:
         dims[0] = (uint64_t)m->n_heads, dims[1] = (uint64_t)m->pool, dims[2] = (uint64_t)m->pool;
         return 3;
@@ -133,8 +157,20 @@ int kv_trace_meta_validate(const kv_trace_meta_t *m, const char *where)
         return kv_error(KV_EFORMAT, "%s: pooled map side %d outside [1, %d]", where, m->pool, m->n_tokens);
     if (m->has_wo && m->model_dim <= 0)
         return kv_error(KV_EFORMAT, "%s: W_O present but model dim is %d", where, m->model_dim);
+    if (m->q_start < 0 || m->q_start > m->n_prompt)
+        return kv_error(KV_EFORMAT, "%s: queries stored from token %d, outside the prompt [0, %d]", where, m->q_start,
+                        m->n_prompt);
+    if (m->q_start > 0 && !m->has_stats)
+        return kv_error(KV_EFORMAT,
+                        "%s: a lean trace (queries stored from token %d) must store the statistics (has_stats)", where,
+                        m->q_start);
+    if (m->has_stats && !m->has_summaries)
+        return kv_error(KV_EFORMAT, "%s: statistics (has_stats) without the summaries (has_summaries)", where);
+    if (m->has_stats && (m->stats_split < m->q_start || m->stats_split > m->n_prompt))
+        return kv_error(KV_EFORMAT, "%s: statistics split at token %d, outside [%d, %d] (stored queries of the prompt)",
+                        where, m->stats_split, m->q_start, m->n_prompt);
     for (int w = 0; w < KV_T_COUNT; w++) {
-        if ((w == KV_T_WO && !m->has_wo) || (w > KV_T_V && w != KV_T_WO && !m->has_summaries))
+        if (!kv_tensor_present(m, (kv_tensor_t)w))
             continue;
         uint64_t d[3], n = 1;
         int r = kv_tensor_dims(m, (kv_tensor_t)w, d), ok = 1;
@@ -203,6 +239,12 @@ int kv_trace_read_rows(kv_trace_t *t, int layer, kv_tensor_t which, int t0, int 
         return kv_error(KV_ERANGE, "%s: tokens [%d, %d) outside [0, %d)", t->path, t0, t0 + nt, t->meta.n_tokens);
     if (nt == 0)
         return KV_OK;
+    if (which == KV_T_Q && t0 < t->meta.q_start)
+        return kv_error(KV_EUNAVAIL,
+                        "%s: the queries of tokens [%d, %d) are not stored: this lean trace keeps the queries of tokens "
+                        "%d..%d only (captured with --q-tail %d)",
+                        t->path, t0, t0 + nt, t->meta.q_start, t->meta.n_tokens - 1,
+                        t->meta.n_prompt - t->meta.q_start);
     return t->vt->read_rows(t, layer, which, t0, nt, dst);
 }
 
@@ -277,6 +319,8 @@ static int mem_read_rows(kv_trace_t *t, int layer, kv_tensor_t which, int t0, in
     kv_tensor_dims(&t->meta, which, d);
     const float *src = mem_get(t, layer, which, 0);
     size_t row = (size_t)d[2]; /* floats per token (head_dim, or 1 for per-token scalars) */
+    if (which == KV_T_Q)
+        t0 -= t->meta.q_start; /* the stored rows start at q_start */
     for (uint64_t h = 0; h < d[0]; h++) {
         float *o = dst + (size_t)h * nt * row;
         if (src)
@@ -300,11 +344,7 @@ static int mem_read(kv_trace_t *t, int layer, kv_tensor_t which, float *dst)
 
 static int mem_has(const kv_trace_t *t, kv_tensor_t which)
 {
-    if (which <= KV_T_V)
-        return 1;
-    if (which == KV_T_WO)
-        return t->meta.has_wo;
-    return t->meta.has_summaries;
+    return kv_tensor_present(&t->meta, which);
 }
 
 static int mem_storage(kv_trace_t *t, uint64_t *raw, uint64_t *stored)

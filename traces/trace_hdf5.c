@@ -409,9 +409,10 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     long long v = 0;
     if ((rc = get_int_attr(f, "format_version", &v, 1, path)))
         return rc;
-    if (v != KV_TRACE_FORMAT_VERSION)
-        return kv_error(KV_EFORMAT, "%s: trace format version %lld, this kvsim reads version %d", path, v,
+    if (v != 1 && v != KV_TRACE_FORMAT_VERSION)
+        return kv_error(KV_EFORMAT, "%s: trace format version %lld, this kvsim reads versions 1 to %d", path, v,
                         KV_TRACE_FORMAT_VERSION);
+    const int version = (int)v;
     struct {
         const char *name;
         int *dst;
@@ -426,6 +427,9 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
         {"has_summaries", &m->has_summaries, 0},
         {"pool", &m->pool, 0},
         {"has_wo", &m->has_wo, 0},
+        {"has_stats", &m->has_stats, 0},
+        {"stats_split", &m->stats_split, 0},
+        {"q_start", &m->q_start, 0},
         {"model_dim", &m->model_dim, 0},
         {"hidden_dim", &m->hidden_dim, 0},
         {"vocab_size", &m->vocab_size, 0},
@@ -442,6 +446,9 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     }
     m->has_summaries = m->has_summaries != 0;
     m->has_wo = m->has_wo != 0;
+    m->has_stats = m->has_stats != 0;
+    if (version < 2) /* version 1 had no statistics and stored every query */
+        m->has_stats = m->stats_split = m->q_start = 0;
     if (!m->has_summaries)
         m->pool = 0; /* no pooled map: its side means nothing (kv_trace.h) */
     v = 0;
@@ -528,6 +535,8 @@ static int h5_read_hyperslab(kv_trace_t *t, int layer, kv_tensor_t which, int t0
     uint64_t dims[3];
     int rank = kv_tensor_dims(&t->meta, which, dims);
     hsize_t start[3] = {0, 0, 0}, count[3] = {dims[0], dims[1], dims[2]};
+    if (t0 >= 0 && which == KV_T_Q)
+        t0 -= t->meta.q_start; /* the stored queries start at token q_start */
     if (t0 >= 0) {
         start[1] = (hsize_t)t0;
         count[1] = (hsize_t)nt;
@@ -648,9 +657,8 @@ int kv_trace_hdf5_open(const char *path, kv_trace_t **out)
     }
     if ((rc = h5_read_meta(hi->file, &t->meta, path)))
         goto fail;
-    hi->has[KV_T_Q] = hi->has[KV_T_K] = hi->has[KV_T_V] = 1;
-    hi->has[KV_T_LSE] = hi->has[KV_T_ENTROPY] = hi->has[KV_T_ACC] = hi->has[KV_T_POOLED] = t->meta.has_summaries;
-    hi->has[KV_T_WO] = t->meta.has_wo;
+    for (int w = 0; w < KV_T_COUNT; w++)
+        hi->has[w] = kv_tensor_present(&t->meta, (kv_tensor_t)w);
     for (int l = 0; l < t->meta.n_layers; l++)
         for (int w = 0; w < KV_T_COUNT; w++)
             if (hi->has[w] && (rc = check_dims(hi->file, &t->meta, l, (kv_tensor_t)w, path)))
@@ -788,8 +796,7 @@ int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_writ
         snprintf(g, sizeof g, "%d", l);
         hid_t gid = H5Gcreate2(layers, g, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         for (int which = 0; which < KV_T_COUNT && rc == KV_OK; which++) {
-            int present = which <= KV_T_V || (which == KV_T_WO ? meta->has_wo : meta->has_summaries);
-            if (!present)
+            if (!kv_tensor_present(meta, (kv_tensor_t)which))
                 continue;
             int rank;
             hsize_t dims[3];
@@ -1097,8 +1104,7 @@ static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0
     const kv_trace_meta_t *m = &w->meta;
     if (layer < 0 || layer >= m->n_layers || (unsigned)which >= KV_T_COUNT)
         return kv_error(KV_ERANGE, "%s: layer %d / tensor %d out of range", w->path, layer, (int)which);
-    int present = which <= KV_T_V || (which == KV_T_WO ? m->has_wo : m->has_summaries);
-    if (!present)
+    if (!kv_tensor_present(m, which))
         return kv_error(KV_EINVAL, "%s: tensor '%s' was not declared in the trace meta", w->path,
                         kv_tensor_name(which));
     char name[64];
@@ -1110,7 +1116,9 @@ static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0
     if (t0 >= 0) {
         if (t0 + nt > m->n_tokens)
             return kv_error(KV_ERANGE, "%s: rows [%d, %d) beyond %d tokens", w->path, t0, t0 + nt, m->n_tokens);
-        s0 = (size_t)t0;
+        if (which == KV_T_Q && t0 < m->q_start)
+            return kv_error(KV_EINTERNAL, "%s: query rows before q_start %d reached the writer", w->path, m->q_start);
+        s0 = (size_t)(which == KV_T_Q ? t0 - m->q_start : t0);
         S[1] = (size_t)nt;
     }
     if (S[0] * S[1] * S[2] == 0)
@@ -1149,6 +1157,20 @@ int kv_trace_write_rows(kv_trace_writer_t *w, int layer, kv_tensor_t which, int 
         return kv_error(KV_EINVAL, "%s: '%s' is not indexed by token", w->path, kv_tensor_name(which));
     if (t0 < 0 || nt < 0)
         return kv_error(KV_ERANGE, "%s: bad row range", w->path);
+    const int qs = w->meta.q_start;
+    if (which == KV_T_Q && t0 < qs) { /* a lean trace: drop the rows of tokens before q_start */
+        const int skip = KV_MIN(qs - t0, nt), keep = nt - skip, H = w->meta.n_heads, d = w->meta.head_dim;
+        if (keep <= 0)
+            return KV_OK;
+        float *tail = kv_malloc(sizeof(float) * (size_t)H * keep * d, "query rows");
+        if (!tail)
+            return KV_ENOMEM;
+        for (int h = 0; h < H; h++)
+            memcpy(tail + (size_t)h * keep * d, src + ((size_t)h * nt + skip) * d, sizeof(float) * (size_t)keep * d);
+        int rc = write_slab(w, layer, which, qs, keep, tail);
+        kv_free(tail);
+        return rc;
+    }
     return write_slab(w, layer, which, t0, nt, src);
 }
 
@@ -1195,6 +1217,9 @@ static int write_meta(kv_trace_writer_t *w)
         {"n_decode", m->n_tokens - m->n_prompt},
         {"n_segments", m->n_segments},
         {"has_summaries", m->has_summaries},
+        {"has_stats", m->has_stats},
+        {"stats_split", m->stats_split},
+        {"q_start", m->q_start},
         {"pool", m->pool},
         {"has_wo", m->has_wo},
         {"model_dim", m->model_dim},

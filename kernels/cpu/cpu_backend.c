@@ -297,6 +297,136 @@ static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
     return KV_OK;
 }
 
+/* ---- the smallest number of keys holding a share of a row's attention (attn_stats keys_mass) */
+
+static void swapf(float *a, float *b)
+{
+    float t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* The smallest k such that the k largest of a[0, n) (all >= 0, reordered) sum to >= need: quickselect
+ * from the top, a three-way partition around a pivot (> | == | <), taking the whole upper part while
+ * it is not enough and recursing into it otherwise; equal values count ceil(remaining / value). */
+static int select_mass(float *a, int n, double need)
+{
+    int lo = 0, hi = n, count = 0;
+    while (hi > lo) {
+        const float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+        const float piv = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y)); /* median */
+        int gt = lo, i = lo, lt = hi;
+        while (i < lt) {
+            if (a[i] > piv)
+                swapf(&a[gt++], &a[i++]);
+            else if (a[i] < piv)
+                swapf(&a[i], &a[--lt]);
+            else
+                i++;
+        }
+        double s_gt = 0;
+        for (int k = lo; k < gt; k++)
+            s_gt += a[k];
+        if (s_gt >= need) {
+            hi = gt;
+            continue;
+        }
+        count += gt - lo;
+        need -= s_gt;
+        const int neq = lt - gt;
+        if ((double)neq * piv >= need) {
+            int k = piv > 0 ? (int)ceil(need / piv) : neq;
+            return count + (k < 1 ? 1 : k > neq ? neq : k);
+        }
+        count += neq;
+        need -= (double)neq * piv;
+        lo = lt;
+    }
+    return count;
+}
+
+#define MASS_BUCKETS 1024 /* eighth-octave buckets of p in [0, 1]: the float's bits >> 20 */
+#define MASS_DIRECT 1024  /* rows up to this many keys go straight to select_mass */
+
+typedef struct {
+    int cnt[MASS_BUCKETS];
+    double mass[MASS_BUCKETS];
+    float *scratch; /* (n) */
+} mass_ws_t;
+
+/* keys_mass of one row p[0, n) (p >= 0; total = their sum): one pass files every p in a bucket by its
+ * exponent and top three mantissa bits (counts and masses), the buckets are walked from the top to the
+ * one where the mass reaches `need`, and only that bucket's values are selected exactly. O(n). */
+static int keys_for_mass(const float *p, int n, double total, double mass, mass_ws_t *ws)
+{
+    const double need = mass * total * (1 - 1e-6);
+    if (!(need > 0))
+        return 0;
+    if (n <= MASS_DIRECT) {
+        memcpy(ws->scratch, p, sizeof(float) * (size_t)n);
+        return select_mass(ws->scratch, n, need);
+    }
+    memset(ws->cnt, 0, sizeof ws->cnt);
+    memset(ws->mass, 0, sizeof ws->mass);
+    for (int j = 0; j < n; j++) {
+        uint32_t u;
+        memcpy(&u, &p[j], sizeof u);
+        const uint32_t b = u >> 20 < MASS_BUCKETS ? u >> 20 : MASS_BUCKETS - 1; /* p > 1 (rounding): top */
+        ws->cnt[b]++;
+        ws->mass[b] += p[j];
+    }
+    double above = 0;
+    int count = 0, b = MASS_BUCKETS - 1;
+    for (; b >= 0; b--) {
+        if (above + ws->mass[b] >= need)
+            break;
+        above += ws->mass[b];
+        count += ws->cnt[b];
+    }
+    if (b < 0)
+        return n; /* the rounding of the bucket sums left `need` out of reach: every key */
+    int m = 0;
+    for (int j = 0; j < n; j++) {
+        uint32_t u;
+        memcpy(&u, &p[j], sizeof u);
+        if ((u >> 20 < MASS_BUCKETS ? (int)(u >> 20) : MASS_BUCKETS - 1) == b)
+            ws->scratch[m++] = p[j];
+    }
+    return count + select_mass(ws->scratch, m, need - above);
+}
+
+/* dst[j] = max(dst[j], p[j]) over the pooled cells: the keys of cell c are [ceil(c T / P), ceil((c+1) T / P)). */
+static void pool_row(float *prow, const float *p, int vis, int pool, int pool_T)
+{
+    for (int c = 0; c < pool; c++) {
+        const int j0 = (int)(((int64_t)c * pool_T + pool - 1) / pool);
+        int j1 = (int)(((int64_t)(c + 1) * pool_T + pool - 1) / pool);
+        if (j0 >= vis)
+            break;
+        j1 = j1 < vis ? j1 : vis;
+        float mx = prow[c];
+        for (int j = j0; j < j1; j++)
+            mx = p[j] > mx ? p[j] : mx;
+        prow[c] = mx;
+    }
+}
+
+static void add_row(float *restrict dst, const float *restrict p, int n)
+{
+    for (int j = 0; j < n; j++)
+        dst[j] += p[j];
+}
+static void add_sq_row(float *restrict dst, const float *restrict p, int n)
+{
+    for (int j = 0; j < n; j++)
+        dst[j] += p[j] * p[j];
+}
+static void max_row(float *restrict dst, const float *restrict p, int n)
+{
+    for (int j = 0; j < n; j++)
+        dst[j] = p[j] > dst[j] ? p[j] : dst[j];
+}
+
 static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
 {
     (void)be;
@@ -304,21 +434,29 @@ static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
     const int nk_all = a->q_pos0 + a->n_q;
     if (a->pooled && (a->pool <= 0 || a->pool > a->pool_T || nk_all > a->pool_T))
         return kv_error(KV_EINVAL, "attn_stats: pool %d does not fit %d tokens", a->pool, a->pool_T);
+    if (a->keys_mass && !(a->mass > 0 && a->mass <= 1))
+        return kv_error(KV_EINVAL, "attn_stats: mass %g outside (0, 1]", (double)a->mass);
     int rc = KV_OK;
     int old = kv_blas_set_threads(1);
 #pragma omp parallel
     {
         float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk_all, "attention scores");
-        if (!S) {
+        mass_ws_t *ws = a->keys_mass ? kv_malloc(sizeof *ws, "keys-for-mass workspace") : NULL;
+        if (ws && !(ws->scratch = kv_malloc(sizeof(float) * (size_t)nk_all, "keys-for-mass workspace"))) {
+            kv_free(ws);
+            ws = NULL;
+        }
+        if (!S || (a->keys_mass && !ws)) {
 #pragma omp atomic write
             rc = KV_ENOMEM;
         }
-        /* Parallel over heads only: acc and pooled rows of a head are written by one thread. */
+        /* Parallel over heads only: the per-key rows of a head are written by one thread. */
 #pragma omp for schedule(dynamic, 1)
         for (int h = 0; h < H; h++) {
-            if (!S)
+            if (!S || (a->keys_mass && !ws))
                 continue;
             const int g = h / G;
+            const size_t ko = (size_t)h * a->acc_stride;
             for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
                 const int nb = KV_MIN(ATT_QB, a->n_q - i0);
                 const int nk = a->q_pos0 + i0 + nb;
@@ -326,35 +464,51 @@ static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
                             a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
                 for (int r = 0; r < nb; r++) {
-                    const int i = i0 + r, vis = a->q_pos0 + i + 1;
-                    const float lse = a->lse[(size_t)h * a->n_q + i];
+                    const int i = i0 + r, pos = a->q_pos0 + i, vis = pos + 1;
+                    const size_t ro = (size_t)h * a->n_q + i;
+                    const float lse = a->lse[ro];
                     float *s = S + (size_t)r * nk;
-                    double ent = 0;
-                    float *acc = a->acc ? a->acc + (size_t)h * a->acc_stride : NULL;
-                    float *prow = NULL;
-                    if (a->pooled) {
-                        int rb = (int)((int64_t)(a->q_pos0 + i) * a->pool / a->pool_T);
-                        prow = a->pooled + ((size_t)h * a->pool + rb) * a->pool;
-                    }
                     /* probabilities in place; entropy = -sum_j p_j log p_j = -sum_j p_j (s_j - lse) */
                     double psum, plogp;
                     exp_shift(s, vis, lse, &psum, &plogp);
-                    ent = -plogp;
-                    for (int j = 0; j < vis; j++) {
-                        float p = s[j];
-                        if (acc)
-                            acc[j] += p;
-                        if (prow) {
-                            int cb = (int)((int64_t)j * a->pool / a->pool_T);
-                            if (p > prow[cb])
-                                prow[cb] = p;
-                        }
-                    }
                     if (a->entropy)
-                        a->entropy[(size_t)h * a->n_q + i] = (float)ent;
+                        a->entropy[ro] = (float)-plogp;
+                    if (a->acc)
+                        add_row(a->acc + ko, s, vis);
+                    if (a->acc_sq)
+                        add_sq_row(a->acc_sq + ko, s, vis);
+                    if (a->acc_max)
+                        max_row(a->acc_max + ko, s, vis);
+                    if (pos < a->head_end) {
+                        if (a->acc_head)
+                            add_row(a->acc_head + ko, s, vis);
+                        if (a->acc_sq_head)
+                            add_sq_row(a->acc_sq_head + ko, s, vis);
+                        if (a->acc_max_head)
+                            max_row(a->acc_max_head + ko, s, vis);
+                    }
+                    if (a->pooled) {
+                        const int rb = (int)((int64_t)pos * a->pool / a->pool_T);
+                        pool_row(a->pooled + ((size_t)h * a->pool + rb) * a->pool, s, vis, a->pool, a->pool_T);
+                    }
+                    if (a->sink)
+                        a->sink[ro] = s[0];
+                    if (a->seg) {
+                        int lo = a->seg_lo ? a->seg_lo[pos] : 0;
+                        lo = lo < 0 ? 0 : lo > vis ? vis : lo;
+                        double m = 0;
+                        for (int j = lo; j < vis; j++)
+                            m += s[j];
+                        a->seg[ro] = (float)m;
+                    }
+                    if (a->keys_mass)
+                        a->keys_mass[ro] = (float)keys_for_mass(s, vis, psum, a->mass, ws);
                 }
             }
         }
+        if (ws)
+            kv_free(ws->scratch);
+        kv_free(ws);
         kv_free_aligned(S);
     }
     kv_blas_set_threads(old);

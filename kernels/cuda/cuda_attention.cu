@@ -25,8 +25,9 @@
  *   k_merge_stats     merges split row statistics into m, 1/l and optionally lse.
  *   k_probs<D>        p_ij = expf(s_ij - m_i) * inv_i (the CPU's softmax_row formula), written for
  *                     every column of every row, 0 where masked.
- *   k_rowent<D>       given lse (attn_stats): entropy -sum p log p per query (per-lane partial sums,
- *                     then a fixed butterfly) and the max-pooled map (a shared-memory copy of the
+ *   k_rowent<D>       given lse (attn_stats): entropy -sum p log p, the sink probability p_i0 and the
+ *                     mass on the query's segment, per query (per-lane partial sums, then a fixed
+ *                     butterfly), and the max-pooled map (a shared-memory copy of the
  *                     block's pooled rows, atomicMax on float bits, flushed once per block).
  *   k_cols<D>         key-major: column sums / sums of squares / maxima of p over all queries
  *                     (attn_colstats with (m, 1/l); attn_stats's accumulated attention with (lse, 1)).
@@ -398,9 +399,16 @@ __device__ __forceinline__ int cell_of(long long t, const Pool &pl)
     return (int)(t * pl.pool / pl.pool_T);
 }
 
+/* Per-query outputs of k_rowent, (H, n_q) each, any may be NULL. */
+struct RowOut {
+    float *entropy; /* -sum p log p */
+    float *sink;    /* p_i0 */
+    float *seg;     /* sum of p_ij over j >= seg_lo[q_pos0 + i] */
+    const int *seg_lo;
+};
+
 template <int D>
-__global__ void __launch_bounds__(NT)
-    k_rowent(QK p, const float *__restrict__ lse, float *__restrict__ entropy, Pool pl)
+__global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ lse, RowOut ro, Pool pl)
 {
     KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
@@ -423,8 +431,8 @@ __global__ void __launch_bounds__(NT)
                 spool[x] = INT_MIN; /* below the bits of every non-negative float */
     }
     load_rows<D>(Qs, D, p.q, h, i0, p.n_q, p.d, BR);
-    float li[RPW], ent[RPW];
-    int vr[RPW], rb[RPW];
+    float li[RPW], ent[RPW], sg[RPW];
+    int vr[RPW], rb[RPW], lo[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; r++) {
         const int i = i0 + warp * RPW + r;
@@ -432,7 +440,8 @@ __global__ void __launch_bounds__(NT)
         li[r] = ok ? lse[(size_t)h * p.n_q + i] : 0.f;
         vr[r] = ok ? visible(p, i) : 0;
         rb[r] = (ok && pl.pooled) ? cell_of(p.q_pos0 + i, pl) : 0;
-        ent[r] = 0.f;
+        lo[r] = (ok && ro.seg_lo) ? ro.seg_lo[p.q_pos0 + i] : 0;
+        ent[r] = sg[r] = 0.f;
     }
     const int ntiles = (nk + BL - 1) / BL;
     for (int t = 0; t < ntiles; t++) {
@@ -458,6 +467,10 @@ __global__ void __launch_bounds__(NT)
                 pr = expf(lp);
                 if (pr > 0.f)
                     ent[r] -= pr * lp;
+                if (j >= lo[r])
+                    sg[r] += pr;
+                if (j == 0 && ro.sink)
+                    ro.sink[(size_t)h * p.n_q + i0 + warp * RPW + r] = pr;
             }
             if (!pl.pooled || !__any_sync(FULL, ok))
                 continue;
@@ -482,9 +495,11 @@ __global__ void __launch_bounds__(NT)
 #pragma unroll
     for (int r = 0; r < RPW; r++) {
         const int i = i0 + warp * RPW + r;
-        const float e = warp_sum(ent[r]);
-        if (lane == 0 && i < p.n_q && entropy)
-            entropy[(size_t)h * p.n_q + i] = e;
+        const float e = warp_sum(ent[r]), m = warp_sum(sg[r]);
+        if (lane == 0 && i < p.n_q && ro.entropy)
+            ro.entropy[(size_t)h * p.n_q + i] = e;
+        if (lane == 0 && i < p.n_q && ro.seg)
+            ro.seg[(size_t)h * p.n_q + i] = m;
     }
     if (use_sm) {
         __syncthreads();
@@ -503,7 +518,8 @@ __global__ void __launch_bounds__(NT)
 struct ColOut {
     float *sum, *sumsq, *max; /* (H, ld); any may be NULL */
     size_t ld;
-    int accumulate; /* 1: sum += (attn_stats's acc); 0: overwrite every column (attn_colstats) */
+    int accumulate; /* 1: sum +=, sumsq +=, max = max(max, .) (attn_stats); 0: overwrite every column */
+    int r_ld;       /* row statistics rm, rinv: (H, r_ld) */
 };
 
 template <int D>
@@ -531,8 +547,8 @@ __global__ void __launch_bounds__(NT)
         dots<D>(s, Ks + warp * RPW * D, Qs + lane * LDQ);
         const int i = ib + lane;
         const bool qi = i < p.n_q;
-        const float mi = qi ? rm[(size_t)h * p.n_q + i] : 0.f;
-        const float inv = (qi && rinv) ? rinv[(size_t)h * p.n_q + i] : 1.f;
+        const float mi = qi ? rm[(size_t)h * o.r_ld + i] : 0.f;
+        const float inv = (qi && rinv) ? rinv[(size_t)h * o.r_ld + i] : 1.f;
         const int vi = qi ? visible(p, i) : 0;
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
@@ -553,6 +569,10 @@ __global__ void __launch_bounds__(NT)
         if (o.accumulate) {
             if (o.sum)
                 o.sum[at] += S;
+            if (o.sumsq)
+                o.sumsq[at] += Q2;
+            if (o.max)
+                o.max[at] = fmaxf(o.max[at], M);
         } else {
             if (o.sum)
                 o.sum[at] = S;
@@ -752,21 +772,33 @@ template <int D> int run_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t
     p.d = d;
     p.scale = a->scale;
     int rc = KV_OK;
-    if (a->entropy || a->pooled) {
+    if (a->entropy || a->pooled || a->sink || a->seg) {
         Pool pl = {a->pooled, a->pool, a->pool_T};
+        RowOut ro = {a->entropy, a->sink, a->seg, a->seg_lo};
         const size_t smem = smem_qk(D) + (a->pooled ? sizeof(int) * POOL_SMEM : 0);
         if ((rc = set_smem(k_rowent<D>, smem, "attn_stats rows")))
             return rc;
-        KV_LAUNCH(dim3((p.n_q + BR - 1) / BR, H), NT, smem, c->stream, k_rowent<D>)(p, a->lse, a->entropy, pl);
+        KV_LAUNCH(dim3((p.n_q + BR - 1) / BR, H), NT, smem, c->stream, k_rowent<D>)(p, a->lse, ro, pl);
         if ((rc = kv_cuda_check_launch("attn_stats rows")))
             return rc;
     }
-    if (a->acc) {
-        ColOut o = {a->acc, NULL, NULL, a->acc_stride, 1};
+    /* the per-key statistics over all the queries, then over those before head_end (a second launch
+     * over the first rows: the columns are reduced in a fixed order either way) */
+    const int n_head = a->head_end - a->q_pos0 < 0 ? 0 : min(a->n_q, a->head_end - a->q_pos0);
+    for (int part = 0; part < 2 && rc == KV_OK; part++) {
+        ColOut o = part ? ColOut{a->acc_head, a->acc_sq_head, a->acc_max_head, a->acc_stride, 1, a->n_q}
+                        : ColOut{a->acc, a->acc_sq, a->acc_max, a->acc_stride, 1, a->n_q};
+        QK pp = p;
+        if (part) {
+            pp.n_q = n_head;
+            pp.n_k = a->q_pos0 + n_head;
+        }
+        if ((!o.sum && !o.sumsq && !o.max) || pp.n_q == 0)
+            continue;
         const size_t smem = smem_qk(D);
         if ((rc = set_smem(k_cols<D>, smem, "attn_stats columns")))
             return rc;
-        KV_LAUNCH(dim3((p.n_k + BR - 1) / BR, H), NT, smem, c->stream, k_cols<D>)(p, a->lse, nullptr, o);
+        KV_LAUNCH(dim3((pp.n_k + BR - 1) / BR, H), NT, smem, c->stream, k_cols<D>)(pp, a->lse, nullptr, o);
         rc = kv_cuda_check_launch("attn_stats columns");
     }
     return rc;
@@ -815,7 +847,7 @@ template <int D> int run_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, 
     int rc = stats_scratch(be, p, &s);
     if (rc || (rc = row_stats<D>(be, p, s.m, s.inv, NULL, s.pm, s.pl, s.ns)))
         return rc;
-    ColOut o = {out->sum, out->sumsq, out->max, (size_t)p.n_k, 0};
+    ColOut o = {out->sum, out->sumsq, out->max, (size_t)p.n_k, 0, p.n_q};
     const size_t smem = smem_qk(D);
     if ((rc = set_smem(k_cols<D>, smem, "attn_colstats")))
         return rc;
@@ -851,9 +883,14 @@ int kv_cuda_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
     const int nk_all = a->q_pos0 + a->n_q;
     if (a->pooled && (a->pool <= 0 || a->pool > a->pool_T || nk_all > a->pool_T))
         return kv_error(KV_EINVAL, "attn_stats: pool %d does not fit %d tokens", a->pool, a->pool_T);
-    if (a->acc && a->acc_stride < (size_t)nk_all)
+    const int per_key = a->acc || a->acc_sq || a->acc_max || a->acc_head || a->acc_sq_head || a->acc_max_head;
+    if (per_key && a->acc_stride < (size_t)nk_all)
         return kv_error(KV_EINVAL, "attn_stats: acc_stride %zu below the %d keys", a->acc_stride, nk_all);
-    if (a->n_q == 0 || (!a->entropy && !a->pooled && !a->acc))
+    if (a->keys_mass)
+        return kv_error(KV_ENOTIMPL,
+                        "attn_stats: the CUDA backend does not compute keys_mass (the keys holding a share of each "
+                        "query's attention) yet; the CPU backend does");
+    if (a->n_q == 0 || (!a->entropy && !a->pooled && !per_key && !a->sink && !a->seg))
         return KV_OK;
     if (!a->lse)
         return kv_error(KV_EINVAL, "attn_stats: lse is required");

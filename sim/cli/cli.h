@@ -12,6 +12,7 @@
 #define KV_CLI_H
 
 #include "sim/kv_policy.h"
+#include "sim/replay.h"
 
 #include <stddef.h>
 
@@ -49,6 +50,11 @@ struct kv_policy;
 /* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
  * need segments and were not also named explicitly; *n is updated. */
 void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n);
+/* POLICIES containing 'all' on a lean trace (capture --q-tail): drop (with a warning saying why) the
+ * policies that need prompt queries the trace does not store and were not also named explicitly
+ * (kv_replay_check_policies); *n is updated. */
+int kv_cli_skip_lean(kv_trace_t *t, const char *list, struct kv_policy **pols, int *n, kv_backend_t *be,
+                     const kv_replay_opts_t *ro);
 /* Warn, once per policy, about the budgets that do not exceed the context tokens the policy always
  * keeps (the observation window of snapkv, pyramidkv and one-shot h2o, kvcompress's protected
  * tokens, the inner scorer's window of adakv and chunkkv): there it keeps the last B context tokens

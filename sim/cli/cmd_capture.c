@@ -118,6 +118,7 @@ enum {
     OPT_DECODE,
     OPT_DTYPE,
     OPT_WO,
+    OPT_QTAIL,
     OPT_SEGMENTS,
     OPT_POOL,
     OPT_ZSTD,
@@ -423,6 +424,10 @@ static void capture_help(void)
            "      --dtype f16|f32    storage of Q, K, V (default f16; values beyond the f16 range are\n"
            "                         counted in the f16_overflow attribute)\n"
            "      --with-wo          also store W_O (model_dim x n_heads*head_dim) per layer (default: no)\n"
+           "      --q-tail N         a lean trace: store the queries of the last N prompt tokens and of the\n"
+           "                         decode tokens only (queries are most of a trace's bytes); replay then\n"
+           "                         needs --eval-tail <= N and observation windows within N (default:\n"
+           "                         every query)\n"
            "      --segments S       auto (default): documents separated by <|endoftext|> lines in the\n"
            "                         prompt are tokenised separately, each with BOS when the model adds\n"
            "                         one, and their starts recorded (a prompt without separators, one\n"
@@ -454,6 +459,7 @@ int kv_cmd_capture(int argc, char **argv)
                                          {"decode", required_argument, 0, OPT_DECODE},
                                          {"dtype", required_argument, 0, OPT_DTYPE},
                                          {"with-wo", no_argument, 0, OPT_WO},
+                                         {"q-tail", required_argument, 0, OPT_QTAIL},
                                          {"segments", required_argument, 0, OPT_SEGMENTS},
                                          {"pool", required_argument, 0, OPT_POOL},
                                          {"zstd-level", required_argument, 0, OPT_ZSTD},
@@ -491,6 +497,11 @@ int kv_cmd_capture(int argc, char **argv)
                 return kv_cli_usage_error("capture", "--dtype expects f16 or f32, got '%s'", optarg);
             break;
         case OPT_WO: o.with_wo = 1; break;
+        case OPT_QTAIL:
+            if (kv_cli_int("capture", "--q-tail", optarg, 0, 1L << 30, &v))
+                return 2;
+            o.q_tail = (int)v;
+            break;
         case OPT_SEGMENTS: o.segments = optarg; break;
         case OPT_POOL:
             if (kv_cli_int("capture", "--pool", optarg, 1, 65536, &v))
@@ -557,6 +568,11 @@ int kv_cmd_capture(int argc, char **argv)
     kv_cli_append_arg(gen, sizeof gen, o.dtype == KV_DTYPE_F16 ? "f16" : "f32");
     if (o.with_wo)
         kv_cli_append_arg(gen, sizeof gen, "--with-wo");
+    if (o.q_tail >= 0) {
+        snprintf(num, sizeof num, "%d", o.q_tail);
+        kv_cli_append_arg(gen, sizeof gen, "--q-tail");
+        kv_cli_append_arg(gen, sizeof gen, num);
+    }
     kv_cli_append_arg(gen, sizeof gen, "--segments");
     kv_cli_append_arg(gen, sizeof gen, o.segments);
     snprintf(num, sizeof num, "%d", o.pool);

@@ -43,6 +43,12 @@ static void replay_help(void)
            "  -o, --output FILE    results as TSV (default: standard output)\n"
            "      --json FILE      also write the results as JSON (default: no JSON)\n"
            "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries (default 0)\n"
+           "      --stats SOURCE   where the statistics over the prompt queries (accumulated attention, its\n"
+           "                       squares and maxima) come from: trace (stored by capture and synth;\n"
+           "                       replay then costs O(T x (windows + evaluation queries)) per layer),\n"
+           "                       recompute (exactly, from the stored Q and K: O(T^2) per layer, for\n"
+           "                       traces without them and for studies of f16 rounding) or auto (default:\n"
+           "                       trace when the trace stores them and they cover the --eval-tail)\n"
            "      --seed N         seed of randomised policies (default 0)\n"
            "      --no-head-rows   only layer and overall rows (default: also one row per query head)\n"
            "      --backend NAME   cpu, cuda or auto (default auto)\n"
@@ -130,6 +136,37 @@ void kv_cli_warn_window_budgets(const kv_trace_meta_t *m, int n_ctx, kv_policy_t
     }
 }
 
+int kv_cli_skip_lean(kv_trace_t *t, const char *list, kv_policy_t **pols, int *n, kv_backend_t *be,
+                     const kv_replay_opts_t *ro)
+{
+    /* a lean trace lacks the early prompt queries: 'all' skips the policies that need them (a long
+     * observation window), unless they were also named explicitly (then replay reports the error) */
+    if (!names_policy(list, "all"))
+        return KV_OK;
+    int *ok = kv_malloc(sizeof(int) * (size_t)(*n ? *n : 1), "policy check");
+    char(*why)[1024] = kv_malloc(sizeof *why * (size_t)(*n ? *n : 1), "policy check");
+    int rc = ok && why ? kv_replay_check_policies(t, pols, *n, be, ro, ok, why) : KV_ENOMEM;
+    if (rc == KV_OK) {
+        int k = 0;
+        for (int i = 0; i < *n; i++) {
+            if (!ok[i] && !names_policy(list, pols[i]->desc->name)) {
+                /* the innermost message (after the "LABEL: layer 0: " prefixes of composite policies) */
+                const char *w = why[i], *x;
+                while ((x = strstr(w, "layer 0: ")))
+                    w = x + 9;
+                kv_warn("skipping %s on %s: %s", pols[i]->desc->name, kv_trace_path(t), w);
+                kv_policy_free(pols[i]);
+                continue;
+            }
+            pols[k++] = pols[i];
+        }
+        *n = k;
+    }
+    kv_free(ok);
+    kv_free(why);
+    return rc;
+}
+
 /* A path we are about to write: its folder must exist and be writable, checked before the work. */
 static int writable_target(const char *path)
 {
@@ -163,6 +200,7 @@ int kv_cmd_replay(int argc, char **argv)
         {"backend", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 't'},
         {"prefetch", required_argument, 0, 'p'},
+        {"stats", required_argument, 0, 'S'},
         {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -206,6 +244,16 @@ int kv_cmd_replay(int argc, char **argv)
             else
                 return kv_cli_usage_error("replay", "--prefetch takes on, off or auto, not '%s'", optarg);
             break;
+        case 'S':
+            if (!strcmp(optarg, "trace"))
+                ro.stats_source = KV_STATS_TRACE;
+            else if (!strcmp(optarg, "recompute"))
+                ro.stats_source = KV_STATS_RECOMPUTE;
+            else if (!strcmp(optarg, "auto"))
+                ro.stats_source = KV_STATS_AUTO;
+            else
+                return kv_cli_usage_error("replay", "--stats takes trace, recompute or auto, not '%s'", optarg);
+            break;
         case 'q':
             ro.quiet = 1;
             kv_log_set_level(KV_LOG_QUIET);
@@ -246,6 +294,10 @@ int kv_cmd_replay(int argc, char **argv)
     kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
     kv_cli_warn_window_budgets(m, m->n_prompt - ro.eval_tail, pols, n_pol, bud, n_bud);
     if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
+        rc = kv_cli_fail("replay");
+        goto done;
+    }
+    if (m->q_start > 0 && kv_cli_skip_lean(t, pol_list, pols, &n_pol, be, &ro) != KV_OK) {
         rc = kv_cli_fail("replay");
         goto done;
     }

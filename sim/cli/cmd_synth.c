@@ -41,10 +41,16 @@ static void help(void)
            "                        `kvsim info --attrs`); other options override it\n"
            "      --dtype f16|f32   storage of Q, K, V (default f16)\n"
            "      --zstd-level N    1..22 (default 3)\n"
-           "      --summaries MODE  yes, no or auto (default). LSE, entropy, accumulated attention\n"
-           "                        and the pooled map cost O(T^2) per head and layer; auto writes\n"
-           "                        them when tokens <= %d and layers x heads x tokens^2 <= 5e9\n"
-           "                        (Llama-3-8B shape: up to 2209 tokens, a few minutes)\n"
+           "      --summaries MODE  yes, no or auto (default). LSE, entropy, accumulated attention,\n"
+           "                        the pooled map and the statistics replay and analyze read\n"
+           "                        (traces/FORMAT.md) cost O(T^2) per head and layer, computed once\n"
+           "                        here so that replay is linear in T; auto writes them when tokens\n"
+           "                        <= %d and layers x heads x tokens^2 <= 5e9 (Llama-3-8B shape: up\n"
+           "                        to 2209 tokens, a few minutes)\n"
+           "      --q-tail N        a lean trace: store the queries of the last N prompt tokens and of\n"
+           "                        the decode tokens only (queries are most of a trace's bytes);\n"
+           "                        implies the summaries. Replay then needs --eval-tail <= N and\n"
+           "                        observation windows within N (default: every query)\n"
            "      --pool N          pooled attention map side (default %d, at most tokens)\n"
            "      --backend NAME    backend for the summaries: cpu (default), cuda, auto\n"
            "      --threads N       threads (default: all cores)\n"
@@ -100,6 +106,7 @@ enum {
     OPT_BACKEND,
     OPT_THREADS,
     OPT_PRINT,
+    OPT_QTAIL,
     OPT_KEY0 = 1000
 };
 
@@ -141,6 +148,7 @@ int kv_cmd_synth(int argc, char **argv)
         {"backend", required_argument, 0, OPT_BACKEND},
         {"threads", required_argument, 0, OPT_THREADS},
         {"print-planted", no_argument, 0, OPT_PRINT},
+        {"q-tail", required_argument, 0, OPT_QTAIL},
         {"quiet", no_argument, 0, 'q'},
         {"help", no_argument, 0, 'h'},
     };
@@ -164,7 +172,7 @@ int kv_cmd_synth(int argc, char **argv)
     memset(&given, 0, sizeof given);
     kv_write_opts_t wo = {KV_DTYPE_F16, 0, 0};
     kv_synth_summaries_t summaries = KV_SYNTH_SUMMARIES_AUTO;
-    long pool = 0, threads = 0, level = 0;
+    long pool = 0, threads = 0, level = 0, q_tail = -1;
     const char *backend = "cpu";
     int print = 0, c;
     optind = 1;
@@ -208,6 +216,10 @@ int kv_cmd_synth(int argc, char **argv)
                 return 2;
             break;
         case OPT_PRINT: print = 1; break;
+        case OPT_QTAIL:
+            if (kv_cli_int(cmd, "--q-tail", optarg, 0, 1L << 30, &q_tail))
+                return 2;
+            break;
         default:
             if (c >= OPT_KEY0 && c < OPT_KEY0 + n_keys) {
                 if (kv_params_set(&given, kv_synth_key(c - OPT_KEY0), optarg) != KV_OK)
@@ -240,6 +252,7 @@ int kv_cmd_synth(int argc, char **argv)
     p.summaries = summaries;
     p.pool = (int)pool;
     p.n_threads = (int)threads;
+    p.q_tail = (int)q_tail;
     snprintf(p.backend, sizeof p.backend, "%s", backend);
     if (kv_synth_validate(&p) != KV_OK)
         return kv_cli_usage_error(cmd, "%s", synth_msg());
@@ -275,7 +288,11 @@ int kv_cmd_synth(int argc, char **argv)
         snprintf(segs, sizeof segs, "%d segments", p.n_segments);
     printf("  planted: %d sink%s (mass %g), %d heavy hitters (%g of the prompt), %s, sharpness %g -> %g\n", p.n_sinks,
            p.n_sinks == 1 ? "" : "s", p.sink_mass, nh, p.heavy_frac, segs, p.sharp_first, p.sharp_last);
-    printf("  summaries: %s\n", want ? "lse, entropy, accumulated attention, pooled map" : "none");
+    printf("  summaries: %s\n",
+           want ? "lse, entropy, accumulated attention, pooled map; statistics for replay and analyze" : "none");
+    if (p.q_tail >= 0)
+        printf("  lean: queries stored for the last %d prompt tokens and the %d decode tokens only\n", p.q_tail,
+               p.n_decode);
     printf("  file %s (tensors %s uncompressed, %s stored), %.1f s, peak RSS %s\n", kv_fmt_bytes(fsize, f, sizeof f),
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b), el,
            kv_fmt_bytes((double)kv_peak_rss(), r, sizeof r));

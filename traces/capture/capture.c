@@ -31,6 +31,7 @@ void kv_capture_opts_init(kv_capture_opts_t *o)
     o->pool = KV_TRACE_DEFAULT_POOL;
     o->zstd_level = 3;
     o->backend = "auto";
+    o->q_tail = -1;
 }
 
 /* ---- prompt tokenisation ---- */
@@ -174,26 +175,47 @@ int kv_capture_tokenize(const kv_tokenizer_t *tok, const char *text, const char 
 
 /* ---- the capture ---- */
 
+/* Per-query summaries and statistics: the attn_stats outputs of one block (backend memory, (n_heads,
+ * n_prompt)) and every layer's (host memory, (n_layers, n_heads, T)). */
+enum { ROW_ENT, ROW_K90, ROW_SINK, ROW_SEG, N_ROW };
+static const kv_tensor_t row_tensor[N_ROW] = {KV_T_ENTROPY, KV_T_KEYS90, KV_T_SINK, KV_T_SEG};
+/* Per-key statistics of one layer's prompt queries (backend memory, (n_heads, T)), in this order. */
+enum { N_COL = 6 };
+static const kv_tensor_t col_tensor[N_COL] = {KV_T_ACC,      KV_T_ACC_SQ,      KV_T_MAX,
+                                              KV_T_ACC_HEAD, KV_T_ACC_SQ_HEAD, KV_T_MAX_HEAD};
+
 typedef struct {
     kv_trace_writer_t *w;
     kv_backend_t *be;
     const kv_model_config_t *c;
-    int T, n_prompt, n_decode, pool;
+    int T, n_prompt, n_decode, pool, stats_split;
     float scale;
     /* backend memory */
-    float *acc;    /* (n_layers, n_heads, T) accumulated attention over prompt queries */
-    float *pooled; /* (n_layers, n_heads, pool, pool) */
-    float *ent;    /* (n_heads, n_prompt) entropy of one block */
+    float *col[N_COL]; /* (n_heads, T) per-key statistics of the layer being prefilled */
+    float *pooled;     /* (n_layers, n_heads, pool, pool) */
+    float *row[N_ROW]; /* (n_heads, n_prompt) per-query outputs of one block */
+    int32_t *seg_lo;   /* (T) first token of each token's segment */
     /* host memory */
-    float *lse_all; /* (n_layers, n_heads, T) */
-    float *ent_all; /* (n_layers, n_heads, T) */
+    float *lse_all;        /* (n_layers, n_heads, T) */
+    float *row_all[N_ROW]; /* (n_layers, n_heads, T) */
     float *dec_q;   /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
     float *tm;      /* (max(n_prompt, n_decode), q_dim) token-major staging (Q rows; K/V rows are kv_dim <= q_dim) */
     float *hm;      /* (max(n_prompt, n_decode), q_dim) head-major staging */
-    float *small;   /* (n_heads, max(n_prompt, 1)) */
+    float *small;    /* (n_heads, max(n_prompt, 1)) */
+    float *host_col; /* (n_heads, T) staging of one per-key statistic */
     kv_progress_t prog;
     long done;
 } cap_t;
+
+static int zero_be(kv_backend_t *be, float *p, size_t n)
+{
+    float *z = kv_calloc(n ? n : 1, sizeof(float), "zeros");
+    if (!z)
+        return KV_ENOMEM;
+    int rc = be->ops->upload(be, p, z, n * sizeof(float));
+    kv_free(z);
+    return rc;
+}
 
 /* (n, heads, d) -> (heads, n, d) */
 static void to_head_major(const float *src, float *dst, int n, int heads, int d)
@@ -220,6 +242,14 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
     const kv_model_config_t *c = s->c;
     const int l = L->layer, H = c->n_heads, n = L->n_q, p0 = L->q_pos0, T = s->T;
     const int prefill = p0 < s->n_prompt;
+    int rc;
+    /* the per-key statistics sum over the prompt queries, all of them in this one call */
+    if (prefill && (p0 != 0 || n != s->n_prompt))
+        return kv_error(KV_EINTERNAL, "capture: the prompt was prefilled in pieces ([%d, %d) of %d tokens)", p0, p0 + n,
+                        s->n_prompt);
+    for (int k = 0; k < N_COL && prefill; k++)
+        if ((rc = zero_be(s->be, s->col[k], (size_t)H * T)))
+            return rc;
     kv_attn_stats_args_t a = {
         .q = L->q,
         .k = L->k_cache,
@@ -231,26 +261,41 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
         .n_kv_heads = c->n_kv_heads,
         .head_dim = c->head_dim,
         .scale = s->scale,
-        .entropy = s->ent,
-        .acc = prefill ? s->acc + (size_t)l * H * T : NULL, /* H2O's score: prompt queries only */
+        .entropy = s->row[ROW_ENT],
+        .acc = prefill ? s->col[0] : NULL, /* H2O's score and the others: prompt queries only */
         .acc_stride = (size_t)T,
         .pooled = s->pooled + (size_t)l * H * s->pool * s->pool,
         .pool = s->pool,
         .pool_T = T,
+        .acc_sq = prefill ? s->col[1] : NULL,
+        .acc_max = prefill ? s->col[2] : NULL,
+        .acc_head = prefill ? s->col[3] : NULL,
+        .acc_sq_head = prefill ? s->col[4] : NULL,
+        .acc_max_head = prefill ? s->col[5] : NULL,
+        .head_end = s->stats_split,
+        .keys_mass = s->row[ROW_K90],
+        .mass = (float)KV_TRACE_KEYS_MASS,
+        .sink = s->row[ROW_SINK],
+        .seg = s->row[ROW_SEG],
+        .seg_lo = s->seg_lo,
     };
-    int rc = s->be->ops->attn_stats(s->be, &a);
+    rc = s->be->ops->attn_stats(s->be, &a);
     if (rc)
         return kv_error_context(rc, "layer %d summaries", l);
-    /* lse and entropy of these queries: (H, n) -> columns [p0, p0+n) of (H, T) */
-    float *dst[2] = {s->lse_all + (size_t)l * H * T, s->ent_all + (size_t)l * H * T};
-    const float *src[2] = {L->lse, s->ent};
-    for (int k = 0; k < 2; k++) {
-        if ((rc = s->be->ops->download(s->be, s->small, src[k], sizeof(float) * (size_t)H * n)))
+    /* per-query outputs of these queries: (H, n) -> columns [p0, p0+n) of (H, T) */
+    for (int k = -1; k < N_ROW; k++) {
+        float *dst = (k < 0 ? s->lse_all : s->row_all[k]) + (size_t)l * H * T;
+        if ((rc = s->be->ops->download(s->be, s->small, k < 0 ? L->lse : s->row[k], sizeof(float) * (size_t)H * n)))
             return rc;
         for (int h = 0; h < H; h++)
-            memcpy(dst[k] + (size_t)h * T + p0, s->small + (size_t)h * n, sizeof(float) * (size_t)n);
+            memcpy(dst + (size_t)h * T + p0, s->small + (size_t)h * n, sizeof(float) * (size_t)n);
     }
     if (prefill) {
+        /* the layer's per-key statistics are complete: to the file, the buffers serve the next layer */
+        for (int k = 0; k < N_COL; k++)
+            if ((rc = s->be->ops->download(s->be, s->host_col, s->col[k], sizeof(float) * (size_t)H * T)) ||
+                (rc = kv_trace_write(s->w, l, col_tensor[k], s->host_col)))
+                return rc;
         /* this layer's prompt slab goes to the file now */
         const float *krows = L->k_cache + (size_t)p0 * L->kv_stride, *vrows = L->v_cache + (size_t)p0 * L->kv_stride;
         if ((rc = write_slab(s, l, KV_T_Q, L->q, p0, n, H)) ||
@@ -287,11 +332,11 @@ static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
                 (rc = write_slab(s, l, KV_T_V, kv_fwd_v_cache(f, l) + (size_t)np * c->kv_dim, np, N, c->n_kv_heads)))
                 break;
         }
-        if ((rc = kv_trace_write(s->w, l, KV_T_LSE, s->lse_all + (size_t)l * H * T)) ||
-            (rc = kv_trace_write(s->w, l, KV_T_ENTROPY, s->ent_all + (size_t)l * H * T)))
+        if ((rc = kv_trace_write(s->w, l, KV_T_LSE, s->lse_all + (size_t)l * H * T)))
             break;
-        if ((rc = s->be->ops->download(s->be, host, s->acc + (size_t)l * H * T, sizeof(float) * (size_t)H * T)) ||
-            (rc = kv_trace_write(s->w, l, KV_T_ACC, host)))
+        for (int k = 0; k < N_ROW && rc == KV_OK; k++)
+            rc = kv_trace_write(s->w, l, row_tensor[k], s->row_all[k] + (size_t)l * H * T);
+        if (rc)
             break;
         if ((rc = s->be->ops->download(s->be, host, s->pooled + (size_t)l * H * P * P,
                                        sizeof(float) * (size_t)H * P * P)) ||
@@ -302,16 +347,6 @@ static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
             break;
     }
     kv_free(host);
-    return rc;
-}
-
-static int zero_be(kv_backend_t *be, float *p, size_t n)
-{
-    float *z = kv_calloc(n ? n : 1, sizeof(float), "zeros");
-    if (!z)
-        return KV_ENOMEM;
-    int rc = be->ops->upload(be, p, z, n * sizeof(float));
-    kv_free(z);
     return rc;
 }
 
@@ -398,6 +433,15 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     meta.n_tokens = T;
     meta.n_prompt = n_prompt;
     meta.has_summaries = 1;
+    meta.has_stats = 1;
+    if (o->q_tail > n_prompt) {
+        rc = kv_error(KV_ERANGE, "--q-tail %d is longer than the prompt (%d tokens)", o->q_tail, n_prompt);
+        goto done;
+    }
+    meta.q_start = o->q_tail >= 0 ? n_prompt - o->q_tail : 0;
+    /* the head statistics end where the stored queries of the prompt begin, or 64 queries before the
+     * prompt's end when every query is stored (replay --eval-tail up to that many uses them) */
+    meta.stats_split = o->q_tail >= 0 ? meta.q_start : KV_MAX(0, n_prompt - KV_TRACE_DEFAULT_STATS_TAIL);
     meta.pool = KV_MIN(o->pool, T);
     meta.has_wo = o->with_wo != 0;
     meta.model_dim = c->dim;
@@ -449,10 +493,13 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
             char rd[240];
             snprintf(r, sizeof r, ", RoPE %s", kv_rope_describe(&c->rope, rd, sizeof rd));
         }
+        char qt[32] = "";
+        if (o->q_tail >= 0)
+            snprintf(qt, sizeof qt, " --q-tail %d", o->q_tail);
         snprintf(meta.generator, sizeof meta.generator,
-                 "kvsim capture --decode %d --dtype %s%s --segments %s --pool %d --zstd-level %d --backend %s "
+                 "kvsim capture --decode %d --dtype %s%s%s --segments %s --pool %d --zstd-level %d --backend %s "
                  "--threads %d; model %s%s",
-                 o->n_decode, o->dtype == KV_DTYPE_F16 ? "f16" : "f32", o->with_wo ? " --with-wo" : "",
+                 o->n_decode, o->dtype == KV_DTYPE_F16 ? "f16" : "f32", o->with_wo ? " --with-wo" : "", qt,
                  o->segments ? o->segments : "auto", o->pool, o->zstd_level, o->backend ? o->backend : "auto",
                  o->n_threads, kv_model_describe(m, d, sizeof d), r);
     }
@@ -477,24 +524,46 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     s.n_decode = N;
     s.pool = P;
     s.scale = (float)(1.0 / sqrt((double)c->head_dim));
+    s.stats_split = kv_trace_writer_meta(w)->stats_split;
     const size_t LHT = (size_t)c->n_layers * H * T, LHPP = (size_t)c->n_layers * H * P * P;
-    s.acc = kv_be_alloc(be, LHT * sizeof(float));
+    int nomem = 0;
+    for (int k = 0; k < N_COL; k++)
+        nomem |= !(s.col[k] = kv_be_alloc(be, (size_t)H * T * sizeof(float)));
+    for (int k = 0; k < N_ROW; k++) {
+        nomem |= !(s.row[k] = kv_be_alloc(be, (size_t)H * n_prompt * sizeof(float)));
+        nomem |= !(s.row_all[k] = kv_calloc(LHT, sizeof(float), "per-query statistics"));
+    }
     s.pooled = kv_be_alloc(be, LHPP * sizeof(float));
-    s.ent = kv_be_alloc(be, (size_t)H * n_prompt * sizeof(float));
+    s.seg_lo = kv_be_alloc(be, (size_t)T * sizeof(int32_t));
     s.lse_all = kv_calloc(LHT, sizeof(float), "lse");
-    s.ent_all = kv_calloc(LHT, sizeof(float), "entropy");
     s.dec_q = kv_malloc(sizeof(float) * (size_t)c->n_layers * (size_t)(N ? N : 1) * c->q_dim, "decode queries");
     s.tm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.hm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.small = kv_malloc(sizeof(float) * (size_t)H * n_prompt, "staging");
+    s.host_col = kv_malloc(sizeof(float) * (size_t)H * T, "staging");
     logits = kv_malloc(sizeof(float) * (size_t)c->vocab_size, "logits");
-    if (!s.acc || !s.pooled || !s.ent || !s.lse_all || !s.ent_all || !s.dec_q || !s.tm || !s.hm || !s.small ||
+    if (nomem || !s.pooled || !s.seg_lo || !s.lse_all || !s.dec_q || !s.tm || !s.hm || !s.small || !s.host_col ||
         !logits) {
         rc = KV_ENOMEM;
         goto done;
     }
-    if ((rc = zero_be(be, s.acc, LHT)) || (rc = zero_be(be, s.pooled, LHPP)))
+    if ((rc = zero_be(be, s.pooled, LHPP)))
         goto done;
+    {
+        /* the first token of each token's segment (decode tokens continue the last segment) */
+        int32_t *lo = kv_malloc(sizeof(int32_t) * (size_t)T, "segment starts");
+        if (!lo) {
+            rc = KV_ENOMEM;
+            goto done;
+        }
+        const kv_trace_meta_t *wm0 = kv_trace_writer_meta(w);
+        for (int t = 0; t < T; t++)
+            lo[t] = wm0->n_segments > 0 ? wm0->segments[kv_trace_segment_of(wm0, KV_MIN(t, n_prompt - 1))] : 0;
+        rc = be->ops->upload(be, s.seg_lo, lo, sizeof(int32_t) * (size_t)T);
+        kv_free(lo);
+        if (rc)
+            goto done;
+    }
 
     /* prefill: the hook writes every layer's prompt slab as soon as the layer is done */
     t0 = kv_now();
@@ -540,12 +609,17 @@ done:
     if (w)
         kv_trace_abort(w);
     if (be) {
-        kv_be_free(be, s.acc);
+        for (int k = 0; k < N_COL; k++)
+            kv_be_free(be, s.col[k]);
+        for (int k = 0; k < N_ROW; k++)
+            kv_be_free(be, s.row[k]);
         kv_be_free(be, s.pooled);
-        kv_be_free(be, s.ent);
+        kv_be_free(be, s.seg_lo);
     }
+    for (int k = 0; k < N_ROW; k++)
+        kv_free(s.row_all[k]);
+    kv_free(s.host_col);
     kv_free(s.lse_all);
-    kv_free(s.ent_all);
     kv_free(s.dec_q);
     kv_free(s.tm);
     kv_free(s.hm);

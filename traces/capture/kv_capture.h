@@ -2,12 +2,16 @@
  * kv_capture.h: run a model on a prompt and record its attention trace (traces/kv_trace.h).
  *
  * The prompt is prefilled in one batch; a hook after each layer's attention computes that layer's
- * summaries (attn_stats op: entropy and lse for every query, accumulated attention over the prompt
- * queries, the max-pooled map) and writes its prompt slab of Q, K, V, head-major, to the trace
- * right away. Then exactly n_decode tokens are decoded greedily (EOS does not stop the run); their
- * Q rows are buffered (n_layers x n_decode x dim floats) and their K, V rows are read back from the
- * KV cache at the end. Peak memory is the model, its KV cache, one layer's staging buffers, the
- * decode Q rows and the summaries (n_layers x n_heads x (3 T + pool^2) floats).
+ * summaries and statistics (attn_stats op: per query lse, entropy, the keys holding 90 % of its
+ * attention, its sink and segment mass; per key the sum, sum of squares and maximum of the attention
+ * the prompt queries gave it, also over the queries before stats_split; the max-pooled map) and
+ * writes its prompt slab of Q, K, V, head-major, and its per-key statistics to the trace right away.
+ * Then exactly n_decode tokens are decoded greedily (EOS does not stop the run); their Q rows are
+ * buffered (n_layers x n_decode x dim floats) and their K, V rows are read back from the KV cache at
+ * the end. With q_tail >= 0 (a lean trace) only the queries of the last q_tail prompt tokens and of
+ * the decode tokens are stored. Peak memory is the model, its KV cache, one layer's staging buffers
+ * (the per-key statistics: 6 n_heads x T floats), the decode Q rows and the per-query summaries
+ * (n_layers x n_heads x (5 T + pool^2) floats).
  */
 #ifndef KV_CAPTURE_H
 #define KV_CAPTURE_H
@@ -44,6 +48,8 @@ typedef struct {
     const char *backend;        /* "cpu", "cuda", "auto" (default) */
     int n_threads;              /* CPU threads, 0 = all */
     const char *generator;      /* text recorded as the trace's generator (the options); NULL: built here */
+    int q_tail;                 /* >= 0: a lean trace, queries stored only for the last q_tail prompt tokens
+                                   and the decode tokens; -1 (default): every query */
 } kv_capture_opts_t;
 
 /* Defaults for everything but the paths and the prompt. */
