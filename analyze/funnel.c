@@ -20,6 +20,11 @@
  * attention on keys from that segment's start up to the query.
  *
  * Memory: one layer's Q and K (as replay), the summaries of that layer and H x T floats of rows.
+ *
+ * Traces that store per-query statistics (format version 2: KEYS90, SINK, SEG beside ENTROPY; capture
+ * and synth compute them from every attention row they already have) are read instead, when the mass
+ * is the stored one (0.9) and summaries are allowed: every counted query, exact, O(H x T) per layer
+ * (funnel_from_stats). Lean traces (queries only at the end) can only be read that way.
  */
 #include "analyze/kv_analyze.h"
 
@@ -192,6 +197,58 @@ static void sample_positions(int q_lo, int T, int S, int *pos)
         pos[s] = S == 1 ? T - 1 : q_lo + (int)lround((double)s * (n - 1) / (S - 1));
 }
 
+/* Every statistic from the stored per-query statistics: means over the counted queries [q_lo, T). */
+static int funnel_from_stats(kv_trace_t *t, const kv_funnel_opts_t *o, int q_lo, kv_funnel_t *f)
+{
+    const kv_trace_meta_t *m = kv_trace_meta(t);
+    const int L = m->n_layers, H = m->n_heads, T = m->n_tokens, n_count = T - q_lo;
+    const kv_tensor_t which[4] = {KV_T_ENTROPY, KV_T_KEYS90, KV_T_SINK, KV_T_SEG};
+    float *buf = kv_malloc(sizeof(float) * 4 * (size_t)H * T, "funnel statistics");
+    if (!buf)
+        return KV_ENOMEM;
+    int rc = KV_OK;
+    kv_progress_t pr;
+    if (!o->quiet)
+        kv_progress_begin(&pr, "funnel statistics", L);
+    for (int l = 0; l < L && rc == KV_OK; l++) {
+        for (int w = 0; w < 4 && rc == KV_OK; w++)
+            rc = kv_trace_read(t, l, which[w], buf + (size_t)w * H * T);
+        if (rc)
+            break;
+        for (int h = 0; h < H; h++) {
+            const float *ent = buf + (size_t)h * T, *k90 = buf + ((size_t)H + h) * T;
+            const float *snk = buf + ((size_t)2 * H + h) * T, *seg = buf + ((size_t)3 * H + h) * T;
+            double se = 0, sn = 0, sf = 0, ss = 0, sg = 0;
+            int nn = 0;
+            for (int i = q_lo; i < T; i++) {
+                se += ent[i];
+                if (i >= 1) {
+                    sn += ent[i] / log((double)i + 1);
+                    nn++;
+                }
+                sf += k90[i] / (double)(i + 1);
+                ss += snk[i];
+                sg += seg[i];
+            }
+            const size_t x = (size_t)l * H + h;
+            f->entropy[x] = se / n_count;
+            f->norm_entropy[x] = nn ? sn / nn : NAN;
+            f->frac[x] = sf / n_count;
+            f->sink[x] = ss / n_count;
+            f->seg[x] = m->n_segments > 0 ? sg / n_count : NAN;
+        }
+        if (!o->quiet) {
+            char det[64];
+            snprintf(det, sizeof det, "layer %d", l);
+            kv_progress_update(&pr, l + 1, det);
+        }
+    }
+    if (rc == KV_OK && !o->quiet)
+        kv_progress_end(&pr, "every counted query, from the trace's stored statistics");
+    kv_free(buf);
+    return rc;
+}
+
 int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *opt, kv_funnel_t **out)
 {
     *out = NULL;
@@ -216,6 +273,13 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
     const int S = (o.max_queries <= 0 || n_count <= o.max_queries || short_trace) ? n_count : o.max_queries;
     const int sums = o.use_summaries && kv_trace_has(t, KV_T_ENTROPY) && kv_trace_has(t, KV_T_LSE);
     const float scale = 1.0f / sqrtf((float)d);
+    const int stored = o.use_summaries && kv_trace_has(t, KV_T_KEYS90) && fabs(o.mass - KV_TRACE_KEYS_MASS) < 1e-9;
+    if (!stored && m->q_start > 0)
+        return kv_error(KV_EUNAVAIL,
+                        "%s: funnel statistics %s need every query, and this lean trace stores the queries from "
+                        "token %d on only (its stored statistics give them for mass %g)",
+                        kv_trace_path(t), o.use_summaries ? "for another mass" : "recomputed from Q and K",
+                        m->q_start, KV_TRACE_KEYS_MASS);
 
     kv_funnel_t *f = kv_calloc(1, sizeof *f, "funnel statistics");
     float *q = NULL, *k = NULL, *ent = NULL, *lse = NULL, *probs = NULL, *scratch = NULL;
@@ -238,6 +302,16 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
     f->frac = kv_calloc(LH, sizeof(double), "funnel fraction");
     f->sink = kv_calloc(LH, sizeof(double), "funnel sink");
     f->seg = kv_calloc(LH, sizeof(double), "funnel segment mass");
+    if (stored) {
+        if (!f->entropy || !f->norm_entropy || !f->frac || !f->sink || !f->seg)
+            goto fail;
+        f->n_sampled = n_count;
+        f->from_summaries = f->from_stats = 1;
+        if ((rc = funnel_from_stats(t, &o, q_lo, f)))
+            goto fail;
+        *out = f;
+        return KV_OK;
+    }
     q = kv_malloc(sizeof(float) * (size_t)H * T * d, "funnel Q");
     k = kv_malloc(sizeof(float) * (size_t)Hkv * T * d, "funnel K");
     const size_t cap = KV_MAX((size_t)H * T, (size_t)4 << 20); /* floats of one block of rows */

@@ -79,13 +79,17 @@ typedef struct {
     int q_lo;           /* counted queries are [q_lo, n_tokens) */
     int n_sampled;      /* sampled queries per head (rows recomputed from Q and K) */
     int from_summaries; /* 1: entropy and sink mass over every counted query, from ENTROPY / LSE */
+    int from_stats;     /* 1: every statistic over every counted query from the trace's stored per-query
+                           statistics (KEYS90, SINK, SEG, ENTROPY): O(H x T) per layer, no Q or K read */
     int has_segments;
     /* (n_layers, n_heads): means over the counted queries */
     double *entropy, *norm_entropy, *frac, *sink, *seg; /* seg: NaN without segments */
 } kv_funnel_t;
 
-/* Compute the statistics of every layer and head (reads one layer at a time: Q, K and the
- * summaries). be: the backend for attn_probs. */
+/* Compute the statistics of every layer and head. From the stored per-query statistics when the
+ * trace has them (format version 2; mass 0.9, use_summaries): O(n_heads x T) per layer, every counted
+ * query, nothing recomputed. Otherwise one layer at a time from Q, K and the summaries, sampled rows
+ * recomputed through the backend's attn_probs (refused on lean traces, which lack the queries). */
 int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o, kv_funnel_t **out);
 void kv_funnel_free(kv_funnel_t *f);
 /* Mean over heads of a (n_layers, n_heads) field at one layer (NaN entries skipped). */

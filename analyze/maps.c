@@ -126,6 +126,11 @@ int kv_attn_map_layer(kv_trace_t *t, kv_backend_t *be, int layer, kv_map_src_t s
     }
     if (src == KV_MAP_POOLED && !(kv_trace_has(t, KV_T_POOLED) && m->pool > 0))
         return kv_error(KV_EINVAL, "%s: the trace has no pooled attention maps (no summaries)", kv_trace_path(t));
+    if (src != KV_MAP_POOLED && m->q_start > 0)
+        return kv_error(KV_EUNAVAIL,
+                        "%s: attention maps recomputed from Q and K need every query, and this lean trace stores the "
+                        "queries from token %d on only (use its pooled maps)",
+                        kv_trace_path(t), m->q_start);
     const int rows = src == KV_MAP_POOLED ? m->pool : src == KV_MAP_EXACT ? T : KV_MIN(KV_MAP_SAMPLED_ROWS, T);
     const int cols = src == KV_MAP_POOLED ? m->pool : src == KV_MAP_EXACT ? T : KV_MIN(KV_MAP_SAMPLED_COLS, T);
     const size_t cells = (size_t)rows * cols;

@@ -856,15 +856,19 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     snprintf(cap, sizeof cap,
              "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
              "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
-             "queries per head, recomputed from Q and K. Entropy in nats; normalised entropy divides it by ln of "
+             "queries per head%s. Entropy in nats; normalised entropy divides it by ln of "
              "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
              "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
              fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
-             fs->from_summaries
-                 ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
-                 : " and sink mass from the sampled queries (the trace has no summaries)",
-             100 * fs->mass, fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample (evenly spaced runs) of ",
-             fs->n_sampled);
+             fs->from_stats       ? ", sink mass"
+             : fs->from_summaries ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
+                                  : " and sink mass from the sampled queries (the trace has no summaries)",
+             100 * fs->mass,
+             fs->from_stats                               ? "the statistics the trace stores for "
+             : fs->n_sampled == fs->n_tokens - fs->q_lo ? "all "
+                                                          : "a sample (evenly spaced runs) of ",
+             fs->n_sampled,
+             fs->from_stats ? " (computed by capture or synth from every attention row)" : ", recomputed from Q and K");
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
     kv_fig_free(fig);
     fig = NULL;
@@ -1064,9 +1068,13 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                  "much attention; sink mass: attention on token 0; in-segment mass: attention on keys of the "
                  "query's own segment (- when the trace has no segments).",
                  fs->q_lo + 1,
-                 fs->from_summaries ? "entropy and sink mass from the stored summaries over all of them"
-                                    : "every statistic from the rows recomputed from Q and K",
-                 fs->n_sampled == fs->n_tokens - fs->q_lo ? "all " : "a sample of ", fs->n_sampled);
+                 fs->from_stats       ? "every statistic from the per-query statistics the trace stores"
+                 : fs->from_summaries ? "entropy and sink mass from the stored summaries over all of them"
+                                      : "every statistic from the rows recomputed from Q and K",
+                 fs->from_stats                             ? "the stored statistics of all "
+                 : fs->n_sampled == fs->n_tokens - fs->q_lo ? "all "
+                                                            : "a sample of ",
+                 fs->n_sampled);
         sb_printf(&md, "## Funnel statistics per layer\n\n%s\n\n", t2);
         tab_md(&md, &tl);
         sb_printf(&html, "<h2>Funnel statistics per layer</h2>\n<p>%s</p>\n", t2);
