@@ -278,8 +278,8 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
         return kv_error(KV_EUNAVAIL,
                         "%s: funnel statistics %s need every query, and this lean trace stores the queries from "
                         "token %d on only (its stored statistics give them for mass %g)",
-                        kv_trace_path(t), o.use_summaries ? "for another mass" : "recomputed from Q and K",
-                        m->q_start, KV_TRACE_KEYS_MASS);
+                        kv_trace_path(t), o.use_summaries ? "for another mass" : "recomputed from Q and K", m->q_start,
+                        KV_TRACE_KEYS_MASS);
 
     kv_funnel_t *f = kv_calloc(1, sizeof *f, "funnel statistics");
     float *q = NULL, *k = NULL, *ent = NULL, *lse = NULL, *probs = NULL, *scratch = NULL;

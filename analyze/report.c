@@ -575,7 +575,8 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             if (e < e_min)
                 e_min = e, l_min = l;
         }
-        const double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0), e_last = kv_funnel_layer_mean(f, f->norm_entropy, L - 1);
+        const double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0),
+                     e_last = kv_funnel_layer_mean(f, f->norm_entropy, L - 1);
         char lo[32], hi[32];
         snprintf(lo, sizeof lo, k == 1 ? "layer 0" : "layers 0-%d", k - 1);
         snprintf(hi, sizeof hi, L - k == 1 ? "layer %d" : "layers %d-%d", k, L - 1);
@@ -860,13 +861,14 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
              "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
              "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
              fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
-             fs->from_stats       ? ", sink mass"
-             : fs->from_summaries ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
-                                  : " and sink mass from the sampled queries (the trace has no summaries)",
+             fs->from_stats ? ", sink mass"
+             : fs->from_summaries
+                 ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
+                 : " and sink mass from the sampled queries (the trace has no summaries)",
              100 * fs->mass,
-             fs->from_stats                               ? "the statistics the trace stores for "
+             fs->from_stats                             ? "the statistics the trace stores for "
              : fs->n_sampled == fs->n_tokens - fs->q_lo ? "all "
-                                                          : "a sample (evenly spaced runs) of ",
+                                                        : "a sample (evenly spaced runs) of ",
              fs->n_sampled,
              fs->from_stats ? " (computed by capture or synth from every attention row)" : ", recomputed from Q and K");
     rc = add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);

@@ -249,8 +249,8 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->wo = b->wo;
     c->be = be;
     c->seed = seed;
-    const kv_stored_colstats_t stored = {b->col[0], b->col[1], b->col[2], b->col[3], b->col[4], b->col[5],
-                                         m->stats_split};
+    const kv_stored_colstats_t stored = {b->col[0], b->col[1], b->col[2],     b->col[3],
+                                         b->col[4], b->col[5], m->stats_split};
     kv_layer_stats_begin(ls, c, &stored);
 }
 
@@ -622,8 +622,8 @@ done:
     return rc;
 }
 
-int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_backend_t *be, const kv_replay_opts_t *opts,
-                             int *ok, char (*why)[1024])
+int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_backend_t *be,
+                             const kv_replay_opts_t *opts, int *ok, char (*why)[1024])
 {
     kv_replay_opts_t o;
     if (opts)
@@ -645,7 +645,8 @@ int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_ba
     kv_stream_t stream = {0};
     kv_layer_buf_t *lb = NULL;
     kv_layer_stats_t *ls = NULL;
-    float *p_eval = kv_malloc(sizeof(float) * (size_t)m->n_heads * (m->n_tokens - n_ctx) * m->n_tokens, "evaluation attention");
+    float *p_eval =
+        kv_malloc(sizeof(float) * (size_t)m->n_heads * (m->n_tokens - n_ctx) * m->n_tokens, "evaluation attention");
     const kv_stream_want_t want = want_for(m, source, n_ctx);
     kv_layer_ctx_t c;
     if (!p_eval) {

@@ -37,7 +37,7 @@ extern "C" {
 #endif
 
 #define KV_TRACE_FORMAT "kvsim-trace"
-#define KV_TRACE_FORMAT_VERSION 2 /* written; version 1 files are read too */
+#define KV_TRACE_FORMAT_VERSION 2      /* written; version 1 files are read too */
 #define KV_TRACE_DEFAULT_STATS_TAIL 64 /* prompt queries after stats_split in traces that store every query */
 #define KV_TRACE_KEYS_MASS 0.9         /* the attention share KEYS90 counts keys for */
 #define KV_TRACE_DEFAULT_POOL 256
@@ -75,12 +75,13 @@ typedef struct {
     int32_t *segments;  /* (n_segments) start of each segment, ascending from 0; segment s spans
                            [segments[s], segments[s+1]) and the last one ends at n_prompt */
     /* what else is stored */
-    int has_summaries; /* LSE, ENTROPY, ACC, POOLED present */
-    int pool;          /* POOLED side (0 when absent) */
-    int has_wo;        /* WO present */
-    int has_stats;     /* the statistics ACC_SQ .. SEG present (and LSE, ENTROPY, ACC: has_summaries) */
-    int stats_split;   /* the *_HEAD statistics cover the prompt queries [0, stats_split) */
-    int q_start;       /* queries are stored for tokens [q_start, n_tokens): 0, or lean traces */
+    int has_summaries;  /* LSE, ENTROPY, ACC, POOLED present */
+    int pool;           /* POOLED side (0 when absent) */
+    int has_wo;         /* WO present */
+    int has_stats;      /* the statistics ACC_SQ .. SEG present (and LSE, ENTROPY, ACC: has_summaries) */
+    int stats_split;    /* the *_HEAD statistics cover the prompt queries [0, stats_split) */
+    int q_start;        /* queries are stored for tokens [q_start, n_tokens): 0, or lean traces */
+    int format_version; /* of the file read (writers always write KV_TRACE_FORMAT_VERSION; 0 in memory) */
     /* model configuration (0 where unknown) */
     int model_dim, hidden_dim, vocab_size, seq_len;
     float rope_theta, norm_eps;

@@ -491,8 +491,9 @@ int kv_synth_meta(const kv_synth_params_t *p, kv_trace_meta_t *m)
     m->q_start = p->q_tail >= 0 ? m->n_prompt - p->q_tail : 0;
     /* the head statistics end where the stored queries of the prompt begin, or 64 queries before the
      * prompt's end when every query is stored (as capture) */
-    m->stats_split =
-        !m->has_stats ? 0 : p->q_tail >= 0 ? m->q_start : KV_MAX(0, m->n_prompt - KV_TRACE_DEFAULT_STATS_TAIL);
+    m->stats_split = !m->has_stats    ? 0
+                     : p->q_tail >= 0 ? m->q_start
+                                      : KV_MAX(0, m->n_prompt - KV_TRACE_DEFAULT_STATS_TAIL);
     m->pool = m->has_summaries ? KV_MIN(p->pool > 0 ? p->pool : KV_TRACE_DEFAULT_POOL, T) : 0;
     m->dtype = KV_DTYPE_F32;
     m->tokens = kv_malloc(sizeof(int32_t) * (size_t)T, "synth tokens");
@@ -1238,8 +1239,8 @@ static int run(const kv_synth_params_t *p, kv_trace_meta_t *meta, sink_t *out, c
         t_gen += kv_now() - t0;
         t0 = kv_now();
         const kv_synth_stats_t sst = stats_of(st);
-        if (meta->has_summaries && (rc = kv_synth_summarize(be, meta, q, k, v, sum[0], sum[1], sum[2], sum[3],
-                                                            meta->has_stats ? &sst : NULL)))
+        if (meta->has_summaries &&
+            (rc = kv_synth_summarize(be, meta, q, k, v, sum[0], sum[1], sum[2], sum[3], meta->has_stats ? &sst : NULL)))
             break;
         t_sum += kv_now() - t0;
         if (lean) { /* keep the queries of tokens [q_start, T) */

@@ -9,12 +9,10 @@
 #include <stdio.h>
 #include <string.h>
 
-static const char *tensor_names[KV_T_COUNT] = {"q",          "k",           "v",
-                                               "lse",        "entropy",     "acc_attn",
-                                               "pooled",     "wo",          "acc_attn_sq",
-                                               "max_attn",   "acc_attn_head", "acc_attn_sq_head",
-                                               "max_attn_head", "keys90",   "sink_mass",
-                                               "seg_mass"};
+static const char *tensor_names[KV_T_COUNT] = {
+    "q",         "k",           "v",        "lse",           "entropy",          "acc_attn",      "pooled",
+    "wo",        "acc_attn_sq", "max_attn", "acc_attn_head", "acc_attn_sq_head", "max_attn_head", "keys90",
+    "sink_mass", "seg_mass"};
 
 const char *kv_tensor_name(kv_tensor_t which)
 {
@@ -240,11 +238,11 @@ int kv_trace_read_rows(kv_trace_t *t, int layer, kv_tensor_t which, int t0, int 
     if (nt == 0)
         return KV_OK;
     if (which == KV_T_Q && t0 < t->meta.q_start)
-        return kv_error(KV_EUNAVAIL,
-                        "%s: the queries of tokens [%d, %d) are not stored: this lean trace keeps the queries of tokens "
-                        "%d..%d only (captured with --q-tail %d)",
-                        t->path, t0, t0 + nt, t->meta.q_start, t->meta.n_tokens - 1,
-                        t->meta.n_prompt - t->meta.q_start);
+        return kv_error(
+            KV_EUNAVAIL,
+            "%s: the queries of tokens [%d, %d) are not stored: this lean trace keeps the queries of tokens "
+            "%d..%d only (captured with --q-tail %d)",
+            t->path, t0, t0 + nt, t->meta.q_start, t->meta.n_tokens - 1, t->meta.n_prompt - t->meta.q_start);
     return t->vt->read_rows(t, layer, which, t0, nt, dst);
 }
 

@@ -449,6 +449,7 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     m->has_stats = m->has_stats != 0;
     if (version < 2) /* version 1 had no statistics and stored every query */
         m->has_stats = m->stats_split = m->q_start = 0;
+    m->format_version = version;
     if (!m->has_summaries)
         m->pool = 0; /* no pooled map: its side means nothing (kv_trace.h) */
     v = 0;

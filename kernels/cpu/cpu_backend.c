@@ -561,6 +561,164 @@ static int cpu_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs,
     return KV_OK;
 }
 
+/* Column statistics in blocks of CS_QB queries. For each block, the scores S = scale Q_blk K^T over the
+ * keys it sees are made CS_CT keys at a time (one sgemm per tile, into the block's rows at the tile's
+ * columns) and each tile is turned into exp(s - m_tile) with its own row maxima while it is still in
+ * the cache (the row's sum is carried from tile to tile, rescaled when its running max grows); keys a
+ * query does not see become 0. Then the columns are reduced across the block's rows, CS_VW keys at a
+ * time in vector registers, with p = e * exp(m_tile - m_row) / sum_row formed on the fly, and added to
+ * the outputs once per block (not once per row: per-row passes that read and wrote the (n_k) outputs
+ * for every query were half of the old kernel's time, and a separate max pass over a whole row of
+ * scores another quarter). One thread per head, so every sum has a fixed order whatever the thread
+ * count. */
+#define CS_QB 64
+#define CS_CT 1024
+
+/* a * b + c in one rounding where the machine has fused multiply-adds (the column statistics' exp: the
+ * other ops keep vexp, whose products and sums round apart, so their bits do not change) */
+static inline __attribute__((always_inline)) kv_vf vfma(kv_vf a, kv_vf b, kv_vf c)
+{
+#if defined(__FMA__) && KV_VL == 8
+    return __builtin_ia32_vfmaddps256(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* vexp with fused multiply-adds in the reduction and the polynomial: the same formula, half the
+ * operations, within about one float ulp of expf like vexp. */
+static inline __attribute__((always_inline)) kv_vf vexp_fma(kv_vf x)
+{
+    const kv_vf zero = {0};
+    kv_vi under = x < -87.0f;
+    x = vsel(under, zero - 87.0f, x);
+    kv_vf t = vfma(x, zero + 1.44269504088896341f, zero + 12582912.0f);
+    kv_vf k = t - 12582912.0f;
+    kv_vf r = vfma(k, zero - 0.693145751953125f, x);
+    r = vfma(k, zero - 1.42860682030941723e-6f, r);
+    kv_vf p = zero + 1.0f / 5040;
+    p = vfma(p, r, zero + 1.0f / 720);
+    p = vfma(p, r, zero + 1.0f / 120);
+    p = vfma(p, r, zero + 1.0f / 24);
+    p = vfma(p, r, zero + 1.0f / 6);
+    p = vfma(p, r, zero + 0.5f);
+    p = vfma(p, r, zero + 1.0f);
+    p = vfma(p, r, zero + 1.0f);
+    kv_vi ki = __builtin_convertvector(k, kv_vi);
+    kv_vf two_k = (kv_vf)((ki + 127) << 23);
+    return vsel(under, zero, p * two_k);
+}
+
+/* In place: s[j] = exp(s[j] - shift) for j < n (s[j] <= shift), returning sum_j s[j]: float lanes over
+ * runs of EXP_RUN vectors (at most that many additions per lane), each run's lanes added in double, in
+ * a fixed order (deterministic). exp_shift's twin without the entropy sum and the per-vector horizontal
+ * additions: the column statistics call it for every attention row. */
+#define EXP_RUN 16
+static double exp_sum(float *s, int n, float shift)
+{
+    const kv_vf zero = {0};
+    double z = 0;
+    int j = 0;
+    while (j + KV_VL <= n) {
+        kv_vf acc = zero;
+        for (int v = 0; v < EXP_RUN && j + KV_VL <= n; v++, j += KV_VL) {
+            kv_vf x;
+            memcpy(&x, s + j, sizeof x);
+            x = x - shift;
+            x = vsel(x > 0.0f, zero, x);
+            const kv_vf e = vexp_fma(x);
+            memcpy(s + j, &e, sizeof e);
+            acc += e;
+        }
+        for (int l = 0; l < KV_VL; l++)
+            z += acc[l];
+    }
+    if (j < n) {
+        kv_vf x = zero, e;
+        for (int l = 0; j + l < n; l++)
+            x[l] = s[j + l] - shift > 0 ? 0.0f : s[j + l] - shift;
+        e = vexp_fma(x);
+        for (int l = 0; j + l < n; l++) {
+            s[j + l] = e[l];
+            z += e[l];
+        }
+    }
+    return z;
+}
+
+/* max of s[0, n), n >= 1 (vector lanes, then across them) */
+static float row_max(const float *s, int n)
+{
+    int j = 0;
+    float m = -INFINITY;
+    if (n >= KV_VL) {
+        kv_vf vm;
+        memcpy(&vm, s, sizeof vm);
+        for (j = KV_VL; j + KV_VL <= n; j += KV_VL) {
+            kv_vf x;
+            memcpy(&x, s + j, sizeof x);
+            vm = vsel(x > vm, x, vm);
+        }
+        for (int l = 0; l < KV_VL; l++)
+            m = vm[l] > m ? vm[l] : m;
+    }
+    for (; j < n; j++)
+        m = s[j] > m ? s[j] : m;
+    return m;
+}
+
+/* Add the block's columns [j0, j1) to the outputs: p[r][j] = S[r][j] * w[r] (w: the row's scale for
+ * this tile). */
+static void colstats_block(const float *S, size_t ld, int nb, int j0, int j1, const float *w, float *sum, float *sq,
+                           float *mx)
+{
+    int j = j0;
+    for (; j + KV_VL <= j1; j += KV_VL) {
+        kv_vf vs = {0}, vq = {0}, vm = {0};
+        for (int r = 0; r < nb; r++) {
+            kv_vf e;
+            memcpy(&e, S + (size_t)r * ld + j, sizeof e);
+            const kv_vf p = e * w[r];
+            vs += p;
+            vq += p * p;
+            vm = vsel(p > vm, p, vm);
+        }
+        if (sum) {
+            kv_vf o;
+            memcpy(&o, sum + j, sizeof o);
+            o += vs;
+            memcpy(sum + j, &o, sizeof o);
+        }
+        if (sq) {
+            kv_vf o;
+            memcpy(&o, sq + j, sizeof o);
+            o += vq;
+            memcpy(sq + j, &o, sizeof o);
+        }
+        if (mx) {
+            kv_vf o;
+            memcpy(&o, mx + j, sizeof o);
+            o = vsel(vm > o, vm, o);
+            memcpy(mx + j, &o, sizeof o);
+        }
+    }
+    for (; j < j1; j++) {
+        float fs = 0, fq = 0, fm = 0;
+        for (int r = 0; r < nb; r++) {
+            const float p = S[(size_t)r * ld + j] * w[r];
+            fs += p;
+            fq += p * p;
+            fm = p > fm ? p : fm;
+        }
+        if (sum)
+            sum[j] += fs;
+        if (sq)
+            sq[j] += fq;
+        if (mx)
+            mx[j] = fm > mx[j] ? fm : mx[j];
+    }
+}
+
 static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_colstats_out_t *o)
 {
     (void)be;
@@ -578,54 +736,71 @@ static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_c
     }
     if (a->n_q == 0 || nk == 0)
         return KV_OK;
-    int qb = ATT_QB;
+    const int qb = CS_QB, n_tiles = (nk + CS_CT - 1) / CS_CT;
     int old = kv_blas_set_threads(1);
 #pragma omp parallel
     {
         float *S = kv_malloc_aligned(sizeof(float) * (size_t)qb * (size_t)nk, "colstats scores");
-        if (!S) {
+        float *mt = kv_malloc(sizeof(float) * (size_t)qb * n_tiles, "colstats tile maxima"); /* (qb, n_tiles) */
+        if (!S || !mt) {
 #pragma omp atomic write
             rc = KV_ENOMEM;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int h = 0; h < a->n_heads; h++) {
-            if (!S)
+            if (!S || !mt)
                 continue;
             float *sum = o->sum ? o->sum + (size_t)h * nk : NULL;
             float *sq = o->sumsq ? o->sumsq + (size_t)h * nk : NULL;
             float *mx = o->max ? o->max + (size_t)h * nk : NULL;
+            float m_row[CS_QB], w[CS_QB];
+            double z_row[CS_QB];
+            int vis[CS_QB];
             for (int i0 = 0; i0 < a->n_q; i0 += qb) {
                 const int nb = KV_MIN(qb, a->n_q - i0);
                 const int ncols = a->causal ? KV_MIN(nk, a->q_pos0 + i0 + nb) : nk;
                 if (ncols <= 0)
                     continue;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, ncols, d, a->scale,
-                            a->q + (size_t)h * a->q_head_stride + (size_t)i0 * d, d,
-                            a->k + (size_t)(h / G) * a->k_head_stride, d, 0.0f, S, ncols);
                 for (int r = 0; r < nb; r++) {
-                    int vis = visible(a, i0 + r);
-                    if (vis <= 0)
-                        continue;
-                    float *p = S + (size_t)r * ncols;
-                    float m = -INFINITY;
-                    for (int j = 0; j < vis; j++)
-                        m = p[j] > m ? p[j] : m;
-                    double z;
-                    exp_shift(p, vis, m, &z, NULL);
-                    const float inv = (float)(1.0 / z);
-                    /* one branch-free loop per output so each vectorises */
-                    if (sum)
-                        for (int j = 0; j < vis; j++)
-                            sum[j] += p[j] * inv;
-                    if (sq)
-                        for (int j = 0; j < vis; j++)
-                            sq[j] += (p[j] * inv) * (p[j] * inv);
-                    if (mx)
-                        for (int j = 0; j < vis; j++)
-                            mx[j] = p[j] * inv > mx[j] ? p[j] * inv : mx[j];
+                    vis[r] = visible(a, i0 + r);
+                    m_row[r] = -INFINITY;
+                    z_row[r] = 0;
+                }
+                const int nt = (ncols + CS_CT - 1) / CS_CT;
+                for (int t = 0; t < nt; t++) {
+                    const int c0 = t * CS_CT, ct = KV_MIN(CS_CT, ncols - c0);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, ct, d, a->scale,
+                                a->q + (size_t)h * a->q_head_stride + (size_t)i0 * d, d,
+                                a->k + (size_t)(h / G) * a->k_head_stride + (size_t)c0 * d, d, 0.0f, S + c0, ncols);
+                    for (int r = 0; r < nb; r++) {
+                        float *p = S + (size_t)r * ncols + c0;
+                        const int v = KV_MAX(0, KV_MIN(ct, vis[r] - c0)); /* keys of the tile the query sees */
+                        float m = -INFINITY;
+                        if (v > 0) {
+                            m = row_max(p, v);
+                            const double zt = exp_sum(p, v, m);
+                            if (m > m_row[r]) {
+                                z_row[r] = z_row[r] * exp((double)m_row[r] - m) + zt;
+                                m_row[r] = m;
+                            } else {
+                                z_row[r] += zt * exp((double)m - m_row[r]);
+                            }
+                        }
+                        mt[(size_t)r * n_tiles + t] = m;
+                        for (int j = v; j < ct; j++)
+                            p[j] = 0.0f; /* keys the query does not see */
+                    }
+                }
+                for (int t = 0; t < nt; t++) {
+                    for (int r = 0; r < nb; r++) {
+                        const float m = mt[(size_t)r * n_tiles + t];
+                        w[r] = m == -INFINITY ? 0.0f : (float)(exp((double)m - m_row[r]) / z_row[r]);
+                    }
+                    colstats_block(S, (size_t)ncols, nb, t * CS_CT, KV_MIN(ncols, (t + 1) * CS_CT), w, sum, sq, mx);
                 }
             }
         }
+        kv_free(mt);
         kv_free_aligned(S);
     }
     kv_blas_set_threads(old);

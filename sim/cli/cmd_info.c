@@ -57,12 +57,13 @@ static void attr_s(const char *k, const char *v)
 static void print_attrs(const kv_trace_meta_t *m)
 {
     attr_s("format", KV_TRACE_FORMAT);
-    printf("format_version=%d\n", KV_TRACE_FORMAT_VERSION);
+    printf("format_version=%d\n", m->format_version ? m->format_version : KV_TRACE_FORMAT_VERSION);
     printf("n_layers=%d\nn_heads=%d\nn_kv_heads=%d\nhead_dim=%d\n", m->n_layers, m->n_heads, m->n_kv_heads,
            m->head_dim);
     printf("n_tokens=%d\nn_prompt=%d\nn_decode=%d\nn_segments=%d\n", m->n_tokens, m->n_prompt,
            m->n_tokens - m->n_prompt, m->n_segments);
     printf("has_summaries=%d\npool=%d\nhas_wo=%d\n", m->has_summaries, m->pool, m->has_wo);
+    printf("has_stats=%d\nstats_split=%d\nq_start=%d\n", m->has_stats, m->stats_split, m->q_start);
     printf("model_dim=%d\nhidden_dim=%d\nvocab_size=%d\nseq_len=%d\n", m->model_dim, m->hidden_dim, m->vocab_size,
            m->seq_len);
     printf("rope_theta=%.9g\nnorm_eps=%.9g\n", (double)m->rope_theta, (double)m->norm_eps);
@@ -115,7 +116,8 @@ static int info_one(const char *path, int attrs)
     kv_trace_storage(t, &raw, &stored);
     char a[32], b[32];
     printf("%s\n", path);
-    printf("  format       %s version %d\n", KV_TRACE_FORMAT, KV_TRACE_FORMAT_VERSION);
+    printf("  format       %s version %d\n", KV_TRACE_FORMAT,
+           m->format_version ? m->format_version : KV_TRACE_FORMAT_VERSION);
     printf("  shape        %d layers, %d heads, %d KV heads (group %d), head_dim %d\n", m->n_layers, m->n_heads,
            m->n_kv_heads, m->n_heads / m->n_kv_heads, m->head_dim);
     printf("  tokens       %d (prompt %d, decode %d)\n", m->n_tokens, m->n_prompt, m->n_tokens - m->n_prompt);
@@ -136,7 +138,18 @@ static int info_one(const char *path, int attrs)
     printf("  summaries    %s", m->has_summaries ? "lse, entropy, accumulated attention" : "none");
     if (m->has_summaries)
         printf(", pooled map %dx%d", m->pool, m->pool);
-    printf("\n  W_O          %s\n", m->has_wo ? "present" : "absent");
+    printf("\n  statistics   ");
+    if (m->has_stats)
+        printf("per key over the prompt queries and over [0, %d), per query keys for 90 %%, sink and segment mass "
+               "(replay and analyze read them)\n",
+               m->stats_split);
+    else
+        printf("none (replay recomputes them from Q and K: O(T^2) per layer)\n");
+    if (m->q_start > 0)
+        printf("  lean         queries stored for tokens %d..%d only (the last %d prompt tokens and the decode "
+               "tokens)\n",
+               m->q_start, m->n_tokens - 1, m->n_prompt - m->q_start);
+    printf("  W_O          %s\n", m->has_wo ? "present" : "absent");
     char s1[sizeof m->generator], s2[sizeof m->model], s3[sizeof m->model_sha256], s4[sizeof m->git_revision];
     char s5[sizeof m->created], s6[sizeof m->backend];
     const size_t all = (size_t)-1;

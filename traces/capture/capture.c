@@ -198,9 +198,9 @@ typedef struct {
     /* host memory */
     float *lse_all;        /* (n_layers, n_heads, T) */
     float *row_all[N_ROW]; /* (n_layers, n_heads, T) */
-    float *dec_q;   /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
-    float *tm;      /* (max(n_prompt, n_decode), q_dim) token-major staging (Q rows; K/V rows are kv_dim <= q_dim) */
-    float *hm;      /* (max(n_prompt, n_decode), q_dim) head-major staging */
+    float *dec_q;          /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
+    float *tm;       /* (max(n_prompt, n_decode), q_dim) token-major staging (Q rows; K/V rows are kv_dim <= q_dim) */
+    float *hm;       /* (max(n_prompt, n_decode), q_dim) head-major staging */
     float *small;    /* (n_heads, max(n_prompt, 1)) */
     float *host_col; /* (n_heads, T) staging of one per-key statistic */
     kv_progress_t prog;

@@ -34,22 +34,22 @@ typedef struct {
     const int32_t *ids;         /* (n_ids) the prompt as token ids instead of text, used as given (no
                                    BOS added); checked against the model's and the tokenizer's vocabulary */
     int n_ids;
-    const char *ids_source;     /* where the ids came from, for messages (default "--ids") */
-    int chat;                   /* 1: wrap the prompt text in the tokenizer's chat template (as the user's
-                                   turn, with the generation prompt), tokenised as one sequence */
-    const char *system;         /* with chat: the system message, NULL for the template's default */
-    const char *out_path;       /* trace file (.h5) */
-    int n_decode;               /* greedy decode tokens recorded after the prompt (default 64) */
-    kv_dtype_t dtype;           /* Q, K, V storage */
-    int with_wo;                /* store W_O per layer */
-    const char *segments;       /* "auto" (default), "none" or "i,j,k" token offsets */
-    int pool;                   /* pooled map side (min with T), default 256 */
-    int zstd_level;             /* 1..22, default 3 */
-    const char *backend;        /* "cpu", "cuda", "auto" (default) */
-    int n_threads;              /* CPU threads, 0 = all */
-    const char *generator;      /* text recorded as the trace's generator (the options); NULL: built here */
-    int q_tail;                 /* >= 0: a lean trace, queries stored only for the last q_tail prompt tokens
-                                   and the decode tokens; -1 (default): every query */
+    const char *ids_source; /* where the ids came from, for messages (default "--ids") */
+    int chat;               /* 1: wrap the prompt text in the tokenizer's chat template (as the user's
+                               turn, with the generation prompt), tokenised as one sequence */
+    const char *system;     /* with chat: the system message, NULL for the template's default */
+    const char *out_path;   /* trace file (.h5) */
+    int n_decode;           /* greedy decode tokens recorded after the prompt (default 64) */
+    kv_dtype_t dtype;       /* Q, K, V storage */
+    int with_wo;            /* store W_O per layer */
+    const char *segments;   /* "auto" (default), "none" or "i,j,k" token offsets */
+    int pool;               /* pooled map side (min with T), default 256 */
+    int zstd_level;         /* 1..22, default 3 */
+    const char *backend;    /* "cpu", "cuda", "auto" (default) */
+    int n_threads;          /* CPU threads, 0 = all */
+    const char *generator;  /* text recorded as the trace's generator (the options); NULL: built here */
+    int q_tail;             /* >= 0: a lean trace, queries stored only for the last q_tail prompt tokens
+                               and the decode tokens; -1 (default): every query */
 } kv_capture_opts_t;
 
 /* Defaults for everything but the paths and the prompt. */

@@ -64,8 +64,8 @@ int kv_generate(kv_fwd_t *f, const kv_tokenizer_t *tok, const char *prompt, int 
                 FILE *out, kv_gen_result_t *res);
 
 /* The same from token ids (used as given: no BOS is added); tok may be NULL (nothing is written). */
-int kv_generate_ids(kv_fwd_t *f, const kv_tokenizer_t *tok, const int32_t *ids, int n_ids, int steps,
-                    float temperature, uint64_t seed, FILE *out, kv_gen_result_t *res);
+int kv_generate_ids(kv_fwd_t *f, const kv_tokenizer_t *tok, const int32_t *ids, int n_ids, int steps, float temperature,
+                    uint64_t seed, FILE *out, kv_gen_result_t *res);
 
 /* Teacher-forced NLL of one sequence of token ids (one document, split into windows as above). */
 int kv_nll_ids(kv_fwd_t *f, const int32_t *ids, int n, kv_nll_result_t *res);

@@ -86,8 +86,8 @@ const unsigned char *kv_gguf_mapping(const kv_gguf_t *g, size_t *len);
  * the value has another type. Integer getters accept every integer type (and range-check into
  * int64); float getters accept FLOAT32, FLOAT64 and integers. */
 int kv_gguf_n_kv(const kv_gguf_t *g);
-const char *kv_gguf_key(const kv_gguf_t *g, int i); /* NUL-terminated */
-int kv_gguf_kv_type(const kv_gguf_t *g, int i);     /* KV_GGUF_* */
+const char *kv_gguf_key(const kv_gguf_t *g, int i);    /* NUL-terminated */
+int kv_gguf_kv_type(const kv_gguf_t *g, int i);        /* KV_GGUF_* */
 int kv_gguf_find(const kv_gguf_t *g, const char *key); /* index or -1 */
 int kv_gguf_get_int(const kv_gguf_t *g, const char *key, int64_t *out);
 int kv_gguf_get_float(const kv_gguf_t *g, const char *key, double *out);

@@ -81,7 +81,7 @@ typedef struct {
     /* storage */
     void *map; /* mmap of the file (fp32 layouts) */
     size_t map_len;
-    float *owned;    /* dequantised weights (version 2), converted weights (Hugging Face) */
+    float *owned;       /* dequantised weights (version 2), converted weights (Hugging Face) */
     size_t n_params;    /* weights counted once (no freq_cis, no duplicate classifier) */
     const char *format; /* "llama2.c", "safetensors" or "gguf" (static string) */
     char dtypes[128];   /* the weights' dtypes as stored, most frequent first: "Q4_1 x210, F32 x61, Q8_0 x1" */
