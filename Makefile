@@ -5,7 +5,7 @@
 #   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
 #   make test-cuda-emu   the CUDA kernels' code run by a host emulator vs the CPU (no GPU needed)
 #   make gpu-bundle statically linked gpu_parity, bench_gpu, kvsim for the GPU machines (bench/README.md)
-#   make bench-capture | bench-replay | bench-gpu   benchmarks (figures printed, not asserted)
+#   make bench-capture | bench-replay | bench-replay-scaling | bench-gpu   benchmarks (figures printed, not asserted)
 #   make lint       cppcheck and clang-format --dry-run
 #   make fuzz       libFuzzer harnesses of tests/fuzz/ (clang, build-fuzz/), FUZZ_TIME seconds each
 # V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA;
@@ -66,7 +66,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: fuzz fuzz-build all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-gpu lint clean help goldens
+.PHONY: fuzz fuzz-build all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-replay-scaling bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 # The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
@@ -136,6 +136,9 @@ bench-capture: $(BUILD)/bench_capture
 	$(Q)$(BUILD)/bench_capture
 bench-replay: $(BUILD)/bench_replay $(KVSIM)
 	$(Q)$(BUILD)/bench_replay
+# issue 11's scaling benchmark: traces at 2K, 8K (32 layers) and 32K (4 layers) tokens, ~5 GB in build/bench
+bench-replay-scaling: $(BUILD)/bench_replay_scaling
+	$(Q)$(BUILD)/bench_replay_scaling
 bench-gpu: $(BUILD)/bench_gpu
 	$(Q)$(BUILD)/bench_gpu
 

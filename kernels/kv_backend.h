@@ -34,7 +34,8 @@ typedef struct kv_backend kv_backend_t;
  * Query i sits at key index q_pos0 + i and sees keys [0, q_pos0 + i]. Query head h reads KV head
  * h / (n_heads / n_kv_heads). */
 typedef struct {
-    float *out;       /* (n_q, n_heads, head_dim) attention output */
+    float *out;       /* (n_q, n_heads, head_dim) attention output; NULL: lse only (host-memory backends
+                         such as the CPU; a device backend refuses it) */
     float *lse;       /* (n_heads, n_q) natural log-sum-exp of the scaled scores; NULL to skip */
     const float *q;   /* (n_q, n_heads, head_dim) post-RoPE queries */
     const float *k;   /* key j of KV head g at k + j*kv_stride + g*head_dim (post-RoPE) */

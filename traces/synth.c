@@ -1008,10 +1008,10 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
     dq = kv_be_alloc(be, nq * sizeof(float));
     dk = kv_be_alloc(be, nkv * sizeof(float));
     dv = kv_be_alloc(be, nkv * sizeof(float));
-    dout = kv_be_alloc(be, nq * sizeof(float));
+    dout = host ? NULL : kv_be_alloc(be, nq * sizeof(float));
     dpool = kv_be_alloc(be, (size_t)H * pool * pool * sizeof(float));
     dseg = kv_be_alloc(be, (size_t)T * sizeof(int32_t));
-    int nomem = !dq || !dk || !dv || !dout || !dpool || !dseg;
+    int nomem = !dq || !dk || !dv || (!host && !dout) || !dpool || !dseg;
     for (int c = 0; c < N_COL; c++)
         if (col_out[c])
             nomem |= !(dcol[c] = kv_be_alloc(be, HT * sizeof(float)));
@@ -1059,7 +1059,7 @@ int kv_synth_summarize(kv_backend_t *be, const kv_trace_meta_t *m, const float *
         float *rp[N_ROW];
         for (int r = 0; r < N_ROW; r++)
             rp[r] = drow[r] ? drow[r] + (size_t)H * q0 : NULL;
-        kv_attn_args_t a = {.out = dout,
+        kv_attn_args_t a = {.out = host ? NULL : dout, /* lse is what the statistics need */
                             .lse = rp[0],
                             .q = dq + (size_t)q0 * H * d,
                             .k = dk,

@@ -240,6 +240,136 @@ static void exp_shift(float *s, int n, float shift, double *sum_e, double *sum_e
         *sum_ex = sx;
 }
 
+/* a * b + c in one rounding where the machine has fused multiply-adds (the column statistics' exp: the
+ * other ops keep vexp, whose products and sums round apart, so their bits do not change) */
+static inline __attribute__((always_inline)) kv_vf vfma(kv_vf a, kv_vf b, kv_vf c)
+{
+#if defined(__FMA__) && KV_VL == 8
+    return __builtin_ia32_vfmaddps256(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* vexp with fused multiply-adds in the reduction and the polynomial: the same formula, half the
+ * operations, within about one float ulp of expf like vexp. */
+static inline __attribute__((always_inline)) kv_vf vexp_fma(kv_vf x)
+{
+    const kv_vf zero = {0};
+    kv_vi under = x < -87.0f;
+    x = vsel(under, zero - 87.0f, x);
+    kv_vf t = vfma(x, zero + 1.44269504088896341f, zero + 12582912.0f);
+    kv_vf k = t - 12582912.0f;
+    kv_vf r = vfma(k, zero - 0.693145751953125f, x);
+    r = vfma(k, zero - 1.42860682030941723e-6f, r);
+    kv_vf p = zero + 1.0f / 5040;
+    p = vfma(p, r, zero + 1.0f / 720);
+    p = vfma(p, r, zero + 1.0f / 120);
+    p = vfma(p, r, zero + 1.0f / 24);
+    p = vfma(p, r, zero + 1.0f / 6);
+    p = vfma(p, r, zero + 0.5f);
+    p = vfma(p, r, zero + 1.0f);
+    p = vfma(p, r, zero + 1.0f);
+    kv_vi ki = __builtin_convertvector(k, kv_vi);
+    kv_vf two_k = (kv_vf)((ki + 127) << 23);
+    return vsel(under, zero, p * two_k);
+}
+
+/* In place: s[j] = exp(s[j] - shift) for j < n (s[j] <= shift), returning sum_j s[j]: float lanes over
+ * runs of EXP_RUN vectors (at most that many additions per lane), each run's lanes added in double, in
+ * a fixed order (deterministic). exp_shift's twin without the entropy sum and the per-vector horizontal
+ * additions: the column statistics call it for every attention row. */
+#define EXP_RUN 16
+static double exp_sum(float *s, int n, float shift)
+{
+    const kv_vf zero = {0};
+    double z = 0;
+    int j = 0;
+    while (j + KV_VL <= n) {
+        kv_vf acc = zero;
+        for (int v = 0; v < EXP_RUN && j + KV_VL <= n; v++, j += KV_VL) {
+            kv_vf x;
+            memcpy(&x, s + j, sizeof x);
+            x = x - shift;
+            x = vsel(x > 0.0f, zero, x);
+            const kv_vf e = vexp_fma(x);
+            memcpy(s + j, &e, sizeof e);
+            acc += e;
+        }
+        for (int l = 0; l < KV_VL; l++)
+            z += acc[l];
+    }
+    if (j < n) {
+        kv_vf x = zero, e;
+        for (int l = 0; j + l < n; l++)
+            x[l] = s[j + l] - shift > 0 ? 0.0f : s[j + l] - shift;
+        e = vexp_fma(x);
+        for (int l = 0; j + l < n; l++) {
+            s[j + l] = e[l];
+            z += e[l];
+        }
+    }
+    return z;
+}
+
+/* max of s[0, n), n >= 1 (vector lanes, then across them) */
+static float row_max(const float *s, int n)
+{
+    int j = 0;
+    float m = -INFINITY;
+    if (n >= KV_VL) {
+        kv_vf vm;
+        memcpy(&vm, s, sizeof vm);
+        for (j = KV_VL; j + KV_VL <= n; j += KV_VL) {
+            kv_vf x;
+            memcpy(&x, s + j, sizeof x);
+            vm = vsel(x > vm, x, vm);
+        }
+        for (int l = 0; l < KV_VL; l++)
+            m = vm[l] > m ? vm[l] : m;
+    }
+    for (; j < n; j++)
+        m = s[j] > m ? s[j] : m;
+    return m;
+}
+
+/* attn_stats's row pass: in place s[j] = exp(s[j] - lse) for j < n (with fused multiply-adds, as the
+ * column statistics), *sum_e = sum_j s[j] and *sum_ex = sum_j s[j] (s_j - lse) (for the entropy), float
+ * lanes added in double every EXP_RUN vectors in a fixed order. */
+static void exp_ent(float *s, int n, float lse, double *sum_e, double *sum_ex)
+{
+    const kv_vf zero = {0};
+    double se = 0, sx = 0;
+    int j = 0;
+    while (j + KV_VL <= n) {
+        kv_vf ae = zero, ax = zero;
+        for (int v = 0; v < EXP_RUN && j + KV_VL <= n; v++, j += KV_VL) {
+            kv_vf x;
+            memcpy(&x, s + j, sizeof x);
+            x = x - lse;
+            x = vsel(x > 0.0f, zero, x);
+            const kv_vf e = vexp_fma(x);
+            memcpy(s + j, &e, sizeof e);
+            ae += e;
+            ax = vfma(e, x, ax);
+        }
+        for (int l = 0; l < KV_VL; l++) {
+            se += ae[l];
+            sx += ax[l];
+        }
+    }
+    for (; j < n; j++) {
+        kv_vf x = zero;
+        x[0] = s[j] - lse > 0 ? 0.0f : s[j] - lse;
+        const float e = vexp_fma(x)[0];
+        s[j] = e;
+        se += e;
+        sx += (double)e * x[0];
+    }
+    *sum_e = se;
+    *sum_ex = sx;
+}
+
 /* Softmax of row s[0..n) in place over the first `vis` entries; the rest become 0. Returns lse. */
 static float softmax_row(float *s, int n, int vis)
 {
@@ -256,6 +386,10 @@ static float softmax_row(float *s, int n, int vis)
     return m + (float)log(sum);
 }
 
+/* out may be NULL: then only the lse is computed (the row's max and sum; synth's summaries need no
+ * attention output). */
+/* out may be NULL: then only the lse is computed (the row's max and sum; synth's summaries need no
+ * attention output). */
 static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
 {
     (void)be;
@@ -281,6 +415,16 @@ static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
                 const float *Q = a->q + (size_t)i0 * H * d + (size_t)h * d;
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
                             a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
+                if (!a->out) {
+                    for (int r = 0; r < nb; r++) {
+                        float *row = S + (size_t)r * nk;
+                        const int vis = a->q_pos0 + i0 + r + 1;
+                        const float m = row_max(row, vis);
+                        if (a->lse)
+                            a->lse[(size_t)h * a->n_q + i0 + r] = m + (float)log(exp_sum(row, vis, m));
+                    }
+                    continue;
+                }
                 for (int r = 0; r < nb; r++) {
                     float l = softmax_row(S + (size_t)r * nk, nk, a->q_pos0 + i0 + r + 1);
                     if (a->lse)
@@ -346,7 +490,7 @@ static int select_mass(float *a, int n, double need)
 }
 
 #define MASS_BUCKETS 1024 /* eighth-octave buckets of p in [0, 1]: the float's bits >> 20 */
-#define MASS_DIRECT 1024  /* rows up to this many keys go straight to select_mass */
+#define MASS_DIRECT 128   /* rows up to this many keys go straight to select_mass */
 
 typedef struct {
     int cnt[MASS_BUCKETS];
@@ -470,7 +614,7 @@ static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
                     float *s = S + (size_t)r * nk;
                     /* probabilities in place; entropy = -sum_j p_j log p_j = -sum_j p_j (s_j - lse) */
                     double psum, plogp;
-                    exp_shift(s, vis, lse, &psum, &plogp);
+                    exp_ent(s, vis, lse, &psum, &plogp);
                     if (a->entropy)
                         a->entropy[ro] = (float)-plogp;
                     if (a->acc)
@@ -573,99 +717,6 @@ static int cpu_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs,
  * count. */
 #define CS_QB 64
 #define CS_CT 1024
-
-/* a * b + c in one rounding where the machine has fused multiply-adds (the column statistics' exp: the
- * other ops keep vexp, whose products and sums round apart, so their bits do not change) */
-static inline __attribute__((always_inline)) kv_vf vfma(kv_vf a, kv_vf b, kv_vf c)
-{
-#if defined(__FMA__) && KV_VL == 8
-    return __builtin_ia32_vfmaddps256(a, b, c);
-#else
-    return a * b + c;
-#endif
-}
-
-/* vexp with fused multiply-adds in the reduction and the polynomial: the same formula, half the
- * operations, within about one float ulp of expf like vexp. */
-static inline __attribute__((always_inline)) kv_vf vexp_fma(kv_vf x)
-{
-    const kv_vf zero = {0};
-    kv_vi under = x < -87.0f;
-    x = vsel(under, zero - 87.0f, x);
-    kv_vf t = vfma(x, zero + 1.44269504088896341f, zero + 12582912.0f);
-    kv_vf k = t - 12582912.0f;
-    kv_vf r = vfma(k, zero - 0.693145751953125f, x);
-    r = vfma(k, zero - 1.42860682030941723e-6f, r);
-    kv_vf p = zero + 1.0f / 5040;
-    p = vfma(p, r, zero + 1.0f / 720);
-    p = vfma(p, r, zero + 1.0f / 120);
-    p = vfma(p, r, zero + 1.0f / 24);
-    p = vfma(p, r, zero + 1.0f / 6);
-    p = vfma(p, r, zero + 0.5f);
-    p = vfma(p, r, zero + 1.0f);
-    p = vfma(p, r, zero + 1.0f);
-    kv_vi ki = __builtin_convertvector(k, kv_vi);
-    kv_vf two_k = (kv_vf)((ki + 127) << 23);
-    return vsel(under, zero, p * two_k);
-}
-
-/* In place: s[j] = exp(s[j] - shift) for j < n (s[j] <= shift), returning sum_j s[j]: float lanes over
- * runs of EXP_RUN vectors (at most that many additions per lane), each run's lanes added in double, in
- * a fixed order (deterministic). exp_shift's twin without the entropy sum and the per-vector horizontal
- * additions: the column statistics call it for every attention row. */
-#define EXP_RUN 16
-static double exp_sum(float *s, int n, float shift)
-{
-    const kv_vf zero = {0};
-    double z = 0;
-    int j = 0;
-    while (j + KV_VL <= n) {
-        kv_vf acc = zero;
-        for (int v = 0; v < EXP_RUN && j + KV_VL <= n; v++, j += KV_VL) {
-            kv_vf x;
-            memcpy(&x, s + j, sizeof x);
-            x = x - shift;
-            x = vsel(x > 0.0f, zero, x);
-            const kv_vf e = vexp_fma(x);
-            memcpy(s + j, &e, sizeof e);
-            acc += e;
-        }
-        for (int l = 0; l < KV_VL; l++)
-            z += acc[l];
-    }
-    if (j < n) {
-        kv_vf x = zero, e;
-        for (int l = 0; j + l < n; l++)
-            x[l] = s[j + l] - shift > 0 ? 0.0f : s[j + l] - shift;
-        e = vexp_fma(x);
-        for (int l = 0; j + l < n; l++) {
-            s[j + l] = e[l];
-            z += e[l];
-        }
-    }
-    return z;
-}
-
-/* max of s[0, n), n >= 1 (vector lanes, then across them) */
-static float row_max(const float *s, int n)
-{
-    int j = 0;
-    float m = -INFINITY;
-    if (n >= KV_VL) {
-        kv_vf vm;
-        memcpy(&vm, s, sizeof vm);
-        for (j = KV_VL; j + KV_VL <= n; j += KV_VL) {
-            kv_vf x;
-            memcpy(&x, s + j, sizeof x);
-            vm = vsel(x > vm, x, vm);
-        }
-        for (int l = 0; l < KV_VL; l++)
-            m = vm[l] > m ? vm[l] : m;
-    }
-    for (; j < n; j++)
-        m = s[j] > m ? s[j] : m;
-    return m;
-}
 
 /* Add the block's columns [j0, j1) to the outputs: p[r][j] = S[r][j] * w[r] (w: the row's scale for
  * this tile). */

@@ -862,6 +862,8 @@ int kv_cuda_attention(kv_backend_t *be, const kv_attn_args_t *a)
     int rc = check_heads("attention", a->n_heads, a->n_kv_heads, a->head_dim, a->n_q, a->q_pos0, 0);
     if (rc)
         return rc;
+    if (!a->out)
+        return kv_error(KV_EINVAL, "attention: the CUDA backend needs an output buffer (lse alone: CPU only)");
     if (a->kv_stride < (size_t)a->n_kv_heads * a->head_dim)
         return kv_error(KV_EINVAL, "attention: kv_stride %zu below n_kv_heads * head_dim = %d", a->kv_stride,
                         a->n_kv_heads * a->head_dim);
