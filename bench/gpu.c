@@ -355,8 +355,22 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         a->d = be_random(be, (size_t)NH * T, 23, 0.0);
         a->e = be_random(be, (size_t)NH * T, 24, 0.0);
         a->f = be_random(be, (size_t)NH * pool * pool, 25, 0.0);
-        kv_attn_stats_args_t s = {a->a,  a->b, a->c, (size_t)NKV * HD, T,    0,    NH, NKV, HD,
-                                  scale, a->d, a->e, (size_t)T,        a->f, pool, T};
+        kv_attn_stats_args_t s = {.q = a->a,
+                                  .k = a->b,
+                                  .lse = a->c,
+                                  .kv_stride = (size_t)NKV * HD,
+                                  .n_q = T,
+                                  .q_pos0 = 0,
+                                  .n_heads = NH,
+                                  .n_kv_heads = NKV,
+                                  .head_dim = HD,
+                                  .scale = scale,
+                                  .entropy = a->d,
+                                  .acc = a->e,
+                                  .acc_stride = (size_t)T,
+                                  .pooled = a->f,
+                                  .pool = pool,
+                                  .pool_T = T};
         a->st = s;
         return 1;
     }

@@ -559,8 +559,10 @@ done:
     return rc;
 }
 
-int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t *b, int eval_index,
-                    const kv_replay_opts_t *opts, kv_backend_t *be, uint8_t *mask)
+/* The probe of one layer (masks: its mask) or, with all = 1, of layers 0..layer (masks: (layer + 1)
+ * masks one after the other). */
+static int probe(kv_trace_t *t, int layer, int all, kv_policy_t *p, const kv_budget_t *b, int eval_index,
+                 const kv_replay_opts_t *opts, kv_backend_t *be, uint8_t *mask)
 {
     kv_replay_opts_t o;
     if (opts)
@@ -609,8 +611,9 @@ int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t 
         kv_metrics_layer_free(&ml);
         if ((rc = kv_metrics_layer_init(&ml, &c)) || (rc = kv_policy_prepare(p, &c)))
             break;
+        const size_t mask_bytes = (size_t)(p->gran == KV_GRAN_KV ? m->n_kv_heads : m->n_heads) * m->n_tokens;
         g.probe_e = eval_index;
-        g.probe_mask = l == layer ? mask : NULL;
+        g.probe_mask = all ? mask + (size_t)l * mask_bytes : l == layer ? mask : NULL;
         rc = eval_cfg(&g, &c, &ml, 2);
     }
 done:
@@ -620,6 +623,18 @@ done:
     kv_metrics_layer_free(&ml);
     kv_layer_stats_free(ls);
     return rc;
+}
+
+int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t *b, int eval_index,
+                    const kv_replay_opts_t *opts, kv_backend_t *be, uint8_t *mask)
+{
+    return probe(t, layer, 0, p, b, eval_index, opts, be, mask);
+}
+
+int kv_replay_probe_all(kv_trace_t *t, kv_policy_t *p, const kv_budget_t *b, int eval_index,
+                        const kv_replay_opts_t *opts, kv_backend_t *be, uint8_t *masks)
+{
+    return probe(t, kv_trace_meta(t)->n_layers - 1, 1, p, b, eval_index, opts, be, masks);
 }
 
 int kv_replay_check_policies(kv_trace_t *t, kv_policy_t **pols, int n_pol, kv_backend_t *be,

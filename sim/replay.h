@@ -90,6 +90,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
 int kv_replay_probe(kv_trace_t *t, int layer, kv_policy_t *p, const kv_budget_t *b, int eval_index,
                     const kv_replay_opts_t *o, kv_backend_t *be, uint8_t *mask);
 
+/* kv_replay_probe for every layer in one pass: masks (n_layers, n_store, T). */
+int kv_replay_probe_all(kv_trace_t *t, kv_policy_t *p, const kv_budget_t *b, int eval_index, const kv_replay_opts_t *o,
+                        kv_backend_t *be, uint8_t *masks);
+
 #ifdef __cplusplus
 }
 #endif

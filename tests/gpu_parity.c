@@ -590,6 +590,121 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
     kv_free_aligned(g2);
 }
 
+/* attn_stats's outputs for trace format version 2 (the statistics replay and analyze read): per key
+ * the sum of squares and the maximum, over every query and over those before head_end (accumulating
+ * into non-zero starting values), per query the sink and segment mass (segment starts from seg_lo).
+ * keys_mass is the CPU's only (CUDA answers KV_ENOTIMPL: checked here). Tolerances: squares and sums
+ * as TOL_ACC, maxima and the sink probability as single probabilities (TOL_POOLED), the segment mass
+ * as a sum over up to the row's keys (TOL_ACC). */
+static void case_attn_stats_v2(ctx_t *c, const att_shape_t *s, int head_back)
+{
+    char shape[200], sh[160];
+    att_shape_str(s, sh, sizeof sh);
+    const int H = s->H, d = s->d, nk = s->q_pos0 + s->n_q, head_end = nk - head_back;
+    snprintf(shape, sizeof shape, "%s head_end=%d stats v2", sh, head_end);
+    if (too_big(c, 2.0 * s->n_q * nk * H * d))
+        return;
+    const size_t stride = (size_t)s->Hkv * d + s->pad, nq = (size_t)s->n_q * H * d, nkv = (size_t)nk * stride;
+    const size_t acc_stride = (size_t)nk + 2, nacc = (size_t)H * acc_stride, nrow = (size_t)H * s->n_q;
+    float *q = hnew(nq), *k = hnew(nkv), *v = hnew(nkv), *out = hnew(nq), *lse = hnew(nrow);
+    float *col0[4], *col[4], *gcol[4], *row[2], *grow[2];
+    for (int i = 0; i < 4; i++) {
+        col0[i] = hnew(nacc), col[i] = hnew(nacc), gcol[i] = hnew(nacc);
+        fill_uniform(c, col0[i], nacc, 0.0, i % 2 ? 0.02 : 2.0); /* squares/sums from up to 2, maxima small */
+        memcpy(col[i], col0[i], sizeof(float) * nacc);
+    }
+    for (int i = 0; i < 2; i++)
+        row[i] = hnew(nrow), grow[i] = hnew(nrow);
+    int32_t *seg_lo = kv_malloc(sizeof(int32_t) * (size_t)nk, "parity segments");
+    for (int t = 0; t < nk; t++) /* segments of 37 tokens */
+        seg_lo[t] = t - t % 37;
+    fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)nk, stride, d, 1.5);
+    fill_normal(c, v, nkv, 1.0);
+    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d)};
+    c->ref->ops->attention(c->ref, &a);
+    kv_attn_stats_args_t st = {.q = q,
+                               .k = k,
+                               .lse = lse,
+                               .kv_stride = stride,
+                               .n_q = s->n_q,
+                               .q_pos0 = s->q_pos0,
+                               .n_heads = H,
+                               .n_kv_heads = s->Hkv,
+                               .head_dim = d,
+                               .scale = a.scale,
+                               .acc_stride = acc_stride,
+                               .acc_sq = col[0],
+                               .acc_max = col[1],
+                               .acc_sq_head = col[2],
+                               .acc_max_head = col[3],
+                               .head_end = head_end,
+                               .sink = row[0],
+                               .seg = row[1],
+                               .seg_lo = seg_lo};
+    c->ref->ops->attn_stats(c->ref, &st);
+    float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dl = dnew(c, lse, nrow);
+    float *dcol[4], *drow[2];
+    for (int i = 0; i < 4; i++)
+        dcol[i] = dnew(c, col0[i], nacc);
+    for (int i = 0; i < 2; i++)
+        drow[i] = dnew(c, NULL, nrow);
+    int32_t *dseg = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)nk);
+    c->dev->ops->upload(c->dev, dseg, seg_lo, sizeof(int32_t) * (size_t)nk);
+    kv_attn_stats_args_t b = st;
+    b.q = dq;
+    b.k = dk;
+    b.lse = dl;
+    b.acc_sq = dcol[0];
+    b.acc_max = dcol[1];
+    b.acc_sq_head = dcol[2];
+    b.acc_max_head = dcol[3];
+    b.sink = drow[0];
+    b.seg = drow[1];
+    b.seg_lo = dseg;
+    if (!op_error(c, "attn_stats", shape, c->dev->ops->attn_stats(c->dev, &b))) {
+        int ok = 1, da3[3] = {0, H, (int)acc_stride}, d2[3] = {0, H, s->n_q};
+        cmp_t r = {0, 0, 0}, r2;
+        static const char *names[4] = {"acc_sq", "acc_max", "acc_sq_head", "acc_max_head"};
+        for (int i = 0; i < 4; i++) {
+            dget(c, gcol[i], dcol[i], nacc);
+            ok &= compare(names[i], gcol[i], col[i], nacc, da3, i % 2 ? &TOL_POOLED : &TOL_ACC, &r2);
+            r = r2.max_abs > r.max_abs ? r2 : r;
+        }
+        dget(c, grow[0], drow[0], nrow);
+        dget(c, grow[1], drow[1], nrow);
+        ok &= compare("sink", grow[0], row[0], nrow, d2, &TOL_POOLED, &r2);
+        r = r2.max_abs > r.max_abs ? r2 : r;
+        ok &= compare("seg", grow[1], row[1], nrow, d2, &TOL_ACC, &r2);
+        r = r2.max_abs > r.max_abs ? r2 : r;
+        /* keys_mass: computed by the CPU only, refused by name elsewhere */
+        kv_attn_stats_args_t km = b;
+        km.keys_mass = drow[0];
+        km.mass = 0.9f;
+        const int rk = c->dev->ops->attn_stats(c->dev, &km);
+        ok &= rk == KV_OK || rk == KV_ENOTIMPL;
+        verdict(c, "attn_stats", shape, ok, r.max_abs, r.nmse);
+    }
+    dfree(c, dq);
+    dfree(c, dk);
+    dfree(c, dl);
+    dfree(c, dseg);
+    for (int i = 0; i < 4; i++) {
+        dfree(c, dcol[i]);
+        kv_free_aligned(col0[i]);
+        kv_free_aligned(col[i]);
+        kv_free_aligned(gcol[i]);
+    }
+    for (int i = 0; i < 2; i++) {
+        dfree(c, drow[i]);
+        kv_free_aligned(row[i]);
+        kv_free_aligned(grow[i]);
+    }
+    kv_free(seg_lo);
+    float *all[] = {q, k, v, out, lse};
+    for (size_t i = 0; i < KV_ARRAY_LEN(all); i++)
+        kv_free_aligned(all[i]);
+}
+
 /* attn_stats with the reference lse on both sides. which: 1 entropy, 2 acc, 4 pooled. */
 static void case_attn_stats(ctx_t *c, const att_shape_t *s, int pool, int extra_T, int which)
 {
@@ -616,22 +731,22 @@ static void case_attn_stats(ctx_t *c, const att_shape_t *s, int pool, int extra_
     c->ref->ops->attention(c->ref, &a);
     memcpy(acc, acc0, sizeof(float) * nacc);
     memcpy(pooled, pool0, sizeof(float) * npool);
-    kv_attn_stats_args_t st = {q,
-                               k,
-                               lse,
-                               stride,
-                               s->n_q,
-                               s->q_pos0,
-                               H,
-                               s->Hkv,
-                               d,
-                               a.scale,
-                               which & 1 ? ent : NULL,
-                               which & 2 ? acc : NULL,
-                               acc_stride,
-                               which & 4 ? pooled : NULL,
-                               pool,
-                               pool_T};
+    kv_attn_stats_args_t st = {.q = q,
+                               .k = k,
+                               .lse = lse,
+                               .kv_stride = stride,
+                               .n_q = s->n_q,
+                               .q_pos0 = s->q_pos0,
+                               .n_heads = H,
+                               .n_kv_heads = s->Hkv,
+                               .head_dim = d,
+                               .scale = a.scale,
+                               .entropy = which & 1 ? ent : NULL,
+                               .acc = which & 2 ? acc : NULL,
+                               .acc_stride = acc_stride,
+                               .pooled = which & 4 ? pooled : NULL,
+                               .pool = pool,
+                               .pool_T = pool_T};
     c->ref->ops->attn_stats(c->ref, &st);
     float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dl = dnew(c, lse, nrow), *de = dnew(c, NULL, nrow);
     float *da = dnew(c, acc0, nacc), *dp = dnew(c, pool0, npool);
@@ -900,6 +1015,10 @@ static void run_ops(ctx_t *c)
         case_attn_stats(c, &st[2], 7, 13, 2);  /* acc alone */
         case_attn_stats(c, &st[2], 7, 13, 5);  /* entropy + pooled, no acc */
         case_attn_stats(c, &st[2], 200, 0, 4); /* pooled alone, shared-memory fallback (200 x 200 cells) */
+        const att_shape_t v2[] = {{96, 0, 4, 2, 64, 0}, {40, 70, 8, 2, 128, 3}, {1, 900, 4, 1, 32, 0}};
+        case_attn_stats_v2(c, &v2[0], 30); /* the prompt, head statistics over its first 66 queries */
+        case_attn_stats_v2(c, &v2[1], 0);  /* a later block, every query in the head */
+        case_attn_stats_v2(c, &v2[2], 1);  /* a decode row past head_end: the head statistics keep their start */
     }
     /* n_q, q_pos0, n_k, H, Hkv, d, causal, q_rows, k_rows */
     const qk_shape_t qk[] = {
