@@ -206,6 +206,8 @@ START_TEST(usage_errors_exit_2_and_name_the_option)
         {"--no-such-option", 2, "unknown option '--no-such-option'; see 'kvsim --help'"},
         {"replay only-a-trace.h5", 2, "expected TRACE POLICIES BUDGETS"},
         {"policies stray", 2, "unexpected argument 'stray'"},
+        {"replay --stats exact a b c", 2, "--stats takes trace, recompute or auto, not 'exact'"},
+        {"synth -o x.h5 --q-tail -3", 2, "--q-tail"},
         {"", 2, "usage: kvsim <command>"},
         {"info build/test-tmp/no-such-trace.h5", 1, "kvsim info: build/test-tmp/no-such-trace.h5: "},
     };

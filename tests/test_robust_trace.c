@@ -35,6 +35,8 @@ static void write_base(const char *path)
     ck_assert_ptr_nonnull(t);
     kv_trace_meta_t *m = kv_trace_mem_meta(t);
     m->has_summaries = 1;
+    m->has_stats = 1; /* version 2: the statistics too */
+    m->stats_split = 8;
     m->pool = 8;
     m->vocab_size = 64;
     m->tokens = kv_malloc(sizeof(int32_t) * BT, "tokens");
@@ -211,6 +213,11 @@ static const mut_t muts[] = {
     AINT("n_segments-disagrees", "n_segments", 5, "n_segments 5"),
     AINT("n_decode-disagrees", "n_decode", 3, "n_decode 3"),
     AINT("format-version-3", "format_version", 3, "format version 3"),
+    AINT("q-start-beyond-prompt", "q_start", 13, "queries stored from token 13, outside the prompt"),
+    AINT("q-start-shape", "q_start", 3, "'/layers/0/q' has shape (4, 16, 8) of rank 3, expected (4, 13, 8)"),
+    AINT("stats-without-summaries", "has_summaries", 0, "statistics (has_stats) without the summaries"),
+    AINT("stats-split-beyond-prompt", "stats_split", 13, "statistics split at token 13"),
+    AINT("stats-split-before-q-start", "stats_split", -1, "'stats_split' = -1 out of range"),
     {.label = "n_tokens-float",
      .kind = M_ATTR_F64,
      .name = "n_tokens",
@@ -280,6 +287,7 @@ static const mut_t muts[] = {
      .expect = "of rank 4"},
     {.label = "q-scalar", .kind = M_DSET, .name = "/layers/0/q", .type = T_F32, .rank = 0, .expect = "of rank 0"},
     {.label = "lse-missing", .kind = M_DEL, .name = "/layers/1/lse", .expect = "'/layers/1/lse' missing"},
+    {.label = "keys90-missing", .kind = M_DEL, .name = "/layers/1/keys90", .expect = "'/layers/1/keys90' missing"},
     {.label = "layer-missing", .kind = M_DEL, .name = "/layers/1", .expect = "'/layers/1/q' missing"},
     {.label = "tokens-float",
      .kind = M_DSET,
