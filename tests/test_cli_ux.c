@@ -395,7 +395,10 @@ START_TEST(info_shows_what_format_md_promises)
     }
     /* with the values the trace was made with */
     ASSERT_HAS(g_out, "format=kvsim-trace\n", "info --attrs");
-    ASSERT_HAS(g_out, "\nformat_version=1\n", "info --attrs");
+    ASSERT_HAS(g_out, "\nformat_version=2\n", "info --attrs");
+    ASSERT_HAS(g_out, "\nhas_stats=1\n", "info --attrs");
+    ASSERT_HAS(g_out, "\nstats_split=24\n", "info --attrs");
+    ASSERT_HAS(g_out, "\nq_start=0\n", "info --attrs");
     ASSERT_HAS(g_out, "\nn_tokens=96\n", "info --attrs");
     ASSERT_HAS(g_out, "\nn_prompt=88\n", "info --attrs");
     ASSERT_HAS(g_out, "\nn_decode=8\n", "info --attrs");
@@ -406,7 +409,7 @@ START_TEST(info_shows_what_format_md_promises)
     /* the human-readable form: shapes, dtype, sizes raw and stored, ratio, provenance (README) */
     snprintf(args, sizeof args, "info %s", trace);
     ck_assert_msg(kvsim(args) == 0, "kvsim %s: %s", args, g_err);
-    const char *fields[] = {"  format       kvsim-trace version 1",
+    const char *fields[] = {"  format       kvsim-trace version 2",
                             "  shape        ",
                             "  tokens       96 (prompt 88, decode 8)",
                             "  segments     2, starting at token 0 ",
@@ -414,6 +417,7 @@ START_TEST(info_shows_what_format_md_promises)
                             " uncompressed, ",
                             " stored, ratio ",
                             "  summaries    ",
+                            "  statistics   per key over the prompt queries and over [0, 24)",
                             "  W_O          absent",
                             "  source       synth: synth(",
                             "  written by   kvsim "};
