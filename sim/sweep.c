@@ -579,12 +579,12 @@ static int parse_manifest(kv_sweep_t *s, json_object *root, const char *output)
             kv_policy_free(pols[i]);
         kv_free(pols);
         if (rc)
-            return kv_error(KV_EINVAL, "%s: policies: %s", s->manifest, kv_last_error());
+            return kv_error_context(KV_EINVAL, "%s: policies", s->manifest);
         kv_budget_t *b = NULL;
         rc = kv_budget_parse_list(s->budgets, &b, &n);
         kv_free(b);
         if (rc)
-            return kv_error(KV_EINVAL, "%s: budgets: %s", s->manifest, kv_last_error());
+            return kv_error_context(KV_EINVAL, "%s: budgets", s->manifest);
     }
     /* capture */
     if ((rc = get_obj(&top, root, "capture", CAPTURE_KEYS, (int)KV_ARRAY_LEN(CAPTURE_KEYS), &cap)))
@@ -1271,6 +1271,51 @@ int kv_sweep_done_ids(kv_sweep_t *s, const char ***ids, int *n)
     return KV_OK;
 }
 
+/* A finished sample whose process was killed between its results and its clean-up: its trace (unless
+ * kept) and its lock file go (the lock only when nobody holds it). */
+static void tidy_finished(const kv_sweep_t *s, int i)
+{
+    char p[KV_SWEEP_PATH + 256];
+    if (!s->keep_traces) {
+        sub_path(s, "traces", s->ids[i], ".h5", p, sizeof p);
+        unlink(p);
+    }
+    sub_path(s, "samples", s->ids[i], ".lock", p, sizeof p);
+    int fd = open(p, O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+            unlink(p);
+        close(fd);
+    }
+}
+
+/* Temporary files of finished samples (a kill left them, and the sample was finished later by another
+ * run, or the kill came after its results): one pass over each folder. Unfinished samples' ones are
+ * removed when the sample is started (remove_stale, under its lock). */
+static void tidy_stale_of_finished(const kv_sweep_t *s)
+{
+    const char *subs[] = {"samples", "traces"};
+    for (size_t k = 0; k < KV_ARRAY_LEN(subs); k++) {
+        char dir[KV_SWEEP_PATH + 64];
+        sub_path(s, subs[k], NULL, "", dir, sizeof dir);
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            const char *n = e->d_name, *dot = strchr(n, '.');
+            const size_t l = strlen(n);
+            if (!dot || dot == n || (!strstr(n, "tmp-") && !(l > 10 && !strcmp(n + l - 10, ".kvsim-tmp"))))
+                continue;
+            char done[KV_SWEEP_PATH + 512], path[KV_SWEEP_PATH + 512];
+            snprintf(done, sizeof done, "%s/samples/%.*s.tsv", s->output, (int)(dot - n), n);
+            snprintf(path, sizeof path, "%s/%s", dir, n);
+            if (exists(done))
+                unlink(path);
+        }
+        if (d)
+            closedir(d);
+    }
+}
+
 int kv_sweep_todo(kv_sweep_t *s, const kv_sweep_opts_t *o, int **todo, int *n_todo, kv_sweep_summary_t *sum)
 {
     memset(sum, 0, sizeof *sum);
@@ -1284,12 +1329,15 @@ int kv_sweep_todo(kv_sweep_t *s, const kv_sweep_opts_t *o, int **todo, int *n_to
             continue;
         sum->n_samples++;
         const int st = sample_state(s, i);
+        if (st == ST_DONE)
+            tidy_finished(s, i);
         sum->done += st == ST_DONE;
         sum->failed += st == ST_FAILED && !o->retry_failed;
         if (st == ST_MISSING || (st == ST_FAILED && o->retry_failed))
             (*todo)[(*n_todo)++] = i;
     }
     sum->missing = *n_todo;
+    tidy_stale_of_finished(s);
     return KV_OK;
 }
 
