@@ -190,11 +190,13 @@ static int fig_comparison(const kv_table_t *t, int n_samples, kv_fig_t **out)
             band.color = kv_rgba_alpha(st.color, 0.18);
             if (n) {
                 TRY(kv_plot_band(ax, n, x, lo, hi, &band));
-                TRY(kv_plot_line(ax, n, x, y, k == 0 ? &st : &(kv_style_t){.color = st.color,
-                                                                               .width = st.width,
-                                                                               .dash = st.dash,
-                                                                               .marker = st.marker,
-                                                                               .marker_size = st.marker_size}));
+                TRY(kv_plot_line(ax, n, x, y,
+                                 k == 0 ? &st
+                                        : &(kv_style_t){.color = st.color,
+                                                        .width = st.width,
+                                                        .dash = st.dash,
+                                                        .marker = st.marker,
+                                                        .marker_size = st.marker_size}));
             }
         }
     }
@@ -252,8 +254,8 @@ static int read_funnels(kv_sweep_t *s, funnel_set_t *fs)
                 rc = kv_error(KV_EFORMAT, "%s: %zu layers, other samples have %d", path, t->n_rows, fs->L);
             for (int k = 0; k < N_STATS && rc == KV_OK; k++)
                 for (int l = 0; l < fs->L; l++)
-                    fs->v[((size_t)k * fs->L + l) * n_ids + fs->n] = cs[k] >= 0 ? kv_table_num(t, (size_t)l, cs[k])
-                                                                                : NAN;
+                    fs->v[((size_t)k * fs->L + l) * n_ids + fs->n] =
+                        cs[k] >= 0 ? kv_table_num(t, (size_t)l, cs[k]) : NAN;
             if (rc == KV_OK)
                 fs->n++;
         }
@@ -281,12 +283,13 @@ static int write_funnel_tsv(kv_sweep_t *s, funnel_set_t *fs)
     int rc = fs->agg && text ? KV_OK : KV_ENOMEM;
     if (rc)
         goto done;
-    size_t u = (size_t)snprintf(text, cap,
-                                "# kvsim sweep funnel statistics over the samples: per layer, the mean over samples of "
-                                "each statistic (itself a mean over heads) and its %g %% percentile bootstrap interval\n"
-                                "# sweep: %s\n# samples: %d\n# bootstrap: %d resamples of the samples, seed %llu, "
-                                "confidence %g\nlayer\tn_samples",
-                                100 * conf, kv_sweep_name(s), fs->n, resamples, (unsigned long long)seed, conf);
+    size_t u =
+        (size_t)snprintf(text, cap,
+                         "# kvsim sweep funnel statistics over the samples: per layer, the mean over samples of "
+                         "each statistic (itself a mean over heads) and its %g %% percentile bootstrap interval\n"
+                         "# sweep: %s\n# samples: %d\n# bootstrap: %d resamples of the samples, seed %llu, "
+                         "confidence %g\nlayer\tn_samples",
+                         100 * conf, kv_sweep_name(s), fs->n, resamples, (unsigned long long)seed, conf);
     for (int k = 0; k < N_STATS; k++)
         u += (size_t)snprintf(text + u, cap - u, "\t%s\t%s_lo\t%s_hi", STATS[k].col, STATS[k].col, STATS[k].col);
     u += (size_t)snprintf(text + u, cap - u, "\n");
@@ -332,8 +335,9 @@ static int fig_funnel(const funnel_set_t *fs, kv_fig_t **out)
     if (rc)
         goto done;
     char title[200];
-    snprintf(title, sizeof title, "Funnel statistics per layer over %d samples: mean (line) and bootstrap interval "
-                                  "(band)",
+    snprintf(title, sizeof title,
+             "Funnel statistics per layer over %d samples: mean (line) and bootstrap interval "
+             "(band)",
              fs->n);
     TRY(kv_fig_create(1600, 1000, &fig));
     TRY(kv_fig_set_title(fig, title));

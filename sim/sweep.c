@@ -319,8 +319,9 @@ static int get_list(const jctx_t *c, json_object *o, const char *key, int number
         *out = kv_strdup(json_object_get_string(v));
         return *out ? KV_OK : KV_ENOMEM;
     }
-    const char *want = numbers ? "expected a string or an array of numbers and strings" : "expected a string or an "
-                                                                                          "array of strings";
+    const char *want = numbers ? "expected a string or an array of numbers and strings"
+                               : "expected a string or an "
+                                 "array of strings";
     if (!json_object_is_type(v, json_type_array) || json_object_array_length(v) == 0)
         return jerr(c, key, want, jtext(v));
     size_t cap = 16, u = 0;
@@ -418,13 +419,13 @@ static int parse_json(const char *file, const char *text, size_t len, json_objec
     return KV_OK;
 }
 
-static const char *const TOP_KEYS[] = {"name",     "comment", "model",   "tokenizer", "dataset",     "policies",
-                                       "budgets",  "capture", "replay",  "backend",   "threads",     "output",
+static const char *const TOP_KEYS[] = {"name",        "comment", "model",     "tokenizer", "dataset", "policies",
+                                       "budgets",     "capture", "replay",    "backend",   "threads", "output",
                                        "keep_traces", "analyze", "bootstrap", "slurm"};
-static const char *const DATASET_KEYS[] = {"path", "format", "context_key", "question_key", "id_key", "template",
-                                           "limit"};
-static const char *const CAPTURE_KEYS[] = {"decode", "dtype", "with_wo", "segments", "chat", "system", "pool",
-                                           "zstd_level"};
+static const char *const DATASET_KEYS[] = {"path",   "format",   "context_key", "question_key",
+                                           "id_key", "template", "limit"};
+static const char *const CAPTURE_KEYS[] = {"decode", "dtype",  "with_wo", "segments",
+                                           "chat",   "system", "pool",    "zstd_level"};
 static const char *const REPLAY_KEYS[] = {"eval_tail", "seed", "head_rows"};
 static const char *const ANALYZE_KEYS[] = {"funnel", "figures", "format"};
 static const char *const BOOT_KEYS[] = {"resamples", "seed", "confidence"};
@@ -726,10 +727,10 @@ static char *clean_id(const char *raw)
         return NULL;
     for (size_t i = 0; i < n; i++) {
         const char ch = raw[i];
-        id[i] = ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' ||
-                 ch == '_')
-                    ? ch
-                    : '_';
+        id[i] =
+            ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' || ch == '_')
+                ? ch
+                : '_';
     }
     id[n] = 0;
     return id;
@@ -876,7 +877,7 @@ static int load_jsonl(kv_sweep_t *s, samples_t *S)
                 json_object *iv;
                 if (json_object_object_get_ex(rec, s->id_key, &iv) && !json_object_is_type(iv, json_type_null))
                     raw = json_object_is_type(iv, json_type_string) ? kv_strdup(json_object_get_string(iv))
-                                                                     : kv_strdup(jtext(iv));
+                                                                    : kv_strdup(jtext(iv));
                 else {
                     raw = kv_malloc(32, "id");
                     if (raw)
@@ -941,7 +942,7 @@ static int load_folder(kv_sweep_t *s, samples_t *S)
         n++;
     }
     closedir(d);
-    if (rc == KV_OK)
+    if (rc == KV_OK && names)
         qsort(names, (size_t)n, sizeof(char *), cmp_str);
     for (int i = 0; i < n && rc == KV_OK && !(s->limit && S->n >= s->limit); i++) {
         char path[KV_SWEEP_PATH * 2], stem[256];

@@ -43,8 +43,7 @@ typedef struct kv_sweep kv_sweep_t;
 /* Called after a sample's trace is captured (or found complete from an earlier run) and before its
  * results are written: prefix is "OUT/samples/ID", for the hook's own per-sample files (written
  * atomically; analyze writes PREFIX.funnel.tsv). A non-zero return fails the sample. */
-typedef int (*kv_sweep_trace_fn)(void *ctx, const char *sample_id, kv_trace_t *t, kv_backend_t *be,
-                                 const char *prefix);
+typedef int (*kv_sweep_trace_fn)(void *ctx, const char *sample_id, kv_trace_t *t, kv_backend_t *be, const char *prefix);
 
 typedef struct {
     int retry_failed;     /* redo the samples recorded as failed (default: skip them) */
@@ -61,15 +60,15 @@ void kv_sweep_opts_init(kv_sweep_opts_t *o);
 
 /* Where a sweep stands (kv_sweep_status, and after kv_sweep_run / kv_sweep_merge). */
 typedef struct {
-    int n_samples;   /* in the dataset (after "limit") */
-    int done;        /* finished units */
-    int failed;      /* units recorded as failed */
-    int missing;     /* neither */
+    int n_samples;       /* in the dataset (after "limit") */
+    int done;            /* finished units */
+    int failed;          /* units recorded as failed */
+    int missing;         /* neither */
     int ran, ran_failed; /* units this run did (of them failed) */
-    int ranks;       /* processes that worked (MPI ranks; 1 otherwise) */
-    int root;        /* 1 in the process that merged (MPI rank 0, or the only process) */
-    int merged;      /* 1 when results.tsv and the others were written */
-    double seconds;  /* wall time of the run */
+    int ranks;           /* processes that worked (MPI ranks; 1 otherwise) */
+    int root;            /* 1 in the process that merged (MPI rank 0, or the only process) */
+    int merged;          /* 1 when results.tsv and the others were written */
+    double seconds;      /* wall time of the run */
 } kv_sweep_summary_t;
 
 /* Read and check a manifest and its dataset. output: overrides the manifest's "output" (NULL: the
@@ -123,8 +122,8 @@ int kv_sweep_mpi_available(void);
  * 2.5 % and 97.5 % quantiles, interpolated linearly between order statistics as numpy's default, of
  * `resamples` means of n draws with replacement from the seeded generator kv_rng_seed(seed)). NaN
  * values are left out; none left gives NaN; one value gives lo = hi = it. Deterministic. */
-int kv_bootstrap_mean(const double *x, int n, int resamples, uint64_t seed, double confidence, double *mean,
-                      double *lo, double *hi);
+int kv_bootstrap_mean(const double *x, int n, int resamples, uint64_t seed, double confidence, double *mean, double *lo,
+                      double *hi);
 
 /* Atomic small-file write for the sweep's files and its hooks: a temporary name beside path, fsync,
  * rename, fsync of the folder. */

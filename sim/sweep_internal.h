@@ -19,7 +19,7 @@ struct kv_sweep {
     char model[KV_SWEEP_PATH], tokenizer[KV_SWEEP_PATH]; /* resolved; tokenizer "" = the model's own */
     char model_text[KV_SWEEP_PATH], tokenizer_text[KV_SWEEP_PATH], dataset_text[KV_SWEEP_PATH]; /* as written */
     char dataset[KV_SWEEP_PATH];
-    int dataset_dir; /* 1: a folder of .txt files */
+    int dataset_dir;                                           /* 1: a folder of .txt files */
     char *context_key, *question_key, *id_key, *template_text; /* template NULL: the default */
     long limit;
     char *policies, *budgets; /* comma lists as kvsim replay takes them */

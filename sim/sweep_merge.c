@@ -47,8 +47,8 @@ static double quantile(const double *v, int n, double p)
     return v[k] + (h - k) * (v[k + 1] - v[k]);
 }
 
-int kv_bootstrap_mean(const double *x, int n, int resamples, uint64_t seed, double confidence, double *mean,
-                      double *lo, double *hi)
+int kv_bootstrap_mean(const double *x, int n, int resamples, uint64_t seed, double confidence, double *mean, double *lo,
+                      double *hi)
 {
     *mean = *lo = *hi = NAN;
     if (resamples < 1 || !(confidence > 0 && confidence < 1))
@@ -92,9 +92,9 @@ done:
 /* ---------------------------------------------------------------- aggregation cells */
 
 /* The metrics of aggregate.tsv, from the overall rows. */
-static const char *const METRICS[] = {"budget_tokens", "kept",      "cache_mean",  "recall_mean",   "recall_p10",
-                                      "recall_min",    "err_mean",  "err_p90",     "bound_mean",    "violations",
-                                      "wo_err_mean",   "wo_bound_mean", "mem_bytes", "meta_bytes"};
+static const char *const METRICS[] = {"budget_tokens", "kept",          "cache_mean", "recall_mean", "recall_p10",
+                                      "recall_min",    "err_mean",      "err_p90",    "bound_mean",  "violations",
+                                      "wo_err_mean",   "wo_bound_mean", "mem_bytes",  "meta_bytes"};
 #define N_METRICS ((int)KV_ARRAY_LEN(METRICS))
 
 typedef struct {
@@ -451,8 +451,8 @@ int kv_sweep_merge(kv_sweep_t *s, const kv_sweep_opts_t *opts, kv_sweep_summary_
             fsync(fd);
             close(fd);
         }
-        kv_info("sweep: merged %d samples (%d failed, %d missing) -> %s/results.tsv, aggregate.tsv, failed.tsv", st.done,
-                st.failed, st.missing, s->output);
+        kv_info("sweep: merged %d samples (%d failed, %d missing) -> %s/results.tsv, aggregate.tsv, failed.tsv",
+                st.done, st.failed, st.missing, s->output);
     }
     if (sum) {
         const int ran = sum->ran, ran_failed = sum->ran_failed, ranks = sum->ranks, root = sum->root;

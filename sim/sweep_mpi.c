@@ -36,9 +36,9 @@ typedef struct {
     const kv_sweep_opts_t *o;
     int *todo, n_todo, next;
     int done, failed, running, ran, ran_failed;
-    int abort;               /* a unit could not write its files: hand out nothing more */
-    int local_finished;      /* rank 0's worker thread has stopped */
-    char local_error[2048];  /* its fatal error */
+    int abort;              /* a unit could not write its files: hand out nothing more */
+    int local_finished;     /* rank 0's worker thread has stopped */
+    char local_error[2048]; /* its fatal error */
 } shared_t;
 
 int kv_sweep_mpi_available(void)
@@ -222,8 +222,10 @@ int kv_sweep_mpi_run(kv_sweep_t *s, const kv_sweep_opts_t *o, kv_sweep_summary_t
         sum->ran = sh.ran;
         sum->ran_failed = sh.ran_failed;
         if (sh.abort) {
-            rc = kv_error(KV_EIO, "%s", sh.local_error[0] ? sh.local_error : "a rank could not write its results "
-                                                                              "(see its message); the sweep stopped");
+            rc = kv_error(KV_EIO, "%s",
+                          sh.local_error[0] ? sh.local_error
+                                            : "a rank could not write its results "
+                                              "(see its message); the sweep stopped");
             snprintf(err, sizeof err, "%s", kv_last_error());
         }
     } else {

@@ -244,7 +244,8 @@ static void make_manifest(char *man, size_t len, const char *data, int limit, in
              "              \"template\": \"{context}\\n<|endoftext|>\\nQuestion: {input}\\nAnswer:\"},\n"
              "  \"policies\": [\"streaming_llm\", \"snapkv(window=8)\", \"shotkv\"],\n  \"budgets\": [16, 0.25],\n"
              "  \"capture\": {\"decode\": %d, \"pool\": 32},\n  \"backend\": \"cpu\",\n  \"threads\": 1,\n"
-             "  \"output\": \"unused\",%s\n  \"slurm\": {\"tasks\": 3, \"setup\": [\"echo task $SLURM_ARRAY_TASK_ID\"]}\n}\n",
+             "  \"output\": \"unused\",%s\n  \"slurm\": {\"tasks\": 3, \"setup\": [\"echo task "
+             "$SLURM_ARRAY_TASK_ID\"]}\n}\n",
              m, t, d, limit, decode, extra ? extra : "");
     write_text(man, text);
 }
@@ -337,6 +338,7 @@ START_TEST(resume_after_kill_same_bytes)
         ino_t ino;
         struct timespec mtime;
     } fin[16];
+    memset(fin, 0, sizeof fin);
     int n_fin = 0;
     DIR *d;
     snprintf(p, sizeof p, "%s/samples", dir);
@@ -516,8 +518,8 @@ START_TEST(mpi_two_ranks_same_bytes)
     reference(man, ref, sizeof ref);
     kv_test_tmp("mpi", dir, sizeof dir);
     kv_test_tmp("err", err, sizeof err);
-    const int rc = sh("mpirun --allow-run-as-root --oversubscribe -n 2 %s sweep %s -o %s 2>%s", getenv("KVSIM_BIN"), man,
-                      dir, err);
+    const int rc = sh("mpirun --allow-run-as-root --oversubscribe -n 2 %s sweep %s -o %s 2>%s", getenv("KVSIM_BIN"),
+                      man, dir, err);
     char *e = slurp(err);
     ck_assert_msg(rc == 0, "mpirun: %d: %s", rc, e);
     ck_assert_msg(strstr(e, "on 2 MPI ranks") && strstr(e, "6/6 done, 0 failed"), "%s", e);
@@ -533,8 +535,8 @@ START_TEST(cli_help_and_usage)
     kv_test_tmp("out", out, sizeof out);
     ck_assert_int_eq(sh("%s sweep --help >%s", getenv("KVSIM_BIN"), out), 0);
     char *t = slurp(out);
-    ck_assert_msg(strstr(t, "usage: kvsim sweep MANIFEST") == t && strstr(t, "\noptions:\n") &&
-                      strstr(t, "--slurm") && strstr(t, "--merge") && strstr(t, "\nexample:\n"),
+    ck_assert_msg(strstr(t, "usage: kvsim sweep MANIFEST") == t && strstr(t, "\noptions:\n") && strstr(t, "--slurm") &&
+                      strstr(t, "--merge") && strstr(t, "\nexample:\n"),
                   "%s", t);
     free(t);
     ck_assert_int_eq(sh("%s sweep >/dev/null 2>%s", getenv("KVSIM_BIN"), out), 2);

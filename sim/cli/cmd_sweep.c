@@ -84,20 +84,26 @@ static int parse_slice(const char *arg, int *k, int *n)
 
 static void print_status(const kv_sweep_t *s, const kv_sweep_summary_t *st)
 {
-    printf("sweep %s: %d samples: %d finished, %d failed, %d missing (%s)\n", kv_sweep_name(s), st->n_samples,
-           st->done, st->failed, st->missing, kv_sweep_output(s));
+    printf("sweep %s: %d samples: %d finished, %d failed, %d missing (%s)\n", kv_sweep_name(s), st->n_samples, st->done,
+           st->failed, st->missing, kv_sweep_output(s));
 }
 
 int kv_cmd_sweep(int argc, char **argv)
 {
     enum { OPT_SLICE = 256, OPT_SLURM, OPT_TASKS, OPT_MERGE, OPT_PARTIAL, OPT_STATUS, OPT_RETRY, OPT_NOFIG };
     static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},  {"slice", required_argument, 0, OPT_SLICE},
-        {"slurm", no_argument, 0, OPT_SLURM},   {"tasks", required_argument, 0, OPT_TASKS},
-        {"merge", no_argument, 0, OPT_MERGE},   {"partial", no_argument, 0, OPT_PARTIAL},
-        {"status", no_argument, 0, OPT_STATUS}, {"retry-failed", no_argument, 0, OPT_RETRY},
-        {"no-figures", no_argument, 0, OPT_NOFIG}, {"verbose", no_argument, 0, 'v'},
-        {"quiet", no_argument, 0, 'q'},         {"help", no_argument, 0, 'h'},
+        {"output", required_argument, 0, 'o'},
+        {"slice", required_argument, 0, OPT_SLICE},
+        {"slurm", no_argument, 0, OPT_SLURM},
+        {"tasks", required_argument, 0, OPT_TASKS},
+        {"merge", no_argument, 0, OPT_MERGE},
+        {"partial", no_argument, 0, OPT_PARTIAL},
+        {"status", no_argument, 0, OPT_STATUS},
+        {"retry-failed", no_argument, 0, OPT_RETRY},
+        {"no-figures", no_argument, 0, OPT_NOFIG},
+        {"verbose", no_argument, 0, 'v'},
+        {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *output = NULL;
@@ -206,8 +212,7 @@ int kv_cmd_sweep(int argc, char **argv)
         kv_warn("sweep: %d of %d samples failed; %s/failed.tsv has their errors (--retry-failed redoes them)",
                 sum.failed, sum.n_samples, kv_sweep_output(s));
     if (sum.root && !o.quiet && !merge_only)
-        kv_info("sweep: %d samples run in %.1f s%s", sum.ran, sum.seconds,
-                sum.ranks > 1 ? " (MPI)" : "");
+        kv_info("sweep: %d samples run in %.1f s%s", sum.ran, sum.seconds, sum.ranks > 1 ? " (MPI)" : "");
     rc = 0;
 done:
     kv_sweep_free(s);
