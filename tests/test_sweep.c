@@ -518,8 +518,8 @@ START_TEST(mpi_two_ranks_same_bytes)
     reference(man, ref, sizeof ref);
     kv_test_tmp("mpi", dir, sizeof dir);
     kv_test_tmp("err", err, sizeof err);
-    const int rc = sh("mpirun --allow-run-as-root --oversubscribe -n 2 %s sweep %s -o %s 2>%s", getenv("KVSIM_BIN"),
-                      man, dir, err);
+    const int rc = sh("timeout 120 mpirun --allow-run-as-root --oversubscribe -n 2 %s sweep %s -o %s 2>%s",
+                      getenv("KVSIM_BIN"), man, dir, err);
     char *e = slurp(err);
     ck_assert_msg(rc == 0, "mpirun: %d: %s", rc, e);
     ck_assert_msg(strstr(e, "on 2 MPI ranks") && strstr(e, "6/6 done, 0 failed"), "%s", e);
