@@ -326,7 +326,7 @@ START_TEST(resume_after_kill_same_bytes)
     }
     char second[600];
     snprintf(second, sizeof second, "%s/samples/stories-qa-01.tsv", dir);
-    for (int i = 0; i < 4000 && access(second, F_OK) != 0; i++)
+    for (int i = 0; i < 30000 && access(second, F_OK) != 0; i++)
         nanosleep(&(struct timespec){0, 2000000}, NULL);
     kill(pid, SIGKILL);
     int st;
