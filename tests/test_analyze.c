@@ -285,8 +285,8 @@ START_TEST(funnel_summaries_agree_with_rows)
         ck_assert_int_eq(kv_synth_summarize(be, m, kv_trace_mem_tensor(t, l, KV_T_Q), kv_trace_mem_tensor(t, l, KV_T_K),
                                             kv_trace_mem_tensor(t, l, KV_T_V), kv_trace_mem_tensor(t, l, KV_T_LSE),
                                             kv_trace_mem_tensor(t, l, KV_T_ENTROPY),
-                                            kv_trace_mem_tensor(t, l, KV_T_ACC),
-                                            kv_trace_mem_tensor(t, l, KV_T_POOLED), NULL),
+                                            kv_trace_mem_tensor(t, l, KV_T_ACC), kv_trace_mem_tensor(t, l, KV_T_POOLED),
+                                            NULL),
                          KV_OK);
     kv_funnel_opts_t o;
     kv_funnel_opts_init(&o);
