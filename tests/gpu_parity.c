@@ -593,7 +593,7 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
 /* attn_stats's outputs for trace format version 2 (the statistics replay and analyze read): per key
  * the sum of squares and the maximum, over every query and over those before head_end (accumulating
  * into non-zero starting values), per query the sink and segment mass (segment starts from seg_lo).
- * keys_mass is the CPU's only (CUDA answers KV_ENOTIMPL: checked here). Tolerances: squares and sums
+ * and the keys holding 90 % of each query's attention. Tolerances: squares and sums
  * as TOL_ACC, maxima and the sink probability as single probabilities (TOL_POOLED), the segment mass
  * as a sum over up to the row's keys (TOL_ACC). */
 static void case_attn_stats_v2(ctx_t *c, const att_shape_t *s, int head_back)
@@ -676,12 +676,28 @@ static void case_attn_stats_v2(ctx_t *c, const att_shape_t *s, int head_back)
         r = r2.max_abs > r.max_abs ? r2 : r;
         ok &= compare("seg", grow[1], row[1], nrow, d2, &TOL_ACC, &r2);
         r = r2.max_abs > r.max_abs ? r2 : r;
-        /* keys_mass: computed by the CPU only, refused by name elsewhere */
-        kv_attn_stats_args_t km = b;
+        /* keys_mass: counts, equal but where probabilities tie (the CPU sums masses in double, the device
+         * in 2^-40 fixed point, and p itself differs in the last bits): at most one key apart, in at
+         * most 1 % of the queries (and 2 of them for tiny cases) */
+        kv_attn_stats_args_t kr = st, km = b;
+        kr.acc_sq = kr.acc_max = kr.acc_sq_head = kr.acc_max_head = kr.sink = kr.seg = NULL;
+        km.acc_sq = km.acc_max = km.acc_sq_head = km.acc_max_head = km.sink = km.seg = NULL;
+        kr.keys_mass = row[0];
+        kr.mass = km.mass = 0.9f;
         km.keys_mass = drow[0];
-        km.mass = 0.9f;
-        const int rk = c->dev->ops->attn_stats(c->dev, &km);
-        ok &= rk == KV_OK || rk == KV_ENOTIMPL;
+        c->ref->ops->attn_stats(c->ref, &kr);
+        if (!op_error(c, "attn_stats keys_mass", shape, c->dev->ops->attn_stats(c->dev, &km))) {
+            dget(c, grow[0], drow[0], nrow);
+            size_t off = 0, far = 0;
+            for (size_t x = 0; x < nrow; x++) {
+                const float dd = fabsf(grow[0][x] - row[0][x]);
+                off += dd > 0;
+                far += !(dd <= 1);
+                if (!(dd <= 1) && far <= 3)
+                    printf("    keys_mass [%zu]: device %g, CPU %g\n", x, grow[0][x], row[0][x]);
+            }
+            ok &= far == 0 && off <= KV_MAX(nrow / 100, 2);
+        }
         verdict(c, "attn_stats", shape, ok, r.max_abs, r.nmse);
     }
     dfree(c, dq);

@@ -39,8 +39,8 @@
  * the row maximum found by k_fwd would not give exactly expf(0) = 1 in k_probs, and the device would
  * round differently from the CPU reference and from the host emulator.
  * Passes: attention 1 (+ merge), attn_probs 2 (statistics, then probabilities), attn_colstats 2
- * (statistics, then columns), attn_stats 2 (rows, then columns). The CPU computes the same sums in
- * other orders (BLAS dot products, double softmax sums): tests/gpu_parity.c states the tolerances.
+ * (statistics, then columns), attn_stats 2 (rows, then columns; 3 more for keys_mass, k_keysmass). The CPU computes the
+ * same sums in other orders (BLAS dot products, double softmax sums): tests/gpu_parity.c states the tolerances.
  *
  * What is deliberately simple here (bench/README.md lists what to try first after profiling):
  * float32 CUDA-core arithmetic (no tensor cores), one shared-memory stage (no cp.async / TMA double
@@ -407,8 +407,7 @@ struct RowOut {
     const int *seg_lo;
 };
 
-template <int D>
-__global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ lse, RowOut ro, Pool pl)
+template <int D> __global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ lse, RowOut ro, Pool pl)
 {
     KV_DYN_SMEM(float4, smem4);
     constexpr int LDK = D + 4;
@@ -508,6 +507,113 @@ __global__ void __launch_bounds__(NT) k_rowent(QK p, const float *__restrict__ l
             if (spool[x] != INT_MIN)
                 atomicMax(gp + x, spool[x]);
     }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* k_keysmass: per query, the smallest number of keys whose largest probabilities hold `mass` of its
+ * attention (attn_stats's keys_mass). Block: (query, head), NT threads over the keys. A radix selection
+ * on the bits of p_ij = expf(s_ij - lse_i) (non-negative floats order as their bits): three passes over
+ * the keys, each recomputing the scores, file the probabilities of the candidates into 1024 buckets by
+ * the next 10 bits (bits 30..20, 19..10, 9..0) with their count and mass; one thread walks the buckets
+ * from the top to the one where the mass reaches the target. Masses are fixed point (p x 2^40, exact
+ * for p >= 2^-40, below that 0) added with integer atomics, so the result does not depend on the order
+ * of the threads. After the third pass the bucket holds equal values v and ceil(remaining / v) of them
+ * are needed. The CPU sums in double instead: a count may differ by one where values tie. */
+constexpr int KM_B = 1024;
+constexpr double KM_FP = 1099511627776.0; /* 2^40 */
+
+template <int D>
+__global__ void __launch_bounds__(NT)
+    k_keysmass(QK p, const float *__restrict__ lse, float *__restrict__ out, float mass)
+{
+    __shared__ float qs[D];
+    __shared__ unsigned cnt[KM_B];
+    __shared__ unsigned long long ms[KM_B];
+    __shared__ unsigned long long s_total, s_need, s_above;
+    __shared__ unsigned s_count, s_prefix;
+    __shared__ int s_done;
+    const int i = blockIdx.x, h = blockIdx.y, g = h / p.G;
+    const int vis = visible(p, i);
+    const float *qrow = p.q.p + (size_t)h * p.q.hs + (size_t)i * p.q.rs;
+    const float *kb = p.k.p + (size_t)g * p.k.hs;
+    for (int x = threadIdx.x; x < D; x += NT)
+        qs[x] = x < p.d ? qrow[x] : 0.f;
+    const float li = lse[(size_t)h * p.n_q + i];
+    if (threadIdx.x == 0) {
+        s_total = 0;
+        s_above = 0;
+        s_count = 0;
+        s_prefix = 0;
+        s_done = 0;
+    }
+    for (int level = 0; level < 3; level++) {
+        const int shift = 20 - 10 * level; /* bits [shift + 9, shift] file the candidates */
+        for (int b = threadIdx.x; b < KM_B; b += NT) {
+            cnt[b] = 0;
+            ms[b] = 0;
+        }
+        __syncthreads();
+        if (s_done)
+            break;
+        const unsigned prefix = s_prefix;
+        unsigned long long tot = 0;
+        for (int j = threadIdx.x; j < vis; j += NT) {
+            const float *kr = kb + (size_t)j * p.k.rs;
+            float s = 0.f;
+            for (int x = 0; x < p.d; x++)
+                s = fmaf(qs[x], __ldg(kr + x), s);
+            const float pr = expf(__fmul_rn(s, p.scale) - li);
+            unsigned u = (unsigned)__float_as_int(pr) & 0x7fffffffu;
+            if (level == 0 && u >> 20 >= (unsigned)KM_B)
+                u = ((unsigned)KM_B - 1) << 20; /* p above 2 (impossible, but bounded) */
+            const unsigned long long f = (unsigned long long)((double)pr * KM_FP);
+            if (level == 0)
+                tot += f;
+            if (level > 0 && (u >> (shift + 10)) != prefix)
+                continue;
+            const unsigned b = (u >> shift) & (KM_B - 1);
+            atomicAdd(&cnt[b], 1u);
+            atomicAdd(&ms[b], f);
+        }
+        if (level == 0)
+            atomicAdd(&s_total, tot);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            if (level == 0)
+                s_need = (unsigned long long)ceil((double)mass * (1.0 - 1e-6) * (double)s_total);
+            unsigned long long above = s_above;
+            unsigned count = s_count;
+            int b = KM_B - 1;
+            for (; b >= 0; b--) {
+                if (above + ms[b] >= s_need)
+                    break;
+                above += ms[b];
+                count += cnt[b];
+            }
+            if (s_need == 0) {
+                s_count = 0;
+                s_done = 1;
+            } else if (b < 0) {
+                s_count = (unsigned)vis; /* the fixed-point sums left the target out of reach */
+                s_done = 1;
+            } else if (level == 2) { /* every candidate in bucket b has the same bits: the value v */
+                const unsigned bits = (s_prefix << 10) | (unsigned)b;
+                const unsigned long long fv = (unsigned long long)((double)__int_as_float((int)bits) * KM_FP);
+                const unsigned long long rem = s_need - above;
+                unsigned k = fv ? (unsigned)((rem + fv - 1) / fv) : cnt[b];
+                k = k < 1u ? 1u : k > cnt[b] ? cnt[b] : k;
+                s_count = count + k;
+                s_done = 1;
+            } else {
+                s_above = above;
+                s_count = count;
+                s_prefix = (s_prefix << 10) | (unsigned)b;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        out[(size_t)h * p.n_q + i] = (float)s_count;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -782,6 +888,11 @@ template <int D> int run_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t
         if ((rc = kv_cuda_check_launch("attn_stats rows")))
             return rc;
     }
+    if (a->keys_mass) {
+        KV_LAUNCH(dim3(p.n_q, H), NT, 0, c->stream, k_keysmass<D>)(p, a->lse, a->keys_mass, a->mass);
+        if ((rc = kv_cuda_check_launch("attn_stats keys_mass")))
+            return rc;
+    }
     /* the per-key statistics over all the queries, then over those before head_end (a second launch
      * over the first rows: the columns are reduced in a fixed order either way) */
     const int n_head = a->head_end - a->q_pos0 < 0 ? 0 : min(a->n_q, a->head_end - a->q_pos0);
@@ -888,11 +999,9 @@ int kv_cuda_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
     const int per_key = a->acc || a->acc_sq || a->acc_max || a->acc_head || a->acc_sq_head || a->acc_max_head;
     if (per_key && a->acc_stride < (size_t)nk_all)
         return kv_error(KV_EINVAL, "attn_stats: acc_stride %zu below the %d keys", a->acc_stride, nk_all);
-    if (a->keys_mass)
-        return kv_error(KV_ENOTIMPL,
-                        "attn_stats: the CUDA backend does not compute keys_mass (the keys holding a share of each "
-                        "query's attention) yet; the CPU backend does");
-    if (a->n_q == 0 || (!a->entropy && !a->pooled && !per_key && !a->sink && !a->seg))
+    if (a->keys_mass && !(a->mass > 0 && a->mass <= 1))
+        return kv_error(KV_EINVAL, "attn_stats: mass %g outside (0, 1]", (double)a->mass);
+    if (a->n_q == 0 || (!a->entropy && !a->pooled && !per_key && !a->sink && !a->seg && !a->keys_mass))
         return KV_OK;
     if (!a->lse)
         return kv_error(KV_EINVAL, "attn_stats: lse is required");

@@ -71,29 +71,62 @@ struct alignas(16) float4 {
 struct alignas(8) float2 {
     float x, y;
 };
-inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+inline float4 make_float4(float a, float b, float c, float d)
+{
+    return float4{a, b, c, d};
+}
 
 typedef int cudaError_t;
 typedef void *cudaStream_t;
 enum { cudaSuccess = 0 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t) { return memset(p, v, n), cudaSuccess; }
-inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t)
+{
+    return memset(p, v, n), cudaSuccess;
+}
+inline cudaError_t cudaGetLastError(void)
+{
+    return cudaSuccess;
+}
+inline const char *cudaGetErrorString(cudaError_t)
+{
+    return "emulated CUDA error";
+}
 
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
+inline int min(int a, int b)
+{
+    return a < b ? a : b;
+}
+inline int max(int a, int b)
+{
+    return a > b ? a : b;
+}
+inline float __fmul_rn(float a, float b)
+{
+    return a * b;
+}
+inline float __fadd_rn(float a, float b)
+{
+    return a + b;
+}
+inline float __fsub_rn(float a, float b)
+{
+    return a - b;
+}
+inline float __fdiv_rn(float a, float b)
+{
+    return a / b;
+}
 inline int __float_as_int(float f)
 {
     int i;
     memcpy(&i, &f, sizeof i);
     return i;
 }
-template <class T> inline T __ldg(const T *p) { return *p; }
+template <class T> inline T __ldg(const T *p)
+{
+    return *p;
+}
 inline int atomicMax(int *p, int v)
 {
     int old = *p;
@@ -101,8 +134,27 @@ inline int atomicMax(int *p, int v)
         *p = v;
     return old;
 }
+inline unsigned atomicAdd(unsigned *p, unsigned v)
+{
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
+{
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
+inline float __int_as_float(int i)
+{
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return f;
+}
 
-namespace kvemu {
+namespace kvemu
+{
 
 enum { RUN = 0, WAIT_BLOCK = 1, WAIT_WARP = 2 };
 enum { SCHED_RR = 0, SCHED_LO, SCHED_HI, SCHED_RAND };
@@ -159,8 +211,14 @@ inline State &st()
     static State s;
     return s;
 }
-inline Fiber *cur() { return &st().f[st().cur]; }
-inline void *dyn_smem() { return st().smem.data(); }
+inline Fiber *cur()
+{
+    return &st().f[st().cur];
+}
+inline void *dyn_smem()
+{
+    return st().smem.data();
+}
 
 [[noreturn]] inline void fail(const char *what, const Fiber *f)
 {
@@ -176,10 +234,10 @@ inline int schedule_policy()
     if (s.policy < 0) {
         const char *e = getenv("KVEMU_SCHED"), *seed = getenv("KVEMU_SEED");
         s.policy = !e || !*e || !strcmp(e, "rr") ? SCHED_RR
-                   : !strcmp(e, "lo")           ? SCHED_LO
-                   : !strcmp(e, "hi")           ? SCHED_HI
-                   : !strcmp(e, "rand")         ? SCHED_RAND
-                                                : -2;
+                   : !strcmp(e, "lo")            ? SCHED_LO
+                   : !strcmp(e, "hi")            ? SCHED_HI
+                   : !strcmp(e, "rand")          ? SCHED_RAND
+                                                 : -2;
         if (s.policy == -2) {
             fprintf(stderr, "cuda_emu: KVEMU_SCHED=%s: valid schedules are rr, lo, hi, rand\n", e);
             exit(2);
@@ -311,13 +369,18 @@ inline void resume(size_t t)
 #endif
 }
 
-inline bool runnable(const Fiber &g) { return !g.done && g.wait == RUN; }
+inline bool runnable(const Fiber &g)
+{
+    return !g.done && g.wait == RUN;
+}
 
 [[noreturn]] inline void deadlock()
 {
     const State &s = st();
-    fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u) of %s: a barrier or warp operation that not every "
-                    "thread reaches\n", s.block.x, s.block.y, s.block.z, s.kernel_name);
+    fprintf(stderr,
+            "cuda_emu: deadlock in block (%u,%u,%u) of %s: a barrier or warp operation that not every "
+            "thread reaches\n",
+            s.block.x, s.block.y, s.block.z, s.kernel_name);
     abort();
 }
 
@@ -412,9 +475,10 @@ inline void run_block(size_t nthreads)
     }
     for (size_t i = 0; i < SMEM_GUARD; i++)
         if (s.smem[s.smem_bytes + i] != 0xff) {
-            fprintf(stderr, "cuda_emu: %s wrote past the end of its %zu bytes of dynamic shared memory (first "
-                            "changed byte at end + %zu, block (%u,%u,%u))\n", s.kernel_name, s.smem_bytes, i,
-                    s.block.x, s.block.y, s.block.z);
+            fprintf(stderr,
+                    "cuda_emu: %s wrote past the end of its %zu bytes of dynamic shared memory (first "
+                    "changed byte at end + %zu, block (%u,%u,%u))\n",
+                    s.kernel_name, s.smem_bytes, i, s.block.x, s.block.y, s.block.z);
             abort();
         }
     s.blocks++;
@@ -422,8 +486,10 @@ inline void run_block(size_t nthreads)
 
 [[noreturn]] inline void bad_launch(const char *why, dim3 grid, dim3 block, size_t smem)
 {
-    fprintf(stderr, "cuda_emu: invalid launch of %s (grid %u,%u,%u block %u,%u,%u, %zu bytes of dynamic shared "
-                    "memory): %s\n", st().kernel_name, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, why);
+    fprintf(stderr,
+            "cuda_emu: invalid launch of %s (grid %u,%u,%u block %u,%u,%u, %zu bytes of dynamic shared "
+            "memory): %s\n",
+            st().kernel_name, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, why);
     abort();
 }
 
@@ -450,7 +516,8 @@ template <class K> struct Launcher {
             auto it = s.smem_optin.find(reinterpret_cast<const void *>(kernel));
             if (it == s.smem_optin.end() || it->second < smem)
                 bad_launch("above 48 KiB without cudaFuncSetAttribute(kernel, "
-                           "cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes) first", grid, block, smem);
+                           "cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes) first",
+                           grid, block, smem);
         }
         s.smem_bytes = smem;
         s.smem.assign(smem + SMEM_GUARD, 0xff); /* NaN bytes: reads of unwritten shared memory show */
@@ -484,9 +551,18 @@ template <class K> inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAtt
 #define blockDim (kvemu::st().bdim)
 #define gridDim (kvemu::st().gdim)
 
-inline void __syncthreads(void) { kvemu::block_barrier(); }
-template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask) { return kvemu::exchange(v, kvemu::cur()->lane ^ mask); }
-template <class T> inline T __shfl_sync(unsigned, T v, int src) { return kvemu::exchange(v, src); }
+inline void __syncthreads(void)
+{
+    kvemu::block_barrier();
+}
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask)
+{
+    return kvemu::exchange(v, kvemu::cur()->lane ^ mask);
+}
+template <class T> inline T __shfl_sync(unsigned, T v, int src)
+{
+    return kvemu::exchange(v, src);
+}
 inline int __any_sync(unsigned, int pred)
 {
     int any = 0;
