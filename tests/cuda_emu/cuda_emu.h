@@ -71,62 +71,29 @@ struct alignas(16) float4 {
 struct alignas(8) float2 {
     float x, y;
 };
-inline float4 make_float4(float a, float b, float c, float d)
-{
-    return float4{a, b, c, d};
-}
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 
 typedef int cudaError_t;
 typedef void *cudaStream_t;
 enum { cudaSuccess = 0 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t)
-{
-    return memset(p, v, n), cudaSuccess;
-}
-inline cudaError_t cudaGetLastError(void)
-{
-    return cudaSuccess;
-}
-inline const char *cudaGetErrorString(cudaError_t)
-{
-    return "emulated CUDA error";
-}
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t) { return memset(p, v, n), cudaSuccess; }
+inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 
-inline int min(int a, int b)
-{
-    return a < b ? a : b;
-}
-inline int max(int a, int b)
-{
-    return a > b ? a : b;
-}
-inline float __fmul_rn(float a, float b)
-{
-    return a * b;
-}
-inline float __fadd_rn(float a, float b)
-{
-    return a + b;
-}
-inline float __fsub_rn(float a, float b)
-{
-    return a - b;
-}
-inline float __fdiv_rn(float a, float b)
-{
-    return a / b;
-}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int __float_as_int(float f)
 {
     int i;
     memcpy(&i, &f, sizeof i);
     return i;
 }
-template <class T> inline T __ldg(const T *p)
-{
-    return *p;
-}
+template <class T> inline T __ldg(const T *p) { return *p; }
 inline int atomicMax(int *p, int v)
 {
     int old = *p;
@@ -153,8 +120,7 @@ inline float __int_as_float(int i)
     return f;
 }
 
-namespace kvemu
-{
+namespace kvemu {
 
 enum { RUN = 0, WAIT_BLOCK = 1, WAIT_WARP = 2 };
 enum { SCHED_RR = 0, SCHED_LO, SCHED_HI, SCHED_RAND };
@@ -211,14 +177,8 @@ inline State &st()
     static State s;
     return s;
 }
-inline Fiber *cur()
-{
-    return &st().f[st().cur];
-}
-inline void *dyn_smem()
-{
-    return st().smem.data();
-}
+inline Fiber *cur() { return &st().f[st().cur]; }
+inline void *dyn_smem() { return st().smem.data(); }
 
 [[noreturn]] inline void fail(const char *what, const Fiber *f)
 {
@@ -234,10 +194,10 @@ inline int schedule_policy()
     if (s.policy < 0) {
         const char *e = getenv("KVEMU_SCHED"), *seed = getenv("KVEMU_SEED");
         s.policy = !e || !*e || !strcmp(e, "rr") ? SCHED_RR
-                   : !strcmp(e, "lo")            ? SCHED_LO
-                   : !strcmp(e, "hi")            ? SCHED_HI
-                   : !strcmp(e, "rand")          ? SCHED_RAND
-                                                 : -2;
+                   : !strcmp(e, "lo")           ? SCHED_LO
+                   : !strcmp(e, "hi")           ? SCHED_HI
+                   : !strcmp(e, "rand")         ? SCHED_RAND
+                                                : -2;
         if (s.policy == -2) {
             fprintf(stderr, "cuda_emu: KVEMU_SCHED=%s: valid schedules are rr, lo, hi, rand\n", e);
             exit(2);
@@ -369,18 +329,13 @@ inline void resume(size_t t)
 #endif
 }
 
-inline bool runnable(const Fiber &g)
-{
-    return !g.done && g.wait == RUN;
-}
+inline bool runnable(const Fiber &g) { return !g.done && g.wait == RUN; }
 
 [[noreturn]] inline void deadlock()
 {
     const State &s = st();
-    fprintf(stderr,
-            "cuda_emu: deadlock in block (%u,%u,%u) of %s: a barrier or warp operation that not every "
-            "thread reaches\n",
-            s.block.x, s.block.y, s.block.z, s.kernel_name);
+    fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u) of %s: a barrier or warp operation that not every "
+                    "thread reaches\n", s.block.x, s.block.y, s.block.z, s.kernel_name);
     abort();
 }
 
@@ -475,10 +430,9 @@ inline void run_block(size_t nthreads)
     }
     for (size_t i = 0; i < SMEM_GUARD; i++)
         if (s.smem[s.smem_bytes + i] != 0xff) {
-            fprintf(stderr,
-                    "cuda_emu: %s wrote past the end of its %zu bytes of dynamic shared memory (first "
-                    "changed byte at end + %zu, block (%u,%u,%u))\n",
-                    s.kernel_name, s.smem_bytes, i, s.block.x, s.block.y, s.block.z);
+            fprintf(stderr, "cuda_emu: %s wrote past the end of its %zu bytes of dynamic shared memory (first "
+                            "changed byte at end + %zu, block (%u,%u,%u))\n", s.kernel_name, s.smem_bytes, i,
+                    s.block.x, s.block.y, s.block.z);
             abort();
         }
     s.blocks++;
@@ -486,10 +440,8 @@ inline void run_block(size_t nthreads)
 
 [[noreturn]] inline void bad_launch(const char *why, dim3 grid, dim3 block, size_t smem)
 {
-    fprintf(stderr,
-            "cuda_emu: invalid launch of %s (grid %u,%u,%u block %u,%u,%u, %zu bytes of dynamic shared "
-            "memory): %s\n",
-            st().kernel_name, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, why);
+    fprintf(stderr, "cuda_emu: invalid launch of %s (grid %u,%u,%u block %u,%u,%u, %zu bytes of dynamic shared "
+                    "memory): %s\n", st().kernel_name, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, why);
     abort();
 }
 
@@ -516,8 +468,7 @@ template <class K> struct Launcher {
             auto it = s.smem_optin.find(reinterpret_cast<const void *>(kernel));
             if (it == s.smem_optin.end() || it->second < smem)
                 bad_launch("above 48 KiB without cudaFuncSetAttribute(kernel, "
-                           "cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes) first",
-                           grid, block, smem);
+                           "cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes) first", grid, block, smem);
         }
         s.smem_bytes = smem;
         s.smem.assign(smem + SMEM_GUARD, 0xff); /* NaN bytes: reads of unwritten shared memory show */
@@ -551,18 +502,9 @@ template <class K> inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAtt
 #define blockDim (kvemu::st().bdim)
 #define gridDim (kvemu::st().gdim)
 
-inline void __syncthreads(void)
-{
-    kvemu::block_barrier();
-}
-template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask)
-{
-    return kvemu::exchange(v, kvemu::cur()->lane ^ mask);
-}
-template <class T> inline T __shfl_sync(unsigned, T v, int src)
-{
-    return kvemu::exchange(v, src);
-}
+inline void __syncthreads(void) { kvemu::block_barrier(); }
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask) { return kvemu::exchange(v, kvemu::cur()->lane ^ mask); }
+template <class T> inline T __shfl_sync(unsigned, T v, int src) { return kvemu::exchange(v, src); }
 inline int __any_sync(unsigned, int pred)
 {
     int any = 0;
