@@ -231,9 +231,11 @@ FUZZ_ALL := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 # with make fuzz FUZZ_NAMES=trace_file.
 FUZZ_NAMES ?= $(filter-out trace_file,$(FUZZ_ALL))
 FUZZ_LINK := tests/kv_test.c tests/test_capture_fixtures.c
-# (clang 14 rejects __builtin_cpu_supports("f16c"): kv_f16.c is compiled by gcc, uninstrumented.)
+# (clang 14 rejects __builtin_cpu_supports("f16c"): kv_f16.c and kernels/cpu/weights.c are compiled by gcc,
+# uninstrumented.)
 fuzz:
-	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= MPICC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= MPICC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o \
+	    build-fuzz/obj/kernels/cpu/weights.o
 	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang NVCC= MPICC= \
 	    CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address -Wno-unknown-warning-option" fuzz-build
 	$(Q)for h in $(FUZZ_NAMES); do mkdir -p build-fuzz/corpus/$$h build-fuzz/artifacts; \

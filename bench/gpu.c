@@ -338,7 +338,7 @@ static int setup_case(int k, kv_backend_t *be, int T, op_case_t *oc, arg_t *a)
         a->c = be_random(be, (size_t)nk * NKV * HD, 17, 1.0);
         a->d = be_random(be, (size_t)nq * NH * HD, 18, 0.0);
         a->e = be_random(be, (size_t)NH * nq, 19, 0.0);
-        kv_attn_args_t at = {a->d, a->e, a->a, a->b, a->c, (size_t)NKV * HD, nq, p0, NH, NKV, HD, scale};
+        kv_attn_args_t at = {a->d, a->e, a->a, a->b, a->c, (size_t)NKV * HD, nq, p0, NH, NKV, HD, scale, NULL};
         a->att = at;
         return 1;
     }

@@ -75,6 +75,7 @@ const char *kv_backend_missing_op(const kv_backend_t *be)
         const char *name;
     } ops[] = {
         {(const void *)o->matmul, "matmul"},
+        {(const void *)o->matmul_w, "matmul_w"},
         {(const void *)o->rmsnorm, "rmsnorm"},
         {(const void *)o->rope, "rope"},
         {(const void *)o->swiglu, "swiglu"},
@@ -98,6 +99,9 @@ void kv_backend_close(kv_backend_t *be)
     if (be->ctx && !strcmp(be->name, "cuda")) {
         extern void kv_backend_cuda_destroy(kv_backend_t * be);
         kv_backend_cuda_destroy(be);
+    } else if (be->ctx && !strcmp(be->name, "cpu")) {
+        extern void kv_backend_cpu_destroy(kv_backend_t * be);
+        kv_backend_cpu_destroy(be);
     }
     kv_free(be);
 }

@@ -20,6 +20,7 @@
 #define KV_BACKEND_H
 
 #include "kernels/kv_rope.h"
+#include "kernels/kv_weight.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -44,6 +45,11 @@ typedef struct {
     int n_q, q_pos0;
     int n_heads, n_kv_heads, head_dim;
     float scale; /* 1/sqrt(head_dim) for Llama */
+    /* NULL, or the statistics of attn_stats over the same scores, computed in the same pass (capture):
+     * its outputs, head_end, mass and seg_lo are read from it, its q, k, lse, kv_stride, n_q, q_pos0,
+     * heads and scale are this call's. The results are those of attention then attn_stats, to the
+     * bit (the CPU computes each block of scores once for both; another backend may run the two). */
+    const struct kv_attn_stats_args *stats;
 } kv_attn_args_t;
 
 /* Second pass over the same attention, given the lse of the first: per-query entropy, accumulated
@@ -52,7 +58,7 @@ typedef struct {
  * of p_ij (also over the queries before head_end only), per query the keys needed for a share of its
  * attention, its attention on key 0 and on its own segment. Any output may be NULL; p_ij = exp(s_ij -
  * lse_i) with s_ij the scaled score rounded to float. */
-typedef struct {
+typedef struct kv_attn_stats_args {
     const float *q, *k; /* as kv_attn_args_t */
     const float *lse;   /* (n_heads, n_q) from the attention op */
     size_t kv_stride;
@@ -115,6 +121,12 @@ typedef struct kv_backend_ops {
     /* model ops */
     /* y (M, N) = x (M, K) . w (N, K)^T ; w is a weight matrix stored W[out][in] */
     int (*matmul)(kv_backend_t *be, float *y, const float *x, const float *w, int M, int N, int K);
+    /* y (M, w->rows) = x (M, w->cols) . W^T with W in its stored type (kernels/kv_weight.h; w->data in
+     * backend memory, the descriptor itself on the host). fp32 weights in their logical row order give
+     * matmul's bits; other types are converted to fp32 a tile of rows at a time into a reused buffer and
+     * multiplied the same way, so the result is matmul's on the weights converted at load, to the bit,
+     * whatever the thread count. Which stored types a backend takes is its own (CPU: every KV_WT_*). */
+    int (*matmul_w)(kv_backend_t *be, float *y, const float *x, const kv_weight_t *w, int M);
     /* y (T, dim) = x / sqrt(mean(x^2) + eps) * w (dim) */
     int (*rmsnorm)(kv_backend_t *be, float *y, const float *x, const float *w, int T, int dim, float eps);
     /* in place on x (T, n_heads, head_dim): rotate the pair (2i, 2i+1) of each head (llama2.c / Meta

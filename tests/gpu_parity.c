@@ -552,7 +552,7 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
     float *g = hnew(nq), *gl = hnew((size_t)H * s->n_q), *g2 = hnew(nq);
     fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)nk, stride, d, 1.5);
     fill_normal(c, v, nkv, 1.0);
-    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d)};
+    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d), NULL};
     c->ref->ops->attention(c->ref, &a);
     float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dv = dnew(c, v, nkv), *dout = dnew(c, NULL, nq),
           *dl = dnew(c, NULL, (size_t)H * s->n_q);
@@ -620,7 +620,7 @@ static void case_attn_stats_v2(ctx_t *c, const att_shape_t *s, int head_back)
         seg_lo[t] = t - t % 37;
     fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)nk, stride, d, 1.5);
     fill_normal(c, v, nkv, 1.0);
-    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d)};
+    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d), NULL};
     c->ref->ops->attention(c->ref, &a);
     kv_attn_stats_args_t st = {.q = q,
                                .k = k,
@@ -743,7 +743,7 @@ static void case_attn_stats(ctx_t *c, const att_shape_t *s, int pool, int extra_
     fill_normal(c, v, nkv, 1.0);
     fill_uniform(c, acc0, nacc, 0.0, 2.0);    /* acc accumulates: start from non-zero values */
     fill_uniform(c, pool0, npool, 0.0, 0.02); /* pooled takes a max with what is there */
-    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d)};
+    kv_attn_args_t a = {out, lse, q, k, v, stride, s->n_q, s->q_pos0, H, s->Hkv, d, 1.0f / sqrtf((float)d), NULL};
     c->ref->ops->attention(c->ref, &a);
     memcpy(acc, acc0, sizeof(float) * nacc);
     memcpy(pooled, pool0, sizeof(float) * npool);

@@ -67,10 +67,12 @@ static void assert_weights(const kv_model_t *m, const fx_model_t *x)
     assert_same(m->wcls, x->shared ? x->emb : x->wcls, V * D, "wcls");
 }
 
+/* Loaded with every weight in fp32 arrays (the tests read them as floats; tests/test_weights.c checks
+ * that the stored representation computes the same). */
 static kv_model_t *load_ok(const char *path)
 {
     kv_model_t *m = NULL;
-    ck_assert_msg(kv_model_load(path, &m) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(path, &m) == KV_OK, "%s", kv_last_error());
     return m;
 }
 

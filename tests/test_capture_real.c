@@ -53,7 +53,7 @@ typedef struct {
 
 static void rig_open(rig_t *r, int threads)
 {
-    ck_assert_msg(kv_model_load(g_model, &r->m) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(g_model, &r->m) == KV_OK, "%s", kv_last_error()); /* weights read as floats */
     ck_assert_msg(kv_tokenizer_load(g_tok, r->m->cfg.vocab_size, &r->tok) == KV_OK, "%s", kv_last_error());
     ck_assert_int_eq(kv_backend_open("cpu", threads, &r->be), KV_OK);
 }

@@ -486,7 +486,7 @@ static kv_model_t *load_file(const unsigned char *f, size_t len, const char *nam
     kv_test_tmp(name, path, plen);
     write_bytes(path, f, len);
     kv_model_t *m = NULL;
-    ck_assert_msg(kv_model_load(path, &m) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(path, &m) == KV_OK, "%s", kv_last_error()); /* weights read as floats */
     return m;
 }
 

@@ -850,7 +850,7 @@ START_TEST(forward_biases_head_dim_llama3_match_reference)
                "\"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 200}",
                NULL, "qwen2-ref", dir, sizeof dir);
     kv_model_t *km;
-    ck_assert_msg(kv_model_load(dir, &km) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(dir, &km) == KV_OK, "%s", kv_last_error());
     const kv_model_config_t *c = &km->cfg;
     ck_assert_int_eq(c->q_dim, 48);
     ck_assert_int_eq(c->dim, 32);

@@ -321,7 +321,7 @@ START_TEST(loader_undoes_permutation)
     wopts_t o = {W_F32, 1, 0, C_NONE, NULL, NULL, 0};
     write_hf(&x.m, &o, "hf-tiny", dir, sizeof dir);
     kv_model_t *m;
-    ck_assert_msg(kv_model_load(dir, &m) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(dir, &m) == KV_OK, "%s", kv_last_error());
     ck_assert(m->hf);
     ck_assert_str_eq(m->hf_dtype, "F32");
     ck_assert_int_eq(m->cfg.n_kv_heads, 2);
@@ -332,16 +332,16 @@ START_TEST(loader_undoes_permutation)
     ck_assert(!memcmp(m->wv, x.m.wv, L * KV * D * 4));
     ck_assert(!memcmp(m->w1, x.m.w1, L * 24 * D * 4));
     ck_assert(!memcmp(m->w2, x.m.w2, L * 24 * D * 4));
-    ck_assert(m->wcls == m->token_embedding);
+    ck_assert(kv_model_classifier(m).data == kv_model_embedding(m).data);
     /* the same through config.json and through the .safetensors path */
     char p[600];
     snprintf(p, sizeof p, "%s/config.json", dir);
     kv_model_t *m2;
-    ck_assert_msg(kv_model_load(p, &m2) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(p, &m2) == KV_OK, "%s", kv_last_error());
     ck_assert(!memcmp(m2->wk, x.m.wk, L * KV * D * 4));
     kv_model_free(m2);
     snprintf(p, sizeof p, "%s/model.safetensors", dir);
-    ck_assert_msg(kv_model_load(p, &m2) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(p, &m2) == KV_OK, "%s", kv_last_error());
     ck_assert(!memcmp(m2->wq, x.m.wq, L * D * D * 4));
     char h1[65], h2[65];
     ck_assert_int_eq(kv_model_sha256(m, h1), KV_OK);
@@ -353,7 +353,7 @@ START_TEST(loader_undoes_permutation)
      * loader's kv_f16_to_f32 are exact inverses on f16 values), permuted back like F32 */
     o.dtype = W_F16;
     write_hf(&x.m, &o, "hf-tiny-f16", dir, sizeof dir);
-    ck_assert_msg(kv_model_load(dir, &m) == KV_OK, "%s", kv_last_error());
+    ck_assert_msg(kv_model_load_f32(dir, &m) == KV_OK, "%s", kv_last_error());
     ck_assert_str_eq(m->hf_dtype, "F16");
     for (size_t i = 0; i < L * KV * D; i++)
         ck_assert(m->wk[i] == kv_f16_to_f32(kv_f32_to_f16(x.m.wk[i])));
@@ -419,7 +419,7 @@ START_TEST(bf16_sharded_logits_close)
     ck_assert_msg(kv_model_load(dir, &m) == KV_OK, "%s", kv_last_error());
     ck_assert_str_eq(m->hf_dtype, "BF16");
     ck_assert_int_eq(m->n_files, 4); /* config, index, 2 shards */
-    ck_assert(m->wcls != m->token_embedding);
+    ck_assert(kv_model_classifier(m).data != kv_model_embedding(m).data);
     const int n = 8, V = ref->cfg.vocab_size;
     float *a = logits_of(ref, g_tokens, n), *b = logits_of(m, g_tokens, n);
     double worst = 0;

@@ -125,8 +125,8 @@ START_TEST(q80_both_arrangements_load_alike)
         tmp_file("q80-grouped.bin", grouped, n, pg, sizeof pg);
         tmp_file("q80-interleaved.bin", inter, n, pi, sizeof pi);
         kv_model_t *a = NULL, *b = NULL;
-        ck_assert_msg(kv_model_load(pg, &a) == KV_OK, "%s", kv_last_error());
-        ck_assert_msg(kv_model_load(pi, &b) == KV_OK, "%s", kv_last_error());
+        ck_assert_msg(kv_model_load_f32(pg, &a) == KV_OK, "%s", kv_last_error());
+        ck_assert_msg(kv_model_load_f32(pi, &b) == KV_OK, "%s", kv_last_error());
         same_weights(a, b, &deq);
         kv_model_free(a);
         kv_model_free(b);

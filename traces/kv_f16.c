@@ -1,5 +1,8 @@
-/* kv_f16.c: see kv_f16.h. Bit manipulation; the hardware F16C path is used when the CPU has it. */
+/* kv_f16.c: see kv_f16.h. Bit manipulation; the hardware F16C path is used when the CPU has it. Half to
+ * float is kernels/kv_weight.h's (the stored weights' conversion). */
 #include "traces/kv_f16.h"
+
+#include "kernels/kv_weight.h"
 
 #include <math.h>
 #include <string.h>
@@ -40,27 +43,7 @@ uint16_t kv_f32_to_f16(float f)
 
 float kv_f16_to_f32(uint16_t h)
 {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, x;
-    if (exp == 0) {
-        if (mant == 0) {
-            x = sign;
-        } else {
-            int e = -1;
-            do {
-                e++;
-                mant <<= 1;
-            } while (!(mant & 0x400u));
-            x = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        x = sign | 0x7f800000u | (mant << 13);
-    } else {
-        x = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
+    return kv_half_to_float(h); /* kernels/kv_weight.h: the weights' conversion, the same function */
 }
 
 #ifdef KV_HAVE_F16C_DISPATCH
@@ -71,14 +54,6 @@ __attribute__((target("f16c,avx"))) static void to_f16_hw(const float *src, uint
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++)
         dst[i] = kv_f32_to_f16(src[i]);
-}
-__attribute__((target("f16c,avx"))) static void to_f32_hw(const uint16_t *src, float *dst, size_t n)
-{
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++)
-        dst[i] = kv_f16_to_f32(src[i]);
 }
 static int have_f16c(void)
 {
@@ -109,12 +84,5 @@ size_t kv_f32_to_f16_n(const float *src, uint16_t *dst, size_t n)
 
 void kv_f16_to_f32_n(const uint16_t *src, float *dst, size_t n)
 {
-#ifdef KV_HAVE_F16C_DISPATCH
-    if (have_f16c()) {
-        to_f32_hw(src, dst, n);
-        return;
-    }
-#endif
-    for (size_t i = 0; i < n; i++)
-        dst[i] = kv_f16_to_f32(src[i]);
+    kv_half_to_float_n(src, dst, n);
 }

@@ -8,8 +8,16 @@
 #include <hdf5.h>
 #include <zstd.h>
 
+static _Atomic long long compress_ns; /* time inside kv_zstd_compress_chunk, every thread */
+
+double kv_zstd_compress_seconds(void)
+{
+    return (double)compress_ns * 1e-9;
+}
+
 size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, const void *src, size_t n)
 {
+    const double t0 = kv_now();
     if (level < 1 || level > ZSTD_maxCLevel())
         level = KV_ZSTD_DEFAULT_LEVEL;
     /* compress2 with the default parameters writes the content size into the frame header; both
@@ -18,6 +26,7 @@ size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, c
         ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1)))
         return 0;
     size_t got = ZSTD_compress2(cc, dst, cap, src, n);
+    compress_ns += (long long)((kv_now() - t0) * 1e9);
     return ZSTD_isError(got) ? 0 : got;
 }
 

@@ -26,6 +26,9 @@ typedef struct ZSTD_CCtx_s ZSTD_CCtx; /* zstd.h's context type (same typedef) */
  * what it compressed before. dst holds cap bytes (ZSTD_compressBound(n) always suffices).
  * Returns the frame's size, 0 on any zstd error. */
 size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, const void *src, size_t n);
+/* Seconds spent in kv_zstd_compress_chunk since the process started, summed over threads (capture's
+ * time split). */
+double kv_zstd_compress_seconds(void);
 
 /* Register the filter with HDF5 (idempotent, thread-safe enough for start-up use). */
 int kv_zstd_filter_register(void);

@@ -6,7 +6,13 @@
  *
  * Attention is computed in blocks of ATT_QB queries: S = scale * Q_blk K^T (one sgemm), a causal
  * softmax per row (max-subtracted, sums in double), then O_blk = P V (one sgemm). Memory per
- * thread is ATT_QB x n_keys floats; the T x T matrix is never materialised.
+ * thread is ATT_QB x n_keys floats; the T x T matrix is never materialised. With statistics
+ * requested (kv_attn_args_t.stats, capture) each block of scores also feeds attn_stats's row pass
+ * before the softmax overwrites it, so the scores are computed once for both.
+ *
+ * Weights in their stored type (matmul_w): each thread converts the tile of weight rows it needs
+ * into its own buffer, kept by the backend from call to call, and multiplies it with the same
+ * single-threaded BLAS call that matmul makes on that tile of an fp32 matrix.
  */
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
@@ -76,6 +82,113 @@ static int cpu_matmul(kv_backend_t *be, float *y, const float *x, const float *w
                         w + (size_t)n0 * K, K, 0.0f, y + (size_t)m0 * N + n0, N);
     }
     kv_blas_set_threads(old);
+    return KV_OK;
+}
+
+/* Per-thread conversion buffers of matmul_w, kept from call to call (an 8B model's widest tile is
+ * MM_NB x 14336 floats, 29 MB: allocating it per call would page-fault it in again every time). */
+typedef struct {
+    int n;
+    float **buf;
+    size_t *cap; /* floats */
+} cpu_ctx_t;
+
+static int ensure_slots(kv_backend_t *be, int n)
+{
+    cpu_ctx_t *c = be->ctx;
+    if (c->n >= n)
+        return KV_OK;
+    float **b = kv_realloc(c->buf, sizeof *b * (size_t)n, "matmul buffers");
+    if (!b)
+        return KV_ENOMEM;
+    c->buf = b;
+    size_t *cap = kv_realloc(c->cap, sizeof *cap * (size_t)n, "matmul buffers");
+    if (!cap)
+        return KV_ENOMEM;
+    c->cap = cap;
+    for (int i = c->n; i < n; i++)
+        c->buf[i] = NULL, c->cap[i] = 0;
+    c->n = n;
+    return KV_OK;
+}
+
+void kv_backend_cpu_destroy(kv_backend_t *be)
+{
+    cpu_ctx_t *c = be->ctx;
+    if (!c)
+        return;
+    for (int i = 0; i < c->n; i++)
+        kv_free_aligned(c->buf[i]);
+    kv_free(c->buf);
+    kv_free(c->cap);
+    kv_free(c);
+    be->ctx = NULL;
+}
+
+/* matmul of a weight in its stored type. The (m, n) tiles of cpu_matmul are taken in n-major order
+ * in runs of up to `chunk` m-tiles of one n-tile (a work item); a thread converts an n-tile's weight
+ * rows into its buffer when its item is of another n-tile than its last, so each weight row is
+ * converted about once per thread that needs it, and items are handed out dynamically. Every output
+ * tile is still the one BLAS call cpu_matmul makes for it, on the same fp32 values: the same bits
+ * for any thread count and any assignment of items to threads. */
+static int cpu_matmul_w(kv_backend_t *be, float *y, const float *x, const kv_weight_t *w, int M)
+{
+    const int N = w->rows, K = w->cols;
+    if (M <= 0 || N <= 0 || K <= 0 || !w->data)
+        return kv_error(KV_EINVAL, "matmul_w: bad shape M=%d N=%d K=%d", M, N, K);
+    if (kv_weight_is_plain_f32(w))
+        return cpu_matmul(be, y, x, w->data, M, N, K);
+    if (!kv_weight_type_name(w->type))
+        return kv_error(KV_ENOTIMPL, "matmul_w: weight type %d is not converted by the CPU backend", w->type);
+    const int mt = (M + MM_MB - 1) / MM_MB, nt = (N + MM_NB - 1) / MM_NB;
+    const int nth = omp_get_max_threads();
+    /* at least about four items per thread, so a thread slowed down by another process sheds work */
+    const int chunk = KV_MAX(1, KV_MIN(mt, (mt * nt + 4 * nth - 1) / (4 * nth)));
+    const int per_n = (mt + chunk - 1) / chunk, items = nt * per_n;
+    const size_t need = (size_t)KV_MIN(MM_NB, N) * (size_t)K;
+    int rc = ensure_slots(be, nth);
+    if (rc)
+        return kv_error_context(rc, "matmul_w");
+    cpu_ctx_t *c = be->ctx;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel if (items > 1)
+    {
+        const int tid = omp_get_thread_num();
+        if (c->cap[tid] < need) {
+            kv_free_aligned(c->buf[tid]);
+            c->buf[tid] = kv_malloc_aligned(need * sizeof(float), "matmul_w weight tile");
+            c->cap[tid] = c->buf[tid] ? need : 0;
+        }
+        float *buf = c->buf[tid];
+        if (!buf) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+        int have = -1; /* the n-tile in buf */
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < items; it++) {
+            if (!buf)
+                continue;
+            const int n_t = it / per_n, n0 = n_t * MM_NB, nb = KV_MIN(MM_NB, N - n0);
+            if (have != n_t) {
+                kv_weight_rows(w, n0, nb, buf);
+                have = n_t;
+            }
+            const int m_end = KV_MIN(mt, (it % per_n + 1) * chunk);
+            for (int m_t = (it % per_n) * chunk; m_t < m_end; m_t++) {
+                const int m0 = m_t * MM_MB, mb = KV_MIN(MM_MB, M - m0);
+                if (mb == 1)
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, nb, K, 1.0f, buf, K, x + (size_t)m0 * K, 1, 0.0f,
+                                y + (size_t)m0 * N + n0, 1);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nb, K, 1.0f, x + (size_t)m0 * K, K, buf,
+                                K, 0.0f, y + (size_t)m0 * N + n0, N);
+            }
+        }
+    }
+    kv_blas_set_threads(old);
+    if (rc)
+        return kv_error(rc, "matmul_w: no memory for a %d x %d weight tile", KV_MIN(MM_NB, N), K);
     return KV_OK;
 }
 
@@ -390,9 +503,13 @@ static float softmax_row(float *s, int n, int vis)
  * attention output). */
 /* out may be NULL: then only the lse is computed (the row's max and sum; synth's summaries need no
  * attention output). */
+static int attention_with_stats(const kv_attn_args_t *a);
+
 static int cpu_attention(kv_backend_t *be, const kv_attn_args_t *a)
 {
     (void)be;
+    if (a->stats)
+        return attention_with_stats(a);
     const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
     const int nk_all = a->q_pos0 + a->n_q;
     int rc = KV_OK;
@@ -571,25 +688,94 @@ static void max_row(float *restrict dst, const float *restrict p, int n)
         dst[j] = p[j] > dst[j] ? p[j] : dst[j];
 }
 
-static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
+/* attn_stats's row pass for query i of head h: s (the row's vis = q_pos0 + i + 1 scaled scores) becomes
+ * the probabilities exp(s - lse) in place, and every requested output takes its share. The per-key
+ * outputs of head h are added to in query order: callers run one head's rows on one thread, in order. */
+static void stats_row(const kv_attn_stats_args_t *a, int h, int i, float *s, float lse, mass_ws_t *ws)
 {
-    (void)be;
-    const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int pos = a->q_pos0 + i, vis = pos + 1;
+    const size_t ro = (size_t)h * a->n_q + i, ko = (size_t)h * a->acc_stride;
+    /* probabilities in place; entropy = -sum_j p_j log p_j = -sum_j p_j (s_j - lse) */
+    double psum, plogp;
+    exp_ent(s, vis, lse, &psum, &plogp);
+    if (a->entropy)
+        a->entropy[ro] = (float)-plogp;
+    if (a->acc)
+        add_row(a->acc + ko, s, vis);
+    if (a->acc_sq)
+        add_sq_row(a->acc_sq + ko, s, vis);
+    if (a->acc_max)
+        max_row(a->acc_max + ko, s, vis);
+    if (pos < a->head_end) {
+        if (a->acc_head)
+            add_row(a->acc_head + ko, s, vis);
+        if (a->acc_sq_head)
+            add_sq_row(a->acc_sq_head + ko, s, vis);
+        if (a->acc_max_head)
+            max_row(a->acc_max_head + ko, s, vis);
+    }
+    if (a->pooled) {
+        const int rb = (int)((int64_t)pos * a->pool / a->pool_T);
+        pool_row(a->pooled + ((size_t)h * a->pool + rb) * a->pool, s, vis, a->pool, a->pool_T);
+    }
+    if (a->sink)
+        a->sink[ro] = s[0];
+    if (a->seg) {
+        int lo = a->seg_lo ? a->seg_lo[pos] : 0;
+        lo = lo < 0 ? 0 : lo > vis ? vis : lo;
+        double m = 0;
+        for (int j = lo; j < vis; j++)
+            m += s[j];
+        a->seg[ro] = (float)m;
+    }
+    if (a->keys_mass)
+        a->keys_mass[ro] = (float)keys_for_mass(s, vis, psum, a->mass, ws);
+}
+
+/* Validation shared by attn_stats and the attention op's statistics. */
+static int check_stats(const kv_attn_stats_args_t *a)
+{
     const int nk_all = a->q_pos0 + a->n_q;
     if (a->pooled && (a->pool <= 0 || a->pool > a->pool_T || nk_all > a->pool_T))
         return kv_error(KV_EINVAL, "attn_stats: pool %d does not fit %d tokens", a->pool, a->pool_T);
     if (a->keys_mass && !(a->mass > 0 && a->mass <= 1))
         return kv_error(KV_EINVAL, "attn_stats: mass %g outside (0, 1]", (double)a->mass);
-    int rc = KV_OK;
+    return KV_OK;
+}
+
+/* keys_mass's workspace for rows of up to n keys (NULL when keys_mass is not requested or on failure) */
+static mass_ws_t *mass_ws_new(const kv_attn_stats_args_t *a, int n)
+{
+    if (!a->keys_mass)
+        return NULL;
+    mass_ws_t *ws = kv_malloc(sizeof *ws, "keys-for-mass workspace");
+    if (ws && !(ws->scratch = kv_malloc(sizeof(float) * (size_t)n, "keys-for-mass workspace"))) {
+        kv_free(ws);
+        ws = NULL;
+    }
+    return ws;
+}
+
+static void mass_ws_free(mass_ws_t *ws)
+{
+    if (ws)
+        kv_free(ws->scratch);
+    kv_free(ws);
+}
+
+static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
+{
+    (void)be;
+    const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int nk_all = a->q_pos0 + a->n_q;
+    int rc = check_stats(a);
+    if (rc)
+        return rc;
     int old = kv_blas_set_threads(1);
 #pragma omp parallel
     {
         float *S = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)nk_all, "attention scores");
-        mass_ws_t *ws = a->keys_mass ? kv_malloc(sizeof *ws, "keys-for-mass workspace") : NULL;
-        if (ws && !(ws->scratch = kv_malloc(sizeof(float) * (size_t)nk_all, "keys-for-mass workspace"))) {
-            kv_free(ws);
-            ws = NULL;
-        }
+        mass_ws_t *ws = mass_ws_new(a, nk_all);
         if (!S || (a->keys_mass && !ws)) {
 #pragma omp atomic write
             rc = KV_ENOMEM;
@@ -600,7 +786,58 @@ static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
             if (!S || (a->keys_mass && !ws))
                 continue;
             const int g = h / G;
-            const size_t ko = (size_t)h * a->acc_stride;
+            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
+                const int nb = KV_MIN(ATT_QB, a->n_q - i0);
+                const int nk = a->q_pos0 + i0 + nb;
+                const float *Q = a->q + (size_t)i0 * H * d + (size_t)h * d;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
+                            a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
+                for (int r = 0; r < nb; r++)
+                    stats_row(a, h, i0 + r, S + (size_t)r * nk, a->lse[(size_t)h * a->n_q + i0 + r], ws);
+            }
+        }
+        mass_ws_free(ws);
+        kv_free_aligned(S);
+    }
+    kv_blas_set_threads(old);
+    if (rc != KV_OK)
+        return kv_error(rc, "attn_stats: out of memory for %d keys", nk_all);
+    return KV_OK;
+}
+
+/* The attention op with statistics (kv_attn_args_t.stats). Each block of scores is made by the sgemm
+ * both ops make for it; every row is copied before the softmax normalises it in place, and the copy goes
+ * through attn_stats's row pass with the lse just computed: the outputs are attention's and attn_stats's,
+ * to the bit, for half the score products. Parallel over heads only, a head's blocks in order on one
+ * thread (its per-key statistics add up the queries in order, as attn_stats does). */
+static int attention_with_stats(const kv_attn_args_t *a)
+{
+    kv_attn_stats_args_t st = *a->stats;
+    st.q = a->q, st.k = a->k, st.lse = a->lse, st.kv_stride = a->kv_stride;
+    st.n_q = a->n_q, st.q_pos0 = a->q_pos0, st.n_heads = a->n_heads, st.n_kv_heads = a->n_kv_heads;
+    st.head_dim = a->head_dim, st.scale = a->scale;
+    if (!a->out || !a->lse)
+        return kv_error(KV_EINVAL, "attention: statistics need the attention output and its lse");
+    int rc = check_stats(&st);
+    if (rc)
+        return rc;
+    const int H = a->n_heads, d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int nk_all = a->q_pos0 + a->n_q;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel
+    {
+        float *S = kv_malloc_aligned(sizeof(float) * (ATT_QB + 1) * (size_t)nk_all, "attention scores");
+        mass_ws_t *ws = mass_ws_new(&st, nk_all);
+        if (!S || (st.keys_mass && !ws)) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+        float *raw = S ? S + (size_t)ATT_QB * nk_all : NULL; /* one row's scores, kept for the statistics */
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < H; h++) {
+            if (!S || (st.keys_mass && !ws))
+                continue;
+            const int g = h / G;
             for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
                 const int nb = KV_MIN(ATT_QB, a->n_q - i0);
                 const int nk = a->q_pos0 + i0 + nb;
@@ -608,56 +845,23 @@ static int cpu_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale, Q, H * d,
                             a->k + (size_t)g * d, (int)a->kv_stride, 0.0f, S, nk);
                 for (int r = 0; r < nb; r++) {
-                    const int i = i0 + r, pos = a->q_pos0 + i, vis = pos + 1;
-                    const size_t ro = (size_t)h * a->n_q + i;
-                    const float lse = a->lse[ro];
-                    float *s = S + (size_t)r * nk;
-                    /* probabilities in place; entropy = -sum_j p_j log p_j = -sum_j p_j (s_j - lse) */
-                    double psum, plogp;
-                    exp_ent(s, vis, lse, &psum, &plogp);
-                    if (a->entropy)
-                        a->entropy[ro] = (float)-plogp;
-                    if (a->acc)
-                        add_row(a->acc + ko, s, vis);
-                    if (a->acc_sq)
-                        add_sq_row(a->acc_sq + ko, s, vis);
-                    if (a->acc_max)
-                        max_row(a->acc_max + ko, s, vis);
-                    if (pos < a->head_end) {
-                        if (a->acc_head)
-                            add_row(a->acc_head + ko, s, vis);
-                        if (a->acc_sq_head)
-                            add_sq_row(a->acc_sq_head + ko, s, vis);
-                        if (a->acc_max_head)
-                            max_row(a->acc_max_head + ko, s, vis);
-                    }
-                    if (a->pooled) {
-                        const int rb = (int)((int64_t)pos * a->pool / a->pool_T);
-                        pool_row(a->pooled + ((size_t)h * a->pool + rb) * a->pool, s, vis, a->pool, a->pool_T);
-                    }
-                    if (a->sink)
-                        a->sink[ro] = s[0];
-                    if (a->seg) {
-                        int lo = a->seg_lo ? a->seg_lo[pos] : 0;
-                        lo = lo < 0 ? 0 : lo > vis ? vis : lo;
-                        double m = 0;
-                        for (int j = lo; j < vis; j++)
-                            m += s[j];
-                        a->seg[ro] = (float)m;
-                    }
-                    if (a->keys_mass)
-                        a->keys_mass[ro] = (float)keys_for_mass(s, vis, psum, a->mass, ws);
+                    float *row = S + (size_t)r * nk;
+                    const int vis = a->q_pos0 + i0 + r + 1;
+                    memcpy(raw, row, sizeof(float) * (size_t)vis);
+                    const float l = softmax_row(row, nk, vis);
+                    a->lse[(size_t)h * a->n_q + i0 + r] = l;
+                    stats_row(&st, h, i0 + r, raw, l, ws);
                 }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, d, nk, 1.0f, S, nk, a->v + (size_t)g * d,
+                            (int)a->kv_stride, 0.0f, a->out + (size_t)i0 * H * d + (size_t)h * d, H * d);
             }
         }
-        if (ws)
-            kv_free(ws->scratch);
-        kv_free(ws);
+        mass_ws_free(ws);
         kv_free_aligned(S);
     }
     kv_blas_set_threads(old);
     if (rc != KV_OK)
-        return kv_error(rc, "attn_stats: out of memory for %d keys", nk_all);
+        return kv_error(rc, "attention: out of memory for %d keys", nk_all);
     return KV_OK;
 }
 
@@ -867,6 +1071,7 @@ static const kv_backend_ops_t cpu_ops = {
     .download = cpu_copy,
     .sync = cpu_sync,
     .matmul = cpu_matmul,
+    .matmul_w = cpu_matmul_w,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .swiglu = cpu_swiglu,
@@ -882,8 +1087,12 @@ int kv_backend_cpu_open(int n_threads, kv_backend_t **out)
 {
     *out = NULL;
     kv_backend_t *be = kv_calloc(1, sizeof *be, "backend");
-    if (!be)
+    cpu_ctx_t *ctx = kv_calloc(1, sizeof *ctx, "cpu backend");
+    if (!be || !ctx) {
+        kv_free(be);
+        kv_free(ctx);
         return KV_ENOMEM;
+    }
     if (n_threads <= 0) {
         const char *env = getenv("KV_THREADS");
         n_threads = env ? atoi(env) : 0;
@@ -896,6 +1105,7 @@ int kv_backend_cpu_open(int n_threads, kv_backend_t **out)
     be->ops = &cpu_ops;
     be->n_threads = n_threads;
     be->host_memory = 1;
+    be->ctx = ctx;
     snprintf(be->device, sizeof be->device, "%d CPU thread%s, %s", n_threads, n_threads == 1 ? "" : "s",
              openblas_get_config());
     *out = be;

@@ -981,11 +981,22 @@ int kv_cuda_attention(kv_backend_t *be, const kv_attn_args_t *a)
     if (a->n_q == 0)
         return KV_OK;
     switch (pick_d(a->head_dim)) {
-    case 32: return run_attention<32>(be, a);
-    case 64: return run_attention<64>(be, a);
-    case 128: return run_attention<128>(be, a);
-    default: return run_attention<256>(be, a);
+    case 32: rc = run_attention<32>(be, a); break;
+    case 64: rc = run_attention<64>(be, a); break;
+    case 128: rc = run_attention<128>(be, a); break;
+    default: rc = run_attention<256>(be, a); break;
     }
+    if (rc || !a->stats)
+        return rc;
+    /* statistics requested with the attention (kv_backend.h): the attn_stats op on the same inputs, after
+     * it (the CPU shares one pass of scores between the two; here they stay two kernels) */
+    if (!a->lse)
+        return kv_error(KV_EINVAL, "attention: statistics need the attention's lse");
+    kv_attn_stats_args_t st = *a->stats;
+    st.q = a->q, st.k = a->k, st.lse = a->lse, st.kv_stride = a->kv_stride;
+    st.n_q = a->n_q, st.q_pos0 = a->q_pos0, st.n_heads = a->n_heads, st.n_kv_heads = a->n_kv_heads;
+    st.head_dim = a->head_dim, st.scale = a->scale;
+    return kv_cuda_attn_stats(be, &st);
 }
 
 int kv_cuda_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a)

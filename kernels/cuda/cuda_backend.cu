@@ -12,6 +12,8 @@
  * CUBLAS_COMPUTE_32F_FAST_TF32), bf16 / fp16 (inputs converted on the device into scratch, then
  * cublasGemmEx with fp32 compute and fp32 output). The converted weights are not cached: every
  * call converts w again (a later optimisation for capture, where weights never change).
+ * matmul_w (weights in their stored precision): fp16/bf16 rows are converted to fp32 on the device a
+ * tile at a time and multiplied with fp32 accumulation (below).
  */
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/kv_cuda.h"
@@ -240,6 +242,78 @@ static int cu_matmul(kv_backend_t *be, float *y, const float *x, const float *w,
     }
 }
 
+/* ---------------------------------------------------------------- matmul_w */
+
+template <typename T> __device__ __forceinline__ float half_to_f32(T v);
+template <> __device__ __forceinline__ float half_to_f32<__nv_bfloat16>(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+template <> __device__ __forceinline__ float half_to_f32<__half>(__half v)
+{
+    return __half2float(v);
+}
+
+/* dst (n_rows, cols) = the fp32 values of n_rows stored half-precision rows at src (row stride row_bytes,
+ * an even number: every element is 2-byte aligned in device memory). Exact conversions. */
+template <typename T>
+__global__ void k_rows_to_f32(float *dst, const unsigned char *src, size_t row_bytes, int cols, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / (size_t)cols, col = i % (size_t)cols;
+        dst[i] = half_to_f32<T>(*(const T *)(src + r * row_bytes + 2 * col));
+    }
+}
+
+#define MMW_TILE_BYTES ((size_t)256 << 20) /* fp32 rows converted per cuBLAS call */
+
+/* Weights kept on the device in their stored precision (the forward pass uploads fp32, fp16 and bf16
+ * as stored, rows already in their logical order, and converts ggml's block types to fp32 on the host):
+ * fp32 goes to cu_matmul; fp16 and bf16 are converted to fp32 on the device a tile of rows at a time into
+ * the scratch buffer, then multiplied by cublasSgemm (tf32 when KV_CUDA_MATMUL=tf32), fp32 accumulation;
+ * the bf16 and fp16 matmul modes, which would round the activations too, are not applied to them. */
+static int cu_matmul_w(kv_backend_t *be, float *y, const float *x, const kv_weight_t *w, int M)
+{
+    cuda_ctx_t *c = kv_cuda_ctx(be);
+    const int N = w->rows, K = w->cols;
+    if (M <= 0 || N <= 0 || K <= 0 || !w->data)
+        return kv_error(KV_EINVAL, "matmul_w: bad shape M=%d N=%d K=%d", M, N, K);
+    if (w->perm > 0)
+        return kv_error(KV_ENOTIMPL, "matmul_w: the CUDA backend takes rows in their logical order (perm %d)",
+                        w->perm);
+    if (w->type == KV_WT_F32 && w->row_bytes == (size_t)K * sizeof(float))
+        return cu_matmul(be, y, x, (const float *)w->data, M, N, K);
+    if ((w->type != KV_WT_F16 && w->type != KV_WT_BF16) || w->row_bytes % 2)
+        return kv_error(KV_ENOTIMPL, "matmul_w: the CUDA backend multiplies fp32, fp16 and bf16 weights, not %s",
+                        kv_weight_type_name(w->type) ? kv_weight_type_name(w->type) : "this type");
+    const int tile = (int)KV_MAX((size_t)1, KV_MIN((size_t)N, MMW_TILE_BYTES / ((size_t)K * sizeof(float))));
+    float *buf = (float *)kv_cuda_scratch(be, (size_t)tile * K * sizeof(float));
+    if (!buf)
+        return KV_ENOMEM;
+    const cublasComputeType_t compute =
+        c->mm_mode == KV_MM_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    for (int r0 = 0; r0 < N; r0 += tile) {
+        const int nr = KV_MIN(tile, N - r0);
+        const size_t n = (size_t)nr * K;
+        const unsigned char *src = (const unsigned char *)w->data + (size_t)r0 * w->row_bytes;
+        if (w->type == KV_WT_BF16)
+            k_rows_to_f32<__nv_bfloat16>
+                <<<grid_for(n, 256, c->sm_count), 256, 0, c->stream>>>(buf, src, w->row_bytes, K, n);
+        else
+            k_rows_to_f32<__half><<<grid_for(n, 256, c->sm_count), 256, 0, c->stream>>>(buf, src, w->row_bytes, K, n);
+        int rc = kv_cuda_check_launch("rows_to_f32");
+        if (rc)
+            return rc;
+        /* y[:, r0:r0+nr] (column-major nr x M, ldc N) = tile (nr, K) . x^T */
+        const float one = 1.0f, zero = 0.0f;
+        cublasStatus_t st = cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, M, K, &one, buf, CUDA_R_32F, K, x,
+                                         CUDA_R_32F, K, &zero, y + r0, CUDA_R_32F, N, compute, CUBLAS_GEMM_DEFAULT);
+        if (st != CUBLAS_STATUS_SUCCESS)
+            return kv_error(KV_EIO, "cublasGemmEx (matmul_w M=%d N=%d K=%d): %s", M, nr, K, blas_status(st));
+    }
+    return KV_OK;
+}
+
 /* ---------------------------------------------------------------- the table */
 
 /* Filled field by field (not positionally), so a reordered or extended kv_backend_ops_t cannot put
@@ -254,6 +328,7 @@ static kv_backend_ops_t cuda_ops_table(void)
     o.download = cu_download;
     o.sync = cu_sync;
     o.matmul = cu_matmul;
+    o.matmul_w = cu_matmul_w;
     o.rmsnorm = kv_cuda_rmsnorm;
     o.rope = kv_cuda_rope;
     o.swiglu = kv_cuda_swiglu;

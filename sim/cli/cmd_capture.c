@@ -29,7 +29,8 @@
     "                         F16, BF16 and the Q4_0..Q8_0, Q4_K..Q6_K quantisations), a Hugging Face\n"               \
     "                         Llama/Mistral/Qwen2 checkpoint (its folder, its config.json or a\n"                      \
     "                         .safetensors file; F32, F16, BF16 weights) or a llama2.c checkpoint\n"                   \
-    "                         (version 0 legacy, 1 fp32, 2 Q8_0); weights run in fp32\n"
+    "                         (version 0 legacy, 1 fp32, 2 Q8_0); the files are mapped and the weights\n"        \
+    "                         kept as stored, converted to fp32 a tile at a time as they are multiplied\n"
 #define HELP_TOKENIZER                                                                                                 \
     "  -z, --tokenizer FILE   tokenizer: a GGUF file's vocabulary, a Hugging Face tokenizer.json\n"                    \
     "                         (SentencePiece-BPE as Llama 2, or byte-level BPE as Llama 3, Qwen2,\n"                   \
@@ -100,7 +101,8 @@ enum {
     OPT_ZSTD,
     OPT_IDS,
     OPT_CHAT,
-    OPT_SYSTEM
+    OPT_SYSTEM,
+    OPT_WEIGHTS
 };
 
 /* ---------------------------------------------------------------- generate */
@@ -385,8 +387,10 @@ static void capture_help(void)
            "query, accumulated attention per key over the prompt queries, a max-pooled map of the causal\n"
            "attention); optionally W_O. Provenance (model path and sha256, tokenizer, backend, date,\n"
            "prompt, the command line) is stored as attributes. The file is written under a temporary name\n"
-           "and renamed at the end. Memory: the model, its KV cache, one layer of Q/K/V staging, the\n"
-           "decode queries and the summaries.\n"
+           "and renamed at the end; each layer's prompt slab is written by a thread of its own while the\n"
+           "next layers are computed. Memory, printed at the end with the peak RSS: the weights as stored\n"
+           "(mapped: the pages read so far), the KV cache, one layer of trace buffers, one block's\n"
+           "activations, the decode queries and the summaries.\n"
            "\n"
            "arguments:\n" HELP_MODEL "\n"
            "options:\n" HELP_TOKENIZER
@@ -415,6 +419,8 @@ static void capture_help(void)
            "      --zstd-level N     compression level 1..22 (default 3)\n"
            "      --backend B        cpu, cuda or auto (default auto: CUDA when usable, else CPU)\n"
            "      --threads N        CPU threads (default: all cores; results do not depend on it)\n"
+           "      --weights W        stored (default): weights kept as the checkpoint stores them; f32:\n"
+           "                         converted to fp32 at load (4 bytes a parameter; the same numbers)\n"
            "  -q, --quiet            no progress on stderr\n"
            "  -h, --help             this help\n"
            "\n"
@@ -441,6 +447,7 @@ int kv_cmd_capture(int argc, char **argv)
                                          {"zstd-level", required_argument, 0, OPT_ZSTD},
                                          {"backend", required_argument, 0, OPT_BACKEND},
                                          {"threads", required_argument, 0, OPT_THREADS},
+                                         {"weights", required_argument, 0, OPT_WEIGHTS},
                                          {"quiet", no_argument, 0, 'q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
@@ -494,6 +501,11 @@ int kv_cmd_capture(int argc, char **argv)
             if (kv_cli_int("capture", "--threads", optarg, 0, 4096, &v))
                 return 2;
             o.n_threads = (int)v;
+            break;
+        case OPT_WEIGHTS:
+            if (strcmp(optarg, "stored") && strcmp(optarg, "f32"))
+                return kv_cli_usage_error("capture", "--weights expects stored or f32, got '%s'", optarg);
+            o.weights_f32 = !strcmp(optarg, "f32");
             break;
         case 'q': kv_log_set_level(KV_LOG_QUIET); break;
         case 'h': capture_help(); return 0;
@@ -559,6 +571,10 @@ int kv_cmd_capture(int argc, char **argv)
     kv_cli_append_arg(gen, sizeof gen, num);
     kv_cli_append_arg(gen, sizeof gen, "--backend");
     kv_cli_append_arg(gen, sizeof gen, o.backend);
+    if (o.weights_f32) {
+        kv_cli_append_arg(gen, sizeof gen, "--weights");
+        kv_cli_append_arg(gen, sizeof gen, "f32");
+    }
     if (o.tokenizer_path) {
         kv_cli_append_arg(gen, sizeof gen, "-z");
         kv_cli_append_arg(gen, sizeof gen, o.tokenizer_path);
@@ -600,5 +616,11 @@ int kv_cmd_capture(int argc, char **argv)
            o.out_path, r.n_prompt, r.n_tokens - r.n_prompt, segs, r.load_s, r.prefill_s,
            r.prefill_s > 0 ? r.n_prompt / r.prefill_s : 0.0, r.decode_s, r.write_s,
            kv_fmt_bytes((double)r.peak_rss, a, sizeof a), r.device);
+    char mem[512];
+    printf("  memory: %s\n", kv_capture_memory_text(&r, mem, sizeof mem));
+    printf("  prefill: forward pass with statistics %.2fs; prompt slabs written %s in %.2fs (zstd %.2fs of all "
+           "compression), the forward pass waited %.2fs for them\n",
+           r.prefill_compute_s, r.writer_threaded ? "alongside, by their own thread," : "in line", r.writer_busy_s,
+           r.compress_s, r.writer_wait_s);
     return 0;
 }

@@ -92,6 +92,13 @@ static int emu_matmul(kv_backend_t *be, float *y, const float *x, const float *w
     return cpu->ops->matmul(cpu, y, x, w, M, N, K);
 }
 
+/* Weights in their stored type: the CPU's conversion and product (emulated device memory is host memory). */
+static int emu_matmul_w(kv_backend_t *be, float *y, const float *x, const kv_weight_t *w, int M)
+{
+    kv_backend_t *cpu = ((emu_ctx_t *)be->ctx)->cpu;
+    return cpu->ops->matmul_w(cpu, y, x, w, M);
+}
+
 /* Filled field by field, like the CUDA backend's table (cuda_backend.cu). */
 static kv_backend_ops_t emu_ops_table(void)
 {
@@ -103,6 +110,7 @@ static kv_backend_ops_t emu_ops_table(void)
     o.download = emu_copy;
     o.sync = emu_sync;
     o.matmul = emu_matmul;
+    o.matmul_w = emu_matmul_w;
     o.rmsnorm = kv_cuda_rmsnorm;
     o.rope = kv_cuda_rope;
     o.swiglu = kv_cuda_swiglu;

@@ -4,13 +4,20 @@
  * Everything the forward pass produces lives in backend memory; this file moves what the trace
  * needs to the host with the backend's download op, so the same code serves the CPU and CUDA
  * backends. Layouts: the forward pass is token-major ((T, heads, head_dim) and the (T, kv_dim) KV
- * cache), the trace is head-major ((heads, T, head_dim)); `to_head_major` converts one slab.
+ * cache), the trace is head-major ((heads, T, head_dim)); kv_to_head_major converts one slab.
+ *
+ * The statistics are computed by the attention op itself (kv_fwd_set_stats: the scores of each block
+ * are made once for the attention and its statistics), and each layer's prompt slab is written by the
+ * slab writer's thread (capture_writer.c) while the forward pass computes the next layers.
  */
 #include "traces/capture/kv_capture.h"
+
+#include "traces/capture/capture_internal.h"
 
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "traces/kv_zstd_filter.h"
 #include "traces/capture/kv_eval.h"
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
@@ -199,30 +206,26 @@ typedef struct {
     float *lse_all;        /* (n_layers, n_heads, T) */
     float *row_all[N_ROW]; /* (n_layers, n_heads, T) */
     float *dec_q;          /* (n_layers, n_decode, n_heads*head_dim) decode queries, token-major */
-    float *tm;       /* (max(n_prompt, n_decode), q_dim) token-major staging (Q rows; K/V rows are kv_dim <= q_dim) */
-    float *hm;       /* (max(n_prompt, n_decode), q_dim) head-major staging */
-    float *small;    /* (n_heads, max(n_prompt, 1)) */
-    float *host_col; /* (n_heads, T) staging of one per-key statistic */
+    float *tm;             /* (max(n_decode, 1), q_dim) token-major staging of decode rows (K/V: kv_dim <= q_dim) */
+    float *hm;             /* (max(n_decode, 1), q_dim) head-major staging */
+    float *small;          /* (n_heads, max(n_prompt, 1)) */
+    kv_slab_writer_t *sw;  /* the prompt slabs' writer thread */
     kv_progress_t prog;
     long done;
 } cap_t;
 
 static int zero_be(kv_backend_t *be, float *p, size_t n)
 {
+    if (be->host_memory) {
+        memset(p, 0, n * sizeof(float));
+        return KV_OK;
+    }
     float *z = kv_calloc(n ? n : 1, sizeof(float), "zeros");
     if (!z)
         return KV_ENOMEM;
     int rc = be->ops->upload(be, p, z, n * sizeof(float));
     kv_free(z);
     return rc;
-}
-
-/* (n, heads, d) -> (heads, n, d) */
-static void to_head_major(const float *src, float *dst, int n, int heads, int d)
-{
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < heads; h++)
-            memcpy(dst + ((size_t)h * n + t) * d, src + ((size_t)t * heads + h) * d, sizeof(float) * (size_t)d);
 }
 
 /* Rows [t0, t0+n) of a token-major tensor in backend memory (row stride = heads*d) -> trace rows. */
@@ -232,15 +235,15 @@ static int write_slab(cap_t *s, int layer, kv_tensor_t which, const float *be_sr
     int rc = s->be->ops->download(s->be, s->tm, be_src, sizeof(float) * (size_t)n * heads * d);
     if (rc)
         return rc;
-    to_head_major(s->tm, s->hm, n, heads, d);
+    kv_to_head_major(s->tm, s->hm, n, heads, d);
     return kv_trace_write_rows(s->w, layer, which, t0, n, s->hm);
 }
 
-static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
+/* The statistics the attention op computes for layer l's queries [p0, p0 + n) (kv_fwd_stats_t). */
+static int cap_stats(void *ctx, int l, int n, int p0, kv_attn_stats_args_t *a)
 {
     cap_t *s = ctx;
-    const kv_model_config_t *c = s->c;
-    const int l = L->layer, H = c->n_heads, n = L->n_q, p0 = L->q_pos0, T = s->T;
+    const int H = s->c->n_heads, T = s->T;
     const int prefill = p0 < s->n_prompt;
     int rc;
     /* the per-key statistics sum over the prompt queries, all of them in this one call */
@@ -250,38 +253,35 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
     for (int k = 0; k < N_COL && prefill; k++)
         if ((rc = zero_be(s->be, s->col[k], (size_t)H * T)))
             return rc;
-    kv_attn_stats_args_t a = {
-        .q = L->q,
-        .k = L->k_cache,
-        .lse = L->lse,
-        .kv_stride = L->kv_stride,
-        .n_q = n,
-        .q_pos0 = p0,
-        .n_heads = H,
-        .n_kv_heads = c->n_kv_heads,
-        .head_dim = c->head_dim,
-        .scale = s->scale,
-        .entropy = s->row[ROW_ENT],
-        .acc = prefill ? s->col[0] : NULL, /* H2O's score and the others: prompt queries only */
-        .acc_stride = (size_t)T,
-        .pooled = s->pooled + (size_t)l * H * s->pool * s->pool,
-        .pool = s->pool,
-        .pool_T = T,
-        .acc_sq = prefill ? s->col[1] : NULL,
-        .acc_max = prefill ? s->col[2] : NULL,
-        .acc_head = prefill ? s->col[3] : NULL,
-        .acc_sq_head = prefill ? s->col[4] : NULL,
-        .acc_max_head = prefill ? s->col[5] : NULL,
-        .head_end = s->stats_split,
-        .keys_mass = s->row[ROW_K90],
-        .mass = (float)KV_TRACE_KEYS_MASS,
-        .sink = s->row[ROW_SINK],
-        .seg = s->row[ROW_SEG],
-        .seg_lo = s->seg_lo,
-    };
-    rc = s->be->ops->attn_stats(s->be, &a);
-    if (rc)
-        return kv_error_context(rc, "layer %d summaries", l);
+    a->entropy = s->row[ROW_ENT];
+    a->acc = prefill ? s->col[0] : NULL; /* H2O's score and the others: prompt queries only */
+    a->acc_stride = (size_t)T;
+    a->pooled = s->pooled + (size_t)l * H * s->pool * s->pool;
+    a->pool = s->pool;
+    a->pool_T = T;
+    a->acc_sq = prefill ? s->col[1] : NULL;
+    a->acc_max = prefill ? s->col[2] : NULL;
+    a->acc_head = prefill ? s->col[3] : NULL;
+    a->acc_sq_head = prefill ? s->col[4] : NULL;
+    a->acc_max_head = prefill ? s->col[5] : NULL;
+    a->head_end = s->stats_split;
+    a->keys_mass = s->row[ROW_K90];
+    a->mass = (float)KV_TRACE_KEYS_MASS;
+    a->sink = s->row[ROW_SINK];
+    a->seg = s->row[ROW_SEG];
+    a->seg_lo = s->seg_lo;
+    return KV_OK;
+}
+
+/* After layer l's attention (with its statistics): the per-query outputs to the host, and for the
+ * prompt the layer's slab and per-key statistics to the slab writer. */
+static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
+{
+    cap_t *s = ctx;
+    const kv_model_config_t *c = s->c;
+    const int l = L->layer, H = c->n_heads, n = L->n_q, p0 = L->q_pos0, T = s->T;
+    const int prefill = p0 < s->n_prompt;
+    int rc;
     /* per-query outputs of these queries: (H, n) -> columns [p0, p0+n) of (H, T) */
     for (int k = -1; k < N_ROW; k++) {
         float *dst = (k < 0 ? s->lse_all : s->row_all[k]) + (size_t)l * H * T;
@@ -291,16 +291,20 @@ static int cap_hook(void *ctx, const kv_fwd_layer_t *L)
             memcpy(dst + (size_t)h * T + p0, s->small + (size_t)h * n, sizeof(float) * (size_t)n);
     }
     if (prefill) {
-        /* the layer's per-key statistics are complete: to the file, the buffers serve the next layer */
-        for (int k = 0; k < N_COL; k++)
-            if ((rc = s->be->ops->download(s->be, s->host_col, s->col[k], sizeof(float) * (size_t)H * T)) ||
-                (rc = kv_trace_write(s->w, l, col_tensor[k], s->host_col)))
-                return rc;
-        /* this layer's prompt slab goes to the file now */
-        const float *krows = L->k_cache + (size_t)p0 * L->kv_stride, *vrows = L->v_cache + (size_t)p0 * L->kv_stride;
-        if ((rc = write_slab(s, l, KV_T_Q, L->q, p0, n, H)) ||
-            (rc = write_slab(s, l, KV_T_K, krows, p0, n, c->n_kv_heads)) ||
-            (rc = write_slab(s, l, KV_T_V, vrows, p0, n, c->n_kv_heads)))
+        /* the layer's per-key statistics are complete and its prompt rows are in the KV cache: copies to the
+         * writer's job (the buffers serve the next layer), written while the next layers are computed */
+        kv_slab_job_t *job;
+        if ((rc = kv_slab_writer_acquire(s->sw, &job)))
+            return rc;
+        const size_t kvd = (size_t)c->kv_dim, rows = (size_t)n;
+        for (int k = 0; k < N_COL && rc == KV_OK; k++)
+            rc = s->be->ops->download(s->be, job->col[k], s->col[k], sizeof(float) * (size_t)H * T);
+        if (rc || (rc = s->be->ops->download(s->be, job->q, L->q, sizeof(float) * rows * (size_t)c->q_dim)) ||
+            (rc = s->be->ops->download(s->be, job->k, L->k_cache + (size_t)p0 * L->kv_stride,
+                                       sizeof(float) * rows * kvd)) ||
+            (rc = s->be->ops->download(s->be, job->v, L->v_cache + (size_t)p0 * L->kv_stride,
+                                       sizeof(float) * rows * kvd)) ||
+            (rc = kv_slab_writer_submit(s->sw, l, p0, n)))
             return rc;
         s->done++;
         char detail[64];
@@ -324,9 +328,14 @@ static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
     float *host = kv_malloc(sizeof(float) * (size_t)H * KV_MAX((size_t)T, (size_t)P * P), "summary staging");
     if (!host)
         return KV_ENOMEM;
+    float *wo = NULL;
+    if (with_wo && !(wo = kv_malloc(sizeof(float) * (size_t)c->dim * c->q_dim, "W_O"))) {
+        kv_free(host);
+        return KV_ENOMEM;
+    }
     for (int l = 0; l < c->n_layers && rc == KV_OK; l++) {
         if (N > 0) {
-            to_head_major(s->dec_q + (size_t)l * N * H * c->head_dim, s->hm, N, H, c->head_dim);
+            kv_to_head_major(s->dec_q + (size_t)l * N * H * c->head_dim, s->hm, N, H, c->head_dim);
             if ((rc = kv_trace_write_rows(s->w, l, KV_T_Q, np, N, s->hm)) ||
                 (rc = write_slab(s, l, KV_T_K, kv_fwd_k_cache(f, l) + (size_t)np * c->kv_dim, np, N, c->n_kv_heads)) ||
                 (rc = write_slab(s, l, KV_T_V, kv_fwd_v_cache(f, l) + (size_t)np * c->kv_dim, np, N, c->n_kv_heads)))
@@ -342,12 +351,32 @@ static int write_rest(cap_t *s, kv_fwd_t *f, const kv_model_t *m, int with_wo)
                                        sizeof(float) * (size_t)H * P * P)) ||
             (rc = kv_trace_write(s->w, l, KV_T_POOLED, host)))
             break;
-        /* W_O of layer l: (dim, q_dim), the trace's (model_dim, n_heads * head_dim) */
-        if (with_wo && (rc = kv_trace_write(s->w, l, KV_T_WO, m->wo + (size_t)l * c->dim * c->q_dim)))
-            break;
+        /* W_O of layer l: (dim, q_dim), the trace's (model_dim, n_heads * head_dim), in fp32 */
+        if (with_wo) {
+            const kv_weight_t w = kv_model_weight(m, l, KV_MW_O);
+            kv_weight_rows(&w, 0, w.rows, wo);
+            if ((rc = kv_trace_write(s->w, l, KV_T_WO, wo)))
+                break;
+        }
     }
+    kv_free(wo);
     kv_free(host);
     return rc;
+}
+
+const char *kv_capture_memory_text(const kv_capture_result_t *r, char *buf, size_t len)
+{
+    char a[8][32];
+    const size_t parts = r->mem_weights_resident + r->mem_cache + r->mem_trace + r->mem_activations + r->mem_summaries;
+    snprintf(buf, len,
+             "peak RSS %s: weights %s resident (of %s as stored) + KV cache %s + trace buffers %s + activations %s "
+             "+ summaries %s, and %s of code, libraries, HDF5 and allocator slack",
+             kv_fmt_bytes((double)r->peak_rss, a[0], 32), kv_fmt_bytes((double)r->mem_weights_resident, a[1], 32),
+             kv_fmt_bytes((double)r->mem_weights, a[2], 32), kv_fmt_bytes((double)r->mem_cache, a[3], 32),
+             kv_fmt_bytes((double)r->mem_trace, a[4], 32), kv_fmt_bytes((double)r->mem_activations, a[5], 32),
+             kv_fmt_bytes((double)r->mem_summaries, a[6], 32),
+             r->peak_rss > parts ? kv_fmt_bytes((double)(r->peak_rss - parts), a[7], 32) : "0 B");
+    return buf;
 }
 
 int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
@@ -378,7 +407,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
     if (o->pool <= 0)
         return kv_error(KV_EINVAL, "--pool must be positive (got %d)", o->pool);
-    if ((rc = kv_model_load(o->model_path, &m)))
+    if ((rc = (o->weights_f32 ? kv_model_load_f32 : kv_model_load)(o->model_path, &m)))
         goto done;
     const kv_model_config_t *c = &m->cfg;
     if (tok_path && (rc = kv_tokenizer_load(tok_path, c->vocab_size, &tok)))
@@ -515,7 +544,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
 
     /* summary and staging buffers */
     const int H = c->n_heads, P = KV_MIN(o->pool, T), N = o->n_decode;
-    const size_t rows = (size_t)KV_MAX(n_prompt, N);
+    const size_t rows = (size_t)KV_MAX(1, N); /* decode rows; the prompt's go through the slab writer */
     s.w = w;
     s.be = be;
     s.c = c;
@@ -540,9 +569,8 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     s.tm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.hm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.small = kv_malloc(sizeof(float) * (size_t)H * n_prompt, "staging");
-    s.host_col = kv_malloc(sizeof(float) * (size_t)H * T, "staging");
     logits = kv_malloc(sizeof(float) * (size_t)c->vocab_size, "logits");
-    if (nomem || !s.pooled || !s.seg_lo || !s.lse_all || !s.dec_q || !s.tm || !s.hm || !s.small || !s.host_col ||
+    if (nomem || !s.pooled || !s.seg_lo || !s.lse_all || !s.dec_q || !s.tm || !s.hm || !s.small ||
         !logits) {
         rc = KV_ENOMEM;
         goto done;
@@ -565,12 +593,42 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
             goto done;
     }
 
-    /* prefill: the hook writes every layer's prompt slab as soon as the layer is done */
+    /* the prompt slabs' writer: one layer's Q, K, V and per-key statistics in flight */
+    {
+        const kv_slab_shape_t shape = {
+            .n_rows = n_prompt,
+            .n_heads = H,
+            .n_kv_heads = c->n_kv_heads,
+            .head_dim = c->head_dim,
+            .col_len = (size_t)H * T,
+            .n_cols = N_COL,
+            .col_tensor = col_tensor,
+            .threaded = !o->no_writer_thread,
+        };
+        if ((rc = kv_slab_writer_start(w, &shape, &s.sw)))
+            goto done;
+    }
+
+    /* prefill: the attention computes each layer's statistics, the hook hands its prompt slab to the writer */
+    const double compress0 = kv_zstd_compress_seconds();
     t0 = kv_now();
     kv_progress_begin(&s.prog, "capture", (long)c->n_layers + N);
+    kv_fwd_set_stats(f, cap_stats, &s);
     if ((rc = kv_fwd_run(f, tokens, n_prompt, 0, logits, 0, cap_hook, &s)))
         goto done;
+    res->prefill_compute_s = kv_now() - t0;
+    rc = kv_slab_writer_finish(s.sw); /* the last layer's slab; HDF5 is this thread's again */
     res->prefill_s = kv_now() - t0;
+    if (rc)
+        goto done;
+    {
+        kv_slab_stats_t st;
+        kv_slab_writer_stats(s.sw, &st);
+        res->writer_busy_s = st.busy_s;
+        res->writer_wait_s = st.wait_s;
+        res->writer_threaded = st.threaded;
+        res->mem_trace = st.bytes;
+    }
 
     /* greedy decode of exactly N tokens */
     t0 = kv_now();
@@ -595,10 +653,23 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     if (rc)
         goto done;
     res->write_s = kv_now() - t0;
+    res->compress_s = kv_zstd_compress_seconds() - compress0;
     res->n_prompt = n_prompt;
     res->n_tokens = T;
     res->n_segments = n_segs;
     res->peak_rss = kv_peak_rss();
+    {
+        kv_fwd_mem_t fm;
+        kv_fwd_memory(f, &fm);
+        res->mem_weights = m->weight_bytes;
+        res->mem_weights_resident = kv_model_resident_bytes(m) + (m->n_maps ? 0 : m->weight_bytes) + fm.weights;
+        res->mem_cache = fm.cache;
+        res->mem_activations = fm.activations;
+        res->mem_trace += sizeof(float) * (size_t)(2 * rows * c->q_dim + (size_t)H * n_prompt);
+        res->mem_summaries = sizeof(float) * ((size_t)(1 + N_ROW) * LHT + LHPP + (size_t)(N_COL + N_ROW) * H * T +
+                                              (size_t)c->n_layers * N * c->q_dim) +
+                             sizeof(int32_t) * (size_t)T;
+    }
     {
         char a[32], detail[128];
         snprintf(detail, sizeof detail, "%d prompt + %d decode tokens, peak RSS %s", n_prompt, N,
@@ -618,7 +689,7 @@ done:
     }
     for (int k = 0; k < N_ROW; k++)
         kv_free(s.row_all[k]);
-    kv_free(s.host_col);
+    kv_slab_writer_free(s.sw);
     kv_free(s.lse_all);
     kv_free(s.dec_q);
     kv_free(s.tm);

@@ -6,6 +6,13 @@
  * hidden_dim), the lse of one block and LOGIT_ROWS rows of logits (all-token logits are produced
  * LOGIT_ROWS rows at a time, so a 32000-token vocabulary never needs a max_batch x vocab buffer).
  *
+ * Weights: the model's descriptors (kv_model_weight) in their stored precision, multiplied by the
+ * backend's matmul_w op. On a host-memory backend (the CPU) they are used in place, in the mapped
+ * checkpoint; elsewhere they are uploaded once: fp32, fp16 and bf16 as stored (rows put in their logical
+ * order on the way), ggml's block types and llama2.c's int8 converted to fp32 on the host first (the
+ * CUDA backend multiplies the first three only). Token embeddings are converted row by row on the host
+ * as tokens come. Norm weights and biases are fp32 arrays.
+ *
  * Widths: the attention works in q_dim = n_heads x head_dim, which is the model width dim for
  * llama2.c, Llama 1/2/3 and Qwen2, but not when config.json gives head_dim explicitly (Mistral-Nemo:
  * dim 5120, 32 heads of 128, q_dim 4096): wq maps dim -> q_dim, wo maps q_dim -> dim, and every
@@ -25,9 +32,17 @@ struct kv_fwd {
     kv_backend_t *be;
     int max_tokens, max_batch;
     /* weights in backend memory (aliases of the model's on the CPU backend) */
-    const float *rms_att, *wq, *wk, *wv, *wo, *rms_ffn, *w1, *w2, *w3, *rms_final, *wcls;
+    kv_layer_weights_t *lw; /* (n_layers) descriptors of backend memory */
+    kv_weight_t cls;        /* (vocab_size, dim) */
+    kv_weight_t emb;        /* (vocab_size, dim) host memory: rows converted as tokens come */
+    const float *rms_att, *rms_ffn, *rms_final;
     const float *bq, *bk, *bv; /* (n_layers, q_dim), (n_layers, kv_dim) x 2; NULL without biases */
-    float *wbuf;               /* uploaded weights (non-CPU backends) */
+    void **wbufs;              /* uploaded weights (non-CPU backends) */
+    int n_wbufs;
+    size_t weight_bytes;       /* backend memory of uploaded weights */
+    float *emb_host;           /* (max_batch, dim) host staging of embedding rows (non-host backends) */
+    kv_fwd_stats_t stats_fn;   /* kv_fwd_set_stats */
+    void *stats_ctx;
     float *k_cache;            /* (n_layers, max_tokens, kv_dim) */
     float *v_cache;            /* (n_layers, max_tokens, kv_dim) */
     float *x, *xb;             /* (max_batch, dim) */
@@ -93,41 +108,102 @@ static void *be_buf(kv_fwd_t *f, size_t n, size_t elem, int *rc)
     return p;
 }
 
-/* Copy the weights to the backend (one block, model order). */
+/* One buffer of backend memory holding `bytes` copied from host memory. */
+static void *upload_buf(kv_fwd_t *f, const void *src, size_t bytes, int *rc)
+{
+    if (*rc)
+        return NULL;
+    void **list = kv_realloc(f->wbufs, sizeof *list * (size_t)(f->n_wbufs + 1), "weight buffers");
+    if (!list) {
+        *rc = KV_ENOMEM;
+        return NULL;
+    }
+    f->wbufs = list;
+    void *p = be_buf(f, bytes ? bytes : 1, 1, rc);
+    if (!p)
+        return NULL;
+    f->wbufs[f->n_wbufs++] = p;
+    f->weight_bytes += bytes;
+    if (bytes && (*rc = f->be->ops->upload(f->be, p, src, bytes)))
+        return NULL;
+    return p;
+}
+
+/* A weight matrix to the backend: fp32/fp16/bf16 as stored with rows in their logical order, any other
+ * type converted to fp32 first. *dst describes the copy. Staging: a host buffer of up to 64 MiB. */
+static int upload_weight(kv_fwd_t *f, const kv_weight_t *w, kv_weight_t *dst)
+{
+    int rc = KV_OK;
+    const int keep = w->type == KV_WT_F32 || w->type == KV_WT_F16 || w->type == KV_WT_BF16;
+    *dst = *w;
+    if (keep && w->perm <= 0) {
+        dst->data = upload_buf(f, w->data, kv_weight_bytes(w), &rc);
+        return rc;
+    }
+    kv_weight_t out = keep ? *w : kv_weight_f32(NULL, w->rows, w->cols);
+    out.perm = 0, out.scales = NULL, out.group = 0;
+    const size_t row_out = keep ? w->row_bytes : (size_t)w->cols * sizeof(float);
+    unsigned char *stage = kv_malloc(row_out * (size_t)w->rows, "weight staging");
+    if (!stage)
+        return kv_error_context(KV_ENOMEM, "uploading a %d x %d weight", w->rows, w->cols);
+    for (int r = 0; r < w->rows; r++) {
+        if (keep) /* a reordered row of stored bytes */
+            memcpy(stage + (size_t)r * row_out, (const unsigned char *)w->data + (size_t)kv_weight_row(w, r) * w->row_bytes,
+                   row_out);
+        else
+            kv_weight_rows(w, r, 1, (float *)(void *)(stage + (size_t)r * row_out));
+    }
+    out.data = upload_buf(f, stage, row_out * (size_t)w->rows, &rc);
+    out.row_bytes = row_out;
+    kv_free(stage);
+    *dst = out;
+    return rc;
+}
+
+/* The weights to the backend: every matrix (upload_weight), the fp32 norms and biases. */
 static int upload_weights(kv_fwd_t *f)
 {
     const kv_model_t *m = f->m;
     const kv_model_config_t *c = &m->cfg;
-    const size_t L = (size_t)c->n_layers, D = (size_t)c->dim, H = (size_t)c->hidden_dim, KV = (size_t)c->kv_dim;
-    const size_t V = (size_t)c->vocab_size, Q = (size_t)c->q_dim, nb = c->qkv_bias ? 1 : 0;
-    struct {
-        const float *src;
-        size_t n;
-        const float **dst;
-    } t[] = {
-        {m->rms_att, L * D, &f->rms_att}, {m->wq, L * Q * D, &f->wq},   {m->wk, L * KV * D, &f->wk},
-        {m->wv, L * KV * D, &f->wv},      {m->wo, L * D * Q, &f->wo},   {m->rms_ffn, L * D, &f->rms_ffn},
-        {m->w1, L * H * D, &f->w1},       {m->w2, L * D * H, &f->w2},   {m->w3, L * H * D, &f->w3},
-        {m->rms_final, D, &f->rms_final}, {m->wcls, V * D, &f->wcls},   {m->bq, nb * L * Q, &f->bq},
-        {m->bk, nb * L * KV, &f->bk},     {m->bv, nb * L * KV, &f->bv},
-    };
-    size_t total = 0;
-    for (size_t i = 0; i < KV_ARRAY_LEN(t); i++)
-        total += t[i].n;
+    const size_t L = (size_t)c->n_layers, D = (size_t)c->dim, KV = (size_t)c->kv_dim, Q = (size_t)c->q_dim;
+    const size_t nb = c->qkv_bias ? 1 : 0;
     int rc = KV_OK;
-    f->wbuf = be_buf(f, total, sizeof(float), &rc);
-    if (rc)
-        return kv_error_context(rc, "uploading %zu weights to the %s backend", total, f->be->name);
-    size_t off = 0;
-    for (size_t i = 0; i < KV_ARRAY_LEN(t); i++) {
-        if (!t[i].n)
-            continue; /* no biases: the pointer stays NULL */
-        if ((rc = f->be->ops->upload(f->be, f->wbuf + off, t[i].src, t[i].n * sizeof(float))))
-            return rc;
-        *t[i].dst = f->wbuf + off;
-        off += t[i].n;
+    for (int l = 0; l < c->n_layers && rc == KV_OK; l++)
+        for (int k = 0; k < KV_MW_N && rc == KV_OK; k++) {
+            const kv_weight_t w = kv_model_weight(m, l, k);
+            rc = upload_weight(f, &w, &f->lw[l].w[k]);
+        }
+    const kv_weight_t cls = kv_model_classifier(m);
+    if (rc == KV_OK)
+        rc = upload_weight(f, &cls, &f->cls);
+    f->rms_att = upload_buf(f, m->rms_att, L * D * sizeof(float), &rc);
+    f->rms_ffn = upload_buf(f, m->rms_ffn, L * D * sizeof(float), &rc);
+    f->rms_final = upload_buf(f, m->rms_final, D * sizeof(float), &rc);
+    if (nb) {
+        f->bq = upload_buf(f, m->bq, L * Q * sizeof(float), &rc);
+        f->bk = upload_buf(f, m->bk, L * KV * sizeof(float), &rc);
+        f->bv = upload_buf(f, m->bv, L * KV * sizeof(float), &rc);
     }
+    if (rc)
+        return kv_error_context(rc, "uploading %s's weights to the %s backend", m->path, f->be->name);
     return KV_OK;
+}
+
+void kv_fwd_set_stats(kv_fwd_t *f, kv_fwd_stats_t fn, void *ctx)
+{
+    f->stats_fn = fn;
+    f->stats_ctx = ctx;
+}
+
+void kv_fwd_memory(const kv_fwd_t *f, kv_fwd_mem_t *out)
+{
+    const kv_model_config_t *c = &f->m->cfg;
+    memset(out, 0, sizeof *out);
+    out->weights = f->weight_bytes;
+    out->cache = 2 * (size_t)c->n_layers * (size_t)f->max_tokens * (size_t)c->kv_dim * sizeof(float);
+    out->activations = f->bytes - out->weights - out->cache;
+    if (f->emb_host)
+        out->activations += (size_t)f->max_batch * (size_t)c->dim * sizeof(float);
 }
 
 int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max_batch, kv_fwd_t **out)
@@ -138,7 +214,7 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     const struct {
         const void *fn;
         const char *name;
-    } need[] = {{(const void *)o->matmul, "matmul"}, {(const void *)o->rmsnorm, "rmsnorm"},
+    } need[] = {{(const void *)o->matmul_w, "matmul_w"}, {(const void *)o->rmsnorm, "rmsnorm"},
                 {(const void *)o->rope, "rope"},     {(const void *)o->swiglu, "swiglu"},
                 {(const void *)o->add, "add"},       {(const void *)o->attention, "attention"}};
     for (size_t i = 0; i < KV_ARRAY_LEN(need); i++)
@@ -166,10 +242,18 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     f->max_tokens = max_tokens;
     f->max_batch = max_batch;
     int rc = KV_OK;
+    f->emb = kv_model_embedding(m);
+    f->lw = kv_calloc((size_t)c->n_layers, sizeof *f->lw, "layer weights");
+    if (!f->lw) {
+        rc = KV_ENOMEM;
+        goto fail;
+    }
     if (be->host_memory) { /* the model's host weights are backend memory already */
-        f->rms_att = m->rms_att, f->wq = m->wq, f->wk = m->wk, f->wv = m->wv, f->wo = m->wo;
-        f->rms_ffn = m->rms_ffn, f->w1 = m->w1, f->w2 = m->w2, f->w3 = m->w3;
-        f->rms_final = m->rms_final, f->wcls = m->wcls;
+        for (int l = 0; l < c->n_layers; l++)
+            for (int k = 0; k < KV_MW_N; k++)
+                f->lw[l].w[k] = kv_model_weight(m, l, k);
+        f->cls = kv_model_classifier(m);
+        f->rms_att = m->rms_att, f->rms_ffn = m->rms_ffn, f->rms_final = m->rms_final;
         f->bq = m->bq, f->bk = m->bk, f->bv = m->bv;
     } else if ((rc = upload_weights(f))) {
         goto fail;
@@ -190,7 +274,9 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
     if (rc)
         goto fail;
     f->pos_host = kv_malloc(B * sizeof(int32_t), "positions");
-    if (!f->pos_host) {
+    if (!be->host_memory)
+        f->emb_host = kv_malloc(B * (size_t)c->dim * sizeof(float), "embedding rows");
+    if (!f->pos_host || (!be->host_memory && !f->emb_host)) {
         rc = KV_ENOMEM;
         goto fail;
     }
@@ -205,10 +291,14 @@ void kv_fwd_free(kv_fwd_t *f)
 {
     if (!f)
         return;
-    void *bufs[] = {f->wbuf, f->k_cache, f->v_cache, f->x,   f->xb,     f->q,
-                    f->att,  f->hb,      f->hb2,     f->lse, f->logits, f->pos};
+    void *bufs[] = {f->k_cache, f->v_cache, f->x, f->xb, f->q, f->att, f->hb, f->hb2, f->lse, f->logits, f->pos};
     for (size_t i = 0; i < KV_ARRAY_LEN(bufs); i++)
         kv_be_free(f->be, bufs[i]);
+    for (int i = 0; i < f->n_wbufs; i++)
+        kv_be_free(f->be, f->wbufs[i]);
+    kv_free(f->wbufs);
+    kv_free(f->lw);
+    kv_free(f->emb_host);
     kv_free(f->pos_host);
     kv_free(f);
 }
@@ -230,19 +320,24 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
     const int D = c->dim, H = c->hidden_dim, KV = c->kv_dim, hd = c->head_dim, Q = c->q_dim;
     const size_t Dz = (size_t)D, Qz = (size_t)Q;
     int rc;
+    /* the tokens' embedding rows, converted on the host (straight into x on a host-memory backend) */
+    float *xh = be->host_memory ? f->x : f->emb_host;
     for (int i = 0; i < nb; i++) {
         f->pos_host[i] = pos0 + i;
-        TRY(o->upload(be, f->x + (size_t)i * Dz, m->token_embedding + (size_t)tokens[i] * Dz, Dz * sizeof(float)));
+        kv_weight_rows(&f->emb, tokens[i], 1, xh + (size_t)i * Dz);
     }
+    if (!be->host_memory)
+        TRY(o->upload(be, f->x, xh, (size_t)nb * Dz * sizeof(float)));
     TRY(o->upload(be, f->pos, f->pos_host, (size_t)nb * sizeof(int32_t)));
     for (int l = 0; l < c->n_layers; l++) {
         const size_t lc = (size_t)l * f->max_tokens * KV;
         float *kc = f->k_cache + lc, *vc = f->v_cache + lc; /* (max_tokens, kv_dim) */
         TRY(o->rmsnorm(be, f->xb, f->x, f->rms_att + (size_t)l * Dz, nb, D, c->norm_eps));
         float *kn = kc + (size_t)pos0 * KV, *vn = vc + (size_t)pos0 * KV; /* (nb, kv_dim): this block's rows */
-        TRY(o->matmul(be, f->q, f->xb, f->wq + (size_t)l * Qz * Dz, nb, Q, D));
-        TRY(o->matmul(be, kn, f->xb, f->wk + (size_t)l * KV * Dz, nb, KV, D));
-        TRY(o->matmul(be, vn, f->xb, f->wv + (size_t)l * KV * Dz, nb, KV, D));
+        const kv_weight_t *w = f->lw[l].w;
+        TRY(o->matmul_w(be, f->q, f->xb, &w[KV_MW_Q], nb));
+        TRY(o->matmul_w(be, kn, f->xb, &w[KV_MW_K], nb));
+        TRY(o->matmul_w(be, vn, f->xb, &w[KV_MW_V], nb));
         if (c->qkv_bias) { /* Qwen2: q, k, v = xb w^T + b, before RoPE */
             TRY(o->add_bias(be, f->q, f->bq + (size_t)l * Qz, nb, Q));
             TRY(o->add_bias(be, kn, f->bk + (size_t)l * KV, nb, KV));
@@ -264,18 +359,24 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
             .head_dim = hd,
             .scale = (float)(1.0 / sqrt((double)hd)),
         };
+        kv_attn_stats_args_t st;
+        if (f->stats_fn) { /* statistics of the same scores, computed by the attention op */
+            memset(&st, 0, sizeof st);
+            TRY(f->stats_fn(f->stats_ctx, l, nb, pos0, &st));
+            a.stats = &st;
+        }
         TRY(o->attention(be, &a));
         if (hook) {
             kv_fwd_layer_t v = {l, nb, pos0, f->q, kc, vc, (size_t)KV, f->lse};
             TRY(hook(hook_ctx, &v));
         }
-        TRY(o->matmul(be, f->xb, f->att, f->wo + (size_t)l * Dz * Qz, nb, D, Q));
+        TRY(o->matmul_w(be, f->xb, f->att, &w[KV_MW_O], nb));
         TRY(o->add(be, f->x, f->xb, (size_t)nb * Dz));
         TRY(o->rmsnorm(be, f->xb, f->x, f->rms_ffn + (size_t)l * Dz, nb, D, c->norm_eps));
-        TRY(o->matmul(be, f->hb, f->xb, f->w1 + (size_t)l * H * Dz, nb, H, D));
-        TRY(o->matmul(be, f->hb2, f->xb, f->w3 + (size_t)l * H * Dz, nb, H, D));
+        TRY(o->matmul_w(be, f->hb, f->xb, &w[KV_MW_GATE], nb));
+        TRY(o->matmul_w(be, f->hb2, f->xb, &w[KV_MW_UP], nb));
         TRY(o->swiglu(be, f->hb, f->hb2, (size_t)nb * H));
-        TRY(o->matmul(be, f->xb, f->hb, f->w2 + (size_t)l * Dz * H, nb, D, H));
+        TRY(o->matmul_w(be, f->xb, f->hb, &w[KV_MW_DOWN], nb));
         TRY(o->add(be, f->x, f->xb, (size_t)nb * Dz));
     }
     if (!logits || logit_row0 >= nb)
@@ -287,7 +388,7 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
                    c->norm_eps));
     for (int r = 0; r < nr; r += LOGIT_ROWS) {
         int cnt = KV_MIN(LOGIT_ROWS, nr - r);
-        TRY(o->matmul(be, f->logits, f->xb + (size_t)(logit_row0 + r) * Dz, f->wcls, cnt, c->vocab_size, D));
+        TRY(o->matmul_w(be, f->logits, f->xb + (size_t)(logit_row0 + r) * Dz, &f->cls, cnt));
         TRY(o->download(be, logits + (size_t)r * V, f->logits, (size_t)cnt * V * sizeof(float)));
     }
     return KV_OK;

@@ -27,34 +27,17 @@
  * copied once, NUL-terminated, into one arena. Each array of strings gets an index of its elements'
  * offsets at open, so kv_gguf_arr_str is O(1) (tokenizer vocabularies are 50k-250k strings).
  *
- * Dequantisation follows ggml-quants.c's dequantize_row_* block by block, with the same operation
- * order in fp32 (the fp16 scales through kv_f16.h, which is exact), so results are bit-identical to
- * ggml's reference code and to the gguf Python package's dequantize (tests/test_gguf.c checks both
- * on random blocks and on a real file). Block layouts (ggml-common.h), QK = elements per block:
- *   Q4_0 (QK 32, 18 B): fp16 d, 16 bytes of nibbles; y[j] = (lo(q[j]) - 8) d, y[j+16] = (hi(q[j]) - 8) d
- *   Q4_1 (32, 20 B): fp16 d, fp16 m, nibbles; y = q d + m
- *   Q5_0 (32, 22 B): fp16 d, uint32 qh (5th bits: bit j for y[j], bit j+16 for y[j+16]), nibbles;
- *                    y = (q | h << 4) - 16) d
- *   Q5_1 (32, 24 B): fp16 d, fp16 m, uint32 qh, nibbles; y = (q | h << 4) d + m
- *   Q8_0 (32, 34 B): fp16 d, 32 int8; y = q d
- *   Q4_K (256, 144 B): fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32
- *                    (get_scale_min_k4), 128 bytes of nibbles: each 64 values use 32 bytes, low
- *                    nibbles for the first 32 (sub-block 2i), high for the next (2i+1);
- *                    y = (d sc) q - (dmin m)
- *   Q5_K (256, 176 B): as Q4_K plus qh[32] before the nibbles: bit 2i of qh[l] is the 5th bit of
- *                    value l of sub-block 2i, bit 2i+1 that of sub-block 2i+1
- *   Q6_K (256, 210 B): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one per 16
- *                    values), fp16 d; each half of 128 values: value l + 32k (k = 0..3) takes
- *                    ql[l (+32 for k odd)] low (k < 2) or high nibble and bits 2k..2k+1 of qh[l];
- *                    y = (d sc) (q - 32)
- *   F32, F16, BF16 (1 value per block): converted exactly.
- * The per-block loop runs under OpenMP for large tensors; each output element depends on its own
- * block alone, so the result does not depend on the thread count.
+ * Dequantisation (kv_gguf_dequant) is kernels/kv_weight.h's, shared with the forward pass's on-the-fly
+ * conversion of weights kept in their stored type: ggml-quants.c's dequantize_row_* block by block,
+ * bit-identical to ggml's reference code and to the gguf Python package (the block layouts are listed
+ * in kernels/cpu/weights.c). kv_gguf_dequant splits a large tensor into chunks of blocks under OpenMP;
+ * each output element depends on its own block alone, so the result does not depend on the thread
+ * count.
  */
 #include "traces/capture/kv_gguf.h"
 
+#include "kernels/kv_weight.h"
 #include "sim/common/kv_common.h"
-#include "traces/kv_f16.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,12 +46,6 @@
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "gguf.c reads fp32 and fp16 tensor data in place: it needs a little-endian host"
-#endif
-
-/* ggml computes y = d*q - m as a multiply then a subtract; a fused multiply-add would change the
- * last bit. GCC leaves contraction off in ISO C mode (-std=c11); clang needs telling. */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
 #endif
 
 #define MAX_COUNT (1u << 24)     /* keys, tensors */
@@ -82,46 +59,31 @@
 
 /* ---------------------------------------------------------------- types */
 
-typedef void (*deq_fn)(const unsigned char *src, uint64_t n_blocks, float *dst);
-
 typedef struct {
     const char *name; /* NULL: no type of this number */
     int block, bytes; /* 0: no layout (removed from ggml) */
-    deq_fn deq;       /* NULL: not dequantised by kvsim */
 } type_info_t;
-
-static void deq_f32(const unsigned char *s, uint64_t nb, float *y);
-static void deq_f16(const unsigned char *s, uint64_t nb, float *y);
-static void deq_bf16(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q4_0(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q4_1(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q5_0(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q5_1(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q8_0(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q4_k(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q5_k(const unsigned char *s, uint64_t nb, float *y);
-static void deq_q6_k(const unsigned char *s, uint64_t nb, float *y);
 
 /* ggml.h's enum ggml_type, with ggml-common.h's block sizes (the gguf Python package's
  * GGML_QUANT_SIZES agrees). Gaps are numbers ggml retired. */
 static const type_info_t types[] = {
-    [0] = {"F32", 1, 4, deq_f32},        [1] = {"F16", 1, 2, deq_f16},        [2] = {"Q4_0", 32, 18, deq_q4_0},
-    [3] = {"Q4_1", 32, 20, deq_q4_1},    [4] = {"Q4_2", 0, 0, NULL}, /* removed in 2023 */
-    [5] = {"Q4_3", 0, 0, NULL},                                      /* removed in 2023 */
-    [6] = {"Q5_0", 32, 22, deq_q5_0},    [7] = {"Q5_1", 32, 24, deq_q5_1},    [8] = {"Q8_0", 32, 34, deq_q8_0},
-    [9] = {"Q8_1", 32, 40, NULL},        [10] = {"Q2_K", 256, 84, NULL},      [11] = {"Q3_K", 256, 110, NULL},
-    [12] = {"Q4_K", 256, 144, deq_q4_k}, [13] = {"Q5_K", 256, 176, deq_q5_k}, [14] = {"Q6_K", 256, 210, deq_q6_k},
-    [15] = {"Q8_K", 256, 292, NULL},     [16] = {"IQ2_XXS", 256, 66, NULL},   [17] = {"IQ2_XS", 256, 74, NULL},
-    [18] = {"IQ3_XXS", 256, 98, NULL},   [19] = {"IQ1_S", 256, 50, NULL},     [20] = {"IQ4_NL", 32, 18, NULL},
-    [21] = {"IQ3_S", 256, 110, NULL},    [22] = {"IQ2_S", 256, 82, NULL},     [23] = {"IQ4_XS", 256, 136, NULL},
-    [24] = {"I8", 1, 1, NULL},           [25] = {"I16", 1, 2, NULL},          [26] = {"I32", 1, 4, NULL},
-    [27] = {"I64", 1, 8, NULL},          [28] = {"F64", 1, 8, NULL},          [29] = {"IQ1_M", 256, 56, NULL},
-    [30] = {"BF16", 1, 2, deq_bf16},     [31] = {"Q4_0_4_4", 0, 0, NULL}, /* 31-33, 36-38: repacked layouts, removed
+    [0] = {"F32", 1, 4},        [1] = {"F16", 1, 2},        [2] = {"Q4_0", 32, 18},
+    [3] = {"Q4_1", 32, 20},    [4] = {"Q4_2", 0, 0}, /* removed in 2023 */
+    [5] = {"Q4_3", 0, 0},                                      /* removed in 2023 */
+    [6] = {"Q5_0", 32, 22},    [7] = {"Q5_1", 32, 24},    [8] = {"Q8_0", 32, 34},
+    [9] = {"Q8_1", 32, 40},        [10] = {"Q2_K", 256, 84},      [11] = {"Q3_K", 256, 110},
+    [12] = {"Q4_K", 256, 144}, [13] = {"Q5_K", 256, 176}, [14] = {"Q6_K", 256, 210},
+    [15] = {"Q8_K", 256, 292},     [16] = {"IQ2_XXS", 256, 66},   [17] = {"IQ2_XS", 256, 74},
+    [18] = {"IQ3_XXS", 256, 98},   [19] = {"IQ1_S", 256, 50},     [20] = {"IQ4_NL", 32, 18},
+    [21] = {"IQ3_S", 256, 110},    [22] = {"IQ2_S", 256, 82},     [23] = {"IQ4_XS", 256, 136},
+    [24] = {"I8", 1, 1},           [25] = {"I16", 1, 2},          [26] = {"I32", 1, 4},
+    [27] = {"I64", 1, 8},          [28] = {"F64", 1, 8},          [29] = {"IQ1_M", 256, 56},
+    [30] = {"BF16", 1, 2},     [31] = {"Q4_0_4_4", 0, 0}, /* 31-33, 36-38: repacked layouts, removed
                                                                              from GGUF files */
-    [32] = {"Q4_0_4_8", 0, 0, NULL},     [33] = {"Q4_0_8_8", 0, 0, NULL},     [34] = {"TQ1_0", 256, 54, NULL},
-    [35] = {"TQ2_0", 256, 66, NULL},     [36] = {"IQ4_NL_4_4", 0, 0, NULL},   [37] = {"IQ4_NL_4_8", 0, 0, NULL},
-    [38] = {"IQ4_NL_8_8", 0, 0, NULL},   [39] = {"MXFP4", 32, 17, NULL},      [40] = {"NVFP4", 64, 36, NULL},
-    [41] = {"Q1_0", 128, 18, NULL},      [42] = {"Q2_0", 0, 0, NULL}, /* newest ggml: layout not known here */
+    [32] = {"Q4_0_4_8", 0, 0},     [33] = {"Q4_0_8_8", 0, 0},     [34] = {"TQ1_0", 256, 54},
+    [35] = {"TQ2_0", 256, 66},     [36] = {"IQ4_NL_4_4", 0, 0},   [37] = {"IQ4_NL_4_8", 0, 0},
+    [38] = {"IQ4_NL_8_8", 0, 0},   [39] = {"MXFP4", 32, 17},      [40] = {"NVFP4", 64, 36},
+    [41] = {"Q1_0", 128, 18},      [42] = {"Q2_0", 0, 0}, /* newest ggml: layout not known here */
 };
 
 static const type_info_t *type_info(int type)
@@ -139,8 +101,7 @@ const char *kv_gguf_type_name(int type)
 
 int kv_gguf_type_supported(int type)
 {
-    const type_info_t *t = type_info(type);
-    return t && t->deq != NULL;
+    return type_info(type) && kv_weight_type_name(type) != NULL; /* kernels/kv_weight.h converts it */
 }
 
 int kv_gguf_type_block(int type, int *block_elems, int *block_bytes)
@@ -203,6 +164,7 @@ struct kv_gguf {
     int version;
     const unsigned char *map;
     size_t size;
+    int map_given; /* kv_gguf_give_mapping: the caller unmaps it */
     uint64_t alignment, data_off;
     int n_kv, n_tensors;
     entry_t *kv;
@@ -637,7 +599,7 @@ void kv_gguf_close(kv_gguf_t *g)
 {
     if (!g)
         return;
-    if (g->map)
+    if (g->map && !g->map_given)
         munmap((void *)g->map, g->size);
     kv_free(g->kv);
     kv_free(g->kv_order);
@@ -648,6 +610,13 @@ void kv_gguf_close(kv_gguf_t *g)
     kv_free(g->str_off);
     kv_free(g->path);
     kv_free(g);
+}
+
+void kv_gguf_give_mapping(kv_gguf_t *g, void **map, size_t *len)
+{
+    *map = (void *)g->map;
+    *len = g->size;
+    g->map_given = 1;
 }
 
 const char *kv_gguf_path(const kv_gguf_t *g)
@@ -924,185 +893,13 @@ const kv_gguf_tensor_t *kv_gguf_find_tensor(const kv_gguf_t *g, const char *name
 
 /* ---------------------------------------------------------------- dequantisation */
 
-static float f16_at(const unsigned char *p)
-{
-    return kv_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
-}
-
-static void deq_f32(const unsigned char *s, uint64_t nb, float *y)
-{
-    memcpy(y, s, (size_t)nb * 4);
-}
-
-static void deq_f16(const unsigned char *s, uint64_t nb, float *y)
-{
-    if (((uintptr_t)s & 1) == 0) {
-        kv_f16_to_f32_n((const uint16_t *)(const void *)s, y, (size_t)nb);
-        return;
-    }
-    for (uint64_t i = 0; i < nb; i++) /* odd address (alignment 1): byte by byte */
-        y[i] = f16_at(s + 2 * i);
-}
-
-static void deq_bf16(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t i = 0; i < nb; i++) {
-        const uint32_t u = (uint32_t)(s[2 * i] | s[2 * i + 1] << 8) << 16; /* the top half of an fp32 */
-        memcpy(&y[i], &u, 4);
-    }
-}
-
-static void deq_q4_0(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 18, y += 32) {
-        const float d = f16_at(s);
-        const unsigned char *q = s + 2;
-        for (int j = 0; j < 16; j++) {
-            y[j] = (float)((q[j] & 0x0F) - 8) * d;
-            y[j + 16] = (float)((q[j] >> 4) - 8) * d;
-        }
-    }
-}
-
-static void deq_q4_1(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 20, y += 32) {
-        const float d = f16_at(s), m = f16_at(s + 2);
-        const unsigned char *q = s + 4;
-        for (int j = 0; j < 16; j++) {
-            const float p0 = (float)(q[j] & 0x0F) * d, p1 = (float)(q[j] >> 4) * d;
-            y[j] = p0 + m;
-            y[j + 16] = p1 + m;
-        }
-    }
-}
-
-static void deq_q5_0(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 22, y += 32) {
-        const float d = f16_at(s);
-        const uint32_t qh = (uint32_t)le(s + 2, 4);
-        const unsigned char *q = s + 6;
-        for (int j = 0; j < 16; j++) {
-            const int h0 = (int)((qh >> j) & 1) << 4, h1 = (int)((qh >> (j + 16)) & 1) << 4;
-            y[j] = (float)(((q[j] & 0x0F) | h0) - 16) * d;
-            y[j + 16] = (float)(((q[j] >> 4) | h1) - 16) * d;
-        }
-    }
-}
-
-static void deq_q5_1(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 24, y += 32) {
-        const float d = f16_at(s), m = f16_at(s + 2);
-        const uint32_t qh = (uint32_t)le(s + 4, 4);
-        const unsigned char *q = s + 8;
-        for (int j = 0; j < 16; j++) {
-            const int h0 = (int)((qh >> j) & 1) << 4, h1 = (int)((qh >> (j + 16)) & 1) << 4;
-            const float p0 = (float)((q[j] & 0x0F) | h0) * d, p1 = (float)((q[j] >> 4) | h1) * d;
-            y[j] = p0 + m;
-            y[j + 16] = p1 + m;
-        }
-    }
-}
-
-static void deq_q8_0(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 34, y += 32) {
-        const float d = f16_at(s);
-        for (int j = 0; j < 32; j++)
-            y[j] = (float)(int8_t)s[2 + j] * d;
-    }
-}
-
-/* Sub-block j's 6-bit scale and min from the 12 packed bytes of a Q4_K / Q5_K block (ggml's
- * get_scale_min_k4): sub-blocks 0..3 in the low 6 bits of bytes j and j + 4; 4..7 in the nibbles
- * of bytes j + 4 with their top 2 bits in the top bits of bytes j - 4 and j. */
-static void scale_min_k4(int j, const unsigned char *q, int *sc, int *m)
-{
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
-
-static void deq_q4_k(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 144) {
-        const float d = f16_at(s), dmin = f16_at(s + 2);
-        const unsigned char *sc = s + 4, *q = s + 16;
-        for (int j = 0; j < 8; j += 2, q += 32) {
-            int s0, m0, s1, m1;
-            scale_min_k4(j, sc, &s0, &m0);
-            scale_min_k4(j + 1, sc, &s1, &m1);
-            const float d0 = d * (float)s0, c0 = dmin * (float)m0, d1 = d * (float)s1, c1 = dmin * (float)m1;
-            for (int l = 0; l < 32; l++) {
-                const float p = d0 * (float)(q[l] & 0x0F);
-                *y++ = p - c0;
-            }
-            for (int l = 0; l < 32; l++) {
-                const float p = d1 * (float)(q[l] >> 4);
-                *y++ = p - c1;
-            }
-        }
-    }
-}
-
-static void deq_q5_k(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 176) {
-        const float d = f16_at(s), dmin = f16_at(s + 2);
-        const unsigned char *sc = s + 4, *qh = s + 16, *q = s + 48;
-        for (int j = 0; j < 8; j += 2, q += 32) {
-            int s0, m0, s1, m1;
-            scale_min_k4(j, sc, &s0, &m0);
-            scale_min_k4(j + 1, sc, &s1, &m1);
-            const float d0 = d * (float)s0, c0 = dmin * (float)m0, d1 = d * (float)s1, c1 = dmin * (float)m1;
-            const unsigned u0 = 1u << j, u1 = 2u << j;
-            for (int l = 0; l < 32; l++) {
-                const float p = d0 * (float)((q[l] & 0x0F) + (qh[l] & u0 ? 16 : 0));
-                *y++ = p - c0;
-            }
-            for (int l = 0; l < 32; l++) {
-                const float p = d1 * (float)((q[l] >> 4) + (qh[l] & u1 ? 16 : 0));
-                *y++ = p - c1;
-            }
-        }
-    }
-}
-
-static void deq_q6_k(const unsigned char *s, uint64_t nb, float *y)
-{
-    for (uint64_t b = 0; b < nb; b++, s += 210) {
-        const float d = f16_at(s + 208);
-        const unsigned char *ql = s, *qh = s + 128;
-        const signed char *sc = (const signed char *)(s + 192);
-        for (int half = 0; half < 2; half++, y += 128, ql += 64, qh += 32, sc += 8) {
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                const int q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
-                const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = d * (float)sc[is] * (float)q1;
-                y[l + 32] = d * (float)sc[is + 2] * (float)q2;
-                y[l + 64] = d * (float)sc[is + 4] * (float)q3;
-                y[l + 96] = d * (float)sc[is + 6] * (float)q4;
-            }
-        }
-    }
-}
-
 #define DEQ_CHUNK 16384 /* values per parallel work item */
 
 int kv_gguf_dequant(int type, const void *src, uint64_t n, float *dst)
 {
     const type_info_t *ti = type_info(type);
     char tn[32];
-    if (!ti || !ti->deq)
+    if (!kv_gguf_type_supported(type))
         return kv_error(KV_EFORMAT,
                         "cannot dequantise ggml type %s (kvsim dequantises F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
                         "Q8_0, Q4_K, Q5_K and Q6_K)",
@@ -1116,7 +913,7 @@ int kv_gguf_dequant(int type, const void *src, uint64_t n, float *dst)
 #pragma omp parallel for schedule(static) if (n > 4 * DEQ_CHUNK)
     for (int64_t c = 0; c < chunks; c++) {
         const uint64_t b0 = (uint64_t)c * per, cnt = KV_MIN(per, nb - b0);
-        ti->deq(s + b0 * (uint64_t)ti->bytes, cnt, dst + b0 * (uint64_t)ti->block);
+        kv_weight_dequant(type, s + b0 * (uint64_t)ti->bytes, cnt * (uint64_t)ti->block, dst + b0 * (uint64_t)ti->block);
     }
     return KV_OK;
 }

@@ -9,9 +9,12 @@
  * Then exactly n_decode tokens are decoded greedily (EOS does not stop the run); their Q rows are
  * buffered (n_layers x n_decode x dim floats) and their K, V rows are read back from the KV cache at
  * the end. With q_tail >= 0 (a lean trace) only the queries of the last q_tail prompt tokens and of
- * the decode tokens are stored. Peak memory is the model, its KV cache, one layer's staging buffers
- * (the per-key statistics: 6 n_heads x T floats), the decode Q rows and the per-query summaries
- * (n_layers x n_heads x (5 T + pool^2) floats).
+ * the decode tokens are stored. The statistics are computed by the attention op from the same scores
+ * as the attention (kv_fwd_set_stats), and each prompt slab is written by a thread of its own while the
+ * forward pass goes on (capture_writer.c). Peak memory is the model's weights as stored (mapped, paged
+ * in as they are read), its KV cache, one layer of trace buffers (Q, K, V and the per-key statistics:
+ * 6 n_heads x T floats, plus a head-major staging copy), the activations of one block, the decode Q
+ * rows and the per-query summaries (n_layers x n_heads x (5 T + pool^2) floats); the result has each.
  */
 #ifndef KV_CAPTURE_H
 #define KV_CAPTURE_H
@@ -50,6 +53,9 @@ typedef struct {
     const char *generator;  /* text recorded as the trace's generator (the options); NULL: built here */
     int q_tail;             /* >= 0: a lean trace, queries stored only for the last q_tail prompt tokens
                                and the decode tokens; -1 (default): every query */
+    int weights_f32;        /* 1: convert the weights to fp32 at load (kv_model_load_f32; the same
+                               numbers, 4 bytes a parameter) instead of keeping them as stored */
+    int no_writer_thread;   /* 1: write each layer's slab on the capture's thread (no overlap) */
 } kv_capture_opts_t;
 
 /* Defaults for everything but the paths and the prompt. */
@@ -58,9 +64,22 @@ void kv_capture_opts_init(kv_capture_opts_t *o);
 typedef struct {
     int n_prompt, n_tokens, n_segments;
     double load_s, prefill_s, decode_s, write_s;
-    size_t peak_rss;  /* bytes, after the capture */
+    double prefill_compute_s; /* the prefill's forward pass with its statistics (prefill_s adds the wait for
+                                 the last layer's slab) */
+    double writer_busy_s;     /* time the slab writer spent writing the prompt slabs (overlapped) */
+    double writer_wait_s;     /* time the forward pass waited for the slab writer */
+    double compress_s;        /* zstd compression, on every thread (within writer_busy_s and write_s) */
+    int writer_threaded;      /* 1: the slabs were written by their own thread */
+    size_t peak_rss;          /* bytes, after the capture */
+    /* memory by use (bytes): the model's weights as held (mapped or allocated) and how much of them is
+     * resident at the end; the KV cache; one layer of trace buffers; activations; the summaries and
+     * statistics held for the whole trace */
+    size_t mem_weights, mem_weights_resident, mem_cache, mem_trace, mem_activations, mem_summaries;
     char device[128]; /* backend description */
 } kv_capture_result_t;
+
+/* "peak RSS 1.2 GiB: weights 98 MiB mapped (97 MiB resident) + KV cache ... + ..." into buf. */
+const char *kv_capture_memory_text(const kv_capture_result_t *r, char *buf, size_t len);
 
 int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res);
 

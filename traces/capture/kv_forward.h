@@ -19,8 +19,10 @@
  *
  * After each layer's attention an optional hook sees that layer's post-RoPE queries, the KV cache
  * and the attention's log-sum-exp (all backend memory), which is how capture records traces
- * without a second forward pass. All buffers live in the backend's memory; on a host-memory backend
- * (the CPU) the model's weights are used in place (no copy), elsewhere they are uploaded once.
+ * without a second forward pass; a statistics callback (kv_fwd_set_stats) has the attention op compute
+ * attn_stats's outputs from the same scores. All buffers live in the backend's memory; on a host-memory
+ * backend (the CPU) the model's weights are used in place, in their stored precision (no copy),
+ * elsewhere they are uploaded once (forward.c says how each type travels).
  */
 #ifndef KV_FORWARD_H
 #define KV_FORWARD_H
@@ -48,6 +50,11 @@ typedef struct {
 /* Return KV_OK to continue, an error status to stop the forward pass. */
 typedef int (*kv_fwd_hook_t)(void *ctx, const kv_fwd_layer_t *layer);
 
+/* Before layer `layer`'s attention on tokens [q_pos0, q_pos0 + n_q): fill the outputs of *st (zeroed by
+ * the caller: outputs, head_end, mass, seg_lo, pool, pool_T, acc_stride) that the attention op is to
+ * compute with it (kv_attn_args_t.stats; the forward pass sets its inputs). Return KV_OK to go on. */
+typedef int (*kv_fwd_stats_t)(void *ctx, int layer, int n_q, int q_pos0, kv_attn_stats_args_t *st);
+
 /* A forward pass of model `m` on backend `be` with a KV cache of max_tokens tokens, running at
  * most max_batch tokens per block (longer calls are split into blocks). The model must outlive it. */
 int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max_batch, kv_fwd_t **out);
@@ -58,6 +65,17 @@ void kv_fwd_free(kv_fwd_t *f);
  * hook (may be NULL) is called after every layer's attention of every block. */
 int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logits, int all_logits, kv_fwd_hook_t hook,
                void *hook_ctx);
+
+/* Statistics with every attention from now on (fn NULL: none). */
+void kv_fwd_set_stats(kv_fwd_t *f, kv_fwd_stats_t fn, void *ctx);
+
+/* Backend memory the pass holds, by use (bytes). */
+typedef struct {
+    size_t weights;     /* uploaded weights (0 on a host-memory backend: the model's own are used) */
+    size_t cache;       /* the KV cache, 2 x n_layers x max_tokens x kv_dim floats */
+    size_t activations; /* one block's activations, lse, logits rows, positions */
+} kv_fwd_mem_t;
+void kv_fwd_memory(const kv_fwd_t *f, kv_fwd_mem_t *out);
 
 const kv_model_t *kv_fwd_model(const kv_fwd_t *f);
 kv_backend_t *kv_fwd_backend(const kv_fwd_t *f);

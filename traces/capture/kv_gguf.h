@@ -79,6 +79,9 @@ int kv_gguf_version(const kv_gguf_t *g);
 /* The mapped file (read-only, *len bytes): every string and tensor the getters return lies inside
  * it (the fuzz harness checks that). */
 const unsigned char *kv_gguf_mapping(const kv_gguf_t *g, size_t *len);
+/* Hand the mapping to the caller, who munmaps it (after kv_gguf_close, which then leaves it): the
+ * model loader keeps the tensor data mapped while the model lives. */
+void kv_gguf_give_mapping(kv_gguf_t *g, void **map, size_t *len);
 
 /* ---- metadata ----
  * Getters return KV_OK, KV_EUNAVAIL when the key is absent (no message recorded, so callers can

@@ -1,6 +1,8 @@
 /*
  * model.c: the model family's core: the format dispatch table, the configuration check shared by
- * every loader, the checkpoint hash, describe and free (kv_model.h).
+ * every loader, the checkpoint hash, the weights' two representations (descriptors of stored matrices,
+ * fp32 arrays; kv_model_weight serves both, kv_model_to_f32 turns the first into the second), describe
+ * and free (kv_model.h).
  *
  * Formats are probed in table order and the first that claims the path loads it; the last row
  * (llama2.c, whose files have no magic in version 0) claims everything, so a file of an unknown
@@ -18,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 /* Upper bounds well beyond any Llama model; larger values mean a corrupt header. */
 #define MAX_DIM 65536
@@ -53,6 +56,169 @@ int kv_model_load(const char *path, kv_model_t **out)
     if (rc == KV_OK && !(*out)->format)
         (*out)->format = f->name;
     return rc;
+}
+
+int kv_model_load_f32(const char *path, kv_model_t **out)
+{
+    int rc = kv_model_load(path, out);
+    if (rc == KV_OK && (rc = kv_model_to_f32(*out))) {
+        kv_model_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+int kv_model_add_map(kv_model_t *m, void *map, size_t len)
+{
+    void **maps = kv_realloc(m->maps, sizeof *maps * (size_t)(m->n_maps + 1), "mapping list");
+    if (maps)
+        m->maps = maps;
+    size_t *lens = maps ? kv_realloc(m->map_len, sizeof *lens * (size_t)(m->n_maps + 1), "mapping list") : NULL;
+    if (lens)
+        m->map_len = lens;
+    if (!maps || !lens) {
+        munmap(map, len);
+        return KV_ENOMEM;
+    }
+    m->maps[m->n_maps] = map;
+    m->map_len[m->n_maps++] = len;
+    return KV_OK;
+}
+
+/* ---- the weights' two representations ---- */
+
+/* Rows and columns of matrix `which` (KV_MW_*). */
+static void mw_shape(const kv_model_config_t *c, int which, int *rows, int *cols)
+{
+    static const int out_in[KV_MW_N][2] = {{0, 1}, {2, 1}, {2, 1}, {1, 0}, {3, 1}, {1, 3}, {3, 1}};
+    const int dims[4] = {c->q_dim, c->dim, c->kv_dim, c->hidden_dim};
+    *rows = dims[out_in[which][0]];
+    *cols = dims[out_in[which][1]];
+}
+
+/* The stacked fp32 array of matrix `which` (all layers). */
+static const float *mw_f32(const kv_model_t *m, int which)
+{
+    const float *const p[KV_MW_N] = {m->wq, m->wk, m->wv, m->wo, m->w1, m->w2, m->w3};
+    return p[which];
+}
+
+kv_weight_t kv_model_weight(const kv_model_t *m, int layer, int which)
+{
+    if (m->layers)
+        return m->layers[layer].w[which];
+    int rows, cols;
+    mw_shape(&m->cfg, which, &rows, &cols);
+    return kv_weight_f32(mw_f32(m, which) + (size_t)layer * rows * cols, rows, cols);
+}
+
+kv_weight_t kv_model_embedding(const kv_model_t *m)
+{
+    if (m->layers)
+        return m->emb_w;
+    return kv_weight_f32(m->token_embedding, m->cfg.vocab_size, m->cfg.dim);
+}
+
+kv_weight_t kv_model_classifier(const kv_model_t *m)
+{
+    if (m->layers)
+        return m->cls_w;
+    return kv_weight_f32(m->wcls, m->cfg.vocab_size, m->cfg.dim);
+}
+
+/* dst (w->rows, w->cols) = the whole matrix in fp32, converted in chunks of rows on all threads. */
+static void convert_all(const kv_weight_t *w, float *dst)
+{
+    enum { CHUNK = 64 };
+    const int nch = (w->rows + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int ch = 0; ch < nch; ch++) {
+        const int r0 = ch * CHUNK;
+        kv_weight_rows(w, r0, KV_MIN(CHUNK, w->rows - r0), dst + (size_t)r0 * w->cols);
+    }
+}
+
+int kv_model_to_f32(kv_model_t *m)
+{
+    if (!m->layers)
+        return KV_OK;
+    const kv_model_config_t *c = &m->cfg;
+    const size_t L = (size_t)c->n_layers, D = (size_t)c->dim, H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
+    const size_t Q = (size_t)c->q_dim, KV = (size_t)c->kv_dim, B = m->bq ? 1 : 0;
+    /* one allocation in the order of kv_model.h's pointers */
+    enum { EMB, RMS_ATT, WQ, WK, WV, WO, RMS_FFN, W1, W2, W3, RMS_FINAL, WCLS, BQ, BK, BV, NPART };
+    const size_t sizes[NPART] = {V * D, L * D,     L * Q * D, L * KV * D, L * KV * D, L * D * Q, L * D, L * H * D,
+                                 L * D * H, L * H * D, D, c->shared_classifier ? 0 : V * D, B * L * Q, B * L * KV,
+                                 B * L * KV};
+    size_t total = 0;
+    for (int i = 0; i < NPART; i++)
+        total += sizes[i];
+    float *own = kv_malloc_aligned(total * sizeof(float), "model weights");
+    if (!own)
+        return kv_error_context(KV_ENOMEM, "%s: converting the weights to fp32", m->path);
+    float *p[NPART];
+    p[0] = own;
+    for (int i = 1; i < NPART; i++)
+        p[i] = p[i - 1] + sizes[i - 1];
+    convert_all(&m->emb_w, p[EMB]);
+    if (!c->shared_classifier)
+        convert_all(&m->cls_w, p[WCLS]);
+    static const int part_of[KV_MW_N] = {WQ, WK, WV, WO, W1, W2, W3};
+    for (int k = 0; k < KV_MW_N; k++) {
+        int rows, cols;
+        mw_shape(c, k, &rows, &cols);
+        for (size_t l = 0; l < L; l++)
+            convert_all(&m->layers[l].w[k], p[part_of[k]] + l * (size_t)rows * cols);
+    }
+    memcpy(p[RMS_ATT], m->rms_att, sizes[RMS_ATT] * sizeof(float));
+    memcpy(p[RMS_FFN], m->rms_ffn, sizes[RMS_FFN] * sizeof(float));
+    memcpy(p[RMS_FINAL], m->rms_final, sizes[RMS_FINAL] * sizeof(float));
+    if (B) {
+        memcpy(p[BQ], m->bq, sizes[BQ] * sizeof(float));
+        memcpy(p[BK], m->bk, sizes[BK] * sizeof(float));
+        memcpy(p[BV], m->bv, sizes[BV] * sizeof(float));
+    }
+    m->token_embedding = p[EMB], m->rms_att = p[RMS_ATT], m->wq = p[WQ], m->wk = p[WK], m->wv = p[WV];
+    m->wo = p[WO], m->rms_ffn = p[RMS_FFN], m->w1 = p[W1], m->w2 = p[W2], m->w3 = p[W3];
+    m->rms_final = p[RMS_FINAL];
+    m->wcls = c->shared_classifier ? p[EMB] : p[WCLS];
+    if (B)
+        m->bq = p[BQ], m->bk = p[BK], m->bv = p[BV];
+    kv_free_aligned(m->owned);
+    m->owned = own;
+    kv_free(m->layers);
+    m->layers = NULL;
+    memset(&m->emb_w, 0, sizeof m->emb_w);
+    memset(&m->cls_w, 0, sizeof m->cls_w);
+    for (int i = 0; i < m->n_maps; i++)
+        munmap(m->maps[i], m->map_len[i]);
+    m->n_maps = 0;
+    m->weight_bytes = total * sizeof(float);
+    return KV_OK;
+}
+
+size_t kv_model_resident_bytes(const kv_model_t *m)
+{
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t bytes = 0;
+    unsigned char *vec = NULL;
+    size_t vcap = 0;
+    for (int i = 0; i < m->n_maps; i++) {
+        const size_t pages = (m->map_len[i] + page - 1) / page;
+        if (pages > vcap) {
+            unsigned char *v = kv_realloc(vec, pages, "residency map");
+            if (!v)
+                break;
+            vec = v;
+            vcap = pages;
+        }
+        if (mincore(m->maps[i], m->map_len[i], vec) != 0)
+            continue;
+        for (size_t k = 0; k < pages; k++)
+            bytes += (vec[k] & 1) ? page : 0;
+    }
+    kv_free(vec);
+    return bytes;
 }
 
 const char *kv_model_default_tokenizer(const char *path, char *buf, size_t len)
@@ -210,8 +376,11 @@ void kv_model_free(kv_model_t *m)
 {
     if (!m)
         return;
-    if (m->map)
-        munmap(m->map, m->map_len);
+    for (int i = 0; i < m->n_maps; i++)
+        munmap(m->maps[i], m->map_len[i]);
+    kv_free(m->maps);
+    kv_free(m->map_len);
+    kv_free(m->layers);
     kv_free_aligned(m->owned);
     kv_free(m->files);
     kv_free(m);
@@ -220,13 +389,16 @@ void kv_model_free(kv_model_t *m)
 const char *kv_model_describe(const kv_model_t *m, char *buf, size_t len)
 {
     const kv_model_config_t *c = &m->cfg;
+    const char *held = m->layers ? "as stored" : "converted to fp32";
     if (m->hf)
-        snprintf(buf, len, "Hugging Face safetensors (%s%s, %d file%s)", m->hf_dtype,
-                 strcmp(m->hf_dtype, "F32") ? " converted to fp32" : "", m->n_files - 1, m->n_files == 2 ? "" : "s");
+        snprintf(buf, len, "Hugging Face safetensors (%s%s%s, %d file%s)", m->hf_dtype,
+                 strcmp(m->hf_dtype, "F32") ? " " : "", strcmp(m->hf_dtype, "F32") ? held : "", m->n_files - 1,
+                 m->n_files == 2 ? "" : "s");
     else if (m->format && !strcmp(m->format, "gguf"))
-        snprintf(buf, len, "GGUF (%s, dequantised to fp32)", m->dtypes);
+        snprintf(buf, len, "GGUF (%s, %s)", m->dtypes, m->layers ? "as stored" : "dequantised to fp32");
     else if (c->version == 2)
-        snprintf(buf, len, "llama2.c v2 (Q8_0, group %d, dequantised to fp32)", c->group_size);
+        snprintf(buf, len, "llama2.c v2 (Q8_0, group %d, %s)", c->group_size,
+                 m->layers ? "as stored" : "dequantised to fp32");
     else
         snprintf(buf, len, "llama2.c v%d (%sfp32)", c->version, c->version == 0 ? "legacy " : "");
     return buf;

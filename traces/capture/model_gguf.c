@@ -22,9 +22,11 @@
  * rope_freqs (optional), and per layer blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output,
  * ffn_norm, ffn_gate (w1), ffn_up (w3), ffn_down (w2)}.weight, plus blk.N.attn_{q,k,v}.bias (qwen2:
  * required; llama: optional, as llama.cpp allows). Every tensor's shape and type is checked against
- * the configuration before anything is dequantised; a tensor of any other name is refused by name
- * (blk.N.attn_rot_embd, a RoPE table old converters wrote and llama.cpp ignores, is skipped). All
- * weights are dequantised (gguf.c, exactly as ggml does) into one fp32 allocation.
+ * the configuration before anything is read; a tensor of any other name is refused by name
+ * (blk.N.attn_rot_embd, a RoPE table old converters wrote and llama.cpp ignores, is skipped). The
+ * matrices stay in the mapped file in their stored type (kernels/kv_weight.h descriptors: the forward
+ * pass dequantises tiles as it multiplies, exactly as ggml does); the norms and biases are dequantised
+ * into one small fp32 allocation. kv_model_load_f32 dequantises everything at load instead.
  *
  * RoPE order. kvsim's forward pass rotates the interleaved pairs (2i, 2i+1) of each head, which is
  * llama.cpp's rope type NORM. llama.cpp uses NORM for the llama architecture (llama_model_rope_type
@@ -33,8 +35,8 @@
  * (2, d/2) -> swap -> (d/2, 2)); transformers' GGUF loader undoes it (LlamaTensorProcessor's
  * _reverse_permute_weights). So llama-arch q/k are used as stored. qwen2 uses rope type NEOX
  * (rotate_half: pairs (i, i + d/2)) and its converter (Qwen2Model) writes q/k in Hugging Face's
- * order unpermuted, so the loader reorders them per head exactly as model_hf.c does: file row r of
- * a head (r = j*d/2 + i) goes to row 2i + j; the q and k biases are reordered with their rows. The
+ * order unpermuted, so the loader reads them per head in the order model_hf.c does: file row r of
+ * a head (r = j*d/2 + i) is row 2i + j (the descriptor's perm); the q and k biases are reordered. The
  * post-RoPE Q and K are then what llama.cpp computes, in kvsim's interleaved order
  * (tests/test_gguf.c checks it against NEOX RoPE on the stored rows).
  */
@@ -340,8 +342,8 @@ static uint64_t neox_to_interleaved(uint64_t r, uint64_t d)
     return h * d + 2 * (i % half) + i / half;
 }
 
-/* Dequantise w->t into its place among the parts p, reordering rows (or a vector's elements) when
- * w->perm > 0. */
+/* Dequantise the vector w->t (a norm or a bias) into its place among the parts p, reordering its
+ * elements when w->perm > 0. */
 static int load_want(const src_t *s, const want_t *w, float *const *p)
 {
     const kv_gguf_tensor_t *t = w->t;
@@ -352,25 +354,14 @@ static int load_want(const src_t *s, const want_t *w, float *const *p)
     if (w->perm <= 0)
         return kv_gguf_dequant(t->type, t->data, t->n_elements, dst);
     const uint64_t d = (uint64_t)w->perm;
-    if (!w->ne1) { /* a bias: via a scratch vector */
-        float *tmp = kv_malloc(w->ne0 * sizeof(float), "bias");
-        if (!tmp)
-            return kv_error_context(KV_ENOMEM, "%s", s->path);
-        if ((rc = kv_gguf_dequant(t->type, t->data, w->ne0, tmp)) == KV_OK)
-            for (uint64_t r = 0; r < w->ne0; r++)
-                dst[neox_to_interleaved(r, d)] = tmp[r];
-        kv_free(tmp);
-        return rc;
-    }
-    int be, bb;
-    kv_gguf_type_block(t->type, &be, &bb);
-    const uint64_t row_bytes = w->ne0 / (uint64_t)be * (uint64_t)bb;
-    int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad)
-    for (int64_t r = 0; r < (int64_t)w->ne1; r++)
-        bad |= kv_gguf_dequant(t->type, t->data + (uint64_t)r * row_bytes, w->ne0,
-                               dst + neox_to_interleaved((uint64_t)r, d) * w->ne0) != KV_OK;
-    return bad ? kv_error(KV_EINTERNAL, "%s: tensor %s: dequantisation failed", s->path, w->name) : KV_OK;
+    float *tmp = kv_malloc(w->ne0 * sizeof(float), "bias");
+    if (!tmp)
+        return kv_error_context(KV_ENOMEM, "%s", s->path);
+    if ((rc = kv_gguf_dequant(t->type, t->data, w->ne0, tmp)) == KV_OK)
+        for (uint64_t r = 0; r < w->ne0; r++)
+            dst[neox_to_interleaved(r, d)] = tmp[r];
+    kv_free(tmp);
+    return rc;
 }
 
 /* RoPE frequency divisors from rope_freqs.weight (head_dim / 2 values) into c->rope. */
@@ -498,28 +489,53 @@ static int gguf_load(const char *path, kv_model_t **out)
     if (rf)
         counts[rf->type]++;
 
-    /* one fp32 allocation in the layout of kv_model.h (its size is now backed by tensors in the file) */
-    m->owned = kv_malloc_aligned((size_t)total * sizeof(float), "model weights");
-    if (!m->owned) {
+    /* the norms and biases: one small fp32 allocation; the matrices: descriptors into the mapping */
+    const uint64_t small = sizes[RMS_ATT] + sizes[RMS_FFN] + sizes[RMS_FINAL] + sizes[BQ] + sizes[BK] + sizes[BV];
+    m->owned = kv_calloc((size_t)small, sizeof(float), "norms and biases"); /* absent llama biases stay 0 */
+    m->layers = kv_calloc((size_t)L, sizeof *m->layers, "layer weights");
+    if (!m->owned || !m->layers) {
         rc = kv_error_context(KV_ENOMEM, "%s", path);
         goto fail;
     }
     m->n_params = (size_t)total;
-    float *p[NP];
-    p[0] = m->owned;
-    for (int i = 1; i < NP; i++)
-        p[i] = p[i - 1] + sizes[i - 1];
-    if (B)
-        memset(p[BQ], 0, (size_t)(sizes[BQ] + sizes[BK] + sizes[BV]) * sizeof(float)); /* absent llama biases */
-    m->token_embedding = p[EMB], m->rms_att = p[RMS_ATT], m->wq = p[WQ], m->wk = p[WK], m->wv = p[WV];
-    m->wo = p[WO], m->rms_ffn = p[RMS_FFN], m->w1 = p[W1], m->w2 = p[W2], m->w3 = p[W3];
-    m->rms_final = p[RMS_FINAL];
-    m->wcls = c->shared_classifier ? p[EMB] : p[WCLS];
+    float *p[NP] = {NULL};
+    p[RMS_ATT] = m->owned, p[RMS_FFN] = p[RMS_ATT] + sizes[RMS_ATT], p[RMS_FINAL] = p[RMS_FFN] + sizes[RMS_FFN];
+    p[BQ] = p[RMS_FINAL] + sizes[RMS_FINAL], p[BK] = p[BQ] + sizes[BQ], p[BV] = p[BK] + sizes[BK];
+    m->rms_att = p[RMS_ATT], m->rms_ffn = p[RMS_FFN], m->rms_final = p[RMS_FINAL];
     if (B)
         m->bq = p[BQ], m->bk = p[BK], m->bv = p[BV];
-    for (int i = 0; i < nw; i++)
-        if ((rc = load_want(&s, &w[i], p)))
+    m->weight_bytes = (size_t)small * sizeof(float);
+    for (int i = 0; i < nw; i++) {
+        if (!w[i].ne1) { /* a vector */
+            if ((rc = load_want(&s, &w[i], p)))
+                goto fail;
+            continue;
+        }
+        const kv_gguf_tensor_t *t = w[i].t;
+        kv_weight_t d;
+        memset(&d, 0, sizeof d);
+        d.data = t->data, d.type = t->type, d.rows = (int)w[i].ne1, d.cols = (int)w[i].ne0, d.perm = w[i].perm;
+        if ((rc = kv_weight_set_layout(&d, path)))
             goto fail;
+        m->weight_bytes += kv_weight_bytes(&d);
+        static const int mw_of[NP] = {[WQ] = KV_MW_Q,    [WK] = KV_MW_K,    [WV] = KV_MW_V,  [WO] = KV_MW_O,
+                                      [W1] = KV_MW_GATE, [W2] = KV_MW_DOWN, [W3] = KV_MW_UP};
+        if (w[i].part == EMB)
+            m->emb_w = d;
+        else if (w[i].part == WCLS)
+            m->cls_w = d;
+        else
+            m->layers[w[i].off / (w[i].ne0 * w[i].ne1)].w[mw_of[w[i].part]] = d; /* off: layer x matrix */
+    }
+    if (c->shared_classifier)
+        m->cls_w = m->emb_w;
+    {
+        void *map;
+        size_t map_len;
+        kv_gguf_give_mapping(s.g, &map, &map_len);
+        if ((rc = kv_model_add_map(m, map, map_len)))
+            goto fail;
+    }
     const char *names[N_GGML_TYPES];
     int cnt[N_GGML_TYPES], k = 0;
     for (int t = 0; t < N_GGML_TYPES; t++)

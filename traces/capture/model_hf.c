@@ -8,8 +8,10 @@
  * after the header. A sharded checkpoint lists, in model.safetensors.index.json, {"weight_map":
  * {NAME: FILE}}. Every file is mapped read-only and validated whole (header inside the file, JSON
  * well formed, offsets inside the data and not overlapping, size = product of the shape x dtype
- * size, known dtype) before a single weight is read; weights are then converted to fp32 into one
- * allocation in the layout kv_model.h describes and the files are unmapped.
+ * size, known dtype) before a single weight is read. The files stay mapped while the model lives: every
+ * matrix is a descriptor of its bytes in the mapping (kernels/kv_weight.h: F32, F16 or BF16 as stored,
+ * converted to fp32 a tile at a time by the forward pass), the norms and biases are converted to fp32
+ * at load (kv_model_load_f32 converts everything at load, into the layout kv_model.h describes).
  *
  * config.json (parse_config) gives the architecture (LlamaForCausalLM, MistralForCausalLM,
  * Qwen2ForCausalLM; anything else is refused by name), the dimensions and the RoPE. Nothing in it is
@@ -50,16 +52,16 @@
  * for pair i, and
  * its conversion script reorders the rows of q_proj and k_proj (per head) to match: a head's
  * original row 2i + j (j = 0, 1) becomes Hugging Face row j*d/2 + i. So Hugging Face row r of a
- * head holds original row 2*(r mod d/2) + r div (d/2); the loader writes it there, and the forward
- * pass then produces the same post-RoPE Q and K as the llama2.c checkpoint of the same weights
- * (tests/test_hf_model.c checks both the permutation and the equality).
+ * head holds original row 2*(r mod d/2) + r div (d/2); the loader reads it there (the descriptor's
+ * perm; biases are reordered at load), and the forward pass then produces the same post-RoPE Q and K
+ * as the llama2.c checkpoint of the same weights (tests/test_hf_model.c checks both the permutation
+ * and the equality).
  */
 #include "traces/capture/kv_model.h"
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
 #include "traces/capture/kv_model_internal.h"
-#include "traces/kv_f16.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -382,6 +384,20 @@ done:
     return rc;
 }
 
+/* Hand the mappings to the model (kv_model_free unmaps them); st_close then only frees the rest. */
+static int st_give_maps(st_set_t *s, kv_model_t *m)
+{
+    int rc = KV_OK;
+    for (int i = 0; i < s->nf; i++) {
+        if (s->f[i].map && rc == KV_OK)
+            rc = kv_model_add_map(m, s->f[i].map, s->f[i].len); /* on failure it unmapped this one */
+        else if (s->f[i].map)
+            munmap(s->f[i].map, s->f[i].len);
+        s->f[i].map = NULL;
+    }
+    return rc;
+}
+
 static void st_close(st_set_t *s)
 {
     for (int i = 0; i < s->nf; i++) {
@@ -402,19 +418,10 @@ static st_tensor_t *st_find(const st_set_t *s, const char *name)
     return NULL;
 }
 
-static float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16; /* bf16 is the top half of an fp32 */
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Tensor `name` of shape [rows, cols] (cols 0: [rows]) converted to fp32 into dst. When head_dim > 0
- * the rows are reordered from Hugging Face's rotate_half order to llama2.c's interleaved order
- * (top-of-file comment). `dtype_count` counts the tensors read, per dtype. */
-static int st_get(const st_set_t *s, const char *name, uint64_t rows, uint64_t cols, int head_dim, float *dst,
-                  int *dtype_count)
+/* Tensor `name`, checked to have shape [rows, cols] (cols 0: [rows]); counted in dtype_count and marked
+ * used. */
+static int st_check(const st_set_t *s, const char *name, uint64_t rows, uint64_t cols, int *dtype_count,
+                    st_tensor_t **out)
 {
     st_tensor_t *t = st_find(s, name);
     if (!t)
@@ -428,29 +435,42 @@ static int st_get(const st_set_t *s, const char *name, uint64_t rows, uint64_t c
     }
     dtype_count[t->dtype]++;
     t->used = 1;
-    const uint64_t ncol = cols ? cols : 1;
-    const uint64_t hd = head_dim > 0 ? (uint64_t)head_dim : 2, half = hd / 2; /* head_dim is even (config check) */
-#pragma omp parallel for schedule(static) if (rows * ncol > 65536)
-    for (uint64_t r = 0; r < rows; r++) {
-        uint64_t to = r;
-        if (head_dim > 0) {
-            uint64_t h = r / hd, i = r % hd;
-            to = h * hd + 2 * (i % half) + i / half;
-        }
-        const unsigned char *src = t->data + r * ncol * dt_size[t->dtype];
-        float *out = dst + to * ncol;
-        /* the data may sit at any byte offset: read element by element with memcpy */
-        for (uint64_t c = 0; c < ncol; c++) {
-            if (t->dtype == DT_F32) {
-                memcpy(&out[c], src + 4 * c, 4);
-            } else {
-                uint16_t h16;
-                memcpy(&h16, src + 2 * c, 2);
-                out[c] = t->dtype == DT_F16 ? kv_f16_to_f32(h16) : bf16_to_f32(h16);
-            }
-        }
-    }
+    *out = t;
     return KV_OK;
+}
+
+static const int wt_of_dt[3] = {KV_WT_F32, KV_WT_F16, KV_WT_BF16};
+
+/* Vector `name` of `rows` elements converted to fp32 into dst. When head_dim > 0 the elements are
+ * reordered from Hugging Face's rotate_half order to the interleaved order (top-of-file comment). */
+static int st_get_vec(const st_set_t *s, const char *name, uint64_t rows, int head_dim, float *dst, int *dtype_count)
+{
+    st_tensor_t *t;
+    int rc = st_check(s, name, rows, 0, dtype_count, &t);
+    if (rc)
+        return rc;
+    /* the rows (one element each) through a descriptor: its perm is the reordering */
+    kv_weight_t w;
+    memset(&w, 0, sizeof w);
+    w.data = t->data, w.type = wt_of_dt[t->dtype], w.rows = (int)rows, w.cols = 1, w.perm = head_dim;
+    if ((rc = kv_weight_set_layout(&w, name)))
+        return rc;
+    kv_weight_rows(&w, 0, (int)rows, dst);
+    return KV_OK;
+}
+
+/* Matrix `name` of shape [rows, cols] as a descriptor of its bytes in the mapping, rows read in the
+ * interleaved order when head_dim > 0. */
+static int st_weight(const st_set_t *s, const char *name, uint64_t rows, uint64_t cols, int head_dim, kv_weight_t *w,
+                     int *dtype_count)
+{
+    st_tensor_t *t;
+    int rc = st_check(s, name, rows, cols, dtype_count, &t);
+    if (rc)
+        return rc;
+    memset(w, 0, sizeof *w);
+    w->data = t->data, w->type = wt_of_dt[t->dtype], w->rows = (int)rows, w->cols = (int)cols, w->perm = head_dim;
+    return kv_weight_set_layout(w, name);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -1238,75 +1258,77 @@ static int hf_load(const char *path, kv_model_t **out)
         goto fail;
     s.where = m->files[1]; /* what lists the tensors, for "missing" errors: the index, else the single file */
 
-    /* one fp32 allocation in the layout of kv_model.h */
+    /* the norms and biases: one small fp32 allocation; the matrices: descriptors into the mappings */
     const uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
     const uint64_t V = (uint64_t)c->vocab_size, KV = (uint64_t)c->kv_dim, Q = (uint64_t)c->q_dim;
     const uint64_t B = c->qkv_bias ? 1 : 0;
-    enum { EMB, RMS_ATT, WQ, WK, WV, WO, RMS_FFN, W1, W2, W3, RMS_FINAL, WCLS, BQ, BK, BV, NPART };
-    const uint64_t sizes[NPART] = {
-        [EMB] = V * D,     [RMS_ATT] = L * D, [WQ] = L * Q * D,  [WK] = L * KV * D,
-        [WV] = L * KV * D, [WO] = L * D * Q,  [RMS_FFN] = L * D, [W1] = L * H * D,
-        [W2] = L * D * H,  [W3] = L * H * D,  [RMS_FINAL] = D,   [WCLS] = c->shared_classifier ? 0 : V * D,
-        [BQ] = B * L * Q,  [BK] = B * L * KV, [BV] = B * L * KV,
-    };
-    uint64_t total = 0;
-    for (int i = 0; i < NPART; i++)
-        total += sizes[i]; /* bounded by kv_model_config_check: no overflow for accepted dimensions */
-    m->owned = kv_malloc_aligned((size_t)total * sizeof(float), "model weights");
-    if (!m->owned) {
+    const uint64_t small = 2 * L * D + D + B * L * (Q + 2 * KV);
+    m->owned = kv_malloc_aligned((size_t)small * sizeof(float), "norms and biases");
+    m->layers = kv_calloc((size_t)L, sizeof *m->layers, "layer weights");
+    if (!m->owned || !m->layers) {
         rc = kv_error_context(KV_ENOMEM, "%s", path);
         goto fail;
     }
-    m->n_params = (size_t)total;
-    float *p[NPART];
-    p[0] = m->owned;
-    for (int i = 1; i < NPART; i++)
-        p[i] = p[i - 1] + sizes[i - 1];
-    m->token_embedding = p[EMB], m->rms_att = p[RMS_ATT], m->wq = p[WQ], m->wk = p[WK], m->wv = p[WV];
-    m->wo = p[WO], m->rms_ffn = p[RMS_FFN], m->w1 = p[W1], m->w2 = p[W2], m->w3 = p[W3];
-    m->rms_final = p[RMS_FINAL];
-    m->wcls = c->shared_classifier ? p[EMB] : p[WCLS];
-    if (c->qkv_bias)
-        m->bq = p[BQ], m->bk = p[BK], m->bv = p[BV];
+    /* bounded by kv_model_config_check: no overflow for accepted dimensions */
+    m->n_params = (size_t)(V * D * (c->shared_classifier ? 1 : 2) + L * (Q * D + 2 * KV * D + D * Q + 3 * H * D) +
+                           small);
+    float *rms_att = m->owned, *rms_ffn = rms_att + L * D, *rms_final = rms_ffn + L * D;
+    float *bq = B ? rms_final + D : NULL, *bk = B ? bq + L * Q : NULL, *bv = B ? bk + L * KV : NULL;
+    m->rms_att = rms_att, m->rms_ffn = rms_ffn, m->rms_final = rms_final;
+    m->bq = bq, m->bk = bk, m->bv = bv;
+    m->weight_bytes = (size_t)small * sizeof(float);
     int seen[3] = {0, 0, 0};
     const int hd = c->head_dim;
-    if ((rc = st_get(&s, "model.embed_tokens.weight", V, D, 0, p[EMB], seen)))
+    if ((rc = st_weight(&s, "model.embed_tokens.weight", V, D, 0, &m->emb_w, seen)))
         goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         char n[128];
-        /* name, rows, cols (0: a vector), RoPE row permutation (head_dim) or 0, destination */
-        struct {
+        /* the matrices: name, rows, cols, RoPE row permutation (head_dim) or 0, which */
+        const struct {
             const char *name;
             uint64_t rows, cols;
+            int perm, which;
+        } mw[KV_MW_N] = {
+            {"self_attn.q_proj.weight", Q, D, hd, KV_MW_Q},   {"self_attn.k_proj.weight", KV, D, hd, KV_MW_K},
+            {"self_attn.v_proj.weight", KV, D, 0, KV_MW_V},   {"self_attn.o_proj.weight", D, Q, 0, KV_MW_O},
+            {"mlp.gate_proj.weight", H, D, 0, KV_MW_GATE},    {"mlp.down_proj.weight", D, H, 0, KV_MW_DOWN},
+            {"mlp.up_proj.weight", H, D, 0, KV_MW_UP},
+        };
+        for (int i = 0; i < KV_MW_N; i++) {
+            snprintf(n, sizeof n, "model.layers.%d.%s", l, mw[i].name);
+            kv_weight_t *w = &m->layers[l].w[mw[i].which];
+            if ((rc = st_weight(&s, n, mw[i].rows, mw[i].cols, mw[i].perm, w, seen)))
+                goto fail;
+            m->weight_bytes += kv_weight_bytes(w);
+        }
+        /* the vectors: name, length, permutation, destination (Qwen2's q and k biases permuted like the rows) */
+        const struct {
+            const char *name;
+            uint64_t rows;
             int perm;
             float *dst;
-        } w[12] = {
-            {"input_layernorm.weight", D, 0, 0, p[RMS_ATT] + l * D},
-            {"self_attn.q_proj.weight", Q, D, hd, p[WQ] + l * Q * D},
-            {"self_attn.k_proj.weight", KV, D, hd, p[WK] + l * KV * D},
-            {"self_attn.v_proj.weight", KV, D, 0, p[WV] + l * KV * D},
-            {"self_attn.o_proj.weight", D, Q, 0, p[WO] + l * D * Q},
-            {"post_attention_layernorm.weight", D, 0, 0, p[RMS_FFN] + l * D},
-            {"mlp.gate_proj.weight", H, D, 0, p[W1] + l * H * D},
-            {"mlp.down_proj.weight", D, H, 0, p[W2] + l * D * H},
-            {"mlp.up_proj.weight", H, D, 0, p[W3] + l * H * D},
-            /* Qwen2's biases: q and k rows permuted like the weights' rows */
-            {"self_attn.q_proj.bias", Q, 0, hd, c->qkv_bias ? p[BQ] + l * Q : NULL},
-            {"self_attn.k_proj.bias", KV, 0, hd, c->qkv_bias ? p[BK] + l * KV : NULL},
-            {"self_attn.v_proj.bias", KV, 0, 0, c->qkv_bias ? p[BV] + l * KV : NULL},
+        } v[5] = {
+            {"input_layernorm.weight", D, 0, rms_att + l * D},
+            {"post_attention_layernorm.weight", D, 0, rms_ffn + l * D},
+            {"self_attn.q_proj.bias", Q, hd, B ? bq + l * Q : NULL},
+            {"self_attn.k_proj.bias", KV, hd, B ? bk + l * KV : NULL},
+            {"self_attn.v_proj.bias", KV, 0, B ? bv + l * KV : NULL},
         };
-        for (int i = 0; i < 12; i++) {
-            if (!w[i].dst)
+        for (int i = 0; i < 5; i++) {
+            if (!v[i].dst)
                 continue;
-            snprintf(n, sizeof n, "model.layers.%d.%s", l, w[i].name);
-            if ((rc = st_get(&s, n, w[i].rows, w[i].cols, w[i].perm, w[i].dst, seen)))
+            snprintf(n, sizeof n, "model.layers.%d.%s", l, v[i].name);
+            if ((rc = st_get_vec(&s, n, v[i].rows, v[i].perm, v[i].dst, seen)))
                 goto fail;
         }
     }
-    if ((rc = st_get(&s, "model.norm.weight", D, 0, 0, p[RMS_FINAL], seen)))
+    if ((rc = st_get_vec(&s, "model.norm.weight", D, 0, rms_final, seen)))
         goto fail;
-    if (!c->shared_classifier && (rc = st_get(&s, "lm_head.weight", V, D, 0, p[WCLS], seen)))
+    if (c->shared_classifier)
+        m->cls_w = m->emb_w;
+    else if ((rc = st_weight(&s, "lm_head.weight", V, D, 0, &m->cls_w, seen)))
         goto fail;
+    m->weight_bytes += kv_weight_bytes(&m->emb_w) + (c->shared_classifier ? 0 : kv_weight_bytes(&m->cls_w));
     warn_unused(&s);
     const int kinds = (seen[DT_F32] > 0) + (seen[DT_F16] > 0) + (seen[DT_BF16] > 0);
     snprintf(m->hf_dtype, sizeof m->hf_dtype, "%s",
@@ -1315,6 +1337,8 @@ static int hf_load(const char *path, kv_model_t **out)
              : seen[DT_BF16] ? "BF16"
                              : "F32");
     kv_model_set_dtypes(m, dt_names, seen, 3);
+    if ((rc = st_give_maps(&s, m)))
+        goto fail;
     st_close(&s);
     json_object_put(cfgj);
     *out = m;

@@ -4,7 +4,10 @@
  * The loader never trusts the header: it bounds every dimension, checks divisibility, computes the
  * exact file size the header implies with overflow-checked 64-bit arithmetic and compares it with
  * the real size before mapping a single weight. Only then are the weight pointers set, so a
- * malformed file can produce an error message but never an out-of-bounds read.
+ * malformed file can produce an error message but never an out-of-bounds read. Versions 0 and 1 are
+ * fp32 arrays in the mapping itself (the model's fp32 pointers); version 2's int8 matrices stay as
+ * stored (KV_WT_Q8_GROUPS descriptors), dequantised by the forward pass as it multiplies or by
+ * kv_model_load_f32 at load.
  */
 #include "traces/capture/kv_model.h"
 
@@ -16,7 +19,6 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -203,7 +205,8 @@ static const char *q80_name(const kv_model_config_t *c, long k, char *buf, size_
     return buf;
 }
 
-/* Dequantise the int8 groups into one fp32 allocation in version-1 order. */
+/* Descriptors of the int8 matrices as stored (KV_WT_Q8_GROUPS, each with its own scales), the fp32
+ * norms pointing into the mapping; kv_model_to_f32 dequantises them as llama2.c's runq.c does. */
 static int load_q80(kv_model_t *m, const unsigned char *b, const counts_t *n)
 {
     const kv_model_config_t *c = &m->cfg;
@@ -230,28 +233,47 @@ static int load_q80(kv_model_t *m, const unsigned char *b, const counts_t *n)
         }
         nt = ng;
     }
-    const size_t total = (size_t)(norms + n->quantised);
-    m->owned = kv_malloc_aligned(total * sizeof(float), "dequantised weights");
-    if (!m->owned) {
+    m->layers = kv_calloc((size_t)c->n_layers, sizeof *m->layers, "layer weights");
+    if (!m->layers) {
         rc = kv_error_context(KV_ENOMEM, "%s", m->path);
         goto done;
     }
-    memcpy(m->owned, b + VX_HEADER, (size_t)norms * sizeof(float));
-    float *dst = m->owned + norms;
+    const int L = c->n_layers, D = c->dim, H = c->hidden_dim, KV = c->kv_dim;
+    /* file order: token_embedding, then wq, wk, wv, wo, w1, w2, w3 of every layer, [wcls] */
+    static const int which[7] = {KV_MW_Q, KV_MW_K, KV_MW_V, KV_MW_O, KV_MW_GATE, KV_MW_DOWN, KV_MW_UP};
+    const int shape[7][2] = {{D, D}, {KV, D}, {KV, D}, {D, D}, {H, D}, {D, H}, {H, D}};
     for (size_t i = 0; i < nt; i++) {
-        const int8_t *q = (const int8_t *)(b + t[i].q);
-        const unsigned char *scales = b + t[i].s;
-        const size_t ngroups = (size_t)(t[i].n / gs);
-#pragma omp parallel for schedule(static)
-        for (size_t g = 0; g < ngroups; g++) {
-            float s;
-            memcpy(&s, scales + g * 4, 4); /* the scales may sit at any byte offset */
-            for (size_t j = g * gs; j < (g + 1) * gs; j++)
-                dst[j] = (float)q[j] * s;
+        kv_weight_t w;
+        memset(&w, 0, sizeof w);
+        w.type = KV_WT_Q8_GROUPS;
+        w.data = b + t[i].q;
+        w.scales = b + t[i].s;
+        w.group = c->group_size;
+        if (i > 0 && i <= (size_t)7 * L) {
+            const int part = (int)((i - 1) / (size_t)L), l = (int)((i - 1) % (size_t)L);
+            w.rows = shape[part][0], w.cols = shape[part][1];
+            if ((rc = kv_weight_set_layout(&w, m->path)))
+                goto done;
+            m->layers[l].w[which[part]] = w;
+        } else {
+            w.rows = c->vocab_size, w.cols = D;
+            if ((rc = kv_weight_set_layout(&w, m->path)))
+                goto done;
+            if (i == 0)
+                m->emb_w = w;
+            else
+                m->cls_w = w;
         }
-        dst += t[i].n;
     }
-    assign_v1_order(m, m->owned, n);
+    if (c->shared_classifier)
+        m->cls_w = m->emb_w;
+    /* The norms are little-endian fp32 at offset 256 of a page-aligned map: 4-byte aligned. */
+    // cppcheck-suppress invalidPointerCast
+    const float *p = (const float *)(b + VX_HEADER);
+    m->rms_att = p, p += n->norm_l;
+    m->rms_ffn = p, p += n->norm_l;
+    m->rms_final = p;
+    m->weight_bytes = (size_t)(norms * 4 + n->quantised + 4 * (n->quantised / gs));
 done:
     kv_free(t);
     return rc;
@@ -265,10 +287,13 @@ static int llama2c_load(const char *path, kv_model_t **out)
     if (!m)
         return KV_ENOMEM;
     snprintf(m->path, sizeof m->path, "%s", path);
-    if ((rc = kv_map_file(path, "model", V0_HEADER, "28-byte llama2.c header", &m->map, &m->map_len)))
+    void *map;
+    size_t map_len;
+    if ((rc = kv_map_file(path, "model", V0_HEADER, "28-byte llama2.c header", &map, &map_len)) ||
+        (rc = kv_model_add_map(m, map, map_len)))
         goto fail;
-    const uint64_t size = m->map_len;
-    const unsigned char *b = m->map;
+    const uint64_t size = map_len;
+    const unsigned char *b = map;
     kv_model_config_t *c = &m->cfg;
     uint32_t magic;
     memcpy(&magic, b, 4);
@@ -369,13 +394,11 @@ static int llama2c_load(const char *path, kv_model_t **out)
     } else if (c->version == 1) {
         // cppcheck-suppress invalidPointerCast
         assign_v1_order(m, (const float *)(b + VX_HEADER), &n);
-    } else {
-        if ((rc = load_q80(m, b, &n)))
-            goto fail;
-        munmap(m->map, m->map_len); /* everything needed is now in m->owned */
-        m->map = NULL;
-        m->map_len = 0;
+    } else if ((rc = load_q80(m, b, &n))) {
+        goto fail;
     }
+    if (c->version != 2)
+        m->weight_bytes = (size_t)n.params * 4;
     {
         const int L = c->n_layers, cls = !c->shared_classifier;
         const char *const names[2] = {"Q8_0", "F32"};
