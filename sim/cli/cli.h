@@ -27,6 +27,7 @@ int kv_cmd_capture(int argc, char **argv);
 int kv_cmd_generate(int argc, char **argv);
 int kv_cmd_nll(int argc, char **argv);
 int kv_cmd_synth(int argc, char **argv);
+int kv_cmd_synth_model(int argc, char **argv);
 int kv_cmd_info(int argc, char **argv);
 int kv_cmd_tokenize(int argc, char **argv);
 int kv_cmd_replay(int argc, char **argv);

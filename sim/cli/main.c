@@ -23,6 +23,7 @@ static const kv_cmd_t commands[] = {
     {"generate", kv_cmd_generate, "greedy (or sampled) continuation of a prompt"},
     {"nll", kv_cmd_nll, "mean negative log-likelihood of a text under a model"},
     {"synth", kv_cmd_synth, "write a synthetic trace with planted attention structure"},
+    {"synth-model", kv_cmd_synth_model, "write a random-weight Hugging Face checkpoint of any Llama shape"},
     {"tokenize", kv_cmd_tokenize, "print the token ids (or pieces) of a text under a model's tokenizer"},
     {"info", kv_cmd_info, "describe a trace: shapes, dtype, sizes, compression, provenance"},
     {"replay", kv_cmd_replay, "replay eviction policies x budgets against a trace"},
