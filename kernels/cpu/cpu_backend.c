@@ -486,9 +486,7 @@ static void exp_ent(float *s, int n, float lse, double *sum_e, double *sum_ex)
 /* Softmax of row s[0..n) in place over the first `vis` entries; the rest become 0. Returns lse. */
 static float softmax_row(float *s, int n, int vis)
 {
-    float m = -INFINITY;
-    for (int j = 0; j < vis; j++)
-        m = s[j] > m ? s[j] : m;
+    const float m = vis > 0 ? row_max(s, vis) : -INFINITY; /* vector lanes: the same maximum */
     double sum;
     exp_shift(s, vis, m, &sum, NULL);
     float inv = (float)(1.0 / sum);
@@ -647,11 +645,11 @@ static int keys_for_mass(const float *p, int n, double total, double mass, mass_
     if (b < 0)
         return n; /* the rounding of the bucket sums left `need` out of reach: every key */
     int m = 0;
-    for (int j = 0; j < n; j++) {
+    for (int j = 0; j < n; j++) { /* the bucket's values in key order, with no branch to mispredict */
         uint32_t u;
         memcpy(&u, &p[j], sizeof u);
-        if ((u >> 20 < MASS_BUCKETS ? (int)(u >> 20) : MASS_BUCKETS - 1) == b)
-            ws->scratch[m++] = p[j];
+        ws->scratch[m] = p[j];
+        m += (u >> 20 < MASS_BUCKETS ? (int)(u >> 20) : MASS_BUCKETS - 1) == b;
     }
     return count + select_mass(ws->scratch, m, need - above);
 }

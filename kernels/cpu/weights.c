@@ -127,17 +127,17 @@ static uint32_t le32(const unsigned char *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static void deq_f32(const unsigned char *s, uint64_t nb, float *y)
+static void deq_f32(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     memcpy(y, s, (size_t)nb * 4);
 }
 
-static void deq_f16(const unsigned char *s, uint64_t nb, float *y)
+static void deq_f16(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     kv_half_to_float_n(s, y, (size_t)nb);
 }
 
-static void deq_bf16(const unsigned char *s, uint64_t nb, float *y)
+static void deq_bf16(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t i = 0; i < nb; i++) {
         uint16_t h;
@@ -147,32 +147,36 @@ static void deq_bf16(const unsigned char *s, uint64_t nb, float *y)
     }
 }
 
-static void deq_q4_0(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q4_0(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 18, y += 32) {
         const float d = f16_at(s);
         const unsigned char *q = s + 2;
-        for (int j = 0; j < 16; j++) {
+        for (int j = 0; j < 16; j++)
             y[j] = (float)((q[j] & 0x0F) - 8) * d;
+        for (int j = 0; j < 16; j++)
             y[j + 16] = (float)((q[j] >> 4) - 8) * d;
-        }
     }
 }
 
-static void deq_q4_1(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q4_1(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 20, y += 32) {
         const float d = f16_at(s), m = f16_at(s + 2);
         const unsigned char *q = s + 4;
+        /* two loops (low nibbles, then high) so that each vectorises; the same operations per element */
         for (int j = 0; j < 16; j++) {
-            const float p0 = (float)(q[j] & 0x0F) * d, p1 = (float)(q[j] >> 4) * d;
+            const float p0 = (float)(q[j] & 0x0F) * d;
             y[j] = p0 + m;
+        }
+        for (int j = 0; j < 16; j++) {
+            const float p1 = (float)(q[j] >> 4) * d;
             y[j + 16] = p1 + m;
         }
     }
 }
 
-static void deq_q5_0(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q5_0(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 22, y += 32) {
         const float d = f16_at(s);
@@ -186,7 +190,7 @@ static void deq_q5_0(const unsigned char *s, uint64_t nb, float *y)
     }
 }
 
-static void deq_q5_1(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q5_1(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 24, y += 32) {
         const float d = f16_at(s), m = f16_at(s + 2);
@@ -201,7 +205,7 @@ static void deq_q5_1(const unsigned char *s, uint64_t nb, float *y)
     }
 }
 
-static void deq_q8_0(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q8_0(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 34, y += 32) {
         const float d = f16_at(s);
@@ -224,7 +228,7 @@ static void scale_min_k4(int j, const unsigned char *q, int *sc, int *m)
     }
 }
 
-static void deq_q4_k(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q4_k(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 144) {
         const float d = f16_at(s), dmin = f16_at(s + 2);
@@ -246,7 +250,7 @@ static void deq_q4_k(const unsigned char *s, uint64_t nb, float *y)
     }
 }
 
-static void deq_q5_k(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q5_k(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 176) {
         const float d = f16_at(s), dmin = f16_at(s + 2);
@@ -269,23 +273,28 @@ static void deq_q5_k(const unsigned char *s, uint64_t nb, float *y)
     }
 }
 
-static void deq_q6_k(const unsigned char *s, uint64_t nb, float *y)
+static void deq_q6_k(const unsigned char *restrict s, uint64_t nb, float *restrict y)
 {
     for (uint64_t b = 0; b < nb; b++, s += 210) {
         const float d = f16_at(s + 208);
         const unsigned char *ql = s, *qh = s + 128;
         const signed char *sc = (const signed char *)(s + 192);
         for (int half = 0; half < 2; half++, y += 128, ql += 64, qh += 32, sc += 8) {
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                const int q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
-                const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = d * (float)sc[is] * (float)q1;
-                y[l + 32] = d * (float)sc[is + 2] * (float)q2;
-                y[l + 64] = d * (float)sc[is + 4] * (float)q3;
-                y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+            /* values l < 16 use scales 0, 2, 4, 6 of the half, l >= 16 scales 1, 3, 5, 7 (ggml's is = l / 16);
+             * y = (d sc) q as ggml's d * sc * q, the product d sc hoisted (the same rounding) so the loop vectorises */
+            for (int is = 0; is < 2; is++) {
+                const float d1 = d * (float)sc[is], d2 = d * (float)sc[is + 2], d3 = d * (float)sc[is + 4],
+                            d4 = d * (float)sc[is + 6];
+                for (int l = 16 * is; l < 16 * is + 16; l++) {
+                    const int q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
+                    const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    y[l] = d1 * (float)q1;
+                    y[l + 32] = d2 * (float)q2;
+                    y[l + 64] = d3 * (float)q3;
+                    y[l + 96] = d4 * (float)q4;
+                }
             }
         }
     }
