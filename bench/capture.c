@@ -338,7 +338,8 @@ static int timed_matmul_w(kv_backend_t *be, float *y, const float *x, const kv_w
 /* OpenBLAS sgemm on n x n x n with its own threads (n_threads): the best of 3, FLOP/s. */
 static double sgemm_peak(int n, int n_threads)
 {
-    float *a = kv_malloc_aligned(sizeof(float) * (size_t)n * n, "a"), *b = kv_malloc_aligned(sizeof(float) * n * n, "b"),
+    float *a = kv_malloc_aligned(sizeof(float) * (size_t)n * n, "a"),
+          *b = kv_malloc_aligned(sizeof(float) * n * n, "b"),
           *c = kv_malloc_aligned(sizeof(float) * (size_t)n * n, "c");
     for (size_t i = 0; i < (size_t)n * n; i++)
         a[i] = (float)(i % 7) * 0.1f, b[i] = (float)(i % 5) * 0.1f;
@@ -434,7 +435,8 @@ static int bench_stats(void *ctx, int l, int n, int p0, kv_attn_stats_args_t *a)
         memset(s->col[k], 0, sizeof(float) * (size_t)s->H * s->T);
     a->entropy = s->row[0], a->keys_mass = s->row[1], a->sink = s->row[2], a->seg = s->row[3];
     a->mass = (float)KV_TRACE_KEYS_MASS;
-    a->acc = prefill ? s->col[0] : NULL, a->acc_sq = prefill ? s->col[1] : NULL, a->acc_max = prefill ? s->col[2] : NULL;
+    a->acc = prefill ? s->col[0] : NULL, a->acc_sq = prefill ? s->col[1] : NULL,
+    a->acc_max = prefill ? s->col[2] : NULL;
     a->acc_head = prefill ? s->col[3] : NULL, a->acc_sq_head = prefill ? s->col[4] : NULL;
     a->acc_max_head = prefill ? s->col[5] : NULL;
     a->acc_stride = (size_t)s->T;
@@ -576,9 +578,10 @@ static void bench_smollm2(const char *sample, int reps)
            "forward pass's clock;\n    the writer thread spent %.2f s compressing (zstd) and %.2f s converting and "
            "writing, alongside (the forward pass waited %.2f s for it)\n",
            fwd, st - fwd, cap - st, comp, wr, wait);
-    printf("  matrix products (matmul_w, every layer's 7 projections and the logits): %.1f GFLOP in %.2f s = %.1f "
-           "GFLOP/s,\n    %.0f %% of OpenBLAS sgemm's %.1f GFLOP/s (4096^3, %d threads) on this machine (goal: 70 %%)\n",
-           mm_flop / 1e9, mm, mm_flop / mm / 1e9, 100.0 * (mm_flop / mm) / peak, peak / 1e9, be->n_threads);
+    printf(
+        "  matrix products (matmul_w, every layer's 7 projections and the logits): %.1f GFLOP in %.2f s = %.1f "
+        "GFLOP/s,\n    %.0f %% of OpenBLAS sgemm's %.1f GFLOP/s (4096^3, %d threads) on this machine (goal: 70 %%)\n",
+        mm_flop / 1e9, mm, mm_flop / mm / 1e9, 100.0 * (mm_flop / mm) / peak, peak / 1e9, be->n_threads);
 done:
     if (be && be->ops != g_inner && g_inner)
         be->ops = g_inner;
@@ -713,7 +716,7 @@ int main(void)
     /* ---- peak memory of captures, each in a child process ---- */
     if (want("memory"))
         printf("\npeak memory of a capture (child process; baseline RSS of this program %.1f MiB: linked libraries)\n",
-           rss_start / 1048576.0);
+               rss_start / 1048576.0);
     struct {
         const char *name, *model, *tok;
         int n_prompt, n_decode;

@@ -48,13 +48,13 @@ enum {
 };
 
 typedef struct {
-    const void *data;    /* stored row-major (rows, cols), host or backend memory; NULL: no weight */
-    int type;            /* KV_WT_* */
-    int rows, cols;      /* W[out][in]: rows = outputs, cols = inputs */
-    size_t row_bytes;    /* bytes of one stored row (cols / block elements x block bytes) */
-    int perm;            /* 0, or the head_dim of rotate_half-ordered rows (top of file) */
-    const void *scales;  /* KV_WT_Q8_GROUPS: the fp32 scales of the matrix (any alignment) */
-    int group;           /* KV_WT_Q8_GROUPS: values per scale */
+    const void *data;   /* stored row-major (rows, cols), host or backend memory; NULL: no weight */
+    int type;           /* KV_WT_* */
+    int rows, cols;     /* W[out][in]: rows = outputs, cols = inputs */
+    size_t row_bytes;   /* bytes of one stored row (cols / block elements x block bytes) */
+    int perm;           /* 0, or the head_dim of rotate_half-ordered rows (top of file) */
+    const void *scales; /* KV_WT_Q8_GROUPS: the fp32 scales of the matrix (any alignment) */
+    int group;          /* KV_WT_Q8_GROUPS: values per scale */
 } kv_weight_t;
 
 /* A weight of fp32 rows at `data` (rows x cols, row stride cols). */
@@ -95,6 +95,8 @@ void kv_weight_rows(const kv_weight_t *w, int r0, int n, float *dst);
  * convert (KV_WT_Q8_GROUPS included: it needs its scales). Single-threaded. */
 int kv_weight_dequant(int type, const void *src, uint64_t n, float *dst);
 
+/* 1 when the CPU converts halves in hardware (F16C and AVX): x86-64 only. */
+int kv_have_f16c(void);
 /* IEEE half to float, exact (the hardware instruction where the CPU has it). */
 float kv_half_to_float(uint16_t h);
 void kv_half_to_float_n(const void *src, float *dst, size_t n); /* src: n halves at any alignment */

@@ -16,7 +16,7 @@
  *
  * Without a usable CUDA device it prints `CUDA unavailable: <why>` and exits 0 having run nothing.
  * Exit status 1 when any comparison fails. Options:
- *   --only a,b        run only these ops (matmul, rmsnorm, rope, swiglu, add, add_bias, attention,
+ *   --only a,b        run only these ops (matmul, matmul_w, rmsnorm, rope, swiglu, add, add_bias, attention,
  *                     attn_stats, attn_probs, attn_colstats, replay, capture)
  *   --seed N          random data seed (default 1)
  *   --verbose         print every case, not only failures and the summary table
@@ -36,6 +36,7 @@
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
 #include "sim/result.h"
+#include "traces/kv_f16.h"
 #include "traces/kv_trace.h"
 #ifdef KV_PARITY_EMU
 #include "tests/cuda_emu/kv_cuda_emu.h"
@@ -354,6 +355,52 @@ static void case_matmul(ctx_t *c, int M, int N, int K, const char *mode)
     kv_free_aligned(y);
     kv_free_aligned(g);
     kv_free_aligned(g2);
+}
+
+/* matmul_w: a weight kept in bf16 or fp16 on the device (converted to fp32 a tile of rows at a time,
+ * then multiplied in fp32) against the CPU's matmul_w of the same stored weight: the conversion is
+ * exact on both sides, so the products differ only by their accumulation order (TOL_MM_FP32). */
+static void case_matmul_w(ctx_t *c, int M, int N, int K, int type)
+{
+    char shape[128];
+    snprintf(shape, sizeof shape, "M=%d N=%d K=%d %s weights", M, N, K, kv_weight_type_name(type));
+    const size_t nw = (size_t)N * K;
+    float *x = hnew((size_t)M * K), *wf = hnew(nw), *y = hnew((size_t)M * N), *g = hnew((size_t)M * N);
+    fill_normal(c, x, (size_t)M * K, 1.0);
+    fill_normal(c, wf, nw, 1.0 / sqrt(K));
+    uint16_t *h = kv_malloc(nw * sizeof(uint16_t), "half weights");
+    for (size_t i = 0; i < nw; i++) {
+        uint32_t u;
+        memcpy(&u, &wf[i], 4);
+        h[i] = type == KV_WT_BF16 ? (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) : kv_f32_to_f16(wf[i]);
+    }
+    kv_weight_t w;
+    memset(&w, 0, sizeof w);
+    w.type = type, w.rows = N, w.cols = K, w.data = h;
+    kv_weight_set_layout(&w, "parity");
+    c->ref->ops->matmul_w(c->ref, y, x, &w, M);
+    void *dw = kv_be_alloc(c->dev, nw * sizeof(uint16_t));
+    float *dx = dnew(c, x, (size_t)M * K), *dy = dnew(c, NULL, (size_t)M * N);
+    int rc = dw ? c->dev->ops->upload(c->dev, dw, h, nw * sizeof(uint16_t)) : KV_ENOMEM;
+    kv_weight_t wd = w;
+    wd.data = dw;
+    if (rc == KV_OK)
+        rc = c->dev->ops->matmul_w(c->dev, dy, dx, &wd, M);
+    if (!op_error(c, "matmul_w", shape, rc)) {
+        dget(c, g, dy, (size_t)M * N);
+        cmp_t r;
+        int dims[3] = {0, M, N};
+        int ok = compare("y", g, y, (size_t)M * N, dims, &TOL_MM_FP32, &r);
+        verdict(c, "matmul_w", shape, ok, r.max_abs, r.nmse);
+    }
+    kv_be_free(c->dev, dw);
+    dfree(c, dx);
+    dfree(c, dy);
+    kv_free(h);
+    kv_free_aligned(x);
+    kv_free_aligned(wf);
+    kv_free_aligned(y);
+    kv_free_aligned(g);
 }
 
 static void case_rmsnorm(ctx_t *c, int T, int dim)
@@ -932,6 +979,13 @@ static void run_ops(ctx_t *c)
             case_matmul(c, 1, 1000, 288, modes[m]);
             case_matmul(c, 37, 1000, 288, modes[m]);
             case_matmul(c, 256, 512, 1024, modes[m]);
+        }
+    }
+    if (want(c, "matmul_w")) {
+        const int mw[][3] = {{1, 1000, 288}, {37, 1000, 288}, {300, 768, 4096}, {2048, 576, 1536}};
+        for (size_t i = 0; i < KV_ARRAY_LEN(mw); i++) {
+            case_matmul_w(c, mw[i][0], mw[i][1], mw[i][2], KV_WT_BF16);
+            case_matmul_w(c, mw[i][0], mw[i][1], mw[i][2], KV_WT_F16);
         }
     }
     if (want(c, "rmsnorm")) {

@@ -55,15 +55,6 @@ __attribute__((target("f16c,avx"))) static void to_f16_hw(const float *src, uint
     for (; i < n; i++)
         dst[i] = kv_f32_to_f16(src[i]);
 }
-static int have_f16c(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-    }
-    return v;
-}
 #endif
 
 size_t kv_f32_to_f16_n(const float *src, uint16_t *dst, size_t n)
@@ -72,7 +63,7 @@ size_t kv_f32_to_f16_n(const float *src, uint16_t *dst, size_t n)
     for (size_t i = 0; i < n; i++)
         over += (src[i] > KV_F16_MAX + 16.0f || src[i] < -KV_F16_MAX - 16.0f) && isfinite(src[i]);
 #ifdef KV_HAVE_F16C_DISPATCH
-    if (have_f16c()) {
+    if (kv_have_f16c()) {
         to_f16_hw(src, dst, n);
         return over;
     }

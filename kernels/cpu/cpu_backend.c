@@ -181,8 +181,8 @@ static int cpu_matmul_w(kv_backend_t *be, float *y, const float *x, const kv_wei
                     cblas_sgemv(CblasRowMajor, CblasNoTrans, nb, K, 1.0f, buf, K, x + (size_t)m0 * K, 1, 0.0f,
                                 y + (size_t)m0 * N + n0, 1);
                 else
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nb, K, 1.0f, x + (size_t)m0 * K, K, buf,
-                                K, 0.0f, y + (size_t)m0 * N + n0, N);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mb, nb, K, 1.0f, x + (size_t)m0 * K, K, buf, K,
+                                0.0f, y + (size_t)m0 * N + n0, N);
             }
         }
     }

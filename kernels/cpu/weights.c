@@ -88,22 +88,27 @@ __attribute__((target("f16c,avx"))) static void half_to_float_hw(const unsigned 
         dst[i] = kv_half_to_float(h);
     }
 }
-static int have_f16c(void)
+#endif
+
+int kv_have_f16c(void)
 {
+#ifdef KV_HAVE_F16C_DISPATCH
     static int v = -1;
     if (v < 0) {
         __builtin_cpu_init();
         v = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
     }
     return v;
-}
+#else
+    return 0;
 #endif
+}
 
 void kv_half_to_float_n(const void *src, float *dst, size_t n)
 {
     const unsigned char *s = src;
 #ifdef KV_HAVE_F16C_DISPATCH
-    if (have_f16c()) {
+    if (kv_have_f16c()) {
         half_to_float_hw(s, dst, n);
         return;
     }

@@ -29,7 +29,7 @@
     "                         F16, BF16 and the Q4_0..Q8_0, Q4_K..Q6_K quantisations), a Hugging Face\n"               \
     "                         Llama/Mistral/Qwen2 checkpoint (its folder, its config.json or a\n"                      \
     "                         .safetensors file; F32, F16, BF16 weights) or a llama2.c checkpoint\n"                   \
-    "                         (version 0 legacy, 1 fp32, 2 Q8_0); the files are mapped and the weights\n"        \
+    "                         (version 0 legacy, 1 fp32, 2 Q8_0); the files are mapped and the weights\n"              \
     "                         kept as stored, converted to fp32 a tile at a time as they are multiplied\n"
 #define HELP_TOKENIZER                                                                                                 \
     "  -z, --tokenizer FILE   tokenizer: a GGUF file's vocabulary, a Hugging Face tokenizer.json\n"                    \

@@ -68,8 +68,8 @@ static int parse_size(const char *s, uint64_t *out)
     static const struct {
         const char *suffix;
         double mult;
-    } u[] = {{"", 1},         {"B", 1},   {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"KiB", 1024.0},
-             {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+    } u[] = {{"", 1},      {"B", 1},        {"KB", 1e3},        {"MB", 1e6},           {"GB", 1e9},
+             {"TB", 1e12}, {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
     for (size_t i = 0; i < KV_ARRAY_LEN(u); i++)
         if (!strcmp(end, u[i].suffix)) {
             const double b = floor(v * u[i].mult);
@@ -216,7 +216,10 @@ int kv_cmd_synth_model(int argc, char **argv)
     if (kv_model_write_random(&o, out, &r) != KV_OK)
         return kv_cli_fail("synth-model");
     printf("%s: %.3f B parameters, %.2f GB of %s in %d file%s, %.1fs\n", out, (double)r.n_params / 1e9,
-           (double)r.bytes / 1e9, o.dtype == KV_WT_F32 ? "f32" : o.dtype == KV_WT_F16 ? "f16" : "bf16", r.n_shards,
-           r.n_shards == 1 ? "" : "s", r.seconds);
+           (double)r.bytes / 1e9,
+           o.dtype == KV_WT_F32   ? "f32"
+           : o.dtype == KV_WT_F16 ? "f16"
+                                  : "bf16",
+           r.n_shards, r.n_shards == 1 ? "" : "s", r.seconds);
     return 0;
 }

@@ -17,10 +17,10 @@
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
-#include "traces/kv_zstd_filter.h"
 #include "traces/capture/kv_eval.h"
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
+#include "traces/kv_zstd_filter.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -570,8 +570,7 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
     s.hm = kv_malloc(sizeof(float) * rows * c->q_dim, "staging");
     s.small = kv_malloc(sizeof(float) * (size_t)H * n_prompt, "staging");
     logits = kv_malloc(sizeof(float) * (size_t)c->vocab_size, "logits");
-    if (nomem || !s.pooled || !s.seg_lo || !s.lse_all || !s.dec_q || !s.tm || !s.hm || !s.small ||
-        !logits) {
+    if (nomem || !s.pooled || !s.seg_lo || !s.lse_all || !s.dec_q || !s.tm || !s.hm || !s.small || !logits) {
         rc = KV_ENOMEM;
         goto done;
     }

@@ -26,17 +26,17 @@ typedef struct kv_slab_writer kv_slab_writer_t;
 
 /* The buffers of one layer's job (host memory, owned by the writer). */
 typedef struct {
-    float *q;                      /* (n_rows, n_heads * head_dim) token-major queries */
-    float *k, *v;                  /* (n_rows, n_kv_heads * head_dim) token-major keys and values */
-    float *col[KV_SLAB_MAX_COLS];  /* (col_len) per-key statistics, written whole with kv_trace_write */
+    float *q;                     /* (n_rows, n_heads * head_dim) token-major queries */
+    float *k, *v;                 /* (n_rows, n_kv_heads * head_dim) token-major keys and values */
+    float *col[KV_SLAB_MAX_COLS]; /* (col_len) per-key statistics, written whole with kv_trace_write */
 } kv_slab_job_t;
 
 typedef struct {
     int n_rows, n_heads, n_kv_heads, head_dim;
-    size_t col_len;                           /* floats of each per-key statistic */
-    int n_cols;                               /* at most KV_SLAB_MAX_COLS */
-    const kv_tensor_t *col_tensor;            /* (n_cols) the trace tensor of each */
-    int threaded;                             /* 0: submit writes at once on the caller's thread */
+    size_t col_len;                /* floats of each per-key statistic */
+    int n_cols;                    /* at most KV_SLAB_MAX_COLS */
+    const kv_tensor_t *col_tensor; /* (n_cols) the trace tensor of each */
+    int threaded;                  /* 0: submit writes at once on the caller's thread */
 } kv_slab_shape_t;
 
 typedef struct {

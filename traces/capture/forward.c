@@ -39,20 +39,20 @@ struct kv_fwd {
     const float *bq, *bk, *bv; /* (n_layers, q_dim), (n_layers, kv_dim) x 2; NULL without biases */
     void **wbufs;              /* uploaded weights (non-CPU backends) */
     int n_wbufs;
-    size_t weight_bytes;       /* backend memory of uploaded weights */
-    float *emb_host;           /* (max_batch, dim) host staging of embedding rows (non-host backends) */
-    kv_fwd_stats_t stats_fn;   /* kv_fwd_set_stats */
+    size_t weight_bytes;     /* backend memory of uploaded weights */
+    float *emb_host;         /* (max_batch, dim) host staging of embedding rows (non-host backends) */
+    kv_fwd_stats_t stats_fn; /* kv_fwd_set_stats */
     void *stats_ctx;
-    float *k_cache;            /* (n_layers, max_tokens, kv_dim) */
-    float *v_cache;            /* (n_layers, max_tokens, kv_dim) */
-    float *x, *xb;             /* (max_batch, dim) */
-    float *q;                  /* (max_batch, q_dim) */
-    float *att;                /* (max_batch, q_dim) */
-    float *hb, *hb2;           /* (max_batch, hidden_dim) */
-    float *lse;                /* (n_heads, max_batch) */
-    float *logits;             /* (LOGIT_ROWS, vocab_size) */
-    int32_t *pos;              /* (max_batch) backend copy of the positions */
-    int32_t *pos_host;         /* (max_batch) */
+    float *k_cache;    /* (n_layers, max_tokens, kv_dim) */
+    float *v_cache;    /* (n_layers, max_tokens, kv_dim) */
+    float *x, *xb;     /* (max_batch, dim) */
+    float *q;          /* (max_batch, q_dim) */
+    float *att;        /* (max_batch, q_dim) */
+    float *hb, *hb2;   /* (max_batch, hidden_dim) */
+    float *lse;        /* (n_heads, max_batch) */
+    float *logits;     /* (LOGIT_ROWS, vocab_size) */
+    int32_t *pos;      /* (max_batch) backend copy of the positions */
+    int32_t *pos_host; /* (max_batch) */
     size_t bytes;
 };
 
@@ -148,8 +148,8 @@ static int upload_weight(kv_fwd_t *f, const kv_weight_t *w, kv_weight_t *dst)
         return kv_error_context(KV_ENOMEM, "uploading a %d x %d weight", w->rows, w->cols);
     for (int r = 0; r < w->rows; r++) {
         if (keep) /* a reordered row of stored bytes */
-            memcpy(stage + (size_t)r * row_out, (const unsigned char *)w->data + (size_t)kv_weight_row(w, r) * w->row_bytes,
-                   row_out);
+            memcpy(stage + (size_t)r * row_out,
+                   (const unsigned char *)w->data + (size_t)kv_weight_row(w, r) * w->row_bytes, row_out);
         else
             kv_weight_rows(w, r, 1, (float *)(void *)(stage + (size_t)r * row_out));
     }
@@ -215,8 +215,8 @@ int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max
         const void *fn;
         const char *name;
     } need[] = {{(const void *)o->matmul_w, "matmul_w"}, {(const void *)o->rmsnorm, "rmsnorm"},
-                {(const void *)o->rope, "rope"},     {(const void *)o->swiglu, "swiglu"},
-                {(const void *)o->add, "add"},       {(const void *)o->attention, "attention"}};
+                {(const void *)o->rope, "rope"},         {(const void *)o->swiglu, "swiglu"},
+                {(const void *)o->add, "add"},           {(const void *)o->attention, "attention"}};
     for (size_t i = 0; i < KV_ARRAY_LEN(need); i++)
         if (!need[i].fn)
             return kv_error(KV_ENOTIMPL, "backend %s has no '%s' op (needed by the forward pass)", be->name,

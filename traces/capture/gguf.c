@@ -67,23 +67,21 @@ typedef struct {
 /* ggml.h's enum ggml_type, with ggml-common.h's block sizes (the gguf Python package's
  * GGML_QUANT_SIZES agrees). Gaps are numbers ggml retired. */
 static const type_info_t types[] = {
-    [0] = {"F32", 1, 4},        [1] = {"F16", 1, 2},        [2] = {"Q4_0", 32, 18},
-    [3] = {"Q4_1", 32, 20},    [4] = {"Q4_2", 0, 0}, /* removed in 2023 */
-    [5] = {"Q4_3", 0, 0},                                      /* removed in 2023 */
-    [6] = {"Q5_0", 32, 22},    [7] = {"Q5_1", 32, 24},    [8] = {"Q8_0", 32, 34},
-    [9] = {"Q8_1", 32, 40},        [10] = {"Q2_K", 256, 84},      [11] = {"Q3_K", 256, 110},
-    [12] = {"Q4_K", 256, 144}, [13] = {"Q5_K", 256, 176}, [14] = {"Q6_K", 256, 210},
-    [15] = {"Q8_K", 256, 292},     [16] = {"IQ2_XXS", 256, 66},   [17] = {"IQ2_XS", 256, 74},
-    [18] = {"IQ3_XXS", 256, 98},   [19] = {"IQ1_S", 256, 50},     [20] = {"IQ4_NL", 32, 18},
-    [21] = {"IQ3_S", 256, 110},    [22] = {"IQ2_S", 256, 82},     [23] = {"IQ4_XS", 256, 136},
-    [24] = {"I8", 1, 1},           [25] = {"I16", 1, 2},          [26] = {"I32", 1, 4},
-    [27] = {"I64", 1, 8},          [28] = {"F64", 1, 8},          [29] = {"IQ1_M", 256, 56},
-    [30] = {"BF16", 1, 2},     [31] = {"Q4_0_4_4", 0, 0}, /* 31-33, 36-38: repacked layouts, removed
-                                                                             from GGUF files */
-    [32] = {"Q4_0_4_8", 0, 0},     [33] = {"Q4_0_8_8", 0, 0},     [34] = {"TQ1_0", 256, 54},
-    [35] = {"TQ2_0", 256, 66},     [36] = {"IQ4_NL_4_4", 0, 0},   [37] = {"IQ4_NL_4_8", 0, 0},
-    [38] = {"IQ4_NL_8_8", 0, 0},   [39] = {"MXFP4", 32, 17},      [40] = {"NVFP4", 64, 36},
-    [41] = {"Q1_0", 128, 18},      [42] = {"Q2_0", 0, 0}, /* newest ggml: layout not known here */
+    [0] = {"F32", 1, 4},         [1] = {"F16", 1, 2},         [2] = {"Q4_0", 32, 18},      [3] = {"Q4_1", 32, 20},
+    [4] = {"Q4_2", 0, 0}, /* removed in 2023 */
+    [5] = {"Q4_3", 0, 0}, /* removed in 2023 */
+    [6] = {"Q5_0", 32, 22},      [7] = {"Q5_1", 32, 24},      [8] = {"Q8_0", 32, 34},      [9] = {"Q8_1", 32, 40},
+    [10] = {"Q2_K", 256, 84},    [11] = {"Q3_K", 256, 110},   [12] = {"Q4_K", 256, 144},   [13] = {"Q5_K", 256, 176},
+    [14] = {"Q6_K", 256, 210},   [15] = {"Q8_K", 256, 292},   [16] = {"IQ2_XXS", 256, 66}, [17] = {"IQ2_XS", 256, 74},
+    [18] = {"IQ3_XXS", 256, 98}, [19] = {"IQ1_S", 256, 50},   [20] = {"IQ4_NL", 32, 18},   [21] = {"IQ3_S", 256, 110},
+    [22] = {"IQ2_S", 256, 82},   [23] = {"IQ4_XS", 256, 136}, [24] = {"I8", 1, 1},         [25] = {"I16", 1, 2},
+    [26] = {"I32", 1, 4},        [27] = {"I64", 1, 8},        [28] = {"F64", 1, 8},        [29] = {"IQ1_M", 256, 56},
+    [30] = {"BF16", 1, 2},       [31] = {"Q4_0_4_4", 0, 0}, /* 31-33, 36-38: repacked layouts, removed
+                                                                               from GGUF files */
+    [32] = {"Q4_0_4_8", 0, 0},   [33] = {"Q4_0_8_8", 0, 0},   [34] = {"TQ1_0", 256, 54},   [35] = {"TQ2_0", 256, 66},
+    [36] = {"IQ4_NL_4_4", 0, 0}, [37] = {"IQ4_NL_4_8", 0, 0}, [38] = {"IQ4_NL_8_8", 0, 0}, [39] = {"MXFP4", 32, 17},
+    [40] = {"NVFP4", 64, 36},    [41] = {"Q1_0", 128, 18},    [42] = {"Q2_0", 0, 0}, /* newest ggml: layout not known
+                                                                                        here */
 };
 
 static const type_info_t *type_info(int type)
@@ -913,7 +911,8 @@ int kv_gguf_dequant(int type, const void *src, uint64_t n, float *dst)
 #pragma omp parallel for schedule(static) if (n > 4 * DEQ_CHUNK)
     for (int64_t c = 0; c < chunks; c++) {
         const uint64_t b0 = (uint64_t)c * per, cnt = KV_MIN(per, nb - b0);
-        kv_weight_dequant(type, s + b0 * (uint64_t)ti->bytes, cnt * (uint64_t)ti->block, dst + b0 * (uint64_t)ti->block);
+        kv_weight_dequant(type, s + b0 * (uint64_t)ti->bytes, cnt * (uint64_t)ti->block,
+                          dst + b0 * (uint64_t)ti->block);
     }
     return KV_OK;
 }

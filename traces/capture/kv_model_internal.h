@@ -27,6 +27,30 @@ extern const kv_model_format_t kv_model_format_gguf;
 extern const kv_model_format_t kv_model_format_hf;
 extern const kv_model_format_t kv_model_format_llama2c;
 
+/* The parts of a model's weights in the order of kv_model.h's fp32 pointers (the layout of an fp32
+ * conversion), and their element counts for configuration c (with biases when `bias`): the classifier
+ * counts 0 when it is shared, the biases 0 without them. Bounded by kv_model_config_check. */
+enum {
+    KV_PART_EMB,
+    KV_PART_RMS_ATT,
+    KV_PART_WQ,
+    KV_PART_WK,
+    KV_PART_WV,
+    KV_PART_WO,
+    KV_PART_RMS_FFN,
+    KV_PART_W1,
+    KV_PART_W2,
+    KV_PART_W3,
+    KV_PART_RMS_FINAL,
+    KV_PART_WCLS,
+    KV_PART_BQ,
+    KV_PART_BK,
+    KV_PART_BV,
+    KV_N_PARTS
+};
+/* Fills sizes (KV_N_PARTS) and returns their sum. */
+uint64_t kv_model_part_sizes(const kv_model_config_t *c, int bias, uint64_t *sizes);
+
 /* m->dtypes from counts of tensors per dtype name (n entries): "Q4_1 x210, F32 x61, Q8_0 x1", most
  * frequent first. */
 void kv_model_set_dtypes(kv_model_t *m, const char *const *names, const int *counts, int n);

@@ -138,21 +138,33 @@ static void convert_all(const kv_weight_t *w, float *dst)
     }
 }
 
+uint64_t kv_model_part_sizes(const kv_model_config_t *c, int bias, uint64_t *sizes)
+{
+    const uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
+    const uint64_t V = (uint64_t)c->vocab_size, Q = (uint64_t)c->q_dim, KV = (uint64_t)c->kv_dim;
+    const uint64_t B = bias ? 1 : 0;
+    const uint64_t s[KV_N_PARTS] = {V * D,      L * D,      L * Q * D, L * KV * D,
+                                    L * KV * D, L * D * Q,  L * D,     L * H * D,
+                                    L * D * H,  L * H * D,  D,         c->shared_classifier ? 0 : V * D,
+                                    B * L * Q,  B * L * KV, B * L * KV};
+    uint64_t total = 0;
+    for (int i = 0; i < KV_N_PARTS; i++)
+        total += sizes[i] = s[i];
+    return total;
+}
+
 int kv_model_to_f32(kv_model_t *m)
 {
     if (!m->layers)
         return KV_OK;
     const kv_model_config_t *c = &m->cfg;
-    const size_t L = (size_t)c->n_layers, D = (size_t)c->dim, H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
-    const size_t Q = (size_t)c->q_dim, KV = (size_t)c->kv_dim, B = m->bq ? 1 : 0;
+    const size_t L = (size_t)c->n_layers, B = m->bq ? 1 : 0;
     /* one allocation in the order of kv_model.h's pointers */
     enum { EMB, RMS_ATT, WQ, WK, WV, WO, RMS_FFN, W1, W2, W3, RMS_FINAL, WCLS, BQ, BK, BV, NPART };
-    const size_t sizes[NPART] = {V * D, L * D,     L * Q * D, L * KV * D, L * KV * D, L * D * Q, L * D, L * H * D,
-                                 L * D * H, L * H * D, D, c->shared_classifier ? 0 : V * D, B * L * Q, B * L * KV,
-                                 B * L * KV};
-    size_t total = 0;
-    for (int i = 0; i < NPART; i++)
-        total += sizes[i];
+    _Static_assert((int)NPART == (int)KV_N_PARTS && (int)WCLS == (int)KV_PART_WCLS && (int)BV == (int)KV_PART_BV,
+                   "kv_model_internal.h's order");
+    uint64_t sizes[KV_N_PARTS];
+    const size_t total = (size_t)kv_model_part_sizes(c, (int)B, sizes);
     float *own = kv_malloc_aligned(total * sizeof(float), "model weights");
     if (!own)
         return kv_error_context(KV_ENOMEM, "%s: converting the weights to fp32", m->path);

@@ -444,13 +444,10 @@ static int gguf_load(const char *path, kv_model_t **out)
     const uint64_t V = (uint64_t)c->vocab_size, Q = (uint64_t)c->q_dim, KV = (uint64_t)c->kv_dim;
     const uint64_t B = c->qkv_bias ? 1 : 0;
     enum { EMB, RMS_ATT, WQ, WK, WV, WO, RMS_FFN, W1, W2, W3, RMS_FINAL, WCLS, BQ, BK, BV, NP };
-    const uint64_t sizes[NP] = {V * D,      L * D,      L * Q * D, L * KV * D,
-                                L * KV * D, L * D * Q,  L * D,     L * H * D,
-                                L * D * H,  L * H * D,  D,         c->shared_classifier ? 0 : V * D,
-                                B * L * Q,  B * L * KV, B * L * KV};
-    uint64_t total = 0;
-    for (int i = 0; i < NP; i++)
-        total += sizes[i]; /* bounded by kv_model_config_check: no overflow for accepted dimensions */
+    _Static_assert((int)NP == (int)KV_N_PARTS && (int)WCLS == (int)KV_PART_WCLS && (int)BV == (int)KV_PART_BV,
+                   "kv_model_internal.h's order");
+    uint64_t sizes[KV_N_PARTS];
+    const uint64_t total = kv_model_part_sizes(c, (int)B, sizes);
     /* the plan: every tensor's name, shape and place, validated before the allocation */
     const int n_want = 3 + (int)L * 12;
     w = kv_calloc((size_t)n_want, sizeof *w, "tensor plan");
@@ -518,7 +515,7 @@ static int gguf_load(const char *path, kv_model_t **out)
         if ((rc = kv_weight_set_layout(&d, path)))
             goto fail;
         m->weight_bytes += kv_weight_bytes(&d);
-        static const int mw_of[NP] = {[WQ] = KV_MW_Q,    [WK] = KV_MW_K,    [WV] = KV_MW_V,  [WO] = KV_MW_O,
+        static const int mw_of[NP] = {[WQ] = KV_MW_Q,    [WK] = KV_MW_K,    [WV] = KV_MW_V, [WO] = KV_MW_O,
                                       [W1] = KV_MW_GATE, [W2] = KV_MW_DOWN, [W3] = KV_MW_UP};
         if (w[i].part == EMB)
             m->emb_w = d;

@@ -1269,9 +1269,8 @@ static int hf_load(const char *path, kv_model_t **out)
         rc = kv_error_context(KV_ENOMEM, "%s", path);
         goto fail;
     }
-    /* bounded by kv_model_config_check: no overflow for accepted dimensions */
-    m->n_params = (size_t)(V * D * (c->shared_classifier ? 1 : 2) + L * (Q * D + 2 * KV * D + D * Q + 3 * H * D) +
-                           small);
+    uint64_t sizes[KV_N_PARTS];
+    m->n_params = (size_t)kv_model_part_sizes(c, (int)B, sizes);
     float *rms_att = m->owned, *rms_ffn = rms_att + L * D, *rms_final = rms_ffn + L * D;
     float *bq = B ? rms_final + D : NULL, *bk = B ? bq + L * Q : NULL, *bv = B ? bk + L * KV : NULL;
     m->rms_att = rms_att, m->rms_ffn = rms_ffn, m->rms_final = rms_final;
@@ -1289,9 +1288,9 @@ static int hf_load(const char *path, kv_model_t **out)
             uint64_t rows, cols;
             int perm, which;
         } mw[KV_MW_N] = {
-            {"self_attn.q_proj.weight", Q, D, hd, KV_MW_Q},   {"self_attn.k_proj.weight", KV, D, hd, KV_MW_K},
-            {"self_attn.v_proj.weight", KV, D, 0, KV_MW_V},   {"self_attn.o_proj.weight", D, Q, 0, KV_MW_O},
-            {"mlp.gate_proj.weight", H, D, 0, KV_MW_GATE},    {"mlp.down_proj.weight", D, H, 0, KV_MW_DOWN},
+            {"self_attn.q_proj.weight", Q, D, hd, KV_MW_Q}, {"self_attn.k_proj.weight", KV, D, hd, KV_MW_K},
+            {"self_attn.v_proj.weight", KV, D, 0, KV_MW_V}, {"self_attn.o_proj.weight", D, Q, 0, KV_MW_O},
+            {"mlp.gate_proj.weight", H, D, 0, KV_MW_GATE},  {"mlp.down_proj.weight", D, H, 0, KV_MW_DOWN},
             {"mlp.up_proj.weight", H, D, 0, KV_MW_UP},
         };
         for (int i = 0; i < KV_MW_N; i++) {

@@ -91,7 +91,7 @@ static int plan(const kv_model_write_opts_t *o, int esize, rm_tensor_t **out, in
     int k = 0;
 #define ADD(nm, r, c, one)                                                                                             \
     do {                                                                                                               \
-        snprintf(t[k].name, sizeof t[k].name, "%s", nm);                                                              \
+        snprintf(t[k].name, sizeof t[k].name, "%s", nm);                                                               \
         t[k].rows = (r), t[k].cols = (c), t[k].ones = (one);                                                           \
         k++;                                                                                                           \
     } while (0)
@@ -102,10 +102,10 @@ static int plan(const kv_model_write_opts_t *o, int esize, rm_tensor_t **out, in
             uint64_t rows, cols;
             int ones;
         } lt[9] = {
-            {"input_layernorm.weight", D, 0, 1},    {"self_attn.q_proj.weight", Q, D, 0},
-            {"self_attn.k_proj.weight", KV, D, 0},  {"self_attn.v_proj.weight", KV, D, 0},
-            {"self_attn.o_proj.weight", D, Q, 0},   {"post_attention_layernorm.weight", D, 0, 1},
-            {"mlp.gate_proj.weight", H, D, 0},      {"mlp.up_proj.weight", H, D, 0},
+            {"input_layernorm.weight", D, 0, 1},   {"self_attn.q_proj.weight", Q, D, 0},
+            {"self_attn.k_proj.weight", KV, D, 0}, {"self_attn.v_proj.weight", KV, D, 0},
+            {"self_attn.o_proj.weight", D, Q, 0},  {"post_attention_layernorm.weight", D, 0, 1},
+            {"mlp.gate_proj.weight", H, D, 0},     {"mlp.up_proj.weight", H, D, 0},
             {"mlp.down_proj.weight", D, H, 0},
         };
         for (int i = 0; i < 9; i++) {
@@ -238,11 +238,10 @@ static int write_shard(const kv_model_write_opts_t *o, const char *dir, const rm
         if (t[i].shard != s)
             continue;
         if (t[i].cols)
-            len += (size_t)snprintf(hdr + len, cap - len,
-                                    ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
-                                    t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows,
-                                    (unsigned long long)t[i].cols, (unsigned long long)t[i].begin,
-                                    (unsigned long long)(t[i].begin + t[i].bytes));
+            len += (size_t)snprintf(
+                hdr + len, cap - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
+                t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows, (unsigned long long)t[i].cols,
+                (unsigned long long)t[i].begin, (unsigned long long)(t[i].begin + t[i].bytes));
         else
             len += (size_t)snprintf(hdr + len, cap - len,
                                     ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}",
@@ -329,9 +328,10 @@ static int write_config(const kv_model_write_opts_t *o, const char *dir)
     json_object_object_add(j, "attention_bias", json_object_new_boolean(0));
     json_object_object_add(j, "mlp_bias", json_object_new_boolean(0));
     json_object_object_add(j, "initializer_range", json_object_new_double(o->std));
-    json_object_object_add(j, "torch_dtype", json_object_new_string(o->dtype == KV_WT_F32   ? "float32"
-                                                                    : o->dtype == KV_WT_F16 ? "float16"
-                                                                                            : "bfloat16"));
+    json_object_object_add(j, "torch_dtype",
+                           json_object_new_string(o->dtype == KV_WT_F32   ? "float32"
+                                                  : o->dtype == KV_WT_F16 ? "float16"
+                                                                          : "bfloat16"));
     if (o->bos_id >= 0)
         json_object_object_add(j, "bos_token_id", json_object_new_int(o->bos_id));
     if (o->eos_id >= 0)
