@@ -618,8 +618,8 @@ int kv_cmd_capture(int argc, char **argv)
            kv_fmt_bytes((double)r.peak_rss, a, sizeof a), r.device);
     char mem[512];
     printf("  memory: %s\n", kv_capture_memory_text(&r, mem, sizeof mem));
-    printf("  prefill: forward pass with statistics %.2fs; prompt slabs written %s in %.2fs (zstd %.2fs of all "
-           "compression), the forward pass waited %.2fs for them\n",
+    printf("  prefill: forward pass with statistics %.2fs; prompt slabs written %s in %.2fs (zstd: %.2fs of CPU "
+           "time on all threads, the whole trace), the forward pass waited %.2fs for them\n",
            r.prefill_compute_s, r.writer_threaded ? "alongside, by their own thread," : "in line", r.writer_busy_s,
            r.compress_s, r.writer_wait_s);
     return 0;

@@ -90,8 +90,8 @@ static void print_model(const kv_model_t *m)
            c->shared_classifier ? "tied (the classifier is the token embedding)" : "separate classifier");
     printf("context:      %d tokens\n", c->seq_len);
     printf("vocabulary:   %d\n", c->vocab_size);
-    printf("parameters:   %.2f M (%.0f MiB as fp32 at load)\n", (double)m->n_params / 1e6,
-           (double)m->n_params * 4.0 / (1 << 20));
+    printf("parameters:   %.2f M: %.0f MiB as stored (mapped, what capture holds), %.0f MiB in fp32\n",
+           (double)m->n_params / 1e6, (double)m->weight_bytes / (1 << 20), (double)m->n_params * 4.0 / (1 << 20));
 }
 
 int kv_cmd_model(int argc, char **argv)
