@@ -689,8 +689,10 @@ static void bench_8b(void)
     unlink(out);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    (void)argc;
+    kv_omp_passive_reexec(argv); /* as the kvsim command does; transformers' child inherits it too */
     char mpath[512], tpath[512], spath[512], t32[512];
     const int have260 = shared_path("models/stories260K/stories260K.bin", mpath, sizeof mpath) &&
                         shared_path("models/stories260K/tok512.bin", tpath, sizeof tpath);

@@ -4,6 +4,8 @@
  * adding a file. CK_RUN_SUITE=suite_name or CK_RUN_CASE narrow a run (Check's own variables).
  * Exit status is non-zero when any test fails.
  */
+#include "sim/common/kv_common.h"
+
 #include <check.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,8 +14,10 @@
 #include "suites.h"
 #undef X
 
-int main(void)
+int main(int argc, char **argv)
 {
+    (void)argc;
+    kv_omp_passive_reexec(argv); /* as the kvsim command does (sim/common/kv_common.h) */
     /* Real-model and HDF5 tests take seconds, not Check's default 4 s budget. */
     setenv("CK_DEFAULT_TIMEOUT", "300", 0);
     SRunner *sr = NULL;

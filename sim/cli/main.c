@@ -157,6 +157,7 @@ static int unknown_command(const char *name)
 
 int main(int argc, char **argv)
 {
+    kv_omp_passive_reexec(argv); /* OpenMP threads sleep at barriers rather than spin (kv_common.h) */
     opterr = 0; /* subcommands report bad options themselves (kv_cli_bad_option), naming the option */
     if (argc < 2) {
         usage(stderr);

@@ -69,6 +69,15 @@ int kv_read_file(const char *path, size_t max, char **out, size_t *len);
  * bytes, shorter than the <min_what>". */
 int kv_map_file(const char *path, const char *what, size_t min_size, const char *min_what, void **map, size_t *len);
 
+/* OpenMP threads that wait at a barrier spin (libgomp: up to a few milliseconds) before they sleep.
+ * With more runnable threads than cores (a machine shared with other work) the spinning thread holds
+ * the core the late thread needs, and every barrier costs a scheduler time slice: measured on a
+ * loaded 2-core machine, a SmolLM2 capture's decode took 7x longer. When neither OMP_WAIT_POLICY nor
+ * GOMP_SPINCOUNT is set, this sets OMP_WAIT_POLICY=passive (waiting threads sleep) and executes the
+ * program again (libgomp reads the variable when it loads, before main); it returns when the variable
+ * was set already or the exec failed. Programs call it first thing in main. */
+void kv_omp_passive_reexec(char **argv);
+
 /* Git revision the binary was built from ("unknown" outside a checkout). */
 const char *kv_git_revision(void);
 
