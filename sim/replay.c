@@ -858,12 +858,16 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     const char *missing = kv_backend_missing_op(be);
     if (missing && (!be->ops->attn_probs || !be->ops->attn_colstats))
         return kv_error(KV_EUNAVAIL, "backend %s lacks the '%s' op needed by replay", be->name, missing);
-    for (int i = 0; i < n_pol; i++)
+    for (int i = 0; i < n_pol; i++) {
         if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && m->n_segments < 1)
             return kv_error(KV_EINVAL,
                             "%s: policy %s needs segments and the trace has none (capture a prompt with "
                             "<|endoftext|> separators or --segments)",
                             path, pols[i]->label);
+        if ((pols[i]->flags & KV_POL_NEEDS_WO) && !m->has_wo)
+            return kv_error(KV_EINVAL, "%s: policy %s needs W_O and the trace has none (capture with --with-wo)",
+                            path, pols[i]->label);
+    }
     const size_t dtype_bytes = m->dtype == KV_DTYPE_F16 ? 2 : 4;
     int n_cfg = n_pol * n_budgets, rc = KV_OK;
     cfg_t *cfg = kv_calloc((size_t)n_cfg, sizeof *cfg, "replay configurations");

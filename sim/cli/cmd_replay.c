@@ -81,18 +81,25 @@ static int names_policy(const char *list, const char *name)
     }
 }
 
-void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n)
+void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path, struct kv_policy **pols,
+                            int *n)
 {
-    /* 'all' means every policy this trace can run: policies that need segments are skipped on a
-     * trace without them, unless they were also named explicitly (then replay reports the error) */
-    if (n_segments >= 1 || !names_policy(list, "all"))
+    /* 'all' means every policy this trace can run: policies that need segments (or W_O) are skipped
+     * on a trace without them, unless they were also named explicitly (then replay reports the error) */
+    if ((n_segments >= 1 && has_wo) || !names_policy(list, "all"))
         return;
     int k = 0;
     for (int i = 0; i < *n; i++) {
-        if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(list, pols[i]->desc->name)) {
-            kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
-                    "--segments to run it)",
-                    trace_path, pols[i]->desc->name);
+        const int no_seg = (pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && n_segments < 1;
+        const int no_wo = (pols[i]->flags & KV_POL_NEEDS_WO) && !has_wo;
+        if ((no_seg || no_wo) && !names_policy(list, pols[i]->desc->name)) {
+            if (no_seg)
+                kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
+                        "--segments to run it)",
+                        trace_path, pols[i]->desc->name);
+            else
+                kv_warn("%s has no W_O: skipping %s (capture with --with-wo to run it)", trace_path,
+                        pols[i]->desc->name);
             kv_policy_free(pols[i]);
             continue;
         }
@@ -243,7 +250,7 @@ int kv_cmd_replay(int argc, char **argv)
         goto done;
     }
     const kv_trace_meta_t *m = kv_trace_meta(t);
-    kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
+    kv_cli_skip_unrunnable(pol_list, m->n_segments, m->has_wo, trace_path, pols, &n_pol);
     kv_cli_warn_window_budgets(m, m->n_prompt - ro.eval_tail, pols, n_pol, bud, n_bud);
     if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
         rc = kv_cli_fail("replay");
@@ -317,6 +324,10 @@ static void flags_text(unsigned f, char *buf, size_t len)
              f & KV_POL_BUDGET_SEQUENCE ? ", budget per sequence" : "",
              f & KV_POL_OVER_BUDGET ? ", may exceed the budget (as the reference)" : "",
              f & KV_POL_BUDGET_FREE ? ", threshold rule (may evict below the budget)" : "");
+    if (f & KV_POL_NEEDS_WO)
+        snprintf(buf + strlen(buf), len - strlen(buf), ", needs W_O (--with-wo)");
+    if (f & KV_POL_ORACLE)
+        snprintf(buf + strlen(buf), len - strlen(buf), ", reads the future (a ceiling)");
 }
 
 static void policies_help(void)
@@ -324,9 +335,12 @@ static void policies_help(void)
     printf("usage: kvsim policies [--labels]\n"
            "\n"
            "List every registered eviction policy: its one-line description and paper, its kind (one-shot\n"
-           "after prefill, decode-time, per-query), its canonical label with every default, and each\n"
-           "parameter with its type, range and default. Parameters are set in a policy spec as\n"
-           "name(k=v,...); the parameters gran and agg are common to every policy.\n"
+           "after prefill, decode-time, per-query), its reference implementation, its canonical label\n"
+           "with every default, its presets and each parameter with its type, range and default.\n"
+           "Parameters are set in a policy spec as name(k=v,...); the parameters gran and agg are\n"
+           "common to every policy. A preset, name@preset, is the parameter set that reproduces a\n"
+           "reference implementation (snapkv@kvpress); parameters given after it override it\n"
+           "(snapkv@kvpress(window=32)).\n"
            "\n"
            "options:\n"
            "  -l, --labels  print only the canonical label of each policy, with its defaults (default:\n"
@@ -359,9 +373,13 @@ int kv_cmd_policies(int argc, char **argv)
         if (labels) {
             printf("%s\n", p->label);
         } else {
-            char fl[160], desc[4096];
+            char fl[256], desc[4096];
             flags_text(p->flags, fl, sizeof fl);
-            printf("%s\n  %s\n  paper: %s; %s\n  default: %s\n", d->name, d->doc, d->paper, fl, p->label);
+            printf("%s\n  %s\n  paper: %s; %s\n  reference code: %s\n  default: %s\n", d->name, d->doc, d->paper, fl,
+                   d->code ? d->code : "-", p->label);
+            for (int k = 0; k < d->n_presets; k++)
+                printf("  preset %s@%s: %s\n    = %s\n", d->name, d->presets[k].name, d->presets[k].what,
+                       d->presets[k].params);
             kv_params_describe(d->params, d->n_params, desc, sizeof desc);
             printf("%s", desc);
             kv_params_describe(kv_policy_common_params, kv_policy_n_common_params, desc, sizeof desc);
