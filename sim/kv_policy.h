@@ -214,6 +214,13 @@ struct kv_policy_desc {
     int (*budget_slack)(const kv_policy_t *p, int n_ctx, int B);
 };
 
+/* The "tie" parameter of scorers that offer kvpress's tie order (schema entry), and reading it into
+ * p->tie_torch (clearing KV_POL_NESTED when set). */
+#define KV_PARAM_TIE                                                                                                   \
+    {"tie", KV_PARAM_ENUM, "later", 0, -1, "later|torch",                                                              \
+     "equal scores: the later token first (nested), or the set torch.topk keeps on the CPU (kvpress)"}
+void kv_policy_read_tie(kv_policy_t *p);
+
 /* Registry (sim/policy_registry.c). */
 int kv_policy_count(void);
 const kv_policy_desc_t *kv_policy_desc_at(int i);

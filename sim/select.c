@@ -195,6 +195,13 @@ int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t
     return KV_OK;
 }
 
+void kv_policy_read_tie(kv_policy_t *p)
+{
+    p->tie_torch = !strcmp(kv_params_str(&p->params, "tie"), "torch");
+    if (p->tie_torch)
+        p->flags &= ~KV_POL_NESTED;
+}
+
 int kv_policy_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
 {
     size_t need = (size_t)c->H * (size_t)(c->n_ctx ? c->n_ctx : 1);

@@ -25,8 +25,7 @@
 #include <string.h>
 
 static const kv_param_def_t params[] = {
-    {"tie", KV_PARAM_ENUM, "later", 0, -1, "later|torch",
-     "equal norms: the later token first (nested), or the set torch.topk keeps on the CPU (kvpress)"},
+    KV_PARAM_TIE,
     {"skip", KV_PARAM_INT, "0", 0, 1 << 20, NULL, "layers below this keep everything (KVCache-Factory: 2)"},
 };
 
@@ -37,9 +36,7 @@ static const kv_preset_t presets[] = {
 
 static int knorm_init(kv_policy_t *p)
 {
-    p->tie_torch = !strcmp(kv_params_str(&p->params, "tie"), "torch");
-    if (p->tie_torch)
-        p->flags &= ~KV_POL_NESTED;
+    kv_policy_read_tie(p);
     return KV_OK;
 }
 
