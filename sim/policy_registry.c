@@ -24,6 +24,8 @@ extern const kv_policy_desc_t kv_policy_kvcompress;
 extern const kv_policy_desc_t kv_policy_expected_attention;
 extern const kv_policy_desc_t kv_policy_keydiff;
 extern const kv_policy_desc_t kv_policy_lagkv;
+extern const kv_policy_desc_t kv_policy_criticalkv;
+extern const kv_policy_desc_t kv_policy_cake;
 extern const kv_policy_desc_t kv_policy_simlayerkv;
 
 /* Baselines first, then roughly in the order the methods appeared. */
@@ -31,7 +33,7 @@ static const kv_policy_desc_t *const registry[] = {
     &kv_policy_full,  &kv_policy_random,  &kv_policy_oracle,    &kv_policy_streaming_llm, &kv_policy_h2o,
     &kv_policy_tova,  &kv_policy_knorm,   &kv_policy_threshold, &kv_policy_snapkv,        &kv_policy_pyramidkv,
     &kv_policy_adakv, &kv_policy_chunkkv, &kv_policy_quest,     &kv_policy_shotkv,        &kv_policy_kvcompress,
-    &kv_policy_simlayerkv, &kv_policy_expected_attention, &kv_policy_keydiff, &kv_policy_lagkv,
+    &kv_policy_simlayerkv, &kv_policy_expected_attention, &kv_policy_keydiff, &kv_policy_lagkv, &kv_policy_criticalkv, &kv_policy_cake,
 };
 
 int kv_policy_count(void)
