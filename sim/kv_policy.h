@@ -84,6 +84,7 @@ struct kv_layer_ctx {
     kv_backend_t *be;
     uint64_t seed; /* replay seed (for random policies: derive per layer/head) */
     void *engine;  /* private to replay.c */
+    void *host;    /* a kv_ctx_sub context's own statistics (engine NULL), private to sim/ctx_sub.c */
 };
 
 /* Shared statistics, computed on first use and reused by every policy of the layer. Call them only
@@ -93,6 +94,15 @@ int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, c
 /* Probabilities of the last w context queries over context keys (causal): (H, w, n_ctx); row r is
  * query n_ctx - w + r. Window columns are included (policies drop them after the softmax). */
 int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs);
+
+/* A layer context over some of the tokens of one storage head, for policies that re-score their
+ * cache while decoding (sim/ctx_sub.c): query heads [h0, h0 + nh) of c (a KV group, or one query
+ * head) and their KV head, tokens tok[0..n) (ascending positions of c), all of them context
+ * (n_ctx = n, no evaluation queries, no W_O); positions and token ids follow the tokens. The shared
+ * statistics above work on it too, computed on the host (plain loops, O(n^2 d) for colstats).
+ * Free with kv_ctx_sub_free. */
+int kv_ctx_sub(const kv_layer_ctx_t *c, int h0, int nh, const int *tok, int n, kv_layer_ctx_t *out);
+void kv_ctx_sub_free(kv_layer_ctx_t *sub);
 
 /* ---- caches ---- */
 typedef struct {

@@ -26,6 +26,7 @@ extern const kv_policy_desc_t kv_policy_keydiff;
 extern const kv_policy_desc_t kv_policy_lagkv;
 extern const kv_policy_desc_t kv_policy_criticalkv;
 extern const kv_policy_desc_t kv_policy_cake;
+extern const kv_policy_desc_t kv_policy_decoding;
 extern const kv_policy_desc_t kv_policy_simlayerkv;
 
 /* Baselines first, then roughly in the order the methods appeared. */
@@ -34,6 +35,7 @@ static const kv_policy_desc_t *const registry[] = {
     &kv_policy_tova,  &kv_policy_knorm,   &kv_policy_threshold, &kv_policy_snapkv,        &kv_policy_pyramidkv,
     &kv_policy_adakv, &kv_policy_chunkkv, &kv_policy_quest,     &kv_policy_shotkv,        &kv_policy_kvcompress,
     &kv_policy_simlayerkv, &kv_policy_expected_attention, &kv_policy_keydiff, &kv_policy_lagkv, &kv_policy_criticalkv, &kv_policy_cake,
+    &kv_policy_decoding,
 };
 
 int kv_policy_count(void)

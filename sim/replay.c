@@ -20,6 +20,7 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/ctx_internal.h"
 #include "sim/metrics.h"
 
 #include <cblas.h>
@@ -107,6 +108,8 @@ static kv_qk_args_t qk_args(const kv_layer_ctx_t *c, int q0, int nq, int nk)
 
 int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, const float **max)
 {
+    if (!c->engine) /* a kv_ctx_sub context: its own statistics, on the host */
+        return kv_ctx_host_colstats(c, sum, sumsq, max);
     engine_t *e = c->engine;
     if (!e->have_col) {
         size_t n = (size_t)c->H * (size_t)(c->n_ctx ? c->n_ctx : 1);
@@ -149,6 +152,8 @@ int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, c
 
 int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
 {
+    if (!c->engine) /* a kv_ctx_sub context: its own statistics, on the host */
+        return kv_ctx_host_window_probs(c, w, probs);
     engine_t *e = c->engine;
     if (w < 1 || w > c->n_ctx)
         return kv_error(KV_ERANGE, "observation window %d outside [1, %d] (context length)", w, c->n_ctx);
