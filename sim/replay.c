@@ -232,6 +232,7 @@ typedef struct {
     double *meta;                 /* (L) */
     int probe_e;                  /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
+    uint8_t *kept_mask; /* (L, S, T) replay --kept: the cache each layer ends with, or NULL */
     int rc;
     double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
@@ -252,6 +253,7 @@ static void cfg_free(cfg_t *g)
     kv_free(g->viol);
     kv_free(g->mem);
     kv_free(g->meta);
+    kv_free(g->kept_mask);
 }
 
 static int cfg_alloc(cfg_t *g, int L, int H, int Hkv, int E)
@@ -309,6 +311,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 goto done;
             if (g->probe_mask && e == g->probe_e)
                 memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+            if (g->kept_mask && e == E - 1) /* what the last evaluation query reads */
+                memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
             for (int s = 0; s < S; s++) {
                 const uint8_t *mk = keep.mask + (size_t)s * T;
                 int ctx = 0, tot;
@@ -361,6 +365,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
             goto done;
         if (g->probe_mask)
             memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+        if (g->kept_mask)
+            memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
         for (int s = 0; s < S; s++) {
             const int h0 = p->gran == KV_GRAN_KV ? s * G : s, nh = p->gran == KV_GRAN_KV ? G : 1;
             const uint8_t *mk = keep.mask + (size_t)s * T;
@@ -814,6 +820,30 @@ static void stream_close(stream_t *s, kv_replay_stats_t *st)
     layer_buf_free(&s->buf[1]);
 }
 
+/* ---------------------------------------------------------------- kept sets (--kept) */
+
+/* Hand every (policy, budget)'s kept masks over to a kv_kept_t (sim/kept.h). */
+static int kept_collect(cfg_t *cfg, int n_cfg, int n_pol, int n_budgets, const kv_trace_meta_t *m, int n_ctx,
+                        kv_kept_t **out)
+{
+    kv_kept_t *k;
+    int rc = kv_kept_create(n_pol, n_budgets, m->n_layers, m->n_tokens, n_ctx, &k);
+    if (rc)
+        return rc;
+    for (int x = 0; x < n_cfg && rc == KV_OK; x++) {
+        cfg_t *g = &cfg[x];
+        rc = kv_kept_set(k, g->pi, g->bi, g->p, &g->b, g->S, g->kept_mask);
+        if (rc == KV_OK)
+            g->kept_mask = NULL; /* now owned by k */
+    }
+    if (rc) {
+        kv_kept_free(k);
+        return rc;
+    }
+    *out = k;
+    return KV_OK;
+}
+
 /* ---------------------------------------------------------------- the engine */
 
 static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int n_ctx, const layer_buf_t *b,
@@ -888,6 +918,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     double t_start = kv_now(), t_mark;
     if (o.stats)
         memset(o.stats, 0, sizeof *o.stats);
+    if (o.kept)
+        *o.kept = NULL;
     if (!cfg || !bud || kv_results_create(&res) != KV_OK) {
         rc = KV_ENOMEM;
         goto done;
@@ -913,6 +945,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             g->b = bud[b];
             if ((rc = cfg_alloc(g, L, H, m->n_kv_heads, E)))
                 goto done;
+            if (o.kept && !(g->kept_mask = kv_calloc((size_t)L * g->S * T, 1, "kept sets"))) {
+                rc = KV_ENOMEM;
+                goto done;
+            }
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
@@ -1033,6 +1069,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                     "(beyond float tolerance); this is a bug, please report it",
                     cfg[k].p->label, cfg[k].b.text, v);
     }
+    if (rc == KV_OK && o.kept)
+        rc = kept_collect(cfg, n_cfg, n_pol, n_budgets, m, n_ctx, o.kept);
     if (rc == KV_OK) {
         *out = res;
         res = NULL;

@@ -11,6 +11,7 @@
 #define KV_REPLAY_H
 
 #include "kernels/kv_backend.h"
+#include "sim/kept.h"
 #include "sim/kv_policy.h"
 #include "sim/result.h"
 #include "traces/kv_trace.h"
@@ -41,6 +42,8 @@ typedef struct {
     int prefetch;             /* 1: a reader thread reads layer l+1 while layer l is computed (one more
                                  layer of Q/K/V, and W_O, in memory); 0: each layer is read when it is
                                  needed; KV_PREFETCH_AUTO (the default): see below */
+    kv_kept_t **kept;         /* optional: receives every (policy, budget)'s kept sets (sim/kept.h;
+                                 (layers x storage heads x tokens) bytes each); NULL: not collected */
 } kv_replay_opts_t;
 
 /* Prefetch by default when the backend computes off the host CPU (a GPU): the cores are idle while

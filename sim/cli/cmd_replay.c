@@ -42,6 +42,10 @@ static void replay_help(void)
            "options:\n"
            "  -o, --output FILE    results as TSV (default: standard output)\n"
            "      --json FILE      also write the results as JSON (default: no JSON)\n"
+           "      --kept FILE.h5   also write the kept token indices per policy x budget x layer x\n"
+           "                       storage head (HDF5, gzip; one-shot policies: the context kept after\n"
+           "                       prefill; decode-time ones: the cache the last evaluation query reads;\n"
+           "                       layout in sim/kept.h and README.md) (default: none)\n"
            "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries (default 0)\n"
            "      --seed N         seed of randomised policies (default 0)\n"
            "      --no-head-rows   only layer and overall rows (default: also one row per query head)\n"
@@ -164,6 +168,7 @@ int kv_cmd_replay(int argc, char **argv)
     static const struct option opts[] = {
         {"output", required_argument, 0, 'o'},
         {"json", required_argument, 0, 'j'},
+        {"kept", required_argument, 0, 'k'},
         {"eval-tail", required_argument, 0, 'e'},
         {"seed", required_argument, 0, 's'},
         {"no-head-rows", no_argument, 0, 'n'},
@@ -177,7 +182,7 @@ int kv_cmd_replay(int argc, char **argv)
     /* the command as typed, for the provenance preamble (getopt_long reorders argv) */
     char cmd[2048];
     kv_cli_command_line(cmd, sizeof cmd, argc, argv);
-    const char *out = "-", *json = NULL, *backend = "auto";
+    const char *out = "-", *json = NULL, *kept_path = NULL, *backend = "auto";
     kv_replay_opts_t ro;
     kv_replay_defaults(&ro);
     long v, threads = 0;
@@ -187,6 +192,7 @@ int kv_cmd_replay(int argc, char **argv)
         switch (c) {
         case 'o': out = optarg; break;
         case 'j': json = optarg; break;
+        case 'k': kept_path = optarg; break;
         case 'e':
             if (kv_cli_int("replay", "--eval-tail", optarg, 0, 1 << 30, &v))
                 return 2;
@@ -231,6 +237,9 @@ int kv_cmd_replay(int argc, char **argv)
     kv_trace_t *t = NULL;
     kv_backend_t *be = NULL;
     kv_results_t *res = NULL;
+    kv_kept_t *kept = NULL;
+    if (kept_path)
+        ro.kept = &kept;
     /* malformed POLICIES or BUDGETS are usage errors */
     if (kv_policy_create_list(pol_list, &pols, &n_pol) != KV_OK) {
         rc = kv_cli_usage_error("replay", "POLICIES: %s", kv_last_error());
@@ -241,7 +250,8 @@ int kv_cmd_replay(int argc, char **argv)
         goto done;
     }
     /* output paths are checked before the work, not after it */
-    if ((strcmp(out, "-") && writable_target(out) != KV_OK) || (json && writable_target(json) != KV_OK)) {
+    if ((strcmp(out, "-") && writable_target(out) != KV_OK) || (json && writable_target(json) != KV_OK) ||
+        (kept_path && writable_target(kept_path) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
@@ -294,7 +304,8 @@ int kv_cmd_replay(int argc, char **argv)
         rc = kv_cli_fail("replay");
         goto done;
     }
-    if (kv_results_write_tsv(res, out) != KV_OK || (json && kv_results_write_json(res, json) != KV_OK)) {
+    if (kv_results_write_tsv(res, out) != KV_OK || (json && kv_results_write_json(res, json) != KV_OK) ||
+        (kept_path && kv_kept_write(kept, kept_path, trace_path, sha) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
@@ -307,6 +318,7 @@ done:
     kv_free(pols);
     kv_free(bud);
     kv_results_free(res);
+    kv_kept_free(kept);
     kv_trace_close(t);
     kv_backend_close(be);
     return rc;
