@@ -33,7 +33,8 @@
  * floor_alpha > 0 (kvpress 0.5.5 AdaKVPress).
  * Presets: adakv@paper (FFY0/AdaKV defaults: interp, 0.2, inner snapkv@adakv), adakv@kvcache_factory
  * (KCF ffac160: normalize on, per query head, window 8; KCF HEAD's --floor is read by nothing, so the
- * floor stays 0.2 whatever the runner says), adakv@kvpress (AdaKVPress(SnapKVPress()), alpha 0.2).
+ * floor stays 0.2 whatever the runner says), adakv@kvpress (AdaKVPress(SnapKVPress()), alpha 0.2),
+ * adakv@kvpress_expected_attention (the kvpress leaderboard's "expected_attention" entry).
  * Deviations: B >= n_ctx keeps everything (FFY0 compresses at B = n exactly, where rounding can drop
  * a token); B <= w keeps the last B tokens per head (undefined in the references); Ada-PyramidKV uses KCF's regimes through the inner
  * pyramidkv, while FFY0's pyram_mode applies the clamped pyramid whenever it compresses; kvpress's
@@ -74,6 +75,9 @@ static const kv_preset_t presets[] = {
      "KVCache-Factory ffac160 AdaKVCluster (init_adakv: normalize on), per query head"},
     {"kvpress", "inner=snapkv@kvpress,safeguard=floor,floor_alpha=0.2,skip=0,normalize=0,gran=kv,agg=mean",
      "NVIDIA kvpress 0.5.5 AdaKVPress(SnapKVPress())"},
+    {"kvpress_expected_attention",
+     "inner=expected_attention@kvpress(epsilon=0.01),safeguard=floor,floor_alpha=0.2,skip=0,normalize=0,gran=kv,agg=mean",
+     "the kvpress leaderboard's expected_attention: AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))"},
 };
 
 static int ada_init(kv_policy_t *p)
