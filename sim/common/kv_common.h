@@ -61,6 +61,9 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len);
 
 /* SHA-256 of a whole file as 64 lowercase hex chars + NUL. */
 int kv_sha256_file(const char *path, char hex[65]);
+/* The whole of a file ("-": standard input) into a NUL-terminated buffer (kv_free) of *len bytes (len
+ * may be NULL; the bytes may hold NULs). More than `max` bytes is an error naming the file. */
+int kv_read_file(const char *path, size_t max, char **out, size_t *len);
 /* Map a regular file read-only into *map (*len bytes; release with munmap). Errors name the file:
  * "cannot open <what>", "not a regular file", and when it is shorter than min_size bytes "file is N
  * bytes, shorter than the <min_what>". */
