@@ -4,8 +4,8 @@
  * ratio; B = floor(f * n_ctx), at least 1); "seq:65536" a total for the sequence across all layers
  * and KV heads (B = floor(total / (n_layers * n_kv_heads))); "cr:0.25" kvpress's compression ratio
  * with kvpress's rounding (kvpress/utils.py compute_n_kept, 0.5.5: max(1, int(n * (1 - cr))) in
- * double precision, so cr:0.3 on 10 tokens keeps int(6.9999999999999996) = 6 where the fraction 0.7
- * keeps 7).
+ * double precision, so cr:0.8 on 20 tokens keeps int(20 x 0.19999999999999996) = 3 where the
+ * fraction 0.2 keeps 4).
  */
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_params.h"

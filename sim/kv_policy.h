@@ -46,8 +46,9 @@ typedef enum {
     KV_BUDGET_FRACTION, /* "0.25" or "25%": fraction of the context (kvpress: 1 - compression ratio) */
     KV_BUDGET_SEQUENCE, /* "seq:65536": tokens for the whole sequence (all layers and KV heads) */
     KV_BUDGET_RATIO,    /* "cr:0.25": kvpress's compression ratio, B = max(1, int(n * (1 - cr))) computed in
-                           double as Python does (one token fewer than the fraction 0.75 gives when the
-                           product is whole in exact arithmetic but not in floating point) */
+                           double as Python does (one token fewer than the fraction 1 - cr gives when the
+                           product is whole in exact arithmetic but not in floating point: cr:0.8 on 20
+                           tokens keeps 3, the fraction 0.2 keeps 4) */
 } kv_budget_kind_t;
 
 typedef struct {
