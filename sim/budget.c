@@ -116,7 +116,7 @@ int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx)
         break;
     case KV_BUDGET_RATIO: {
         const double kept = (double)n_ctx * (1.0 - b->value); /* Python: k_len * (1 - compression_ratio) */
-        b->tokens = (int)kept;                                 /* int() truncates, as C's conversion */
+        b->tokens = (int)kept;                                /* int() truncates, as C's conversion */
         if (b->tokens < 1)
             b->tokens = 1;
         b->total = (long)b->tokens * per_seq_heads;

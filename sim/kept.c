@@ -196,8 +196,8 @@ static int write_entry(hid_t f, int pi, int bi, const kv_kept_entry_t *e, const 
     const hsize_t cd[2] = {(hsize_t)L, (hsize_t)S}, id[1] = {(hsize_t)total};
     if ((rc = put_str(g, "policy", e->label)) || (rc = put_str(g, "budget", e->budget)) ||
         (rc = put_int(g, "budget_tokens", e->budget_tokens)) ||
-        (rc = put_str(g, "granularity", e->gran == KV_GRAN_KV ? "kv" : "query")) ||
-        (rc = put_int(g, "n_store", S)) || (rc = put_str(g, "cache", e->last_query ? "last_query" : "prefill")) ||
+        (rc = put_str(g, "granularity", e->gran == KV_GRAN_KV ? "kv" : "query")) || (rc = put_int(g, "n_store", S)) ||
+        (rc = put_str(g, "cache", e->last_query ? "last_query" : "prefill")) ||
         (rc = put_i32(g, "counts", 2, cd, counts)) || (rc = put_i32(g, "indices", 1, id, idx)))
         goto done;
 done:
@@ -268,7 +268,7 @@ int kv_kept_read(const char *path, kv_kept_t **out)
     if (f < 0)
         return kv_error(KV_EIO, "%s: cannot open as HDF5", path);
     char fmt[32];
-    long long L, T, n_ctx;
+    long long L = 0, T = 0, n_ctx = 0;
     kv_kept_t *k = NULL;
     if ((rc = get_str(f, "format", fmt, sizeof fmt, path)) || (rc = get_int(f, "n_layers", &L, path)) ||
         (rc = get_int(f, "n_tokens", &T, path)) || (rc = get_int(f, "n_ctx", &n_ctx, path)))
@@ -300,7 +300,7 @@ int kv_kept_read(const char *path, kv_kept_t **out)
                 continue;
             hid_t g = H5Gopen2(f, nm, H5P_DEFAULT);
             kv_kept_entry_t *e = &k->e[pi * n_bud + bi];
-            long long S, bt;
+            long long S = 0, bt = 0;
             char gran[16], cache[16];
             int32_t *counts = NULL, *idx = NULL;
             rc = get_str(g, "policy", e->label, sizeof e->label, path);

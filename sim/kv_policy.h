@@ -228,8 +228,10 @@ struct kv_policy_desc {
 /* The "tie" parameter of scorers that offer kvpress's tie order (schema entry), and reading it into
  * p->tie_torch (clearing KV_POL_NESTED when set). */
 #define KV_PARAM_TIE                                                                                                   \
-    {"tie", KV_PARAM_ENUM, "later", 0, -1, "later|torch",                                                              \
-     "equal scores: the later token first (nested), or the set torch.topk keeps on the CPU (kvpress)"}
+    {                                                                                                                  \
+        "tie", KV_PARAM_ENUM, "later", 0, -1, "later|torch",                                                           \
+            "equal scores: the later token first (nested), or the set torch.topk keeps on the CPU (kvpress)"           \
+    }
 void kv_policy_read_tie(kv_policy_t *p);
 
 /* Registry (sim/policy_registry.c). */

@@ -900,8 +900,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                             "<|endoftext|> separators or --segments)",
                             path, pols[i]->label);
         if ((pols[i]->flags & KV_POL_NEEDS_WO) && !m->has_wo)
-            return kv_error(KV_EINVAL, "%s: policy %s needs W_O and the trace has none (capture with --with-wo)",
-                            path, pols[i]->label);
+            return kv_error(KV_EINVAL, "%s: policy %s needs W_O and the trace has none (capture with --with-wo)", path,
+                            pols[i]->label);
     }
     const size_t dtype_bytes = m->dtype == KV_DTYPE_F16 ? 2 : 4;
     int n_cfg = n_pol * n_budgets, rc = KV_OK;

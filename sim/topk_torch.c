@@ -205,4 +205,3 @@ void kv_topk_mask_torch(const float *key, int n, int k, uint8_t *mask)
         mask[q[r].i] = 1;
     kv_free(q);
 }
-

@@ -138,8 +138,8 @@ static void prepare(void)
         fclose(f);
     kv_trace_close(g_trace); /* each test opens its own */
     g_trace = NULL;
-    snprintf(cmd, sizeof cmd, "%s tests/kvpress_parity.py run %s %s %d %s/kvpress.json > %s/run.log 2>&1", g_python,
-             hf, path, n_prompt, g_dir, g_dir);
+    snprintf(cmd, sizeof cmd, "%s tests/kvpress_parity.py run %s %s %d %s/kvpress.json > %s/run.log 2>&1", g_python, hf,
+             path, n_prompt, g_dir, g_dir);
     if (system(cmd) != 0) {
         snprintf(g_why, sizeof g_why, "tests/kvpress_parity.py run failed: see %s/run.log", g_dir);
         return;
@@ -153,8 +153,7 @@ static void prepare(void)
     json_object *v;
     if (json_object_object_get_ex(g_ref, "kvpress", &v))
         fprintf(stderr, "kvsim tests: kvpress parity against kvpress %s, transformers %s, torch %s (%s)\n",
-                json_object_get_string(v),
-                json_object_get_string(json_object_object_get(g_ref, "transformers")),
+                json_object_get_string(v), json_object_get_string(json_object_object_get(g_ref, "transformers")),
                 json_object_get_string(json_object_object_get(g_ref, "torch")), g_python);
     g_ready = 1;
 }
@@ -236,8 +235,9 @@ static void compare_layer(const char *press, const char *budget, int l, json_obj
             for (int j = 0; j < T && u + 16 < sizeof sd; j++)
                 if (!!mask[(size_t)s * T + j] != ref[j])
                     u += (size_t)snprintf(sd + u, sizeof sd - u, " %c%d", ref[j] ? '-' : '+', j);
-            fprintf(stderr, "kvsim tests: kvpress parity FAIL: press %s, setting %s, layer %d, KV head %d: symmetric "
-                            "difference%s\n",
+            fprintf(stderr,
+                    "kvsim tests: kvpress parity FAIL: press %s, setting %s, layer %d, KV head %d: symmetric "
+                    "difference%s\n",
                     press, budget, l, s, sd);
         }
     }
@@ -298,8 +298,8 @@ START_TEST(press_matches_kvpress)
                           k->mask + (size_t)l * k->n_store * m->n_tokens, k->n_store, m->n_tokens, &t);
         }
     }
-    fprintf(stderr, "kvsim tests: kvpress parity %-24s vs %s: %d cells, %d equal, %d ties, %d different\n", press,
-            spec, t.cells, t.equal, t.ties, t.fails);
+    fprintf(stderr, "kvsim tests: kvpress parity %-24s vs %s: %d cells, %d equal, %d ties, %d different\n", press, spec,
+            t.cells, t.equal, t.ties, t.fails);
     ck_assert_msg(t.fails == 0, "%s: %d cells differ beyond ties (printed above)", press, t.fails);
     ck_assert_msg(t.ties * 5 <= t.cells, "%s: %d tied cells of %d (at most a fifth)", press, t.ties, t.cells);
     kv_kept_free(kept);

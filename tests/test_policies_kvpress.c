@@ -154,7 +154,8 @@ START_TEST(presets_expand)
     ck_assert_int_eq(a->inner->gran, KV_GRAN_QUERY);
     ck_assert(!(a->flags & KV_POL_NESTED)); /* normalize=1 */
     kv_policy_free(a);
-    ck_assert_int_eq(kv_policy_create("adakv(inner=snapkv@kvcache_factory)", &a), KV_OK); /* preset's gran=query yields */
+    ck_assert_int_eq(kv_policy_create("adakv(inner=snapkv@kvcache_factory)", &a),
+                     KV_OK); /* preset's gran=query yields */
     ck_assert_int_eq(a->inner->gran, KV_GRAN_KV);
     kv_policy_free(a);
     ck_assert_int_eq(kv_policy_create("snapkv@nope", &a), KV_EINVAL);
@@ -344,7 +345,7 @@ START_TEST(lagkv_closed_form)
     enum { T = 8, NP = 7 };
     kv_trace_t *t = zero_trace(2, 1, 1, 4, T, NP, 0, 0);
     const float rows[T][4] = {{.3f, .3f, .3f, .3f}, {.5f, .5f, .5f, .75f}, {0, 1, 0, 1}, {0, 1, 0, 1},
-                              {1, 0, 1, .5f},       {0, 0, 0, 0},         {1, 1, 1, 1}, {0, 0, 0, 0}};
+                              {1, 0, 1, .5f},       {0, 0, 0, 0},          {1, 1, 1, 1}, {0, 0, 0, 0}};
     for (int l = 0; l < 2; l++) {
         float *k = kv_trace_mem_tensor(t, l, KV_T_K), *v = kv_trace_mem_tensor(t, l, KV_T_V);
         memcpy(k, rows, sizeof rows);

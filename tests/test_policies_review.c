@@ -181,7 +181,8 @@ static void check_decode_spec(const char *spec, void *arg)
                 for (int j = 0; j <= i; j++)
                     held += mk[j] != 0;
                 ck_assert_msg(mk[i], "%s B=%d: query %d does not read its own token (head %d)", spec, B, i, s);
-                ck_assert_msg(held <= B + slack[bi], "%s B=%d: query %d reads %d tokens (head %d)", spec, B, i, held, s);
+                ck_assert_msg(held <= B + slack[bi], "%s B=%d: query %d reads %d tokens (head %d)", spec, B, i, held,
+                              s);
                 for (int j = i + 1; j < CT; j++)
                     ck_assert_msg(!mk[j], "%s B=%d: query %d reads future token %d (head %d)", spec, B, i, j, s);
             }

@@ -113,13 +113,13 @@ static void check_policy(const char *spec)
                 /* context tokens held by this head's storage; per-head scope unless flagged */
                 double held = (f & KV_POL_DECODE) ? hr->cache_peak : hr->kept;
                 if (!(f & (KV_POL_BUDGET_LAYER | KV_POL_BUDGET_SEQUENCE | KV_POL_OVER_BUDGET | KV_POL_NO_EVICT)))
-                    ck_assert_msg(held <= B + slack + 1e-9, "%s B=%d layer %d head %d holds %g tokens", p->label, B,
-                                  l, h, held);
+                    ck_assert_msg(held <= B + slack + 1e-9, "%s B=%d layer %d head %d holds %g tokens", p->label, B, l,
+                                  h, held);
                 layer_total += held / (p->gran == KV_GRAN_KV ? G : 1);
             }
             if (f & KV_POL_BUDGET_LAYER)
-                ck_assert_msg(layer_total <= (double)S * (B + slack) + S, "%s B=%d layer %d holds %g > %d", p->label,
-                              B, l, layer_total, S * B);
+                ck_assert_msg(layer_total <= (double)S * (B + slack) + S, "%s B=%d layer %d holds %g > %d", p->label, B,
+                              l, layer_total, S * B);
             seq_total += layer_total;
         }
         if (f & KV_POL_BUDGET_SEQUENCE)

@@ -48,8 +48,8 @@ void kv_cli_command_line(char *buf, size_t len, int argc, char **argv);
 struct kv_policy;
 /* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
  * need segments and were not also named explicitly; *n is updated. */
-void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path, struct kv_policy **pols,
-                            int *n);
+void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path,
+                            struct kv_policy **pols, int *n);
 /* Warn, once per policy, about the budgets that do not exceed the context tokens the policy always
  * keeps (the observation window of snapkv, pyramidkv and one-shot h2o, kvcompress's protected
  * tokens, the inner scorer's window of adakv and chunkkv): there it keeps the last B context tokens

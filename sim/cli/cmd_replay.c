@@ -85,8 +85,8 @@ static int names_policy(const char *list, const char *name)
     }
 }
 
-void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path, struct kv_policy **pols,
-                            int *n)
+void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path,
+                            struct kv_policy **pols, int *n)
 {
     /* 'all' means every policy this trace can run: policies that need segments (or W_O) are skipped
      * on a trace without them, unless they were also named explicitly (then replay reports the error) */
@@ -166,18 +166,12 @@ static int writable_target(const char *path)
 int kv_cmd_replay(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},
-        {"json", required_argument, 0, 'j'},
-        {"kept", required_argument, 0, 'k'},
-        {"eval-tail", required_argument, 0, 'e'},
-        {"seed", required_argument, 0, 's'},
-        {"no-head-rows", no_argument, 0, 'n'},
-        {"backend", required_argument, 0, 'b'},
-        {"threads", required_argument, 0, 't'},
-        {"prefetch", required_argument, 0, 'p'},
-        {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0},
+        {"output", required_argument, 0, 'o'},   {"json", required_argument, 0, 'j'},
+        {"kept", required_argument, 0, 'k'},     {"eval-tail", required_argument, 0, 'e'},
+        {"seed", required_argument, 0, 's'},     {"no-head-rows", no_argument, 0, 'n'},
+        {"backend", required_argument, 0, 'b'},  {"threads", required_argument, 0, 't'},
+        {"prefetch", required_argument, 0, 'p'}, {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0},
     };
     /* the command as typed, for the provenance preamble (getopt_long reorders argv) */
     char cmd[2048];

@@ -36,8 +36,8 @@
  * floor stays 0.2 whatever the runner says), adakv@kvpress (AdaKVPress(SnapKVPress()), alpha 0.2),
  * adakv@kvpress_expected_attention (the kvpress leaderboard's "expected_attention" entry).
  * Deviations: B >= n_ctx keeps everything (FFY0 compresses at B = n exactly, where rounding can drop
- * a token); B <= w keeps the last B tokens per head (undefined in the references); Ada-PyramidKV uses KCF's regimes through the inner
- * pyramidkv, while FFY0's pyram_mode applies the clamped pyramid whenever it compresses; kvpress's
+ * a token); B <= w keeps the last B tokens per head (undefined in the references); Ada-PyramidKV uses KCF's regimes
+ * through the inner pyramidkv, while FFY0's pyram_mode applies the clamped pyramid whenever it compresses; kvpress's
  * eviction is fake (memory not freed), ours is accounted as really freed.
  */
 #include "sim/common/kv_common.h"
@@ -49,9 +49,9 @@
 typedef struct {
     int interp;    /* safeguard: 1 interp (FFY0), 0 floor (kvpress) */
     int normalize; /* KCF's per-head rescaling before the competition */
-    double alpha; /* floor_alpha */
-    int skip;     /* layers < skip keep uniform budgets */
-    int pyramid;  /* inner is pyramidkv */
+    double alpha;  /* floor_alpha */
+    int skip;      /* layers < skip keep uniform budgets */
+    int pyramid;   /* inner is pyramidkv */
     /* per layer, from prepare (read-only in select) */
     int S, n, prot;
     int *seq; /* (S * n) storage head of each entry of the global ranking */
@@ -76,7 +76,8 @@ static const kv_preset_t presets[] = {
     {"kvpress", "inner=snapkv@kvpress,safeguard=floor,floor_alpha=0.2,skip=0,normalize=0,gran=kv,agg=mean",
      "NVIDIA kvpress 0.5.5 AdaKVPress(SnapKVPress())"},
     {"kvpress_expected_attention",
-     "inner=expected_attention@kvpress(epsilon=0.01),safeguard=floor,floor_alpha=0.2,skip=0,normalize=0,gran=kv,agg=mean",
+     "inner=expected_attention@kvpress(epsilon=0.01),safeguard=floor,floor_alpha=0.2,skip=0,normalize=0,gran=kv,agg="
+     "mean",
      "the kvpress leaderboard's expected_attention: AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))"},
 };
 

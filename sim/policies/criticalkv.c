@@ -219,7 +219,8 @@ static int crit_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_
     return KV_OK;
 }
 
-static size_t crit_meta_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, const kv_keep_t *keep)
+static size_t crit_meta_bytes(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b,
+                              const kv_keep_t *keep)
 {
     (void)c, (void)b;
     const ck_t *st = p->state;

@@ -281,7 +281,8 @@ const kv_policy_desc_t kv_policy_h2o = {
     .presets = presets,
     .n_presets = (int)KV_ARRAY_LEN(presets),
     .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_SCORER,
-    .variants = "norm=mean,window=0;mask=kcf_ffac160;mask=kcf_ffac160,window=4;mode=decode;mode=decode,norm=mean,agg=max;mode=decode,recent_ratio=0;"
+    .variants = "norm=mean,window=0;mask=kcf_ffac160;mask=kcf_ffac160,window=4;mode=decode;mode=decode,norm=mean,agg="
+                "max;mode=decode,recent_ratio=0;"
                 "mode=decode,recent_ratio=1",
     .init = h2o_init,
     .fini = h2o_fini,

@@ -32,8 +32,9 @@
 static const kv_param_def_t params[] = {
     {"sinks", KV_PARAM_INT, "4", 0, 1 << 20, NULL, "initial tokens always kept"},
     {"lag", KV_PARAM_INT, "128", 1, 1 << 20, NULL, "partition length: each partition is judged against the next"},
-    {"cross", KV_PARAM_BOOL, "0", 0, -1, NULL, "1: raw softmax scores, comparable across partitions (kvpress "
-                                               "cross_scoring); 0: ranks inside each partition"},
+    {"cross", KV_PARAM_BOOL, "0", 0, -1, NULL,
+     "1: raw softmax scores, comparable across partitions (kvpress "
+     "cross_scoring); 0: ranks inside each partition"},
     KV_PARAM_TIE,
 };
 

@@ -125,7 +125,8 @@ int kv_pyramid_layer_tokens(const kv_policy_t *p, int layer, int n_layers, int n
     const pyr_state_t *st = p->state;
     const int w = st->o.window, B = b->tokens;
     if (st->kvpress) {
-        int k = kvpress_layer_tokens(n_layers, w < n_ctx ? w : n_ctx, st->beta, n_ctx, kv_budget_exact(b, n_ctx), layer);
+        int k =
+            kvpress_layer_tokens(n_layers, w < n_ctx ? w : n_ctx, st->beta, n_ctx, kv_budget_exact(b, n_ctx), layer);
         return k > n_ctx ? n_ctx : k;
     }
     if (B >= n_ctx)

@@ -38,7 +38,8 @@ static const kv_preset_t presets[] = {
      "FasterDecoding/SnapKV LongBench configs (ablation_c*_w32_k7_maxpool.json), per query head"},
     {"kvcache_factory", "window=8,kernel=7,pool=max,qagg=sum,gran=query",
      "KVCache-Factory ffac160 run_longbench.py, per query head"},
-    {"kvpress", "window=64,kernel=5,pool=avg,qagg=mean,gqa=after_pool,gran=kv,agg=mean", "NVIDIA kvpress 0.5.5 SnapKVPress"},
+    {"kvpress", "window=64,kernel=5,pool=avg,qagg=mean,gqa=after_pool,gran=kv,agg=mean",
+     "NVIDIA kvpress 0.5.5 SnapKVPress"},
     {"adakv", "window=32,kernel=7,pool=max,qagg=mean,gqa=before_pool,gran=kv,agg=mean",
      "FFY0/AdaKV SnapKVCluster with gqa_support (group mean before pooling)"},
 };

@@ -96,7 +96,8 @@ const kv_policy_desc_t kv_policy_streaming_llm = {
     .name = "streaming_llm",
     .doc = "attention sinks + recent window (Xiao et al. 2023)",
     .paper = "arXiv:2309.17453",
-    .code = "mit-han-lab/streaming-llm streaming_llm/kv_cache.py; NVIDIA/kvpress kvpress/presses/streaming_llm_press.py",
+    .code =
+        "mit-han-lab/streaming-llm streaming_llm/kv_cache.py; NVIDIA/kvpress kvpress/presses/streaming_llm_press.py",
     .params = params,
     .n_params = (int)KV_ARRAY_LEN(params),
     .presets = presets,
