@@ -285,7 +285,9 @@ START_TEST(press_matches_kvpress)
     ck_assert_msg(kv_kept_read(path, &back) == KV_OK, "%s", kv_last_error());
     const kv_trace_meta_t *m = kv_trace_meta(g_trace);
     tally_t t = {0};
+    char per[512] = "";
     for (int bi = 0; bi < nb; bi++) {
+        const tally_t before = t;
         const kv_kept_entry_t *k = kv_kept_get(back, 0, bi), *k0 = kv_kept_get(kept, 0, bi);
         ck_assert_ptr_nonnull(k);
         ck_assert_int_eq(k->n_store, m->n_kv_heads);
@@ -297,9 +299,11 @@ START_TEST(press_matches_kvpress)
             compare_layer(press, b[bi].text, l, kp, scl && !json_object_is_type(scl, json_type_null) ? sc : NULL,
                           k->mask + (size_t)l * k->n_store * m->n_tokens, k->n_store, m->n_tokens, &t);
         }
+        snprintf(per + strlen(per), sizeof per - strlen(per), "%s%s: %d/%d equal, %d ties", bi ? "; " : "", b[bi].text,
+                 t.equal - before.equal, t.cells - before.cells, t.ties - before.ties);
     }
-    fprintf(stderr, "kvsim tests: kvpress parity %-24s vs %s: %d cells, %d equal, %d ties, %d different\n", press, spec,
-            t.cells, t.equal, t.ties, t.fails);
+    fprintf(stderr, "kvsim tests: kvpress parity %-24s vs %s: %d cells, %d equal, %d ties, %d different (%s)\n", press,
+            spec, t.cells, t.equal, t.ties, t.fails, per);
     ck_assert_msg(t.fails == 0, "%s: %d cells differ beyond ties (printed above)", press, t.fails);
     ck_assert_msg(t.ties * 5 <= t.cells, "%s: %d tied cells of %d (at most a fifth)", press, t.ties, t.cells);
     kv_kept_free(kept);
