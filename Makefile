@@ -8,7 +8,8 @@
 #   make bench-capture | bench-replay | bench-gpu   benchmarks (figures printed, not asserted)
 #   make lint       cppcheck and clang-format --dry-run
 #   make fuzz       libFuzzer harnesses of tests/fuzz/ (clang, build-fuzz/), FUZZ_TIME seconds each
-# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA;
+# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA,
+# MPICC= without MPI (kvsim sweep under mpirun);
 # CUDA_VERIFIED=1 lets --backend auto pick CUDA (only once make test-gpu has passed on a GPU).
 
 .DEFAULT_GOAL := all
@@ -28,7 +29,11 @@ $(BUILD)/config.mk: scripts/install-deps.sh Makefile
 	     echo "PKG_LIBS := $$(pkg-config --libs hdf5 libzstd cairo openblas libcrypto json-c libpcre2-8 icu-uc)"; \
 	     echo "CHECK_LIBS := $$(pkg-config --libs check)"; \
 	     nv=$$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; }); \
-	     echo "NVCC_FOUND := $$nv"; } > $@
+	     echo "NVCC_FOUND := $$nv"; \
+	     mc=$$(command -v mpicc); echo "MPICC_FOUND := $$mc"; \
+	     if [ -n "$$mc" ]; then \
+	         echo "MPI_CFLAGS := $$(mpicc --showme:compile 2>/dev/null || pkg-config --cflags mpich 2>/dev/null)"; \
+	         echo "MPI_LIBS := $$(mpicc --showme:link 2>/dev/null || pkg-config --libs mpich 2>/dev/null)"; fi; } > $@
 	$(Q)echo "kvsim: configured ($(BUILD)/config.mk)"
 
 NVCC ?= $(NVCC_FOUND)
@@ -53,6 +58,16 @@ ifneq ($(NVCC),)
 LIB_SRC := $(filter-out kernels/cuda_stub.c,$(LIB_SRC))
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 LIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -ldl -lrt -lpthread
+endif
+# MPI (kvsim sweep under mpirun): sim/sweep_mpi.c when mpicc exists, its stub otherwise; MPICC= builds
+# without MPI.
+MPICC ?= $(MPICC_FOUND)
+ifneq ($(MPICC),)
+LIB_SRC := $(filter-out sim/sweep_mpi_stub.c,$(LIB_SRC))
+LIBS += $(MPI_LIBS)
+$(BUILD)/obj/sim/sweep_mpi.o: ALL_CFLAGS += $(MPI_CFLAGS)
+else
+LIB_SRC := $(filter-out sim/sweep_mpi.c,$(LIB_SRC))
 endif
 CLI_SRC := $(wildcard sim/cli/*.c)
 TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/kv_test_check.c tests/kv_test_filter.c tests/check_main.c
@@ -174,7 +189,7 @@ $(BUNDLE)/run.sh: scripts/gpu-bundle-run.sh
 	@mkdir -p $(dir $@)
 	$(Q)cp $< $@ && chmod +x $@
 gpu-bundle:
-	$(Q)$(MAKE) --no-print-directory BUILD=$(BUILD)/bundle-build BUNDLE=$(BUNDLE) CPU_ARCH="$(BUNDLE_CPU_ARCH)" \
+	$(Q)$(MAKE) --no-print-directory BUILD=$(BUILD)/bundle-build BUNDLE=$(BUNDLE) CPU_ARCH="$(BUNDLE_CPU_ARCH)" MPICC= \
 	    gpu-bundle-files
 	$(Q)du -sh $(BUNDLE) | sed 's/^/kvsim: gpu-bundle: /'
 	$(Q)test $$(du -sm $(BUNDLE) | cut -f1) -lt 60 || { echo "kvsim: gpu-bundle is over 60 MiB"; exit 1; }
@@ -215,8 +230,8 @@ FUZZ_NAMES ?= $(filter-out trace_file,$(FUZZ_ALL))
 FUZZ_LINK := tests/kv_test.c tests/test_capture_fixtures.c
 # (clang 14 rejects __builtin_cpu_supports("f16c"): kv_f16.c is compiled by gcc, uninstrumented.)
 fuzz:
-	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o
-	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang NVCC= \
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= MPICC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang NVCC= MPICC= \
 	    CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address -Wno-unknown-warning-option" fuzz-build
 	$(Q)for h in $(FUZZ_NAMES); do mkdir -p build-fuzz/corpus/$$h build-fuzz/artifacts; \
 	    ASAN_OPTIONS=allocator_may_return_null=1:suppressions=tests/fuzz/asan.supp LSAN_OPTIONS=suppressions=tests/fuzz/lsan.supp build-fuzz/fuzz/fuzz_$$h -max_len=65536 -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
@@ -240,6 +255,6 @@ clean:
 	rm -rf $(BUILD)
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# //'
+	@sed -n '2,14p' Makefile | sed 's/^# //'
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)

@@ -28,6 +28,7 @@ static const kv_cmd_t commands[] = {
     {"replay", kv_cmd_replay, "replay eviction policies x budgets against a trace"},
     {"policies", kv_cmd_policies, "list every policy with its parameters and defaults"},
     {"analyze", kv_cmd_analyze, "figures and a report from a trace and replay results"},
+    {"sweep", kv_cmd_sweep, "a benchmark of many prompts: capture, replay, merge (MPI, Slurm)"},
     {"demo", kv_cmd_demo, "capture, replay and analyze on the default model (make demo)"},
 };
 
