@@ -182,6 +182,11 @@ const kv_res_row_t *kv_res_set_find(const kv_res_set_t *s, int pol, int budget_t
 int kv_res_set_n_layers(const kv_res_set_t *s);
 /* Policy index whose name (the label before '(') is `name`, or -1 (the first such). */
 int kv_res_set_policy_named(const kv_res_set_t *s, const char *name);
+/* Flags (KV_POL_*) of policy i as this kvsim configures its label, 0 when the label does not parse
+ * (results of another kvsim version). */
+unsigned kv_res_set_policy_flags(const kv_res_set_t *s, int i);
+/* The first policy with any of `flags`, or -1. */
+int kv_res_set_policy_flagged(const kv_res_set_t *s, unsigned flags);
 /* A resolved budget as a reader needs it: "64 tokens per head" when it was given in tokens,
  * "0.1 (43 tokens per head)" or "seq:2048 (102 tokens per head)" when it was given as a fraction or
  * a total (the text of the first row with that budget_tokens). */

@@ -470,7 +470,8 @@ static int results_table(table_t *t, const kv_res_set_t *s)
     }
     int budgets[256];
     const int nb = kv_res_set_budgets(s, budgets, 256);
-    const int full = kv_res_set_policy_named(s, "full");
+    /* the full cache's memory: any policy that evicts nothing stores it (full, quest) */
+    const int full = kv_res_set_policy_flagged(s, KV_POL_NO_EVICT);
     for (int p = 0; p < s->n_pol; p++)
         for (int b = 0; b < nb; b++) {
             const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], -1, -1);
@@ -606,8 +607,7 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
             int best = -1;
             double br = -1;
             for (int p = 0; p < s->n_pol; p++) {
-                if (!strncmp(s->labels[p], "full", 4) || !strncmp(s->labels[p], "oracle", 6) ||
-                    !strncmp(s->labels[p], "quest", 5))
+                if (kv_res_set_policy_flags(s, p) & (KV_POL_NO_EVICT | KV_POL_ORACLE))
                     continue; /* ceilings and no-eviction policies */
                 const kv_res_row_t *r = kv_res_set_find(s, p, budgets[b], -1, -1);
                 if (r && r->recall_mean > br) {
@@ -615,7 +615,7 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
                     best = p;
                 }
             }
-            const int orc = kv_res_set_policy_named(s, "oracle");
+            const int orc = kv_res_set_policy_flagged(s, KV_POL_ORACLE);
             const kv_res_row_t *ro = orc >= 0 ? kv_res_set_find(s, orc, budgets[b], -1, -1) : NULL;
             if (best >= 0) {
                 char bname[96];

@@ -505,6 +505,24 @@ int kv_res_set_policy_named(const kv_res_set_t *s, const char *name)
     return -1;
 }
 
+unsigned kv_res_set_policy_flags(const kv_res_set_t *s, int i)
+{
+    kv_policy_t *p = NULL;
+    if (i < 0 || i >= s->n_pol || kv_policy_create(s->labels[i], &p) != KV_OK)
+        return 0;
+    const unsigned f = p->flags;
+    kv_policy_free(p);
+    return f;
+}
+
+int kv_res_set_policy_flagged(const kv_res_set_t *s, unsigned flags)
+{
+    for (int i = 0; i < s->n_pol; i++)
+        if (kv_res_set_policy_flags(s, i) & flags)
+            return i;
+    return -1;
+}
+
 void kv_res_budget_name(const kv_res_set_t *s, int budget_tokens, char *buf, size_t len)
 {
     char tok[16];

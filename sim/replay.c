@@ -22,6 +22,7 @@
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
 #include "sim/layer_stats.h"
+#include "sim/ctx_internal.h"
 #include "sim/metrics.h"
 #include "sim/replay_internal.h"
 
@@ -51,6 +52,7 @@ typedef struct {
     kv_samples_t smp; /* what it measured, every layer */
     int probe_e;      /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
+    uint8_t *kept_mask; /* (L, S, T) replay --kept: the cache each layer ends with, or NULL */
     int rc;
     double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
@@ -61,6 +63,7 @@ static void cfg_free(cfg_t *g)
     if (g->cstate && g->p->desc->cstate_free)
         g->p->desc->cstate_free(g->cstate);
     kv_samples_free(&g->smp);
+    kv_free(g->kept_mask);
 }
 
 static int cfg_alloc(cfg_t *g, int L, int H, int Hkv, int E)
@@ -103,6 +106,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 goto done;
             if (g->probe_mask && e == g->probe_e)
                 memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+            if (g->kept_mask && e == E - 1) /* what the last evaluation query reads */
+                memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
             for (int s = 0; s < S; s++) {
                 const uint8_t *mk = keep.mask + (size_t)s * T;
                 int ctx = 0, tot;
@@ -155,6 +160,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
             goto done;
         if (g->probe_mask)
             memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+        if (g->kept_mask)
+            memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
         for (int s = 0; s < S; s++) {
             const int h0 = p->gran == KV_GRAN_KV ? s * G : s, nh = p->gran == KV_GRAN_KV ? G : 1;
             const uint8_t *mk = keep.mask + (size_t)s * T;
@@ -223,6 +230,30 @@ static void schedule_order(const cfg_t *cfg, int n_cfg, int *order)
         }
         order[y] = k;
     }
+}
+
+/* ---------------------------------------------------------------- kept sets (--kept) */
+
+/* Hand every (policy, budget)'s kept masks over to a kv_kept_t (sim/kept.h). */
+static int kept_collect(cfg_t *cfg, int n_cfg, int n_pol, int n_budgets, const kv_trace_meta_t *m, int n_ctx,
+                        kv_kept_t **out)
+{
+    kv_kept_t *k;
+    int rc = kv_kept_create(n_pol, n_budgets, m->n_layers, m->n_tokens, n_ctx, &k);
+    if (rc)
+        return rc;
+    for (int x = 0; x < n_cfg && rc == KV_OK; x++) {
+        cfg_t *g = &cfg[x];
+        rc = kv_kept_set(k, g->pi, g->bi, g->p, &g->b, g->smp.S, g->kept_mask);
+        if (rc == KV_OK)
+            g->kept_mask = NULL; /* now owned by k */
+    }
+    if (rc) {
+        kv_kept_free(k);
+        return rc;
+    }
+    *out = k;
+    return KV_OK;
 }
 
 /* ---------------------------------------------------------------- the engine */
@@ -363,12 +394,16 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         memset(o.stats, 0, sizeof *o.stats);
     if (o.stats)
         o.stats->stats_source = source;
-    for (int i = 0; i < n_pol; i++)
+    for (int i = 0; i < n_pol; i++) {
         if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && m->n_segments < 1)
             return kv_error(KV_EINVAL,
                             "%s: policy %s needs segments and the trace has none (capture a prompt with "
                             "<|endoftext|> separators or --segments)",
                             path, pols[i]->label);
+        if ((pols[i]->flags & KV_POL_NEEDS_WO) && !m->has_wo)
+            return kv_error(KV_EINVAL, "%s: policy %s needs W_O and the trace has none (capture with --with-wo)", path,
+                            pols[i]->label);
+    }
     const size_t dtype_bytes = m->dtype == KV_DTYPE_F16 ? 2 : 4;
     int n_cfg = n_pol * n_budgets, rc = KV_OK;
     cfg_t *cfg = kv_calloc((size_t)n_cfg, sizeof *cfg, "replay configurations");
@@ -382,6 +417,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     int *order = NULL;
     kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
+    if (o.kept)
+        *o.kept = NULL;
     if (!cfg || !bud || kv_results_create(&res) != KV_OK) {
         rc = KV_ENOMEM;
         goto done;
@@ -409,6 +446,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             g->b = bud[b];
             if ((rc = cfg_alloc(g, L, H, m->n_kv_heads, E)))
                 goto done;
+            if (o.kept && !(g->kept_mask = kv_calloc((size_t)L * g->smp.S * T, 1, "kept sets"))) {
+                rc = KV_ENOMEM;
+                goto done;
+            }
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
@@ -532,6 +573,8 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                     "(beyond float tolerance); this is a bug, please report it",
                     cfg[k].p->label, cfg[k].b.text, v);
     }
+    if (rc == KV_OK && o.kept)
+        rc = kept_collect(cfg, n_cfg, n_pol, n_budgets, m, n_ctx, o.kept);
     if (rc == KV_OK) {
         *out = res;
         res = NULL;

@@ -1394,11 +1394,14 @@ static int replay_sample(kv_sweep_t *s, int i, kv_trace_t *t, const char *trace_
         (rc = kv_budget_parse_list(s->budgets, &bud, &n_bud)))
         goto done;
     const kv_trace_meta_t *m = kv_trace_meta(t);
-    /* "all" on a sample without segments: the policies that need them are left out, as kvsim replay does */
-    if (m->n_segments < 1 && names_policy(s->policies, "all")) {
+    /* "all" on a sample without segments (or W_O): the policies that need them are left out, as kvsim
+     * replay does */
+    if ((m->n_segments < 1 || !m->has_wo) && names_policy(s->policies, "all")) {
         int k = 0;
         for (int p = 0; p < n_pol; p++) {
-            if ((pols[p]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(s->policies, pols[p]->desc->name)) {
+            const int unrunnable = ((pols[p]->flags & KV_POL_NEEDS_SEGMENTS) && m->n_segments < 1) ||
+                                   ((pols[p]->flags & KV_POL_NEEDS_WO) && !m->has_wo);
+            if (unrunnable && !names_policy(s->policies, pols[p]->desc->name)) {
                 kv_policy_free(pols[p]);
                 continue;
             }

@@ -916,7 +916,7 @@ int kv_cmd_demo(int argc, char **argv)
             goto done;
         }
         /* a story of one paragraph has no segments: 'all' then skips shotkv, as kvsim replay does */
-        kv_cli_skip_unrunnable(policies, cr.n_segments, trace_path, pols, &n_pol);
+        kv_cli_skip_unrunnable(policies, cr.n_segments, co.with_wo, trace_path, pols, &n_pol);
         kv_info("demo: captured %s: %d prompt + %d decode tokens, %d segments (prefill %.2f s, decode %.2f s)",
                 trace_path, cr.n_prompt, cr.n_tokens - cr.n_prompt, cr.n_segments, cr.prefill_s, cr.decode_s);
         snprintf(info, sizeof info,
