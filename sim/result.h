@@ -51,10 +51,12 @@ int kv_results_add_label(kv_results_t *r, const char *label);
 int kv_results_add_budget(kv_results_t *r, const char *text);
 int kv_results_add_prov(kv_results_t *r, const char *key, const char *val);
 int kv_results_append(kv_results_t *r, const kv_result_row_t *row);
-/* Write TSV ("-" = stdout); files are written to a temporary name and renamed, so a failure leaves
- * no partial results file. */
+/* Write TSV ("-" = stdout) or JSON through the output module (sim/common/kv_output.h): a failure
+ * leaves no partial results file, and a write error on standard output is reported. */
 int kv_results_write_tsv(const kv_results_t *r, const char *path);
 int kv_results_write_json(const kv_results_t *r, const char *path);
+/* Both at once (json may be NULL): committed together, so a failure leaves neither new file. */
+int kv_results_write(const kv_results_t *r, const char *tsv, const char *json);
 /* The TSV column names, in order. */
 const char *const *kv_results_columns(int *n);
 

@@ -11,6 +11,7 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "traces/capture/kv_capture.h"
 #include "traces/capture/kv_eval.h"
 #include "traces/capture/kv_forward.h"
@@ -530,6 +531,11 @@ int kv_cmd_capture(int argc, char **argv)
         return kv_cli_usage_error("capture",
                                   "a prompt is required (-i TEXT, -i @FILE, --prompt-file FILE or --ids FILE)");
     o.model_path = argv[optind];
+    /* -o is checked before anything is loaded: not a file the capture reads, a writable folder */
+    const char *inputs[] = {o.model_path, o.tokenizer_path, prompt_file,
+                            prompt_arg && prompt_arg[0] == '@' ? prompt_arg + 1 : NULL, ids_path};
+    if (kv_out_check(o.out_path, inputs, (int)KV_ARRAY_LEN(inputs)) != KV_OK)
+        return kv_cli_fail("capture");
     char *prompt = NULL;
     int32_t *ids = NULL;
     if (ids_path) {

@@ -36,17 +36,19 @@ static struct {
 } g_temps[MAX_TEMPS];
 static pthread_mutex_t g_temps_lock = PTHREAD_MUTEX_INITIALIZER;
 static const int g_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+static struct sigaction g_previous[4]; /* what each signal did before (restored to pass it on) */
 
 static void on_signal(int sig)
 {
     for (int i = 0; i < MAX_TEMPS; i++)
         if (g_temps[i].used)
             unlink(g_temps[i].path);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = SIG_DFL;
-    sigaction(sig, &sa, NULL);
-    raise(sig); /* delivered with the default action once the handler returns */
+    /* then what the signal did before: the default action (the process ends) or the handler that
+     * was installed (a test framework's, an embedding program's) */
+    for (size_t i = 0; i < KV_ARRAY_LEN(g_signals); i++)
+        if (g_signals[i] == sig)
+            sigaction(sig, &g_previous[i], NULL);
+    raise(sig); /* delivered once this handler returns */
 }
 
 static void install_handlers(void)
@@ -63,8 +65,10 @@ static void install_handlers(void)
     for (size_t i = 0; i < KV_ARRAY_LEN(g_signals); i++)
         /* a signal inherited as ignored (`cmd &` in a non-interactive shell ignores SIGINT) stays
          * ignored: handling it would make the process killable by a signal it was meant to ignore */
-        if (sigaction(g_signals[i], NULL, &old) == 0 && old.sa_handler == SIG_DFL)
+        if (sigaction(g_signals[i], NULL, &old) == 0 && old.sa_handler != SIG_IGN) {
+            g_previous[i] = old;
             sigaction(g_signals[i], &sa, NULL);
+        }
     installed = 1;
 }
 
@@ -478,6 +482,7 @@ int kv_out_commit(kv_out_t *o)
         int e = fflush(stdout) != 0 ? (errno ? errno : EIO) : ferror(stdout) ? EIO : 0;
         if (e)
             rc = kv_error(KV_EIO, "standard output: write failed: %s", strerror(e));
+        clearerr(stdout); /* reported here: not again when the program exits */
         kv_free(o);
         return rc;
     }
