@@ -642,8 +642,15 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
         else
             sb_puts(&items, "No bound violations: every measured output error is at most the Ada-KV bound.\n");
         if (s->n_duplicates)
-            sb_printf(&items, "%d rows repeated in later results files were ignored (the first file wins).\n",
+            sb_printf(&items,
+                      "%d rows repeated the policy, per-head budget, layer and head of an earlier row and were "
+                      "ignored (the first one is used).\n",
                       s->n_duplicates);
+        if (s->n_nan_rows)
+            sb_printf(&items,
+                      "WARNING: %ld rows with nan or infinite metrics (NaN or inf values in the trace, see the "
+                      "nonfinite column) were left out of the figures and tables.\n",
+                      s->n_nan_rows);
     }
     if (!items.n) {
         kv_free(items.s);
@@ -785,6 +792,8 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         goto done;
     if ((rc = kv_res_set_create(&rs)))
         goto done;
+    rs->max_layers = m->n_layers; /* rows beyond the trace's shape are refused */
+    rs->max_heads = m->n_heads;
     for (int i = 0; i < n_results; i++) {
         if (!o.quiet)
             kv_info("analyze: reading %s", results[i]);
@@ -793,8 +802,6 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     }
     if ((rc = kv_res_set_finish(rs)))
         goto done;
-    if (n_results && rs->n_files && !o.quiet && rs->n_duplicates)
-        kv_warn("%d repeated rows in later results files ignored (the first file wins)", rs->n_duplicates);
 
     if ((rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
         goto done;

@@ -230,6 +230,7 @@ typedef struct {
     int rc;
     double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
+    const long *nf_q, *nf_kv; /* (L, H), (L, Hkv): NaN and inf in the layers' Q and K/V, shared */
 } cfg_t;
 
 static void cfg_free(cfg_t *g)
@@ -514,6 +515,7 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
     double rs = 0, es = 0, bs = 0, gap = INFINITY;
     float rmin = INFINITY, emax = 0;
     long viol = 0;
+    int any_nan = 0; /* a NaN sample makes every statistic NaN, never a minimum or maximum that skips it */
     double kept = 0, cmean = 0, cpeak = 0;
     for (int l = l0; l < l1; l++)
         for (int h = h0; h < h1; h++) {
@@ -534,6 +536,7 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
                 rmin = rr < rmin ? rr : rmin;
                 emax = ee > emax ? ee : emax;
                 gap = (bb - ee) < gap ? (bb - ee) : gap;
+                any_nan |= isnan(rr) || isnan(ee) || isnan(bb);
             }
         }
     size_t cells = (size_t)(l1 - l0) * (h1 - h0);
@@ -550,6 +553,18 @@ static void fill_stats(const cfg_t *g, int H, int E, int l0, int l1, int h0, int
     r->bound_gap_min = gap;
     r->violations = viol;
     r->n_queries = (long)k;
+    if (any_nan)
+        r->recall_p10 = r->recall_min = r->err_p90 = r->err_max = r->bound_gap_min = NAN;
+}
+
+/* A row whose evaluations read n NaN or infinite inputs: its metrics mean nothing (a full cache
+ * would report recall 1), so they are NaN and the count says why. */
+static void set_nonfinite(kv_result_row_t *r, long n)
+{
+    r->nonfinite = n;
+    if (n > 0)
+        r->recall_mean = r->recall_p10 = r->recall_min = r->err_mean = r->err_p90 = r->err_max = r->bound_mean =
+            r->bound_gap_min = r->wo_err_mean = r->wo_bound_mean = NAN;
 }
 
 /* Rows emitted per (policy, budget): the overall row, then per layer a layer row and its head rows. */
@@ -598,6 +613,14 @@ static int emit_rows(const cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo
         r.wo_bound_mean = has_wo ? wb / ((double)(l1 - l0) * E) : NAN;
         r.mem_bytes = mem;
         r.meta_bytes = meta;
+        long nf = 0;
+        for (int ll = l0; ll < l1; ll++) {
+            for (int h = 0; h < H; h++)
+                nf += g->nf_q[(size_t)ll * H + h];
+            for (int kv = 0; kv < m->n_kv_heads; kv++)
+                nf += g->nf_kv[(size_t)ll * m->n_kv_heads + kv];
+        }
+        set_nonfinite(&r, nf);
         out[nr++] = r;
         if (l < 0 || !head_rows)
             continue;
@@ -614,6 +637,7 @@ static int emit_rows(const cfg_t *g, const kv_trace_meta_t *m, int E, int has_wo
             int s = kv_policy_store_of(g->p, h, G);
             r.mem_bytes = g->mem[(size_t)l * S + s] / (g->p->gran == KV_GRAN_KV ? G : 1);
             r.meta_bytes = g->meta[l] / H;
+            set_nonfinite(&r, g->nf_q[(size_t)l * H + h] + g->nf_kv[(size_t)l * m->n_kv_heads + h / G]);
             out[nr++] = r;
         }
     }
@@ -834,6 +858,42 @@ static void fill_ctx(kv_layer_ctx_t *c, const kv_trace_meta_t *m, int layer, int
     c->engine = eng;
 }
 
+/* Loud, once per replay: the layers and heads whose Q, K or V hold NaN or inf (their rows report nan
+ * and the count), and rows whose metrics came out NaN from finite inputs (scores beyond float). */
+static void warn_nonfinite(const char *path, const kv_trace_meta_t *m, const long *nf_q, const long *nf_kv,
+                           const kv_results_t *res)
+{
+    const int H = m->n_heads, Hkv = m->n_kv_heads;
+    long total = 0;
+    int places = 0;
+    char list[512] = "";
+    size_t k = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        long q = 0, kv = 0;
+        for (int h = 0; h < H; h++)
+            q += nf_q[(size_t)l * H + h];
+        for (int g = 0; g < Hkv; g++)
+            kv += nf_kv[(size_t)l * Hkv + g];
+        if (!q && !kv)
+            continue;
+        total += q + kv;
+        if (places++ < 6 && k < sizeof list)
+            k += (size_t)snprintf(list + k, sizeof list - k, "%slayer %d: %ld in Q, %ld in K/V", places > 1 ? "; " : "",
+                                  l, q, kv);
+    }
+    if (total)
+        kv_warn("%s: %ld NaN or infinite values in the trace's Q, K and V (%s%s): every result row that reads them "
+                "reports nan metrics and the count in its nonfinite column",
+                path, total, list, places > 6 ? "; ..." : "");
+    long nan_rows = 0;
+    for (size_t i = 0; i < res->n; i++)
+        nan_rows += res->rows[i].nonfinite == 0 && isnan(res->rows[i].recall_mean);
+    if (nan_rows)
+        kv_warn(
+            "%s: %ld result rows have nan metrics from finite Q, K and V (attention scores beyond the float range?)",
+            path, nan_rows);
+}
+
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
               const kv_replay_opts_t *opts, kv_results_t **out)
 {
@@ -875,6 +935,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
     int *order = NULL;
+    long *nf_q = NULL, *nf_kv = NULL;
     kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
     if (o.stats)
@@ -907,9 +968,15 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
-    if (!p_eval || !order) {
+    nf_q = kv_calloc((size_t)L * H, sizeof(long), "non-finite counts");
+    nf_kv = kv_calloc((size_t)L * m->n_kv_heads, sizeof(long), "non-finite counts");
+    if (!p_eval || !order || !nf_q || !nf_kv) {
         rc = KV_ENOMEM;
         goto done;
+    }
+    for (int k = 0; k < n_cfg; k++) {
+        cfg[k].nf_q = nf_q;
+        cfg[k].nf_kv = nf_kv;
     }
     for (int k = 0; k < n_cfg; k++)
         order[k] = k;
@@ -952,6 +1019,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             break;
         engine_reset(&eng);
         fill_ctx(&c, m, l, n_ctx, lb, be, &eng, o.seed);
+        kv_metrics_nonfinite(&c, nf_q + (size_t)l * H, nf_kv + (size_t)l * m->n_kv_heads);
         if ((rc = eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
@@ -1025,10 +1093,13 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                     cfg[k].p->label, cfg[k].b.text, v);
     }
     if (rc == KV_OK) {
+        warn_nonfinite(path, m, nf_q, nf_kv, res);
         *out = res;
         res = NULL;
     }
 done:
+    kv_free(nf_q);
+    kv_free(nf_kv);
     stream_close(&stream, o.stats); /* first: the reader may still be filling a buffer */
     if (o.stats)
         o.stats->t_total = kv_now() - t_start;

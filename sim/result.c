@@ -15,7 +15,7 @@ static const char *const columns[] = {
     "policy",      "budget",        "budget_tokens", "layer",       "head",          "kv_head",
     "kept",        "cache_mean",    "cache_peak",    "recall_mean", "recall_p10",    "recall_min",
     "err_mean",    "err_p90",       "err_max",       "bound_mean",  "bound_gap_min", "violations",
-    "wo_err_mean", "wo_bound_mean", "mem_bytes",     "meta_bytes",  "n_queries",
+    "wo_err_mean", "wo_bound_mean", "mem_bytes",     "meta_bytes",  "n_queries",     "nonfinite",
 };
 
 const char *const *kv_results_columns(int *n)
@@ -128,10 +128,11 @@ static void put_tsv(const kv_results_t *r, FILE *f)
         put_idx(f, w->head);
         fputc('\t', f);
         put_idx(f, w->kv_head);
-        const double v[] = {w->kept,          w->cache_mean,         w->cache_peak,  w->recall_mean,   w->recall_p10,
-                            w->recall_min,    w->err_mean,           w->err_p90,     w->err_max,       w->bound_mean,
-                            w->bound_gap_min, (double)w->violations, w->wo_err_mean, w->wo_bound_mean, w->mem_bytes,
-                            w->meta_bytes,    (double)w->n_queries};
+        const double v[] = {
+            w->kept,          w->cache_mean,         w->cache_peak,       w->recall_mean,   w->recall_p10,
+            w->recall_min,    w->err_mean,           w->err_p90,          w->err_max,       w->bound_mean,
+            w->bound_gap_min, (double)w->violations, w->wo_err_mean,      w->wo_bound_mean, w->mem_bytes,
+            w->meta_bytes,    (double)w->n_queries,  (double)w->nonfinite};
         for (size_t k = 0; k < KV_ARRAY_LEN(v); k++) {
             fputc('\t', f);
             put_num(f, v[k]);
@@ -210,7 +211,8 @@ static void put_json(const kv_results_t *r, FILE *f)
                     {"wo_bound_mean", w->wo_bound_mean},
                     {"mem_bytes", w->mem_bytes},
                     {"meta_bytes", w->meta_bytes},
-                    {"n_queries", (double)w->n_queries}};
+                    {"n_queries", (double)w->n_queries},
+                    {"nonfinite", (double)w->nonfinite}};
         for (size_t k = 0; k < KV_ARRAY_LEN(nums); k++) {
             fprintf(f, ", \"%s\": ", nums[k].k);
             json_num(f, nums[k].v);

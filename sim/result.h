@@ -32,6 +32,8 @@ typedef struct {
     double mem_bytes;                  /* stored K and V bytes at the trace dtype (head rows: the head's share) */
     double meta_bytes;                 /* policy metadata bytes */
     long n_queries;
+    long nonfinite; /* NaN and infinite values in the Q, K and V the row's evaluations read (its layers, its
+                       query heads and their KV heads); when > 0 every metric of the row is NAN */
 } kv_result_row_t;
 
 typedef struct {

@@ -76,10 +76,12 @@ typedef struct {
     char tokenizer[256];
     char tool_version[32];
     char git_revision[48];
-    char created[32];    /* ISO 8601 UTC */
-    char backend[160];   /* backend that computed the trace */
-    char generator[512]; /* synth: the generator's parameters; capture: the command options */
-    char prompt[1024];   /* prompt text (truncated), for reports */
+    char created[32];     /* ISO 8601 UTC */
+    char backend[160];    /* backend that computed the trace */
+    char generator[512];  /* synth: the generator's parameters; capture: the command options */
+    char prompt[1024];    /* prompt text (truncated), for reports */
+    char meta_sha256[65]; /* SHA-256 of the root attributes (FORMAT.md, "Integrity"), checked by the reader;
+                             "" for traces of older kvsim versions (written on commit, not read from meta) */
 } kv_trace_meta_t;
 
 /* Meta owns its arrays. */

@@ -78,6 +78,8 @@ static void print_attrs(const kv_trace_meta_t *m)
     printf("f16_overflow=%ld\nzstd_level=%d\n", m->f16_overflow, m->zstd_level);
     if (m->nonfinite >= 0)
         printf("nonfinite=%ld\n", m->nonfinite);
+    if (m->meta_sha256[0])
+        attr_s("meta_sha256", m->meta_sha256);
     attr_s("source", m->source);
     attr_s("model", m->model);
     attr_s("model_sha256", m->model_sha256);

@@ -190,6 +190,18 @@ done:
     return rc;
 }
 
+int kv_sha256_buf(const void *data, size_t n, char hex[65])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL) != 1)
+        return kv_error(KV_EINTERNAL, "sha256: cannot compute the digest");
+    for (unsigned i = 0; i < mdlen && i < 32; i++)
+        sprintf(hex + 2 * i, "%02x", md[i]);
+    hex[64] = 0;
+    return KV_OK;
+}
+
 const char *kv_git_revision(void)
 {
     return KV_GIT_REV;

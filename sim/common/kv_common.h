@@ -61,6 +61,8 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len);
 
 /* SHA-256 of a whole file as 64 lowercase hex chars + NUL. */
 int kv_sha256_file(const char *path, char hex[65]);
+/* SHA-256 of n bytes, the same way. */
+int kv_sha256_buf(const void *data, size_t n, char hex[65]);
 /* Map a regular file read-only into *map (*len bytes; release with munmap). Errors name the file:
  * "cannot open <what>", "not a regular file", and when it is shorter than min_size bytes "file is N
  * bytes, shorter than the <min_what>". */

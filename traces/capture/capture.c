@@ -340,6 +340,8 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt (or token ids) and output are all required");
     if (o->ids && o->n_ids <= 0)
         return kv_error(KV_EINVAL, "capture: the token id list is empty");
+    if (!o->ids && !o->prompt[0])
+        return kv_error(KV_EINVAL, "capture: the prompt is empty (a trace needs context tokens to evict from)");
     if (o->n_decode < 0)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
     if (o->pool <= 0)
