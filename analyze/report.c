@@ -805,6 +805,24 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
 
     if ((rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
         goto done;
+    /* statistics that came out NaN (NaN or inf in the trace): said, not averaged away in silence */
+    char nan_where[256] = "";
+    long nan_heads = 0;
+    for (int l = 0; l < fs->n_layers; l++)
+        for (int h = 0; h < fs->n_heads; h++) {
+            const size_t i = (size_t)l * fs->n_heads + h;
+            if (!isnan(fs->entropy[i]) && !isnan(fs->frac[i]) && !isnan(fs->sink[i]))
+                continue;
+            if (nan_heads++ < 6) {
+                const size_t k = strlen(nan_where);
+                snprintf(nan_where + k, sizeof nan_where - k, "%slayer %d head %d", nan_heads > 1 ? ", " : "", l, h);
+            }
+        }
+    if (nan_heads)
+        kv_warn("%s: the funnel statistics of %ld head%s are nan (%s%s): the trace holds NaN or inf there (kvsim "
+                "info --verify names them); layer means and figures leave them out",
+                trace_path ? trace_path : "(trace)", nan_heads, nan_heads == 1 ? "" : "s", nan_where,
+                nan_heads > 6 ? ", ..." : "");
 
     /* ---- figures */
     kv_progress_t pr;
@@ -1007,6 +1025,19 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_html(&html, o.demo_info);
         sb_puts(&html, "</p>\n");
     }
+    if (nan_heads) {
+        char line[512];
+        snprintf(line, sizeof line,
+                 "The funnel statistics of %ld head%s are nan (%s%s): the trace holds NaN or infinite values there "
+                 "(kvsim info --verify names them); layer means and figures leave them out.",
+                 nan_heads, nan_heads == 1 ? "" : "s", nan_where, nan_heads > 6 ? ", ..." : "");
+        sb_puts(&md, "> **WARNING:** ");
+        sb_md(&md, line);
+        sb_puts(&md, "\n\n");
+        sb_puts(&html, "<div class=\"note\"><b>WARNING:</b> ");
+        sb_html(&html, line);
+        sb_puts(&html, "</div>\n");
+    }
     highlights(&md, &html, n_results ? rs : NULL, fs, sha);
     for (int i = 0; i < n_skip; i++) {
         sb_printf(&md, "- %s\n", skipped[i]);
@@ -1124,6 +1155,15 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     }
     rc = KV_OK;
 done:
+    if (rc != KV_OK) { /* a message that names none of the inputs (a figure's limits, ...) gets them */
+        int named = trace_path && strstr(kv_last_error(), trace_path);
+        for (int i = 0; i < n_results && !named; i++)
+            named = strstr(kv_last_error(), results[i]) != NULL;
+        named |= strstr(kv_last_error(), o.out_dir) != NULL;
+        if (!named)
+            kv_error_context(rc, "%s%s%s", trace_path ? trace_path : "(trace)", n_results ? " with " : "",
+                             n_results ? results[0] : "");
+    }
     kv_out_set_abort(w.set);
     kv_free(inputs);
     for (int i = 0; i < 24; i++)

@@ -198,6 +198,19 @@ START_TEST(f02_only_regular_files_are_written)
         ck_assert_int_eq(lstat(dev, &st), 0);
         ck_assert(S_ISCHR(st.st_mode));
     }
+    /* the mirror image: inputs read at random (a trace, a model, a tokenizer) that are FIFOs are
+     * refused at once (opening one alone blocked before) */
+    char model[512], tok[512];
+    fixture_model(dir, model, tok, sizeof model);
+    snprintf(args, sizeof args, "info %s", fifo);
+    ck_assert_int_eq(run("timeout 20", args), 1);
+    ASSERT_HAS(g_err, "not a regular file");
+    snprintf(args, sizeof args, "capture %s -z %s -i 'hello' -q -o %s/c.h5", fifo, tok, dir);
+    ck_assert_int_eq(run("timeout 20", args), 1);
+    ASSERT_HAS(g_err, "not a regular file");
+    snprintf(args, sizeof args, "capture %s -z %s -i 'hello' -q -o %s/c.h5", model, fifo, dir);
+    ck_assert_int_eq(run("timeout 20", args), 1);
+    ASSERT_HAS(g_err, "not a regular file");
     /* latest.tsv -> run.tsv: run.tsv is written, the link stays */
     snprintf(run_tsv, sizeof run_tsv, "%s/run.tsv", dir);
     snprintf(latest, sizeof latest, "%s/latest.tsv", dir);
@@ -413,6 +426,7 @@ START_TEST(f06_nonfinite_values_are_reported)
     ck_assert_msg(kvsim(args) == 0, "%s", g_err);
     ASSERT_HAS(g_err, r);
     ASSERT_HAS(g_err, "nan or infinite metrics left out (data rows");
+    ASSERT_HAS(g_err, "the funnel statistics of 2 heads are nan (layer 1 head 0, layer 1 head 1)");
     /* f16 overflow: inf stored, counted at write time, reported the same way */
     snprintf(t, sizeof t, "%s/f16.h5", dir);
     nonfinite_trace(t, 1);

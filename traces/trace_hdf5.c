@@ -900,6 +900,16 @@ static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_
 
 static int h5_open(const char *path, kv_trace_t **out);
 
+/* A trace is read at random: a regular file, readable (a FIFO or a device would block libhdf5). */
+static int regular_input(const char *path)
+{
+    FILE *f;
+    int rc = kv_open_input(path, "trace", &f);
+    if (rc == KV_OK)
+        fclose(f);
+    return rc;
+}
+
 static int probe_open(const char *path, void *ctx, FILE *out)
 {
     (void)ctx, (void)out;
@@ -915,8 +925,8 @@ int kv_trace_hdf5_open(const char *path, kv_trace_t **out)
     int rc = kv_trace_init();
     if (rc)
         return rc;
-    if (access(path, R_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if ((rc = regular_input(path)))
+        return rc;
     if (H5Fis_hdf5(path) <= 0) {
         H5Eclear2(H5E_DEFAULT);
         return kv_error(KV_EFORMAT, "%s: not an HDF5 file", path);
@@ -2220,8 +2230,8 @@ int kv_trace_verify(const char *path, char **report, kv_verify_t *v)
     int rc = kv_trace_init();
     if (rc)
         return rc;
-    if (access(path, R_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if ((rc = regular_input(path)))
+        return rc;
     if (H5Fis_hdf5(path) <= 0) {
         H5Eclear2(H5E_DEFAULT);
         return kv_error(KV_EFORMAT, "%s: not an HDF5 file", path);

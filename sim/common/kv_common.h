@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -63,6 +64,10 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len);
 int kv_sha256_file(const char *path, char hex[65]);
 /* SHA-256 of n bytes, the same way. */
 int kv_sha256_buf(const void *data, size_t n, char hex[65]);
+/* Open an input that must be a regular file (a model, tokenizer, trace: read at random, never a
+ * FIFO or a device, on which opening alone would block or reading would never end) for reading.
+ * Errors name the file: "cannot open <what>: <reason>" or "not a regular file". */
+int kv_open_input(const char *path, const char *what, FILE **out);
 /* Map a regular file read-only into *map (*len bytes; release with munmap). Errors name the file:
  * "cannot open <what>", "not a regular file", and when it is shorter than min_size bytes "file is N
  * bytes, shorter than the <min_what>". */

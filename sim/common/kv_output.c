@@ -263,7 +263,19 @@ static unsigned random_u32(void)
     return r;
 }
 
-/* Create and lock a temporary file for target base `base` in `dir`. */
+/* The signals the registry handles blocked (old: the mask to restore), so that a temporary file
+ * never exists unregistered: between its creation and its registration, or a probe's creation and
+ * removal, a signal waits. */
+static void block_signals(sigset_t *old)
+{
+    sigset_t block;
+    sigemptyset(&block);
+    for (size_t i = 0; i < KV_ARRAY_LEN(g_signals); i++)
+        sigaddset(&block, g_signals[i]);
+    pthread_sigmask(SIG_BLOCK, &block, old);
+}
+
+/* Create and lock a temporary file for target base `base` in `dir` (signals blocked by the caller). */
 static int create_temp(kv_out_t *o, const char *base)
 {
     const size_t nm = name_max(o->dir);
@@ -324,12 +336,15 @@ int kv_out_check(const char *path, const char *const *others, int n_others)
     probe.fd = -1;
     snprintf(probe.shown, sizeof probe.shown, "%s", path);
     snprintf(probe.dir, sizeof probe.dir, "%s", dir);
-    if ((rc = create_temp(&probe, base)))
-        return rc;
-    unlink(probe.temp);
-    unregister_temp(probe.slot);
-    close(probe.fd);
-    return KV_OK;
+    sigset_t old;
+    block_signals(&old);
+    if ((rc = create_temp(&probe, base)) == KV_OK) {
+        unlink(probe.temp);
+        unregister_temp(probe.slot);
+        close(probe.fd);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
 }
 
 static ssize_t cookie_write(void *c, const char *buf, size_t n)
@@ -382,7 +397,10 @@ int kv_out_open(const char *path, kv_out_t **out)
             o->have_mode = 1;
             o->mode = st.st_mode & 07777;
         }
+        sigset_t old;
+        block_signals(&old);
         rc = create_temp(o, base);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
     if (rc) {
         kv_free(o);
@@ -486,8 +504,17 @@ int kv_out_commit(kv_out_t *o)
         kv_free(o);
         return rc;
     }
-    if ((rc = out_sync(o)) == KV_OK && (rc = out_rename(o)) == KV_OK)
-        sync_dir(o->dir);
+    if ((rc = out_sync(o)) == KV_OK) {
+        sigset_t old;
+        block_signals(&old);
+        if ((rc = out_rename(o)) == KV_OK)
+            unregister_temp(o->slot); /* renamed: the name is the target's now */
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (rc == KV_OK) {
+            o->slot = -1;
+            sync_dir(o->dir);
+        }
+    }
     kv_out_abort(o); /* removes the temporary file unless it was renamed */
     return rc;
 }
@@ -559,11 +586,8 @@ int kv_out_set_commit(kv_out_set_t *s)
         return rc;
     }
     /* the renames: uninterruptible by the signals that would leave a mixed set */
-    sigset_t block, old;
-    sigemptyset(&block);
-    for (size_t i = 0; i < KV_ARRAY_LEN(g_signals); i++)
-        sigaddset(&block, g_signals[i]);
-    pthread_sigmask(SIG_BLOCK, &block, &old);
+    sigset_t old;
+    block_signals(&old);
     struct stat *ds = kv_calloc((size_t)(s->n ? s->n : 1), sizeof *ds, "output folders");
     int *dfd = kv_calloc((size_t)(s->n ? s->n : 1), sizeof *dfd, "output folders");
     int nd = 0;
