@@ -5,12 +5,13 @@
 #   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
 #   make test-cuda-emu   the CUDA kernels' code run by a host emulator vs the CPU (no GPU needed)
 #   make gpu-bundle statically linked gpu_parity, bench_gpu, kvsim for the GPU machines (bench/README.md)
-#   make bench-capture | bench-replay | bench-gpu   benchmarks (figures printed, not asserted)
+#   make bench-capture | bench-replay | bench-gpu | bench-trace-flip   benchmarks (figures printed)
 #   make lint       cppcheck and clang-format --dry-run
 #   make fuzz       libFuzzer harnesses of tests/fuzz/ (clang, build-fuzz/), FUZZ_TIME seconds each
 #   make fuzz-smoke every harness for 20 s (CI)
 #   make test-asan  every Check suite built with AddressSanitizer + UBSan (build-asan/; CI)
-# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA;
+# V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA,
+# MPICC= without MPI (kvsim sweep under mpirun);
 # CUDA_VERIFIED=1 lets --backend auto pick CUDA (only once make test-gpu has passed on a GPU).
 
 .DEFAULT_GOAL := all
@@ -30,7 +31,11 @@ $(BUILD)/config.mk: scripts/install-deps.sh Makefile
 	     echo "PKG_LIBS := $$(pkg-config --libs hdf5 libzstd cairo openblas libcrypto json-c libpcre2-8 icu-uc)"; \
 	     echo "CHECK_LIBS := $$(pkg-config --libs check)"; \
 	     nv=$$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; }); \
-	     echo "NVCC_FOUND := $$nv"; } > $@
+	     echo "NVCC_FOUND := $$nv"; \
+	     mc=$$(command -v mpicc); echo "MPICC_FOUND := $$mc"; \
+	     if [ -n "$$mc" ]; then \
+	         echo "MPI_CFLAGS := $$(mpicc --showme:compile 2>/dev/null || pkg-config --cflags mpich 2>/dev/null)"; \
+	         echo "MPI_LIBS := $$(mpicc --showme:link 2>/dev/null || pkg-config --libs mpich 2>/dev/null)"; fi; } > $@
 	$(Q)echo "kvsim: configured ($(BUILD)/config.mk)"
 
 NVCC ?= $(NVCC_FOUND)
@@ -56,8 +61,18 @@ LIB_SRC := $(filter-out kernels/cuda_stub.c,$(LIB_SRC))
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 LIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -ldl -lrt -lpthread
 endif
+# MPI (kvsim sweep under mpirun): sim/sweep_mpi.c when mpicc exists, its stub otherwise; MPICC= builds
+# without MPI.
+MPICC ?= $(MPICC_FOUND)
+ifneq ($(MPICC),)
+LIB_SRC := $(filter-out sim/sweep_mpi_stub.c,$(LIB_SRC))
+LIBS += $(MPI_LIBS)
+$(BUILD)/obj/sim/sweep_mpi.o: ALL_CFLAGS += $(MPI_CFLAGS)
+else
+LIB_SRC := $(filter-out sim/sweep_mpi.c,$(LIB_SRC))
+endif
 CLI_SRC := $(wildcard sim/cli/*.c)
-TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/kv_test_filter.c tests/check_main.c
+TEST_SRC := $(wildcard tests/test_*.c) tests/kv_test.c tests/kv_test_check.c tests/kv_test_filter.c tests/check_main.c
 BENCH_SRC := $(wildcard bench/*.c)
 
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
@@ -68,7 +83,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: fuzz fuzz-build fuzz-smoke test-asan all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-gpu lint clean help goldens
+.PHONY: fuzz fuzz-build fuzz-smoke test-asan bench-trace-flip all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 # The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
@@ -140,6 +155,10 @@ bench-replay: $(BUILD)/bench_replay $(KVSIM)
 	$(Q)$(BUILD)/bench_replay
 bench-gpu: $(BUILD)/bench_gpu
 	$(Q)$(BUILD)/bench_gpu
+# every metadata byte of a small trace damaged in turn, the whole trace read each time (traces/FORMAT.md)
+bench-trace-flip: $(BUILD)/bench_trace_flip $(KVSIM)
+	$(Q)$(KVSIM) synth --preset tiny --layers 2 --tokens 64 --decode 8 -q -o $(BUILD)/flip.h5
+	$(Q)$(BUILD)/bench_trace_flip $(BUILD)/flip.h5 $(FLIP_STEP)
 
 $(BUILD)/gpu_parity: tests/gpu_parity.c $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
@@ -176,7 +195,7 @@ $(BUNDLE)/run.sh: scripts/gpu-bundle-run.sh
 	@mkdir -p $(dir $@)
 	$(Q)cp $< $@ && chmod +x $@
 gpu-bundle:
-	$(Q)$(MAKE) --no-print-directory BUILD=$(BUILD)/bundle-build BUNDLE=$(BUNDLE) CPU_ARCH="$(BUNDLE_CPU_ARCH)" \
+	$(Q)$(MAKE) --no-print-directory BUILD=$(BUILD)/bundle-build BUNDLE=$(BUNDLE) CPU_ARCH="$(BUNDLE_CPU_ARCH)" MPICC= \
 	    gpu-bundle-files
 	$(Q)du -sh $(BUNDLE) | sed 's/^/kvsim: gpu-bundle: /'
 	$(Q)test $$(du -sm $(BUNDLE) | cut -f1) -lt 60 || { echo "kvsim: gpu-bundle is over 60 MiB"; exit 1; }
@@ -217,8 +236,8 @@ FUZZ_NAMES ?= $(filter-out trace_file,$(FUZZ_ALL))
 FUZZ_LINK := tests/kv_test.c tests/test_capture_fixtures.c
 # (clang 14 rejects __builtin_cpu_supports("f16c"): kv_f16.c is compiled by gcc, uninstrumented.)
 fuzz:
-	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o
-	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang NVCC= \
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=gcc NVCC= MPICC= CFLAGS="-O1 -g" build-fuzz/obj/traces/kv_f16.o
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang NVCC= MPICC= \
 	    CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address -Wno-unknown-warning-option" fuzz-build
 	$(Q)for h in $(FUZZ_NAMES); do mkdir -p build-fuzz/corpus/$$h build-fuzz/artifacts; \
 	    ASAN_OPTIONS=allocator_may_return_null=1:suppressions=tests/fuzz/asan.supp LSAN_OPTIONS=suppressions=tests/fuzz/lsan.supp build-fuzz/fuzz/fuzz_$$h -max_len=65536 -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
@@ -244,9 +263,11 @@ fuzz-smoke:
 # tests/asan/lsan.supp holds the LeakSanitizer suppressions (fontconfig's cache, which cairo's text
 # rendering fills and never frees), tests/asan/asan.supp the ASan rule for libhdf5's own copies on
 # damaged files; the h5py interop tests load the uninstrumented zstd plugin of the normal build.
+# Built without MPI (OpenMPI's own allocations would fill the leak report; make test runs the MPI
+# sweep).
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 test-asan: $(PLUGIN)
-	$(Q)$(MAKE) --no-print-directory BUILD=build-asan NVCC= CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan NVCC= MPICC= CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
 	    build-asan/kvsim build-asan/kvsim_tests
 	$(Q)rm -rf build/test-tmp
 	$(Q)CK_TIMEOUT_MULTIPLIER=4 \
@@ -264,6 +285,6 @@ clean:
 	rm -rf $(BUILD)
 
 help:
-	@sed -n '2,15p' Makefile | sed 's/^# //'
+	@sed -n '2,16p' Makefile | sed 's/^# //'
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)

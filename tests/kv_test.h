@@ -19,6 +19,9 @@ const char *kv_test_tmp(const char *name, char *buf, size_t len);
 /* Temporary files of the output module (sim/common/kv_output.h) for target `path` left in its
  * folder: names that start with path's base name and end in ".kvsim-tmp". */
 int kv_test_temps_of(const char *path);
+/* The whole of a file another program wrote (malloc'd, NUL-terminated, *len bytes); fails the test,
+ * naming the file, when it cannot be read. */
+void *kv_test_read_file(const char *path, size_t *len);
 /* Note on stderr that a test was not registered, and why. */
 void kv_test_skip(const char *test, const char *why);
 

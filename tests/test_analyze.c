@@ -969,7 +969,8 @@ START_TEST(cli_demo_smollm2)
 {
     char dir[256], cmd[2048], out[16384], path[512];
     kv_test_tmp("demo-smollm2", dir, sizeof dir);
-    snprintf(cmd, sizeof cmd, "%s demo -o %s -q --no-download --model smollm2 --policies full,snapkv,adakv --budgets 128",
+    snprintf(cmd, sizeof cmd,
+             "%s demo -o %s -q --no-download --model smollm2 --policies full,snapkv,adakv --budgets 128",
              getenv("KVSIM_BIN"), dir);
     ck_assert_msg(run_cmd(cmd, out, sizeof out) == 0, "demo failed: %s", out);
     snprintf(path, sizeof path, "%s/report.md", dir);

@@ -18,21 +18,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static void *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "the Python reader wrote no %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    ck_assert_int_eq(fread(b, 1, (size_t)n, f), (size_t)n);
-    b[n] = 0;
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
-
 START_TEST(python_reads_what_c_reads)
 {
     /* a capture of a tiny model (vocab of the fixture tokenizer, 2 query heads per KV head) */
@@ -76,7 +61,7 @@ START_TEST(python_reads_what_c_reads)
     char path[512];
     size_t len;
     snprintf(path, sizeof path, "%s/meta.txt", dir);
-    char *meta = read_all(path, &len), want[256];
+    char *meta = kv_test_read_file(path, &len), want[256];
     snprintf(want, sizeof want, "n_tokens=%d\n", m->n_tokens);
     ck_assert_ptr_nonnull(strstr(meta, want));
     snprintf(want, sizeof want, "n_prompt=%d\n", m->n_prompt);
@@ -90,7 +75,7 @@ START_TEST(python_reads_what_c_reads)
     ck_assert_ptr_nonnull(strstr(meta, want));
     free(meta);
     snprintf(path, sizeof path, "%s/tokens.i32", dir);
-    int32_t *tok = read_all(path, &len);
+    int32_t *tok = kv_test_read_file(path, &len);
     ck_assert_int_eq(len, sizeof(int32_t) * (size_t)m->n_tokens);
     ck_assert(!memcmp(tok, m->tokens, len));
     free(tok);
@@ -103,7 +88,7 @@ START_TEST(python_reads_what_c_reads)
             float *c = malloc(sizeof(float) * ne);
             ck_assert_int_eq(kv_trace_read(t, l, (kv_tensor_t)w, c), KV_OK);
             snprintf(path, sizeof path, "%s/%d_%s.f32", dir, l, kv_tensor_name((kv_tensor_t)w));
-            float *py = read_all(path, &len);
+            float *py = kv_test_read_file(path, &len);
             ck_assert_msg(len == sizeof(float) * ne, "%s: %zu bytes, expected %zu", path, len, sizeof(float) * ne);
             ck_assert_msg(!memcmp(c, py, len), "layer %d %s: Python and C readers differ", l,
                           kv_tensor_name((kv_tensor_t)w));

@@ -48,21 +48,6 @@ static char g_model[1024];
 static char g_ref[1024]; /* the Python side's output folder */
 static int g_ref_ok;
 
-static void *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "the Python side wrote no %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    ck_assert_int_eq(fread(b, 1, (size_t)n, f), (size_t)n);
-    b[n] = 0;
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
-
 static const char *ref(const char *name, char *buf, size_t len)
 {
     snprintf(buf, len, "%s/%s", g_ref, name);
@@ -141,7 +126,7 @@ static int compare_tokens(const kv_tokenizer_t *t, const char *what)
 {
     char p[1200];
     size_t len;
-    char *all = read_all(ref("tok.txt", p, sizeof p), &len);
+    char *all = kv_test_read_file(ref("tok.txt", p, sizeof p), &len);
     int n_texts = 0;
     char *save = NULL, *text = NULL;
     for (char *line = strtok_r(all, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
@@ -151,13 +136,14 @@ static int compare_tokens(const kv_tokenizer_t *t, const char *what)
             continue;
         }
         ck_assert_msg(!strncmp(line, "IDS", 3) && text, "tok.txt: unexpected line '%s'", line);
-        int32_t want[4096];
+        int32_t want[4096] = {0};
         int nw = 0;
         for (char *q = line + 3; *q;) {
             while (*q == '\t' || *q == ' ')
                 q++;
             if (!*q)
                 break;
+            ck_assert_msg(nw < 4096, "tok.txt: more than 4096 ids in one line");
             want[nw++] = (int32_t)strtol(q, &q, 10);
         }
         int32_t *got = NULL;
@@ -189,7 +175,7 @@ START_TEST(tokens_and_chat_match_transformers)
     /* the chat template */
     char p[1200];
     size_t len;
-    char *want = read_all(ref("chat.txt", p, sizeof p), &len);
+    char *want = kv_test_read_file(ref("chat.txt", p, sizeof p), &len);
     char *got = NULL;
     ck_assert_msg(kv_tokenizer_chat(t, NULL, "Summarise the story of the three little pigs in one sentence.", &got) ==
                       KV_OK,
@@ -230,7 +216,7 @@ static int32_t *read_ids(const char *name, int *n)
 {
     char p[1200];
     size_t len;
-    int32_t *ids = read_all(ref(name, p, sizeof p), &len);
+    int32_t *ids = kv_test_read_file(ref(name, p, sizeof p), &len);
     *n = (int)(len / sizeof(int32_t));
     return ids;
 }
@@ -271,7 +257,7 @@ START_TEST(forward_matches_transformers)
     /* logits at the reference positions */
     char p[1200];
     size_t len;
-    float *ref_lg = read_all(ref("logits.f32", p, sizeof p), &len);
+    float *ref_lg = kv_test_read_file(ref("logits.f32", p, sizeof p), &len);
     const int pos[3] = {0, T / 2, T - 1};
     ck_assert_int_eq(len, sizeof(float) * 3 * (size_t)V);
     double worst = 0;
@@ -288,10 +274,10 @@ START_TEST(forward_matches_transformers)
     for (int i = 0; i < 2; i++) {
         char name[32];
         snprintf(name, sizeof name, "q_%d.f32", s.layers[i]);
-        float *rq = read_all(ref(name, p, sizeof p), &len);
+        float *rq = kv_test_read_file(ref(name, p, sizeof p), &len);
         ck_assert_int_eq(len, sizeof(float) * (size_t)H * T * hd);
         snprintf(name, sizeof name, "k_%d.f32", s.layers[i]);
-        float *rk = read_all(ref(name, p, sizeof p), &len);
+        float *rk = kv_test_read_file(ref(name, p, sizeof p), &len);
         ck_assert_int_eq(len, sizeof(float) * (size_t)Hkv * T * hd);
         double wq = 0, wk = 0;
         for (int h = 0; h < H; h++)
@@ -363,7 +349,7 @@ Suite *suite_real_models(void)
     tcase_set_timeout(tc, 300);
     if (!kv_test_shared(GGUF_REL, g_model, sizeof g_model)) {
         kv_test_skip("real_models/*", "SmolLM2-135M-Instruct not found (" GGUF_REL " under ../shared, ./models or "
-                                       "$KVSIM_SHARED)");
+                                      "$KVSIM_SHARED)");
     } else if (system("python3 -c 'import torch, transformers, gguf, accelerate' >/dev/null 2>&1") != 0 ||
                access("tests/interop_smollm2.py", R_OK) != 0) {
         kv_test_skip("real_models/*", "python3 with torch, transformers, gguf and accelerate not available "

@@ -451,20 +451,6 @@ START_TEST(same_chunks_whatever_the_thread_count)
 }
 END_TEST
 
-static void *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "the Python reader wrote no %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    ck_assert_int_eq(fread(b, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
-
 START_TEST(python_reads_direct_chunks)
 {
     kv_trace_meta_t m;
@@ -489,7 +475,7 @@ START_TEST(python_reads_direct_chunks)
             ck_assert_int_eq(kv_trace_read(t, l, (kv_tensor_t)w, c), KV_OK);
             char f[512];
             snprintf(f, sizeof f, "%s/%d_%s.f32", dir, l, kv_tensor_name((kv_tensor_t)w));
-            float *py = read_all(f, &len);
+            float *py = kv_test_read_file(f, &len);
             ck_assert_uint_eq(len, sizeof(float) * ne);
             ck_assert_msg(!memcmp(c, py, len), "layer %d %s: Python and C readers differ", l,
                           kv_tensor_name((kv_tensor_t)w));

@@ -59,42 +59,18 @@ static int tokenizer_or_default(const char *cmd, const char *model, const char *
     return 0;
 }
 
-/* Whole file into a NUL-terminated string (kv_free). */
+/* Whole text file into a NUL-terminated string (kv_free); a NUL byte inside is an error. */
 static int read_text(const char *path, char **out, size_t *len)
 {
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *s = kv_malloc(cap + 1, "text");
-    int rc = s ? KV_OK : KV_ENOMEM;
-    while (rc == KV_OK) {
-        size_t r = fread(s + n, 1, cap - n, f);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap) {
-            char *g = kv_realloc(s, cap * 2 + 1, "text");
-            if (!g)
-                rc = KV_ENOMEM;
-            else
-                s = g, cap *= 2;
-        }
-    }
-    if (rc == KV_OK && ferror(f))
-        rc = kv_error(KV_EIO, "%s: read error: %s", path, strerror(errno));
-    fclose(f);
-    if (rc) {
-        kv_free(s);
+    size_t n = 0;
+    int rc = kv_read_file(path, (size_t)1 << 30, out, &n);
+    if (rc)
         return rc;
-    }
-    s[n] = 0;
-    if (strlen(s) != n) {
-        kv_free(s);
+    if (strlen(*out) != n) {
+        kv_free(*out);
+        *out = NULL;
         return kv_error(KV_EFORMAT, "%s: contains NUL bytes (not a text file?)", path);
     }
-    *out = s;
     if (len)
         *len = n;
     return KV_OK;

@@ -462,27 +462,9 @@ static int find_model(const demo_model_t *only, model_files_t *mf, int allow_dow
 
 static char *read_text(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    char *b = NULL;
+    if (access(path, R_OK) != 0 || kv_read_file(path, (size_t)64 << 20, &b, NULL) != KV_OK)
         return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *b = kv_malloc(cap + 1, "text");
-    while (b) {
-        size_t r = fread(b + n, 1, cap - n, f);
-        n += r;
-        if (n < cap)
-            break;
-        cap *= 2;
-        char *nb = kv_realloc(b, cap + 1, "text");
-        if (!nb) {
-            kv_free(b);
-            b = NULL;
-        } else
-            b = nb;
-    }
-    fclose(f);
-    if (b)
-        b[n] = 0;
     return b;
 }
 
@@ -729,11 +711,16 @@ static int build_chat_prompt(const kv_tokenizer_t *tok, int room, prompt_t *pr)
         goto done;
     if (!pr->segments[0])
         snprintf(pr->segments, sizeof pr->segments, "none");
+    char stories_part[600];
+    if (ns > 0)
+        snprintf(stories_part, sizeof stories_part, "%d TinyStories stories from %s and ", ns, src);
+    else
+        snprintf(stories_part, sizeof stories_part, "no TinyStories stories (%s not found), ", paths[0]);
     snprintf(pr->desc, sizeof pr->desc,
-             "a question about document %d of %d (%d TinyStories stories from %s and %d short documents of kvsim's "
-             "own: a recipe, an email, a library notice, an encyclopedia paragraph, a lamp manual, a news item), in "
-             "the model's chat template: %d prompt tokens, %d segments (the instruction, each document, the question)",
-             asked, nd, ns, src ? src : "(not found)", n_own, nt, n_seg);
+             "a question about document %d of %d (%s%d short documents of kvsim's own: a recipe, an email, a library "
+             "notice, an encyclopedia paragraph, a lamp manual, a news item), in the model's chat template: %d prompt "
+             "tokens, %d segments (the instruction, each document, the question)",
+             asked, nd, stories_part, n_own, nt, n_seg);
     pr->text = chat;
     chat = NULL;
 done:

@@ -62,38 +62,7 @@ static int read_arg(const char *arg, char **out, size_t *len)
         *out = kv_strdup(arg);
         return *out ? KV_OK : KV_ENOMEM;
     }
-    const char *path = arg[0] == '@' ? arg + 1 : "standard input";
-    FILE *f = arg[0] == '@' ? fopen(arg + 1, "rb") : stdin;
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *s = kv_malloc(cap + 1, "text");
-    int rc = s ? KV_OK : KV_ENOMEM;
-    while (rc == KV_OK) {
-        size_t r = fread(s + n, 1, cap - n, f);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap) {
-            char *g = kv_realloc(s, cap * 2 + 1, "text");
-            if (!g)
-                rc = KV_ENOMEM;
-            else
-                s = g, cap *= 2;
-        }
-    }
-    if (rc == KV_OK && ferror(f))
-        rc = kv_error(KV_EIO, "%s: read error: %s", path, strerror(errno));
-    if (f != stdin)
-        fclose(f);
-    if (rc) {
-        kv_free(s);
-        return rc;
-    }
-    s[n] = 0;
-    *out = s;
-    *len = n;
-    return KV_OK;
+    return kv_read_file(arg[0] == '@' ? arg + 1 : "-", (size_t)1 << 30, out, len);
 }
 
 /* The tokenizer file: -z, a Hugging Face checkpoint's tokenizer.json, a GGUF model itself, or MODEL. */

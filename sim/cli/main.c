@@ -21,7 +21,7 @@
 static const kv_cmd_t commands[] = {
     {"model", kv_cmd_model, "what kvsim understood of a checkpoint and its tokenizer"},
     {"capture", kv_cmd_capture, "run a model on a prompt and record its attention trace (HDF5)"},
-    {"generate", kv_cmd_generate, "greedy text continuation with a llama2.c model"},
+    {"generate", kv_cmd_generate, "greedy (or sampled) continuation of a prompt"},
     {"nll", kv_cmd_nll, "mean negative log-likelihood of a text under a model"},
     {"synth", kv_cmd_synth, "write a synthetic trace with planted attention structure"},
     {"tokenize", kv_cmd_tokenize, "print the token ids (or pieces) of a text under a model's tokenizer"},
@@ -29,6 +29,7 @@ static const kv_cmd_t commands[] = {
     {"replay", kv_cmd_replay, "replay eviction policies x budgets against a trace"},
     {"policies", kv_cmd_policies, "list every policy with its parameters and defaults"},
     {"analyze", kv_cmd_analyze, "figures and a report from a trace and replay results"},
+    {"sweep", kv_cmd_sweep, "a benchmark of many prompts: capture, replay, merge (MPI, Slurm)"},
     {"demo", kv_cmd_demo, "capture, replay and analyze on the default model (make demo)"},
     {"clean", kv_cmd_clean, "remove temporary files that killed kvsim processes left behind"},
 };
@@ -130,7 +131,8 @@ static void usage(FILE *f)
     for (size_t i = 0; i < KV_ARRAY_LEN(commands); i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\nA typical session:\n"
-               "  kvsim capture model.bin -z tokenizer.bin -i @prompt.txt -o trace.h5\n"
+               "  kvsim model model.gguf                      (check what kvsim understood)\n"
+               "  kvsim capture model.gguf -i @prompt.txt -o trace.h5\n"
                "  kvsim replay trace.h5 all 64,128,256 -o results.tsv\n"
                "  kvsim analyze trace.h5 results.tsv -o report/\n"
                "\nkvsim help CMD (or kvsim CMD --help) explains one command; kvsim --version prints the version.\n");

@@ -160,6 +160,49 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len)
     return buf;
 }
 
+int kv_read_file(const char *path, size_t max, char **out, size_t *len)
+{
+    *out = NULL;
+    if (len)
+        *len = 0;
+    const int is_stdin = !strcmp(path, "-");
+    const char *name = is_stdin ? "standard input" : path;
+    FILE *f = is_stdin ? stdin : fopen(path, "rb");
+    if (!f)
+        return kv_error(KV_EIO, "%s: cannot open: %s", name, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *s = kv_malloc(cap + 1, "file contents");
+    int rc = s ? KV_OK : KV_ENOMEM;
+    while (rc == KV_OK) {
+        size_t r = fread(s + n, 1, cap - n, f);
+        n += r;
+        if (r == 0)
+            break;
+        if (n > max) {
+            rc = kv_error(KV_EFORMAT, "%s: more than %zu bytes", name, max);
+        } else if (n == cap) {
+            char *g = kv_realloc(s, cap * 2 + 1, "file contents");
+            if (!g)
+                rc = KV_ENOMEM;
+            else
+                s = g, cap *= 2;
+        }
+    }
+    if (rc == KV_OK && ferror(f))
+        rc = kv_error(KV_EIO, "%s: read error: %s", name, strerror(errno));
+    if (!is_stdin)
+        fclose(f);
+    if (rc) {
+        kv_free(s);
+        return rc;
+    }
+    s[n] = 0;
+    *out = s;
+    if (len)
+        *len = n;
+    return KV_OK;
+}
+
 int kv_sha256_file(const char *path, char hex[65])
 {
     FILE *f = fopen(path, "rb");

@@ -68,6 +68,9 @@ int kv_sha256_buf(const void *data, size_t n, char hex[65]);
  * FIFO or a device, on which opening alone would block or reading would never end) for reading.
  * Errors name the file: "cannot open <what>: <reason>" or "not a regular file". */
 int kv_open_input(const char *path, const char *what, FILE **out);
+/* The whole of a file ("-": standard input) into a NUL-terminated buffer (kv_free) of *len bytes (len
+ * may be NULL; the bytes may hold NULs). More than `max` bytes is an error naming the file. */
+int kv_read_file(const char *path, size_t max, char **out, size_t *len);
 /* Map a regular file read-only into *map (*len bytes; release with munmap). Errors name the file:
  * "cannot open <what>", "not a regular file", and when it is shorter than min_size bytes "file is N
  * bytes, shorter than the <min_what>". */

@@ -378,35 +378,11 @@ int kv_ids_read(const char *path, int32_t **ids, int *n)
 {
     *ids = NULL;
     *n = 0;
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 16, len = 0;
-    char *b = kv_malloc(cap, "token id file");
-    int rc = b ? KV_OK : KV_ENOMEM;
-    while (rc == KV_OK) {
-        size_t r = fread(b + len, 1, cap - len, f);
-        len += r;
-        if (r == 0)
-            break;
-        if (len == cap) {
-            if (cap >= (size_t)1 << 30) {
-                rc = kv_error(KV_EFORMAT, "%s: more than 1 GiB of token ids", path);
-                break;
-            }
-            char *g = kv_realloc(b, cap * 2, "token id file");
-            if (!g)
-                rc = KV_ENOMEM;
-            else
-                b = g, cap *= 2;
-        }
-    }
-    if (rc == KV_OK && ferror(f))
-        rc = kv_error(KV_EIO, "%s: read error: %s", path, strerror(errno));
-    if (f != stdin)
-        fclose(f);
+    char *b = NULL;
+    size_t len = 0;
+    int rc = kv_read_file(path, (size_t)1 << 30, &b, &len);
     if (rc == KV_OK)
-        rc = kv_ids_parse(b, len, path, ids, n);
+        rc = kv_ids_parse(b, len, strcmp(path, "-") ? path : "standard input", ids, n);
     kv_free(b);
     return rc;
 }
