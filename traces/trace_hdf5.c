@@ -438,7 +438,7 @@ static int check_dims(hid_t file, const kv_trace_meta_t *m, int layer, kv_tensor
  * FORMAT.md): the attributes live in places HDF5 does not checksum (variable-length strings in the
  * global heap, dense attribute storage in fractal heap blocks), where a changed byte would otherwise
  * change a value silently. One "name=value" line per attribute, in FORMAT.md's order. */
-static int meta_digest(const kv_trace_meta_t *m, char hex[65])
+static int meta_digest(const kv_trace_meta_t *m, int version, char hex[65])
 {
     char *buf = NULL;
     size_t len = 0;
@@ -446,12 +446,14 @@ static int meta_digest(const kv_trace_meta_t *m, char hex[65])
     if (!f)
         return kv_error(KV_ENOMEM, "out of memory for the attribute checksum");
     const int has_sum = m->has_summaries != 0;
-    fprintf(f, "format=%s\nformat_version=%d\n", KV_TRACE_FORMAT, KV_TRACE_FORMAT_VERSION);
+    fprintf(f, "format=%s\nformat_version=%d\n", KV_TRACE_FORMAT, version);
     fprintf(f, "n_layers=%d\nn_heads=%d\nn_kv_heads=%d\nhead_dim=%d\n", m->n_layers, m->n_heads, m->n_kv_heads,
             m->head_dim);
     fprintf(f, "n_tokens=%d\nn_prompt=%d\nn_decode=%d\nn_segments=%d\n", m->n_tokens, m->n_prompt,
             m->n_tokens - m->n_prompt, m->n_segments);
     fprintf(f, "has_summaries=%d\npool=%d\nhas_wo=%d\n", has_sum, has_sum ? m->pool : 0, m->has_wo != 0);
+    if (version >= 2) /* the statistics and lean storage of version 2 */
+        fprintf(f, "has_stats=%d\nstats_split=%d\nq_start=%d\n", m->has_stats != 0, m->stats_split, m->q_start);
     fprintf(f, "model_dim=%d\nhidden_dim=%d\nvocab_size=%d\nseq_len=%d\n", m->model_dim, m->hidden_dim, m->vocab_size,
             m->seq_len);
     fprintf(f, "rope_theta=%.9g\nnorm_eps=%.9g\n", (double)m->rope_theta, (double)m->norm_eps);
@@ -608,7 +610,7 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     const int has_digest = attr_exists(f, "meta_sha256");
     if (has_digest && (rc = get_str_attr(f, "meta_sha256", want, sizeof want, path)))
         return rc;
-    if (has_digest && (rc = meta_digest(m, got)))
+    if (has_digest && (rc = meta_digest(m, version, got)))
         return rc;
     if (has_digest && strcmp(want, got))
         return kv_error(KV_EFORMAT,
@@ -1639,7 +1641,7 @@ static int write_meta(kv_trace_writer_t *w)
         return rc;
     if (m->n_segments > 0 && (rc = write_i32(f, "/segments", m->segments, m->n_segments)))
         return rc;
-    if ((rc = meta_digest(m, m->meta_sha256)) || (rc = put_str(f, "meta_sha256", m->meta_sha256)))
+    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) || (rc = put_str(f, "meta_sha256", m->meta_sha256)))
         return rc;
     return KV_OK;
 }
