@@ -878,7 +878,7 @@ static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_
     close(p[1]);
     size_t n = 0, cap = 4096;
     char *buf = kv_malloc(cap, "child output");
-    for (ssize_t r = 1; buf && r > 0;) {
+    for (ssize_t r = buf ? 1 : 0; r > 0;) {
         if (n + 1024 > cap) {
             char *b = kv_realloc(buf, cap * 2, "child output");
             if (!b) {
@@ -1641,7 +1641,8 @@ static int write_meta(kv_trace_writer_t *w)
         return rc;
     if (m->n_segments > 0 && (rc = write_i32(f, "/segments", m->segments, m->n_segments)))
         return rc;
-    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) || (rc = put_str(f, "meta_sha256", m->meta_sha256)))
+    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) ||
+        (rc = put_str(f, "meta_sha256", m->meta_sha256)))
         return rc;
     return KV_OK;
 }

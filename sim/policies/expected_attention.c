@@ -166,7 +166,7 @@ static int ea_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
     const int nt = omp_get_max_threads();
     double *R = kv_malloc(sizeof(double) * dd, "rotation");
     double *kd = kv_malloc(sizeof(double) * (size_t)c->Hkv * (n ? n : 1) * d, "keys in double"); /* (Hkv, n, d) */
-    float *vn = kv_malloc(sizeof(float) * (size_t)c->Hkv * (n ? n : 1), "value norms");         /* (Hkv, n) */
+    float *vn = kv_malloc(sizeof(float) * (size_t)c->Hkv * (n ? n : 1), "value norms");          /* (Hkv, n) */
     double *cs = NULL, *sn = NULL;
     /* per thread: queries then K Sigma' (m, d), covariance and scratch (d, d) x 2, means (2d), logits (n) */
     const size_t per = (size_t)(m > 0 ? m : 1) * d + 2 * dd + 2 * (size_t)d + (size_t)(n ? n : 1);
