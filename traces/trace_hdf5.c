@@ -878,7 +878,7 @@ static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_
     close(p[1]);
     size_t n = 0, cap = 4096;
     char *buf = kv_malloc(cap, "child output");
-    for (ssize_t r = buf ? 1 : 0; r > 0;) {
+    for (ssize_t r = 1; buf && r > 0;) {
         if (n + 1024 > cap) {
             char *b = kv_realloc(buf, cap * 2, "child output");
             if (!b) {
@@ -889,6 +889,8 @@ static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_
             buf = b;
             cap *= 2;
         }
+        /* buf is not NULL here: the loop's condition */
+        // cppcheck-suppress nullPointerArithmeticRedundantCheck
         r = read(p[0], buf + n, cap - n - 1);
         if (r < 0 && errno == EINTR)
             r = 1;
