@@ -14,6 +14,7 @@
 #include "analyze/kv_analyze.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/kv_policy.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -600,18 +601,27 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
     const int L = kv_res_set_n_layers(s);
     if (L == 0)
         return kv_error(KV_EUNAVAIL, "no per-layer rows in the results");
-    /* per-layer bars: uniform (snapkv) vs pyramid (pyramidkv), and head-adaptive (adakv) */
-    const char *bar_names[] = {"snapkv", "pyramidkv", "adakv"};
-    int bar_pol[3], nbar = 0;
-    for (int i = 0; i < 3; i++) {
-        int p = kv_res_set_policy_named(s, bar_names[i]);
-        if (p >= 0)
-            bar_pol[nbar++] = p;
-    }
+    /* per-layer bars, one per kind of allocation as the policies' descriptors declare it: a uniform
+     * per-head budget (snapkv, ...), budgets that vary by layer (pyramidkv, cake, kvcompress) and
+     * head-adaptive ones (adakv, criticalkv(ada=1)); the strips show the first head-adaptive one */
+    const unsigned special = KV_POL_OVER_BUDGET | KV_POL_BUDGET_LAYER | KV_POL_BUDGET_SEQUENCE | KV_POL_NO_EVICT |
+                             KV_POL_ORACLE | KV_POL_BUDGET_FREE | KV_POL_RANDOM;
+    const unsigned kinds[3][2] = {{0, special},
+                                  {KV_POL_OVER_BUDGET | KV_POL_BUDGET_SEQUENCE, KV_POL_NO_EVICT | KV_POL_BUDGET_LAYER},
+                                  {KV_POL_BUDGET_LAYER, 0}};
+    int bar_pol[3], nbar = 0, strip_pol = -1;
+    for (int i = 0; i < 3; i++)
+        for (int p = 0; p < s->n_pol; p++) {
+            const unsigned f = kv_res_set_policy_flags(s, p);
+            if ((f & KV_POL_ONESHOT) && (!kinds[i][0] || (f & kinds[i][0])) && !(f & kinds[i][1])) {
+                bar_pol[nbar++] = p;
+                strip_pol = i == 2 ? p : strip_pol;
+                break;
+            }
+        }
     if (nbar == 0) /* none of the three: every policy */
         for (int p = 0; p < s->n_pol && nbar < 3; p++)
             bar_pol[nbar++] = p;
-    const int strip_pol = kv_res_set_policy_named(s, "adakv");
     int H = 0;
     for (size_t r = 0; r < s->n; r++)
         if (s->rows[r].pol == strip_pol && s->rows[r].head + 1 > H)
@@ -639,7 +649,7 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
     if (rc)
         goto done;
     TRY(new_fig(nb > 2 ? 1800 : 1500, strips ? 1100 : 640,
-                strips ? "Budget allocation: context tokens kept per layer (top) and per head by Ada-KV (bottom)"
+                strips ? "Budget allocation: context tokens kept per layer (top) and per head, head-adaptive (bottom)"
                        : "Budget allocation: context tokens kept per layer",
                 &fig));
     TRY(kv_fig_grid(fig, strips ? 2 : 1, nb));
@@ -669,7 +679,7 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out)
         if (!strips)
             continue;
         kv_axes_t *hx = kv_fig_axes(fig, 1, b);
-        snprintf(title, sizeof title, "Ada-KV per head, budget %d", budgets[b]);
+        snprintf(title, sizeof title, "%.60s per head, budget %d", s->shorts[strip_pol], budgets[b]);
         TRY(kv_axes_set_title(hx, title));
         char **hcats = kv_calloc((size_t)H, sizeof(char *), "head names");
         if (!hcats) {

@@ -47,6 +47,10 @@ typedef enum {
     KV_BUDGET_TOKENS,   /* "128": tokens per storage head, window included */
     KV_BUDGET_FRACTION, /* "0.25" or "25%": fraction of the context (kvpress: 1 - compression ratio) */
     KV_BUDGET_SEQUENCE, /* "seq:65536": tokens for the whole sequence (all layers and KV heads) */
+    KV_BUDGET_RATIO,    /* "cr:0.25": kvpress's compression ratio, B = max(1, int(n * (1 - cr))) computed in
+                           double as Python does (one token fewer than the fraction 1 - cr gives when the
+                           product is whole in exact arithmetic but not in floating point: cr:0.8 on 20
+                           tokens keeps 3, the fraction 0.2 keeps 4) */
 } kv_budget_kind_t;
 
 typedef struct {
@@ -61,6 +65,12 @@ typedef struct {
 int kv_budget_parse_list(const char *list, kv_budget_t **out, int *n);
 /* Resolve B and total for a trace with `n_ctx` context tokens. */
 int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx);
+/* The unrounded per-head budget a reference's float schedule starts from (kvpress's PyramidKVPress
+ * and ChunkKVPress): n_ctx * (1 - cr) for "cr:", n_ctx * f for a fraction, B otherwise. */
+double kv_budget_exact(const kv_budget_t *b, int n_ctx);
+/* The kept fraction a reference's ratio rule multiplies by (kvpress's 1 - compression_ratio): 1 - cr
+ * for "cr:", f for a fraction, B / n_ctx otherwise. */
+double kv_budget_fraction(const kv_budget_t *b, int n_ctx);
 
 /* ---- the layer context ---- */
 typedef struct kv_layer_ctx kv_layer_ctx_t;
@@ -79,7 +89,8 @@ struct kv_layer_ctx {
     const float *p_eval; /* (H, n_eval, T): softmax of evaluation query n_ctx+e over keys [0, n_ctx+e] */
     kv_backend_t *be;
     uint64_t seed;           /* replay seed (for random policies: derive per layer/head) */
-    kv_layer_stats_t *stats; /* the shared statistics of the layer (sim/layer_stats.h) */
+    kv_layer_stats_t *stats; /* the shared statistics of the layer (sim/layer_stats.h); NULL in a kv_ctx_sub context */
+    void *host;              /* a kv_ctx_sub context's own statistics (stats NULL), private to sim/ctx_sub.c */
 };
 
 /* Query i (a token index) of query head h, (d) floats; NULL when the trace does not hold it (a lean
@@ -92,6 +103,15 @@ static inline const float *kv_ctx_query(const kv_layer_ctx_t *c, int h, int i)
 
 /* Shared statistics (accumulated attention, observation windows): sim/layer_stats.h, included
  * above; policies call kv_ctx_colstats and kv_ctx_window_probs from `prepare`. */
+
+/* A layer context over some of the tokens of one storage head, for policies that re-score their
+ * cache while decoding (sim/ctx_sub.c): query heads [h0, h0 + nh) of c (a KV group, or one query
+ * head) and their KV head, tokens tok[0..n) (ascending positions of c), all of them context
+ * (n_ctx = n, no evaluation queries, no W_O); positions and token ids follow the tokens. The shared
+ * statistics above work on it too, computed on the host (plain loops, O(n^2 d) for colstats).
+ * Free with kv_ctx_sub_free. */
+int kv_ctx_sub(const kv_layer_ctx_t *c, int h0, int nh, const int *tok, int n, kv_layer_ctx_t *out);
+void kv_ctx_sub_free(kv_layer_ctx_t *sub);
 
 /* ---- caches ---- */
 typedef struct {
@@ -118,6 +138,12 @@ enum {
                                          +4.3 % of L*B at L=32, B=128, +11.7 % at B=64); reported */
     KV_POL_BUDGET_FREE = 1u << 11,    /* evicts by a rule besides the budget (a threshold), so even a
                                          budget above the sequence length may lose tokens */
+    KV_POL_ORACLE = 1u << 12,         /* reads the future (the evaluation queries): a ceiling that no
+                                         real cache reaches, left out of "best policy" summaries */
+    KV_POL_NEEDS_WO = 1u << 13,       /* needs the output projection W_O (a --with-wo trace) */
+    KV_POL_SCORER = 1u << 14,         /* a one-shot token scorer: prepare fills qscores and the kept set
+                                         is (mostly) a prefix of the order, so a wrapper (adakv, chunkkv,
+                                         criticalkv, decoding) can allocate over its order instead */
 };
 
 typedef enum { KV_GRAN_KV = 0, KV_GRAN_QUERY = 1 } kv_gran_t;
@@ -125,6 +151,15 @@ typedef enum { KV_AGG_MEAN = 0, KV_AGG_MAX = 1, KV_AGG_SUM = 2 } kv_agg_t;
 
 typedef struct kv_policy kv_policy_t;
 typedef struct kv_policy_desc kv_policy_desc_t;
+
+/* A named parameter set that reproduces a reference implementation: "snapkv@kvpress" is snapkv with
+ * the preset's parameters, and parameters given after it override them ("snapkv@kvpress(window=32)").
+ * The canonical label of the result prints every parameter (no "@"). */
+typedef struct {
+    const char *name;   /* the word after '@' */
+    const char *params; /* "k=v,..." of the policy (values may be nested specs, presets included) */
+    const char *what;   /* the reference and version it reproduces, one line */
+} kv_preset_t;
 
 struct kv_policy {
     const kv_policy_desc_t *desc;
@@ -146,14 +181,20 @@ struct kv_policy {
     int *order;         /* (n_store, n_ctx) context tokens by decreasing score, ties: later token first */
     size_t order_cap;   /* entries allocated in sscores and order */
     kv_policy_t *inner; /* composed scorer (adakv(inner=...), chunkkv, ...), owned */
+    int tie_torch;      /* set by init: the shared selection keeps the set torch.topk keeps on the CPU
+                           (kv_topk_mask_torch over sscores) instead of a prefix of `order`, so ties
+                           resolve as in kvpress; not nested (init clears KV_POL_NESTED) */
 };
 
 struct kv_policy_desc {
     const char *name;
     const char *doc;   /* one line: what it does and the paper */
     const char *paper; /* arXiv id or URL */
+    const char *code;  /* the reference implementation (repository and file), "-" for none */
     const kv_param_def_t *params;
-    int n_params;
+    int n_params; /* KV_ARRAY_LEN(params) */
+    const kv_preset_t *presets;
+    int n_presets; /* KV_ARRAY_LEN(presets) */
     unsigned flags;
     /* Parameter sets besides the defaults that the contract suite must also check, separated by
      * ';' (e.g. "mode=decode;pool=avg,agg=max"); NULL for none. */
@@ -184,7 +225,22 @@ struct kv_policy_desc {
      * head) token counts for every budget before the main pass. */
     int (*prescore)(kv_policy_t *p, kv_layer_ctx_t *c);
     int (*allocate)(kv_policy_t *p, const kv_trace_meta_t *m, int n_ctx, const kv_budget_t *budgets, int n_budgets);
+    /* Context tokens at the end of the prompt that p always keeps (see kv_policy_kept_window); NULL: 0. */
+    int (*kept_window)(const kv_policy_t *p);
+    /* Tokens per storage head by which p's cache may exceed a budget of B tokens on a context of
+     * n_ctx, by the reference's own schedule (a decode-time re-compression lets the cache grow by its
+     * interval between compressions; SimLayerKV keeps every token of its non-lazy layers). NULL: 0. */
+    int (*budget_slack)(const kv_policy_t *p, int n_ctx, int B);
 };
+
+/* The "tie" parameter of scorers that offer kvpress's tie order (schema entry), and reading it into
+ * p->tie_torch (clearing KV_POL_NESTED when set). */
+#define KV_PARAM_TIE                                                                                                   \
+    {                                                                                                                  \
+        "tie", KV_PARAM_ENUM, "later", 0, -1, "later|torch",                                                           \
+            "equal scores: the later token first (nested), or the set torch.topk keeps on the CPU (kvpress)"           \
+    }
+void kv_policy_read_tie(kv_policy_t *p);
 
 /* Registry (sim/policy_registry.c). */
 int kv_policy_count(void);
@@ -197,14 +253,20 @@ const char *kv_policy_names(void);
 extern const kv_param_def_t kv_policy_common_params[];
 extern const int kv_policy_n_common_params;
 
-/* Create a configured policy from "name(k=v,...)"; unknown names list the valid ones. */
+/* Create a configured policy from "name(k=v,...)" or "name@preset(k=v,...)"; unknown names and
+ * presets list the valid ones. */
 int kv_policy_create(const char *spec, kv_policy_t **out);
+/* Parse a spec with its preset expanded: the policy's descriptor and the raw parameters (the
+ * preset's, overridden by the ones given); *given (optional) gets the ones given explicitly. */
+int kv_policy_spec_expand(const char *spec, const kv_policy_desc_t **desc, kv_params_t *raw, kv_params_t *given);
 void kv_policy_free(kv_policy_t *p);
 /* Context tokens at the end of the prompt that p always keeps, from its parameters (0: none): the
  * observation window of the SnapKV family and of one-shot H2O, KV-Compress's protected tokens, and
- * for Ada-KV and ChunkKV their inner scorer's. At a budget B no larger than this, p keeps the last B
- * context tokens and its scores select nothing. */
+ * for wrappers (Ada-KV, ChunkKV, ...) their inner scorer's; desc->kept_window says. At a budget B
+ * no larger than this, p keeps the last B context tokens and its scores select nothing. */
 int kv_policy_kept_window(const kv_policy_t *p);
+/* desc->budget_slack, or 0. */
+int kv_policy_budget_slack(const kv_policy_t *p, int n_ctx, int B);
 /* Expand a policy list ("all" = every registered policy with defaults). *out: kv_free'd array of
  * created policies (free each with kv_policy_free). */
 int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n);
@@ -227,13 +289,17 @@ static inline int kv_policy_store_of(const kv_policy_t *p, int h, int G)
 int kv_policy_order(kv_policy_t *p, const kv_layer_ctx_t *c);
 /* Keep the first m tokens of storage head s's order (m clamped to [0, n_ctx]). */
 void kv_keep_prefix(const kv_policy_t *p, const kv_layer_ctx_t *c, int s, int m, kv_keep_t *keep);
-/* Default one-shot selection: prefix of length B for every storage head. */
+/* Default one-shot selection: prefix of length B for every storage head (p->tie_torch: torch.topk's
+ * set of B). */
 int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep);
 /* Sort idx[0..n) by key descending, ties by larger index first (the project-wide tie-break; NaN
  * last). Radix sort on 64-bit (score, index) keys: O(n). */
 void kv_argsort_desc(const float *key, int n, int *idx);
 /* mask[0..n) = 1 for the k entries that kv_argsort_desc would put first (same tie-break), O(n). */
 void kv_topk_mask(const float *key, int n, int k, uint8_t *mask);
+/* mask[0..n) = 1 for the k entries torch.topk(key, k) returns on the CPU, ties resolved exactly as
+ * its std::nth_element / std::partial_sort leave them (sim/topk_torch.c). Not nested in k. */
+void kv_topk_mask_torch(const float *key, int n, int k, uint8_t *mask);
 
 #ifdef __cplusplus
 }

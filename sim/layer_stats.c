@@ -14,6 +14,7 @@
 #include "sim/layer_stats.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/ctx_internal.h"
 #include "sim/kv_policy.h"
 
 #include <math.h>
@@ -209,6 +210,8 @@ static int stored_colstats(kv_layer_ctx_t *c)
 
 int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, const float **max)
 {
+    if (!c->stats) /* a kv_ctx_sub context: its own statistics, on the host */
+        return kv_ctx_host_colstats(c, sum, sumsq, max);
     kv_layer_stats_t *s = c->stats;
     if (!s->have_col) {
         const size_t n = (size_t)c->H * (size_t)(c->n_ctx ? c->n_ctx : 1);
@@ -233,6 +236,8 @@ int kv_ctx_colstats(kv_layer_ctx_t *c, const float **sum, const float **sumsq, c
 
 int kv_ctx_window_probs(kv_layer_ctx_t *c, int w, const float **probs)
 {
+    if (!c->stats) /* a kv_ctx_sub context: its own statistics, on the host */
+        return kv_ctx_host_window_probs(c, w, probs);
     kv_layer_stats_t *s = c->stats;
     if (w < 1 || w > c->n_ctx)
         return kv_error(KV_ERANGE, "observation window %d outside [1, %d] (context length)", w, c->n_ctx);

@@ -1,6 +1,8 @@
 /*
  * policy.c: configuring policies from "name(k=v,...)" specs against their schema (plus the common
- * granularity keys), canonical labels, and policy lists ("all").
+ * granularity keys), presets ("name@preset(k=v,...)": the descriptor's named parameter set, the
+ * given keys on top), canonical labels, and policy lists ("all"). Nothing here knows a policy by
+ * name: whatever differs between policies is in their descriptors.
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
@@ -13,7 +15,7 @@ const kv_param_def_t kv_policy_common_params[] = {
      "cache per KV head (real grouped-query memory) or per query head (reference repos' layout, G x memory)"},
     {"agg", KV_PARAM_ENUM, "mean", 0, -1, "mean|max|sum", "how per-query-head scores combine over a KV group"},
 };
-const int kv_policy_n_common_params = 2;
+const int kv_policy_n_common_params = (int)KV_ARRAY_LEN(kv_policy_common_params);
 
 const kv_policy_desc_t *kv_policy_find(const char *name)
 {
@@ -34,17 +36,77 @@ const char *kv_policy_names(void)
     return buf;
 }
 
-int kv_policy_create(const char *spec, kv_policy_t **out)
+/* Names of d's presets, for messages. */
+static void preset_names(const kv_policy_desc_t *d, char *buf, size_t len)
 {
-    *out = NULL;
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < d->n_presets && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%s@%s", i ? ", " : "", d->name, d->presets[i].name);
+    if (!d->n_presets)
+        snprintf(buf, len, "none");
+}
+
+int kv_policy_spec_expand(const char *spec, const kv_policy_desc_t **desc, kv_params_t *raw, kv_params_t *given)
+{
+    *desc = NULL;
+    /* "name@preset(...)": the preset word sits between '@' and the parameters */
+    char base[2 * KV_PARAM_VAL_LEN + 64], preset[64] = "";
+    const char *paren = strchr(spec, '('), *at = strchr(spec, '@');
+    if (at && (!paren || at < paren)) {
+        const char *pe = paren ? paren : spec + strlen(spec);
+        while (pe > at + 1 && pe[-1] == ' ')
+            pe--;
+        if ((size_t)(pe - at - 1) >= sizeof preset || (size_t)(at - spec) + strlen(pe) >= sizeof base)
+            return kv_error(KV_EINVAL, "'%s': policy spec too long", spec);
+        snprintf(preset, sizeof preset, "%.*s", (int)(pe - at - 1), at + 1);
+        snprintf(base, sizeof base, "%.*s%s", (int)(at - spec), spec, paren ? paren : "");
+    } else if (strlen(spec) >= sizeof base) {
+        return kv_error(KV_EINVAL, "'%s': policy spec too long", spec);
+    } else {
+        snprintf(base, sizeof base, "%s", spec);
+    }
     char name[64];
-    kv_params_t raw;
-    int rc = kv_spec_parse(spec, name, sizeof name, &raw);
+    int rc = kv_spec_parse(base, name, sizeof name, raw);
     if (rc)
         return rc;
     const kv_policy_desc_t *d = kv_policy_find(name);
     if (!d)
         return kv_error(KV_EINVAL, "unknown policy '%s' (valid: %s)", name, kv_policy_names());
+    if (given)
+        *given = *raw;
+    if (at && (!paren || at < paren)) {
+        const kv_preset_t *ps = NULL;
+        for (int i = 0; i < d->n_presets; i++)
+            if (!strcmp(d->presets[i].name, preset))
+                ps = &d->presets[i];
+        if (!ps) {
+            char names[512];
+            preset_names(d, names, sizeof names);
+            return kv_error(KV_EINVAL, "policy %s has no preset '%s' (presets: %s)", name, preset, names);
+        }
+        char pspec[2 * KV_PARAM_VAL_LEN + 64];
+        kv_params_t pr;
+        snprintf(pspec, sizeof pspec, "%s(%s)", name, ps->params);
+        if ((rc = kv_spec_parse(pspec, name, sizeof name, &pr)))
+            return kv_error_context(rc, "preset %s@%s", d->name, ps->name);
+        for (int i = 0; i < pr.n; i++) /* the given keys win */
+            if (!kv_params_has(raw, pr.key[i]) && (rc = kv_params_set(raw, pr.key[i], pr.val[i])))
+                return rc;
+    }
+    *desc = d;
+    return KV_OK;
+}
+
+int kv_policy_create(const char *spec, kv_policy_t **out)
+{
+    *out = NULL;
+    kv_params_t raw;
+    const kv_policy_desc_t *d;
+    int rc = kv_policy_spec_expand(spec, &d, &raw, NULL);
+    if (rc)
+        return rc;
+    const char *name = d->name;
     kv_param_def_t defs[KV_PARAMS_MAX];
     int n = 0;
     for (int i = 0; i < d->n_params && n < KV_PARAMS_MAX; i++)
@@ -138,18 +200,10 @@ int kv_policy_create_list(const char *list, kv_policy_t ***out, int *n_out)
 /* See kv_policy.h. */
 int kv_policy_kept_window(const kv_policy_t *p)
 {
-    const char *name = p->desc->name;
-    if (!strcmp(name, "kvcompress"))
-        return (int)kv_params_int(&p->params, "protect");
-    if (!strcmp(name, "adakv") || !strcmp(name, "chunkkv")) {
-        kv_policy_t *in = NULL;
-        int w = 0;
-        if (kv_policy_create(kv_params_str(&p->params, "inner"), &in) == KV_OK)
-            w = kv_policy_kept_window(in);
-        kv_policy_free(in);
-        return w;
-    }
-    if (!strcmp(name, "snapkv") || !strcmp(name, "pyramidkv") || (!strcmp(name, "h2o") && !(p->flags & KV_POL_DECODE)))
-        return (int)kv_params_int(&p->params, "window");
-    return 0;
+    return p->desc->kept_window ? p->desc->kept_window(p) : 0;
+}
+
+int kv_policy_budget_slack(const kv_policy_t *p, int n_ctx, int B)
+{
+    return p->desc->budget_slack ? p->desc->budget_slack(p, n_ctx, B) : 0;
 }

@@ -1,36 +1,46 @@
 /*
  * policy_registry.c: every policy kvsim knows, one line each. Adding a policy = one file in
- * sim/policies/ defining `const kv_policy_desc_t kv_policy_<name>` plus one line here; the contract
- * suite (tests/test_policy_contract.c) then checks it automatically.
+ * sim/policies/ defining `const kv_policy_desc_t kv_policy_<name>` plus one X(<name>) line here;
+ * the contract suite (tests/test_policy_contract.c) then checks it automatically.
  */
+#include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
 
-extern const kv_policy_desc_t kv_policy_full;
-extern const kv_policy_desc_t kv_policy_random;
-extern const kv_policy_desc_t kv_policy_oracle;
-extern const kv_policy_desc_t kv_policy_streaming_llm;
-extern const kv_policy_desc_t kv_policy_h2o;
-extern const kv_policy_desc_t kv_policy_tova;
-extern const kv_policy_desc_t kv_policy_knorm;
-extern const kv_policy_desc_t kv_policy_threshold;
-extern const kv_policy_desc_t kv_policy_snapkv;
-extern const kv_policy_desc_t kv_policy_pyramidkv;
-extern const kv_policy_desc_t kv_policy_adakv;
-extern const kv_policy_desc_t kv_policy_chunkkv;
-extern const kv_policy_desc_t kv_policy_quest;
-extern const kv_policy_desc_t kv_policy_shotkv;
-extern const kv_policy_desc_t kv_policy_kvcompress;
-
 /* Baselines first, then roughly in the order the methods appeared. */
-static const kv_policy_desc_t *const registry[] = {
-    &kv_policy_full,  &kv_policy_random,  &kv_policy_oracle,    &kv_policy_streaming_llm, &kv_policy_h2o,
-    &kv_policy_tova,  &kv_policy_knorm,   &kv_policy_threshold, &kv_policy_snapkv,        &kv_policy_pyramidkv,
-    &kv_policy_adakv, &kv_policy_chunkkv, &kv_policy_quest,     &kv_policy_shotkv,        &kv_policy_kvcompress,
-};
+/* clang-format off */
+#define KV_POLICIES(X)      \
+    X(full)                 \
+    X(random)               \
+    X(oracle)               \
+    X(streaming_llm)        \
+    X(h2o)                  \
+    X(tova)                 \
+    X(knorm)                \
+    X(threshold)            \
+    X(snapkv)               \
+    X(pyramidkv)            \
+    X(adakv)                \
+    X(chunkkv)              \
+    X(quest)                \
+    X(shotkv)               \
+    X(kvcompress)           \
+    X(simlayerkv)           \
+    X(expected_attention)   \
+    X(keydiff)              \
+    X(lagkv)                \
+    X(criticalkv)           \
+    X(cake)                 \
+    X(decoding)
+/* clang-format on */
+
+#define KV_POLICY_DECLARE(name) extern const kv_policy_desc_t kv_policy_##name;
+#define KV_POLICY_ENTRY(name) &kv_policy_##name,
+KV_POLICIES(KV_POLICY_DECLARE)
+static const kv_policy_desc_t *const registry[] = {KV_POLICIES(KV_POLICY_ENTRY)};
 
 int kv_policy_count(void)
 {
-    return (int)(sizeof registry / sizeof registry[0]);
+    return (int)KV_ARRAY_LEN(registry);
 }
 
 const kv_policy_desc_t *kv_policy_desc_at(int i)

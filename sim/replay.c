@@ -21,6 +21,7 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/ctx_internal.h"
 #include "sim/layer_stats.h"
 #include "sim/metrics.h"
 #include "sim/replay_internal.h"
@@ -51,6 +52,7 @@ typedef struct {
     kv_samples_t smp; /* what it measured, every layer */
     int probe_e;      /* kv_replay_probe: copy the mask query probe_e reads into probe_mask */
     uint8_t *probe_mask;
+    uint8_t *kept_mask; /* (L, S, T) replay --kept: the cache each layer ends with, or NULL */
     int rc;
     double t_layer; /* seconds eval_cfg took on the last layer: the cost estimate for scheduling */
     char msg[1024];
@@ -61,6 +63,7 @@ static void cfg_free(cfg_t *g)
     if (g->cstate && g->p->desc->cstate_free)
         g->p->desc->cstate_free(g->cstate);
     kv_samples_free(&g->smp);
+    kv_free(g->kept_mask);
 }
 
 static int cfg_alloc(cfg_t *g, int L, int H, int Hkv, int E)
@@ -103,6 +106,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
                 goto done;
             if (g->probe_mask && e == g->probe_e)
                 memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+            if (g->kept_mask && e == E - 1) /* what the last evaluation query reads */
+                memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
             for (int s = 0; s < S; s++) {
                 const uint8_t *mk = keep.mask + (size_t)s * T;
                 int ctx = 0, tot;
@@ -155,6 +160,8 @@ static int eval_cfg(cfg_t *g, kv_layer_ctx_t *c, const kv_metrics_layer_t *ml, s
             goto done;
         if (g->probe_mask)
             memcpy(g->probe_mask, keep.mask, (size_t)S * T);
+        if (g->kept_mask)
+            memcpy(g->kept_mask + (size_t)l * S * T, keep.mask, (size_t)S * T);
         for (int s = 0; s < S; s++) {
             const int h0 = p->gran == KV_GRAN_KV ? s * G : s, nh = p->gran == KV_GRAN_KV ? G : 1;
             const uint8_t *mk = keep.mask + (size_t)s * T;
@@ -223,6 +230,30 @@ static void schedule_order(const cfg_t *cfg, int n_cfg, int *order)
         }
         order[y] = k;
     }
+}
+
+/* ---------------------------------------------------------------- kept sets (--kept) */
+
+/* Hand every (policy, budget)'s kept masks over to a kv_kept_t (sim/kept.h). */
+static int kept_collect(cfg_t *cfg, int n_cfg, int n_pol, int n_budgets, const kv_trace_meta_t *m, int n_ctx,
+                        kv_kept_t **out)
+{
+    kv_kept_t *k;
+    int rc = kv_kept_create(n_pol, n_budgets, m->n_layers, m->n_tokens, n_ctx, &k);
+    if (rc)
+        return rc;
+    for (int x = 0; x < n_cfg && rc == KV_OK; x++) {
+        cfg_t *g = &cfg[x];
+        rc = kv_kept_set(k, g->pi, g->bi, g->p, &g->b, g->smp.S, g->kept_mask);
+        if (rc == KV_OK)
+            g->kept_mask = NULL; /* now owned by k */
+    }
+    if (rc) {
+        kv_kept_free(k);
+        return rc;
+    }
+    *out = k;
+    return KV_OK;
 }
 
 /* ---------------------------------------------------------------- the engine */
@@ -328,6 +359,42 @@ static int prepare_all(kv_policy_t **pols, int n_pol, kv_layer_ctx_t *c)
     return KV_OK;
 }
 
+/* Loud, once per replay: the layers and heads whose Q, K or V hold NaN or inf (their rows report nan
+ * and the count), and rows whose metrics came out NaN from finite inputs (scores beyond float). */
+static void warn_nonfinite(const char *path, const kv_trace_meta_t *m, const long *nf_q, const long *nf_kv,
+                           const kv_results_t *res)
+{
+    const int H = m->n_heads, Hkv = m->n_kv_heads;
+    long total = 0;
+    int places = 0;
+    char list[512] = "";
+    size_t k = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        long q = 0, kv = 0;
+        for (int h = 0; h < H; h++)
+            q += nf_q[(size_t)l * H + h];
+        for (int g = 0; g < Hkv; g++)
+            kv += nf_kv[(size_t)l * Hkv + g];
+        if (!q && !kv)
+            continue;
+        total += q + kv;
+        if (places++ < 6 && k < sizeof list)
+            k += (size_t)snprintf(list + k, sizeof list - k, "%slayer %d: %ld in Q, %ld in K/V", places > 1 ? "; " : "",
+                                  l, q, kv);
+    }
+    if (total)
+        kv_warn("%s: %ld NaN or infinite values in the trace's Q, K and V (%s%s): every result row that reads them "
+                "reports nan metrics and the count in its nonfinite column",
+                path, total, list, places > 6 ? "; ..." : "");
+    long nan_rows = 0;
+    for (size_t i = 0; i < res->n; i++)
+        nan_rows += res->rows[i].nonfinite == 0 && isnan(res->rows[i].recall_mean);
+    if (nan_rows)
+        kv_warn(
+            "%s: %ld result rows have nan metrics from finite Q, K and V (attention scores beyond the float range?)",
+            path, nan_rows);
+}
+
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
               const kv_replay_opts_t *opts, kv_results_t **out)
 {
@@ -363,12 +430,16 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         memset(o.stats, 0, sizeof *o.stats);
     if (o.stats)
         o.stats->stats_source = source;
-    for (int i = 0; i < n_pol; i++)
+    for (int i = 0; i < n_pol; i++) {
         if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && m->n_segments < 1)
             return kv_error(KV_EINVAL,
                             "%s: policy %s needs segments and the trace has none (capture a prompt with "
                             "<|endoftext|> separators or --segments)",
                             path, pols[i]->label);
+        if ((pols[i]->flags & KV_POL_NEEDS_WO) && !m->has_wo)
+            return kv_error(KV_EINVAL, "%s: policy %s needs W_O and the trace has none (capture with --with-wo)", path,
+                            pols[i]->label);
+    }
     const size_t dtype_bytes = m->dtype == KV_DTYPE_F16 ? 2 : 4;
     int n_cfg = n_pol * n_budgets, rc = KV_OK;
     cfg_t *cfg = kv_calloc((size_t)n_cfg, sizeof *cfg, "replay configurations");
@@ -380,8 +451,11 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
     int *order = NULL;
+    long *nf_q = NULL, *nf_kv = NULL;
     kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
+    if (o.kept)
+        *o.kept = NULL;
     if (!cfg || !bud || kv_results_create(&res) != KV_OK) {
         rc = KV_ENOMEM;
         goto done;
@@ -409,15 +483,24 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
             g->b = bud[b];
             if ((rc = cfg_alloc(g, L, H, m->n_kv_heads, E)))
                 goto done;
+            if (o.kept && !(g->kept_mask = kv_calloc((size_t)L * g->smp.S * T, 1, "kept sets"))) {
+                rc = KV_ENOMEM;
+                goto done;
+            }
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
-    if (!p_eval || !order) {
+    nf_q = kv_calloc((size_t)L * H, sizeof(long), "non-finite counts");
+    nf_kv = kv_calloc((size_t)L * m->n_kv_heads, sizeof(long), "non-finite counts");
+    if (!p_eval || !order || !nf_q || !nf_kv) {
         rc = KV_ENOMEM;
         goto done;
     }
-    for (int k = 0; k < n_cfg; k++)
+    for (int k = 0; k < n_cfg; k++) {
         order[k] = k;
+        cfg[k].smp.nf_q = nf_q;
+        cfg[k].smp.nf_kv = nf_kv;
+    }
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
@@ -457,6 +540,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         if ((rc = kv_stream_get(&stream, seq, &lb)))
             break;
         fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
+        kv_metrics_nonfinite(&c, nf_q + (size_t)l * H, nf_kv + (size_t)l * m->n_kv_heads);
         if ((rc = kv_layer_stats_eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
@@ -532,7 +616,10 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
                     "(beyond float tolerance); this is a bug, please report it",
                     cfg[k].p->label, cfg[k].b.text, v);
     }
+    if (rc == KV_OK && o.kept)
+        rc = kept_collect(cfg, n_cfg, n_pol, n_budgets, m, n_ctx, o.kept);
     if (rc == KV_OK) {
+        warn_nonfinite(path, m, nf_q, nf_kv, res);
         *out = res;
         res = NULL;
     }
@@ -553,6 +640,8 @@ done:
     kv_results_free(res);
     kv_free(p_eval);
     kv_free(order);
+    kv_free(nf_q);
+    kv_free(nf_kv);
     kv_free(rows);
     kv_metrics_layer_free(&ml);
     kv_layer_stats_free(ls);

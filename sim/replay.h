@@ -17,6 +17,7 @@
 #define KV_REPLAY_H
 
 #include "kernels/kv_backend.h"
+#include "sim/kept.h"
 #include "sim/kv_policy.h"
 #include "sim/result.h"
 #include "traces/kv_trace.h"
@@ -52,6 +53,8 @@ typedef struct {
                                  (sim/layer_stats.h) or KV_STATS_AUTO (the default): from the trace when it
                                  stores them and they cover the context (--eval-tail within the trace's
                                  stats_split), else recomputed (a lean trace cannot: then an error) */
+    kv_kept_t **kept;         /* optional: receives every (policy, budget)'s kept sets (sim/kept.h;
+                                 (layers x storage heads x tokens) bytes each); NULL: not collected */
 } kv_replay_opts_t;
 
 #define KV_STATS_AUTO (-1)

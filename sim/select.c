@@ -183,9 +183,23 @@ int kv_select_uniform(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t
     (void)cstate;
     if (!p->order)
         return kv_error(KV_EINTERNAL, "%s: no selection order (prepare set no scores)", p->label);
-    for (int s = 0; s < keep->n_store; s++)
-        kv_keep_prefix(p, c, s, b->tokens, keep);
+    for (int s = 0; s < keep->n_store; s++) {
+        if (p->tie_torch) { /* torch.topk's set: the same scores, its own choice among equal ones */
+            uint8_t *mask = keep->mask + (size_t)s * keep->T;
+            memset(mask, 0, (size_t)keep->T);
+            kv_topk_mask_torch(p->sscores + (size_t)s * c->n_ctx, c->n_ctx, b->tokens, mask);
+        } else {
+            kv_keep_prefix(p, c, s, b->tokens, keep);
+        }
+    }
     return KV_OK;
+}
+
+void kv_policy_read_tie(kv_policy_t *p)
+{
+    p->tie_torch = !strcmp(kv_params_str(&p->params, "tie"), "torch");
+    if (p->tie_torch)
+        p->flags &= ~KV_POL_NESTED;
 }
 
 int kv_policy_prepare(kv_policy_t *p, kv_layer_ctx_t *c)

@@ -381,7 +381,8 @@ START_TEST(adakv_composition_and_labels)
     ck_assert_int_eq(kv_policy_create("adakv(inner=pyramidkv(window=16),gran=query,agg=max)", &p), KV_OK);
     /* the inner inherits gran/agg and its canonical label is part of the outer label */
     ck_assert_str_eq(p->label, "adakv(inner=pyramidkv(window=16,kernel=7,pool=max,qagg=sum,gqa=after_pool,beta=20,"
-                               "gran=query,agg=max),safeguard=interp,floor_alpha=0.2,skip=0,gran=query,agg=max)");
+                               "schedule=kvcache_factory,gran=query,agg=max),safeguard=interp,floor_alpha=0.2,skip=0,"
+                               "normalize=0,gran=query,agg=max)");
     ck_assert_int_eq(p->inner->gran, KV_GRAN_QUERY);
     ck_assert(p->flags & KV_POL_OVER_BUDGET);
     ck_assert(!(p->flags & KV_POL_NESTED));

@@ -6,6 +6,7 @@
  */
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
+#include "sim/kept.h"
 #include "sim/kv_policy.h"
 #include "sim/metrics.h"
 #include "sim/replay.h"
@@ -619,6 +620,77 @@ START_TEST(an_engine_failure_stops_the_reader)
 }
 END_TEST
 
+/* replay --kept: the file holds exactly the kept sets the library computes (one-shot, decode-time and
+ * W_O policies, token and kvpress-ratio budgets), and a folder that does not exist fails before any
+ * work; kvsim policies lists the presets. */
+START_TEST(cli_kept_sets)
+{
+    char trace[256], out[256], kept[256];
+    kv_test_tmp("kept.h5", trace, sizeof trace);
+    kv_test_tmp("kept.tsv", out, sizeof out);
+    kv_test_tmp("kept-sets.h5", kept, sizeof kept);
+    kv_trace_t *t = kv_test_trace(2, 4, 2, 8, 40, 32, 0, 1, 3);
+    ck_assert_int_eq(kv_test_write_trace(t, trace), KV_OK);
+    kv_trace_close(t);
+    const char *pols = "snapkv@kvpress(window=4),tova,criticalkv(inner=snapkv(window=4))", *buds = "cr:0.5,8";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%%s replay -q %%s '%s' %s -o %%s --kept %s", pols, buds, kept);
+    ck_assert_int_eq(sh(cmd, trace, out), 0);
+    kv_kept_t *k = NULL, *ref = NULL;
+    ck_assert_msg(kv_kept_read(kept, &k) == KV_OK, "%s", kv_last_error());
+    kv_policy_t **ps;
+    kv_budget_t *b;
+    int np, nb;
+    ck_assert_int_eq(kv_policy_create_list(pols, &ps, &np), KV_OK);
+    ck_assert_int_eq(kv_budget_parse_list(buds, &b, &nb), KV_OK);
+    ck_assert_int_eq(kv_trace_open(trace, &t), KV_OK);
+    kv_backend_t *be;
+    ck_assert_int_eq(kv_backend_cpu_open(1, &be), KV_OK);
+    kv_replay_opts_t o;
+    kv_replay_defaults(&o);
+    o.quiet = 1;
+    o.kept = &ref;
+    kv_results_t *r;
+    ck_assert_int_eq(kv_replay(t, ps, np, b, nb, be, &o, &r), KV_OK);
+    ck_assert_int_eq(k->n_pol, 3);
+    ck_assert_int_eq(k->n_budgets, 2);
+    ck_assert_int_eq(k->n_ctx, 32);
+    for (int pi = 0; pi < 3; pi++)
+        for (int bi = 0; bi < 2; bi++) {
+            const kv_kept_entry_t *a = kv_kept_get(k, pi, bi), *e = kv_kept_get(ref, pi, bi);
+            ck_assert_str_eq(a->label, ps[pi]->label);
+            ck_assert_str_eq(a->budget, b[bi].text);
+            ck_assert_int_eq(a->n_store, 2);
+            ck_assert_int_eq(a->last_query, pi == 1); /* tova decodes */
+            ck_assert(!memcmp(a->mask, e->mask, (size_t)2 * 2 * 40));
+        }
+    ck_assert_int_eq(kv_kept_get(k, 0, 0)->budget_tokens, 16);
+    kv_kept_free(k);
+    kv_kept_free(ref);
+    kv_results_free(r);
+    for (int i = 0; i < np; i++)
+        kv_policy_free(ps[i]);
+    kv_free(ps);
+    kv_free(b);
+    kv_backend_close(be);
+    kv_trace_close(t);
+    /* an unwritable target fails before the work, leaving nothing */
+    unlink(out);
+    ck_assert_int_ne(sh("%s replay -q %s full 8 -o %s --kept build/test-tmp/no/such/dir/k.h5 2>/dev/null", trace, out),
+                     0);
+    ck_assert(access(out, F_OK) != 0);
+    /* the presets are listed */
+    snprintf(cmd, sizeof cmd, "%s policies", getenv("KVSIM_BIN"));
+    FILE *f = popen(cmd, "r");
+    static char text[1 << 17];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    pclose(f);
+    ck_assert_ptr_nonnull(strstr(text, "preset snapkv@kvpress: NVIDIA kvpress 0.5.5 SnapKVPress"));
+    ck_assert_ptr_nonnull(strstr(text, "reference code: NVIDIA/kvpress kvpress/presses/criticalkv_press.py"));
+}
+END_TEST
+
 Suite *suite_replay(void)
 {
     Suite *s = suite_create("replay");
@@ -640,6 +712,7 @@ Suite *suite_replay(void)
     if (getenv("KVSIM_BIN")) {
         TCase *cli = tcase_create("cli");
         tcase_add_test(cli, cli_errors_leave_no_results);
+        tcase_add_test(cli, cli_kept_sets);
         suite_add_tcase(s, cli);
     } else {
         kv_test_skip("replay cli", "KVSIM_BIN not set (run through make test)");

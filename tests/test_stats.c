@@ -244,6 +244,13 @@ static void compare_rows(kv_trace_t *t, const char *policies, const char *budget
     kv_budget_t *bud;
     ck_assert_int_eq(kv_policy_create_list(policies, &pols, &n_pol), KV_OK);
     ck_assert_int_eq(kv_budget_parse_list(budgets, &bud, &n_bud), KV_OK);
+    int kept_pol = 0; /* 'all' without the policies that need W_O, which the synthetic trace lacks */
+    for (int i = 0; i < n_pol; i++)
+        if ((pols[i]->flags & KV_POL_NEEDS_WO) && !kv_trace_meta(t)->has_wo)
+            kv_policy_free(pols[i]);
+        else
+            pols[kept_pol++] = pols[i];
+    n_pol = kept_pol;
     kv_results_t *r[2];
     for (int s = 0; s < 2; s++) {
         kv_replay_opts_t o;
@@ -357,7 +364,10 @@ START_TEST(lean_traces_replay_the_policies_that_fit)
     char runnable[1024] = "";
     for (int i = 0; i < n_pol; i++) {
         const char *name = pols[i]->desc->name;
-        const int windowed = !strcmp(name, "snapkv") || !strcmp(name, "adakv") || !strcmp(name, "chunkkv");
+        /* 32-query observation windows (the SnapKV family, cake), expected_attention's every query */
+        const int windowed = !strcmp(name, "snapkv") || !strcmp(name, "adakv") || !strcmp(name, "chunkkv") ||
+                             !strcmp(name, "criticalkv") || !strcmp(name, "cake") ||
+                             !strcmp(name, "expected_attention");
         ck_assert_msg(ok[i] == !windowed, "%s: check says %d (%s)", name, ok[i], why[i]);
         if (!ok[i])
             ck_assert_msg(strstr(why[i], "lean") && strstr(why[i], "--q-tail 20"), "%s: %s", name, why[i]);
@@ -436,6 +446,7 @@ START_TEST(version_1_traces_still_read)
     ck_assert(a >= 0 && H5Awrite(a, H5T_NATIVE_LLONG, &one) >= 0);
     H5Aclose(a);
     ck_assert(H5Adelete(f, "has_stats") >= 0 && H5Adelete(f, "stats_split") >= 0 && H5Adelete(f, "q_start") >= 0);
+    ck_assert(H5Adelete(f, "meta_sha256") >= 0); /* version 1 had no attribute checksum */
     H5Fclose(f);
     kv_trace_t *v1;
     ck_assert_msg(kv_trace_open(path, &v1) == KV_OK, "%s", kv_last_error());
@@ -550,7 +561,12 @@ Suite *suite_stats(void)
     tcase_add_test(tc, lean_traces_replay_the_policies_that_fit);
     tcase_add_test(tc, version_1_traces_still_read);
     tcase_add_test(tc, funnel_from_the_stored_statistics);
+#if defined(__SANITIZE_ADDRESS__)
+    /* AddressSanitizer keeps freed memory in quarantine: peak RSS says nothing about what synth holds */
+    kv_test_skip("stats synth_holds_one_layer", "built with AddressSanitizer (freed memory stays resident)");
+#else
     tcase_add_test(tc, synth_holds_one_layer);
+#endif
     suite_add_tcase(s, tc);
     return s;
 }

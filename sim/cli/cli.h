@@ -34,6 +34,7 @@ int kv_cmd_replay(int argc, char **argv);
 int kv_cmd_policies(int argc, char **argv);
 int kv_cmd_analyze(int argc, char **argv);
 int kv_cmd_demo(int argc, char **argv);
+int kv_cmd_clean(int argc, char **argv);
 int kv_cmd_sweep(int argc, char **argv);
 
 /* Print "kvsim <cmd>: <last error>" and return the exit status 1. */
@@ -51,7 +52,8 @@ void kv_cli_command_line(char *buf, size_t len, int argc, char **argv);
 struct kv_policy;
 /* POLICIES containing 'all' on a trace without segments: drop (with a warning) the policies that
  * need segments and were not also named explicitly; *n is updated. */
-void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n);
+void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path,
+                            struct kv_policy **pols, int *n);
 /* POLICIES containing 'all' on a lean trace (capture --q-tail): drop (with a warning saying why) the
  * policies that need prompt queries the trace does not store and were not also named explicitly
  * (kv_replay_check_policies); *n is updated. */

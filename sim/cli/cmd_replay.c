@@ -7,6 +7,7 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
 #include "sim/result.h"
@@ -32,16 +33,23 @@ static void replay_help(void)
            "\n"
            "arguments:\n"
            "  TRACE.h5     a trace from kvsim capture or kvsim synth, with decode tokens (or --eval-tail)\n"
-           "  POLICIES     comma list of policy specs, e.g. 'streaming_llm,h2o,snapkv(window=32)'; quote\n"
+           "  POLICIES     comma list of policy specs, e.g. 'streaming_llm,h2o,snapkv(window=32)', or of\n"
+           "               presets that reproduce a reference implementation, e.g. 'snapkv@kvpress'; quote\n"
            "               it for the shell. 'all' is every registered policy with its defaults, except\n"
-           "               those the trace cannot run (shotkv needs segments), which are skipped with a\n"
-           "               warning. kvsim policies lists them with their parameters and defaults.\n"
+           "               those the trace cannot run (shotkv needs segments, criticalkv W_O), which are\n"
+           "               skipped with a warning. kvsim policies lists them with their parameters,\n"
+           "               defaults and presets.\n"
            "  BUDGETS      comma list: 128 (tokens per head, window included), 0.25 or 25%% (fraction of\n"
-           "               the context), seq:65536 (total tokens for the sequence)\n"
+           "               the context), cr:0.75 (kvpress's compression ratio, with its rounding: keeps\n"
+           "               max(1, int(n * (1 - 0.75)))), seq:65536 (total tokens for the sequence)\n"
            "\n"
            "options:\n"
            "  -o, --output FILE    results as TSV (default: standard output)\n"
            "      --json FILE      also write the results as JSON (default: no JSON)\n"
+           "      --kept FILE.h5   also write the kept token indices per policy x budget x layer x\n"
+           "                       storage head (HDF5, gzip; one-shot policies: the context kept after\n"
+           "                       prefill; decode-time ones: the cache the last evaluation query reads;\n"
+           "                       layout in sim/kept.h and README.md) (default: none)\n"
            "      --eval-tail N    also hold out the last N prompt tokens as evaluation queries (default 0)\n"
            "      --stats SOURCE   where the statistics over the prompt queries (accumulated attention, its\n"
            "                       squares and maxima) come from: trace (stored by capture and synth;\n"
@@ -87,18 +95,25 @@ static int names_policy(const char *list, const char *name)
     }
 }
 
-void kv_cli_skip_unrunnable(const char *list, int n_segments, const char *trace_path, struct kv_policy **pols, int *n)
+void kv_cli_skip_unrunnable(const char *list, int n_segments, int has_wo, const char *trace_path,
+                            struct kv_policy **pols, int *n)
 {
-    /* 'all' means every policy this trace can run: policies that need segments are skipped on a
-     * trace without them, unless they were also named explicitly (then replay reports the error) */
-    if (n_segments >= 1 || !names_policy(list, "all"))
+    /* 'all' means every policy this trace can run: policies that need segments (or W_O) are skipped
+     * on a trace without them, unless they were also named explicitly (then replay reports the error) */
+    if ((n_segments >= 1 && has_wo) || !names_policy(list, "all"))
         return;
     int k = 0;
     for (int i = 0; i < *n; i++) {
-        if ((pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && !names_policy(list, pols[i]->desc->name)) {
-            kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
-                    "--segments to run it)",
-                    trace_path, pols[i]->desc->name);
+        const int no_seg = (pols[i]->flags & KV_POL_NEEDS_SEGMENTS) && n_segments < 1;
+        const int no_wo = (pols[i]->flags & KV_POL_NEEDS_WO) && !has_wo;
+        if ((no_seg || no_wo) && !names_policy(list, pols[i]->desc->name)) {
+            if (no_seg)
+                kv_warn("%s has no segments: skipping %s (capture a prompt with <|endoftext|> separators or "
+                        "--segments to run it)",
+                        trace_path, pols[i]->desc->name);
+            else
+                kv_warn("%s has no W_O: skipping %s (capture with --with-wo to run it)", trace_path,
+                        pols[i]->desc->name);
             kv_policy_free(pols[i]);
             continue;
         }
@@ -167,33 +182,12 @@ int kv_cli_skip_lean(kv_trace_t *t, const char *list, kv_policy_t **pols, int *n
     return rc;
 }
 
-/* A path we are about to write: its folder must exist and be writable, checked before the work. */
-static int writable_target(const char *path)
-{
-    char dir[1024];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof dir, ".");
-    else if (slash == dir)
-        dir[1] = 0;
-    else
-        *slash = 0;
-    struct stat st;
-    if (stat(dir, &st) != 0)
-        return kv_error(KV_EIO, "%s: cannot write: folder %s does not exist", path, dir);
-    if (!S_ISDIR(st.st_mode))
-        return kv_error(KV_EIO, "%s: cannot write: %s is not a folder", path, dir);
-    if (access(dir, W_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot write: folder %s is not writable", path, dir);
-    return KV_OK;
-}
-
 int kv_cmd_replay(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"output", required_argument, 0, 'o'},
         {"json", required_argument, 0, 'j'},
+        {"kept", required_argument, 0, 'k'},
         {"eval-tail", required_argument, 0, 'e'},
         {"seed", required_argument, 0, 's'},
         {"no-head-rows", no_argument, 0, 'n'},
@@ -208,7 +202,7 @@ int kv_cmd_replay(int argc, char **argv)
     /* the command as typed, for the provenance preamble (getopt_long reorders argv) */
     char cmd[2048];
     kv_cli_command_line(cmd, sizeof cmd, argc, argv);
-    const char *out = "-", *json = NULL, *backend = "auto";
+    const char *out = "-", *json = NULL, *kept_path = NULL, *backend = "auto";
     kv_replay_opts_t ro;
     kv_replay_defaults(&ro);
     long v, threads = 0;
@@ -218,6 +212,7 @@ int kv_cmd_replay(int argc, char **argv)
         switch (c) {
         case 'o': out = optarg; break;
         case 'j': json = optarg; break;
+        case 'k': kept_path = optarg; break;
         case 'e':
             if (kv_cli_int("replay", "--eval-tail", optarg, 0, 1 << 30, &v))
                 return 2;
@@ -265,6 +260,8 @@ int kv_cmd_replay(int argc, char **argv)
     if (argc - optind != 3)
         return kv_cli_usage_error("replay", "expected TRACE POLICIES BUDGETS, got %d argument%s", argc - optind,
                                   argc - optind == 1 ? "" : "s");
+    if (json && !strcmp(json, "-"))
+        return kv_cli_usage_error("replay", "--json takes a file (standard output is for the TSV)");
     const char *trace_path = argv[optind], *pol_list = argv[optind + 1], *bud_list = argv[optind + 2];
     kv_policy_t **pols = NULL;
     kv_budget_t *bud = NULL;
@@ -272,6 +269,9 @@ int kv_cmd_replay(int argc, char **argv)
     kv_trace_t *t = NULL;
     kv_backend_t *be = NULL;
     kv_results_t *res = NULL;
+    kv_kept_t *kept = NULL;
+    if (kept_path)
+        ro.kept = &kept;
     /* malformed POLICIES or BUDGETS are usage errors */
     if (kv_policy_create_list(pol_list, &pols, &n_pol) != KV_OK) {
         rc = kv_cli_usage_error("replay", "POLICIES: %s", kv_last_error());
@@ -281,8 +281,12 @@ int kv_cmd_replay(int argc, char **argv)
         rc = kv_cli_usage_error("replay", "BUDGETS: %s", kv_last_error());
         goto done;
     }
-    /* output paths are checked before the work, not after it */
-    if ((strcmp(out, "-") && writable_target(out) != KV_OK) || (json && writable_target(json) != KV_OK)) {
+    /* output paths are checked before the work, not after it: regular files in writable folders,
+     * none of them the trace or each other */
+    const char *for_out[] = {trace_path, json, kept_path}, *for_json[] = {trace_path, out, kept_path},
+               *for_kept[] = {trace_path, out, json};
+    if (kv_out_check(out, for_out, 3) != KV_OK || (json && kv_out_check(json, for_json, 3) != KV_OK) ||
+        (kept_path && kv_out_check(kept_path, for_kept, 3) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
@@ -291,7 +295,7 @@ int kv_cmd_replay(int argc, char **argv)
         goto done;
     }
     const kv_trace_meta_t *m = kv_trace_meta(t);
-    kv_cli_skip_unrunnable(pol_list, m->n_segments, trace_path, pols, &n_pol);
+    kv_cli_skip_unrunnable(pol_list, m->n_segments, m->has_wo, trace_path, pols, &n_pol);
     kv_cli_warn_window_budgets(m, m->n_prompt - ro.eval_tail, pols, n_pol, bud, n_bud);
     if (kv_backend_open(backend, (int)threads, &be) != KV_OK) {
         rc = kv_cli_fail("replay");
@@ -339,7 +343,8 @@ int kv_cmd_replay(int argc, char **argv)
         rc = kv_cli_fail("replay");
         goto done;
     }
-    if (kv_results_write_tsv(res, out) != KV_OK || (json && kv_results_write_json(res, json) != KV_OK)) {
+    if (kv_results_write(res, out, json) != KV_OK ||
+        (kept_path && kv_kept_write(kept, kept_path, trace_path, sha) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
@@ -352,6 +357,7 @@ done:
     kv_free(pols);
     kv_free(bud);
     kv_results_free(res);
+    kv_kept_free(kept);
     kv_trace_close(t);
     kv_backend_close(be);
     return rc;
@@ -369,6 +375,10 @@ static void flags_text(unsigned f, char *buf, size_t len)
              f & KV_POL_BUDGET_SEQUENCE ? ", budget per sequence" : "",
              f & KV_POL_OVER_BUDGET ? ", may exceed the budget (as the reference)" : "",
              f & KV_POL_BUDGET_FREE ? ", threshold rule (may evict below the budget)" : "");
+    if (f & KV_POL_NEEDS_WO)
+        snprintf(buf + strlen(buf), len - strlen(buf), ", needs W_O (--with-wo)");
+    if (f & KV_POL_ORACLE)
+        snprintf(buf + strlen(buf), len - strlen(buf), ", reads the future (a ceiling)");
 }
 
 static void policies_help(void)
@@ -376,9 +386,12 @@ static void policies_help(void)
     printf("usage: kvsim policies [--labels]\n"
            "\n"
            "List every registered eviction policy: its one-line description and paper, its kind (one-shot\n"
-           "after prefill, decode-time, per-query), its canonical label with every default, and each\n"
-           "parameter with its type, range and default. Parameters are set in a policy spec as\n"
-           "name(k=v,...); the parameters gran and agg are common to every policy.\n"
+           "after prefill, decode-time, per-query), its reference implementation, its canonical label\n"
+           "with every default, its presets and each parameter with its type, range and default.\n"
+           "Parameters are set in a policy spec as name(k=v,...); the parameters gran and agg are\n"
+           "common to every policy. A preset, name@preset, is the parameter set that reproduces a\n"
+           "reference implementation (snapkv@kvpress); parameters given after it override it\n"
+           "(snapkv@kvpress(window=32)).\n"
            "\n"
            "options:\n"
            "  -l, --labels  print only the canonical label of each policy, with its defaults (default:\n"
@@ -411,9 +424,13 @@ int kv_cmd_policies(int argc, char **argv)
         if (labels) {
             printf("%s\n", p->label);
         } else {
-            char fl[160], desc[4096];
+            char fl[256], desc[4096];
             flags_text(p->flags, fl, sizeof fl);
-            printf("%s\n  %s\n  paper: %s; %s\n  default: %s\n", d->name, d->doc, d->paper, fl, p->label);
+            printf("%s\n  %s\n  paper: %s; %s\n  reference code: %s\n  default: %s\n", d->name, d->doc, d->paper, fl,
+                   d->code ? d->code : "-", p->label);
+            for (int k = 0; k < d->n_presets; k++)
+                printf("  preset %s@%s: %s\n    = %s\n", d->name, d->presets[k].name, d->presets[k].what,
+                       d->presets[k].params);
             kv_params_describe(d->params, d->n_params, desc, sizeof desc);
             printf("%s", desc);
             kv_params_describe(kv_policy_common_params, kv_policy_n_common_params, desc, sizeof desc);

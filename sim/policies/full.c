@@ -19,6 +19,7 @@ const kv_policy_desc_t kv_policy_full = {
     .name = "full",
     .doc = "no eviction: the full cache (the ceiling)",
     .paper = "-",
+    .code = "-",
     .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_NO_EVICT,
     .select = full_select,
 };

@@ -308,13 +308,19 @@ static size_t kvc_meta(const kv_policy_t *p, const kv_layer_ctx_t *c, const kv_b
     return bytes;
 }
 
+static int kvc_kept_window(const kv_policy_t *p)
+{
+    return (int)kv_params_int(&p->params, "protect");
+}
+
 const kv_policy_desc_t kv_policy_kvcompress = {
     .name = "kvcompress",
     .doc = "squared-attention metric, block eviction ranked jointly across all layers and KV heads under a "
            "per-sequence budget (Rehg 2024, Cloudflare vllm-kvcompress)",
     .paper = "arXiv:2410.00161",
     .params = params,
-    .n_params = 5,
+    .code = "IsaacRe/vllm-kvcompress vllm/kvcompress/{metrics,scheduler}.py",
+    .n_params = (int)KV_ARRAY_LEN(params),
     .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_CROSS_LAYER | KV_POL_BUDGET_SEQUENCE,
     .variants = "window=0,pool=none;block=4,protect=0,agg=max;window=32,kernel=3",
     .init = kvc_init,
@@ -323,4 +329,5 @@ const kv_policy_desc_t kv_policy_kvcompress = {
     .meta_bytes = kvc_meta,
     .prescore = kvc_prescore,
     .allocate = kvc_allocate,
+    .kept_window = kvc_kept_window,
 };

@@ -43,6 +43,7 @@ const kv_policy_desc_t kv_policy_oracle = {
     .name = "oracle",
     .doc = "each evaluation query's true top-B context tokens: the upper bound at a budget",
     .paper = "Ada-KV Theorem 3.2, arXiv:2407.11550",
-    .flags = KV_POL_PER_QUERY | KV_POL_NESTED,
+    .code = "-",
+    .flags = KV_POL_PER_QUERY | KV_POL_NESTED | KV_POL_ORACLE,
     .admit = oracle_admit,
 };

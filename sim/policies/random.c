@@ -5,6 +5,7 @@
  * group's scores are averaged, which is still a uniformly random ranking. Nested: a larger budget
  * keeps a superset. No sinks or window are protected.
  */
+#include "sim/common/kv_common.h"
 #include "sim/common/kv_rng.h"
 #include "sim/kv_policy.h"
 
@@ -30,8 +31,9 @@ const kv_policy_desc_t kv_policy_random = {
     .name = "random",
     .doc = "uniformly random context tokens (seeded): the floor",
     .paper = "-",
+    .code = "-",
     .params = params,
-    .n_params = 1,
-    .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_RANDOM,
+    .n_params = (int)KV_ARRAY_LEN(params),
+    .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_RANDOM | KV_POL_SCORER,
     .prepare = random_prepare,
 };

@@ -16,6 +16,9 @@
  * so mode=oneshot keeps the first B context tokens, and mode=decode the first B - 1 plus the
  * query's own token (a decode query always reads its own key; the rolling cache then holds no
  * recent part at all).
+ * Presets: streaming_llm@paper (mode=decode, the original's rolling cache), streaming_llm@kvpress
+ * (StreamingLLMPress: oneshot, 4 sinks, per KV head), streaming_llm@kvcache_factory (oneshot, 4 sinks,
+ * per query head).
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
@@ -28,10 +31,16 @@ static const kv_param_def_t params[] = {
     {"mode", KV_PARAM_ENUM, "oneshot", 0, -1, "oneshot|decode", "compress once after prefill, or every step"},
 };
 
+static const kv_preset_t presets[] = {
+    {"paper", "sinks=4,mode=decode", "mit-han-lab/streaming-llm StartRecentKVCache (without its position shift)"},
+    {"kvpress", "sinks=4,mode=oneshot,gran=kv", "NVIDIA kvpress 0.5.5 StreamingLLMPress(n_sink=4)"},
+    {"kvcache_factory", "sinks=4,mode=oneshot,gran=query", "KVCache-Factory StreamingLLMKVCluster, per query head"},
+};
+
 static int slm_init(kv_policy_t *p)
 {
     if (!strcmp(kv_params_str(&p->params, "mode"), "decode"))
-        p->flags = (p->flags & ~KV_POL_ONESHOT) | KV_POL_DECODE;
+        p->flags = (p->flags & ~(KV_POL_ONESHOT | KV_POL_SCORER)) | KV_POL_DECODE;
     return KV_OK;
 }
 
@@ -87,9 +96,13 @@ const kv_policy_desc_t kv_policy_streaming_llm = {
     .name = "streaming_llm",
     .doc = "attention sinks + recent window (Xiao et al. 2023)",
     .paper = "arXiv:2309.17453",
+    .code =
+        "mit-han-lab/streaming-llm streaming_llm/kv_cache.py; NVIDIA/kvpress kvpress/presses/streaming_llm_press.py",
     .params = params,
-    .n_params = 2,
-    .flags = KV_POL_ONESHOT | KV_POL_NESTED,
+    .n_params = (int)KV_ARRAY_LEN(params),
+    .presets = presets,
+    .n_presets = (int)KV_ARRAY_LEN(presets),
+    .flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_SCORER,
     .variants = "mode=decode;sinks=0,mode=decode;sinks=9;sinks=9,mode=decode",
     .init = slm_init,
     .prepare = slm_prepare,

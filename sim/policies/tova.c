@@ -19,6 +19,12 @@
  * unused (the mean runs over all query heads, as in the reference). No token is protected (the
  * reference protects none; kvpress's prefill-only TOVAPress forces the last token, a deviation its
  * docstring acknowledges).
+ * mode=oneshot (kvpress 0.5.5 TOVAPress): once, at the end of prefill: the last context query's
+ * attention over the earlier context tokens (its softmax over all of them, its own column dropped),
+ * averaged over ALL query heads, the same ranking for every storage head; the last context token is
+ * kept first (kvpress pads it with max + 1); top B, appended tokens never evicted. A one-shot token
+ * scorer, usable inside adakv, chunkkv, criticalkv. Presets: tova@paper (mode=decode), tova@kvpress
+ * (mode=oneshot).
  */
 #include "sim/common/kv_common.h"
 #include "sim/kv_policy.h"
@@ -26,13 +32,44 @@
 
 #include <string.h>
 
+static const kv_param_def_t params[] = {
+    {"mode", KV_PARAM_ENUM, "decode", 0, -1, "decode|oneshot",
+     "decode: the fixed-size cache of every step (the paper's code); oneshot: once at prefill (kvpress TOVAPress)"},
+};
+
+static const kv_preset_t presets[] = {
+    {"paper", "mode=decode", "schwartz-lab-NLP/TOVA src/tova_cache.py (TOVACache)"},
+    {"kvpress", "mode=oneshot,gran=kv", "NVIDIA kvpress 0.5.5 TOVAPress"},
+};
+
+static int tova_init(kv_policy_t *p)
+{
+    if (!strcmp(kv_params_str(&p->params, "mode"), "oneshot"))
+        p->flags = KV_POL_ONESHOT | KV_POL_NESTED | KV_POL_SCORER;
+    return KV_OK;
+}
+
 static int tova_prepare(kv_policy_t *p, kv_layer_ctx_t *c)
 {
     const float *P; /* (H, 1, n_ctx) */
     int rc = kv_ctx_window_probs(c, 1, &P);
     if (rc)
         return rc;
-    memcpy(p->qscores, P, sizeof(float) * (size_t)c->H * c->n_ctx);
+    const int n = c->n_ctx, H = c->H;
+    if (!(p->flags & KV_POL_ONESHOT)) {
+        memcpy(p->qscores, P, sizeof(float) * (size_t)H * n);
+        return KV_OK;
+    }
+    /* oneshot: the mean over all query heads for every head (the group mean keeps it) */
+    for (int j = 0; j + 1 < n; j++) {
+        double a = 0;
+        for (int h = 0; h < H; h++)
+            a += P[(size_t)h * n + j];
+        for (int h = 0; h < H; h++)
+            p->qscores[(size_t)h * n + j] = (float)(a / H);
+    }
+    p->protect_last = n > 0 ? 1 : 0;
+    p->scored = 1;
     return KV_OK;
 }
 
@@ -45,6 +82,8 @@ static void share_row0(kv_keep_t *k)
 
 static int tova_select(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget_t *b, void **cstate, kv_keep_t *keep)
 {
+    if (p->flags & KV_POL_ONESHOT)
+        return kv_select_uniform(p, c, b, cstate, keep);
     kv_acc_state_t *st;
     int rc = kv_acc_state_get(cstate, c->H, c->T, &st);
     if (rc)
@@ -97,15 +136,28 @@ static int tova_observe(kv_policy_t *p, const kv_layer_ctx_t *c, const kv_budget
     return KV_OK;
 }
 
+static int tova_kept_window(const kv_policy_t *p)
+{
+    return (p->flags & KV_POL_ONESHOT) ? 1 : 0;
+}
+
 const kv_policy_desc_t kv_policy_tova = {
     .name = "tova",
     .doc = "fixed-size cache, each step drops the token the last query (mean over all heads) attends to "
            "least (Oren et al. 2024)",
     .paper = "arXiv:2401.06104",
+    .code = "schwartz-lab-NLP/TOVA src/tova_cache.py; NVIDIA/kvpress kvpress/presses/tova_press.py (mode=oneshot)",
+    .params = params,
+    .n_params = (int)KV_ARRAY_LEN(params),
+    .presets = presets,
+    .n_presets = (int)KV_ARRAY_LEN(presets),
     .flags = KV_POL_DECODE,
+    .variants = "mode=oneshot",
+    .init = tova_init,
     .prepare = tova_prepare,
     .select = tova_select,
     .admit = tova_admit,
     .observe = tova_observe,
     .cstate_free = kv_acc_state_free,
+    .kept_window = tova_kept_window,
 };

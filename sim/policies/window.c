@@ -130,19 +130,22 @@ int kv_policy_inner_create(kv_policy_t *outer, const char *key, int allow_pyrami
 {
     const char *owner = outer->desc->name;
     const char *spec = kv_params_str(&outer->params, key);
-    char name[64], full[2 * KV_PARAM_VAL_LEN];
-    kv_params_t raw;
-    int rc = kv_spec_parse(spec, name, sizeof name, &raw);
+    char full[2 * KV_PARAM_VAL_LEN];
+    kv_params_t raw, given;
+    const kv_policy_desc_t *idesc;
+    int rc = kv_policy_spec_expand(spec, &idesc, &raw, &given); /* presets allowed: inner=snapkv@kvpress */
     if (rc)
         return kv_error_context(rc, "%s: %s=%s", owner, key, spec);
-    /* the inner scores the same storage heads as the outer allocates over */
+    const char *name = idesc->name;
+    /* the inner scores the same storage heads as the outer allocates over (a preset's gran/agg give
+     * way to the outer's; values written in the inner spec must agree) */
     const char *common[2] = {"gran", "agg"};
     for (int i = 0; i < 2; i++) {
         const char *mine = kv_params_str(&outer->params, common[i]);
-        for (int j = 0; j < raw.n; j++)
-            if (!strcmp(raw.key[j], common[i]) && strcmp(raw.val[j], mine))
+        for (int j = 0; j < given.n; j++)
+            if (!strcmp(given.key[j], common[i]) && strcmp(given.val[j], mine))
                 return kv_error(KV_EINVAL, "%s: %s=%s sets %s=%s but the outer policy has %s=%s (set it on %s)", owner,
-                                key, spec, common[i], raw.val[j], common[i], mine, owner);
+                                key, spec, common[i], given.val[j], common[i], mine, owner);
         if ((rc = kv_params_set(&raw, common[i], mine)))
             return rc;
     }
@@ -153,11 +156,12 @@ int kv_policy_inner_create(kv_policy_t *outer, const char *key, int allow_pyrami
         return kv_error_context(rc, "%s: %s", owner, key);
     const kv_policy_desc_t *d = in->desc;
     int is_pyramid = d == &kv_policy_pyramidkv;
-    if (!(in->flags & KV_POL_ONESHOT) || (in->flags & (KV_POL_CROSS_LAYER | KV_POL_NEEDS_SEGMENTS)) ||
-        (d->select && !(allow_pyramid && is_pyramid))) {
+    if (!(in->flags & KV_POL_ONESHOT) || !(in->flags & KV_POL_SCORER) ||
+        (in->flags & (KV_POL_CROSS_LAYER | KV_POL_NEEDS_SEGMENTS | KV_POL_NEEDS_WO)) ||
+        (is_pyramid && !allow_pyramid)) {
         rc = kv_error(KV_EINVAL,
-                      "%s: %s=%s: the inner policy must be a one-shot token scorer with the shared selection "
-                      "(snapkv, knorm, ...%s); %s has its own allocation or runs at decode time",
+                      "%s: %s=%s: the inner policy must be a one-shot token scorer (snapkv, knorm, "
+                      "expected_attention, ...%s); %s has its own allocation or runs at decode time",
                       owner, key, spec, allow_pyramid ? ", or pyramidkv" : "", d->name);
         kv_policy_free(in);
         return rc;

@@ -51,7 +51,6 @@ typedef struct {
         "gqa", KV_PARAM_ENUM, "after_pool", 0, -1, "after_pool|before_pool",                                           \
             "gran=kv: combine the group (agg) after pooling (kvpress) or before (KVCache-Factory HEAD, AdaKV)"         \
     }
-#define KV_OBSWIN_N_PARAMS 5
 
 /* Read the score parameters of a resolved set (kernel must be odd). `owner` names the policy. */
 int kv_obswin_read(const kv_params_t *params, kv_obswin_t *o, const char *owner);
@@ -80,9 +79,10 @@ enum {
  * (the reference divides by zero). */
 int kv_pyramid_caps(int n_layers, int B, int w, int beta, int n_ctx, int *caps);
 
-/* Context tokens a storage head of pyramidkv policy `p` keeps at `layer`, window included
- * (n_ctx when nothing is compressed, B when B <= window). p must be a pyramidkv policy. */
-int kv_pyramid_layer_tokens(const kv_policy_t *p, int layer, int n_layers, int n_ctx, int B);
+/* Context tokens a storage head of pyramidkv policy `p` keeps at `layer` for budget b, window
+ * included (n_ctx when nothing is compressed, B when B <= window; schedule=kvpress: kvpress's
+ * per-layer count). p must be a pyramidkv policy. */
+int kv_pyramid_layer_tokens(const kv_policy_t *p, int layer, int n_layers, int n_ctx, const kv_budget_t *b);
 
 extern const kv_policy_desc_t kv_policy_pyramidkv;
 

@@ -7,13 +7,16 @@
  * Each shard: u64 header length, the JSON header (padded with spaces to a multiple of 8 bytes, as
  * the safetensors package pads it), then the tensors' bytes back to back, generated in chunks of
  * CHUNK elements on all threads. Values come from splitmix64 of (seed, tensor index, group of four
- * elements): four 16-bit uniforms per hash, so the bytes depend on the options alone.
+ * elements): four 16-bit uniforms per hash, so the bytes depend on the options alone. Every file goes
+ * through the output module as one set (sim/common/kv_output.h): nothing appears under its final name
+ * before all of it is written and synced.
  */
 #include "traces/capture/kv_model_write.h"
 
 #include "kernels/kv_weight.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "traces/kv_f16.h"
 
 #include <dirent.h>
@@ -184,21 +187,14 @@ static void fill(const kv_model_write_opts_t *o, const rm_tensor_t *t, uint64_t 
 
 /* ---- files ---- */
 
-/* Write `len` bytes of `text` to path atomically (temporary name, then rename). */
-static int write_small(const char *path, const char *text)
+/* A member of the set holding `text`. */
+static int write_text(kv_out_set_t *set, const char *path, const char *text)
 {
-    char tmp[1200];
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "wb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-    int bad = fputs(text, f) < 0;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        const int e = errno;
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(e));
-    }
+    kv_out_t *o;
+    int rc = kv_out_set_open(set, path, KV_OUT_INDEX, &o); /* config.json and the index: renamed last */
+    if (rc)
+        return rc;
+    fputs(text, kv_out_stream(o)); /* write errors are reported at commit */
     return KV_OK;
 }
 
@@ -215,20 +211,18 @@ static void shard_name(int i, int n, char *buf, size_t len)
         snprintf(buf, len, "model-%05d-of-%05d.safetensors", i + 1, n);
 }
 
-/* Shard `s`: header then data, generated chunk by chunk. */
-static int write_shard(const kv_model_write_opts_t *o, const char *dir, const rm_tensor_t *t, int nt, int s,
-                       int n_shards, kv_progress_t *prog, uint64_t *done, uint64_t total)
+/* Shard `s` as a member of the set: header then data, generated chunk by chunk. */
+static int write_shard(kv_out_set_t *set, const kv_model_write_opts_t *o, const char *dir, const rm_tensor_t *t,
+                       int nt, int s, int n_shards, kv_progress_t *prog, uint64_t *done, uint64_t total)
 {
-    char name[64], path[1200], tmp[1300];
+    char name[64], path[1200];
     shard_name(s, n_shards, name, sizeof name);
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(tmp, sizeof tmp, "%s/.%s.tmp-%d", dir, name, (int)getpid());
     /* the header */
     size_t cap = 256 + 160 * (size_t)nt, len = 0;
     char *hdr = kv_malloc(cap, "safetensors header");
     unsigned char *buf = kv_malloc(CHUNK * 4, "weight chunk");
     int rc = KV_OK;
-    FILE *f = NULL;
     if (!hdr || !buf) {
         rc = KV_ENOMEM;
         goto done;
@@ -238,10 +232,11 @@ static int write_shard(const kv_model_write_opts_t *o, const char *dir, const rm
         if (t[i].shard != s)
             continue;
         if (t[i].cols)
-            len += (size_t)snprintf(
-                hdr + len, cap - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
-                t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows, (unsigned long long)t[i].cols,
-                (unsigned long long)t[i].begin, (unsigned long long)(t[i].begin + t[i].bytes));
+            len += (size_t)snprintf(hdr + len, cap - len,
+                                    ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
+                                    t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows,
+                                    (unsigned long long)t[i].cols, (unsigned long long)t[i].begin,
+                                    (unsigned long long)(t[i].begin + t[i].bytes));
         else
             len += (size_t)snprintf(hdr + len, cap - len,
                                     ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}",
@@ -251,11 +246,10 @@ static int write_shard(const kv_model_write_opts_t *o, const char *dir, const rm
     len += (size_t)snprintf(hdr + len, cap - len, "}");
     while (len % 8)
         hdr[len++] = ' ';
-    f = fopen(tmp, "wb");
-    if (!f) {
-        rc = kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
+    kv_out_t *out;
+    if ((rc = kv_out_set_open(set, path, 0, &out)))
         goto done;
-    }
+    FILE *f = kv_out_stream(out);
     unsigned char n8[8];
     for (int i = 0; i < 8; i++)
         n8[i] = (unsigned char)((uint64_t)len >> (8 * i));
@@ -274,28 +268,15 @@ static int write_shard(const kv_model_write_opts_t *o, const char *dir, const rm
             kv_progress_update(prog, (long)(*done >> 20), detail);
         }
     }
-    bad |= fclose(f) != 0;
-    f = NULL;
-    if (bad) {
+    if (bad) /* the set's commit would report it too: stop writing 16 GB into a full disk now */
         rc = kv_error(KV_EIO, "%s: write failed: %s", path, strerror(errno));
-        unlink(tmp);
-        goto done;
-    }
-    if (rename(tmp, path) != 0) {
-        rc = kv_error(KV_EIO, "%s: cannot rename from %s: %s", path, tmp, strerror(errno));
-        unlink(tmp);
-    }
 done:
-    if (f) {
-        fclose(f);
-        unlink(tmp);
-    }
     kv_free(hdr);
     kv_free(buf);
     return rc;
 }
 
-static int write_config(const kv_model_write_opts_t *o, const char *dir)
+static int write_config(kv_out_set_t *set, const kv_model_write_opts_t *o, const char *dir)
 {
     json_object *j = json_object_new_object();
     json_object *arch = json_object_new_array();
@@ -342,14 +323,15 @@ static int write_config(const kv_model_write_opts_t *o, const char *dir)
     int rc = KV_ENOMEM;
     if (text) {
         sprintf(text, "%s\n", json_object_to_json_string_ext(j, JSON_C_TO_STRING_PRETTY));
-        rc = write_small(path, text);
+        rc = write_text(set, path, text);
     }
     kv_free(text);
     json_object_put(j);
     return rc;
 }
 
-static int write_index(const char *dir, const rm_tensor_t *t, int nt, int n_shards, uint64_t total)
+static int write_index(kv_out_set_t *set, const char *dir, const rm_tensor_t *t, int nt, int n_shards,
+                       uint64_t total)
 {
     json_object *j = json_object_new_object(), *meta = json_object_new_object(), *wm = json_object_new_object();
     json_object_object_add(meta, "total_size", json_object_new_int64((int64_t)total));
@@ -367,7 +349,7 @@ static int write_index(const char *dir, const rm_tensor_t *t, int nt, int n_shar
     int rc = KV_ENOMEM;
     if (text) {
         sprintf(text, "%s\n", s);
-        rc = write_small(path, text);
+        rc = write_text(set, path, text);
     }
     kv_free(text);
     json_object_put(j);
@@ -438,15 +420,24 @@ int kv_model_write_random(const kv_model_write_opts_t *oin, const char *dir, kv_
                       (double)total / 1e9, (double)vfs.f_bavail * vfs.f_frsize / 1e9);
         goto done;
     }
+    /* every file is a member of one set: written and synced under temporary names, then renamed
+     * together, config.json and the index last (sim/common/kv_output.h) */
+    kv_out_set_t *set = NULL;
+    if ((rc = kv_out_set_create(&set)))
+        goto done;
     kv_progress_t prog;
     kv_progress_begin(&prog, "synth-model", (long)(total >> 20));
     uint64_t written = 0;
     for (int s = 0; s < n_shards && rc == KV_OK; s++)
-        rc = write_shard(&o, dir, t, nt, s, n_shards, &prog, &written, total);
+        rc = write_shard(set, &o, dir, t, nt, s, n_shards, &prog, &written, total);
     if (rc == KV_OK && n_shards > 1)
-        rc = write_index(dir, t, nt, n_shards, total);
+        rc = write_index(set, dir, t, nt, n_shards, total);
     if (rc == KV_OK)
-        rc = write_config(&o, dir);
+        rc = write_config(set, &o, dir);
+    if (rc == KV_OK)
+        rc = kv_out_set_commit(set);
+    else
+        kv_out_set_abort(set);
     if (rc == KV_OK) {
         char detail[128];
         snprintf(detail, sizeof detail, "%.2f B parameters, %.2f GB in %d file%s", (double)params / 1e9,
