@@ -202,6 +202,9 @@ int kv_trace_verify(const char *path, char **report, kv_verify_t *v);
 
 /* Initialise HDF5 for kvsim: silence its error printing and register the zstd filter. */
 int kv_trace_init(void);
+/* For a thread other than the one that opened or created a trace that goes on to use it (capture's
+ * slab writer): HDF5 keeps its error-printing setting per thread, and kvsim reports errors itself. */
+void kv_trace_thread_init(void);
 
 #ifdef __cplusplus
 }

@@ -91,6 +91,11 @@ int kv_trace_init(void)
     return rc;
 }
 
+void kv_trace_thread_init(void)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
 static hid_t f16_type(void)
 {
     static hid_t t = -1;

@@ -80,6 +80,7 @@ static void run_job(kv_slab_writer_t *sw)
 static void *writer_main(void *arg)
 {
     kv_slab_writer_t *sw = arg;
+    kv_trace_thread_init(); /* HDF5's own error printing off in this thread too */
     for (;;) {
         pthread_mutex_lock(&sw->mu);
         while (!sw->full && !sw->quit)
