@@ -172,7 +172,8 @@ static int finish_stdout(int status)
 
 int main(int argc, char **argv)
 {
-    kv_omp_passive_reexec(argv); /* OpenMP threads sleep at barriers rather than spin (kv_common.h) */
+    /* OpenMP threads sleep at barriers rather than spin (kv_common.h) */
+    kv_omp_passive_reexec(argv);
     opterr = 0; /* subcommands report bad options themselves (kv_cli_bad_option), naming the option */
     /* a file-size limit (ulimit -f) makes writes fail with EFBIG, reported with the file's name, instead
      * of killing the process with a core dump and leaving its temporary files */

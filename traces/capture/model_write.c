@@ -212,8 +212,8 @@ static void shard_name(int i, int n, char *buf, size_t len)
 }
 
 /* Shard `s` as a member of the set: header then data, generated chunk by chunk. */
-static int write_shard(kv_out_set_t *set, const kv_model_write_opts_t *o, const char *dir, const rm_tensor_t *t,
-                       int nt, int s, int n_shards, kv_progress_t *prog, uint64_t *done, uint64_t total)
+static int write_shard(kv_out_set_t *set, const kv_model_write_opts_t *o, const char *dir, const rm_tensor_t *t, int nt,
+                       int s, int n_shards, kv_progress_t *prog, uint64_t *done, uint64_t total)
 {
     char name[64], path[1200];
     shard_name(s, n_shards, name, sizeof name);
@@ -232,11 +232,10 @@ static int write_shard(kv_out_set_t *set, const kv_model_write_opts_t *o, const 
         if (t[i].shard != s)
             continue;
         if (t[i].cols)
-            len += (size_t)snprintf(hdr + len, cap - len,
-                                    ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
-                                    t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows,
-                                    (unsigned long long)t[i].cols, (unsigned long long)t[i].begin,
-                                    (unsigned long long)(t[i].begin + t[i].bytes));
+            len += (size_t)snprintf(
+                hdr + len, cap - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
+                t[i].name, dtype_name(o->dtype), (unsigned long long)t[i].rows, (unsigned long long)t[i].cols,
+                (unsigned long long)t[i].begin, (unsigned long long)(t[i].begin + t[i].bytes));
         else
             len += (size_t)snprintf(hdr + len, cap - len,
                                     ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}",
@@ -330,8 +329,7 @@ static int write_config(kv_out_set_t *set, const kv_model_write_opts_t *o, const
     return rc;
 }
 
-static int write_index(kv_out_set_t *set, const char *dir, const rm_tensor_t *t, int nt, int n_shards,
-                       uint64_t total)
+static int write_index(kv_out_set_t *set, const char *dir, const rm_tensor_t *t, int nt, int n_shards, uint64_t total)
 {
     json_object *j = json_object_new_object(), *meta = json_object_new_object(), *wm = json_object_new_object();
     json_object_object_add(meta, "total_size", json_object_new_int64((int64_t)total));
