@@ -52,6 +52,7 @@
 #if __has_include("traces/capture/kv_forward.h")
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
+#include "traces/capture/kv_model_write.h"
 #define HAVE_CAPTURE 1
 #endif
 #endif
@@ -1554,8 +1555,48 @@ static void run_capture_synth(ctx_t *c)
     for (int i = 0; i < 15; i++)
         kv_free_aligned(buf[i]);
 }
+
+/* Weights in their stored precision on both sides: a bf16 Hugging Face checkpoint from the random-model
+ * writer (q/k rows in rotate_half order: the device gets them reordered at upload, as bf16) and the
+ * same shape in f16. Written to a temporary folder, removed afterwards. */
+static void run_capture_stored(ctx_t *c)
+{
+    if (!want(c, "capture"))
+        return;
+    const int dtypes[2] = {KV_WT_BF16, KV_WT_F16};
+    for (int i = 0; i < 2; i++) {
+        char dir[] = "/tmp/kvsim-parity-XXXXXX";
+        if (!mkdtemp(dir)) {
+            printf("  capture: no temporary folder for the stored-weight model\n");
+            verdict(c, "capture", "stored weights", 0, NAN, NAN);
+            return;
+        }
+        kv_model_write_opts_t o;
+        kv_model_write_preset("tiny", &o);
+        o.dtype = dtypes[i];
+        o.seed = 3;
+        kv_model_t *m = NULL;
+        char label[64];
+        snprintf(label, sizeof label, "random %s checkpoint, weights as stored", kv_weight_type_name(dtypes[i]));
+        if (kv_model_write_random(&o, dir, NULL) != KV_OK || kv_model_load(dir, &m) != KV_OK) {
+            printf("  capture: %s: %s\n", label, kv_last_error());
+            verdict(c, "capture", label, 0, NAN, NAN);
+        } else {
+            capture_parity(c, m, label);
+        }
+        kv_model_free(m);
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+        if (system(cmd) != 0)
+            printf("  capture: could not remove %s\n", dir);
+    }
+}
 #else
 static void run_capture_synth(ctx_t *c)
+{
+    (void)c;
+}
+static void run_capture_stored(ctx_t *c)
 {
     (void)c;
 }
@@ -1660,6 +1701,7 @@ int main(int argc, char **argv)
     printf("capture:\n");
     run_capture(&c);
     run_capture_synth(&c);
+    run_capture_stored(&c);
     printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
            c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
            c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"
