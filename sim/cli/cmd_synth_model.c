@@ -26,7 +26,7 @@ static void help(void)
            "standard deviation (norm weights 1), which keeps activations finite at any depth; the bytes\n"
            "depend on the options alone. No tokenizer is written: capture it with --ids. Each file is\n"
            "written under a temporary name and renamed when complete. The Llama-3-8B shape is 8.03 B\n"
-           "parameters, 16.1 GB in bf16 (about a minute on 2 cores, the disk permitting).\n"
+           "parameters, 16.1 GB in bf16 (about two minutes on 2 cores, the disk permitting).\n"
            "\n"
            "options:\n"
            "  -o, --output DIR       the checkpoint folder (required; created, or empty unless --force)\n"
