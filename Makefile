@@ -203,7 +203,8 @@ gpu-bundle-files: $(BUNDLE)/gpu_parity.gz $(BUNDLE)/bench_gpu.gz $(BUNDLE)/kvsim
 # fiber emulator behind the parity runner, to check their logic on machines without a GPU.
 EMU_CXXFLAGS := -x c++ -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-variable -DKV_CUDA_EMULATE \
                 -I. $(filter -I%,$(PKG_CFLAGS)) -include tests/cuda_emu/cuda_emu.h -MMD -MP
-EMU_SRC := kernels/cuda/cuda_elementwise.cu kernels/cuda/cuda_attention.cu tests/cuda_emu/emu_backend.cpp
+EMU_SRC := kernels/cuda/cuda_elementwise.cu kernels/cuda/cuda_attention.cu kernels/cuda/cuda_ragged.cu \
+           tests/cuda_emu/emu_backend.cpp
 EMU_OBJ := $(EMU_SRC:%=$(BUILD)/emu/%.o)
 $(BUILD)/emu/%.o: % tests/cuda_emu/cuda_emu.h $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
@@ -214,7 +215,7 @@ $(BUILD)/gpu_parity_emu: tests/gpu_parity.c $(EMU_OBJ) $(LIBKV)
 	$(Q)$(CC) $(ALL_CFLAGS) -DKV_PARITY_EMU $< $(EMU_OBJ) $(LIBKV) $(LIBS) -lstdc++ -o $@
 # The kernel ops run again under the two most skewed thread orders (tests/cuda_emu/README.md): a
 # missing __syncthreads or __syncwarp changes their results there, not under the default round robin.
-EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,add_bias,attention,attn_stats,attn_probs,attn_colstats
+EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,add_bias,attention,attn_stats,attn_probs,attn_colstats,attn_ragged
 test-cuda-emu: $(BUILD)/gpu_parity_emu
 	$(Q)$(BUILD)/gpu_parity_emu --emulated
 	$(Q)for s in lo hi; do KVEMU_SCHED=$$s $(BUILD)/gpu_parity_emu --emulated --only $(EMU_KERNEL_OPS) --max-work 1e7 \

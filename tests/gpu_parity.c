@@ -590,6 +590,89 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
     kv_free_aligned(g2);
 }
 
+/* attn_ragged: a compressed cache, every storage head with its own entries (positions ascending with
+ * random gaps, lengths from 0 to cap), queries after them and among them (the causal mask by
+ * position), storage per KV head and per query head. */
+typedef struct {
+    int n_q, q_pos0, H, S, d, cap;
+} rag_shape_t;
+
+static void case_ragged(ctx_t *c, const rag_shape_t *s)
+{
+    char shape[160];
+    snprintf(shape, sizeof shape, "n_q=%d q_pos0=%d H=%d stores=%d d=%d cap=%d", s->n_q, s->q_pos0, s->H, s->S, s->d,
+             s->cap);
+    const int H = s->H, d = s->d, S = s->S, cap = s->cap;
+    if (too_big(c, 2.0 * s->n_q * cap * H * d))
+        return;
+    const size_t nq = (size_t)s->n_q * H * d, nkv = (size_t)S * cap * d;
+    float *q = hnew(nq), *k = hnew(nkv), *v = hnew(nkv), *out = hnew(nq), *lse = hnew((size_t)H * s->n_q);
+    float *g = hnew(nq), *gl = hnew((size_t)H * s->n_q), *g2 = hnew(nq);
+    int32_t *pos = kv_malloc(sizeof(int32_t) * (size_t)S * cap + 4, "positions"),
+            *len = kv_malloc(sizeof(int32_t) * (size_t)S, "lengths");
+    fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)S * cap, (size_t)d, d, 1.5);
+    fill_normal(c, v, nkv, 1.0);
+    for (int st = 0; st < S; st++) {
+        len[st] = st == 0 ? cap : (int)(kv_rng_uniform(&c->rng) * (cap + 1)); /* head 0 full, others any length */
+        if (len[st] > cap)
+            len[st] = cap;
+        int p = (int)(kv_rng_uniform(&c->rng) * 3);
+        for (int e = 0; e < cap; e++) {
+            pos[(size_t)st * cap + e] = p;
+            p += 1 + (int)(kv_rng_uniform(&c->rng) * 3);
+        }
+    }
+    kv_attn_ragged_args_t a = {out, lse, q, k, v, pos, len, cap, S, s->n_q, s->q_pos0, H, d, 1.0f / sqrtf((float)d)};
+    c->ref->ops->attn_ragged(c->ref, &a);
+    float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dv = dnew(c, v, nkv), *dout = dnew(c, NULL, nq),
+          *dl = dnew(c, NULL, (size_t)H * s->n_q);
+    int32_t *dpos = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)S * cap + 4),
+            *dlen = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)S);
+    if (!dpos || !dlen || c->dev->ops->upload(c->dev, dpos, pos, sizeof(int32_t) * (size_t)S * cap) ||
+        c->dev->ops->upload(c->dev, dlen, len, sizeof(int32_t) * (size_t)S)) {
+        fprintf(stderr, "gpu_parity: device positions: %s\n", kv_last_error());
+        exit(2);
+    }
+    kv_attn_ragged_args_t b = a;
+    b.q = dq;
+    b.k = dk;
+    b.v = dv;
+    b.pos = dpos;
+    b.len = dlen;
+    b.out = dout;
+    b.lse = dl;
+    if (!op_error(c, "attn_ragged", shape, c->dev->ops->attn_ragged(c->dev, &b))) {
+        dget(c, g, dout, nq);
+        dget(c, gl, dl, (size_t)H * s->n_q);
+        b.lse = NULL;
+        c->dev->ops->attn_ragged(c->dev, &b);
+        dget(c, g2, dout, nq);
+        cmp_t r, rl;
+        int d3[3] = {s->n_q, H, d}, d2[3] = {0, H, s->n_q};
+        int ok = compare("out", g, out, nq, d3, &TOL_ATT_OUT, &r);
+        ok &= compare("lse", gl, lse, (size_t)H * s->n_q, d2, &TOL_LSE, &rl);
+        ok &= same_bits("out", g, g2, nq);
+        verdict(c, "attn_ragged", shape, ok, r.max_abs, r.nmse);
+    }
+    dfree(c, dq);
+    dfree(c, dk);
+    dfree(c, dv);
+    dfree(c, dout);
+    dfree(c, dl);
+    dfree(c, dpos);
+    dfree(c, dlen);
+    kv_free(pos);
+    kv_free(len);
+    kv_free_aligned(q);
+    kv_free_aligned(k);
+    kv_free_aligned(v);
+    kv_free_aligned(out);
+    kv_free_aligned(lse);
+    kv_free_aligned(g);
+    kv_free_aligned(gl);
+    kv_free_aligned(g2);
+}
+
 /* attn_stats's outputs for trace format version 2 (the statistics replay and analyze read): per key
  * the sum of squares and the maximum, over every query and over those before head_end (accumulating
  * into non-zero starting values), per query the sink and segment mass (segment starts from seg_lo).
@@ -1036,6 +1119,15 @@ static void run_ops(ctx_t *c)
         case_attn_stats_v2(c, &v2[1], 0);  /* a later block, every query in the head */
         case_attn_stats_v2(c, &v2[2], 1);  /* a decode row past head_end: the head statistics keep their start */
     }
+    /* n_q, q_pos0, H, storage heads, d, cap: decode rows past every entry, a block of queries among the
+     * entries (some see none), per-query-head storage, head_dim 96 and 200 */
+    const rag_shape_t rag[] = {
+        {1, 400, 8, 2, 64, 120}, {7, 0, 4, 4, 32, 50},   {33, 60, 9, 3, 64, 80}, {1, 9000, 4, 1, 128, 2100},
+        {5, 10, 8, 8, 16, 40},   {3, 100, 4, 2, 96, 37}, {2, 50, 2, 1, 200, 20},
+    };
+    if (want(c, "attn_ragged"))
+        for (size_t i = 0; i < KV_ARRAY_LEN(rag); i++)
+            case_ragged(c, &rag[i]);
     /* n_q, q_pos0, n_k, H, Hkv, d, causal, q_rows, k_rows */
     const qk_shape_t qk[] = {
         {1, 0, 1, 1, 1, 8, 1, 1, 1},
