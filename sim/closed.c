@@ -75,7 +75,7 @@ struct kv_closed {
     kv_closed_cfg_t *cur; /* the configuration the forward pass runs on (eval_attn) */
     int32_t stop[KV_CLOSED_MAX_STOP];
     int n_stop;
-    int quiet;
+    int quiet, greedy_steps;
 };
 
 void kv_closed_opts_init(kv_closed_opts_t *o)
@@ -720,6 +720,7 @@ int kv_closed_create(kv_fwd_t *f, const int32_t *prompt, int n, const kv_closed_
     e->N = N;
     e->T = n + N;
     e->quiet = o.quiet;
+    e->greedy_steps = o.greedy_steps;
     e->n_stop = KV_MIN(o.n_stop, KV_CLOSED_MAX_STOP);
     memcpy(e->stop, o.stop, sizeof(int32_t) * (size_t)e->n_stop);
     if (e->be->ops->attn_ragged == NULL) {
@@ -966,7 +967,7 @@ int kv_closed_greedy(kv_closed_t *e, kv_closed_cfg_t *c, int max_tokens, int32_t
     out[0] = kv_argmax(e->logits0, V);
     if (rc || is_stop(e, out[0]) || max_tokens == 1)
         goto done;
-    if (!c->decode && e->n_ref > 1) {
+    if (!c->decode && !e->greedy_steps && e->n_ref > 1) {
         /* verify the full cache's output in one block: out[t + 1] is the argmax after R[0..t] as long
          * as out[0..t] = R[0..t] */
         const int nv = KV_MIN(e->n_ref, max_tokens) - 1;

@@ -71,8 +71,10 @@ typedef struct {
     int n_stop;
     const int32_t *segments; /* segment starts of the prompt (ShotKV), or NULL */
     int n_segments;
-    uint64_t seed; /* seed of randomised policies */
-    int quiet;     /* no progress on stderr */
+    uint64_t seed;    /* seed of randomised policies */
+    int quiet;        /* no progress on stderr */
+    int greedy_steps; /* 1: kv_closed_greedy decodes token by token also for one-shot configurations
+                         (tests compare it with the block verification) */
 } kv_closed_opts_t;
 
 void kv_closed_opts_init(kv_closed_opts_t *o);
@@ -152,6 +154,35 @@ void kv_eval_opts_init(kv_eval_opts_t *o);
  * kv_eval_columns) with the provenance preamble. */
 int kv_eval_run(const kv_eval_opts_t *o, struct kv_otable **out);
 const char *const *kv_eval_columns(int *n);
+
+typedef struct {
+    const char *model_path, *tokenizer_path; /* tokenizer NULL: the checkpoint's own */
+    const char *haystack_path;               /* filler text (NULL: the passkey test's own filler) */
+    const int *lengths;                      /* prompt lengths in tokens, the chat template included */
+    int n_lengths;
+    const double *depths; /* needle depths in [0, 1] (0: before the filler, 1: after it) */
+    int n_depths;
+    const char *needle;     /* the needle sentence, "{key}" standing for the key */
+    const char *question;   /* asked after the haystack with the chat template */
+    const char *completion; /* without it: the text the model completes with the key */
+    kv_policy_t **pols;     /* not owned */
+    int n_pol;
+    const kv_budget_t *budgets;
+    int n_budgets;
+    int max_new; /* answer tokens (default 16) */
+    int chat;    /* 1, 0, or -1 (default): when the tokenizer has a chat template */
+    uint64_t seed;
+    const char *backend;
+    int n_threads;
+    int quiet;
+    const char *command;
+} kv_niah_opts_t;
+
+void kv_niah_opts_init(kv_niah_opts_t *o);
+/* kvsim niah: one row per (cell, configuration), the full cache's first (budget "none"), then one
+ * summary row per configuration (length and depth "all": found = the share of cells retrieved). */
+int kv_niah_run(const kv_niah_opts_t *o, struct kv_otable **out);
+const char *const *kv_niah_columns(int *n);
 
 /* ---- for tests */
 /* The cache c's last run ended with: entries held by (layer, storage head), and its capacity per

@@ -268,8 +268,203 @@ done:
     return status;
 }
 
+/* ---------------------------------------------------------------- niah */
+
+static void niah_help(void)
+{
+    printf("usage: kvsim niah MODEL [POLICIES BUDGETS] [options]\n"
+           "\n"
+           "Needle in a haystack, closed loop: prompts of several lengths hide a needle sentence with a\n"
+           "key (a 5-digit number, new in every cell) at several depths of a filler text and ask for it;\n"
+           "the full cache and every policy x budget answer greedily with their own cache, and an answer\n"
+           "retrieves the needle when it contains the key. Each prompt is prefilled once for all\n"
+           "configurations. The filler is the passkey test's (\"The grass is green. The sky is blue. ...\")\n"
+           "or --haystack's sentences, repeated as needed; with the model's chat template (when it has\n"
+           "one) the question asks for the number, without it the prompt ends \"The pass key is\". Results:\n"
+           "one row per cell and configuration (the full cache's with budget 'none'), with the answer, then\n"
+           "one summary row per configuration (length and depth 'all': found = share retrieved). kvsim\n"
+           "analyze draws the length x depth grid per policy and the scores per budget.\n"
+           "\n"
+           "arguments:\n"
+           "  MODEL        a GGUF file, a Hugging Face folder or a llama2.c checkpoint (with -z)\n"
+           "  POLICIES     comma list of policy specs or presets (default: none, the full cache alone)\n"
+           "  BUDGETS      comma list of budgets as kvsim replay takes them (with POLICIES)\n"
+           "\n"
+           "options:\n"
+           "  -o, --output FILE    results as TSV (default: standard output)\n"
+           "      --json FILE      also as JSON (default: none)\n"
+           "      --lengths LIST   prompt lengths in tokens, chat template included (default\n"
+           "                       256,512,1024,2048; each prompt is the longest within its length)\n"
+           "      --depths LIST    needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)\n"
+           "      --haystack FILE  filler text (default: the passkey test's filler sentences)\n"
+           "      --needle TEXT    the needle, {key} for the key (default \"The pass key is {key}. Remember\n"
+           "                       it. {key} is the pass key.\")\n"
+           "      --question TEXT  with the chat template (default \"What is the pass key? Answer with the\n"
+           "                       number only.\")\n"
+           "      --chat, --no-chat  use the model's chat template or not (default: when it has one)\n"
+           "      --max-new N      answer tokens (default 16)\n"
+           "  -z, --tokenizer F    tokenizer (default: the checkpoint's own)\n"
+           "      --seed N         seed of the keys and of randomised policies (default 0)\n"
+           "      --backend NAME   cpu, cuda or auto (default auto)\n"
+           "      --threads N      CPU threads (default: all cores)\n"
+           "  -q, --quiet          no progress on stderr\n"
+           "  -h, --help           this help\n"
+           "\n"
+           "example:\n"
+           "  kvsim niah SmolLM2-135M-Instruct.Q4_1.gguf 'snapkv,pyramidkv,streaming_llm' 64,128 -o niah.tsv\n");
+}
+
+/* A comma list of integers in [lo, hi] (at most max). */
+static int int_list(const char *opt, const char *s, long lo, long hi, int *out, int max, int *n)
+{
+    *n = 0;
+    for (const char *p = s; *p;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || (*end && *end != ',') || v < lo || v > hi || *n == max)
+            return kv_cli_usage_error("niah", "%s expects a comma list of at most %d integers in [%ld, %ld], got '%s'",
+                                      opt, max, lo, hi, s);
+        out[(*n)++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    return *n ? 0 : kv_cli_usage_error("niah", "%s is empty", opt);
+}
+
+static int frac_list(const char *opt, const char *s, double *out, int max, int *n)
+{
+    *n = 0;
+    for (const char *p = s; *p;) {
+        char *end;
+        double v = strtod(p, &end);
+        if (end == p || (*end && *end != ',') || !(v >= 0 && v <= 1) || *n == max)
+            return kv_cli_usage_error("niah", "%s expects a comma list of at most %d numbers in [0, 1], got '%s'", opt,
+                                      max, s);
+        out[(*n)++] = v;
+        p = *end ? end + 1 : end;
+    }
+    return *n ? 0 : kv_cli_usage_error("niah", "%s is empty", opt);
+}
+
 int kv_cmd_niah(int argc, char **argv)
 {
-    (void)argc, (void)argv;
-    return kv_cli_usage_error("niah", "not yet");
+    static const struct option opts[] = {
+        {"output", required_argument, 0, 'o'},
+        {"json", required_argument, 0, OPT_JSON},
+        {"lengths", required_argument, 0, OPT_LENGTHS},
+        {"depths", required_argument, 0, OPT_DEPTHS},
+        {"haystack", required_argument, 0, OPT_HAYSTACK},
+        {"needle", required_argument, 0, OPT_NEEDLE},
+        {"question", required_argument, 0, OPT_QUESTION},
+        {"chat", no_argument, 0, OPT_CHAT},
+        {"no-chat", no_argument, 0, OPT_NO_CHAT},
+        {"max-new", required_argument, 0, OPT_MAX_NEW},
+        {"tokenizer", required_argument, 0, 'z'},
+        {"seed", required_argument, 0, OPT_SEED},
+        {"backend", required_argument, 0, OPT_BACKEND},
+        {"threads", required_argument, 0, OPT_THREADS},
+        {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    char cmd[2048];
+    kv_cli_command_line(cmd, sizeof cmd, argc, argv);
+    kv_niah_opts_t o;
+    kv_niah_opts_init(&o);
+    o.command = cmd;
+    const char *out = "-", *json = NULL;
+    int lengths[64], n_len = 0, n_dep = 0, c, u;
+    double depths[64];
+    long v;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":o:z:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': out = optarg; break;
+        case OPT_JSON: json = optarg; break;
+        case OPT_LENGTHS:
+            if ((u = int_list("--lengths", optarg, 1, 1 << 20, lengths, 64, &n_len)))
+                return u;
+            o.lengths = lengths;
+            o.n_lengths = n_len;
+            break;
+        case OPT_DEPTHS:
+            if ((u = frac_list("--depths", optarg, depths, 64, &n_dep)))
+                return u;
+            o.depths = depths;
+            o.n_depths = n_dep;
+            break;
+        case OPT_HAYSTACK: o.haystack_path = optarg; break;
+        case OPT_NEEDLE:
+            if (!strstr(optarg, "{key}"))
+                return kv_cli_usage_error("niah", "--needle must hold {key} (where the key goes)");
+            o.needle = optarg;
+            break;
+        case OPT_QUESTION: o.question = optarg; break;
+        case OPT_CHAT: o.chat = 1; break;
+        case OPT_NO_CHAT: o.chat = 0; break;
+        case OPT_MAX_NEW:
+            if (kv_cli_int("niah", "--max-new", optarg, 1, 4096, &v))
+                return 2;
+            o.max_new = (int)v;
+            break;
+        case 'z': o.tokenizer_path = optarg; break;
+        case OPT_SEED:
+            if (kv_cli_int("niah", "--seed", optarg, 0, 0x7fffffffL, &v))
+                return 2;
+            o.seed = (uint64_t)v;
+            break;
+        case OPT_BACKEND: o.backend = optarg; break;
+        case OPT_THREADS:
+            if (kv_cli_int("niah", "--threads", optarg, 1, 1024, &v))
+                return 2;
+            o.n_threads = (int)v;
+            break;
+        case 'q':
+            o.quiet = 1;
+            kv_log_set_level(KV_LOG_QUIET);
+            break;
+        case 'h': niah_help(); return 0;
+        default: return kv_cli_bad_option("niah", c, argv);
+        }
+    }
+    const int npos = argc - optind;
+    if (npos != 1 && npos != 3)
+        return kv_cli_usage_error("niah", "expected MODEL [POLICIES BUDGETS], got %d argument%s", npos,
+                                  npos == 1 ? "" : "s");
+    o.model_path = argv[optind];
+    kv_policy_t **pols = NULL;
+    kv_budget_t *bud = NULL;
+    int n_pol = 0, n_bud = 0, status = 1;
+    kv_otable_t *t = NULL;
+    if (npos == 3 && (u = parse_pb("niah", argv[optind + 1], argv[optind + 2], &pols, &n_pol, &bud, &n_bud))) {
+        status = u;
+        goto done;
+    }
+    if (npos == 3)
+        kv_cli_skip_unrunnable(argv[optind + 1], 0, 1, "a needle prompt", pols, &n_pol);
+    if (writable(out) || writable(json)) {
+        status = kv_cli_fail("niah");
+        goto done;
+    }
+    o.pols = pols;
+    o.n_pol = n_pol;
+    o.budgets = bud;
+    o.n_budgets = n_bud;
+    kv_info("niah: %s, %d length%s x %d depth%s, the full cache and %d polic%s x %d budget%s", o.model_path,
+            o.n_lengths, o.n_lengths == 1 ? "" : "s", o.n_depths, o.n_depths == 1 ? "" : "s", n_pol,
+            n_pol == 1 ? "y" : "ies", n_bud, n_bud == 1 ? "" : "s");
+    double t0 = kv_now();
+    if (kv_niah_run(&o, &t) != KV_OK || kv_otable_write(t, out, json) != KV_OK) {
+        status = kv_cli_fail("niah");
+        goto done;
+    }
+    if (strcmp(out, "-"))
+        kv_info("niah: %zu rows in %.1f s -> %s", kv_otable_rows(t), kv_now() - t0, out);
+    status = 0;
+done:
+    for (int i = 0; i < n_pol; i++)
+        kv_policy_free(pols[i]);
+    kv_free(pols);
+    kv_free(bud);
+    kv_otable_free(t);
+    return status;
 }
