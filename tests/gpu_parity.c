@@ -12,12 +12,15 @@
  * near-ties in backend-computed scores, they are counted and fail the run above a small number.
  * Then capture (when traces/capture/kv_forward.h is in the tree): logits and per-layer Q, K, V, lse of a
  * forward pass (prefill and decode steps) on both backends, of the stories260K model (when found) and
- * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE.
+ * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE. Then
+ * closed (kvsim eval, sim/closed.h) on stories260K: on the device, configurations that keep every
+ * token give KL 0 exactly (the ragged cache's identity gather through the device's attn_ragged),
+ * and the reference, KL and agreement of compressed configurations agree with the CPU's.
  *
  * Without a usable CUDA device it prints `CUDA unavailable: <why>` and exits 0 having run nothing.
  * Exit status 1 when any comparison fails. Options:
  *   --only a,b        run only these ops (matmul, rmsnorm, rope, swiglu, add, add_bias, attention,
- *                     attn_stats, attn_probs, attn_colstats, replay, capture)
+ *                     attn_stats, attn_probs, attn_colstats, attn_ragged, replay, capture, closed)
  *   --seed N          random data seed (default 1)
  *   --verbose         print every case, not only failures and the summary table
  *   --cpu-vs-cpu      compare the CPU backend with a second, single-threaded CPU backend instead of
@@ -49,6 +52,7 @@
 
 #if defined(__has_include)
 #if __has_include("traces/capture/kv_forward.h")
+#include "sim/closed.h"
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
 #define HAVE_CAPTURE 1
@@ -1592,7 +1596,102 @@ static void run_capture_synth(ctx_t *c)
     for (int i = 0; i < 15; i++)
         kv_free_aligned(buf[i]);
 }
+/* Closed-loop evaluation of stories260K on both backends: the same prompt and reference tokens, KL 0
+ * exactly at a full budget on the device, KL and agreement of compressed caches within tolerance. */
+static void run_closed(ctx_t *c)
+{
+    if (!want(c, "closed"))
+        return;
+    char path[1024];
+    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
+        printf("  closed: NOT RUN: models/stories260K/stories260K.bin not found\n");
+        c->not_run++;
+        return;
+    }
+    kv_model_t *m = NULL;
+    if (kv_model_load(path, &m) != KV_OK) {
+        printf("  closed: cannot load %s: %s\n", path, kv_last_error());
+        verdict(c, "closed", path, 0, NAN, NAN);
+        return;
+    }
+    enum { P = 48, N = 12 };
+    int32_t tok[P];
+    tok[0] = 1;
+    for (int i = 1; i < P; i++)
+        tok[i] = 3 + (int32_t)kv_rng_below(&c->rng, (uint64_t)(m->cfg.vocab_size - 3));
+    const char *specs[] = {"full", "snapkv(window=4)", "streaming_llm", "h2o(mode=decode)", "tova", "quest(page=4)"};
+    const char *buds[] = {"100", "8", "8", "100", "8", "8"}; /* 100 > P + N: everything kept */
+    double res[2][6][2];                                     /* backend, config, {KL mean, agreement} */
+    int32_t ref[2][N];
+    int ok = 1;
+    for (int s = 0; s < 2 && ok; s++) {
+        kv_backend_t *be = s ? c->dev : c->ref;
+        kv_fwd_t *f = NULL;
+        kv_closed_t *e = NULL;
+        kv_closed_opts_t o;
+        kv_closed_opts_init(&o);
+        o.steps = N;
+        o.quiet = 1;
+        if (kv_fwd_create(m, be, P + N, P, &f) != KV_OK || kv_closed_create(f, tok, P, &o, &e) != KV_OK) {
+            printf("  closed: on %s: %s\n", be->name, kv_last_error());
+            ok = 0;
+        }
+        int nr = 0;
+        const int32_t *R = ok ? kv_closed_ref(e, &nr) : NULL;
+        for (int t = 0; t < N && ok; t++)
+            ref[s][t] = R[t];
+        for (int k = 0; k < 6 && ok; k++) {
+            kv_policy_t *p = NULL;
+            kv_budget_t *b = NULL;
+            int nb;
+            kv_closed_cfg_t *cfg = NULL;
+            kv_closed_result_t r;
+            if (kv_policy_create(specs[k], &p) || kv_budget_parse_list(buds[k], &b, &nb) ||
+                kv_closed_select(e, p, b, 1, &cfg) || kv_closed_measure(e, cfg, &r)) {
+                printf("  closed: %s on %s: %s\n", specs[k], be->name, kv_last_error());
+                ok = 0;
+            } else {
+                double kl = 0, ag = 0;
+                for (int t = 0; t < r.n_steps; t++)
+                    kl += r.kl[t], ag += r.agree[t];
+                res[s][k][0] = kl / r.n_steps;
+                res[s][k][1] = ag / r.n_steps;
+                if (!strcmp(buds[k], "100") && (kl != 0 || ag != r.n_steps)) {
+                    printf("      closed: %s keeps everything on %s but KL %g, agreement %g\n", specs[k], be->name,
+                           kl / r.n_steps, ag / r.n_steps);
+                    ok = 0;
+                }
+                kv_closed_result_free(&r);
+            }
+            kv_closed_cfg_free(cfg);
+            kv_free(b);
+            kv_policy_free(p);
+        }
+        kv_closed_free(e);
+        kv_fwd_free(f);
+    }
+    double worst = 0;
+    if (ok && memcmp(ref[0], ref[1], sizeof ref[0])) /* greedy tokens: a near-tie may flip; say so */
+        printf("      closed: the reference's greedy tokens differ between the backends (a near-tie)\n");
+    for (int k = 0; ok && k < 6; k++) {
+        /* KL of a compressed cache: a difference of nearly equal distributions, computed from logits within
+         * ~1e-5 of the CPU's: 2e-3 absolute + 5 % relative; agreement within one step in twelve */
+        const double d = fabs(res[1][k][0] - res[0][k][0]);
+        worst = d > worst ? d : worst;
+        if (d > 2e-3 + 0.05 * res[0][k][0] || fabs(res[1][k][1] - res[0][k][1]) > 1.01 / N) {
+            printf("      closed: %s at %s: KL %g vs %g, agreement %g vs %g\n", specs[k], buds[k], res[1][k][0],
+                   res[0][k][0], res[1][k][1], res[0][k][1]);
+            ok = 0;
+        }
+    }
+    verdict(c, "closed", "stories260K, 48 prompt + 12 reference tokens, 6 configurations", ok, worst, NAN);
+    kv_model_free(m);
+}
 #else
+static void run_closed(ctx_t *c)
+{
+    (void)c;
+}
 static void run_capture_synth(ctx_t *c)
 {
     (void)c;
@@ -1698,6 +1797,7 @@ int main(int argc, char **argv)
     printf("capture:\n");
     run_capture(&c);
     run_capture_synth(&c);
+    run_closed(&c);
     printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
            c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
            c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"
