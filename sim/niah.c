@@ -192,6 +192,32 @@ typedef struct {
     int n;
 } cell_t;
 
+/* The tokens of a cell with m filler sentences, the needle after the sentence boundary nearest the
+ * share `depth` of their tokens: their count, and the ids when ids is not NULL (kv_free). */
+static int cell_tokens(const kv_closed_session_t *ss, const sentences_t *s, int m, double depth, const char *needle,
+                       const char *tail, int chat, int32_t **ids, int *n)
+{
+    int at = 0, tot = 0;
+    double acc = 0;
+    for (int i = 0; i < m; i++)
+        tot += s->tok[i % s->n];
+    while (at < m && acc + s->tok[at % s->n] / 2.0 < depth * tot)
+        acc += s->tok[at++ % s->n];
+    char *t = cell_text(s, m, at, needle, tail);
+    if (!t)
+        return KV_ENOMEM;
+    int32_t *x = NULL, *segs = NULL;
+    int ns = 0;
+    int rc = kv_closed_prompt(ss, t, NULL, 0, chat, NULL, "none", &x, n, &segs, &ns);
+    kv_free(t);
+    kv_free(segs);
+    if (rc == KV_OK && ids)
+        *ids = x;
+    else
+        kv_free(x);
+    return rc;
+}
+
 /* Tokens of one cell: the longest prompt of whole filler sentences within `target` tokens. */
 static int make_cell(const kv_closed_session_t *ss, const kv_niah_opts_t *o, int chat, const sentences_t *s, cell_t *c)
 {
@@ -199,43 +225,25 @@ static int make_cell(const kv_closed_session_t *ss, const kv_niah_opts_t *o, int
     if (!needle)
         return KV_ENOMEM;
     const char *tail = chat ? o->question : o->completion;
-    int rc = KV_OK, m = 0, base;
-    int32_t *ids = NULL, *segs = NULL;
-    int n = 0, ns = 0;
-    char *t = cell_text(s, 0, 0, needle, tail);
-    if (!t)
-        rc = KV_ENOMEM;
-    if (rc == KV_OK)
-        rc = kv_closed_prompt(ss, t, NULL, 0, chat, NULL, "none", &ids, &n, &segs, &ns);
-    kv_free(t);
-    base = n;
-    kv_free(ids);
-    kv_free(segs);
-    ids = NULL;
+    int32_t *ids = NULL;
+    int n = 0, base = 0;
+    int rc = cell_tokens(ss, s, 0, c->depth, needle, tail, chat, NULL, &base);
     if (rc == KV_OK && base > c->length)
         rc = kv_error(KV_ERANGE, "--lengths %d: the needle and the question alone take %d tokens", c->length, base);
-    /* estimate from the sentences' own counts, then step down until it fits */
-    for (int have = base; rc == KV_OK && have + s->tok[m % s->n] <= c->length;)
-        have += s->tok[m++ % s->n];
-    for (; rc == KV_OK; m--) {
-        int at = 0, acc = 0, tot = 0;
-        for (int i = 0; i < m; i++)
-            tot += s->tok[i % s->n];
-        while (at < m && acc + s->tok[at % s->n] / 2.0 < c->depth * tot) /* the sentence boundary nearest depth */
-            acc += s->tok[at++ % s->n];
-        if (!(t = cell_text(s, m, at, needle, tail))) {
-            rc = KV_ENOMEM;
+    /* the most sentences that fit, by bisection on the exact token count (monotone in m) */
+    int lo = 0, hi = 1, n_hi = 0;
+    while (rc == KV_OK && (rc = cell_tokens(ss, s, hi, c->depth, needle, tail, chat, NULL, &n_hi)) == KV_OK &&
+           n_hi <= c->length)
+        lo = hi, hi *= 2;
+    while (rc == KV_OK && hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        int nm;
+        if ((rc = cell_tokens(ss, s, mid, c->depth, needle, tail, chat, NULL, &nm)))
             break;
-        }
-        rc = kv_closed_prompt(ss, t, NULL, 0, chat, NULL, "none", &ids, &n, &segs, &ns);
-        kv_free(t);
-        kv_free(segs);
-        segs = NULL;
-        if (rc || n <= c->length || m == 0)
-            break;
-        kv_free(ids);
-        ids = NULL;
+        *(nm <= c->length ? &lo : &hi) = mid;
     }
+    if (rc == KV_OK)
+        rc = cell_tokens(ss, s, lo, c->depth, needle, tail, chat, &ids, &n);
     kv_free(needle);
     if (rc) {
         kv_free(ids);
