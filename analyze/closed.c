@@ -264,7 +264,7 @@ static int cmp_int(const void *a, const void *b)
 int kv_open_closed_compute(const kv_res_set_t *rs, const kv_closed_set_t *cs, kv_open_closed_t *oc)
 {
     memset(oc, 0, sizeof *oc);
-    int bud[256], nb = 0;
+    int bud[256] = {0}, nb = 0;
     for (size_t i = 0; i < cs->n_ev && nb < 256; i++) {
         int have = 0;
         for (int k = 0; k < nb; k++)
@@ -449,7 +449,7 @@ int kv_analyze_fig_eval_budget(const kv_closed_set_t *s, kv_fig_t **out)
     *out = NULL;
     if (s->n_ev == 0)
         return kv_error(KV_EUNAVAIL, "no kvsim eval rows");
-    int bud[64];
+    int bud[64] = {0};
     const int nb = eval_budgets(s, bud, 64);
     kv_fig_t *fig = NULL;
     int rc;

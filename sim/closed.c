@@ -112,7 +112,7 @@ static long log_softmax(const float *x, int V, double *lp)
     double z = 0;
     for (int i = 0; i < V; i++)
         z += exp((double)x[i] - mx);
-    const double lz = mx + log(z);
+    const double lz = z > 0 ? mx + log(z) : INFINITY; /* z >= 1 unless every logit is NaN */
     for (int i = 0; i < V; i++)
         lp[i] = (double)x[i] - lz;
     return bad;

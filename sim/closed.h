@@ -79,10 +79,9 @@ typedef struct {
 
 void kv_closed_opts_init(kv_closed_opts_t *o);
 
-/* Prefill `prompt` (n tokens) on f and make the full cache's reference. f must hold n + N + 1
- * tokens (kv_fwd_max_tokens) and batch at least max(n, N + 1) tokens at once (else blocks are split,
- * which is correct but changes the bits of the reference); it is used for every later call and
- * must outlive e. */
+/* Prefill `prompt` (n tokens) on f and make the full cache's reference. f must hold n + N tokens
+ * (kv_fwd_max_tokens) and batch at least max(n, N) tokens at once (else blocks are split, which is
+ * correct, only slower); it is used for every later call and must outlive e. */
 int kv_closed_create(kv_fwd_t *f, const int32_t *prompt, int n, const kv_closed_opts_t *o, kv_closed_t **out);
 void kv_closed_free(kv_closed_t *e); /* accepts NULL */
 /* Context (prompt) tokens; the reference continuation (its N tokens); the layer contexts' meta
