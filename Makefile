@@ -5,9 +5,11 @@
 #   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
 #   make test-cuda-emu   the CUDA kernels' code run by a host emulator vs the CPU (no GPU needed)
 #   make gpu-bundle statically linked gpu_parity, bench_gpu, kvsim for the GPU machines (bench/README.md)
-#   make bench-capture | bench-replay | bench-replay-scaling | bench-gpu   benchmarks (figures printed, not asserted)
+#   make bench-capture | bench-replay | bench-replay-scaling | bench-gpu | bench-trace-flip   benchmarks (figures printed)
 #   make lint       cppcheck and clang-format --dry-run
 #   make fuzz       libFuzzer harnesses of tests/fuzz/ (clang, build-fuzz/), FUZZ_TIME seconds each
+#   make fuzz-smoke every harness for 20 s (CI)
+#   make test-asan  every Check suite built with AddressSanitizer + UBSan (build-asan/; CI)
 # V=1 shows the commands; CUDA_ARCH=sm_80 picks another GPU architecture; NVCC= builds without CUDA,
 # MPICC= without MPI (kvsim sweep under mpirun);
 # CUDA_VERIFIED=1 lets --backend auto pick CUDA (only once make test-gpu has passed on a GPU).
@@ -81,7 +83,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: fuzz fuzz-build all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-replay-scaling bench-gpu lint clean help goldens
+.PHONY: fuzz fuzz-build fuzz-smoke test-asan bench-trace-flip all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-replay-scaling bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 # The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
@@ -116,7 +118,7 @@ $(LIBKV): $(LIB_OBJ)
 
 $(KVSIM): $(CLI_OBJ) $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
-	$(Q)$(CC) $(CLI_OBJ) $(LIBKV) $(LIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $(CLI_OBJ) $(LIBKV) $(LIBS) -o $@
 
 # Check suites: every `Suite *suite_xxx(void)` in tests/test_*.c is collected into suites.h.
 $(BUILD)/suites.h: $(wildcard tests/test_*.c)
@@ -128,7 +130,7 @@ $(BUILD)/obj/tests/%.o: ALL_CFLAGS += -I$(BUILD)
 
 $(TESTS): $(TEST_OBJ) $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
-	$(Q)$(CC) $(TEST_OBJ) $(LIBKV) $(LIBS) $(CHECK_LIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $(TEST_OBJ) $(LIBKV) $(LIBS) $(CHECK_LIBS) -o $@
 
 $(PLUGIN): traces/zstd_plugin.c traces/kv_zstd_filter.c sim/common/kv_common.c $(BUILD)/config.mk $(BUILD)/kv_gitrev.h
 	@mkdir -p $(dir $@)
@@ -156,6 +158,10 @@ bench-replay-scaling: $(BUILD)/bench_replay_scaling
 	$(Q)$(BUILD)/bench_replay_scaling
 bench-gpu: $(BUILD)/bench_gpu
 	$(Q)$(BUILD)/bench_gpu
+# every metadata byte of a small trace damaged in turn, the whole trace read each time (traces/FORMAT.md)
+bench-trace-flip: $(BUILD)/bench_trace_flip $(KVSIM)
+	$(Q)$(KVSIM) synth --preset tiny --layers 2 --tokens 64 --decode 8 -q -o $(BUILD)/flip.h5
+	$(Q)$(BUILD)/bench_trace_flip $(BUILD)/flip.h5 $(FLIP_STEP)
 
 $(BUILD)/gpu_parity: tests/gpu_parity.c $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
@@ -250,6 +256,30 @@ $(BUILD)/fuzz/make_seeds: tests/fuzz/make_seeds.c $(FUZZ_LINK) $(LIBKV)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(ALL_CFLAGS) $< $(FUZZ_LINK) $(LIBKV) $(LIBS) -o $@
 
+# fuzz-smoke (CI): every harness, trace_file included, for 20 s each from the seeds (about 4 min of
+# fuzzing after a 4-minute clang build on 2 cores).
+fuzz-smoke:
+	$(Q)$(MAKE) --no-print-directory fuzz FUZZ_TIME=20 FUZZ_NAMES="$(FUZZ_ALL)"
+
+# test-asan (CI): the library, the CLI and every Check suite built by gcc with AddressSanitizer and
+# UndefinedBehaviorSanitizer (any undefined behaviour stops the run) in build-asan/, run as make test
+# runs them, with Check's timeouts multiplied by 4 (the instrumented SmolLM2 demo takes minutes).
+# tests/asan/lsan.supp holds the LeakSanitizer suppressions (fontconfig's cache, which cairo's text
+# rendering fills and never frees), tests/asan/asan.supp the ASan rule for libhdf5's own copies on
+# damaged files; the h5py interop tests load the uninstrumented zstd plugin of the normal build.
+# Built without MPI (OpenMPI's own allocations would fill the leak report; make test runs the MPI
+# sweep).
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+test-asan: $(PLUGIN)
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan NVCC= MPICC= CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
+	    build-asan/kvsim build-asan/kvsim_tests
+	$(Q)rm -rf build/test-tmp
+	$(Q)CK_TIMEOUT_MULTIPLIER=4 \
+	    ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:suppressions=$(abspath tests/asan/asan.supp) \
+	    LSAN_OPTIONS=suppressions=$(abspath tests/asan/lsan.supp):print_suppressions=0 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:suppressions=$(abspath tests/asan/ubsan.supp) \
+	    KVSIM_BIN=$(abspath build-asan/kvsim) KVSIM_PLUGIN_DIR=$(abspath $(dir $(PLUGIN))) build-asan/kvsim_tests
+
 lint:
 	cppcheck --quiet --enable=warning,performance,portability --std=c11 -I. --suppress=missingIncludeSystem \
 	    --inline-suppr sim kernels traces analyze plots tests
@@ -259,6 +289,6 @@ clean:
 	rm -rf $(BUILD)
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# //'
+	@sed -n '2,16p' Makefile | sed 's/^# //'
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)

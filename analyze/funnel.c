@@ -113,9 +113,16 @@ int kv_analyze_mass_count(const float *p, int n, double mass, float *a)
 void kv_analyze_row_stats(const float *p, int n, int seg_lo, double mass, float *scratch, kv_row_stats_t *o)
 {
     double tot = 0;
-    for (int i = 0; i < n; i++)
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        bad |= !isfinite(p[i]);
         if (p[i] > 0)
             tot += p[i];
+    }
+    if (bad) { /* NaN or inf in the row (from the trace): no statistic, not one that skipped them */
+        o->entropy = o->norm_entropy = o->frac = o->sink = o->seg = NAN;
+        return;
+    }
     double H = 0, seg = 0;
     if (tot > 0)
         for (int i = 0; i < n; i++) {
@@ -416,14 +423,14 @@ int kv_funnel_compute(kv_trace_t *t, kv_backend_t *be, const kv_funnel_opts_t *o
                     kv_analyze_row_stats(probs + ((size_t)h * nq + (i - i0)) * nk, n, seg_lo, o.mass,
                                          scratch + (size_t)h * T, &st);
                     double *A = acc + (size_t)h * 5;
-                    A[0] += st.entropy;
-                    if (!isnan(st.norm_entropy)) {
+                    A[0] += st.entropy; /* a row with NaN (isnan(entropy)) makes every mean NaN */
+                    if (!isnan(st.norm_entropy) || isnan(st.entropy)) {
                         A[1] += st.norm_entropy;
                         acc_n[h]++;
                     }
                     A[2] += st.frac;
                     A[3] += st.sink;
-                    A[4] += isnan(st.seg) ? 0 : st.seg;
+                    A[4] += isnan(st.seg) && !isnan(st.entropy) ? 0 : st.seg;
                 }
             }
             s0 = s1;

@@ -143,6 +143,7 @@ typedef struct {
     double err_mean, err_p90, err_max, bound_mean;
     double violations;
     double mem_bytes, meta_bytes, n_queries;
+    double nonfinite; /* NaN and inf values the row's evaluations read (0 when the file has no such column) */
 } kv_res_row_t;
 
 typedef struct {
@@ -152,18 +153,26 @@ typedef struct {
     char **labels; /* (n_pol) canonical labels as in the files */
     char **shorts; /* (n_pol) short names for legends */
     int n_files;
-    char **files;     /* (n_files) paths */
-    char **file_sha;  /* (n_files) trace_sha256 of the preamble ("" when absent) */
-    char **file_cmd;  /* (n_files) command of the preamble ("" when absent) */
-    char **file_date; /* (n_files) date of the preamble */
-    int n_duplicates; /* rows of later files that repeated an earlier (policy, budget, layer, head) */
+    char **files;              /* (n_files) paths */
+    char **file_sha;           /* (n_files) trace_sha256 of the preamble ("" when absent) */
+    char **file_cmd;           /* (n_files) command of the preamble ("" when absent) */
+    char **file_date;          /* (n_files) date of the preamble */
+    int n_duplicates;          /* rows that repeated an earlier row's (policy, budget_tokens, layer, head), of the same
+                                  file (two budgets that resolve to the same tokens) or of an earlier file */
+    int max_layers, max_heads; /* the trace's shape: rows beyond it are refused (0: not checked) */
+    long n_nan_rows;           /* rows left out: nan or infinite metrics, or NaN/inf inputs (nonfinite > 0) */
 } kv_res_set_t;
 
 int kv_res_set_create(kv_res_set_t **out);
 void kv_res_set_free(kv_res_set_t *s);
 /* Read a results TSV by column name and append its rows. A missing required column is an error
- * naming the file, the column and the columns it has. When trace_sha is given and differs from the
- * file's "# trace_sha256:" line, a warning names both (the rows are still used). */
+ * naming the file, the column and the columns it has; so is a cell that is not a number ("nan" and
+ * "inf" as replay writes them excepted), a value outside its column's range (recall in [0, 1],
+ * errors, bounds, memory and counts >= 0, integers where replay writes integers) and a layer or head
+ * beyond max_layers / max_heads when they are set. Rows with nan or infinite metrics, or whose
+ * nonfinite column is > 0, are left out with a warning that names the file and the rows. When
+ * trace_sha is given and differs from the file's "# trace_sha256:" line, a warning names both (the
+ * rows are still used). */
 int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha);
 /* Columns a results file must have. */
 const char *const *kv_res_required_columns(int *n);

@@ -13,6 +13,7 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 
 #include <errno.h>
@@ -73,41 +74,6 @@ static int mkdir_p(const char *path)
     struct stat st;
     if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))
         return kv_error(KV_EIO, "%s: not a folder", buf);
-    return KV_OK;
-}
-
-static int read_file(const char *path, unsigned char **data, size_t *n)
-{
-    *data = NULL;
-    *n = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 16, len = 0;
-    unsigned char *b = kv_malloc(cap, "file");
-    while (b) {
-        size_t r = fread(b + len, 1, cap - len, f);
-        len += r;
-        if (len < cap)
-            break;
-        cap *= 2;
-        unsigned char *nb = kv_realloc(b, cap, "file");
-        if (!nb) {
-            kv_free(b);
-            b = NULL;
-        } else
-            b = nb;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (!b)
-        return KV_ENOMEM;
-    if (bad) {
-        kv_free(b);
-        return kv_error(KV_EIO, "%s: read failed", path);
-    }
-    *data = b;
-    *n = len;
     return KV_OK;
 }
 
@@ -243,23 +209,35 @@ static void sb_md(sbuf_t *b, const char *s)
     }
 }
 
-static int write_text(const char *path, const sbuf_t *b)
+/* Where analyze's files go: one set committed at the end (sim/common/kv_output.h), so a failure
+ * leaves no new figure and no report; none of them may be an input. */
+typedef struct {
+    kv_out_set_t *set;
+    const char *const *inputs; /* the trace and the results files */
+    int n_inputs;
+} outs_t;
+
+static int open_member(outs_t *w, const char *path, int flags, FILE **f)
+{
+    kv_out_t *o;
+    int rc = kv_out_check(path, w->inputs, w->n_inputs);
+    if (rc == KV_OK)
+        rc = kv_out_set_open(w->set, path, flags, &o);
+    if (rc == KV_OK && !(*f = kv_out_stream(o)))
+        rc = KV_ENOMEM;
+    return rc;
+}
+
+/* A report file: an index member of the set (removed first, renamed last). */
+static int write_text(outs_t *w, const char *path, const sbuf_t *b)
 {
     if (b->failed)
         return KV_ENOMEM;
-    char tmp[1100];
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-    int bad = b->n && fwrite(b->s, 1, b->n, f) != b->n;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(e));
-    }
-    return KV_OK;
+    FILE *f;
+    int rc = open_member(w, path, KV_OUT_INDEX, &f);
+    if (rc == KV_OK && b->n)
+        fwrite(b->s, 1, b->n, f); /* a failed write is reported when the set is committed */
+    return rc;
 }
 
 /* Number formats for tables: "-" for NaN. */
@@ -664,8 +642,15 @@ static void highlights(sbuf_t *md, sbuf_t *html, const kv_res_set_t *s, const kv
         else
             sb_puts(&items, "No bound violations: every measured output error is at most the Ada-KV bound.\n");
         if (s->n_duplicates)
-            sb_printf(&items, "%d rows repeated in later results files were ignored (the first file wins).\n",
+            sb_printf(&items,
+                      "%d rows repeated the policy, per-head budget, layer and head of an earlier row and were "
+                      "ignored (the first one is used).\n",
                       s->n_duplicates);
+        if (s->n_nan_rows)
+            sb_printf(&items,
+                      "WARNING: %ld rows with nan or infinite metrics (NaN or inf values in the trace, see the "
+                      "nonfinite column) were left out of the figures and tables.\n",
+                      s->n_nan_rows);
     }
     if (!items.n) {
         kv_free(items.s);
@@ -708,8 +693,8 @@ static const char CSS[] =
     "table.labels td:nth-child(2){font-family:monospace;font-size:.92em}"
     "table.prov td:nth-child(2){word-break:break-all}code{font-size:.92em}";
 
-static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, const char *name, const char *fmt,
-                      const char *title, const char *caption, int quiet)
+static int add_figure(outs_t *w, figure_t *figs, int *n, kv_fig_t *fig, const char *dir, const char *name,
+                      const char *fmt, const char *title, const char *caption)
 {
     figure_t *F = &figs[*n];
     memset(F, 0, sizeof *F);
@@ -718,21 +703,32 @@ static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, co
     snprintf(F->caption, sizeof F->caption, "%s", caption);
     char path[1200];
     snprintf(path, sizeof path, "%s/%s", dir, F->file);
-    int rc = kv_fig_save(fig, path);
-    if (rc)
-        return rc;
-    if (!strcmp(fmt, "pdf")) {
+    /* drawn into memory: the same bytes go to the file and, for PNG and SVG, into the HTML */
+    char *bytes = NULL;
+    size_t len = 0;
+    FILE *ms = open_memstream(&bytes, &len), *f = NULL;
+    if (!ms)
+        return kv_error(KV_ENOMEM, "%s: cannot draw into memory", path);
+    int rc = kv_fig_write(fig, fmt, ms, path);
+    if (fclose(ms) != 0 && rc == KV_OK)
+        rc = kv_error(KV_ENOMEM, "%s: cannot draw into memory", path);
+    if (rc == KV_OK)
+        rc = open_member(w, path, 0, &f);
+    if (rc == KV_OK)
+        fwrite(bytes, 1, len, f); /* a failed write is reported when the set is committed */
+    if (rc == KV_OK && !strcmp(fmt, "pdf")) {
         rc = fig_png(fig, &F->embed, &F->embed_n);
         F->mime = "image/png";
-    } else {
-        rc = read_file(path, &F->embed, &F->embed_n);
+    } else if (rc == KV_OK) {
+        F->embed = (unsigned char *)bytes;
+        F->embed_n = len;
+        bytes = NULL;
         F->mime = !strcmp(fmt, "svg") ? "image/svg+xml" : "image/png";
     }
+    free(bytes);
     if (rc)
         return rc;
-    (void)quiet; /* one "wrote" line per figure was noise on a one-second run: the progress line and
-                    the closing line (the report, which links every figure) say it */
-    kv_debug("analyze: wrote %s", path);
+    kv_debug("analyze: drew %s", path);
     (*n)++;
     return KV_OK;
 }
@@ -741,8 +737,8 @@ static int add_figure(figure_t *figs, int *n, kv_fig_t *fig, const char *dir, co
 
 #define MAX_FIGS 32
 
-static int closed_figures(figure_t *figs, int *n_fig, const kv_closed_set_t *cs, const kv_open_closed_t *oc,
-                          int n_replay, const char *dir, const char *fmt, int quiet, char (*skipped)[512], int *n_skip)
+static int closed_figures(outs_t *w, figure_t *figs, int *n_fig, const kv_closed_set_t *cs, const kv_open_closed_t *oc,
+                          int n_replay, const char *dir, const char *fmt, char (*skipped)[512], int *n_skip)
 {
     struct {
         int want;
@@ -784,7 +780,7 @@ static int closed_figures(figure_t *figs, int *n_fig, const kv_closed_set_t *cs,
             continue;
         }
         if (rc == KV_OK && *n_fig < MAX_FIGS)
-            rc = add_figure(figs, n_fig, fig, dir, f[i].name, fmt, f[i].title, f[i].caption, quiet);
+            rc = add_figure(w, figs, n_fig, fig, dir, f[i].name, fmt, f[i].title, f[i].caption);
         kv_fig_free(fig);
     }
     return rc;
@@ -1025,14 +1021,38 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     int n_fig = 0, n_skip = 0, rc;
     sbuf_t md = {0}, html = {0};
     table_t tt = {0}, tf = {0}, tp = {0}, tr = {0}, tl = {0}, te = {0}, tn = {0}, to = {0};
+    const char **inputs = NULL;
+    outs_t w = {NULL, NULL, 0};
+    char pmd[1100], phtml[1100];
     if (!figs)
         return KV_ENOMEM;
     if ((rc = mkdir_p(o.out_dir)))
+        goto done;
+    /* the inputs: no output may be one of them (checked for the reports now, for each figure when
+     * it is drawn); the folder must take new files */
+    inputs = kv_calloc((size_t)n_results + 1, sizeof *inputs, "input list");
+    w.inputs = inputs;
+    w.n_inputs = n_results + 1;
+    snprintf(pmd, sizeof pmd, "%s/report.md", o.out_dir);
+    snprintf(phtml, sizeof phtml, "%s/report.html", o.out_dir);
+    if (!inputs) {
+        rc = KV_ENOMEM;
+        goto done;
+    }
+    inputs[0] = trace_path;
+    for (int i = 0; i < n_results; i++)
+        inputs[i + 1] = results[i];
+    if ((rc = kv_out_check(pmd, inputs, n_results + 1)) || (rc = kv_out_check(phtml, inputs, n_results + 1)) ||
+        (rc = kv_out_set_create(&w.set)))
         goto done;
     if (t && trace_path && strcmp(trace_path, "(memory)") && (rc = kv_sha256_file(trace_path, sha)))
         goto done;
     if ((rc = kv_res_set_create(&rs)) || (rc = kv_closed_set_create(&cs)))
         goto done;
+    if (m) {
+        rs->max_layers = m->n_layers; /* rows beyond the trace's shape are refused */
+        rs->max_heads = m->n_heads;
+    }
     for (int i = 0; i < n_results; i++) { /* replay results, or kvsim eval / niah ones */
         if (!o.quiet)
             kv_info("analyze: reading %s", results[i]);
@@ -1046,17 +1066,35 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         if (rc)
             goto done;
     }
-    if (!t && n_replay)
-        return kv_error(KV_EINVAL, "replay results need their trace (kvsim analyze TRACE.h5 RESULTS.tsv ...)");
+    if (!t && n_replay) {
+        rc = kv_error(KV_EINVAL, "replay results need their trace (kvsim analyze TRACE.h5 RESULTS.tsv ...)");
+        goto done;
+    }
     if ((rc = kv_res_set_finish(rs)))
         goto done;
-    if (n_results && rs->n_files && !o.quiet && rs->n_duplicates)
-        kv_warn("%d repeated rows in later results files ignored (the first file wins)", rs->n_duplicates);
 
     if (t && (rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
         goto done;
     if (n_replay && cs->n_ev && (rc = kv_open_closed_compute(rs, cs, &oc)))
         goto done;
+    /* statistics that came out NaN (NaN or inf in the trace): said, not averaged away in silence */
+    char nan_where[256] = "";
+    long nan_heads = 0;
+    for (int l = 0; fs && l < fs->n_layers; l++)
+        for (int h = 0; h < fs->n_heads; h++) {
+            const size_t i = (size_t)l * fs->n_heads + h;
+            if (!isnan(fs->entropy[i]) && !isnan(fs->frac[i]) && !isnan(fs->sink[i]))
+                continue;
+            if (nan_heads++ < 6) {
+                const size_t k = strlen(nan_where);
+                snprintf(nan_where + k, sizeof nan_where - k, "%slayer %d head %d", nan_heads > 1 ? ", " : "", l, h);
+            }
+        }
+    if (nan_heads)
+        kv_warn("%s: the funnel statistics of %ld head%s are nan (%s%s): the trace holds NaN or inf there (kvsim "
+                "info --verify names them); layer means and figures leave them out",
+                trace_path ? trace_path : "(trace)", nan_heads, nan_heads == 1 ? "" : "s", nan_where,
+                nan_heads > 6 ? ", ..." : "");
 
     /* ---- figures */
     kv_progress_t pr;
@@ -1073,7 +1111,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             kv_progress_update(&pr, ++step, what);                                                                     \
     } while (0)
 
-    if (t) {
+    if (t) { /* the trace's own figures */
         if ((rc = kv_analyze_fig_funneling(t, be, &o.map, -1, &fig)))
             goto done;
         {
@@ -1096,7 +1134,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                 "panels, and the entropy curves below, to see how far this trace follows that shape.",
                 m->n_heads, kv_map_src_name(src));
         }
-        rc = add_figure(figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap, o.quiet);
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap);
         kv_fig_free(fig);
         fig = NULL;
         if (rc)
@@ -1114,7 +1152,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                 snprintf(title, sizeof title, "Attention of every head, layer %d", l);
                 snprintf(cap, sizeof cap, "The %d heads of layer %d, each on the shared log colour scale.", m->n_heads,
                          l);
-                rc = add_figure(figs, &n_fig, fig, o.out_dir, name, fmt, title, cap, o.quiet);
+                rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, name, fmt, title, cap);
                 kv_fig_free(fig);
                 fig = NULL;
                 if (rc)
@@ -1143,8 +1181,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                                                        : "a sample (evenly spaced runs) of ",
             fs->n_sampled,
             fs->from_stats ? " (computed by capture or synth from every attention row)" : ", recomputed from Q and K");
-        rc =
-            add_figure(figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap, o.quiet);
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap);
         kv_fig_free(fig);
         fig = NULL;
         if (rc)
@@ -1164,13 +1201,13 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                      "factor of %.0f): the spread that head-adaptive budgets (Ada-KV) redistribute.",
                      100 * fs->mass, fs->n_layers * fs->n_heads, 100 * lo, 100 * hi, lo > 0 ? hi / lo : INFINITY);
         }
-        rc = add_figure(figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap, o.quiet);
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap);
         kv_fig_free(fig);
         fig = NULL;
         if (rc)
             goto done;
         STEP("funnel statistics");
-    } /* t */
+    }
 
     if (n_replay && rs->n > 0) {
         struct {
@@ -1233,7 +1270,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
                             : "");
                 caption = cap;
             }
-            rc = add_figure(figs, &n_fig, fig, o.out_dir, rf[i].name, fmt, rf[i].title, caption, o.quiet);
+            rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, rf[i].name, fmt, rf[i].title, caption);
             kv_fig_free(fig);
             fig = NULL;
             if (rc)
@@ -1241,9 +1278,9 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             STEP(rf[i].name);
         }
     }
-    if ((rc = closed_figures(figs, &n_fig, cs, &oc, n_replay, o.out_dir, fmt, o.quiet, skipped, &n_skip)))
+    if ((rc = closed_figures(&w, figs, &n_fig, cs, &oc, n_replay, o.out_dir, fmt, skipped, &n_skip)))
         goto done;
-    if (!o.quiet)
+    if (!o.quiet && (cs->n_ev || cs->n_ni))
         kv_progress_update(&pr, n_steps - 1, "closed loop");
 #undef STEP
 
@@ -1273,6 +1310,19 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_puts(&html, "<p>");
         sb_html(&html, o.demo_info);
         sb_puts(&html, "</p>\n");
+    }
+    if (nan_heads) {
+        char line[512];
+        snprintf(line, sizeof line,
+                 "The funnel statistics of %ld head%s are nan (%s%s): the trace holds NaN or infinite values there "
+                 "(kvsim info --verify names them); layer means and figures leave them out.",
+                 nan_heads, nan_heads == 1 ? "" : "s", nan_where, nan_heads > 6 ? ", ..." : "");
+        sb_puts(&md, "> **WARNING:** ");
+        sb_md(&md, line);
+        sb_puts(&md, "\n\n");
+        sb_puts(&html, "<div class=\"note\"><b>WARNING:</b> ");
+        sb_html(&html, line);
+        sb_puts(&html, "</div>\n");
     }
     highlights(&md, &html, n_replay ? rs : NULL, fs, sha);
     closed_highlights(&md, &html, cs, &oc);
@@ -1392,10 +1442,12 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     }
     sb_puts(&html, "</body></html>\n");
 
-    char pmd[1100], phtml[1100];
-    snprintf(pmd, sizeof pmd, "%s/report.md", o.out_dir);
-    snprintf(phtml, sizeof phtml, "%s/report.html", o.out_dir);
-    if ((rc = write_text(pmd, &md)) || (rc = write_text(phtml, &html)))
+    if ((rc = write_text(&w, pmd, &md)) || (rc = write_text(&w, phtml, &html)))
+        goto done;
+    /* every file at once: figures first, then report.md, report.html */
+    rc = kv_out_set_commit(w.set);
+    w.set = NULL;
+    if (rc)
         goto done;
     if (!o.quiet) {
         char det[96];
@@ -1411,6 +1463,17 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     }
     rc = KV_OK;
 done:
+    if (rc != KV_OK) { /* a message that names none of the inputs (a figure's limits, ...) gets them */
+        int named = trace_path && strstr(kv_last_error(), trace_path);
+        for (int i = 0; i < n_results && !named; i++)
+            named = strstr(kv_last_error(), results[i]) != NULL;
+        named |= strstr(kv_last_error(), o.out_dir) != NULL;
+        if (!named)
+            kv_error_context(rc, "%s%s%s", trace_path ? trace_path : "(trace)", n_results ? " with " : "",
+                             n_results ? results[0] : "");
+    }
+    kv_out_set_abort(w.set);
+    kv_free(inputs);
     for (int i = 0; i < MAX_FIGS; i++)
         kv_free(figs[i].embed);
     kv_free(figs);

@@ -344,6 +344,36 @@ static int parse_index(const char *s)
     return (int)v;
 }
 
+/* Cell (r, c) as a number: decimal (no hex, no overflow to infinity), or "nan"/"inf"/"-inf" as replay
+ * writes them; in [lo, hi] when finite, an integer when `integer`. An error names the file, the data
+ * row, the column and the text. */
+static int cell_num(const kv_table_t *t, size_t r, int c, const char *path, double lo, double hi, int integer,
+                    double *out)
+{
+    const char *s = kv_table_get(t, r, c);
+    const char *col = c >= 0 && c < t->n_cols ? t->cols[c] : "?";
+    if (!s)
+        return kv_error(KV_EFORMAT, "%s: data row %zu: no '%s' cell", path, r + 1, col);
+    if (!strcmp(s, "nan") || !strcmp(s, "inf") || !strcmp(s, "-inf")) {
+        *out = s[0] == 'n' ? NAN : s[0] == '-' ? -INFINITY : INFINITY;
+        return KV_OK;
+    }
+    char *end;
+    errno = 0;
+    const double v = strtod(s, &end);
+    const int plain = strspn(s, "0123456789+-.eE") == strlen(s); /* no hex, no spaces, no words */
+    if (!*s || end == s || *end || !plain)
+        return kv_error(KV_EFORMAT, "%s: data row %zu, column '%s': '%s' is not a number", path, r + 1, col, s);
+    if (!isfinite(v) || (errno == ERANGE && v != 0))
+        return kv_error(KV_EFORMAT, "%s: data row %zu, column '%s': '%s' is out of the range of numbers", path, r + 1,
+                        col, s);
+    if (v < lo || v > hi || (integer && v != floor(v)))
+        return kv_error(KV_EFORMAT, "%s: data row %zu, column '%s': %s is outside [%g, %g]%s", path, r + 1, col, s, lo,
+                        hi, integer ? " or not an integer" : "");
+    *out = v;
+    return KV_OK;
+}
+
 int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
 {
     kv_table_t *t = NULL;
@@ -372,7 +402,7 @@ int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
     }
     const int c_meta = kv_table_col(t, "meta_bytes"), c_p90 = kv_table_col(t, "err_p90"),
               c_max = kv_table_col(t, "err_max"), c_nq = kv_table_col(t, "n_queries"),
-              c_cache = kv_table_col(t, "cache_mean");
+              c_cache = kv_table_col(t, "cache_mean"), c_nf = kv_table_col(t, "nonfinite");
     const char *sha = kv_table_prov(t, "trace_sha256");
     if (trace_sha && trace_sha[0] && sha && sha[0] && strcmp(sha, trace_sha))
         kv_warn("%s: results of another trace: its trace_sha256 is %.16s..., the trace given has %.16s... "
@@ -390,20 +420,32 @@ int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
     s->n_files++;
     if (t->n_rows == 0)
         kv_warn("%s: the results table has no rows", path);
+    const int dup0 = s->n_duplicates;
+    long nan_rows = 0;
+    char nan_list[256] = "";
     for (size_t r = 0; r < t->n_rows && rc == KV_OK; r++) {
         kv_res_row_t w;
         memset(&w, 0, sizeof w);
         w.file = file;
         const char *label = kv_table_get(t, r, col[0]);
         const char *budget = kv_table_get(t, r, col[1]);
-        double bt = kv_table_num(t, r, col[2]);
+        double bt = 0;
         w.layer = parse_index(kv_table_get(t, r, col[3]));
         w.head = parse_index(kv_table_get(t, r, col[4]));
-        if (!label || !label[0] || w.layer < -1 || w.head < -1 || !(bt >= 0 && bt < 1e9)) {
+        if (!label || !label[0] || w.layer < -1 || w.head < -1 ||
+            cell_num(t, r, col[2], path, 1, 1e9, 1, &bt) != KV_OK || !isfinite(bt)) {
             rc = kv_error(KV_EFORMAT,
                           "%s: data row %zu: bad policy, budget_tokens, layer or head ('%s', '%s', '%s', '%s')", path,
                           r + 1, label ? label : "", kv_table_get(t, r, col[2]), kv_table_get(t, r, col[3]),
                           kv_table_get(t, r, col[4]));
+            break;
+        }
+        if ((s->max_layers > 0 && w.layer >= s->max_layers) || (s->max_heads > 0 && w.head >= s->max_heads)) {
+            rc = kv_error(KV_EFORMAT,
+                          "%s: data row %zu: layer %s, head %s, but the trace has %d layers and %d query heads "
+                          "(results of another trace, or an edited file)",
+                          path, r + 1, kv_table_get(t, r, col[3]), kv_table_get(t, r, col[4]), s->max_layers,
+                          s->max_heads);
             break;
         }
         w.pol = kv_res_set_policy(s, label);
@@ -413,21 +455,61 @@ int kv_res_set_load(kv_res_set_t *s, const char *path, const char *trace_sha)
         }
         snprintf(w.budget, sizeof w.budget, "%s", budget ? budget : "");
         w.budget_tokens = (int)bt;
-        w.kept = kv_table_num(t, r, col[5]);
-        w.recall_mean = kv_table_num(t, r, col[6]);
-        w.recall_p10 = kv_table_num(t, r, col[7]);
-        w.recall_min = kv_table_num(t, r, col[8]);
-        w.err_mean = kv_table_num(t, r, col[9]);
-        w.bound_mean = kv_table_num(t, r, col[10]);
-        w.violations = kv_table_num(t, r, col[11]);
-        w.mem_bytes = kv_table_num(t, r, col[12]);
-        w.meta_bytes = c_meta >= 0 ? kv_table_num(t, r, c_meta) : NAN;
-        w.err_p90 = c_p90 >= 0 ? kv_table_num(t, r, c_p90) : NAN;
-        w.err_max = c_max >= 0 ? kv_table_num(t, r, c_max) : NAN;
-        w.n_queries = c_nq >= 0 ? kv_table_num(t, r, c_nq) : NAN;
-        w.cache_mean = c_cache >= 0 ? kv_table_num(t, r, c_cache) : NAN;
+        /* every number checked: what it is, and its column's range */
+        const double big = 1e300;
+        struct {
+            int col;
+            double *dst, lo, hi;
+            int integer;
+        } nums[] = {
+            {col[5], &w.kept, 0, big, 0},
+            {col[6], &w.recall_mean, 0, 1 + 1e-6, 0},
+            {col[7], &w.recall_p10, 0, 1 + 1e-6, 0},
+            {col[8], &w.recall_min, 0, 1 + 1e-6, 0},
+            {col[9], &w.err_mean, 0, big, 0},
+            {col[10], &w.bound_mean, 0, big, 0},
+            {col[11], &w.violations, 0, big, 1},
+            {col[12], &w.mem_bytes, 0, big, 0},
+            {c_meta, &w.meta_bytes, 0, big, 0},
+            {c_p90, &w.err_p90, 0, big, 0},
+            {c_max, &w.err_max, 0, big, 0},
+            {c_nq, &w.n_queries, 0, big, 1},
+            {c_cache, &w.cache_mean, 0, big, 0},
+            {c_nf, &w.nonfinite, 0, big, 1},
+        };
+        for (size_t k = 0; k < KV_ARRAY_LEN(nums) && rc == KV_OK; k++) {
+            *nums[k].dst = nums[k].col == c_nf ? 0 : NAN; /* absent optional columns */
+            if (nums[k].col >= 0)
+                rc = cell_num(t, r, nums[k].col, path, nums[k].lo, nums[k].hi, nums[k].integer, nums[k].dst);
+        }
+        if (rc)
+            break;
+        /* rows that measured nothing: named, left out (a NaN would otherwise reach a figure's limits) */
+        if (!isfinite(w.recall_mean) || !isfinite(w.recall_p10) || !isfinite(w.recall_min) || !isfinite(w.err_mean) ||
+            !isfinite(w.bound_mean) || !isfinite(w.kept) || !isfinite(w.mem_bytes) || !isfinite(w.violations) ||
+            !(w.nonfinite == 0)) {
+            if (nan_rows++ < 5) {
+                char one[64];
+                snprintf(one, sizeof one, "%s%zu", nan_rows > 1 ? ", " : "", r + 1);
+                append(nan_list, sizeof nan_list, one);
+            }
+            continue;
+        }
         rc = kv_res_set_add(s, &w);
     }
+    if (rc == KV_OK && nan_rows) {
+        s->n_nan_rows += nan_rows;
+        kv_warn("%s: %ld row%s with nan or infinite metrics left out (data row%s %s%s): %s", path, nan_rows,
+                nan_rows == 1 ? "" : "s", nan_rows == 1 ? "" : "s", nan_list, nan_rows > 5 ? ", ..." : "",
+                c_nf >= 0 ? "the trace holds NaN or inf values where their nonfinite column is > 0 (kvsim info "
+                            "--verify names layers and heads)"
+                          : "the replay measured nothing there");
+    }
+    if (rc == KV_OK && s->n_duplicates > dup0)
+        kv_warn("%s: %d row%s repeat the policy, per-head budget, layer and head of an earlier row (two budgets "
+                "that resolve to the same tokens, or %s); the first is used",
+                path, s->n_duplicates - dup0, s->n_duplicates - dup0 == 1 ? "" : "s",
+                file ? "rows of an earlier results file" : "an edited file");
     kv_table_free(t);
     return rc;
 }

@@ -18,6 +18,7 @@
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/common/kv_rng.h"
 #include "traces/capture/kv_capture.h"
 #include "traces/capture/kv_eval.h"
@@ -84,9 +85,15 @@ static int write_random_checkpoint(const char *path, int dim, int hidden, int la
     struct stat st;
     if (stat(path, &st) == 0 && (size_t)st.st_size == total)
         return KV_OK; /* written by an earlier run */
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot create", path);
+    kv_out_t *o;      /* through the output module: a killed run leaves no short checkpoint under the name */
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    if (!f) {
+        kv_out_abort(o);
+        return KV_ENOMEM;
+    }
     int32_t hdr[7] = {dim, hidden, layers, heads, kv_heads, vocab, seq_len};
     fwrite(hdr, sizeof hdr, 1, f);
     enum { CH = 1 << 20 };
@@ -102,9 +109,7 @@ static int write_random_checkpoint(const char *path, int dim, int hidden, int la
             done += n;
         }
     free(buf);
-    if (fclose(f) != 0)
-        return kv_error(KV_EIO, "%s: write failed", path);
-    return KV_OK;
+    return kv_out_commit(o);
 }
 
 typedef struct {

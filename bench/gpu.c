@@ -31,6 +31,7 @@
 #include "kernels/kv_cuda.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/common/kv_rng.h"
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
@@ -758,8 +759,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_gpu: %s\n", kv_last_error());
         return 2;
     }
-    if (o.out && !(g_tsv = fopen(o.out, "w"))) {
-        fprintf(stderr, "bench_gpu: cannot write %s\n", o.out);
+    kv_out_t *tsv = NULL; /* the output module: the TSV appears whole when the run ends, or not at all */
+    if (o.out && (kv_out_open(o.out, &tsv) != KV_OK || !(g_tsv = kv_out_stream(tsv)))) {
+        fprintf(stderr, "bench_gpu: %s\n", kv_last_error());
+        kv_out_abort(tsv);
         return 2;
     }
     if (g_tsv)
@@ -775,9 +778,12 @@ int main(int argc, char **argv)
         run_ops(cpu, gpu, &o, &cl);
     if (o.replay)
         run_replay(cpu, gpu, &o);
-    if (g_tsv)
-        fclose(g_tsv);
+    int rc = 0;
+    if (tsv && kv_out_commit(tsv) != KV_OK) {
+        fprintf(stderr, "bench_gpu: %s\n", kv_last_error());
+        rc = 1;
+    }
     kv_backend_close(gpu);
     kv_backend_close(cpu);
-    return 0;
+    return rc;
 }

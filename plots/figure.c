@@ -4,11 +4,13 @@
  * Every kv_plot_* call copies its data into an item of the axes; nothing is drawn until
  * kv_fig_render / kv_fig_save (render.c). Saving draws the figure once per output surface: PNG
  * through an ARGB32 image, SVG and PDF through cairo's vector surfaces at 0.75 pt per pixel (so
- * they open at the PNG's size). Output goes to "<path>.tmp", renamed on success and removed on
- * failure; messages name the file and the reason.
+ * they open at the PNG's size). kv_fig_write draws to any stream; kv_fig_save writes a file through
+ * the output module (sim/common/kv_output.h: a unique temporary file, renamed when complete, removed
+ * on failure or a signal); messages name the file and the reason.
  */
 #include "plots/plot_internal.h"
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 
 #include <cairo-pdf.h>
 #include <cairo-svg.h>
@@ -705,37 +707,32 @@ static const char *ext_of(const char *path)
     return dot + 1;
 }
 
-int kv_fig_save(kv_fig_t *fig, const char *path)
+/* 0 png, 1 svg, 2 pdf, -1 unknown (case-insensitive). */
+static int format_kind(const char *fmt)
 {
-    if (!fig || !path || !*path)
-        return kv_error(KV_EINVAL, "kv_fig_save: NULL figure or empty path");
-    const char *ext = ext_of(path);
-    int kind = !strcasecmp(ext, "png") ? 0 : !strcasecmp(ext, "svg") ? 1 : !strcasecmp(ext, "pdf") ? 2 : -1;
-    if (kind < 0)
-        return kv_error(KV_EINVAL, "%s: unknown figure format \".%s\" (use .png, .svg or .pdf)", path, ext);
-    size_t plen = strlen(path);
-    char *tmp = kv_malloc(plen + 5, "temporary file name");
-    if (!tmp)
-        return KV_ENOMEM;
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
+    return !strcasecmp(fmt, "png") ? 0 : !strcasecmp(fmt, "svg") ? 1 : !strcasecmp(fmt, "pdf") ? 2 : -1;
+}
 
+int kv_fig_write(kv_fig_t *fig, const char *format, FILE *f, const char *name)
+{
+    if (!fig || !format || !f)
+        return kv_error(KV_EINVAL, "kv_fig_write: NULL figure, format or stream");
+    if (!name)
+        name = "figure";
+    const int kind = format_kind(format);
+    if (kind < 0)
+        return kv_error(KV_EINVAL, "%s: unknown figure format \"%s\" (png, svg or pdf)", name, format);
     int rc = KV_OK;
     cairo_surface_t *surf = NULL;
     cairo_t *cr = NULL;
-    sink_t sink = {0};
-    sink.f = fopen(tmp, "wb");
-    if (!sink.f) {
-        rc = kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-        goto done;
-    }
+    sink_t sink = {f, 0, 0};
     if (kind == 0) {
         rc = kv_fig_render_image(fig, &surf);
         if (rc != KV_OK)
             goto done;
         cairo_status_t st = cairo_surface_write_to_png_stream(surf, sink_write, &sink);
         if (st != CAIRO_STATUS_SUCCESS) {
-            rc = kv_error(KV_EIO, "%s: writing PNG failed: %s", path,
+            rc = kv_error(KV_EIO, "%s: writing PNG failed: %s", name,
                           sink.failed ? strerror(sink.err) : cairo_status_to_string(st));
             goto done;
         }
@@ -744,7 +741,7 @@ int kv_fig_save(kv_fig_t *fig, const char *path)
         surf = kind == 1 ? cairo_svg_surface_create_for_stream(sink_write, &sink, w, h)
                          : cairo_pdf_surface_create_for_stream(sink_write, &sink, w, h);
         if (cairo_surface_status(surf) != CAIRO_STATUS_SUCCESS) {
-            rc = kv_error(KV_EIO, "%s: cannot start %s output: %s", path, kind == 1 ? "SVG" : "PDF",
+            rc = kv_error(KV_EIO, "%s: cannot start %s output: %s", name, kind == 1 ? "SVG" : "PDF",
                           cairo_status_to_string(cairo_surface_status(surf)));
             goto done;
         }
@@ -754,7 +751,7 @@ int kv_fig_save(kv_fig_t *fig, const char *path)
         cairo_scale(cr, 0.75, 0.75);
         rc = kv_fig_render(fig, cr);
         if (rc != KV_OK) {
-            kv_error_context(rc, "%s", path);
+            kv_error_context(rc, "%s", name);
             goto done;
         }
         cairo_destroy(cr);
@@ -762,32 +759,35 @@ int kv_fig_save(kv_fig_t *fig, const char *path)
         cairo_surface_finish(surf);
         cairo_status_t st = cairo_surface_status(surf);
         if (st != CAIRO_STATUS_SUCCESS || sink.failed) {
-            rc = kv_error(KV_EIO, "%s: writing %s failed: %s", path, kind == 1 ? "SVG" : "PDF",
+            rc = kv_error(KV_EIO, "%s: writing %s failed: %s", name, kind == 1 ? "SVG" : "PDF",
                           sink.failed ? strerror(sink.err) : cairo_status_to_string(st));
             goto done;
         }
     }
-    if (fflush(sink.f) != 0 || ferror(sink.f)) {
-        rc = kv_error(KV_EIO, "%s: write failed: %s", path, strerror(errno));
-        goto done;
-    }
-    int close_rc = fclose(sink.f);
-    sink.f = NULL;
-    if (close_rc != 0) {
-        rc = kv_error(KV_EIO, "%s: write failed: %s", path, strerror(errno));
-        goto done;
-    }
-    if (rename(tmp, path) != 0)
-        rc = kv_error(KV_EIO, "%s: cannot rename from %s: %s", path, tmp, strerror(errno));
 done:
     if (cr)
         cairo_destroy(cr);
     if (surf)
         cairo_surface_destroy(surf);
-    if (sink.f)
-        fclose(sink.f);
-    if (rc != KV_OK)
-        remove(tmp);
-    kv_free(tmp);
     return rc;
+}
+
+int kv_fig_save(kv_fig_t *fig, const char *path)
+{
+    if (!fig || !path || !*path)
+        return kv_error(KV_EINVAL, "kv_fig_save: NULL figure or empty path");
+    const char *ext = ext_of(path);
+    if (format_kind(ext) < 0)
+        return kv_error(KV_EINVAL, "%s: unknown figure format \".%s\" (use .png, .svg or .pdf)", path, ext);
+    kv_out_t *o;
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    rc = f ? kv_fig_write(fig, ext, f, path) : KV_ENOMEM;
+    if (rc) {
+        kv_out_abort(o);
+        return rc;
+    }
+    return kv_out_commit(o);
 }

@@ -63,6 +63,7 @@
 
 #include <cairo.h>
 #include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -180,9 +181,12 @@ int kv_fig_legend(kv_fig_t *fig, kv_legend_pos_t pos);
 int kv_fig_render(kv_fig_t *fig, cairo_t *cr);
 /* Render into a new ARGB32 image surface of the figure's size (caller destroys it). */
 int kv_fig_render_image(kv_fig_t *fig, cairo_surface_t **out);
-/* Write PNG, SVG or PDF, chosen by the extension of `path` (case-insensitive). The file is written
- * to "<path>.tmp" and renamed, so a failed save leaves no half file. */
+/* Write PNG, SVG or PDF, chosen by the extension of `path` (case-insensitive), through the output
+ * module (sim/common/kv_output.h): a unique temporary file renamed when complete, so a failed save
+ * leaves no half file. */
 int kv_fig_save(kv_fig_t *fig, const char *path);
+/* The figure as `format` ("png", "svg" or "pdf") into stream f; `name` names it in messages. */
+int kv_fig_write(kv_fig_t *fig, const char *format, FILE *f, const char *name);
 
 /* ---------------------------------------------------------------- axes */
 

@@ -139,6 +139,7 @@ static void fill_stats(const kv_samples_t *g, int H, int E, int l0, int l1, int 
     double rs = 0, es = 0, bs = 0, gap = INFINITY;
     float rmin = INFINITY, emax = 0;
     long viol = 0;
+    int any_nan = 0; /* a NaN sample makes every statistic NaN, never a minimum or maximum that skips it */
     double kept = 0, cmean = 0, cpeak = 0;
     for (int l = l0; l < l1; l++)
         for (int h = h0; h < h1; h++) {
@@ -159,6 +160,7 @@ static void fill_stats(const kv_samples_t *g, int H, int E, int l0, int l1, int 
                 rmin = rr < rmin ? rr : rmin;
                 emax = ee > emax ? ee : emax;
                 gap = (bb - ee) < gap ? (bb - ee) : gap;
+                any_nan |= isnan(rr) || isnan(ee) || isnan(bb);
             }
         }
     size_t cells = (size_t)(l1 - l0) * (h1 - h0);
@@ -175,6 +177,34 @@ static void fill_stats(const kv_samples_t *g, int H, int E, int l0, int l1, int 
     r->bound_gap_min = gap;
     r->violations = viol;
     r->n_queries = (long)k;
+    if (any_nan)
+        r->recall_p10 = r->recall_min = r->err_p90 = r->err_max = r->bound_gap_min = NAN;
+}
+
+/* A row whose evaluations read n NaN or infinite inputs: its metrics mean nothing (a full cache
+ * would report recall 1), so they are NaN and the count says why. */
+static void set_nonfinite(kv_result_row_t *r, long n)
+{
+    r->nonfinite = n;
+    if (n > 0)
+        r->recall_mean = r->recall_p10 = r->recall_min = r->err_mean = r->err_p90 = r->err_max = r->bound_mean =
+            r->bound_gap_min = r->wo_err_mean = r->wo_bound_mean = NAN;
+}
+
+/* NaN and inf read by the query heads [h0, h1) of layers [l0, l1): their Q and their groups' K/V. */
+static long nonfinite_of(const kv_samples_t *g, int G, int l0, int l1, int h0, int h1)
+{
+    if (!g->nf_q)
+        return 0;
+    const int H = g->H, Hkv = H / G;
+    long n = 0;
+    for (int l = l0; l < l1; l++) {
+        for (int h = h0; h < h1; h++)
+            n += g->nf_q[(size_t)l * H + h];
+        for (int kv = h0 / G; kv <= (h1 - 1) / G; kv++)
+            n += g->nf_kv[(size_t)l * Hkv + kv];
+    }
+    return n;
 }
 
 size_t kv_rows_per_cfg(int L, int H, int head_rows)
@@ -220,6 +250,7 @@ int kv_emit_rows(const kv_samples_t *g, const kv_policy_t *p, int pi, int bi, in
         r.wo_bound_mean = has_wo ? wb / ((double)(l1 - l0) * E) : NAN;
         r.mem_bytes = mem;
         r.meta_bytes = meta;
+        set_nonfinite(&r, nonfinite_of(g, G, l0, l1, 0, H));
         out[nr++] = r;
         if (l < 0 || !head_rows)
             continue;
@@ -236,6 +267,7 @@ int kv_emit_rows(const kv_samples_t *g, const kv_policy_t *p, int pi, int bi, in
             int s = kv_policy_store_of(p, h, G);
             r.mem_bytes = g->mem[(size_t)l * S + s] / (p->gran == KV_GRAN_KV ? G : 1);
             r.meta_bytes = g->meta[l] / H;
+            set_nonfinite(&r, nonfinite_of(g, G, l, l + 1, h, h + 1));
             out[nr++] = r;
         }
     }

@@ -17,14 +17,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The smallest fraction a budget may be: below it, no context kvsim can hold (2^31 tokens) gives a
+ * token (a fraction that resolves to less than one token on a trace is refused there). */
+#define KV_BUDGET_MIN_FRACTION 1e-9
+
 static int parse_one(const char *s, kv_budget_t *b)
 {
     memset(b, 0, sizeof *b);
     char *end;
     errno = 0;
     if (!strncmp(s, "seq:", 4)) {
-        double v = strtod(s + 4, &end);
-        if (end == s + 4 || *end || errno || v < 1 || v != floor(v) || v > 1e15)
+        double v = kv_is_decimal(s + 4, 0, 0) ? strtod(s + 4, &end) : -1;
+        if (v < 1 || errno || v != floor(v) || v > 1e15)
             return kv_error(KV_EINVAL, "budget '%s': expected seq:<positive integer>", s);
         b->kind = KV_BUDGET_SEQUENCE;
         b->value = v;
@@ -32,17 +36,23 @@ static int parse_one(const char *s, kv_budget_t *b)
         return KV_OK;
     }
     if (!strncmp(s, "cr:", 3)) {
-        double v = strtod(s + 3, &end);
-        if (end == s + 3 || *end || errno || !(v >= 0 && v < 1))
+        double v = kv_is_decimal(s + 3, 0, 0) ? strtod(s + 3, &end) : -1;
+        if (v < 0 || *end || errno || !(v >= 0 && v < 1))
             return kv_error(KV_EINVAL, "budget '%s': expected cr:<compression ratio in [0, 1)>", s);
         b->kind = KV_BUDGET_RATIO;
         b->value = v;
         snprintf(b->text, sizeof b->text, "cr:%.6g", v);
         return KV_OK;
     }
+    if (!kv_is_decimal(s, 0, 1))
+        return kv_error(KV_EINVAL, "budget '%s' is not a decimal number (use 128, 0.25, 25%%, seq:65536 or cr:0.75)",
+                        s);
     double v = strtod(s, &end);
     if (end == s || errno || !isfinite(v))
         return kv_error(KV_EINVAL, "budget '%s' is not a number (use 128, 0.25, 25%%, seq:65536 or cr:0.75)", s);
+    if (v > 0 && v / (*end == '%' ? 100.0 : 1.0) < KV_BUDGET_MIN_FRACTION)
+        return kv_error(KV_ERANGE, "budget '%s' is a fraction below %g: less than one token of any context", s,
+                        KV_BUDGET_MIN_FRACTION);
     if (*end == '%' && end[1] == 0) {
         v /= 100.0;
         if (!(v > 0 && v <= 1))
@@ -109,6 +119,8 @@ int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx)
         b->total = (long)b->tokens * per_seq_heads;
         break;
     case KV_BUDGET_FRACTION:
+        if (b->value * n_ctx < 0.5) /* rounding a fraction of a token up to a whole one would hide a typo */
+            return kv_error(KV_ERANGE, "budget %s is less than half a token of the %d context tokens", b->text, n_ctx);
         b->tokens = (int)floor(b->value * n_ctx + 1e-9);
         if (b->tokens < 1)
             b->tokens = 1;
@@ -122,13 +134,17 @@ int kv_budget_resolve(kv_budget_t *b, const kv_trace_meta_t *m, int n_ctx)
         b->total = (long)b->tokens * per_seq_heads;
         break;
     }
-    case KV_BUDGET_SEQUENCE:
-        b->total = (long)b->value;
-        b->tokens = (int)(b->total / per_seq_heads);
-        if (b->tokens < 1)
+    case KV_BUDGET_SEQUENCE: {
+        /* in floating point: a total up to 1e15 over few heads is beyond any int (and beyond any
+         * context: capped at the largest token budget, which keeps every token) */
+        const double per_head = floor(b->value / (double)per_seq_heads);
+        if (per_head < 1)
             return kv_error(KV_ERANGE, "budget %s is less than one token per head (%ld layers x KV heads)", b->text,
                             per_seq_heads);
+        b->total = (long)b->value;
+        b->tokens = per_head > 1e9 ? 1000000000 : (int)per_head;
         break;
+    }
     }
     return KV_OK;
 }

@@ -5,6 +5,7 @@
 #include "sim/kept.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 #include "traces/kv_trace.h"
 
 #include <hdf5.h>
@@ -212,11 +213,17 @@ int kv_kept_write(const kv_kept_t *k, const char *path, const char *trace, const
     int rc = kv_trace_init(); /* HDF5's error printing off */
     if (rc)
         return rc;
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
-    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (f < 0)
-        return kv_error(KV_EIO, "%s: cannot create", tmp);
+    kv_out_t *out; /* temporary file, renamed over path once complete (sim/common/kv_output.h) */
+    if ((rc = kv_out_open(path, &out)))
+        return rc;
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_file_locking(fapl, 0, 1); /* the output module holds the temporary file's lock */
+    hid_t f = H5Fcreate(kv_out_temp(out), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
+    if (f < 0) {
+        kv_out_abort(out);
+        return kv_error(KV_EIO, "%s: cannot create the kept-sets file", path);
+    }
     if ((rc = put_str(f, "format", "kvsim-kept")) || (rc = put_int(f, "format_version", 1)) ||
         (rc = put_int(f, "n_layers", k->n_layers)) || (rc = put_int(f, "n_tokens", k->n_tokens)) ||
         (rc = put_int(f, "n_ctx", k->n_ctx)) || (rc = put_str(f, "trace", trace ? trace : "")) ||
@@ -230,17 +237,13 @@ int kv_kept_write(const kv_kept_t *k, const char *path, const char *trace, const
                 goto fail;
         }
     if (H5Fclose(f) < 0) {
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: cannot close", tmp);
+        kv_out_abort(out);
+        return kv_error(KV_EIO, "%s: cannot close (disk full?)", path);
     }
-    if (rename(tmp, path) != 0) {
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: cannot rename from %s", path, tmp);
-    }
-    return KV_OK;
+    return kv_out_commit(out);
 fail:
     H5Fclose(f);
-    unlink(tmp);
+    kv_out_abort(out);
     return kv_error_context(rc, "%s", path);
 }
 

@@ -13,6 +13,23 @@ int kv_bound_violated(double err, double bound, double F, double C, int d)
     return err > bound + tol;
 }
 
+static long count_nonfinite(const float *x, size_t n)
+{
+    long k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += !(fabsf(x[i]) < INFINITY); /* NaN compares false */
+    return k;
+}
+
+void kv_metrics_nonfinite(const kv_layer_ctx_t *c, long *q_head, long *kv_head)
+{
+    const size_t per = (size_t)c->T * c->d, per_q = (size_t)(c->T - c->q0) * c->d; /* lean: rows [q0, T) */
+    for (int h = 0; h < c->H; h++)
+        q_head[h] = count_nonfinite(c->q + (size_t)h * c->q_hs, per_q);
+    for (int g = 0; g < c->Hkv; g++)
+        kv_head[g] = count_nonfinite(c->k + (size_t)g * per, per) + count_nonfinite(c->v + (size_t)g * per, per);
+}
+
 void kv_metrics_layer_free(kv_metrics_layer_t *m)
 {
     if (!m)

@@ -45,6 +45,11 @@ void kv_metrics_layer_free(kv_metrics_layer_t *m);
 
 int kv_bound_violated(double err, double bound, double F, double C, int d);
 
+/* NaN and infinite values of the layer's inputs: in Q per query head into q_head (H), in K and V
+ * per KV head into kv_head (Hkv). A row that reads any of them cannot be measured (replay reports
+ * it as nan with the count). */
+void kv_metrics_nonfinite(const kv_layer_ctx_t *c, long *q_head, long *kv_head);
+
 /* One-shot cache: storage mask over the context [0, n_ctx) shared by query heads h0..h0+nh-1 and
  * by every evaluation query (appended keys always kept). Outputs per head, (nh, n_eval); evec
  * (nh, n_eval, d) receives o - o_hat when non-NULL. */

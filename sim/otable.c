@@ -2,13 +2,13 @@
 #include "sim/otable.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 struct kv_otable {
     char *title;
@@ -148,43 +148,6 @@ static int numeric(const char *s)
     return *end == 0 && errno == 0;
 }
 
-static FILE *open_out(const char *path, char *tmp, size_t len)
-{
-    if (!strcmp(path, "-")) {
-        tmp[0] = 0;
-        return stdout;
-    }
-    snprintf(tmp, len, "%s.tmp-%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-    return f;
-}
-
-static int close_out(FILE *f, const char *path, const char *tmp)
-{
-    if (f == stdout) {
-        if (fflush(f) != 0 || ferror(f))
-            return kv_error(KV_EIO, "standard output: write failed: %s", strerror(errno));
-        return KV_OK;
-    }
-    int bad = ferror(f) != 0;
-    bad |= fflush(f) != 0;
-    bad |= fsync(fileno(f)) != 0;
-    bad |= fclose(f) != 0;
-    if (bad) {
-        int e = errno;
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(e));
-    }
-    if (rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: cannot rename from %s: %s", path, tmp, strerror(e));
-    }
-    return KV_OK;
-}
-
 static void write_tsv(const kv_otable_t *t, FILE *f)
 {
     fprintf(f, "# %s\n", t->title);
@@ -235,18 +198,47 @@ static void write_json(const kv_otable_t *t, FILE *f)
     fputs("  ]\n}\n", f);
 }
 
+/* One file, or standard output, through the output module. */
+static int write_one(const kv_otable_t *t, const char *path, void (*put)(const kv_otable_t *, FILE *))
+{
+    kv_out_t *o;
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    if (!f) {
+        kv_out_abort(o);
+        return KV_ENOMEM;
+    }
+    put(t, f);
+    return kv_out_commit(o);
+}
+
 int kv_otable_write(const kv_otable_t *t, const char *tsv, const char *json)
 {
-    char tmp[4200];
-    FILE *f = open_out(tsv, tmp, sizeof tmp);
-    if (!f)
-        return KV_EIO;
-    write_tsv(t, f);
-    int rc = close_out(f, tsv, tmp);
-    if (rc || !json)
+    if (!json)
+        return write_one(t, tsv, write_tsv);
+    if (!strcmp(json, "-"))
+        return kv_error(KV_EINVAL, "the JSON results cannot go to standard output");
+    kv_out_set_t *s = NULL;
+    kv_out_t *ot = NULL, *oj = NULL;
+    int rc = kv_out_set_create(&s);
+    if (rc == KV_OK && strcmp(tsv, "-"))
+        rc = kv_out_set_open(s, tsv, 0, &ot);
+    if (rc == KV_OK)
+        rc = kv_out_set_open(s, json, 0, &oj);
+    if (rc == KV_OK && ((ot && !kv_out_stream(ot)) || !kv_out_stream(oj)))
+        rc = KV_ENOMEM;
+    if (rc) {
+        kv_out_set_abort(s);
         return rc;
-    if (!(f = open_out(json, tmp, sizeof tmp)))
-        return KV_EIO;
-    write_json(t, f);
-    return close_out(f, json, tmp);
+    }
+    write_json(t, kv_out_stream(oj));
+    if (ot) {
+        write_tsv(t, kv_out_stream(ot));
+    } else if ((rc = write_one(t, "-", write_tsv))) { /* standard output first: its failure keeps the JSON out */
+        kv_out_set_abort(s);
+        return rc;
+    }
+    return kv_out_set_commit(s); /* both together */
 }

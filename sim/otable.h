@@ -3,8 +3,9 @@
  * header line, one line per row) and as JSON ({"provenance": {...}, "rows": [{column: value}]}),
  * for the commands whose rows are not replay's (kvsim eval, kvsim niah). Cells are kept as text;
  * JSON writes a cell as a number when it reads as one ("nan" and "inf" as null), else as a string.
- * Readers find columns by name (sim/result.h, kv_table_read), never by position. Files are written
- * under a temporary name and renamed, so a failure leaves no partial file.
+ * Readers find columns by name (sim/result.h, kv_table_read), never by position. Files go through the
+ * output module (sim/common/kv_output.h): a failure leaves no partial file, and the TSV and the JSON
+ * are committed together.
  */
 #ifndef KV_OTABLE_H
 #define KV_OTABLE_H
@@ -26,8 +27,8 @@ int kv_otable_add(kv_otable_t *t, const char *const *cells);
 size_t kv_otable_rows(const kv_otable_t *t);
 /* A number as the results files write it: integers exactly, others with %.9g, NaN as "nan". */
 const char *kv_otable_num(char *buf, size_t len, double x);
-/* TSV to tsv ("-": standard output) and, when json is not NULL, JSON to json. Tabs and line breaks
- * inside cells are written as spaces. */
+/* TSV to tsv ("-": standard output) and, when json is not NULL, JSON to json (both committed
+ * together). Tabs and line breaks inside cells are written as spaces. */
 int kv_otable_write(const kv_otable_t *t, const char *tsv, const char *json);
 
 #ifdef __cplusplus

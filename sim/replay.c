@@ -359,6 +359,42 @@ static int prepare_all(kv_policy_t **pols, int n_pol, kv_layer_ctx_t *c)
     return KV_OK;
 }
 
+/* Loud, once per replay: the layers and heads whose Q, K or V hold NaN or inf (their rows report nan
+ * and the count), and rows whose metrics came out NaN from finite inputs (scores beyond float). */
+static void warn_nonfinite(const char *path, const kv_trace_meta_t *m, const long *nf_q, const long *nf_kv,
+                           const kv_results_t *res)
+{
+    const int H = m->n_heads, Hkv = m->n_kv_heads;
+    long total = 0;
+    int places = 0;
+    char list[512] = "";
+    size_t k = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        long q = 0, kv = 0;
+        for (int h = 0; h < H; h++)
+            q += nf_q[(size_t)l * H + h];
+        for (int g = 0; g < Hkv; g++)
+            kv += nf_kv[(size_t)l * Hkv + g];
+        if (!q && !kv)
+            continue;
+        total += q + kv;
+        if (places++ < 6 && k < sizeof list)
+            k += (size_t)snprintf(list + k, sizeof list - k, "%slayer %d: %ld in Q, %ld in K/V", places > 1 ? "; " : "",
+                                  l, q, kv);
+    }
+    if (total)
+        kv_warn("%s: %ld NaN or infinite values in the trace's Q, K and V (%s%s): every result row that reads them "
+                "reports nan metrics and the count in its nonfinite column",
+                path, total, list, places > 6 ? "; ..." : "");
+    long nan_rows = 0;
+    for (size_t i = 0; i < res->n; i++)
+        nan_rows += res->rows[i].nonfinite == 0 && isnan(res->rows[i].recall_mean);
+    if (nan_rows)
+        kv_warn(
+            "%s: %ld result rows have nan metrics from finite Q, K and V (attention scores beyond the float range?)",
+            path, nan_rows);
+}
+
 int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *budgets, int n_budgets, kv_backend_t *be,
               const kv_replay_opts_t *opts, kv_results_t **out)
 {
@@ -415,6 +451,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     kv_metrics_layer_t ml = {0};
     float *p_eval = NULL;
     int *order = NULL;
+    long *nf_q = NULL, *nf_kv = NULL;
     kv_result_row_t *rows = NULL;
     double t_start = kv_now(), t_mark;
     if (o.kept)
@@ -453,12 +490,17 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         }
     p_eval = kv_malloc(sizeof(float) * (size_t)H * E * T, "evaluation attention");
     order = kv_malloc(sizeof(int) * (size_t)n_cfg, "schedule");
-    if (!p_eval || !order) {
+    nf_q = kv_calloc((size_t)L * H, sizeof(long), "non-finite counts");
+    nf_kv = kv_calloc((size_t)L * m->n_kv_heads, sizeof(long), "non-finite counts");
+    if (!p_eval || !order || !nf_q || !nf_kv) {
         rc = KV_ENOMEM;
         goto done;
     }
-    for (int k = 0; k < n_cfg; k++)
+    for (int k = 0; k < n_cfg; k++) {
         order[k] = k;
+        cfg[k].smp.nf_q = nf_q;
+        cfg[k].smp.nf_kv = nf_kv;
+    }
     int cross = 0;
     for (int i = 0; i < n_pol; i++)
         cross |= (pols[i]->flags & KV_POL_CROSS_LAYER) != 0;
@@ -498,6 +540,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
         if ((rc = kv_stream_get(&stream, seq, &lb)))
             break;
         fill_ctx(&c, m, l, n_ctx, want.q0, lb, be, ls, o.seed);
+        kv_metrics_nonfinite(&c, nf_q + (size_t)l * H, nf_kv + (size_t)l * m->n_kv_heads);
         if ((rc = kv_layer_stats_eval_probs(&c, p_eval)))
             break;
         c.p_eval = p_eval;
@@ -576,6 +619,7 @@ int kv_replay(kv_trace_t *t, kv_policy_t **pols, int n_pol, const kv_budget_t *b
     if (rc == KV_OK && o.kept)
         rc = kept_collect(cfg, n_cfg, n_pol, n_budgets, m, n_ctx, o.kept);
     if (rc == KV_OK) {
+        warn_nonfinite(path, m, nf_q, nf_kv, res);
         *out = res;
         res = NULL;
     }
@@ -596,6 +640,8 @@ done:
     kv_results_free(res);
     kv_free(p_eval);
     kv_free(order);
+    kv_free(nf_q);
+    kv_free(nf_kv);
     kv_free(rows);
     kv_metrics_layer_free(&ml);
     kv_layer_stats_free(ls);

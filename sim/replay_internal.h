@@ -82,6 +82,8 @@ typedef struct {
     long *viol;                   /* (L, H) */
     double *mem;                  /* (L, S) bytes per storage head */
     double *meta;                 /* (L) */
+    const long *nf_q, *nf_kv;     /* (L, H), (L, H / G): NaN and inf in the layers' Q and in K/V; shared by
+                                     every pair, not owned; NULL: none counted */
 } kv_samples_t;
 
 int kv_samples_alloc(kv_samples_t *g, int L, int H, int E, int S);

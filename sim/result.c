@@ -2,6 +2,7 @@
 #include "sim/result.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 
 #include <errno.h>
 #include <math.h>
@@ -14,7 +15,7 @@ static const char *const columns[] = {
     "policy",      "budget",        "budget_tokens", "layer",       "head",          "kv_head",
     "kept",        "cache_mean",    "cache_peak",    "recall_mean", "recall_p10",    "recall_min",
     "err_mean",    "err_p90",       "err_max",       "bound_mean",  "bound_gap_min", "violations",
-    "wo_err_mean", "wo_bound_mean", "mem_bytes",     "meta_bytes",  "n_queries",
+    "wo_err_mean", "wo_bound_mean", "mem_bytes",     "meta_bytes",  "n_queries",     "nonfinite",
 };
 
 const char *const *kv_results_columns(int *n)
@@ -111,45 +112,8 @@ static void put_idx(FILE *f, int v)
         fprintf(f, "%d", v);
 }
 
-static FILE *open_out(const char *path, char *tmp, size_t len)
+static void put_tsv(const kv_results_t *r, FILE *f)
 {
-    if (!strcmp(path, "-")) {
-        tmp[0] = 0;
-        return stdout;
-    }
-    snprintf(tmp, len, "%s.tmp-%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-    return f;
-}
-
-static int close_out(FILE *f, const char *path, const char *tmp)
-{
-    if (f == stdout) {
-        fflush(f);
-        return KV_OK;
-    }
-    int bad = ferror(f);
-    bad |= fclose(f) != 0;
-    if (bad) {
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
-    if (rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: cannot rename from %s: %s", path, tmp, strerror(e));
-    }
-    return KV_OK;
-}
-
-int kv_results_write_tsv(const kv_results_t *r, const char *path)
-{
-    char tmp[4200];
-    FILE *f = open_out(path, tmp, sizeof tmp);
-    if (!f)
-        return KV_EIO;
     fprintf(f, "# kvsim replay results\n");
     for (int i = 0; i < r->n_prov; i++)
         fprintf(f, "# %s: %s\n", r->prov_keys[i], r->prov_vals[i]);
@@ -164,17 +128,17 @@ int kv_results_write_tsv(const kv_results_t *r, const char *path)
         put_idx(f, w->head);
         fputc('\t', f);
         put_idx(f, w->kv_head);
-        const double v[] = {w->kept,          w->cache_mean,         w->cache_peak,  w->recall_mean,   w->recall_p10,
-                            w->recall_min,    w->err_mean,           w->err_p90,     w->err_max,       w->bound_mean,
-                            w->bound_gap_min, (double)w->violations, w->wo_err_mean, w->wo_bound_mean, w->mem_bytes,
-                            w->meta_bytes,    (double)w->n_queries};
+        const double v[] = {
+            w->kept,          w->cache_mean,         w->cache_peak,       w->recall_mean,   w->recall_p10,
+            w->recall_min,    w->err_mean,           w->err_p90,          w->err_max,       w->bound_mean,
+            w->bound_gap_min, (double)w->violations, w->wo_err_mean,      w->wo_bound_mean, w->mem_bytes,
+            w->meta_bytes,    (double)w->n_queries,  (double)w->nonfinite};
         for (size_t k = 0; k < KV_ARRAY_LEN(v); k++) {
             fputc('\t', f);
             put_num(f, v[k]);
         }
         fputc('\n', f);
     }
-    return close_out(f, path, tmp);
 }
 
 static void json_str(FILE *f, const char *s)
@@ -200,12 +164,8 @@ static void json_num(FILE *f, double x)
         put_num(f, x);
 }
 
-int kv_results_write_json(const kv_results_t *r, const char *path)
+static void put_json(const kv_results_t *r, FILE *f)
 {
-    char tmp[4200];
-    FILE *f = open_out(path, tmp, sizeof tmp);
-    if (!f)
-        return KV_EIO;
     fputs("{\n  \"provenance\": {", f);
     for (int i = 0; i < r->n_prov; i++) {
         fputs(i ? ", " : "", f);
@@ -251,7 +211,8 @@ int kv_results_write_json(const kv_results_t *r, const char *path)
                     {"wo_bound_mean", w->wo_bound_mean},
                     {"mem_bytes", w->mem_bytes},
                     {"meta_bytes", w->meta_bytes},
-                    {"n_queries", (double)w->n_queries}};
+                    {"n_queries", (double)w->n_queries},
+                    {"nonfinite", (double)w->nonfinite}};
         for (size_t k = 0; k < KV_ARRAY_LEN(nums); k++) {
             fprintf(f, ", \"%s\": ", nums[k].k);
             json_num(f, nums[k].v);
@@ -259,7 +220,61 @@ int kv_results_write_json(const kv_results_t *r, const char *path)
         fprintf(f, "}%s\n", i + 1 < r->n ? "," : "");
     }
     fputs("  ]\n}\n", f);
-    return close_out(f, path, tmp);
+}
+
+/* One file, or standard output, through the output module. */
+static int write_one(const kv_results_t *r, const char *path, void (*put)(const kv_results_t *, FILE *))
+{
+    kv_out_t *o;
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    if (!f) {
+        kv_out_abort(o);
+        return KV_ENOMEM;
+    }
+    put(r, f);
+    return kv_out_commit(o);
+}
+
+int kv_results_write_tsv(const kv_results_t *r, const char *path)
+{
+    return write_one(r, path, put_tsv);
+}
+
+int kv_results_write_json(const kv_results_t *r, const char *path)
+{
+    return write_one(r, path, put_json);
+}
+
+int kv_results_write(const kv_results_t *r, const char *tsv, const char *json)
+{
+    if (!json)
+        return kv_results_write_tsv(r, tsv);
+    if (!strcmp(json, "-"))
+        return kv_error(KV_EINVAL, "the JSON results cannot go to standard output");
+    kv_out_set_t *s = NULL;
+    kv_out_t *t = NULL, *j = NULL;
+    int rc = kv_out_set_create(&s);
+    if (rc == KV_OK && strcmp(tsv, "-"))
+        rc = kv_out_set_open(s, tsv, 0, &t);
+    if (rc == KV_OK)
+        rc = kv_out_set_open(s, json, 0, &j);
+    if (rc == KV_OK && ((t && !kv_out_stream(t)) || !kv_out_stream(j)))
+        rc = KV_ENOMEM;
+    if (rc) {
+        kv_out_set_abort(s);
+        return rc;
+    }
+    put_json(r, kv_out_stream(j));
+    if (t) {
+        put_tsv(r, kv_out_stream(t));
+    } else if ((rc = write_one(r, "-", put_tsv))) { /* standard output first: its failure keeps the JSON out */
+        kv_out_set_abort(s);
+        return rc;
+    }
+    return kv_out_set_commit(s);
 }
 
 /* ---- TSV reader ---- */

@@ -32,6 +32,8 @@ typedef struct {
     double mem_bytes;                  /* stored K and V bytes at the trace dtype (head rows: the head's share) */
     double meta_bytes;                 /* policy metadata bytes */
     long n_queries;
+    long nonfinite; /* NaN and infinite values in the Q, K and V the row's evaluations read (its layers, its
+                       query heads and their KV heads); when > 0 every metric of the row is NAN */
 } kv_result_row_t;
 
 typedef struct {
@@ -51,10 +53,12 @@ int kv_results_add_label(kv_results_t *r, const char *label);
 int kv_results_add_budget(kv_results_t *r, const char *text);
 int kv_results_add_prov(kv_results_t *r, const char *key, const char *val);
 int kv_results_append(kv_results_t *r, const kv_result_row_t *row);
-/* Write TSV ("-" = stdout); files are written to a temporary name and renamed, so a failure leaves
- * no partial results file. */
+/* Write TSV ("-" = stdout) or JSON through the output module (sim/common/kv_output.h): a failure
+ * leaves no partial results file, and a write error on standard output is reported. */
 int kv_results_write_tsv(const kv_results_t *r, const char *path);
 int kv_results_write_json(const kv_results_t *r, const char *path);
+/* Both at once (json may be NULL): committed together, so a failure leaves neither new file. */
+int kv_results_write(const kv_results_t *r, const char *tsv, const char *json);
 /* The TSV column names, in order. */
 const char *const *kv_results_columns(int *n);
 

@@ -20,6 +20,7 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
 #include "sim/result.h"
@@ -83,70 +84,23 @@ static int exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-static void fsync_dir_of(const char *path)
-{
-    char dir[KV_SWEEP_PATH];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof dir, ".");
-    else if (slash == dir)
-        dir[1] = 0;
-    else
-        *slash = 0;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-}
-
-/* fsync a file by name (written by another module) */
-static int fsync_path(const char *path)
-{
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    int rc = fsync(fd) == 0 || errno == EINVAL ? KV_OK : kv_error(KV_EIO, "%s: fsync: %s", path, strerror(errno));
-    close(fd);
-    return rc;
-}
-
-/* tmp -> path: fsync, rename, fsync the folder; tmp is removed on failure. */
-static int commit_tmp(const char *tmp, const char *path)
-{
-    int rc = fsync_path(tmp);
-    if (rc == KV_OK && rename(tmp, path) != 0)
-        rc = kv_error(KV_EIO, "%s: cannot rename from %s: %s", path, tmp, strerror(errno));
-    if (rc) {
-        unlink(tmp);
-        return rc;
-    }
-    fsync_dir_of(path);
-    return KV_OK;
-}
-
-static void tmp_name(const char *path, char *tmp, size_t len)
-{
-    snprintf(tmp, len, "%s.tmp-%d", path, (int)getpid());
-}
-
+/* Every file of a sweep goes through the output module (sim/common/kv_output.h): a unique
+ * temporary file beside it, fsync'ed, renamed, the folder fsync'ed; removed on a failure or a
+ * signal. */
 int kv_sweep_write_file(const char *path, const char *data, size_t len)
 {
-    char tmp[KV_SWEEP_PATH + 32];
-    tmp_name(path, tmp, sizeof tmp);
-    FILE *f = fopen(tmp, "wb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot create: %s", path, strerror(errno));
-    int bad = len && fwrite(data, 1, len, f) != len;
-    bad |= fflush(f) != 0;
-    const int e = errno;
-    bad |= fclose(f) != 0;
-    if (bad) {
-        unlink(tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", path, strerror(e ? e : errno));
+    kv_out_t *o;
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    if (!f) {
+        kv_out_abort(o);
+        return KV_ENOMEM;
     }
-    return commit_tmp(tmp, path);
+    if (len)
+        fwrite(data, 1, len, f); /* a failed write is reported by the commit, with its reason */
+    return kv_out_commit(o);
 }
 
 static void sha256_hex(const char *data, size_t len, char hex[65])
@@ -1452,8 +1406,7 @@ done:
 /* The sample's work; stage names where it failed. */
 static int unit_work(kv_sweep_t *s, int i, const kv_sweep_opts_t *o, const char **stage)
 {
-    char trace[KV_SWEEP_PATH + 256], res_path[KV_SWEEP_PATH + 256], tmp[KV_SWEEP_PATH + 300],
-        prefix[KV_SWEEP_PATH + 256];
+    char trace[KV_SWEEP_PATH + 256], res_path[KV_SWEEP_PATH + 256], prefix[KV_SWEEP_PATH + 256];
     sub_path(s, "traces", s->ids[i], ".h5", trace, sizeof trace);
     sub_path(s, "samples", s->ids[i], ".tsv", res_path, sizeof res_path);
     sub_path(s, "samples", s->ids[i], "", prefix, sizeof prefix);
@@ -1504,8 +1457,7 @@ static int unit_work(kv_sweep_t *s, int i, const kv_sweep_opts_t *o, const char 
         goto done;
     /* the results: the unit's last file, complete or absent */
     *stage = "write";
-    tmp_name(res_path, tmp, sizeof tmp);
-    if ((rc = kv_results_write_tsv(res, tmp)) || (rc = commit_tmp(tmp, res_path)))
+    if ((rc = kv_results_write_tsv(res, res_path))) /* through the output module: whole or absent */
         goto done;
 done:
     kv_results_free(res);

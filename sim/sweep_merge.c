@@ -14,6 +14,7 @@
  */
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/common/kv_rng.h"
 #include "sim/result.h"
 #include "sim/sweep.h"
@@ -175,51 +176,23 @@ static void put_num(FILE *f, double x)
 
 /* ---------------------------------------------------------------- output files */
 
+/* The merge's three files are one set of the output module (sim/common/kv_output.h): written and
+ * synced under temporary names, then renamed together, results.tsv (the index: removed first,
+ * renamed last) after aggregate.tsv and failed.tsv, so a results.tsv is always of the same merge
+ * as the other two; a failure or a signal leaves the previous merge's files as they were. */
 typedef struct {
-    char path[KV_SWEEP_PATH + 64], tmp[KV_SWEEP_PATH + 96];
     FILE *f;
 } out_t;
 
-static int out_open(out_t *o, const char *dir, const char *name)
+static int out_open(kv_out_set_t *set, out_t *o, const char *dir, const char *name, int flags)
 {
-    snprintf(o->path, sizeof o->path, "%s/%s", dir, name);
-    snprintf(o->tmp, sizeof o->tmp, "%s.tmp-%d", o->path, (int)getpid());
-    o->f = fopen(o->tmp, "w");
-    if (!o->f)
-        return kv_error(KV_EIO, "%s: cannot create: %s", o->path, strerror(errno));
-    return KV_OK;
-}
-
-static void out_abort(out_t *o)
-{
-    if (o->f) {
-        fclose(o->f);
-        unlink(o->tmp);
-        o->f = NULL;
-    }
-}
-
-/* flush, fsync, rename, fsync the folder */
-static int out_commit(out_t *o)
-{
-    FILE *f = o->f;
-    o->f = NULL;
-    int bad = fflush(f) != 0 || ferror(f);
-    int e = errno;
-    bad |= fsync(fileno(f)) != 0;
-    if (!e)
-        e = errno;
-    bad |= fclose(f) != 0;
-    if (bad) {
-        unlink(o->tmp);
-        return kv_error(KV_EIO, "%s: write failed: %s", o->path, strerror(e ? e : errno));
-    }
-    if (rename(o->tmp, o->path) != 0) {
-        e = errno;
-        unlink(o->tmp);
-        return kv_error(KV_EIO, "%s: cannot rename from %s: %s", o->path, o->tmp, strerror(e));
-    }
-    return KV_OK;
+    char path[KV_SWEEP_PATH + 64];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    kv_out_t *k;
+    int rc = kv_out_set_open(set, path, flags, &k);
+    if (rc == KV_OK && !(o->f = kv_out_stream(k)))
+        rc = KV_ENOMEM;
+    return rc;
 }
 
 /* One line of text with tabs and line breaks made spaces. */
@@ -322,10 +295,10 @@ done:
     return rc;
 }
 
-static int write_aggregate(const kv_sweep_t *s, const cells_t *C, const kv_sweep_summary_t *st)
+static int write_aggregate(kv_out_set_t *set, const kv_sweep_t *s, const cells_t *C, const kv_sweep_summary_t *st)
 {
     out_t o = {0};
-    int rc = out_open(&o, s->output, "aggregate.tsv");
+    int rc = out_open(set, &o, s->output, "aggregate.tsv", 0);
     if (rc)
         return rc;
     FILE *f = o.f;
@@ -346,10 +319,8 @@ static int write_aggregate(const kv_sweep_t *s, const cells_t *C, const kv_sweep
         fprintf(f, "%s\t%s\t%d", c->policy, c->budget, c->n);
         for (int k = 0; k < N_METRICS; k++) {
             double mean, lo, hi;
-            if ((rc = kv_bootstrap_mean(c->v[k], c->n, s->resamples, s->boot_seed, s->confidence, &mean, &lo, &hi))) {
-                out_abort(&o);
-                return rc;
-            }
+            if ((rc = kv_bootstrap_mean(c->v[k], c->n, s->resamples, s->boot_seed, s->confidence, &mean, &lo, &hi)))
+                return rc; /* the set is aborted by the caller */
             const double v3[3] = {mean, lo, hi};
             for (int j = 0; j < 3; j++) {
                 fputc('\t', f);
@@ -358,13 +329,13 @@ static int write_aggregate(const kv_sweep_t *s, const cells_t *C, const kv_sweep
         }
         fputc('\n', f);
     }
-    return out_commit(&o);
+    return KV_OK;
 }
 
-static int write_failed(const kv_sweep_t *s, const kv_sweep_summary_t *st)
+static int write_failed(kv_out_set_t *set, const kv_sweep_t *s, const kv_sweep_summary_t *st)
 {
     out_t o = {0};
-    int rc = out_open(&o, s->output, "failed.tsv");
+    int rc = out_open(set, &o, s->output, "failed.tsv", 0);
     if (rc)
         return rc;
     preamble(o.f, s, "failures: the samples without results and why", st);
@@ -388,7 +359,7 @@ static int write_failed(const kv_sweep_t *s, const kv_sweep_summary_t *st)
         }
         kv_free(msg);
     }
-    return out_commit(&o);
+    return KV_OK;
 }
 
 int kv_sweep_merge(kv_sweep_t *s, const kv_sweep_opts_t *opts, kv_sweep_summary_t *sum)
@@ -420,8 +391,11 @@ int kv_sweep_merge(kv_sweep_t *s, const kv_sweep_opts_t *opts, kv_sweep_summary_
     }
     cells_t C = {0};
     out_t res = {0};
-    if ((rc = out_open(&res, s->output, "results.tsv")))
+    kv_out_set_t *set = NULL;
+    if ((rc = kv_out_set_create(&set)) || (rc = out_open(set, &res, s->output, "results.tsv", KV_OUT_INDEX))) {
+        kv_out_set_abort(set);
         return rc;
+    }
     preamble(res.f, s, "results: every finished sample's replay results after a sample column", &st);
     int nc;
     const char *const *cols = kv_results_columns(&nc);
@@ -436,21 +410,16 @@ int kv_sweep_merge(kv_sweep_t *s, const kv_sweep_opts_t *opts, kv_sweep_summary_
             rc = merge_sample(s, i, res.f, &C);
     }
     if (rc == KV_OK)
-        rc = write_failed(s, &st);
+        rc = write_failed(set, s, &st);
     if (rc == KV_OK)
-        rc = write_aggregate(s, &C, &st);
-    /* results.tsv last: when it is there, the other two are the same merge's */
+        rc = write_aggregate(set, s, &C, &st);
+    /* results.tsv last (the index): when it is there, the other two are the same merge's */
     if (rc == KV_OK)
-        rc = out_commit(&res);
+        rc = kv_out_set_commit(set);
     else
-        out_abort(&res);
+        kv_out_set_abort(set);
     cells_free(&C);
     if (rc == KV_OK) {
-        int fd = open(s->output, O_RDONLY | O_DIRECTORY); /* the renames, durable */
-        if (fd >= 0) {
-            fsync(fd);
-            close(fd);
-        }
         kv_info("sweep: merged %d samples (%d failed, %d missing) -> %s/results.tsv, aggregate.tsv, failed.tsv",
                 st.done, st.failed, st.missing, s->output);
     }

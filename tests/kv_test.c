@@ -2,9 +2,11 @@
 #include "tests/kv_test.h"
 
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 #include "sim/common/kv_rng.h"
 #include "traces/kv_trace.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +35,31 @@ const char *kv_test_tmp(const char *name, char *buf, size_t len)
     mkdir("build/test-tmp", 0755);
     snprintf(buf, len, "build/test-tmp/%d-%d-%s", (int)getpid(), n++, name);
     return buf;
+}
+
+int kv_test_temps_of(const char *path)
+{
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    const char *base = slash ? path + (slash - dir) + 1 : path;
+    if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, sizeof dir, ".");
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *e;
+    const size_t lb = strlen(base), ls = strlen(KV_OUT_TEMP_SUFFIX);
+    while ((e = readdir(d))) {
+        const size_t len = strlen(e->d_name);
+        n += !strncmp(e->d_name, base, KV_MIN(lb, (size_t)200)) && len > ls &&
+             !strcmp(e->d_name + len - ls, KV_OUT_TEMP_SUFFIX);
+    }
+    closedir(d);
+    return n;
 }
 
 void kv_test_skip(const char *test, const char *why)

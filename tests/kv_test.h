@@ -16,6 +16,9 @@
 const char *kv_test_shared(const char *rel, char *buf, size_t len);
 /* A fresh path under build/test-tmp/ for a test file named `name` (unique per process). */
 const char *kv_test_tmp(const char *name, char *buf, size_t len);
+/* Temporary files of the output module (sim/common/kv_output.h) for target `path` left in its
+ * folder: names that start with path's base name and end in ".kvsim-tmp". */
+int kv_test_temps_of(const char *path);
 /* The whole of a file another program wrote (malloc'd, NUL-terminated, *len bytes); fails the test,
  * naming the file, when it cannot be read. */
 void *kv_test_read_file(const char *path, size_t *len);

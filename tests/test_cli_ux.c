@@ -21,8 +21,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static const char *const COMMANDS[] = {"capture", "generate", "nll",     "synth", "info",
-                                       "replay",  "policies", "analyze", "demo",  "tokenize"};
+static const char *const COMMANDS[] = {"capture",  "generate", "nll",  "synth",    "info", "replay",
+                                       "policies", "analyze",  "demo", "tokenize", "clean"};
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 
 /* Output of the last run (stdout and stderr), NUL-terminated, at most 64 KiB each. */

@@ -1,7 +1,7 @@
 /*
  * test_robust_capture.c: prompts and options at their edges, and what a capture records.
  *
- *  - prompt edges: the empty prompt (BOS only) and no decode tokens at all, a prompt of only
+ *  - prompt edges: the empty prompt (refused), no decode tokens at all, a prompt of only
  *    <|endoftext|> separators, invalid UTF-8 (stored tokens decode back to the exact bytes), a
  *    prompt longer than the context, --decode so large that prompt + decode overflows an int;
  *  - --segments offsets out of range, unsorted, repeated, malformed; a failed capture leaves no file;
@@ -101,17 +101,21 @@ START_TEST(prompt_edges)
     char out[256];
     kv_capture_opts_t o;
     kv_capture_result_t r;
-    /* empty prompt: BOS alone, with and without decode tokens */
+    /* empty prompt: refused (issue 10, finding 14: it was captured as BOS alone, silently), with and
+     * without decode tokens; a prompt of one character is BOS and that token */
     for (int nd = 0; nd <= 3; nd += 3) {
         kv_test_tmp("robust-empty.h5", out, sizeof out);
         opts(&o, &f, "", out, nd);
+        capture_fails(&o, "the prompt is empty");
+        kv_test_tmp("robust-one.h5", out, sizeof out);
+        opts(&o, &f, "a", out, nd);
         ck_assert_msg(kv_capture_run(&o, &r) == KV_OK, "%s", kv_last_error());
         kv_trace_t *t;
         ck_assert_msg(kv_trace_open(out, &t) == KV_OK, "%s", kv_last_error());
-        ck_assert_int_eq(kv_trace_meta(t)->n_prompt, 1);
-        ck_assert_int_eq(kv_trace_meta(t)->n_tokens, 1 + nd);
+        ck_assert_int_eq(kv_trace_meta(t)->n_prompt, 2);
+        ck_assert_int_eq(kv_trace_meta(t)->n_tokens, 2 + nd);
         ck_assert_int_eq(kv_trace_meta(t)->tokens[0], KV_BOS);
-        ck_assert_int_eq(kv_trace_meta(t)->pool, 1 + nd);
+        ck_assert_int_eq(kv_trace_meta(t)->pool, 2 + nd);
         kv_trace_close(t);
     }
     /* only separators */

@@ -446,6 +446,7 @@ START_TEST(version_1_traces_still_read)
     ck_assert(a >= 0 && H5Awrite(a, H5T_NATIVE_LLONG, &one) >= 0);
     H5Aclose(a);
     ck_assert(H5Adelete(f, "has_stats") >= 0 && H5Adelete(f, "stats_split") >= 0 && H5Adelete(f, "q_start") >= 0);
+    ck_assert(H5Adelete(f, "meta_sha256") >= 0); /* version 1 had no attribute checksum */
     H5Fclose(f);
     kv_trace_t *v1;
     ck_assert_msg(kv_trace_open(path, &v1) == KV_OK, "%s", kv_last_error());
@@ -560,7 +561,12 @@ Suite *suite_stats(void)
     tcase_add_test(tc, lean_traces_replay_the_policies_that_fit);
     tcase_add_test(tc, version_1_traces_still_read);
     tcase_add_test(tc, funnel_from_the_stored_statistics);
+#if defined(__SANITIZE_ADDRESS__)
+    /* AddressSanitizer keeps freed memory in quarantine: peak RSS says nothing about what synth holds */
+    kv_test_skip("stats synth_holds_one_layer", "built with AddressSanitizer (freed memory stays resident)");
+#else
     tcase_add_test(tc, synth_holds_one_layer);
+#endif
     suite_add_tcase(s, tc);
     return s;
 }

@@ -88,6 +88,8 @@ typedef struct {
     /* storage */
     kv_dtype_t dtype;  /* on-disk dtype of Q, K, V */
     long f16_overflow; /* values beyond the f16 range stored as +-inf */
+    long nonfinite;    /* NaN and +-inf values stored in Q, K, V, the summaries and W_O, counted by the
+                          writer (f16 overflows included); -1: not counted (a trace of an older kvsim) */
     int zstd_level;
     /* provenance */
     char source[32];       /* "capture", "synth" or "memory" */
@@ -96,10 +98,12 @@ typedef struct {
     char tokenizer[256];
     char tool_version[32];
     char git_revision[48];
-    char created[32];    /* ISO 8601 UTC */
-    char backend[160];   /* backend that computed the trace */
-    char generator[512]; /* synth: the generator's parameters; capture: the command options */
-    char prompt[1024];   /* prompt text (truncated), for reports */
+    char created[32];     /* ISO 8601 UTC */
+    char backend[160];    /* backend that computed the trace */
+    char generator[512];  /* synth: the generator's parameters; capture: the command options */
+    char prompt[1024];    /* prompt text (truncated), for reports */
+    char meta_sha256[65]; /* SHA-256 of the root attributes (FORMAT.md, "Integrity"), checked by the reader;
+                             "" for traces of older kvsim versions (written on commit, not read from meta) */
 } kv_trace_meta_t;
 
 /* Meta owns its arrays. */
@@ -180,6 +184,21 @@ int kv_trace_write(kv_trace_writer_t *w, int layer, kv_tensor_t which, const flo
 int kv_trace_commit(kv_trace_writer_t *w);
 /* Close and delete the temporary file; frees w. Accepts NULL. */
 void kv_trace_abort(kv_trace_writer_t *w);
+
+/* ---- verification (kvsim info --verify) */
+typedef struct {
+    long datasets, chunks; /* checked */
+    long unchecksummed;    /* chunks stored without a checksum (traces of older kvsim versions) */
+    long bad_chunks;       /* chunks that were never written, do not decode or whose checksum differs */
+    long nonfinite;        /* NaN and infinite values in Q, K, V, W_O and the summaries */
+    long out_of_range;     /* summary values outside their ranges: entropy in [0, ln(t + 1)], accumulated
+                              attention in [0, prompt queries that see the key], pooled in [0, 1] */
+} kv_verify_t;
+/* Check every stored chunk of the trace at `path` against its checksum, then every value, in a child
+ * process (a crash inside libhdf5 on a damaged file is an error). *report gets one line per problem
+ * (at most 40, naming the dataset and the chunk, or the layer and head; kv_free); the counts go to
+ * *v. Returns KV_OK when the file could be checked (sound or not: see v), an error when it could not. */
+int kv_trace_verify(const char *path, char **report, kv_verify_t *v);
 
 /* Initialise HDF5 for kvsim: silence its error printing and register the zstd filter. */
 int kv_trace_init(void);

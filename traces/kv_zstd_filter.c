@@ -12,10 +12,14 @@ size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, c
 {
     if (level < 1 || level > ZSTD_maxCLevel())
         level = KV_ZSTD_DEFAULT_LEVEL;
-    /* compress2 with the default parameters writes the content size into the frame header; both
-     * parameters are set on every call, so a reused context compresses exactly like a fresh one. */
+    /* compress2 with the default parameters writes the content size into the frame header; the
+     * frame also ends with zstd's content checksum (the low 32 bits of XXH64 of the chunk's bytes),
+     * which every zstd decoder verifies: a stored chunk that changed is an error, never other
+     * values. The parameters are set on every call, so a reused context compresses exactly like a
+     * fresh one. */
     if (ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, level)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1)))
+        ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 1)))
         return 0;
     size_t got = ZSTD_compress2(cc, dst, cap, src, n);
     return ZSTD_isError(got) ? 0 : got;

@@ -4,7 +4,7 @@
  *
  * Convention: exactly one cd_value, the compression level (1..22); each chunk is one complete zstd
  * frame that records its content size (readers that size their output from the frame header need
- * it). Buffers come from H5allocate_memory/H5free_memory; any zstd error returns 0 (HDF5's failure
+ * it) and ends with zstd's content checksum (verified by every zstd decoder, hdf5plugin's too). Buffers come from H5allocate_memory/H5free_memory; any zstd error returns 0 (HDF5's failure
  * value for a filter).
  */
 #ifndef KV_ZSTD_FILTER_H
@@ -22,7 +22,7 @@ extern "C" {
 typedef struct ZSTD_CCtx_s ZSTD_CCtx; /* zstd.h's context type (same typedef) */
 
 /* Compress one chunk as the filter does: one zstd frame at `level` (outside 1..max: the default)
- * that records its content size. `cc` may be reused from call to call; the frame does not depend on
+ * that records its content size and carries the content checksum. `cc` may be reused from call to call; the frame does not depend on
  * what it compressed before. dst holds cap bytes (ZSTD_compressBound(n) always suffices).
  * Returns the frame's size, 0 on any zstd error. */
 size_t kv_zstd_compress_chunk(ZSTD_CCtx *cc, int level, void *dst, size_t cap, const void *src, size_t n);

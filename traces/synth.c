@@ -1298,7 +1298,8 @@ int kv_synth_write(const kv_synth_params_t *p, const char *path, const kv_write_
         goto done;
     if ((rc = run(p, &meta, &out, "synth"))) {
         kv_trace_abort(out.w);
-        kv_error_context(rc, "%s", path);
+        if (strncmp(kv_last_error(), path, strlen(path))) /* name the file once */
+            kv_error_context(rc, "%s", path);
         goto done;
     }
     rc = kv_trace_commit(out.w);

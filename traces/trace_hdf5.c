@@ -7,42 +7,71 @@
  * through kv_f16, not HDF5's slow soft conversion).
  * Writing: datasets are created with their full shape up front, chunked along tokens, filtered by
  * shuffle then zstd (id 32015, one cd_value: the level). The file is written under a temporary name
- * beside the target and renamed on commit, so an interrupted write never leaves a file under the
- * final name; SIGINT/SIGTERM remove the temporary file.
+ * beside the target and renamed on commit through the output module (sim/common/kv_output.h), so an
+ * interrupted write never leaves a file under the final name; SIGINT/SIGTERM remove the temporary
+ * file.
  */
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "traces/kv_f16.h"
 #include "traces/kv_trace.h"
 #include "traces/kv_zstd_filter.h"
 #include "traces/trace_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <hdf5.h>
+#include <math.h>
 #include <omp.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 /* ---------------------------------------------------------------- HDF5 helpers */
 
+typedef struct {
+    char top[256]; /* the outermost frame's description */
+    char sys[128]; /* the operating system's reason, when a file driver frame gives one */
+} h5_walk_t;
+
 static herr_t walk_cb(unsigned n, const H5E_error2_t *e, void *data)
 {
-    char *out = data;
-    if (n == 0 && e->desc)
-        snprintf(out, 256, "%s", e->desc);
+    h5_walk_t *w = data;
+    if (!e->desc)
+        return 0;
+    if (n == 0)
+        snprintf(w->top, sizeof w->top, "%s", e->desc);
+    /* the sec2 driver's "... errno = 28, error message = 'No space left on device', ..." */
+    const char *m = strstr(e->desc, "error message = '");
+    if (m && !w->sys[0]) {
+        m += strlen("error message = '");
+        const char *q = strchr(m, '\'');
+        snprintf(w->sys, sizeof w->sys, "%.*s", q ? (int)(q - m) : 100, m);
+    }
     return 0;
 }
 
-/* Innermost message of the HDF5 error stack (HDF5's own explanation), or "unknown HDF5 error". */
+/* The HDF5 error stack's explanation (its outermost message, and the system's reason where a file
+ * driver gave one: "can't write unprocessed chunk data: No space left on device"), or "unknown
+ * HDF5 error". */
 static const char *h5_reason(void)
 {
-    static _Thread_local char buf[256];
-    snprintf(buf, sizeof buf, "unknown HDF5 error");
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, walk_cb, buf);
+    static _Thread_local char buf[400];
+    h5_walk_t w = {"unknown HDF5 error", ""};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, walk_cb, &w);
     H5Eclear2(H5E_DEFAULT);
+    if (w.sys[0])
+        snprintf(buf, sizeof buf, "%s: %s", w.top, w.sys);
+    else
+        snprintf(buf, sizeof buf, "%s", w.top);
     return buf;
 }
 
@@ -51,6 +80,10 @@ int kv_trace_init(void)
     static int done = 0;
     if (done)
         return KV_OK;
+    /* No HDF5 clean-up at exit: after a failed close (a full disk) libhdf5 1.10 keeps the file
+     * half-closed and its atexit handler then crashes closing it again. kvsim closes every file it
+     * opens itself, and the operating system releases the rest. Must come before any other call. */
+    H5dont_atexit();
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     int rc = kv_zstd_filter_register();
     if (rc == KV_OK)
@@ -300,6 +333,10 @@ typedef struct {
  * chunks is not as kvsim writes them and HDF5's own pipeline must read it. */
 #define READ_FALLBACK 1
 static int read_direct(kv_trace_t *t, hid_t d, const char *name, int f16, int t0, int nt, float *dst);
+/* The first chunk of d that covers rows [r0, r0 + nr) of the second axis and does not decode (a
+ * checksum mismatch, a damaged frame, a chunk never written): 1 with "the chunk at (..): why" in
+ * where, 0 when every chunk decodes (defined with kv_trace_verify below). */
+static int find_bad_chunk(hid_t d, size_t r0, size_t nr, char *where, size_t len);
 static void read_direct_free(h5_impl_t *hi);
 
 /* An integer vector: exactly `expect` entries (expect >= 0), or at most `max` (expect < 0; *count
@@ -397,6 +434,50 @@ static int check_dims(hid_t file, const kv_trace_meta_t *m, int layer, kv_tensor
     return KV_OK;
 }
 
+/* SHA-256 of the root attributes' values, as the reader understands them (the meta_sha256 attribute,
+ * FORMAT.md): the attributes live in places HDF5 does not checksum (variable-length strings in the
+ * global heap, dense attribute storage in fractal heap blocks), where a changed byte would otherwise
+ * change a value silently. One "name=value" line per attribute, in FORMAT.md's order. */
+static int meta_digest(const kv_trace_meta_t *m, int version, char hex[65])
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return kv_error(KV_ENOMEM, "out of memory for the attribute checksum");
+    const int has_sum = m->has_summaries != 0;
+    fprintf(f, "format=%s\nformat_version=%d\n", KV_TRACE_FORMAT, version);
+    fprintf(f, "n_layers=%d\nn_heads=%d\nn_kv_heads=%d\nhead_dim=%d\n", m->n_layers, m->n_heads, m->n_kv_heads,
+            m->head_dim);
+    fprintf(f, "n_tokens=%d\nn_prompt=%d\nn_decode=%d\nn_segments=%d\n", m->n_tokens, m->n_prompt,
+            m->n_tokens - m->n_prompt, m->n_segments);
+    fprintf(f, "has_summaries=%d\npool=%d\nhas_wo=%d\n", has_sum, has_sum ? m->pool : 0, m->has_wo != 0);
+    if (version >= 2) /* the statistics and lean storage of version 2 */
+        fprintf(f, "has_stats=%d\nstats_split=%d\nq_start=%d\n", m->has_stats != 0, m->stats_split, m->q_start);
+    fprintf(f, "model_dim=%d\nhidden_dim=%d\nvocab_size=%d\nseq_len=%d\n", m->model_dim, m->hidden_dim, m->vocab_size,
+            m->seq_len);
+    fprintf(f, "rope_theta=%.9g\nnorm_eps=%.9g\n", (double)m->rope_theta, (double)m->norm_eps);
+    fprintf(f, "dtype=%s\nf16_overflow=%ld\nnonfinite=%ld\nzstd_level=%d\n", m->dtype == KV_DTYPE_F16 ? "f16" : "f32",
+            m->f16_overflow, m->nonfinite, m->zstd_level);
+    const char *const strs[][2] = {
+        {"source", m->source},
+        {"model", m->model},
+        {"model_sha256", m->model_sha256},
+        {"tokenizer", m->tokenizer},
+        {"tool_version", m->tool_version},
+        {"git_revision", m->git_revision},
+        {"created", m->created},
+        {"backend", m->backend},
+        {"generator", m->generator},
+        {"prompt", m->prompt},
+    };
+    for (size_t i = 0; i < KV_ARRAY_LEN(strs); i++) /* the length first: no value can mimic a next line */
+        fprintf(f, "%s=%zu:%s\n", strs[i][0], strlen(strs[i][1]), strs[i][1]);
+    int rc = fclose(f) == 0 ? kv_sha256_buf(buf, len, hex) : kv_error(KV_ENOMEM, "out of memory for a checksum");
+    free(buf);
+    return rc;
+}
+
 static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
 {
     char fmt[64];
@@ -456,6 +537,12 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
     if ((rc = get_int_attr(f, "f16_overflow", &v, 0, path)))
         return rc;
     m->f16_overflow = (long)v;
+    v = -1; /* absent: a trace of a kvsim that did not count them */
+    if ((rc = get_int_attr(f, "nonfinite", &v, 0, path)))
+        return rc;
+    if (v < -1)
+        return kv_error(KV_EFORMAT, "%s: attribute 'nonfinite' = %lld out of range", path, v);
+    m->nonfinite = (long)v;
     double d = 0;
     if ((rc = get_double_attr(f, "rope_theta", &d, path)))
         return rc;
@@ -517,6 +604,20 @@ static int h5_read_meta(hid_t f, kv_trace_meta_t *m, const char *path)
                         "%s: attributes n_segments %lld and n_decode %lld disagree with the %d segment starts and "
                         "n_tokens - n_prompt = %d",
                         path, n_seg, n_dec, m->n_segments, m->n_tokens - m->n_prompt);
+    /* the attributes' checksum (traces of older kvsim versions have none; one that is there must
+     * match, an empty one too: damage in the global heap reads strings back as empty) */
+    char want[80] = "", got[65];
+    const int has_digest = attr_exists(f, "meta_sha256");
+    if (has_digest && (rc = get_str_attr(f, "meta_sha256", want, sizeof want, path)))
+        return rc;
+    if (has_digest && (rc = meta_digest(m, version, got)))
+        return rc;
+    if (has_digest && strcmp(want, got))
+        return kv_error(KV_EFORMAT,
+                        "%s: the root attributes changed since the trace was written (their checksum meta_sha256 "
+                        "does not match): the file is damaged",
+                        path);
+    snprintf(m->meta_sha256, sizeof m->meta_sha256, "%s", has_digest ? got : "");
     return KV_OK;
 }
 
@@ -572,8 +673,15 @@ static int h5_read_hyperslab(kv_trace_t *t, int layer, kv_tensor_t which, int t0
     } else {
         e = H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, dst);
     }
-    if (e < 0)
-        rc = kv_error(KV_EIO, "%s: cannot read '%s' (%s)", t->path, name, h5_reason());
+    if (e < 0) {
+        char why[400], where[160];
+        snprintf(why, sizeof why, "%s", h5_reason());
+        /* HDF5 does not say which chunk failed: find it (a checksum mismatch names it) */
+        if (find_bad_chunk(d, t0 >= 0 ? (size_t)t0 : 0, t0 >= 0 ? (size_t)nt : (size_t)-1, where, sizeof where))
+            rc = kv_error(KV_EFORMAT, "%s: '%s': %s (corrupt file)", t->path, name, where);
+        else
+            rc = kv_error(KV_EIO, "%s: cannot read '%s' (%s)", t->path, name, why);
+    }
 done:
     H5Tclose(ft);
     H5Sclose(ms);
@@ -628,18 +736,265 @@ static void h5_close(kv_trace_t *t)
 
 static const kv_trace_vt_t h5_vt = {h5_read_rows, h5_read, h5_has, h5_storage, h5_close};
 
+/* ---------------------------------------------------------------- the sandbox
+ *
+ * libhdf5 1.10 parses a file's own structures (superblock, object headers, B-trees, the global heap
+ * that holds variable-length strings) trusting their bytes: one changed byte can make it read out of
+ * bounds and crash, loop, or allocate gigabytes. Checksums (the v110 format kvsim writes, FORMAT.md)
+ * catch most of that, not all (the global heap has none) and not in older files. So the parse runs
+ * first in a child process, with an address-space limit and an alarm, and only once that child has
+ * finished does the calling process repeat it: a crash becomes an error that names the file. The
+ * child uses one OpenMP thread (libgomp's pool does not survive fork), default actions for the
+ * crash signals (no inherited handler acts for the child) and for the output module's signals
+ * (which would remove the parent's temporary files), and ends with _exit. */
+
+#if defined(__SANITIZE_ADDRESS__)
+#define KV_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KV_UNDER_ASAN 1
+#endif
+#endif
+
+typedef int (*sandbox_fn)(const char *path, void *ctx, FILE *out);
+
+#ifdef KV_UNDER_ASAN
+/* Under AddressSanitizer (make test-asan, make fuzz) a sanitizer report ends the child with a status,
+ * not a signal. Whose code it is about decides what the parent does: libhdf5's (it copies past its
+ * buffers on some damaged files, or passes absurd sizes to memcpy) is the damaged file a release
+ * build reports as such; kvsim's is a bug, and the parent aborts so that the test or the fuzzer sees
+ * it. The child's death callback walks the stack: the first frame outside the executable (kvsim, and
+ * clang's static sanitizer runtime, are in it) and outside the sanitizer's shared runtime decides:
+ * libhdf5, or anything else (libc's __libc_start_main below kvsim's frames). */
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <sanitizer/common_interface_defs.h>
+
+static int g_sanitizer_fd = -1;
+
+static void child_death(void)
+{
+    void *frames[64];
+    const int n = backtrace(frames, 64);
+    Dl_info self, info;
+    const int have_self = dladdr((void *)child_death, &self);
+    const char *who = "kvsim";
+    for (int i = 0; i < n; i++) {
+        if (!dladdr(frames[i], &info) || !info.dli_fname)
+            continue;
+        if ((have_self && info.dli_fbase == self.dli_fbase) || strstr(info.dli_fname, "libasan") ||
+            strstr(info.dli_fname, "libubsan"))
+            continue;
+        if (strstr(info.dli_fname, "libhdf5"))
+            who = "hdf5";
+        break;
+    }
+    char msg[64];
+    const int len = snprintf(msg, sizeof msg, "%cKVSIM-SANITIZER:%s", 1, who);
+    if (g_sanitizer_fd >= 0 && write(g_sanitizer_fd, msg, (size_t)len) < 0)
+        _exit(121);
+}
+#endif
+
+/* The address space of this process now plus `extra` bytes, as the child's limit (not under ASan,
+ * whose shadow memory needs terabytes of address space). */
+static void limit_memory(size_t extra)
+{
+#ifndef KV_UNDER_ASAN
+    char buf[64] = "";
+    int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0)
+        return;
+    buf[n] = 0;
+    const unsigned long long vm = strtoull(buf, NULL, 10) * (unsigned long long)sysconf(_SC_PAGESIZE);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && (rl.rlim_max == RLIM_INFINITY || vm + extra < rl.rlim_max)) {
+        rl.rlim_cur = (rlim_t)(vm + extra);
+        setrlimit(RLIMIT_AS, &rl);
+    }
+#else
+    (void)extra;
+#endif
+}
+
+/* fn in this process (where fork is not possible), its text into memory. */
+static int run_here(const char *path, sandbox_fn fn, void *ctx, char **text)
+{
+    size_t len = 0;
+    FILE *ms = text ? open_memstream(text, &len) : NULL;
+    const int rc = fn(path, ctx, ms);
+    if (ms)
+        fclose(ms);
+    return rc;
+}
+
+/* Run fn(path, ctx, out) in a child process. Returns fn's status, with fn's last message recorded as
+ * the error, or an error naming the file when the child did not finish (a crash, the alarm). The
+ * text fn wrote to `out` goes to *text (kv_free) when text is not NULL. `what` says what the child
+ * was doing ("reading", "verifying"), for the message. Where fork fails, fn runs here. */
+static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_t extra_memory, sandbox_fn fn,
+                     void *ctx, char **text)
+{
+    if (text)
+        *text = NULL;
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0)
+        return run_here(path, fn, ctx, text);
+    const pid_t pid = fork(); /* the child ends with _exit: what this process has buffered is not written twice */
+    if (pid < 0) {
+        close(p[0]);
+        close(p[1]);
+        return run_here(path, fn, ctx, text);
+    }
+    if (pid == 0) {
+        static const int deflt[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+        for (size_t i = 0; i < KV_ARRAY_LEN(deflt); i++)
+            signal(deflt[i], SIG_DFL);
+        close(p[0]);
+#ifdef KV_UNDER_ASAN
+        g_sanitizer_fd = p[1];
+        __sanitizer_set_death_callback(child_death);
+#endif
+        omp_set_num_threads(1);
+        limit_memory(extra_memory);
+        if (alarm_s)
+            alarm(alarm_s);
+        FILE *out = fdopen(p[1], "w");
+        if (!out)
+            _exit(120);
+        const int rc = fn(path, ctx, out);
+        /* the trailer: NUL, the status, NUL, the message, NUL */
+        fputc(0, out);
+        fprintf(out, "%d", rc);
+        fputc(0, out);
+        fputs(kv_last_error(), out);
+        fputc(0, out);
+        fflush(out);
+        _exit(0);
+    }
+    close(p[1]);
+    size_t n = 0, cap = 4096;
+    char *buf = kv_malloc(cap, "child output");
+    for (ssize_t r = 1; buf && r > 0;) {
+        if (n + 1024 > cap) {
+            char *b = kv_realloc(buf, cap * 2, "child output");
+            if (!b) {
+                kv_free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = b;
+            cap *= 2;
+        }
+        r = read(p[0], buf + n, cap - n - 1);
+        if (r < 0 && errno == EINTR)
+            r = 1;
+        else if (r > 0)
+            n += (size_t)r;
+    }
+    close(p[0]);
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (!buf)
+        return KV_ENOMEM;
+    buf[n] = 0;
+    /* text NUL status NUL message NUL */
+    int rc = KV_EINTERNAL, done = 0;
+    size_t z1 = strlen(buf);
+    if (z1 < n) {
+        const char *sv = buf + z1 + 1;
+        const size_t z2 = z1 + 1 + strlen(sv);
+        if (z2 < n && z2 + 1 + strlen(buf + z2 + 1) + 1 == n && WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+            rc = atoi(sv);
+            if (rc != KV_OK)
+                kv_error(rc, "%s", buf + z2 + 1);
+            done = 1;
+        }
+    }
+#ifdef KV_UNDER_ASAN
+    /* a sanitizer report in the child about kvsim's own code (child_death above) is a bug, not a
+     * damaged file: stop here so that the test run or the fuzzer sees it */
+    if (!done && memmem(buf, n, "\001KVSIM-SANITIZER:kvsim", 22)) {
+        fprintf(stderr, "kvsim: a sanitizer stopped the child process %s %s in kvsim's code: see its report above\n",
+                what, path);
+        abort();
+    }
+#endif
+    if (!done) {
+        if (WIFSIGNALED(st) && WTERMSIG(st) == SIGALRM)
+            rc = kv_error(KV_EFORMAT,
+                          "%s: libhdf5 did not finish %s the file in %u s: its HDF5 structures are damaged (or "
+                          "it is not a trace kvsim wrote)",
+                          path, what, alarm_s);
+        else if (WIFSIGNALED(st))
+            rc = kv_error(KV_EFORMAT,
+                          "%s: the file's HDF5 structures are damaged: libhdf5 crashed %s them (%s); kvsim stopped "
+                          "it in a child process",
+                          path, what, strsignal(WTERMSIG(st)));
+        else
+            rc = kv_error(KV_EFORMAT,
+                          "%s: the file's HDF5 structures are damaged: %s them failed in a child process (exit "
+                          "status %d; out of memory?)",
+                          path, what, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+        z1 = 0;
+    }
+    if (text && done) {
+        buf[z1] = 0;
+        *text = buf;
+        buf = NULL;
+    }
+    kv_free(buf);
+    return rc;
+}
+
+static int h5_open(const char *path, kv_trace_t **out);
+
+/* A trace is read at random: a regular file, readable (a FIFO or a device would block libhdf5). */
+static int regular_input(const char *path)
+{
+    FILE *f;
+    int rc = kv_open_input(path, "trace", &f);
+    if (rc == KV_OK)
+        fclose(f);
+    return rc;
+}
+
+static int probe_open(const char *path, void *ctx, FILE *out)
+{
+    (void)ctx, (void)out;
+    kv_trace_t *t = NULL;
+    int rc = h5_open(path, &t);
+    kv_trace_close(t);
+    return rc;
+}
+
 int kv_trace_hdf5_open(const char *path, kv_trace_t **out)
 {
     *out = NULL;
     int rc = kv_trace_init();
     if (rc)
         return rc;
-    if (access(path, R_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if ((rc = regular_input(path)))
+        return rc;
     if (H5Fis_hdf5(path) <= 0) {
         H5Eclear2(H5E_DEFAULT);
         return kv_error(KV_EFORMAT, "%s: not an HDF5 file", path);
     }
+    /* the parse in a child first (1 GiB more address space, 20 s: a trace's metadata needs far less,
+     * a few hundred object headers even from a cold disk), then here */
+    if ((rc = sandboxed(path, "reading", 20, (size_t)1 << 30, probe_open, NULL, NULL)))
+        return rc;
+    return h5_open(path, out);
+}
+
+static int h5_open(const char *path, kv_trace_t **out)
+{
+    *out = NULL;
+    int rc;
     kv_trace_t *t = kv_calloc(1, sizeof *t, "trace");
     h5_impl_t *hi = kv_calloc(1, sizeof *hi, "trace");
     if (!t || !hi) {
@@ -673,55 +1028,14 @@ fail:
 
 /* ---------------------------------------------------------------- writer */
 
-#define MAX_PENDING 8
-static char g_pending[MAX_PENDING][4096]; /* temporary files to remove on SIGINT/SIGTERM */
-
-static void on_signal(int sig)
-{
-    for (int i = 0; i < MAX_PENDING; i++)
-        if (g_pending[i][0])
-            unlink(g_pending[i]);
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
-static int pending_add(const char *p)
-{
-    static int installed = 0;
-    if (!installed) {
-        struct sigaction sa, old;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = on_signal;
-        /* a signal the process inherited as ignored (a job started with `cmd &` by a non-interactive
-         * shell ignores SIGINT) stays ignored: handling it would make the writer killable by a signal
-         * the rest of the run ignores */
-        for (int i = 0; i < 2; i++) {
-            const int sig = i ? SIGTERM : SIGINT;
-            if (sigaction(sig, NULL, &old) == 0 && old.sa_handler != SIG_IGN)
-                sigaction(sig, &sa, NULL);
-        }
-        installed = 1;
-    }
-    for (int i = 0; i < MAX_PENDING; i++)
-        if (!g_pending[i][0]) {
-            snprintf(g_pending[i], sizeof g_pending[i], "%s", p);
-            return i;
-        }
-    return -1;
-}
-
-static void pending_remove(int slot)
-{
-    if (slot >= 0)
-        g_pending[slot][0] = 0;
-}
-
 struct kv_trace_writer {
     hid_t file;
     kv_trace_meta_t meta;
     kv_write_opts_t opts;
-    char path[4096], tmp[4096];
-    int slot;
+    char path[4096];
+    kv_out_t *out;        /* the temporary file and its commit (sim/common/kv_output.h) */
+    long *nonfinite;      /* (n_layers, KV_T_COUNT, n_heads) NaN and inf values stored per layer, tensor and head
+                             (W_O: its rows' total under head 0) */
     unsigned char *plain; /* staging of the H5Dwrite path: f16 conversion, gathered rows */
     size_t plain_cap;
     /* direct chunk writes (write_direct), reused from call to call */
@@ -770,7 +1084,6 @@ int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_writ
     if (!w)
         return KV_ENOMEM;
     w->file = -1;
-    w->slot = -1;
     w->opts = opts ? *opts : (kv_write_opts_t){KV_DTYPE_F16, KV_ZSTD_DEFAULT_LEVEL, 0};
     if (w->opts.zstd_level <= 0)
         w->opts.zstd_level = KV_ZSTD_DEFAULT_LEVEL;
@@ -783,12 +1096,26 @@ int kv_trace_create(const char *path, const kv_trace_meta_t *meta, const kv_writ
     w->meta.dtype = w->opts.dtype;
     w->meta.zstd_level = w->opts.zstd_level;
     w->meta.f16_overflow = 0;
+    w->meta.nonfinite = 0;
+    if (!(w->nonfinite = kv_calloc((size_t)meta->n_layers * KV_T_COUNT * (size_t)meta->n_heads, sizeof(long),
+                                   "non-finite counts"))) {
+        rc = KV_ENOMEM;
+        goto fail;
+    }
     snprintf(w->path, sizeof w->path, "%s", path);
-    snprintf(w->tmp, sizeof w->tmp, "%s.tmp-%d", path, (int)getpid());
-    w->slot = pending_add(w->tmp);
-    w->file = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if ((rc = kv_out_open(path, &w->out)))
+        goto fail;
+    /* the temporary file is this writer's alone: no HDF5 file lock (it would conflict with the
+     * output module's lock where flock is emulated by fcntl locks, as on NFS) */
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_file_locking(fapl, 0, 1);
+    /* HDF5 1.10's file format: checksummed superblock, object headers and chunk indexes (FORMAT.md,
+     * "Integrity"), so a damaged byte there is an error, not a crash or another chunk's values */
+    H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110);
+    w->file = H5Fcreate(kv_out_temp(w->out), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
     if (w->file < 0) {
-        rc = kv_error(KV_EIO, "%s: cannot create (%s: %s)", path, h5_reason(), strerror(errno));
+        rc = kv_error(KV_EIO, "%s: cannot create (%s)", path, h5_reason());
         goto fail;
     }
     hid_t layers = H5Gcreate2(w->file, "/layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
@@ -1100,6 +1427,54 @@ static int write_plain(kv_trace_writer_t *w, hid_t d, const char *name, int rank
     return rc;
 }
 
+/* NaN and inf among the values the slab stores (with f16 storage, finite values that round beyond
+ * its range become inf too), per head of the first axis. */
+static void count_nonfinite(kv_trace_writer_t *w, int layer, kv_tensor_t which, const float *src, const size_t S[3],
+                            int f16)
+{
+    const size_t per = S[1] * S[2];
+    long *nf = w->nonfinite + ((size_t)layer * KV_T_COUNT + (size_t)which) * (size_t)w->meta.n_heads;
+    for (size_t h = 0; h < S[0]; h++) {
+        const float *x = src + h * per;
+        long n = 0;
+        for (size_t i = 0; i < per; i++)
+            n += !(fabsf(x[i]) < (f16 ? 65520.0f : INFINITY)); /* NaN compares false */
+        if (n) {
+            nf[which == KV_T_WO ? 0 : h] += n;
+            w->meta.nonfinite += n;
+        }
+    }
+}
+
+/* Commit's warning: where the writer stored NaN or inf, layer, tensor and head, at most 8 places. */
+static void warn_nonfinite(const kv_trace_writer_t *w)
+{
+    if (w->meta.nonfinite <= 0)
+        return;
+    char list[512] = "";
+    size_t k = 0;
+    int shown = 0, places = 0;
+    const int H = w->meta.n_heads;
+    for (int l = 0; l < w->meta.n_layers; l++)
+        for (int t = 0; t < KV_T_COUNT; t++)
+            for (int h = 0; h < H; h++) {
+                const long n = w->nonfinite[((size_t)l * KV_T_COUNT + (size_t)t) * (size_t)H + (size_t)h];
+                if (!n)
+                    continue;
+                places++;
+                if (shown++ >= 8 || k >= sizeof list)
+                    continue;
+                if (t == KV_T_WO)
+                    k += (size_t)snprintf(list + k, sizeof list - k, "%slayer %d wo: %ld", shown > 1 ? ", " : "", l, n);
+                else
+                    k += (size_t)snprintf(list + k, sizeof list - k, "%slayer %d %s head %d: %ld",
+                                          shown > 1 ? ", " : "", l, kv_tensor_name((kv_tensor_t)t), h, n);
+            }
+    kv_warn("%s: %ld NaN or infinite value%s stored (%s%s)%s; replay reports the rows that read them as nan", w->path,
+            w->meta.nonfinite, w->meta.nonfinite == 1 ? "" : "s", list, places > 8 ? ", ..." : "",
+            w->meta.f16_overflow ? "; f16 overflows are among them (--dtype f32 keeps those values)" : "");
+}
+
 static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0, int nt, const float *src)
 {
     const kv_trace_meta_t *m = &w->meta;
@@ -1128,6 +1503,7 @@ static int write_slab(kv_trace_writer_t *w, int layer, kv_tensor_t which, int t0
     if (d < 0)
         return kv_error(KV_EIO, "%s: dataset %s missing (%s)", w->path, name, h5_reason());
     const int f16 = which <= KV_T_V && w->opts.dtype == KV_DTYPE_F16;
+    count_nonfinite(w, layer, which, src, S, f16);
     /* chunks the slab covers whole along the second axis (the last one may end at the dataset's
      * edge), [c_lo, c_hi); the rows of partly covered chunks before and after them go to write_plain */
     direct_plan_t p;
@@ -1180,14 +1556,19 @@ int kv_trace_write(kv_trace_writer_t *w, int layer, kv_tensor_t which, const flo
     return write_slab(w, layer, which, -1, 0, src);
 }
 
+/* A 1-D integer dataset, chunked with HDF5's Fletcher32 checksum filter (built into every HDF5), so
+ * that its stored bytes are checked on every read like the zstd frames of the tensors. */
 static int write_i32(hid_t file, const char *name, const int32_t *v, int n)
 {
-    hsize_t dims[1] = {(hsize_t)n};
-    hid_t sp = H5Screate_simple(1, dims, NULL);
-    hid_t d = H5Dcreate2(file, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[1] = {(hsize_t)n}, chunk[1] = {(hsize_t)KV_MIN(KV_MAX(n, 1), 1 << 20)};
+    hid_t sp = H5Screate_simple(1, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1, chunk);
+    H5Pset_fletcher32(dcpl);
+    hid_t d = H5Dcreate2(file, name, H5T_STD_I32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
     herr_t e = d < 0 ? -1 : H5Dwrite(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, v);
     if (d >= 0)
         H5Dclose(d);
+    H5Pclose(dcpl);
     H5Sclose(sp);
     return e < 0 ? kv_error(KV_EIO, "cannot write dataset %s (%s)", name, h5_reason()) : KV_OK;
 }
@@ -1229,6 +1610,7 @@ static int write_meta(kv_trace_writer_t *w)
         {"seq_len", m->seq_len},
         {"zstd_level", m->zstd_level},
         {"f16_overflow", m->f16_overflow},
+        {"nonfinite", m->nonfinite},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(ints); i++)
         if ((rc = put_int(f, ints[i].name, ints[i].v)))
@@ -1259,6 +1641,8 @@ static int write_meta(kv_trace_writer_t *w)
         return rc;
     if (m->n_segments > 0 && (rc = write_i32(f, "/segments", m->segments, m->n_segments)))
         return rc;
+    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) || (rc = put_str(f, "meta_sha256", m->meta_sha256)))
+        return rc;
     return KV_OK;
 }
 
@@ -1278,12 +1662,14 @@ int kv_trace_commit(kv_trace_writer_t *w)
         kv_trace_abort(w);
         return rc;
     }
-    if (rename(w->tmp, w->path) != 0) {
-        rc = kv_error(KV_EIO, "%s: cannot rename from %s: %s", w->path, w->tmp, strerror(errno));
+    rc = kv_out_commit(w->out); /* fsync, rename, folder fsync; removes the temporary file on failure */
+    w->out = NULL;
+    if (rc) {
         kv_trace_abort(w);
         return rc;
     }
-    pending_remove(w->slot);
+    warn_nonfinite(w);
+    kv_free(w->nonfinite);
     kv_trace_meta_free(&w->meta);
     kv_free(w->plain);
     direct_free(w);
@@ -1295,10 +1681,10 @@ void kv_trace_abort(kv_trace_writer_t *w)
 {
     if (!w)
         return;
-    if (w->file >= 0)
-        H5Fclose(w->file);
-    unlink(w->tmp);
-    pending_remove(w->slot);
+    if (w->file >= 0 && H5Fclose(w->file) < 0)
+        H5Eclear2(H5E_DEFAULT); /* a file that cannot be flushed (a full disk): removed below anyway */
+    kv_out_abort(w->out);
+    kv_free(w->nonfinite);
     kv_trace_meta_free(&w->meta);
     kv_free(w->plain);
     direct_free(w);
@@ -1546,4 +1932,394 @@ static int read_direct(kv_trace_t *t, hid_t d, const char *name, int f16, int t0
     }
     kv_free(fsize);
     return rc;
+}
+
+/* ---------------------------------------------------------------- checking chunks and values
+ *
+ * Every chunk kvsim writes is checksummed: the tensors' zstd frames carry zstd's content checksum,
+ * the 1-D integer datasets have HDF5's Fletcher32 filter. check_chunk decodes one stored zstd chunk
+ * as read_direct does and says whether it is sound; kv_trace_verify runs it on every chunk and then
+ * checks every value (in a child process: see the sandbox above). */
+
+/* The chunk layout of d: rank (1..3), dims, chunk dims, element bytes, the index of the zstd filter
+ * in its pipeline (-1: none) and whether it has Fletcher32. 0 when d is not chunked. */
+typedef struct {
+    int rank, zstd, fletcher;
+    hsize_t dims[3], chunk[3];
+    size_t esize;
+} chunk_layout_t;
+
+static int chunk_layout(hid_t d, chunk_layout_t *L)
+{
+    memset(L, 0, sizeof *L);
+    L->zstd = -1;
+    hid_t dcpl = H5Dget_create_plist(d), sp = H5Dget_space(d), ft = H5Dget_type(d);
+    int ok = dcpl >= 0 && sp >= 0 && ft >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED;
+    if (ok) {
+        L->rank = H5Sget_simple_extent_ndims(sp);
+        ok = L->rank >= 1 && L->rank <= 3 && H5Pget_chunk(dcpl, 3, L->chunk) == L->rank &&
+             H5Sget_simple_extent_dims(sp, L->dims, NULL) == L->rank;
+        L->esize = ft >= 0 ? H5Tget_size(ft) : 0;
+        for (int i = L->rank; i < 3; i++)
+            L->dims[i] = L->chunk[i] = 1;
+        for (int i = 0; ok && i < 3; i++)
+            ok = L->chunk[i] > 0;
+        const int nf = ok ? H5Pget_nfilters(dcpl) : 0;
+        for (int i = 0; i < nf; i++) {
+            unsigned flags, cd[8];
+            size_t ncd = 8;
+            char fname[64];
+            H5Z_filter_t id = H5Pget_filter2(dcpl, (unsigned)i, &flags, &ncd, cd, sizeof fname, fname, NULL);
+            if (id == KV_ZSTD_FILTER_ID)
+                L->zstd = i;
+            else if (id == H5Z_FILTER_FLETCHER32)
+                L->fletcher = 1;
+        }
+    }
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
+    if (sp >= 0)
+        H5Sclose(sp);
+    if (ft >= 0)
+        H5Tclose(ft);
+    H5Eclear2(H5E_DEFAULT);
+    return ok;
+}
+
+typedef struct {
+    ZSTD_DCtx *z;
+    unsigned char *raw, *dec;
+    size_t raw_cap, dec_cap;
+} chunk_check_t;
+
+static void chunk_check_free(chunk_check_t *c)
+{
+    ZSTD_freeDCtx(c->z);
+    kv_free(c->raw);
+    kv_free(c->dec);
+    memset(c, 0, sizeof *c);
+}
+
+/* The zstd chunk of d at `off`: 0 when it decodes and its checksum matches, 1 when it decodes but
+ * carries no checksum (an older writer, or zstd skipped for it), -1 when it is bad (why says how),
+ * -2 when out of memory. */
+static int check_chunk(hid_t d, const chunk_layout_t *L, const hsize_t off[3], chunk_check_t *c, char *why, size_t wlen)
+{
+    const size_t bytes = (size_t)(L->chunk[0] * L->chunk[1] * L->chunk[2]) * L->esize;
+    hsize_t stored = 0;
+    if (H5Dget_chunk_storage_size(d, off, &stored) < 0 || stored == 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(why, wlen, "never written (reads as zeros)");
+        return -1;
+    }
+    if (!c->z && !(c->z = ZSTD_createDCtx()))
+        return -2;
+    if (stored > c->raw_cap) {
+        kv_free(c->raw);
+        c->raw_cap = 0;
+        if (!(c->raw = kv_malloc((size_t)stored, "stored chunk")))
+            return -2;
+        c->raw_cap = (size_t)stored;
+    }
+    if (bytes > c->dec_cap) {
+        kv_free(c->dec);
+        c->dec_cap = 0;
+        if (!(c->dec = kv_malloc(bytes ? bytes : 1, "decoded chunk")))
+            return -2;
+        c->dec_cap = bytes;
+    }
+    uint32_t mask = 0;
+    if (H5Dread_chunk(d, H5P_DEFAULT, off, &mask, c->raw) < 0) {
+        snprintf(why, wlen, "cannot be read (%s)", h5_reason());
+        return -1;
+    }
+    if (mask & (1u << L->zstd))
+        return 1; /* stored without zstd, so without its checksum */
+    const unsigned char *r = c->raw;
+    if (stored < 6 || r[0] != 0x28 || r[1] != 0xb5 || r[2] != 0x2f || r[3] != 0xfd) {
+        snprintf(why, wlen, "not a zstd frame");
+        return -1;
+    }
+    const int has_checksum = (r[4] >> 2) & 1; /* Frame_Header_Descriptor: Content_Checksum_flag */
+    const size_t got = ZSTD_decompressDCtx(c->z, c->dec, bytes, c->raw, (size_t)stored);
+    if (ZSTD_isError(got)) {
+        snprintf(why, wlen, "%s (zstd: %s)",
+                 ZSTD_getErrorCode(got) == ZSTD_error_checksum_wrong ? "checksum mismatch" : "cannot be decompressed",
+                 ZSTD_getErrorName(got));
+        return -1;
+    }
+    if (got != bytes) {
+        snprintf(why, wlen, "decompresses to %zu bytes, a chunk has %zu", got, bytes);
+        return -1;
+    }
+    return has_checksum ? 0 : 1;
+}
+
+/* Chunk coordinates of chunk number i, in row-major order, with the second axis limited to chunks
+ * [c_lo, c_lo + n1). */
+static void chunk_origin(const chunk_layout_t *L, size_t i, size_t c_lo, size_t n1, hsize_t off[3])
+{
+    const size_t n2 = (size_t)((L->dims[2] + L->chunk[2] - 1) / L->chunk[2]);
+    off[0] = (hsize_t)(i / (n1 * n2)) * L->chunk[0];
+    off[1] = (hsize_t)(c_lo + i / n2 % n1) * L->chunk[1];
+    off[2] = (hsize_t)(i % n2) * L->chunk[2];
+}
+
+static void where_chunk(const chunk_layout_t *L, const hsize_t off[3], char *buf, size_t len)
+{
+    if (L->rank == 1)
+        snprintf(buf, len, "(%llu)", (unsigned long long)off[0]);
+    else if (L->rank == 2)
+        snprintf(buf, len, "(%llu, %llu)", (unsigned long long)off[0], (unsigned long long)off[1]);
+    else
+        snprintf(buf, len, "(%llu, %llu, %llu)", (unsigned long long)off[0], (unsigned long long)off[1],
+                 (unsigned long long)off[2]);
+}
+
+static int find_bad_chunk(hid_t d, size_t r0, size_t nr, char *where, size_t len)
+{
+    chunk_layout_t L;
+    if (!chunk_layout(d, &L) || L.zstd < 0 || L.rank < 2)
+        return 0;
+    const size_t ct = (size_t)L.chunk[1], rows = (size_t)L.dims[1];
+    const size_t end = nr == (size_t)-1 ? rows : KV_MIN(rows, r0 + nr);
+    const size_t c_lo = r0 / ct, n1 = end > r0 ? (end + ct - 1) / ct - c_lo : 0;
+    const size_t n0 = (size_t)((L.dims[0] + L.chunk[0] - 1) / L.chunk[0]);
+    const size_t n2 = (size_t)((L.dims[2] + L.chunk[2] - 1) / L.chunk[2]);
+    chunk_check_t c = {0};
+    int found = 0;
+    for (size_t i = 0; i < n0 * n1 * n2 && !found; i++) {
+        hsize_t off[3];
+        char why[256], at[96];
+        chunk_origin(&L, i, c_lo, n1, off);
+        if (check_chunk(d, &L, off, &c, why, sizeof why) == -1) {
+            where_chunk(&L, off, at, sizeof at);
+            snprintf(where, len, "the chunk at %s: %s", at, why);
+            found = 1;
+        }
+    }
+    chunk_check_free(&c);
+    return found;
+}
+
+typedef struct {
+    kv_verify_t v;
+    FILE *out;
+    long lines;
+} verify_t;
+
+__attribute__((format(printf, 2, 3))) static void problem(verify_t *c, const char *fmt, ...)
+{
+    if (c->lines++ >= 40) {
+        if (c->lines == 41)
+            fprintf(c->out, "...\n");
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(c->out, fmt, ap);
+    va_end(ap);
+    fputc('\n', c->out);
+}
+
+/* Every chunk of dataset `name` (absent: skipped). */
+static int verify_chunks(hid_t f, const char *name, verify_t *c, chunk_check_t *cc)
+{
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return KV_OK;
+    }
+    hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    if (d < 0) {
+        problem(c, "%s: cannot be opened (%s)", name, h5_reason());
+        c->v.bad_chunks++;
+        return KV_OK;
+    }
+    c->v.datasets++;
+    chunk_layout_t L;
+    int rc = KV_OK;
+    if (!chunk_layout(d, &L)) { /* contiguous: no checksum can cover it */
+        c->v.chunks++;
+        c->v.unchecksummed++;
+    } else {
+        size_t n = 1;
+        for (int i = 0; i < 3; i++)
+            n *= (size_t)((L.dims[i] + L.chunk[i] - 1) / L.chunk[i]);
+        if (L.zstd >= 0) {
+            const size_t n1 = (size_t)((L.dims[1] + L.chunk[1] - 1) / L.chunk[1]);
+            for (size_t i = 0; i < n && rc == KV_OK; i++) {
+                hsize_t off[3];
+                char why[256], at[96];
+                chunk_origin(&L, i, 0, n1, off);
+                const int r = check_chunk(d, &L, off, cc, why, sizeof why);
+                c->v.chunks++;
+                if (r == -2) {
+                    rc = KV_ENOMEM;
+                } else if (r == -1) {
+                    where_chunk(&L, off, at, sizeof at);
+                    problem(c, "%s: the chunk at %s: %s", name, at, why);
+                    c->v.bad_chunks++;
+                } else if (r == 1) {
+                    c->v.unchecksummed++;
+                }
+            }
+        } else {
+            /* Fletcher32 (the 1-D datasets), or another writer's pipeline: HDF5 reads every chunk */
+            size_t bytes = L.esize;
+            for (int i = 0; i < 3; i++)
+                bytes *= (size_t)L.dims[i];
+            void *buf = kv_malloc(bytes ? bytes : 1, "dataset");
+            hid_t ft = H5Dget_type(d);
+            if (!buf) {
+                rc = KV_ENOMEM;
+            } else if (H5Dread(d, ft, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
+                char where[400];
+                snprintf(where, sizeof where, "%s", h5_reason());
+                problem(c, "%s: %s (%s)", name, L.fletcher ? "checksum mismatch" : "cannot be read", where);
+                c->v.bad_chunks++;
+            }
+            H5Tclose(ft);
+            kv_free(buf);
+            c->v.chunks += (long)n;
+            if (!L.fletcher)
+                c->v.unchecksummed += (long)n;
+        }
+    }
+    H5Dclose(d);
+    return rc;
+}
+
+/* Values of one tensor of one layer: non-finite ones, and summaries outside their ranges, per head. */
+static void verify_values(const kv_trace_meta_t *m, int l, kv_tensor_t w, const float *x, verify_t *c)
+{
+    uint64_t dims[3];
+    const int rank = kv_tensor_dims(m, w, dims);
+    const size_t per = (size_t)dims[1] * (rank == 3 ? (size_t)dims[2] : 1);
+    for (size_t h = 0; h < (size_t)dims[0]; h++) {
+        const float *p = x + h * per;
+        long bad = 0, out = 0;
+        double worst = 0;
+        for (size_t i = 0; i < per; i++) {
+            const float v = p[i];
+            if (!isfinite(v)) {
+                bad++;
+                continue;
+            }
+            double lo = -INFINITY, hi = INFINITY;
+            const size_t t = i; /* (H, T) summaries: i is the token */
+            if (w == KV_T_ENTROPY) {
+                lo = -1e-4;
+                hi = log((double)t + 1) + 1e-3;
+            } else if (w == KV_T_ACC) {
+                lo = -1e-4;
+                hi = (double)(t < (size_t)m->n_prompt ? (size_t)m->n_prompt - t : 0) * 1.001 + 1e-3;
+            } else if (w == KV_T_POOLED) {
+                lo = -1e-6;
+                hi = 1 + 1e-5;
+            }
+            if (v < lo || v > hi) {
+                if (!out++ || fabs(v) > fabs(worst))
+                    worst = v;
+            }
+        }
+        const char *unit = w == KV_T_WO ? "row" : "head";
+        if (bad) {
+            problem(c, "layers/%d/%s %s %zu: %ld NaN or infinite value%s", l, kv_tensor_name(w), unit, h, bad,
+                    bad == 1 ? "" : "s");
+            c->v.nonfinite += bad;
+        }
+        if (out) {
+            problem(c, "layers/%d/%s head %zu: %ld value%s outside %s (e.g. %.4g)", l, kv_tensor_name(w), h, out,
+                    out == 1 ? "" : "s",
+                    w == KV_T_ENTROPY ? "[0, ln(t + 1)]"
+                    : w == KV_T_ACC   ? "[0, prompt queries that see the key]"
+                                      : "[0, 1]",
+                    worst);
+            c->v.out_of_range += out;
+        }
+    }
+}
+
+static int verify_in_child(const char *path, void *ctx, FILE *out)
+{
+    (void)ctx;
+    verify_t c;
+    memset(&c, 0, sizeof c);
+    c.out = out;
+    kv_trace_t *t = NULL;
+    chunk_check_t cc = {0};
+    float *buf = NULL;
+    int rc = h5_open(path, &t);
+    if (rc)
+        goto done;
+    const kv_trace_meta_t *m = &t->meta;
+    const hid_t f = ((h5_impl_t *)t->impl)->file;
+    static const char *const one_d[] = {"/tokens", "/positions", "/segments"};
+    for (size_t i = 0; i < KV_ARRAY_LEN(one_d) && rc == KV_OK; i++)
+        rc = verify_chunks(f, one_d[i], &c, &cc);
+    size_t cap = 0;
+    for (int w = 0; w < KV_T_COUNT; w++)
+        if (kv_trace_has(t, (kv_tensor_t)w))
+            cap = KV_MAX(cap, kv_tensor_numel(m, (kv_tensor_t)w));
+    if (rc == KV_OK && !(buf = kv_malloc(cap * sizeof(float), "verified tensor")))
+        rc = KV_ENOMEM;
+    for (int l = 0; l < m->n_layers && rc == KV_OK; l++)
+        for (int w = 0; w < KV_T_COUNT && rc == KV_OK; w++) {
+            if (!kv_trace_has(t, (kv_tensor_t)w))
+                continue;
+            char name[64];
+            dset_path(name, sizeof name, l, (kv_tensor_t)w);
+            const long bad_before = c.v.bad_chunks;
+            if ((rc = verify_chunks(f, name, &c, &cc)))
+                break;
+            if (c.v.bad_chunks > bad_before)
+                continue; /* its values cannot all be read */
+            if (kv_trace_read(t, l, (kv_tensor_t)w, buf) != KV_OK) {
+                problem(&c, "%s: %s", name, kv_last_error());
+                c.v.bad_chunks++;
+                continue;
+            }
+            verify_values(m, l, (kv_tensor_t)w, buf, &c);
+        }
+done:
+    /* the counts first, then the problem lines (kv_trace_verify reads them back) */
+    if (rc == KV_OK)
+        fprintf(out, "\n%ld %ld %ld %ld %ld %ld\n", c.v.datasets, c.v.chunks, c.v.unchecksummed, c.v.bad_chunks,
+                c.v.nonfinite, c.v.out_of_range);
+    kv_free(buf);
+    chunk_check_free(&cc);
+    kv_trace_close(t);
+    return rc;
+}
+
+int kv_trace_verify(const char *path, char **report, kv_verify_t *v)
+{
+    *report = NULL;
+    memset(v, 0, sizeof *v);
+    int rc = kv_trace_init();
+    if (rc)
+        return rc;
+    if ((rc = regular_input(path)))
+        return rc;
+    if (H5Fis_hdf5(path) <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return kv_error(KV_EFORMAT, "%s: not an HDF5 file", path);
+    }
+    char *text = NULL;
+    /* no alarm (a large trace takes a while); memory for a tensor and its chunks, with room */
+    if ((rc = sandboxed(path, "verifying", 0, (size_t)16 << 30, verify_in_child, NULL, &text)))
+        return rc;
+    /* problem lines, then "\n<counts>\n" */
+    char *counts = text ? strrchr(text, '\n') : NULL;
+    if (counts && counts > text)
+        *counts = 0;
+    counts = text ? strrchr(text, '\n') : NULL;
+    if (!counts || sscanf(counts + 1, "%ld %ld %ld %ld %ld %ld", &v->datasets, &v->chunks, &v->unchecksummed,
+                          &v->bad_chunks, &v->nonfinite, &v->out_of_range) != 6) {
+        kv_free(text);
+        return kv_error(KV_EINTERNAL, "%s: the verification gave no counts", path);
+    }
+    *counts = 0;
+    *report = text;
+    return KV_OK;
 }

@@ -33,6 +33,7 @@ int kv_cmd_replay(int argc, char **argv);
 int kv_cmd_policies(int argc, char **argv);
 int kv_cmd_analyze(int argc, char **argv);
 int kv_cmd_demo(int argc, char **argv);
+int kv_cmd_clean(int argc, char **argv);
 int kv_cmd_sweep(int argc, char **argv);
 int kv_cmd_eval(int argc, char **argv);
 int kv_cmd_niah(int argc, char **argv);

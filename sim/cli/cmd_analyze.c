@@ -3,6 +3,7 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_params.h"
 
 #include <getopt.h>
 #include <stdio.h>
@@ -157,7 +158,7 @@ int kv_cmd_analyze(int argc, char **argv)
         case 'M': {
             char *end;
             double m = strtod(optarg, &end);
-            if (end == optarg || *end || !(m > 0 && m <= 1))
+            if (!kv_is_decimal(optarg, 0, 0) || end == optarg || *end || !(m > 0 && m <= 1))
                 return kv_cli_usage_error("analyze", "--mass expects a number in (0, 1], got '%s'", optarg);
             o.funnel.mass = m;
             break;

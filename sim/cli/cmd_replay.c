@@ -7,6 +7,7 @@
 #include "sim/cli/cli.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "sim/kv_policy.h"
 #include "sim/replay.h"
 #include "sim/result.h"
@@ -181,28 +182,6 @@ int kv_cli_skip_lean(kv_trace_t *t, const char *list, kv_policy_t **pols, int *n
     return rc;
 }
 
-/* A path we are about to write: its folder must exist and be writable, checked before the work. */
-static int writable_target(const char *path)
-{
-    char dir[1024];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof dir, ".");
-    else if (slash == dir)
-        dir[1] = 0;
-    else
-        *slash = 0;
-    struct stat st;
-    if (stat(dir, &st) != 0)
-        return kv_error(KV_EIO, "%s: cannot write: folder %s does not exist", path, dir);
-    if (!S_ISDIR(st.st_mode))
-        return kv_error(KV_EIO, "%s: cannot write: %s is not a folder", path, dir);
-    if (access(dir, W_OK) != 0)
-        return kv_error(KV_EIO, "%s: cannot write: folder %s is not writable", path, dir);
-    return KV_OK;
-}
-
 int kv_cmd_replay(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -275,6 +254,8 @@ int kv_cmd_replay(int argc, char **argv)
     if (argc - optind != 3)
         return kv_cli_usage_error("replay", "expected TRACE POLICIES BUDGETS, got %d argument%s", argc - optind,
                                   argc - optind == 1 ? "" : "s");
+    if (json && !strcmp(json, "-"))
+        return kv_cli_usage_error("replay", "--json takes a file (standard output is for the TSV)");
     const char *trace_path = argv[optind], *pol_list = argv[optind + 1], *bud_list = argv[optind + 2];
     kv_policy_t **pols = NULL;
     kv_budget_t *bud = NULL;
@@ -294,9 +275,12 @@ int kv_cmd_replay(int argc, char **argv)
         rc = kv_cli_usage_error("replay", "BUDGETS: %s", kv_last_error());
         goto done;
     }
-    /* output paths are checked before the work, not after it */
-    if ((strcmp(out, "-") && writable_target(out) != KV_OK) || (json && writable_target(json) != KV_OK) ||
-        (kept_path && writable_target(kept_path) != KV_OK)) {
+    /* output paths are checked before the work, not after it: regular files in writable folders,
+     * none of them the trace or each other */
+    const char *for_out[] = {trace_path, json, kept_path}, *for_json[] = {trace_path, out, kept_path},
+               *for_kept[] = {trace_path, out, json};
+    if (kv_out_check(out, for_out, 3) != KV_OK || (json && kv_out_check(json, for_json, 3) != KV_OK) ||
+        (kept_path && kv_out_check(kept_path, for_kept, 3) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;
     }
@@ -353,7 +337,7 @@ int kv_cmd_replay(int argc, char **argv)
         rc = kv_cli_fail("replay");
         goto done;
     }
-    if (kv_results_write_tsv(res, out) != KV_OK || (json && kv_results_write_json(res, json) != KV_OK) ||
+    if (kv_results_write(res, out, json) != KV_OK ||
         (kept_path && kv_kept_write(kept, kept_path, trace_path, sha) != KV_OK)) {
         rc = kv_cli_fail("replay");
         goto done;

@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,7 @@ static const kv_cmd_t commands[] = {
     {"analyze", kv_cmd_analyze, "figures and a report from a trace and replay results"},
     {"sweep", kv_cmd_sweep, "a benchmark of many prompts: capture, replay, merge (MPI, Slurm)"},
     {"demo", kv_cmd_demo, "capture, replay and analyze on the default model (make demo)"},
+    {"clean", kv_cmd_clean, "remove temporary files that killed kvsim processes left behind"},
 };
 
 int kv_cli_fail(const char *cmd)
@@ -156,9 +158,25 @@ static int unknown_command(const char *name)
     return 2;
 }
 
+/* Standard output is flushed and checked before the exit status is decided: a command whose output
+ * did not reach its destination (a full disk, /dev/full, a closed pipe) fails. */
+static int finish_stdout(int status)
+{
+    errno = 0;
+    const int bad = fflush(stdout) != 0 || ferror(stdout);
+    if (bad) {
+        fprintf(stderr, "kvsim: standard output: write failed: %s\n", strerror(errno ? errno : EIO));
+        return status ? status : 1;
+    }
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     opterr = 0; /* subcommands report bad options themselves (kv_cli_bad_option), naming the option */
+    /* a file-size limit (ulimit -f) makes writes fail with EFBIG, reported with the file's name, instead
+     * of killing the process with a core dump and leaving its temporary files */
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) {
         usage(stderr);
         return 2;
@@ -166,21 +184,21 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         if (argc == 2) {
             usage(stdout);
-            return 0;
+            return finish_stdout(0);
         }
         /* kvsim help CMD: CMD's own --help */
         const kv_cmd_t *c = find_command(argv[2]);
         if (!c)
             return unknown_command(argv[2]);
         char *hargv[] = {(char *)c->name, "--help", NULL};
-        return c->run(2, hargv);
+        return finish_stdout(c->run(2, hargv));
     }
     if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
         printf("kvsim %s (git %s)\n", KV_VERSION, kv_git_revision());
-        return 0;
+        return finish_stdout(0);
     }
     const kv_cmd_t *c = find_command(argv[1]);
     if (c)
-        return c->run(argc - 1, argv + 1);
+        return finish_stdout(c->run(argc - 1, argv + 1));
     return unknown_command(argv[1]);
 }

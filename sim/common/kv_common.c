@@ -233,16 +233,54 @@ done:
     return rc;
 }
 
+int kv_sha256_buf(const void *data, size_t n, char hex[65])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL) != 1)
+        return kv_error(KV_EINTERNAL, "sha256: cannot compute the digest");
+    for (unsigned i = 0; i < mdlen && i < 32; i++)
+        sprintf(hex + 2 * i, "%02x", md[i]);
+    hex[64] = 0;
+    return KV_OK;
+}
+
 const char *kv_git_revision(void)
 {
     return KV_GIT_REV;
+}
+
+int kv_open_input(const char *path, const char *what, FILE **out)
+{
+    *out = NULL;
+    /* O_NONBLOCK: opening a FIFO without a writer must not wait; cleared once it is known regular */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        return kv_error(KV_EIO, "%s: cannot open %s: %s", path, what, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return kv_error(KV_EIO, "%s: cannot open %s: %s", path, what,
+                        S_ISDIR(st.st_mode) ? "not a regular file (a folder)"
+                                            : "not a regular file (a device, FIFO or socket)");
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    if (!(*out = fdopen(fd, "rb"))) {
+        close(fd);
+        return kv_error(KV_ENOMEM, "%s: cannot open %s: %s", path, what, strerror(errno));
+    }
+    return KV_OK;
 }
 
 int kv_map_file(const char *path, const char *what, size_t min_size, const char *min_what, void **map, size_t *len)
 {
     *map = NULL;
     *len = 0;
-    int rc = KV_OK, fd = open(path, O_RDONLY);
+    int rc = KV_OK, fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* a FIFO must not block the open */
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) {
         rc = kv_error(KV_EIO, "%s: cannot open %s: %s", path, what, strerror(errno));

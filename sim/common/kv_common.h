@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -61,6 +62,12 @@ const char *kv_fmt_bytes(double bytes, char *buf, size_t len);
 
 /* SHA-256 of a whole file as 64 lowercase hex chars + NUL. */
 int kv_sha256_file(const char *path, char hex[65]);
+/* SHA-256 of n bytes, the same way. */
+int kv_sha256_buf(const void *data, size_t n, char hex[65]);
+/* Open an input that must be a regular file (a model, tokenizer, trace: read at random, never a
+ * FIFO or a device, on which opening alone would block or reading would never end) for reading.
+ * Errors name the file: "cannot open <what>: <reason>" or "not a regular file". */
+int kv_open_input(const char *path, const char *what, FILE **out);
 /* The whole of a file ("-": standard input) into a NUL-terminated buffer (kv_free) of *len bytes (len
  * may be NULL; the bytes may hold NULs). More than `max` bytes is an error naming the file. */
 int kv_read_file(const char *path, size_t max, char **out, size_t *len);

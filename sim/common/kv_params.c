@@ -194,6 +194,34 @@ static int choice_ok(const char *choices, const char *v)
     return 0;
 }
 
+int kv_is_decimal(const char *s, int sign, int percent)
+{
+    const char *p = s;
+    if (sign && (*p == '-' || *p == '+'))
+        p++;
+    const char *d0 = p;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    int digits = p > d0;
+    if (*p == '.') {
+        const char *q = ++p;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        digits |= p > q;
+    }
+    if (digits && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (*p == '+' || *p == '-')
+            p++;
+        const char *q = p;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (p == q)
+            return 0;
+    }
+    return digits && (*p == 0 || (percent && *p == '%' && p[1] == 0));
+}
+
 /* Normalise one value in place according to its definition. */
 static int normalise(const kv_param_def_t *d, char *val, const char *owner)
 {
@@ -202,7 +230,7 @@ static int normalise(const kv_param_def_t *d, char *val, const char *owner)
     case KV_PARAM_INT: {
         errno = 0;
         double x = strtod(val, &end);
-        if (end == val || *skip_ws(end) || errno || x != floor(x) || fabs(x) > 9e15)
+        if (!kv_is_decimal(val, 1, 0) || end == val || *skip_ws(end) || errno || x != floor(x) || fabs(x) > 9e15)
             return kv_error(KV_EINVAL, "%s: %s=%s is not an integer", owner, d->key, val);
         if (d->min <= d->max && (x < d->min || x > d->max))
             return kv_error(KV_ERANGE, "%s: %s=%s out of range [%g, %g]", owner, d->key, val, d->min, d->max);
@@ -212,8 +240,8 @@ static int normalise(const kv_param_def_t *d, char *val, const char *owner)
     case KV_PARAM_FLOAT: {
         errno = 0;
         double x = strtod(val, &end);
-        if (end == val || *skip_ws(end) || errno || !isfinite(x))
-            return kv_error(KV_EINVAL, "%s: %s=%s is not a number", owner, d->key, val);
+        if (!kv_is_decimal(val, 1, 0) || end == val || *skip_ws(end) || errno || !isfinite(x))
+            return kv_error(KV_EINVAL, "%s: %s=%s is not a decimal number", owner, d->key, val);
         if (d->min <= d->max && (x < d->min || x > d->max))
             return kv_error(KV_ERANGE, "%s: %s=%s out of range [%g, %g]", owner, d->key, val, d->min, d->max);
         snprintf(val, KV_PARAM_VAL_LEN, "%.9g", x);

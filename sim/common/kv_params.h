@@ -60,6 +60,10 @@ int kv_params_resolve(const kv_param_def_t *defs, int n_defs, const kv_params_t 
                       const char *owner);
 
 /* Typed getters on a resolved set (the key must be in the schema: asking for another is a bug). */
+/* 1 when s is a plain decimal number: an optional sign (when `sign`), digits with an optional
+ * fraction and exponent, and an optional trailing '%' (when `percent`), nothing else: strtod alone
+ * would also take hexadecimal ("0x40"), "inf", "nan" and leading spaces. */
+int kv_is_decimal(const char *s, int sign, int percent);
 long kv_params_int(const kv_params_t *p, const char *key);
 double kv_params_float(const kv_params_t *p, const char *key);
 int kv_params_bool(const kv_params_t *p, const char *key);

@@ -11,6 +11,7 @@
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
+#include "sim/common/kv_output.h"
 #include "traces/capture/kv_eval.h"
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
@@ -374,11 +375,24 @@ int kv_capture_run(const kv_capture_opts_t *o, kv_capture_result_t *res)
         return kv_error(KV_EINVAL, "capture: model, tokenizer, prompt (or token ids) and output are all required");
     if (o->ids && o->n_ids <= 0)
         return kv_error(KV_EINVAL, "capture: the token id list is empty");
+    if (!o->ids && !o->prompt[0])
+        return kv_error(KV_EINVAL, "capture: the prompt is empty (a trace needs context tokens to evict from)");
     if (o->n_decode < 0)
         return kv_error(KV_EINVAL, "--decode must be >= 0 (got %d)", o->n_decode);
     if (o->pool <= 0)
         return kv_error(KV_EINVAL, "--pool must be positive (got %d)", o->pool);
+    /* the output: a regular file in a writable folder, none of the inputs (checked before the work;
+     * the model's own files once it is loaded) */
+    const char *inputs[] = {o->model_path, tok_path, o->ids_source};
+    if ((rc = kv_out_check(o->out_path, inputs, (int)KV_ARRAY_LEN(inputs))))
+        return rc;
     if ((rc = kv_model_load(o->model_path, &m)))
+        goto done;
+    for (int i = 0; i < m->n_files && rc == KV_OK; i++) {
+        const char *mf = m->files[i];
+        rc = kv_out_check(o->out_path, &mf, 1);
+    }
+    if (rc)
         goto done;
     const kv_model_config_t *c = &m->cfg;
     if (tok_path && (rc = kv_tokenizer_load(tok_path, c->vocab_size, &tok)))

@@ -306,8 +306,8 @@ int kv_fwd_run(kv_fwd_t *f, const int32_t *tokens, int n, int pos0, float *logit
 {
     const kv_model_config_t *c = &f->m->cfg;
     if (n <= 0 || pos0 < 0 || pos0 > f->max_tokens - n)
-        return kv_error(KV_ERANGE, "forward: tokens [%d, %d) outside the KV cache of %d tokens", pos0, pos0 + n,
-                        f->max_tokens);
+        return kv_error(KV_ERANGE, "forward: tokens [%d, %lld) outside the KV cache of %d tokens", pos0,
+                        (long long)pos0 + n, f->max_tokens); /* in 64 bits: pos0 may be near INT_MAX */
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
             return kv_error(KV_ERANGE, "forward: token id %d at position %d outside the vocabulary [0, %d)", tokens[i],

@@ -66,9 +66,11 @@ int kv_model_file_starts_with(const char *path, const void *magic, size_t n)
     unsigned char buf[16];
     if (n > sizeof buf)
         return 0;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return 0;
+    FILE *f;
+    if (kv_open_input(path, "model", &f) != KV_OK) {
+        kv_clear_error();
+        return 0; /* not a file this format reads: the loader says why */
+    }
     int ok = fread(buf, 1, n, f) == n && !memcmp(buf, magic, n);
     fclose(f);
     return ok;
@@ -182,11 +184,9 @@ int kv_model_sha256(const kv_model_t *m, char hex[65])
         goto done;
     }
     for (int i = 0; i < m->n_files && rc == KV_OK; i++) {
-        FILE *f = fopen(m->files[i], "rb");
-        if (!f) {
-            rc = kv_error(KV_EIO, "%s: cannot open: %s", m->files[i], strerror(errno));
+        FILE *f;
+        if ((rc = kv_open_input(m->files[i], "model file", &f)))
             break;
-        }
         size_t n;
         while ((n = fread(buf, 1, 1 << 20, f)) > 0)
             EVP_DigestUpdate(ctx, buf, n);

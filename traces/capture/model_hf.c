@@ -150,10 +150,10 @@ static const char *hf_default_tokenizer(const char *path, char *buf, size_t len)
 static int read_json(const char *path, json_object **out)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open: %s", path, strerror(errno));
-    int rc = KV_OK;
+    FILE *f;
+    int rc = kv_open_input(path, "file", &f);
+    if (rc)
+        return rc;
     char *buf = NULL;
     long n = -1;
     if (fseek(f, 0, SEEK_END) == 0)

@@ -113,9 +113,11 @@ static int map_find(const strmap_t *m, const char *s, size_t n)
 
 static int gguf_probe(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    FILE *f;
+    if (kv_open_input(path, "tokenizer", &f) != KV_OK) {
+        kv_clear_error();
         return 0;
+    }
     char m[4];
     int ok = fread(m, 1, 4, f) == 4 && !memcmp(m, "GGUF", 4);
     fclose(f);

@@ -589,9 +589,10 @@ done:
 static int read_json(const char *path, json_object **out)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open tokenizer: %s", path, strerror(errno));
+    FILE *f;
+    int orc = kv_open_input(path, "tokenizer", &f);
+    if (orc)
+        return orc;
     long size = -1;
     if (fseek(f, 0, SEEK_END) == 0)
         size = ftell(f);

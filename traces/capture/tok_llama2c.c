@@ -27,9 +27,10 @@ static int llama2c_load(const char *path, int expect_vocab, kv_tokenizer_t *t)
 {
     int rc = KV_OK;
     unsigned char *buf = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kv_error(KV_EIO, "%s: cannot open tokenizer: %s", path, strerror(errno));
+    FILE *f;
+    int orc = kv_open_input(path, "tokenizer", &f);
+    if (orc)
+        return orc;
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         rc = kv_error(KV_EIO, "%s: not a regular file", path);
