@@ -5,7 +5,8 @@
 #   open-vs-closed, closed-loop and NIAH figures.
 #
 # usage: scripts/closed-loop.sh smollm2|stories260K [OUT]     (make closed-loop, make closed-loop-stories)
-#   KVSIM (default build/kvsim), KVSIM_SHARED (default ../shared: models/ and data/), NIAH=0 skips the grid.
+#   KVSIM (default build/kvsim), KVSIM_SHARED (default ../shared: models/ and data/), NIAH=0 skips the grid
+#   (an OUT/niah.tsv already there is still reported).
 # The prompt is made here from data/tinystories_sample.txt (nothing of the data is in the repository):
 # SmolLM2-135M-Instruct gets its five stories and a question about the third in its chat template;
 # stories260K (a 512-token context) the first 830 characters of the text.
@@ -65,6 +66,8 @@ if [ "$NIAH" != 0 ]; then
     if [ "$which" = stories260K ]; then tz="$1 $2"; else tz=""; fi
     # shellcheck disable=SC2086
     $KVSIM niah "$model" $tz "$niah_pol" $niah_bud $niah_grid -o "$out/niah.tsv" --json "$out/niah.json"
+    results="$results $out/niah.tsv"
+elif [ -r "$out/niah.tsv" ]; then # NIAH=0: an earlier grid in the folder is reported again
     results="$results $out/niah.tsv"
 fi
 # shellcheck disable=SC2086

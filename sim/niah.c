@@ -256,9 +256,9 @@ static int make_cell(const kv_closed_session_t *ss, const kv_niah_opts_t *o, int
 
 /* ---------------------------------------------------------------- the run */
 
-static const char *const NIAH_COLS[] = {"policy",   "budget",    "budget_tokens", "length",   "depth",
-                                        "n_prompt", "key",       "found",         "answer",   "kl_mean",
-                                        "agree",    "first_div", "kept",          "mem_bytes"};
+static const char *const NIAH_COLS[] = {"policy",   "budget",    "budget_tokens", "length",    "depth",
+                                        "n_prompt", "key",       "found",         "answer",    "kl_mean",
+                                        "agree",    "first_div", "kept",          "mem_bytes", "nonfinite"};
 
 const char *const *kv_niah_columns(int *n)
 {
@@ -276,6 +276,7 @@ static int add_row(kv_otable_t *t, const char *label, const char *budget, int bt
 {
     char v[12][48];
     double kl = 0, ag = 0;
+    snprintf(v[10], sizeof v[10], "%ld", r->nonfinite);
     for (int s = 0; s < r->n_steps; s++) {
         kl += r->kl[s];
         ag += r->agree[s];
@@ -293,7 +294,8 @@ static int add_row(kv_otable_t *t, const char *label, const char *budget, int bt
         snprintf(v[7], sizeof v[7], "none");
     kv_otable_num(v[8], sizeof v[8], r->kept);
     kv_otable_num(v[9], sizeof v[9], r->mem);
-    const char *row[] = {label, budget, v[0], v[1], v[2], v[3], c->key, v[4], answer, v[5], v[6], v[7], v[8], v[9]};
+    const char *row[] = {label,  budget, v[0], v[1], v[2], v[3], c->key, v[4],
+                         answer, v[5],   v[6], v[7], v[8], v[9], v[10]};
     return kv_otable_add(t, row);
 }
 
@@ -304,7 +306,7 @@ static int summary_row(kv_otable_t *t, const char *label, const char *budget, in
     kv_otable_num(v[1], sizeof v[1], a->n ? a->found / a->n : NAN);
     kv_otable_num(v[2], sizeof v[2], a->n ? a->kl / a->n : NAN);
     kv_otable_num(v[3], sizeof v[3], a->n ? a->agree / a->n : NAN);
-    const char *row[] = {label, budget, v[0], "all", "all", "nan", "", v[1], "", v[2], v[3], "nan", "nan", "nan"};
+    const char *row[] = {label, budget, v[0], "all", "all", "nan", "", v[1], "", v[2], v[3], "nan", "nan", "nan", "0"};
     return kv_otable_add(t, row);
 }
 
