@@ -128,6 +128,13 @@ static int run_replay(const char *path, const char *policies, const char *budget
         (rc = kv_policy_create_list(policies, &pols, &n_pol)) || (rc = kv_budget_parse_list(budgets, &bud, &n_bud)))
         goto done;
     const kv_trace_meta_t *m = kv_trace_meta(t);
+    int kept = 0; /* the synthetic traces have no W_O: leave out the policies that need it (as replay's 'all') */
+    for (int i = 0; i < n_pol; i++)
+        if ((pols[i]->flags & KV_POL_NEEDS_WO) && !m->has_wo)
+            kv_policy_free(pols[i]);
+        else
+            pols[kept++] = pols[i];
+    n_pol = kept;
     r->prompt = m->n_prompt;
     r->layers = m->n_layers;
     r->layer_f32 = 4.0 * ((double)m->n_heads + 2.0 * m->n_kv_heads) * m->n_tokens * m->head_dim;

@@ -21,8 +21,8 @@
 
 #include "sim/common/kv_common.h"
 #include "sim/common/kv_log.h"
-#include "sim/layer_stats.h"
 #include "sim/ctx_internal.h"
+#include "sim/layer_stats.h"
 #include "sim/metrics.h"
 #include "sim/replay_internal.h"
 

@@ -471,8 +471,8 @@ START_TEST(edited_attributes_fail_the_checksum)
         kv_trace_t *t = NULL;
         const int rc = kv_trace_open(path, &t);
         ck_assert_msg(rc != KV_OK, "%s %lld -> %lld: opened", edits[i].name, old, v);
-        ck_assert_msg(strstr(kv_last_error(), "meta_sha256") || strstr(kv_last_error(), edits[i].name),
-                      "%s: %s", edits[i].name, kv_last_error());
+        ck_assert_msg(strstr(kv_last_error(), "meta_sha256") || strstr(kv_last_error(), edits[i].name), "%s: %s",
+                      edits[i].name, kv_last_error());
     }
 }
 END_TEST

@@ -889,6 +889,8 @@ static int sandboxed(const char *path, const char *what, unsigned alarm_s, size_
             buf = b;
             cap *= 2;
         }
+        /* buf is not NULL here: the loop's condition */
+        // cppcheck-suppress nullPointerArithmeticRedundantCheck
         r = read(p[0], buf + n, cap - n - 1);
         if (r < 0 && errno == EINTR)
             r = 1;
@@ -1641,7 +1643,8 @@ static int write_meta(kv_trace_writer_t *w)
         return rc;
     if (m->n_segments > 0 && (rc = write_i32(f, "/segments", m->segments, m->n_segments)))
         return rc;
-    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) || (rc = put_str(f, "meta_sha256", m->meta_sha256)))
+    if ((rc = meta_digest(m, KV_TRACE_FORMAT_VERSION, m->meta_sha256)) ||
+        (rc = put_str(f, "meta_sha256", m->meta_sha256)))
         return rc;
     return KV_OK;
 }

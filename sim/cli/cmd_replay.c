@@ -185,12 +185,18 @@ int kv_cli_skip_lean(kv_trace_t *t, const char *list, kv_policy_t **pols, int *n
 int kv_cmd_replay(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},   {"json", required_argument, 0, 'j'},
-        {"kept", required_argument, 0, 'k'},     {"eval-tail", required_argument, 0, 'e'},
-        {"seed", required_argument, 0, 's'},     {"no-head-rows", no_argument, 0, 'n'},
-        {"backend", required_argument, 0, 'b'},  {"threads", required_argument, 0, 't'},
-        {"prefetch", required_argument, 0, 'p'}, {"stats", required_argument, 0, 'S'},
-        {"quiet", no_argument, 0, 'q'},         {"help", no_argument, 0, 'h'},
+        {"output", required_argument, 0, 'o'},
+        {"json", required_argument, 0, 'j'},
+        {"kept", required_argument, 0, 'k'},
+        {"eval-tail", required_argument, 0, 'e'},
+        {"seed", required_argument, 0, 's'},
+        {"no-head-rows", no_argument, 0, 'n'},
+        {"backend", required_argument, 0, 'b'},
+        {"threads", required_argument, 0, 't'},
+        {"prefetch", required_argument, 0, 'p'},
+        {"stats", required_argument, 0, 'S'},
+        {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     /* the command as typed, for the provenance preamble (getopt_long reorders argv) */
