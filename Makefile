@@ -2,6 +2,7 @@
 #   make            build build/kvsim (and the CUDA backend when nvcc exists)
 #   make test       run every Check suite (CPU backend)
 #   make demo       capture, replay and analyze on the default model into out/demo/
+#   make closed-loop    kvsim eval + replay + niah on SmolLM2 into out/closed/ (closed-loop-stories: stories260K)
 #   make test-gpu   CPU vs CUDA parity runner (prints why and runs nothing without a GPU)
 #   make test-cuda-emu   the CUDA kernels' code run by a host emulator vs the CPU (no GPU needed)
 #   make gpu-bundle statically linked gpu_parity, bench_gpu, kvsim for the GPU machines (bench/README.md)
@@ -83,7 +84,7 @@ KVSIM := $(BUILD)/kvsim
 TESTS := $(BUILD)/kvsim_tests
 PLUGIN := $(BUILD)/plugins/libkvsim_h5zstd.so
 
-.PHONY: fuzz fuzz-build fuzz-smoke test-asan bench-trace-flip all test demo test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-replay-scaling bench-gpu lint clean help goldens
+.PHONY: fuzz fuzz-build fuzz-smoke test-asan bench-trace-flip all test demo closed-loop closed-loop-stories test-gpu test-cuda-emu gpu-bundle gpu-bundle-files bench-capture bench-replay bench-replay-scaling bench-gpu lint clean help goldens
 all: $(KVSIM) $(PLUGIN)
 
 # The CPU kernels are compiled for the build machine's vector units (AVX2 where it has them);
@@ -144,6 +145,14 @@ test: $(TESTS) $(KVSIM) $(PLUGIN)
 
 demo: $(KVSIM)
 	$(Q)$(KVSIM) demo -o out/demo
+
+# The closed-loop study (README "Closed-loop evaluation"): one prompt replayed (open loop) and evaluated
+# closed loop with every policy x 3 budgets, the NIAH grid, and the report with the open-vs-closed figure,
+# into out/closed/smollm2/ (about 30 minutes on 2 cores) or out/closed/stories260K/ (about a minute).
+closed-loop: $(KVSIM)
+	$(Q)KVSIM=$(KVSIM) scripts/closed-loop.sh smollm2
+closed-loop-stories: $(KVSIM)
+	$(Q)KVSIM=$(KVSIM) scripts/closed-loop.sh stories260K
 
 $(BUILD)/bench_%: bench/%.c $(LIBKV)
 	@$(if $(V),,echo "  LD    $@")
@@ -209,7 +218,8 @@ gpu-bundle-files: $(BUNDLE)/gpu_parity.gz $(BUNDLE)/bench_gpu.gz $(BUNDLE)/kvsim
 # fiber emulator behind the parity runner, to check their logic on machines without a GPU.
 EMU_CXXFLAGS := -x c++ -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-variable -DKV_CUDA_EMULATE \
                 -I. $(filter -I%,$(PKG_CFLAGS)) -include tests/cuda_emu/cuda_emu.h -MMD -MP
-EMU_SRC := kernels/cuda/cuda_elementwise.cu kernels/cuda/cuda_attention.cu tests/cuda_emu/emu_backend.cpp
+EMU_SRC := kernels/cuda/cuda_elementwise.cu kernels/cuda/cuda_attention.cu kernels/cuda/cuda_ragged.cu \
+           tests/cuda_emu/emu_backend.cpp
 EMU_OBJ := $(EMU_SRC:%=$(BUILD)/emu/%.o)
 $(BUILD)/emu/%.o: % tests/cuda_emu/cuda_emu.h $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
@@ -220,7 +230,7 @@ $(BUILD)/gpu_parity_emu: tests/gpu_parity.c $(EMU_OBJ) $(LIBKV)
 	$(Q)$(CC) $(ALL_CFLAGS) -DKV_PARITY_EMU $< $(EMU_OBJ) $(LIBKV) $(LIBS) -lstdc++ -o $@
 # The kernel ops run again under the two most skewed thread orders (tests/cuda_emu/README.md): a
 # missing __syncthreads or __syncwarp changes their results there, not under the default round robin.
-EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,add_bias,attention,attn_stats,attn_probs,attn_colstats
+EMU_KERNEL_OPS := rmsnorm,rope,swiglu,add,add_bias,attention,attn_stats,attn_probs,attn_colstats,attn_ragged
 test-cuda-emu: $(BUILD)/gpu_parity_emu
 	$(Q)$(BUILD)/gpu_parity_emu --emulated
 	$(Q)for s in lo hi; do KVEMU_SCHED=$$s $(BUILD)/gpu_parity_emu --emulated --only $(EMU_KERNEL_OPS) --max-work 1e7 \
@@ -290,6 +300,6 @@ clean:
 	rm -rf $(BUILD)
 
 help:
-	@sed -n '2,16p' Makefile | sed 's/^# //'
+	@sed -n '2,17p' Makefile | sed 's/^# //'
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu -name '*.d' 2>/dev/null)

@@ -237,6 +237,84 @@ int kv_analyze_fig_allocation(const kv_res_set_t *s, kv_fig_t **out);
 /* 7. Policy x layer recall heat map, one panel per budget. */
 int kv_analyze_fig_recall_heatmap(const kv_res_set_t *s, kv_fig_t **out);
 
+/* ================================================================ closed loop (analyze/closed.c) */
+
+/* Which command wrote a results file, by its columns: replay, eval or niah. */
+typedef enum { KV_RES_REPLAY = 0, KV_RES_EVAL, KV_RES_NIAH } kv_res_kind_t;
+int kv_res_kind(const char *path, kv_res_kind_t *kind);
+
+/* A summary row of kvsim eval (step "all"). */
+typedef struct {
+    int pol; /* index into the set's labels */
+    char budget[32];
+    int budget_tokens;
+    double kl, kl_max, agree, first_div; /* first_div NaN: none */
+    double nll, dnll, kept, mem;
+} kv_eval_row_t;
+
+/* A row of kvsim niah: a cell, or a summary (length -1, depth NaN). */
+typedef struct {
+    int pol;
+    int full; /* the full cache's row (budget "none") */
+    char budget[32];
+    int budget_tokens; /* -1 for the full cache */
+    int length;
+    double depth, n_prompt, found, kl, agree;
+} kv_niah_row_t;
+
+typedef struct {
+    int n_pol;
+    char **labels, **shorts;
+    kv_eval_row_t *ev;
+    size_t n_ev, cap_ev;
+    kv_niah_row_t *ni;
+    size_t n_ni, cap_ni;
+    int n_files;
+    char **files, **file_cmd;
+} kv_closed_set_t;
+
+int kv_closed_set_create(kv_closed_set_t **out);
+void kv_closed_set_free(kv_closed_set_t *s);
+/* Append an eval or niah results file (a replay file is refused, naming it). */
+int kv_closed_set_load(kv_closed_set_t *s, const char *path);
+
+/* Open loop vs closed loop, per budget held by both sets: the configurations of both (matched by
+ * label and resolved budget; those that lose nothing in either are left out), Spearman's rank
+ * correlation of replay's recall loss and output error with eval's KL and disagreement, and the
+ * pairs that replay's recall and eval's KL order differently. */
+typedef struct {
+    int pol, pol_replay;           /* indices into the closed set's and the replay set's labels */
+    double loss, err;              /* replay: 1 - recall_mean, err_mean (overall row) */
+    double kl, disagree;           /* eval: kl_mean, 1 - agree */
+    double rank_open, rank_closed; /* ranks by loss and by KL (1 = least lost) */
+} kv_oc_cfg_t;
+typedef struct {
+    int budget_tokens;
+    char budget[32];
+    int n;
+    kv_oc_cfg_t *cfg;
+    double rho_loss_kl, rho_err_kl, rho_loss_dis, rho_err_dis;
+    int discordant, pairs;
+} kv_oc_budget_t;
+typedef struct {
+    int n_budgets;
+    kv_oc_budget_t *b;
+} kv_open_closed_t;
+int kv_open_closed_compute(const kv_res_set_t *replay, const kv_closed_set_t *closed, kv_open_closed_t *out);
+void kv_open_closed_free(kv_open_closed_t *oc);
+/* Spearman's rank correlation (ties at average ranks); NaN for fewer than 3 points or a constant. */
+double kv_spearman(const double *x, const double *y, int n);
+
+/* 8. Open vs closed: per budget (up to 4), replay's recall loss against eval's KL and replay's
+ * output error against eval's disagreement, one point per policy, Spearman in the titles. */
+int kv_analyze_fig_open_closed(const kv_closed_set_t *closed, const kv_open_closed_t *oc, kv_fig_t **out);
+/* 9. Closed loop against the budget: KL and top-1 agreement per policy. */
+int kv_analyze_fig_eval_budget(const kv_closed_set_t *s, kv_fig_t **out);
+/* 10. NIAH: the length x depth grid of every configuration (the full cache first), retrieved or not. */
+int kv_analyze_fig_niah_grid(const kv_closed_set_t *s, kv_fig_t **out);
+/* 11. NIAH: the share of the grid retrieved per policy against the budget, the full cache's as a line. */
+int kv_analyze_fig_niah_summary(const kv_closed_set_t *s, kv_fig_t **out);
+
 /* ================================================================ the analysis and its report */
 
 typedef struct {
@@ -256,12 +334,14 @@ void kv_analyze_opts_init(kv_analyze_opts_t *o);
 /* What a run wrote (paths under out_dir). */
 typedef struct {
     int n_figures;
-    char figures[24][64]; /* file names relative to out_dir */
+    char figures[32][64]; /* file names relative to out_dir */
     char report_md[1024], report_html[1024];
 } kv_analyze_out_t;
 
 /* Analyze a trace (trace_path for its checksum and the report; may be NULL for in-memory traces)
- * with zero or more results files: write the figures, report.md and report.html into out_dir. */
+ * with zero or more results files (replay's, and kvsim eval's and niah's, told apart by their
+ * columns): write the figures, report.md and report.html into out_dir. t may be NULL when every
+ * results file is an eval or niah one (no trace figures then). */
 int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results, kv_backend_t *be,
                    const kv_analyze_opts_t *o, kv_analyze_out_t *out);
 

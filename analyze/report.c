@@ -733,6 +733,260 @@ static int add_figure(outs_t *w, figure_t *figs, int *n, kv_fig_t *fig, const ch
     return KV_OK;
 }
 
+/* ---------------------------------------------------------------- closed loop (kvsim eval, kvsim niah) */
+
+#define MAX_FIGS 32
+
+static int closed_figures(outs_t *w, figure_t *figs, int *n_fig, const kv_closed_set_t *cs, const kv_open_closed_t *oc,
+                          int n_replay, const char *dir, const char *fmt, char (*skipped)[512], int *n_skip)
+{
+    struct {
+        int want;
+        const char *name, *title, *caption;
+    } f[] = {
+        {cs->n_ev > 0, "closed_loop_budget", "Closed loop: loss against the budget",
+         "kvsim eval: every configuration decodes with its compressed cache and the full cache's reference "
+         "continuation is teacher-forced through it. Left: mean KL(full || compressed) of the next-token "
+         "distribution over the continuation's steps (a configuration that keeps every token gives exactly 0 and "
+         "is not drawn on the log axis). Right: the share of steps whose top-1 token is the full cache's."},
+        {cs->n_ev > 0 && n_replay > 0, "open_vs_closed", "Open loop vs closed loop",
+         "One point per policy at each budget (up to four budgets), on the same prompt: replay's numbers "
+         "(x: measured on the full-cache run's own queries, open loop) against eval's (y: the model decoding on "
+         "its compressed cache, closed loop). Top: attention lost (1 - recall) against KL; bottom: replay's "
+         "output error against eval's top-1 disagreement. Titles: Spearman's rank correlation, and how many "
+         "pairs of policies replay's recall and eval's KL order differently. Configurations that lose nothing "
+         "in either loop are left out."},
+        {cs->n_ni > 0, "niah_grid", "Needle in a haystack: length x depth",
+         "kvsim niah: one panel per configuration, the full cache first; a cell is one prompt of that length "
+         "(tokens, template included, the longest of whole filler sentences within it) with the needle at that "
+         "depth of the filler (0 %: first, 100 %: last, just before the question); 1 = the greedy answer holds "
+         "the key. Panel titles: the share of cells retrieved. The layout of PyramidKV's needle figure."},
+        {cs->n_ni > 0, "niah_scores", "Needle in a haystack: score per budget",
+         "The share of the length x depth grid each policy retrieves at each budget; dashed: the full cache."},
+    };
+    int rc = KV_OK;
+    for (size_t i = 0; i < KV_ARRAY_LEN(f) && rc == KV_OK; i++) {
+        if (!f[i].want)
+            continue;
+        kv_fig_t *fig = NULL;
+        rc = i == 0   ? kv_analyze_fig_eval_budget(cs, &fig)
+             : i == 1 ? kv_analyze_fig_open_closed(cs, oc, &fig)
+             : i == 2 ? kv_analyze_fig_niah_grid(cs, &fig)
+                      : kv_analyze_fig_niah_summary(cs, &fig);
+        if (rc == KV_EUNAVAIL) {
+            if (*n_skip < 8)
+                snprintf(skipped[(*n_skip)++], 512, "%s: not drawn: %s", f[i].name, kv_last_error());
+            rc = KV_OK;
+            continue;
+        }
+        if (rc == KV_OK && *n_fig < MAX_FIGS)
+            rc = add_figure(w, figs, n_fig, fig, dir, f[i].name, fmt, f[i].title, f[i].caption);
+        kv_fig_free(fig);
+    }
+    return rc;
+}
+
+static void closed_highlights(sbuf_t *md, sbuf_t *html, const kv_closed_set_t *cs, const kv_open_closed_t *oc)
+{
+    sbuf_t it = {0};
+    for (int b = 0; b < oc->n_budgets; b++) {
+        const kv_oc_budget_t *B = &oc->b[b];
+        sb_printf(&it,
+                  "Open vs closed loop at B = %d: over %d configurations, Spearman's rank correlation of replay's "
+                  "attention loss with eval's KL is %.2f (output error with KL %.2f; with top-1 disagreement %.2f "
+                  "and %.2f); %d of %d policy pairs are ordered differently by replay's recall and eval's KL.\n",
+                  B->budget_tokens, B->n, B->rho_loss_kl, B->rho_err_kl, B->rho_loss_dis, B->rho_err_dis, B->discordant,
+                  B->pairs);
+    }
+    double full = NAN;
+    for (size_t i = 0; i < cs->n_ni; i++)
+        if (cs->ni[i].full && cs->ni[i].length < 0)
+            full = cs->ni[i].found;
+    if (!isnan(full)) {
+        sb_printf(&it, "Needle in a haystack: the full cache retrieves the key in %.0f %% of the cells", 100 * full);
+        double best = -1;
+        int bp = -1, bt = 0;
+        for (size_t i = 0; i < cs->n_ni; i++)
+            if (!cs->ni[i].full && cs->ni[i].length < 0 && cs->ni[i].found > best)
+                best = cs->ni[i].found, bp = cs->ni[i].pol, bt = cs->ni[i].budget_tokens;
+        if (bp >= 0)
+            sb_printf(&it, "; the best compressed configuration is %s at B = %d (%.0f %%)", cs->shorts[bp], bt,
+                      100 * best);
+        sb_puts(&it, ".\n");
+    }
+    if (!it.n)
+        return;
+    sb_puts(md, "## Closed loop\n\n");
+    sb_puts(html, "<h2>Closed loop</h2>\n<ul>\n");
+    for (char *line = it.s; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = 0;
+        sb_puts(md, "- ");
+        sb_md(md, line);
+        sb_puts(md, "\n");
+        sb_puts(html, "<li>");
+        sb_html(html, line);
+        sb_puts(html, "</li>\n");
+        line = nl ? nl + 1 : NULL;
+    }
+    sb_puts(md, "\n");
+    sb_puts(html, "</ul>\n");
+    kv_free(it.s);
+}
+
+static void put_section(sbuf_t *md, sbuf_t *html, const char *h, const char *text, const table_t *t, const char *cls)
+{
+    sb_printf(md, "## %s\n\n", h);
+    sb_md(md, text);
+    sb_puts(md, "\n\n");
+    tab_md(md, t);
+    sb_puts(html, "<h2>");
+    sb_html(html, h);
+    sb_puts(html, "</h2>\n<p>");
+    sb_html(html, text);
+    sb_puts(html, "</p>\n");
+    tab_html(html, t, cls);
+}
+
+static int closed_tables(sbuf_t *md, sbuf_t *html, const kv_closed_set_t *cs, const kv_open_closed_t *oc, table_t *te,
+                         table_t *tn, table_t *to)
+{
+    char c[12][96];
+    int rc = KV_OK;
+    if (cs->n_ev) {
+        *te = (table_t){.ncol = 10};
+        const char *h[] = {"policy", "budget",    "B (tokens)", "kept (tokens)",  "KL mean",
+                           "KL max", "agreement", "first div.", "NLL - full NLL", "memory (KiB)"};
+        for (int i = 0; i < 10; i++)
+            te->head[i] = h[i], te->right[i] = i >= 2;
+        for (size_t i = 0; i < cs->n_ev && rc == KV_OK; i++) {
+            const kv_eval_row_t *e = &cs->ev[i];
+            snprintf(c[0], 96, "%d", e->budget_tokens);
+            fmt_num(c[1], 96, e->kept, "%.1f");
+            fmt_sig(c[2], 96, e->kl);
+            fmt_sig(c[3], 96, e->kl_max);
+            fmt_num(c[4], 96, e->agree, "%.3f");
+            if (isnan(e->first_div))
+                snprintf(c[5], 96, "none");
+            else
+                snprintf(c[5], 96, "%.0f", e->first_div);
+            fmt_sig(c[6], 96, e->dnll);
+            fmt_num(c[7], 96, e->mem / 1024, "%.1f");
+            rc = tab_row(te, cs->shorts[e->pol], e->budget, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]);
+        }
+        if (rc)
+            return rc;
+        put_section(md, html, "Closed-loop evaluation (kvsim eval)",
+                    "Summary rows: the reference continuation teacher-forced through each compressed cache. KL: "
+                    "KL(full || compressed) of the next-token distribution in nats, mean and maximum over the steps "
+                    "after the first token (the first comes from the prefill, with the full cache, in every "
+                    "configuration); agreement: share of those steps whose top-1 token is the full cache's; first "
+                    "div.: the first step whose top-1 differs (with the greedy reference: where greedy decoding "
+                    "leaves the full cache's output); NLL - full NLL: the reference's mean NLL per token under the "
+                    "compressed cache minus under the full cache; kept: prompt tokens in the cache a step reads, mean "
+                    "over layers and storage heads; memory: float32 K and V of the cache at its largest.",
+                    te, "res");
+    }
+    if (cs->n_ni) {
+        *tn = (table_t){.ncol = 6};
+        const char *h[] = {"policy", "budget", "B (tokens)", "retrieved", "by prompt length", "KL on the answer"};
+        for (int i = 0; i < 6; i++)
+            tn->head[i] = h[i], tn->right[i] = i >= 2 && i != 4;
+        for (size_t i = 0; i < cs->n_ni && rc == KV_OK; i++) {
+            const kv_niah_row_t *r = &cs->ni[i];
+            if (r->length >= 0)
+                continue;
+            char by[512] = "";
+            size_t k = 0;
+            for (int len = 0, prev = -1;; prev = len) { /* ascending lengths */
+                len = 1 << 30;
+                for (size_t j = 0; j < cs->n_ni; j++)
+                    if (cs->ni[j].length > prev && cs->ni[j].length < len)
+                        len = cs->ni[j].length;
+                if (len == 1 << 30)
+                    break;
+                double sum = 0;
+                int n = 0;
+                for (size_t j = 0; j < cs->n_ni; j++)
+                    if (cs->ni[j].length == len && cs->ni[j].pol == r->pol && !strcmp(cs->ni[j].budget, r->budget))
+                        sum += cs->ni[j].found, n++;
+                if (n && k + 32 < sizeof by)
+                    k += (size_t)snprintf(by + k, sizeof by - k, "%s%d: %.0f%%", k ? ", " : "", len, 100 * sum / n);
+            }
+            if (r->full)
+                snprintf(c[0], 96, "-");
+            else
+                snprintf(c[0], 96, "%d", r->budget_tokens);
+            snprintf(c[1], 96, "%.0f %%", 100 * r->found);
+            fmt_sig(c[2], 96, r->kl);
+            rc = tab_row(tn, r->full ? "full cache" : cs->shorts[r->pol], r->full ? "-" : r->budget, c[0], c[1], by,
+                         c[2]);
+        }
+        if (rc)
+            return rc;
+        put_section(md, html, "Needle in a haystack (kvsim niah)",
+                    "Share of the length x depth cells whose greedy answer holds the key, overall and per prompt "
+                    "length; KL on the answer: the mean KL(full || compressed) over the steps of the full cache's "
+                    "answer teacher-forced through the compressed cache (a continuous signal where retrieval is all "
+                    "or nothing).",
+                    tn, "res");
+    }
+    if (oc->n_budgets) {
+        *to = (table_t){.ncol = 8};
+        const char *h[] = {"B (tokens)",
+                           "configurations",
+                           "rho(recall loss, KL)",
+                           "rho(error, KL)",
+                           "rho(recall loss, 1-agr.)",
+                           "rho(error, 1-agr.)",
+                           "discordant pairs",
+                           "largest rank changes (replay -> eval)"};
+        for (int i = 0; i < 8; i++)
+            to->head[i] = h[i], to->right[i] = i < 7;
+        for (int b = 0; b < oc->n_budgets && rc == KV_OK; b++) {
+            const kv_oc_budget_t *B = &oc->b[b];
+            snprintf(c[0], 96, "%d", B->budget_tokens);
+            snprintf(c[1], 96, "%d", B->n);
+            fmt_num(c[2], 96, B->rho_loss_kl, "%.2f");
+            fmt_num(c[3], 96, B->rho_err_kl, "%.2f");
+            fmt_num(c[4], 96, B->rho_loss_dis, "%.2f");
+            fmt_num(c[5], 96, B->rho_err_dis, "%.2f");
+            snprintf(c[6], 96, "%d of %d", B->discordant, B->pairs);
+            char moves[700] = "";
+            size_t k = 0;
+            int used[256] = {0};
+            for (int m = 0; m < 4; m++) { /* the four largest moves, at least 2 ranks */
+                int best = -1;
+                double bd = 1.5;
+                for (int j = 0; j < B->n && j < 256; j++) {
+                    const double d = fabs(B->cfg[j].rank_open - B->cfg[j].rank_closed);
+                    if (!used[j] && d > bd)
+                        bd = d, best = j;
+                }
+                if (best < 0)
+                    break;
+                used[best] = 1;
+                k += (size_t)snprintf(moves + k, sizeof moves - k, "%s%s %.0f -> %.0f", k ? "; " : "",
+                                      cs->shorts[B->cfg[best].pol], B->cfg[best].rank_open, B->cfg[best].rank_closed);
+                if (k >= sizeof moves)
+                    break;
+            }
+            rc = tab_row(to, c[0], c[1], c[2], c[3], c[4], c[5], c[6], moves[0] ? moves : "none");
+        }
+        if (rc)
+            return rc;
+        put_section(md, html, "Open loop vs closed loop",
+                    "Per budget, the configurations that both replay (on a trace of this prompt) and eval measured: "
+                    "Spearman's rank correlation between replay's numbers (attention lost 1 - recall, output error) "
+                    "and eval's (KL, top-1 disagreement); 1 = the same ranking. Discordant pairs: pairs of policies "
+                    "that replay's recall and eval's KL order differently. Rank changes: a policy's rank by replay's "
+                    "recall loss and by eval's KL (1 = loses least).",
+                    to, "res");
+    }
+    return KV_OK;
+}
+
 int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *results, int n_results, kv_backend_t *be,
                    const kv_analyze_opts_t *opt, kv_analyze_out_t *out)
 {
@@ -755,15 +1009,18 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     if (out)
         memset(out, 0, sizeof *out);
 
-    const kv_trace_meta_t *m = kv_trace_meta(t);
+    const kv_trace_meta_t *m = t ? kv_trace_meta(t) : NULL;
     char sha[65] = "";
     kv_res_set_t *rs = NULL;
+    kv_closed_set_t *cs = NULL;
+    kv_open_closed_t oc = {0};
     kv_funnel_t *fs = NULL;
-    figure_t *figs = kv_calloc(24, sizeof(figure_t), "figures");
+    figure_t *figs = kv_calloc(MAX_FIGS, sizeof(figure_t), "figures");
+    int n_replay = 0;
     char skipped[8][512];
     int n_fig = 0, n_skip = 0, rc;
     sbuf_t md = {0}, html = {0};
-    table_t tt = {0}, tf = {0}, tp = {0}, tr = {0}, tl = {0};
+    table_t tt = {0}, tf = {0}, tp = {0}, tr = {0}, tl = {0}, te = {0}, tn = {0}, to = {0};
     const char **inputs = NULL;
     outs_t w = {NULL, NULL, 0};
     char pmd[1100], phtml[1100];
@@ -788,27 +1045,42 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     if ((rc = kv_out_check(pmd, inputs, n_results + 1)) || (rc = kv_out_check(phtml, inputs, n_results + 1)) ||
         (rc = kv_out_set_create(&w.set)))
         goto done;
-    if (trace_path && strcmp(trace_path, "(memory)") && (rc = kv_sha256_file(trace_path, sha)))
+    if (t && trace_path && strcmp(trace_path, "(memory)") && (rc = kv_sha256_file(trace_path, sha)))
         goto done;
-    if ((rc = kv_res_set_create(&rs)))
+    if ((rc = kv_res_set_create(&rs)) || (rc = kv_closed_set_create(&cs)))
         goto done;
-    rs->max_layers = m->n_layers; /* rows beyond the trace's shape are refused */
-    rs->max_heads = m->n_heads;
-    for (int i = 0; i < n_results; i++) {
+    if (m) {
+        rs->max_layers = m->n_layers; /* rows beyond the trace's shape are refused */
+        rs->max_heads = m->n_heads;
+    }
+    for (int i = 0; i < n_results; i++) { /* replay results, or kvsim eval / niah ones */
         if (!o.quiet)
             kv_info("analyze: reading %s", results[i]);
-        if ((rc = kv_res_set_load(rs, results[i], sha)))
+        kv_res_kind_t kind;
+        if ((rc = kv_res_kind(results[i], &kind)))
             goto done;
+        if (kind == KV_RES_REPLAY)
+            rc = kv_res_set_load(rs, results[i], sha), n_replay++;
+        else
+            rc = kv_closed_set_load(cs, results[i]);
+        if (rc)
+            goto done;
+    }
+    if (!t && n_replay) {
+        rc = kv_error(KV_EINVAL, "replay results need their trace (kvsim analyze TRACE.h5 RESULTS.tsv ...)");
+        goto done;
     }
     if ((rc = kv_res_set_finish(rs)))
         goto done;
 
-    if ((rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
+    if (t && (rc = kv_funnel_compute(t, be, &o.funnel, &fs)))
+        goto done;
+    if (n_replay && cs->n_ev && (rc = kv_open_closed_compute(rs, cs, &oc)))
         goto done;
     /* statistics that came out NaN (NaN or inf in the trace): said, not averaged away in silence */
     char nan_where[256] = "";
     long nan_heads = 0;
-    for (int l = 0; l < fs->n_layers; l++)
+    for (int l = 0; fs && l < fs->n_layers; l++)
         for (int h = 0; h < fs->n_heads; h++) {
             const size_t i = (size_t)l * fs->n_heads + h;
             if (!isnan(fs->entropy[i]) && !isnan(fs->frac[i]) && !isnan(fs->sink[i]))
@@ -826,7 +1098,8 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
 
     /* ---- figures */
     kv_progress_t pr;
-    const int n_steps = 2 + (n_results ? 5 : 0) + 1;
+    const int n_steps =
+        (t ? 2 : 0) + (n_replay ? 5 : 0) + (cs->n_ev ? 1 + (n_replay != 0) : 0) + (cs->n_ni ? 2 : 0) + 1;
     if (!o.quiet)
         kv_progress_begin(&pr, "figures", n_steps);
     int step = 0;
@@ -838,101 +1111,105 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             kv_progress_update(&pr, ++step, what);                                                                     \
     } while (0)
 
-    if ((rc = kv_analyze_fig_funneling(t, be, &o.map, -1, &fig)))
-        goto done;
-    {
-        kv_map_src_t src = o.map.src;
-        if (src == KV_MAP_AUTO) { /* name the source in the caption */
-            if (kv_trace_has(t, KV_T_POOLED) && m->pool > 0)
-                src = KV_MAP_POOLED;
-            else if (m->n_tokens <= KV_MAP_EXACT_MAX)
-                src = KV_MAP_EXACT;
-            else
-                src = KV_MAP_SAMPLED;
+    if (t) { /* the trace's own figures */
+        if ((rc = kv_analyze_fig_funneling(t, be, &o.map, -1, &fig)))
+            goto done;
+        {
+            kv_map_src_t src = o.map.src;
+            if (src == KV_MAP_AUTO) { /* name the source in the caption */
+                if (kv_trace_has(t, KV_T_POOLED) && m->pool > 0)
+                    src = KV_MAP_POOLED;
+                else if (m->n_tokens <= KV_MAP_EXACT_MAX)
+                    src = KV_MAP_EXACT;
+                else
+                    src = KV_MAP_SAMPLED;
+            }
+            snprintf(
+                cap, sizeof cap,
+                "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
+                "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
+                "blue lines mark segment starts, the solid green line the end of the prompt (decode queries below it). "
+                "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
+                "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
+                "panels, and the entropy curves below, to see how far this trace follows that shape.",
+                m->n_heads, kv_map_src_name(src));
         }
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap);
+        kv_fig_free(fig);
+        fig = NULL;
+        if (rc)
+            goto done;
+        if (o.per_head) {
+            int layers[64];
+            int nl = o.map.layers && o.map.n_explicit ? KV_MIN(o.map.n_explicit, 64)
+                                                      : kv_analyze_pick_layers(m->n_layers, o.map.n_layers, layers);
+            for (int i = 0; i < nl && n_fig < 16; i++) {
+                int l = o.map.layers && o.map.n_explicit ? o.map.layers[i] : layers[i];
+                if ((rc = kv_analyze_fig_funneling(t, be, &o.map, l, &fig)))
+                    goto done;
+                char name[32], title[64];
+                snprintf(name, sizeof name, "funneling_heads_L%d", l);
+                snprintf(title, sizeof title, "Attention of every head, layer %d", l);
+                snprintf(cap, sizeof cap, "The %d heads of layer %d, each on the shared log colour scale.", m->n_heads,
+                         l);
+                rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, name, fmt, title, cap);
+                kv_fig_free(fig);
+                fig = NULL;
+                if (rc)
+                    goto done;
+            }
+        }
+        STEP("funneling");
+
+        if ((rc = kv_analyze_fig_funnel_curves(fs, &fig)))
+            goto done;
         snprintf(
             cap, sizeof cap,
-            "Attention of each query (row) over the keys (columns), averaged over the %d heads of each shown "
-            "layer, on a log colour scale; blank cells lie above the causal diagonal. Source: %s. Dashed "
-            "blue lines mark segment starts, the solid green line the end of the prompt (decode queries below it). "
-            "PyramidKV observed that attention is broad in low layers and funnels into a few columns (sinks, "
-            "recent tokens, heavy hitters) in high layers, and sizes layer budgets accordingly; compare the "
-            "panels, and the entropy curves below, to see how far this trace follows that shape.",
-            m->n_heads, kv_map_src_name(src));
-    }
-    rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funneling", fmt, "Pyramid information funneling", cap);
-    kv_fig_free(fig);
-    fig = NULL;
-    if (rc)
-        goto done;
-    if (o.per_head) {
-        int layers[64];
-        int nl = o.map.layers && o.map.n_explicit ? KV_MIN(o.map.n_explicit, 64)
-                                                  : kv_analyze_pick_layers(m->n_layers, o.map.n_layers, layers);
-        for (int i = 0; i < nl && n_fig < 16; i++) {
-            int l = o.map.layers && o.map.n_explicit ? o.map.layers[i] : layers[i];
-            if ((rc = kv_analyze_fig_funneling(t, be, &o.map, l, &fig)))
-                goto done;
-            char name[32], title[64];
-            snprintf(name, sizeof name, "funneling_heads_L%d", l);
-            snprintf(title, sizeof title, "Attention of every head, layer %d", l);
-            snprintf(cap, sizeof cap, "The %d heads of layer %d, each on the shared log colour scale.", m->n_heads, l);
-            rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, name, fmt, title, cap);
-            kv_fig_free(fig);
-            fig = NULL;
-            if (rc)
-                goto done;
+            "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
+            "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
+            "queries per head%s. Entropy in nats; normalised entropy divides it by ln of "
+            "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
+            "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
+            fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
+            fs->from_stats ? ", sink mass"
+            : fs->from_summaries
+                ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
+                : " and sink mass from the sampled queries (the trace has no summaries)",
+            100 * fs->mass,
+            fs->from_stats                             ? "the statistics the trace stores for "
+            : fs->n_sampled == fs->n_tokens - fs->q_lo ? "all "
+                                                       : "a sample (evenly spaced runs) of ",
+            fs->n_sampled,
+            fs->from_stats ? " (computed by capture or synth from every attention row)" : ", recomputed from Q and K");
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap);
+        kv_fig_free(fig);
+        fig = NULL;
+        if (rc)
+            goto done;
+        if ((rc = kv_analyze_fig_head_concentration(fs, &fig)))
+            goto done;
+        {
+            double lo = INFINITY, hi = 0;
+            for (int i = 0; i < fs->n_layers * fs->n_heads; i++) {
+                lo = fmin(lo, fs->frac[i]);
+                hi = fmax(hi, fs->frac[i]);
+            }
+            snprintf(cap, sizeof cap,
+                     "For each head, the mean fraction of its visible keys needed to collect %.0f %% of a query's "
+                     "attention (lower = more concentrated), sorted within each layer (left) and over all %d heads "
+                     "(right). Here the most concentrated head needs %.1f %% of its keys and the broadest %.1f %% (a "
+                     "factor of %.0f): the spread that head-adaptive budgets (Ada-KV) redistribute.",
+                     100 * fs->mass, fs->n_layers * fs->n_heads, 100 * lo, 100 * hi, lo > 0 ? hi / lo : INFINITY);
         }
+        rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap);
+        kv_fig_free(fig);
+        fig = NULL;
+        if (rc)
+            goto done;
+        STEP("funnel statistics");
     }
-    STEP("funneling");
 
-    if ((rc = kv_analyze_fig_funnel_curves(fs, &fig)))
-        goto done;
-    snprintf(cap, sizeof cap,
-             "Per layer and head, means over the counted queries (those that see at least %d keys: positions %d..%d). "
-             "Entropy%s; the fraction of keys for %.0f %% of the attention and the in-segment mass from %s%d "
-             "queries per head%s. Entropy in nats; normalised entropy divides it by ln of "
-             "the keys the query sees (1 = uniform); sink mass is the attention on token 0; in-segment mass the "
-             "attention on keys of the query's own segment. Faint lines: single heads; bold: mean over heads.",
-             fs->q_lo + 1, fs->q_lo, fs->n_tokens - 1,
-             fs->from_stats ? ", sink mass"
-             : fs->from_summaries
-                 ? " and sink mass over every counted query from the trace's stored entropy and lse summaries"
-                 : " and sink mass from the sampled queries (the trace has no summaries)",
-             100 * fs->mass,
-             fs->from_stats                             ? "the statistics the trace stores for "
-             : fs->n_sampled == fs->n_tokens - fs->q_lo ? "all "
-                                                        : "a sample (evenly spaced runs) of ",
-             fs->n_sampled,
-             fs->from_stats ? " (computed by capture or synth from every attention row)" : ", recomputed from Q and K");
-    rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "funnel_curves", fmt, "Funnel statistics per layer", cap);
-    kv_fig_free(fig);
-    fig = NULL;
-    if (rc)
-        goto done;
-    if ((rc = kv_analyze_fig_head_concentration(fs, &fig)))
-        goto done;
-    {
-        double lo = INFINITY, hi = 0;
-        for (int i = 0; i < fs->n_layers * fs->n_heads; i++) {
-            lo = fmin(lo, fs->frac[i]);
-            hi = fmax(hi, fs->frac[i]);
-        }
-        snprintf(cap, sizeof cap,
-                 "For each head, the mean fraction of its visible keys needed to collect %.0f %% of a query's "
-                 "attention (lower = more concentrated), sorted within each layer (left) and over all %d heads "
-                 "(right). Here the most concentrated head needs %.1f %% of its keys and the broadest %.1f %% (a "
-                 "factor of %.0f): the spread that head-adaptive budgets (Ada-KV) redistribute.",
-                 100 * fs->mass, fs->n_layers * fs->n_heads, 100 * lo, 100 * hi, lo > 0 ? hi / lo : INFINITY);
-    }
-    rc = add_figure(&w, figs, &n_fig, fig, o.out_dir, "head_concentration", fmt, "Head concentration", cap);
-    kv_fig_free(fig);
-    fig = NULL;
-    if (rc)
-        goto done;
-    STEP("funnel statistics");
-
-    if (n_results && rs->n > 0) {
+    if (n_replay && rs->n > 0) {
         struct {
             int (*make)(const kv_res_set_t *, kv_fig_t **);
             const char *name, *title, *caption;
@@ -1001,6 +1278,10 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
             STEP(rf[i].name);
         }
     }
+    if ((rc = closed_figures(&w, figs, &n_fig, cs, &oc, n_replay, o.out_dir, fmt, skipped, &n_skip)))
+        goto done;
+    if (!o.quiet && (cs->n_ev || cs->n_ni))
+        kv_progress_update(&pr, n_steps - 1, "closed loop");
 #undef STEP
 
     /* ---- report */
@@ -1043,7 +1324,8 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_html(&html, line);
         sb_puts(&html, "</div>\n");
     }
-    highlights(&md, &html, n_results ? rs : NULL, fs, sha);
+    highlights(&md, &html, n_replay ? rs : NULL, fs, sha);
+    closed_highlights(&md, &html, cs, &oc);
     for (int i = 0; i < n_skip; i++) {
         sb_printf(&md, "- %s\n", skipped[i]);
         sb_puts(&html, "<p class=\"sub\">");
@@ -1077,7 +1359,7 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
     }
 
     /* tables */
-    if (n_results) {
+    if (n_replay) {
         if ((rc = results_table(&tr, rs)) || (rc = policy_table(&tp, rs)) || (rc = files_table(&tf, rs, sha)))
             goto done;
         const char *h1 = "Results per policy and budget";
@@ -1105,9 +1387,11 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_puts(&html, "<h2>Policies</h2>\n");
         tab_html(&html, &tp, "labels");
     }
-    if ((rc = funnel_table(&tl, fs)))
+    if ((rc = closed_tables(&md, &html, cs, &oc, &te, &tn, &to)))
         goto done;
-    {
+    if (fs && (rc = funnel_table(&tl, fs)))
+        goto done;
+    if (fs) {
         char t2[1100];
         snprintf(t2, sizeof t2,
                  "Mean over the heads of each layer (minimum..maximum over heads in brackets); queries that see "
@@ -1129,13 +1413,28 @@ int kv_analyze_run(kv_trace_t *t, const char *trace_path, const char *const *res
         sb_printf(&html, "<h2>Funnel statistics per layer</h2>\n<p>%s</p>\n", t2);
         tab_html(&html, &tl, "fun");
     }
-    if ((rc = trace_table(&tt, t, trace_path, sha)))
-        goto done;
-    sb_puts(&md, "## Trace\n\n");
-    tab_md(&md, &tt);
-    sb_puts(&html, "<h2>Trace</h2>\n");
-    tab_html(&html, &tt, "prov");
-    if (n_results) {
+    if (t) {
+        if ((rc = trace_table(&tt, t, trace_path, sha)))
+            goto done;
+        sb_puts(&md, "## Trace\n\n");
+        tab_md(&md, &tt);
+        sb_puts(&html, "<h2>Trace</h2>\n");
+        tab_html(&html, &tt, "prov");
+    }
+    for (int i = 0; i < cs->n_files; i++) {
+        sb_printf(&md, "Closed-loop results file `%s`%s%s%s\n\n", cs->files[i], cs->file_cmd[i][0] ? ", made by `" : "",
+                  cs->file_cmd[i], cs->file_cmd[i][0] ? "`" : "");
+        sb_puts(&html, "<p class=\"sub\">Closed-loop results file <code>");
+        sb_html(&html, cs->files[i]);
+        sb_puts(&html, "</code>");
+        if (cs->file_cmd[i][0]) {
+            sb_puts(&html, ", made by <code>");
+            sb_html(&html, cs->file_cmd[i]);
+            sb_puts(&html, "</code>");
+        }
+        sb_puts(&html, "</p>\n");
+    }
+    if (n_replay) {
         sb_puts(&md, "## Results files\n\n");
         tab_md(&md, &tf);
         sb_puts(&html, "<h2>Results files</h2>\n");
@@ -1175,7 +1474,7 @@ done:
     }
     kv_out_set_abort(w.set);
     kv_free(inputs);
-    for (int i = 0; i < 24; i++)
+    for (int i = 0; i < MAX_FIGS; i++)
         kv_free(figs[i].embed);
     kv_free(figs);
     kv_free(md.s);
@@ -1185,7 +1484,12 @@ done:
     tab_free(&tp);
     tab_free(&tr);
     tab_free(&tl);
+    tab_free(&te);
+    tab_free(&tn);
+    tab_free(&to);
     kv_res_set_free(rs);
+    kv_closed_set_free(cs);
+    kv_open_closed_free(&oc);
     kv_funnel_free(fs);
     return rc;
 }

@@ -85,6 +85,7 @@ const char *kv_backend_missing_op(const kv_backend_t *be)
         {(const void *)o->attn_stats, "attn_stats"},
         {(const void *)o->attn_probs, "attn_probs"},
         {(const void *)o->attn_colstats, "attn_colstats"},
+        {(const void *)o->attn_ragged, "attn_ragged"},
     };
     for (size_t i = 0; i < KV_ARRAY_LEN(ops); i++)
         if (!ops[i].fn)

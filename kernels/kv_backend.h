@@ -110,6 +110,30 @@ typedef struct {
     float *max;   /* (n_heads, n_k) max_i p_ij */
 } kv_colstats_out_t;
 
+/* Attention over a ragged cache: every storage head keeps its own set of tokens (a compressed KV
+ * cache, sim/eval.c). Storage head s holds len[s] <= cap entries; entry e has key k + (s*cap + e)*head_dim,
+ * value v + (s*cap + e)*head_dim and position pos[s*cap + e], positions strictly ascending within a
+ * head (the RoPE rotation is already in the stored keys, so positions serve the causal mask only).
+ * Query head h reads storage head h / (n_heads / n_store): n_store = n_kv_heads is a cache per KV
+ * head, n_store = n_heads one per query head. Query i sits at position q_pos0 + i and attends to the
+ * entries of its storage head whose position is <= q_pos0 + i, in storage order; a query that sees
+ * no entry gets a zero output and lse -inf. Each query head is computed on its own, the same way
+ * whatever n_store and the other heads, so a cache holding every token in order computes the same
+ * floats for every layout (the identity gather of closed-loop evaluation's full-cache reference). */
+typedef struct {
+    float *out;         /* (n_q, n_heads, head_dim) attention output */
+    float *lse;         /* (n_heads, n_q) natural log-sum-exp of the scaled scores; NULL to skip */
+    const float *q;     /* (n_q, n_heads, head_dim) post-RoPE queries */
+    const float *k;     /* (n_store, cap, head_dim) post-RoPE keys */
+    const float *v;     /* (n_store, cap, head_dim) values */
+    const int32_t *pos; /* (n_store, cap) positions of the entries (backend memory) */
+    const int32_t *len; /* (n_store) entries held per storage head (backend memory) */
+    int cap, n_store;
+    int n_q, q_pos0;
+    int n_heads, head_dim;
+    float scale; /* 1/sqrt(head_dim) for Llama */
+} kv_attn_ragged_args_t;
+
 typedef struct kv_backend_ops {
     /* memory */
     void *(*alloc)(kv_backend_t *be, size_t bytes); /* NULL + message on failure */
@@ -152,6 +176,9 @@ typedef struct kv_backend_ops {
     /* probs (n_heads, n_q, n_k) = softmax rows (masked entries 0); lse (n_heads, n_q) may be NULL */
     int (*attn_probs)(kv_backend_t *be, const kv_qk_args_t *a, float *probs, float *lse);
     int (*attn_colstats)(kv_backend_t *be, const kv_qk_args_t *a, const kv_colstats_out_t *out);
+
+    /* closed-loop evaluation (sim/eval.c): attention over a compressed, ragged cache */
+    int (*attn_ragged)(kv_backend_t *be, const kv_attn_ragged_args_t *a);
 } kv_backend_ops_t;
 
 struct kv_backend {

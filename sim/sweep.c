@@ -147,8 +147,8 @@ static int check_keys(const jctx_t *c, json_object *o, const char *const *keys, 
                 u += (size_t)snprintf(list + u, u < sizeof list ? sizeof list - u : 0, "%s%s", i ? ", " : "", keys[i]);
             if (!strcmp(c->prefix, "") && !strcmp(k, "eval"))
                 return kv_error(KV_EINVAL,
-                                "%s: eval: closed-loop evaluation is not available in this kvsim yet (issue 13); "
-                                "remove the key",
+                                "%s: eval: closed-loop evaluation does not run inside sweeps yet (issue 13 added it "
+                                "as kvsim eval: run that on a sample's prompt); remove the key",
                                 c->file);
             return kv_error(KV_EINVAL, "%s: %s%s: unknown key (valid keys: %s)", c->file, c->prefix, k, list);
         }

@@ -12,12 +12,15 @@
  * near-ties in backend-computed scores, they are counted and fail the run above a small number.
  * Then capture (when traces/capture/kv_forward.h is in the tree): logits and per-layer Q, K, V, lse of a
  * forward pass (prefill and decode steps) on both backends, of the stories260K model (when found) and
- * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE.
+ * of a random in-memory model with q/k/v biases, head_dim != dim / n_heads and llama3 RoPE. Then
+ * closed (kvsim eval, sim/closed.h) on stories260K: on the device, configurations that keep every
+ * token give KL 0 exactly (the ragged cache's identity gather through the device's attn_ragged),
+ * and the reference, KL and agreement of compressed configurations agree with the CPU's.
  *
  * Without a usable CUDA device it prints `CUDA unavailable: <why>` and exits 0 having run nothing.
  * Exit status 1 when any comparison fails. Options:
  *   --only a,b        run only these ops (matmul, matmul_w, rmsnorm, rope, swiglu, add, add_bias, attention,
- *                     attn_stats, attn_probs, attn_colstats, replay, capture)
+ *                     attn_stats, attn_probs, attn_colstats, attn_ragged, replay, capture, closed)
  *   --seed N          random data seed (default 1)
  *   --verbose         print every case, not only failures and the summary table
  *   --cpu-vs-cpu      compare the CPU backend with a second, single-threaded CPU backend instead of
@@ -50,6 +53,7 @@
 
 #if defined(__has_include)
 #if __has_include("traces/capture/kv_forward.h")
+#include "sim/closed.h"
 #include "traces/capture/kv_forward.h"
 #include "traces/capture/kv_model.h"
 #include "traces/capture/kv_model_write.h"
@@ -638,6 +642,89 @@ static void case_attention(ctx_t *c, const att_shape_t *s)
     kv_free_aligned(g2);
 }
 
+/* attn_ragged: a compressed cache, every storage head with its own entries (positions ascending with
+ * random gaps, lengths from 0 to cap), queries after them and among them (the causal mask by
+ * position), storage per KV head and per query head. */
+typedef struct {
+    int n_q, q_pos0, H, S, d, cap;
+} rag_shape_t;
+
+static void case_ragged(ctx_t *c, const rag_shape_t *s)
+{
+    char shape[160];
+    snprintf(shape, sizeof shape, "n_q=%d q_pos0=%d H=%d stores=%d d=%d cap=%d", s->n_q, s->q_pos0, s->H, s->S, s->d,
+             s->cap);
+    const int H = s->H, d = s->d, S = s->S, cap = s->cap;
+    if (too_big(c, 2.0 * s->n_q * cap * H * d))
+        return;
+    const size_t nq = (size_t)s->n_q * H * d, nkv = (size_t)S * cap * d;
+    float *q = hnew(nq), *k = hnew(nkv), *v = hnew(nkv), *out = hnew(nq), *lse = hnew((size_t)H * s->n_q);
+    float *g = hnew(nq), *gl = hnew((size_t)H * s->n_q), *g2 = hnew(nq);
+    int32_t *pos = kv_malloc(sizeof(int32_t) * (size_t)S * cap + 4, "positions"),
+            *len = kv_malloc(sizeof(int32_t) * (size_t)S, "lengths");
+    fill_qk(c, q, (size_t)s->n_q * H, k, (size_t)S * cap, (size_t)d, d, 1.5);
+    fill_normal(c, v, nkv, 1.0);
+    for (int st = 0; st < S; st++) {
+        len[st] = st == 0 ? cap : (int)(kv_rng_uniform(&c->rng) * (cap + 1)); /* head 0 full, others any length */
+        if (len[st] > cap)
+            len[st] = cap;
+        int p = (int)(kv_rng_uniform(&c->rng) * 3);
+        for (int e = 0; e < cap; e++) {
+            pos[(size_t)st * cap + e] = p;
+            p += 1 + (int)(kv_rng_uniform(&c->rng) * 3);
+        }
+    }
+    kv_attn_ragged_args_t a = {out, lse, q, k, v, pos, len, cap, S, s->n_q, s->q_pos0, H, d, 1.0f / sqrtf((float)d)};
+    c->ref->ops->attn_ragged(c->ref, &a);
+    float *dq = dnew(c, q, nq), *dk = dnew(c, k, nkv), *dv = dnew(c, v, nkv), *dout = dnew(c, NULL, nq),
+          *dl = dnew(c, NULL, (size_t)H * s->n_q);
+    int32_t *dpos = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)S * cap + 4),
+            *dlen = kv_be_alloc(c->dev, sizeof(int32_t) * (size_t)S);
+    if (!dpos || !dlen || c->dev->ops->upload(c->dev, dpos, pos, sizeof(int32_t) * (size_t)S * cap) ||
+        c->dev->ops->upload(c->dev, dlen, len, sizeof(int32_t) * (size_t)S)) {
+        fprintf(stderr, "gpu_parity: device positions: %s\n", kv_last_error());
+        exit(2);
+    }
+    kv_attn_ragged_args_t b = a;
+    b.q = dq;
+    b.k = dk;
+    b.v = dv;
+    b.pos = dpos;
+    b.len = dlen;
+    b.out = dout;
+    b.lse = dl;
+    if (!op_error(c, "attn_ragged", shape, c->dev->ops->attn_ragged(c->dev, &b))) {
+        dget(c, g, dout, nq);
+        dget(c, gl, dl, (size_t)H * s->n_q);
+        b.lse = NULL;
+        c->dev->ops->attn_ragged(c->dev, &b);
+        dget(c, g2, dout, nq);
+        cmp_t r, rl;
+        int d3[3] = {s->n_q, H, d}, d2[3] = {0, H, s->n_q};
+        int ok = compare("out", g, out, nq, d3, &TOL_ATT_OUT, &r);
+        ok &= compare("lse", gl, lse, (size_t)H * s->n_q, d2, &TOL_LSE, &rl);
+        ok &= same_bits("out", g, g2, nq);
+        verdict(c, "attn_ragged", shape, ok, r.max_abs, r.nmse);
+    }
+    dfree(c, dq);
+    dfree(c, dk);
+    dfree(c, dv);
+    dfree(c, dout);
+    dfree(c, dl);
+    dfree(c, dpos);
+    dfree(c, dlen);
+    kv_free(pos);
+    kv_free(len);
+    kv_free_aligned(q);
+    kv_free_aligned(k);
+    kv_free_aligned(v);
+    kv_free_aligned(out);
+    kv_free_aligned(lse);
+    kv_free_aligned(g);
+    kv_free_aligned(gl);
+    kv_free_aligned(g2);
+}
+
 /* attn_stats's outputs for trace format version 2 (the statistics replay and analyze read): per key
  * the sum of squares and the maximum, over every query and over those before head_end (accumulating
  * into non-zero starting values), per query the sink and segment mass (segment starts from seg_lo).
@@ -1091,6 +1178,15 @@ static void run_ops(ctx_t *c)
         case_attn_stats_v2(c, &v2[1], 0);  /* a later block, every query in the head */
         case_attn_stats_v2(c, &v2[2], 1);  /* a decode row past head_end: the head statistics keep their start */
     }
+    /* n_q, q_pos0, H, storage heads, d, cap: decode rows past every entry, a block of queries among the
+     * entries (some see none), per-query-head storage, head_dim 96 and 200 */
+    const rag_shape_t rag[] = {
+        {1, 400, 8, 2, 64, 120}, {7, 0, 4, 4, 32, 50},   {33, 60, 9, 3, 64, 80}, {1, 9000, 4, 1, 128, 2100},
+        {5, 10, 8, 8, 16, 40},   {3, 100, 4, 2, 96, 37}, {2, 50, 2, 1, 200, 20},
+    };
+    if (want(c, "attn_ragged"))
+        for (size_t i = 0; i < KV_ARRAY_LEN(rag); i++)
+            case_ragged(c, &rag[i]);
     /* n_q, q_pos0, n_k, H, Hkv, d, causal, q_rows, k_rows */
     const qk_shape_t qk[] = {
         {1, 0, 1, 1, 1, 8, 1, 1, 1},
@@ -1591,7 +1687,103 @@ static void run_capture_stored(ctx_t *c)
             printf("  capture: could not remove %s\n", dir);
     }
 }
+
+/* Closed-loop evaluation of stories260K on both backends: the same prompt and reference tokens, KL 0
+ * exactly at a full budget on the device, KL and agreement of compressed caches within tolerance. */
+static void run_closed(ctx_t *c)
+{
+    if (!want(c, "closed"))
+        return;
+    char path[1024];
+    if (!find_shared("models/stories260K/stories260K.bin", path, sizeof path)) {
+        printf("  closed: NOT RUN: models/stories260K/stories260K.bin not found\n");
+        c->not_run++;
+        return;
+    }
+    kv_model_t *m = NULL;
+    if (kv_model_load(path, &m) != KV_OK) {
+        printf("  closed: cannot load %s: %s\n", path, kv_last_error());
+        verdict(c, "closed", path, 0, NAN, NAN);
+        return;
+    }
+    enum { P = 48, N = 12 };
+    int32_t tok[P];
+    tok[0] = 1;
+    for (int i = 1; i < P; i++)
+        tok[i] = 3 + (int32_t)kv_rng_below(&c->rng, (uint64_t)(m->cfg.vocab_size - 3));
+    const char *specs[] = {"full", "snapkv(window=4)", "streaming_llm", "h2o(mode=decode)", "tova", "quest(page=4)"};
+    const char *buds[] = {"100", "8", "8", "100", "8", "8"}; /* 100 > P + N: everything kept */
+    double res[2][6][2];                                     /* backend, config, {KL mean, agreement} */
+    int32_t ref[2][N];
+    int ok = 1;
+    for (int s = 0; s < 2 && ok; s++) {
+        kv_backend_t *be = s ? c->dev : c->ref;
+        kv_fwd_t *f = NULL;
+        kv_closed_t *e = NULL;
+        kv_closed_opts_t o;
+        kv_closed_opts_init(&o);
+        o.steps = N;
+        o.quiet = 1;
+        if (kv_fwd_create(m, be, P + N, P, &f) != KV_OK || kv_closed_create(f, tok, P, &o, &e) != KV_OK) {
+            printf("  closed: on %s: %s\n", be->name, kv_last_error());
+            ok = 0;
+        }
+        int nr = 0;
+        const int32_t *R = ok ? kv_closed_ref(e, &nr) : NULL;
+        for (int t = 0; t < N && ok; t++)
+            ref[s][t] = R[t];
+        for (int k = 0; k < 6 && ok; k++) {
+            kv_policy_t *p = NULL;
+            kv_budget_t *b = NULL;
+            int nb;
+            kv_closed_cfg_t *cfg = NULL;
+            kv_closed_result_t r;
+            if (kv_policy_create(specs[k], &p) || kv_budget_parse_list(buds[k], &b, &nb) ||
+                kv_closed_select(e, p, b, 1, &cfg) || kv_closed_measure(e, cfg, &r)) {
+                printf("  closed: %s on %s: %s\n", specs[k], be->name, kv_last_error());
+                ok = 0;
+            } else {
+                double kl = 0, ag = 0;
+                for (int t = 0; t < r.n_steps; t++)
+                    kl += r.kl[t], ag += r.agree[t];
+                res[s][k][0] = kl / r.n_steps;
+                res[s][k][1] = ag / r.n_steps;
+                if (!strcmp(buds[k], "100") && (kl != 0 || ag != r.n_steps)) {
+                    printf("      closed: %s keeps everything on %s but KL %g, agreement %g\n", specs[k], be->name,
+                           kl / r.n_steps, ag / r.n_steps);
+                    ok = 0;
+                }
+                kv_closed_result_free(&r);
+            }
+            kv_closed_cfg_free(cfg);
+            kv_free(b);
+            kv_policy_free(p);
+        }
+        kv_closed_free(e);
+        kv_fwd_free(f);
+    }
+    double worst = 0;
+    if (ok && memcmp(ref[0], ref[1], sizeof ref[0])) /* greedy tokens: a near-tie may flip; say so */
+        printf("      closed: the reference's greedy tokens differ between the backends (a near-tie)\n");
+    for (int k = 0; ok && k < 6; k++) {
+        /* KL of a compressed cache: a difference of nearly equal distributions, computed from logits within
+         * ~1e-5 of the CPU's: 2e-3 absolute + 5 % relative; agreement within one step in twelve */
+        const double d = fabs(res[1][k][0] - res[0][k][0]);
+        worst = d > worst ? d : worst;
+        if (d > 2e-3 + 0.05 * res[0][k][0] || fabs(res[1][k][1] - res[0][k][1]) > 1.01 / N) {
+            printf("      closed: %s at %s: KL %g vs %g, agreement %g vs %g\n", specs[k], buds[k], res[1][k][0],
+                   res[0][k][0], res[1][k][1], res[0][k][1]);
+            ok = 0;
+        }
+    }
+    verdict(c, "closed", "stories260K, 48 prompt + 12 reference tokens, 6 configurations", ok, worst, NAN);
+    kv_model_free(m);
+}
 #else
+static void run_closed(ctx_t *c)
+{
+    (void)c;
+}
 static void run_capture_synth(ctx_t *c)
 {
     (void)c;
@@ -1702,6 +1894,7 @@ int main(int argc, char **argv)
     run_capture(&c);
     run_capture_synth(&c);
     run_capture_stored(&c);
+    run_closed(&c);
     printf("gpu_parity: %d cases, %d failed, %d not run, %d above --max-work %.3g skipped, %.1f s%s\n", c.cases,
            c.failed, c.not_run, c.skipped, c.max_work, kv_now() - t0,
            c.self_test  ? " (self-test against the CPU: says nothing about CUDA)"

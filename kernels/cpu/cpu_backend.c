@@ -1062,6 +1062,88 @@ static int cpu_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_c
     return KV_OK;
 }
 
+/* ---- attention over a ragged cache (closed-loop evaluation) */
+
+/* Entries of p[0, n) (ascending) at positions <= x. */
+static int count_upto(const int32_t *p, int n, int32_t x)
+{
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (p[mid] <= x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* cpu_attention's computation on a gathered cache: per query head and block of ATT_QB queries, one
+ * sgemm for the scores over the entries the block's last query sees, softmax_row over each query's
+ * visible prefix, one sgemm for the output. The query head's own entries only, so the bits do not
+ * depend on n_store. */
+static int cpu_attn_ragged(kv_backend_t *be, const kv_attn_ragged_args_t *a)
+{
+    (void)be;
+    const int H = a->n_heads, d = a->head_dim, S = a->n_store;
+    if (H <= 0 || d <= 0 || S <= 0 || H % S || a->n_q < 0 || a->cap < 0)
+        return kv_error(KV_EINVAL, "attn_ragged: %d heads over %d storage heads, head_dim %d, %d queries, capacity %d",
+                        H, S, d, a->n_q, a->cap);
+    for (int s = 0; s < S; s++)
+        if (a->len[s] < 0 || a->len[s] > a->cap)
+            return kv_error(KV_EINVAL, "attn_ragged: storage head %d holds %d entries (capacity %d)", s, a->len[s],
+                            a->cap);
+    const int G = H / S;
+    int rc = KV_OK;
+    int old = kv_blas_set_threads(1);
+#pragma omp parallel
+    {
+        float *Sc = kv_malloc_aligned(sizeof(float) * ATT_QB * (size_t)(a->cap ? a->cap : 1), "attention scores");
+        if (!Sc) {
+#pragma omp atomic write
+            rc = KV_ENOMEM;
+        }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int h = 0; h < H; h++)
+            for (int i0 = 0; i0 < a->n_q; i0 += ATT_QB) {
+                if (!Sc)
+                    continue;
+                const int s = h / G, nb = KV_MIN(ATT_QB, a->n_q - i0);
+                const int32_t *P = a->pos + (size_t)s * a->cap;
+                const float *K = a->k + (size_t)s * a->cap * d, *V = a->v + (size_t)s * a->cap * d;
+                const int nk = count_upto(P, a->len[s], a->q_pos0 + i0 + nb - 1); /* seen by the block's last */
+                float *O = a->out + (size_t)i0 * H * d + (size_t)h * d;
+                if (nk == 0) {
+                    for (int r = 0; r < nb; r++) {
+                        memset(O + (size_t)r * H * d, 0, sizeof(float) * (size_t)d);
+                        if (a->lse)
+                            a->lse[(size_t)h * a->n_q + i0 + r] = -INFINITY;
+                    }
+                    continue;
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, nk, d, a->scale,
+                            a->q + (size_t)i0 * H * d + (size_t)h * d, H * d, K, d, 0.0f, Sc, nk);
+                for (int r = 0; r < nb; r++) {
+                    const int vis = count_upto(P, nk, a->q_pos0 + i0 + r);
+                    float *row = Sc + (size_t)r * nk;
+                    float l = -INFINITY;
+                    if (vis > 0)
+                        l = softmax_row(row, nk, vis);
+                    else
+                        memset(row, 0, sizeof(float) * (size_t)nk);
+                    if (a->lse)
+                        a->lse[(size_t)h * a->n_q + i0 + r] = l;
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, d, nk, 1.0f, Sc, nk, V, d, 0.0f, O, H * d);
+            }
+        kv_free_aligned(Sc);
+    }
+    kv_blas_set_threads(old);
+    if (rc != KV_OK)
+        return kv_error(rc, "attn_ragged: out of memory for %d entries", a->cap);
+    return KV_OK;
+}
+
 static const kv_backend_ops_t cpu_ops = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -1079,6 +1161,7 @@ static const kv_backend_ops_t cpu_ops = {
     .attn_stats = cpu_attn_stats,
     .attn_probs = cpu_attn_probs,
     .attn_colstats = cpu_attn_colstats,
+    .attn_ragged = cpu_attn_ragged,
 };
 
 int kv_backend_cpu_open(int n_threads, kv_backend_t **out)

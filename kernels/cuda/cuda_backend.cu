@@ -338,6 +338,7 @@ static kv_backend_ops_t cuda_ops_table(void)
     o.attn_stats = kv_cuda_attn_stats;
     o.attn_probs = kv_cuda_attn_probs;
     o.attn_colstats = kv_cuda_attn_colstats;
+    o.attn_ragged = kv_cuda_attn_ragged;
     return o;
 }
 static const kv_backend_ops_t cuda_ops = cuda_ops_table();

@@ -5,7 +5,8 @@
  *   cuda_backend.cu      probe, memory ops, cuBLAS matmul (fp32 / tf32 / bf16 / fp16), the op
  *                        table, device facts and event timing (kernels/kv_cuda.h);
  *   cuda_elementwise.cu  rmsnorm, rope, swiglu, add, add_bias (memory-bound, one pass each);
- *   cuda_attention.cu    attention, attn_stats, attn_probs, attn_colstats (tiled, never T x T).
+ *   cuda_attention.cu    attention, attn_stats, attn_probs, attn_colstats (tiled, never T x T);
+ *   cuda_ragged.cu       attn_ragged (attention over a compressed cache, closed-loop evaluation).
  * Every op runs on the context's one stream, in order, so scratch memory can be reused from op to
  * op without further synchronisation. Each launch is followed by a check of cudaGetLastError();
  * asynchronous faults surface at the next sync or download, with the runtime's message.
@@ -31,6 +32,7 @@ typedef void *cublasHandle_t;
 #define kv_cuda_attn_stats kv_cuda_emu_attn_stats
 #define kv_cuda_attn_probs kv_cuda_emu_attn_probs
 #define kv_cuda_attn_colstats kv_cuda_emu_attn_colstats
+#define kv_cuda_attn_ragged kv_cuda_emu_attn_ragged
 #define kv_cuda_scratch kv_cuda_emu_scratch
 #define kv_cuda_check_launch kv_cuda_emu_check_launch
 #define KV_LAUNCH(grid, block, smem, stream, ...) kvemu::launch(grid, block, smem, __VA_ARGS__, #__VA_ARGS__)
@@ -87,5 +89,6 @@ int kv_cuda_attention(kv_backend_t *be, const kv_attn_args_t *a);
 int kv_cuda_attn_stats(kv_backend_t *be, const kv_attn_stats_args_t *a);
 int kv_cuda_attn_probs(kv_backend_t *be, const kv_qk_args_t *a, float *probs, float *lse);
 int kv_cuda_attn_colstats(kv_backend_t *be, const kv_qk_args_t *a, const kv_colstats_out_t *out);
+int kv_cuda_attn_ragged(kv_backend_t *be, const kv_attn_ragged_args_t *a); /* cuda_ragged.cu */
 
 #endif

@@ -36,6 +36,8 @@ int kv_cmd_analyze(int argc, char **argv);
 int kv_cmd_demo(int argc, char **argv);
 int kv_cmd_clean(int argc, char **argv);
 int kv_cmd_sweep(int argc, char **argv);
+int kv_cmd_eval(int argc, char **argv);
+int kv_cmd_niah(int argc, char **argv);
 
 /* Print "kvsim <cmd>: <last error>" and return the exit status 1. */
 int kv_cli_fail(const char *cmd);

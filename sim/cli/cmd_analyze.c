@@ -13,6 +13,7 @@
 static void help(void)
 {
     printf("usage: kvsim analyze TRACE.h5 [RESULTS.tsv ...] [-o DIR] [options]\n"
+           "       kvsim analyze RESULTS.tsv ... [-o DIR] [options]   (kvsim eval and niah results alone)\n"
            "\n"
            "Draw figures from a trace and, optionally, replay results, and write a report about them:\n"
            "DIR/report.md (links the figure files beside it) and DIR/report.html (self-contained: figures\n"
@@ -23,7 +24,9 @@ static void help(void)
            "\n"
            "arguments:\n"
            "  TRACE.h5           a trace from kvsim capture or kvsim synth\n"
-           "  RESULTS.tsv        results of kvsim replay on that trace (none: only the trace figures)\n"
+           "  RESULTS.tsv        results of kvsim replay on that trace (none: only the trace figures), and of\n"
+           "                     kvsim eval and kvsim niah (told apart by their columns); without a trace\n"
+           "                     (the first argument a .tsv file) eval and niah results alone\n"
            "\n"
            "options:\n"
            "  -o, --output DIR      output folder (default out/analyze; created when missing)\n"
@@ -57,6 +60,12 @@ static void help(void)
            "  bound_vs_error     bound vs measured L1 error per layer, log-log with y = x\n"
            "  budget_allocation  tokens kept per layer (snapkv, pyramidkv, adakv) and per head (adakv)\n"
            "  recall_heatmap     recall per policy and layer, one panel per budget\n"
+           "figures from kvsim eval and niah results:\n"
+           "  closed_loop_budget KL and top-1 agreement of the compressed cache vs budget, per policy\n"
+           "  open_vs_closed     replay's recall loss and error vs eval's KL and disagreement, per budget,\n"
+           "                     with Spearman's rank correlation (replay and eval results of one prompt)\n"
+           "  niah_grid          retrieval per prompt length x needle depth, one panel per configuration\n"
+           "  niah_scores        share of the grid retrieved vs budget, per policy\n"
            "\n"
            "example:\n"
            "  kvsim analyze trace.h5 results.tsv -o report\n",
@@ -170,7 +179,7 @@ int kv_cmd_analyze(int argc, char **argv)
         }
     }
     if (argc - optind < 1)
-        return kv_cli_usage_error("analyze", "expected TRACE [RESULTS.tsv ...]");
+        return kv_cli_usage_error("analyze", "expected TRACE [RESULTS.tsv ...] or RESULTS.tsv ...");
     /* "-o report/" names the folder report: no "report//report.html" in messages and the report */
     static char out_dir[1024];
     snprintf(out_dir, sizeof out_dir, "%s", o.out_dir);
@@ -182,20 +191,28 @@ int kv_cmd_analyze(int argc, char **argv)
     char made[2300];
     snprintf(made, sizeof made, "This report was written by: %s", cmd);
     o.demo_info = made;
-    const char *trace_path = argv[optind];
-    const char *const *results = (const char *const *)argv + optind + 1;
-    const int n_results = argc - optind - 1;
+    /* no trace: kvsim eval and niah results alone (a first argument that is a .tsv file) */
+    const size_t l0 = strlen(argv[optind]);
+    const int no_trace = l0 > 4 && !strcmp(argv[optind] + l0 - 4, ".tsv");
+    const char *trace_path = no_trace ? NULL : argv[optind];
+    const char *const *results = (const char *const *)argv + optind + (no_trace ? 0 : 1);
+    const int n_results = argc - optind - (no_trace ? 0 : 1);
     kv_trace_t *t = NULL;
     kv_backend_t *be = NULL;
     int rc = 1;
-    if (kv_trace_open(trace_path, &t) != KV_OK || kv_backend_open(backend, (int)threads, &be) != KV_OK) {
+    if ((trace_path && kv_trace_open(trace_path, &t) != KV_OK) ||
+        kv_backend_open(backend, (int)threads, &be) != KV_OK) {
         rc = kv_cli_fail("analyze");
         goto done;
     }
-    const kv_trace_meta_t *m = kv_trace_meta(t);
-    kv_info("analyze: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d results file%s -> %s/", trace_path,
-            m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_results,
-            n_results == 1 ? "" : "s", o.out_dir);
+    if (t) {
+        const kv_trace_meta_t *m = kv_trace_meta(t);
+        kv_info("analyze: %s (%d layers, %d/%d heads, %d prompt + %d decode tokens), %d results file%s -> %s/",
+                trace_path, m->n_layers, m->n_heads, m->n_kv_heads, m->n_prompt, m->n_tokens - m->n_prompt, n_results,
+                n_results == 1 ? "" : "s", o.out_dir);
+    } else {
+        kv_info("analyze: %d results file%s (no trace) -> %s/", n_results, n_results == 1 ? "" : "s", o.out_dir);
+    }
     double t0 = kv_now();
     kv_analyze_out_t out;
     if (kv_analyze_run(t, trace_path, results, n_results, be, &o, &out) != KV_OK) {

@@ -29,6 +29,8 @@ static const kv_cmd_t commands[] = {
     {"info", kv_cmd_info, "describe a trace: shapes, dtype, sizes, compression, provenance"},
     {"replay", kv_cmd_replay, "replay eviction policies x budgets against a trace"},
     {"policies", kv_cmd_policies, "list every policy with its parameters and defaults"},
+    {"eval", kv_cmd_eval, "closed loop: decode with each compressed cache, compare with the full cache"},
+    {"niah", kv_cmd_niah, "needle in a haystack: retrieval per context length, depth, policy and budget"},
     {"analyze", kv_cmd_analyze, "figures and a report from a trace and replay results"},
     {"sweep", kv_cmd_sweep, "a benchmark of many prompts: capture, replay, merge (MPI, Slurm)"},
     {"demo", kv_cmd_demo, "capture, replay and analyze on the default model (make demo)"},

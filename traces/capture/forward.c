@@ -54,7 +54,15 @@ struct kv_fwd {
     int32_t *pos;      /* (max_batch) backend copy of the positions */
     int32_t *pos_host; /* (max_batch) */
     size_t bytes;
+    kv_fwd_attn_fn attn_fn; /* replaces the attention op when set (kv_fwd_set_attention) */
+    void *attn_ctx;
 };
+
+void kv_fwd_set_attention(kv_fwd_t *f, kv_fwd_attn_fn fn, void *ctx)
+{
+    f->attn_fn = fn;
+    f->attn_ctx = ctx;
+}
 
 const kv_model_t *kv_fwd_model(const kv_fwd_t *f)
 {
@@ -365,7 +373,9 @@ static int run_block(kv_fwd_t *f, const int32_t *tokens, int nb, int pos0, float
             TRY(f->stats_fn(f->stats_ctx, l, nb, pos0, &st));
             a.stats = &st;
         }
-        TRY(o->attention(be, &a));
+        if (f->attn_fn && a.stats) /* an override attends over another cache: no statistics of this one */
+            return kv_error(KV_EINVAL, "forward: an attention override and trace statistics cannot go together");
+        TRY(f->attn_fn ? f->attn_fn(f->attn_ctx, l, &a) : o->attention(be, &a));
         if (hook) {
             kv_fwd_layer_t v = {l, nb, pos0, f->q, kc, vc, (size_t)KV, f->lse};
             TRY(hook(hook_ctx, &v));

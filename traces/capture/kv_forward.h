@@ -60,6 +60,14 @@ typedef int (*kv_fwd_stats_t)(void *ctx, int layer, int n_q, int q_pos0, kv_attn
 int kv_fwd_create(const kv_model_t *m, kv_backend_t *be, int max_tokens, int max_batch, kv_fwd_t **out);
 void kv_fwd_free(kv_fwd_t *f);
 
+/* The attention of every layer computed by `fn` instead of the backend's attention op (NULL: the op
+ * again). fn gets the layer and the op's arguments: the block's queries, the layer's token-major KV
+ * cache with the block's own keys and values already in rows [q_pos0, q_pos0 + n_q), and the output
+ * (and lse, may be NULL) buffers it must fill. Closed-loop evaluation (sim/eval.c) uses it to attend
+ * over a compressed cache instead. */
+typedef int (*kv_fwd_attn_fn)(void *ctx, int layer, const kv_attn_args_t *a);
+void kv_fwd_set_attention(kv_fwd_t *f, kv_fwd_attn_fn fn, void *ctx);
+
 /* Run tokens[0..n) at positions pos0..pos0+n-1; the cache must already hold positions [0, pos0).
  * logits (host memory, may be NULL): all_logits ? (n, vocab_size) : (vocab_size) of the last token.
  * hook (may be NULL) is called after every layer's attention of every block. */
