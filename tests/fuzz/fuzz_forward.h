@@ -38,8 +38,8 @@ static inline void fuzz_weight_inside(const kv_model_t *m, const kv_weight_t *w,
     }
     fuzz_in_maps(m, w->data, (uint64_t)w->rows * w->row_bytes, what);
     if (w->type == KV_WT_Q8_GROUPS)
-        fuzz_in_maps(m, w->scales, 4 * (((uint64_t)rows * (uint64_t)cols + (uint64_t)w->group - 1) / (uint64_t)w->group),
-                     what);
+        fuzz_in_maps(m, w->scales,
+                     4 * (((uint64_t)rows * (uint64_t)cols + (uint64_t)w->group - 1) / (uint64_t)w->group), what);
 }
 
 /* Every stored descriptor of m (when it keeps its weights as stored) inside its mappings, shapes as
@@ -52,8 +52,8 @@ static inline void fuzz_stored_inside(const kv_model_t *m)
     fuzz_weight_inside(m, &m->emb_w, c->vocab_size, c->dim, "token embedding");
     fuzz_weight_inside(m, &m->cls_w, c->vocab_size, c->dim, "classifier");
     static const char *const names[KV_MW_N] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    const int shape[KV_MW_N][2] = {{c->q_dim, c->dim},      {c->kv_dim, c->dim},     {c->kv_dim, c->dim},
-                                   {c->dim, c->q_dim},      {c->hidden_dim, c->dim}, {c->dim, c->hidden_dim},
+    const int shape[KV_MW_N][2] = {{c->q_dim, c->dim},     {c->kv_dim, c->dim},     {c->kv_dim, c->dim},
+                                   {c->dim, c->q_dim},     {c->hidden_dim, c->dim}, {c->dim, c->hidden_dim},
                                    {c->hidden_dim, c->dim}};
     for (int l = 0; l < c->n_layers; l++)
         for (int k = 0; k < KV_MW_N; k++)

@@ -9,9 +9,9 @@
  * end would otherwise go unnoticed), and every tensor of a supported type up to 2^20 values
  * dequantised into a heap buffer of exactly its size. Then the model loader runs on the same file;
  * a model it accepts must have every weight inside its fp32 allocation and run a forward pass of up
- * to 4 tokens on the CPU backend, which reads every weight (biases and q_dim != dim included). A failure must name the file.
- * Not part of `make test`: `make fuzz FUZZ_NAMES=gguf` (seeds from make_seeds.c: small valid files
- * of both architectures, F32, F16 and Q8_0, and one of every metadata type).
+ * to 4 tokens on the CPU backend, which reads every weight (biases and q_dim != dim included). A failure must name the
+ * file. Not part of `make test`: `make fuzz FUZZ_NAMES=gguf` (seeds from make_seeds.c: small valid files of both
+ * architectures, F32, F16 and Q8_0, and one of every metadata type).
  */
 #include "kernels/kv_backend.h"
 #include "sim/common/kv_common.h"
