@@ -152,8 +152,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         return 0;
     }
-    check_weights(m);
+    /* as stored (descriptors into the mapping), then dequantised to fp32 as kv_model_load_f32 does */
+    fuzz_stored_inside(m);
     fuzz_forward(m, g_be, data, size);
+    if (kv_model_to_f32(m) != KV_OK)
+        abort(); /* a loaded model converts */
+    check_weights(m);
     kv_model_free(m);
     return 0;
 }

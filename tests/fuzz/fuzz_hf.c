@@ -61,6 +61,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         return 0;
     }
+    fuzz_stored_inside(m);
     fuzz_forward(m, g_be, data, size);
     kv_model_free(m);
     return 0;

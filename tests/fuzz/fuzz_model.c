@@ -4,10 +4,11 @@
  * Each input is written to a temporary file and loaded (the loader maps files, so a file it must
  * be); with bit 0 of the first byte set, the file is cut or padded to the size its header implies
  * (random bytes almost never have a consistent size). A checkpoint it accepts is checked and run:
- *   - every weight tensor lies inside the mapped file (version 0, 1) or the dequantised buffer
- *     (version 2), with counts recomputed here from the configuration (the map is not watched by
+ *   - every weight tensor lies inside the mapped file, as stored (version 2's int8 and scales) and
+ *     after the conversion to fp32 (versions 0 and 1: the mapping itself; version 2: the dequantised
+ *     buffer), with counts recomputed here from the configuration (the map is not watched by
  *     AddressSanitizer, so a loader that points past the end would otherwise go unnoticed);
- *   - a forward pass of up to 4 tokens on the CPU backend, which reads every weight.
+ *   - a forward pass of up to 4 tokens on the CPU backend, which reads every weight, both ways.
  * Not part of `make test`. Build and run (seeds from tests/fuzz/make_seeds.c):
  *   make fuzz FUZZ_TIME=300          # all harnesses, 300 s each, corpora in build-fuzz/corpus/
  * or by hand:
@@ -54,8 +55,8 @@ static void check_bounds(const kv_model_t *m)
     const kv_model_config_t *c = &m->cfg;
     const uint64_t L = (uint64_t)c->n_layers, D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim;
     const uint64_t KV = (uint64_t)c->kv_dim, V = (uint64_t)c->vocab_size;
-    const void *base = m->owned ? (const void *)m->owned : m->map;
-    const size_t bytes = m->owned ? (size_t)(m->n_params * 4) : m->map_len;
+    const void *base = m->owned ? (const void *)m->owned : m->maps[0];
+    const size_t bytes = m->owned ? (size_t)(m->n_params * 4) : m->map_len[0];
     struct {
         const float *p;
         uint64_t n;
@@ -148,6 +149,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         return 0;
     }
+    /* as stored (version 2's int8 stays in the mapping), then converted to fp32 as kv_model_load_f32 does */
+    fuzz_stored_inside(m);
+    fuzz_forward(m, g_be, data, size);
+    if (kv_model_to_f32(m) != KV_OK)
+        abort(); /* a loaded model converts */
     check_bounds(m);
     fuzz_forward(m, g_be, data, size);
     kv_model_free(m);
