@@ -199,46 +199,17 @@ static void write_json(const kv_otable_t *t, FILE *f)
 }
 
 /* One file, or standard output, through the output module. */
-static int write_one(const kv_otable_t *t, const char *path, void (*put)(const kv_otable_t *, FILE *))
+static void tsv_of(const void *t, FILE *f)
 {
-    kv_out_t *o;
-    int rc = kv_out_open(path, &o);
-    if (rc)
-        return rc;
-    FILE *f = kv_out_stream(o);
-    if (!f) {
-        kv_out_abort(o);
-        return KV_ENOMEM;
-    }
-    put(t, f);
-    return kv_out_commit(o);
+    write_tsv(t, f);
+}
+
+static void json_of(const void *t, FILE *f)
+{
+    write_json(t, f);
 }
 
 int kv_otable_write(const kv_otable_t *t, const char *tsv, const char *json)
 {
-    if (!json)
-        return write_one(t, tsv, write_tsv);
-    if (!strcmp(json, "-"))
-        return kv_error(KV_EINVAL, "the JSON results cannot go to standard output");
-    kv_out_set_t *s = NULL;
-    kv_out_t *ot = NULL, *oj = NULL;
-    int rc = kv_out_set_create(&s);
-    if (rc == KV_OK && strcmp(tsv, "-"))
-        rc = kv_out_set_open(s, tsv, 0, &ot);
-    if (rc == KV_OK)
-        rc = kv_out_set_open(s, json, 0, &oj);
-    if (rc == KV_OK && ((ot && !kv_out_stream(ot)) || !kv_out_stream(oj)))
-        rc = KV_ENOMEM;
-    if (rc) {
-        kv_out_set_abort(s);
-        return rc;
-    }
-    write_json(t, kv_out_stream(oj));
-    if (ot) {
-        write_tsv(t, kv_out_stream(ot));
-    } else if ((rc = write_one(t, "-", write_tsv))) { /* standard output first: its failure keeps the JSON out */
-        kv_out_set_abort(s);
-        return rc;
-    }
-    return kv_out_set_commit(s); /* both together */
+    return kv_out_write_pair(tsv, json, t, tsv_of, json_of);
 }

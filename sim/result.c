@@ -223,58 +223,29 @@ static void put_json(const kv_results_t *r, FILE *f)
 }
 
 /* One file, or standard output, through the output module. */
-static int write_one(const kv_results_t *r, const char *path, void (*put)(const kv_results_t *, FILE *))
+static void tsv_of(const void *r, FILE *f)
 {
-    kv_out_t *o;
-    int rc = kv_out_open(path, &o);
-    if (rc)
-        return rc;
-    FILE *f = kv_out_stream(o);
-    if (!f) {
-        kv_out_abort(o);
-        return KV_ENOMEM;
-    }
-    put(r, f);
-    return kv_out_commit(o);
+    put_tsv(r, f);
+}
+
+static void json_of(const void *r, FILE *f)
+{
+    put_json(r, f);
 }
 
 int kv_results_write_tsv(const kv_results_t *r, const char *path)
 {
-    return write_one(r, path, put_tsv);
+    return kv_out_write_one(path, r, tsv_of);
 }
 
 int kv_results_write_json(const kv_results_t *r, const char *path)
 {
-    return write_one(r, path, put_json);
+    return kv_out_write_one(path, r, json_of);
 }
 
 int kv_results_write(const kv_results_t *r, const char *tsv, const char *json)
 {
-    if (!json)
-        return kv_results_write_tsv(r, tsv);
-    if (!strcmp(json, "-"))
-        return kv_error(KV_EINVAL, "the JSON results cannot go to standard output");
-    kv_out_set_t *s = NULL;
-    kv_out_t *t = NULL, *j = NULL;
-    int rc = kv_out_set_create(&s);
-    if (rc == KV_OK && strcmp(tsv, "-"))
-        rc = kv_out_set_open(s, tsv, 0, &t);
-    if (rc == KV_OK)
-        rc = kv_out_set_open(s, json, 0, &j);
-    if (rc == KV_OK && ((t && !kv_out_stream(t)) || !kv_out_stream(j)))
-        rc = KV_ENOMEM;
-    if (rc) {
-        kv_out_set_abort(s);
-        return rc;
-    }
-    put_json(r, kv_out_stream(j));
-    if (t) {
-        put_tsv(r, kv_out_stream(t));
-    } else if ((rc = write_one(r, "-", put_tsv))) { /* standard output first: its failure keeps the JSON out */
-        kv_out_set_abort(s);
-        return rc;
-    }
-    return kv_out_set_commit(s);
+    return kv_out_write_pair(tsv, json, r, tsv_of, json_of);
 }
 
 /* ---- TSV reader ---- */

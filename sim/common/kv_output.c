@@ -766,3 +766,49 @@ int kv_out_remove_stale(const char *path)
         return kv_error(KV_EIO, "%s: cannot remove: %s", path, strerror(errno));
     return KV_OK;
 }
+
+/* ---------------------------------------------------------------- whole files from a callback */
+
+int kv_out_write_one(const char *path, const void *ctx, kv_out_put_fn put)
+{
+    kv_out_t *o;
+    int rc = kv_out_open(path, &o);
+    if (rc)
+        return rc;
+    FILE *f = kv_out_stream(o);
+    if (!f) {
+        kv_out_abort(o);
+        return KV_ENOMEM;
+    }
+    put(ctx, f);
+    return kv_out_commit(o);
+}
+
+int kv_out_write_pair(const char *tsv, const char *json, const void *ctx, kv_out_put_fn put_tsv, kv_out_put_fn put_json)
+{
+    if (!json)
+        return kv_out_write_one(tsv, ctx, put_tsv);
+    if (!strcmp(json, "-"))
+        return kv_error(KV_EINVAL, "the JSON results cannot go to standard output");
+    kv_out_set_t *s = NULL;
+    kv_out_t *t = NULL, *j = NULL;
+    int rc = kv_out_set_create(&s);
+    if (rc == KV_OK && strcmp(tsv, "-"))
+        rc = kv_out_set_open(s, tsv, 0, &t);
+    if (rc == KV_OK)
+        rc = kv_out_set_open(s, json, 0, &j);
+    if (rc == KV_OK && ((t && !kv_out_stream(t)) || !kv_out_stream(j)))
+        rc = KV_ENOMEM;
+    if (rc) {
+        kv_out_set_abort(s);
+        return rc;
+    }
+    put_json(ctx, kv_out_stream(j));
+    if (t) {
+        put_tsv(ctx, kv_out_stream(t));
+    } else if ((rc = kv_out_write_one("-", ctx, put_tsv))) { /* standard output first: its failure keeps the JSON out */
+        kv_out_set_abort(s);
+        return rc;
+    }
+    return kv_out_set_commit(s); /* both together */
+}

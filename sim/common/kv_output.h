@@ -81,6 +81,15 @@ int kv_out_set_commit(kv_out_set_t *s);
 /* Remove every member's temporary file; frees s (NULL is accepted). */
 void kv_out_set_abort(kv_out_set_t *s);
 
+/* ---- whole files from a writer callback */
+typedef void (*kv_out_put_fn)(const void *ctx, FILE *f);
+/* `path` ("-": standard output) written by put(ctx, stream) and committed. */
+int kv_out_write_one(const char *path, const void *ctx, kv_out_put_fn put);
+/* A table as TSV (`tsv`, "-" for standard output) and, when `json` is not NULL, JSON (never standard
+ * output), committed together: a failure leaves neither new file. */
+int kv_out_write_pair(const char *tsv, const char *json, const void *ctx, kv_out_put_fn put_tsv,
+                      kv_out_put_fn put_json);
+
 /* ---- stale temporary files */
 typedef struct {
     const char *path; /* the temporary file */
